@@ -1,0 +1,15 @@
+"""The central learner: durable event store, reward join, ridge trainer, gRPC service.
+
+Run one with ``loops learner --db loops.sqlite --port 7070`` or in Python::
+
+    with Learner("loops.sqlite", port=7070) as learner:
+        learner.wait()
+"""
+
+from .join import Joiner, JoinResult, PolicyBook
+from .service import Learner, LearnerServicer, VersionConflict
+from .store import EventStore
+from .train import RidgeStats, Trainer
+
+__all__ = ["Learner", "LearnerServicer", "VersionConflict", "EventStore", "Joiner",
+           "JoinResult", "PolicyBook", "RidgeStats", "Trainer"]

@@ -1,0 +1,388 @@
+"""The gRPC ``LearnerService`` and :class:`Learner`, the process that owns store, trainer
+thread and server.
+
+Versioning rules (PublishPolicy):
+
+* ``version == 0`` in the published policy: the learner assigns ``current + 1``.
+* ``version > current``: stored as given.
+* ``version <= current``: rejected with ``FAILED_PRECONDITION`` (a client ignores versions
+  older than the one it runs, so accepting it would silently do nothing). Publish with
+  version 0 (``loops policy publish --next``) to put a file's parameters out as the next version.
+
+A rollback re-publishes the old version's bytes (spec, exploration and parameters) under
+``current + 1`` and pauses automatic retraining of that policy, which would otherwise
+overwrite the rollback seconds later; a hand publish of the name resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
+from ..batch import PAYLOAD_FORMAT, decode_records
+from ..errors import BatchError, PolicyError
+from ..policy import Policy
+from .join import Joiner, JoinResult, PolicyBook
+from .store import EventStore
+from .train import Trainer
+
+__all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "SERVICE_NAME"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "loops.v1.LearnerService"
+_MiB = 1 << 20
+
+
+class VersionConflict(Exception):
+    """A published version is not newer than the current one."""
+
+
+@dataclass(frozen=True)
+class _Current:
+    version: int
+    data: bytes
+    reason: str
+
+
+class PolicyHub:
+    """The current version of every policy, and a condition variable watchers wait on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._current: dict[str, _Current] = {}
+        self._stopped = False
+
+    def set(self, name: str, version: int, data: bytes, reason: str) -> None:
+        with self._cond:
+            self._current[name] = _Current(version, data, reason)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def updates(self, names: set[str], sent: dict[str, int], active: Callable[[], bool],
+                timeout: float = 1.0) -> list[learner_pb2.PolicyUpdate] | None:
+        """Block until some watched policy has a version newer than ``sent``; None = end."""
+        with self._cond:
+            while True:
+                if self._stopped or not active():
+                    return None
+                out = [learner_pb2.PolicyUpdate(name=name, version=cur.version, policy=cur.data,
+                                                reason=cur.reason)
+                       for name, cur in sorted(self._current.items())
+                       if (not names or name in names) and cur.version > sent.get(name, 0)]
+                if out:
+                    for u in out:
+                        sent[u.name] = u.version
+                    return out
+                self._cond.wait(timeout)
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    """The RPC handlers; all the work is delegated to the :class:`Learner`."""
+
+    def __init__(self, learner: "Learner") -> None:
+        self._learner = learner
+
+    def ReportFeedback(self, request: feedback_pb2.FeedbackBatch,
+                       context: grpc.ServicerContext) -> feedback_pb2.FeedbackAck:
+        lr = self._learner
+        if not request.client_id or request.sequence == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "batch needs a client_id and a sequence >= 1")
+        if request.payload_format not in (0, PAYLOAD_FORMAT):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unknown payload_format {request.payload_format}")
+        if len(request.payload) > lr.max_batch_bytes:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"batch payload is {len(request.payload)} bytes, over the limit of "
+                          f"{lr.max_batch_bytes}")
+        try:
+            records = decode_records(request.payload, max_records=lr.max_batch_records)
+        except BatchError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable batch: {exc}")
+        if len(records) != request.record_count:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"record_count says {request.record_count}, payload holds "
+                          f"{len(records)} records")
+        stored, duplicate = lr.store.ingest(request.client_id, request.sequence, records)
+        lr.notify_ingest()
+        return feedback_pb2.FeedbackAck(client_id=request.client_id, sequence=request.sequence,
+                                        duplicate=duplicate, records_stored=stored)
+
+    def WatchPolicy(self, request: learner_pb2.WatchRequest,
+                    context: grpc.ServicerContext) -> Iterator[learner_pb2.PolicyUpdate]:
+        hub = self._learner.hub
+        context.add_callback(hub.wake)   # a cancelled client ends the wait at once
+        names, sent = set(request.names), {}
+        logger.debug("watch from %r for %s", request.client_id, sorted(names) or "all")
+        while True:
+            updates = hub.updates(names, sent, context.is_active)
+            if updates is None:
+                return
+            yield from updates
+
+    def GetPolicy(self, request: learner_pb2.GetPolicyRequest,
+                  context: grpc.ServicerContext) -> learner_pb2.PolicyUpdate:
+        row = self._learner.store.get_policy(request.name, request.version)
+        if row is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no policy {request.name!r}"
+                          + (f" version {request.version}" if request.version else ""))
+        return learner_pb2.PolicyUpdate(name=row.name, version=row.version, policy=row.data,
+                                        reason=row.reason)
+
+    def PublishPolicy(self, request: learner_pb2.PublishRequest,
+                      context: grpc.ServicerContext) -> learner_pb2.PublishResponse:
+        try:
+            policy = Policy.from_bytes(request.policy)
+        except PolicyError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            version = self._learner.publish(policy, request.reason or "published by hand",
+                                            manual=True)
+        except VersionConflict as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return learner_pb2.PublishResponse(name=policy.name, version=version)
+
+    def RollbackPolicy(self, request: learner_pb2.RollbackRequest,
+                       context: grpc.ServicerContext) -> learner_pb2.PublishResponse:
+        try:
+            version = self._learner.rollback(request.name, request.to_version,
+                                             request.reason or "rollback")
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        return learner_pb2.PublishResponse(name=request.name, version=version)
+
+    def GetStatus(self, request: learner_pb2.StatusRequest,
+                  context: grpc.ServicerContext) -> learner_pb2.LearnerStatus:
+        return self._learner.status()
+
+
+class Learner:
+    """The central learner: event store, background joiner/trainer and gRPC server.
+
+    Args:
+        db: SQLite file of the event store.
+        host, port: where to listen (port 0 = ephemeral; read :attr:`port` after start).
+        train: run the background joiner/trainer thread (tests drive :meth:`step` directly).
+        tick_seconds: how often the background thread looks for closed windows.
+        grace_seconds: see :class:`~loops_sdk.learner.join.Joiner`.
+        max_batch_records, max_batch_bytes: larger batches are rejected (INVALID_ARGUMENT).
+        max_workers: server threads; each open ``WatchPolicy`` stream holds one.
+        durability: ``"normal"`` or ``"full"``, see :class:`~loops_sdk.learner.store.EventStore`.
+    """
+
+    def __init__(self, db: str | Path, host: str = "127.0.0.1", port: int = 0, *,
+                 train: bool = True, tick_seconds: float = 0.25, grace_seconds: float = 2.0,
+                 max_batch_records: int = 100_000, max_batch_bytes: int = 32 * _MiB,
+                 max_workers: int = 64, durability: str = "normal") -> None:
+        self.store = EventStore(db, durability=durability)
+        self.book = PolicyBook(self.store)
+        self.joiner = Joiner(self.store, self.book, grace_seconds=grace_seconds)
+        self.trainer = Trainer(self.store)
+        self.hub = PolicyHub()
+        self.host = host
+        self.max_batch_records = max_batch_records
+        self.max_batch_bytes = max_batch_bytes
+        self._requested_port = port
+        self._max_workers = max_workers
+        self._train = train
+        self._tick = tick_seconds
+        self._publish_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._started_ms = 0
+        self.port = 0
+        for row in self.store.current_policies():
+            self.hub.set(row.name, row.version, row.data, row.reason)
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "Learner":
+        """Bind, serve, start the trainer thread; returns self."""
+        # The gRPC limit sits above ours so an oversize batch gets our INVALID_ARGUMENT.
+        limit = self.max_batch_bytes + 4 * _MiB
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers,
+                                       thread_name_prefix="loops-learner-rpc"),
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", 64 * _MiB)])
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.port = server.add_insecure_port(f"{self.host}:{self._requested_port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {self.host}:{self._requested_port}")
+        server.start()
+        self._server = server
+        self._started_ms = int(time.time() * 1000)
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._train:
+            self._thread = threading.Thread(target=self._run, name="loops-learner-trainer",
+                                            daemon=True)
+            self._thread.start()
+        logger.info("learner listening on %s (db %s)", self.address, self.store.path)
+        return self
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Stop serving (in-flight RPCs get ``grace`` seconds), end watch streams, stop the
+        trainer, close the store. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        self.hub.stop()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.store.close()
+        logger.info("learner stopped")
+
+    close = stop
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` is called; True if it was."""
+        return self._stop.wait(timeout)
+
+    def __enter__(self) -> "Learner":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def notify_ingest(self) -> None:
+        """Hint that new data arrived; the trainer works on its tick regardless."""
+
+    # ----------------------------------------------------------------- publishing
+    def publish(self, policy: Policy, reason: str, *, manual: bool = False) -> int:
+        """Store and push a policy version (``version == 0``: next). Returns the version."""
+        with self._publish_lock:
+            current = self.store.get_policy(policy.name)
+            cur_v = current.version if current else 0
+            if policy.version == 0:
+                policy = policy.with_version(cur_v + 1)
+            elif policy.version <= cur_v:
+                raise VersionConflict(
+                    f"policy {policy.name!r} version {policy.version} is not newer than the "
+                    f"current version {cur_v}; publish with version 0 for the next version")
+            data = policy.to_bytes()
+            with self.store.transaction() as con:
+                self.store.add_policy(policy.name, policy.version, data, reason, con=con)
+                if manual:
+                    self.store.set_meta(f"paused:{policy.name}", "", con=con)
+            self.hub.set(policy.name, policy.version, data, reason)
+        logger.info("published %s v%d (%s)", policy.name, policy.version, reason)
+        return policy.version
+
+    def rollback(self, name: str, to_version: int, reason: str = "rollback") -> int:
+        """Re-publish ``to_version``'s policy as ``current + 1``; pauses retraining of ``name``.
+
+        Raises:
+            KeyError: no such policy or version.
+        """
+        with self._publish_lock:
+            old = self.store.get_policy(name, to_version) if to_version else None
+            current = self.store.get_policy(name)
+            if old is None or current is None:
+                raise KeyError(f"no policy {name!r} version {to_version}")
+            base = Policy.from_bytes(old.data)
+            meta = dict(base.metadata)
+            meta["rolled_back_to"] = str(to_version)
+            new = base.with_model(base.weights, base.bias, version=current.version + 1,
+                                  metadata=meta)
+            data = new.to_bytes()
+            undone = [v for v in self.store.policy_versions(name) if v > to_version]
+            text = f"{reason} (to v{to_version})"
+            with self.store.transaction() as con:
+                self.store.add_policy(name, new.version, data, text, con=con)
+                self.store.set_policy_state(con, name, undone, "rolled_back")
+                self.store.set_meta(f"paused:{name}", "1", con=con)
+            self.hub.set(name, new.version, data, text)
+        logger.info("rolled %s back to v%d as v%d; automatic retraining paused", name,
+                    to_version, new.version)
+        return new.version
+
+    def training_paused(self, name: str) -> bool:
+        return self.store.get_meta(f"paused:{name}", "") == "1"
+
+    # ----------------------------------------------------------------- join and train
+    def step(self, now_ns: int | None = None) -> tuple[JoinResult, list[tuple[str, int]]]:
+        """One round: join every due row, then retrain and publish the policies that are due.
+
+        Returns the join result and the ``(name, version)`` of each policy published.
+        """
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        joined = self.joiner.run(now_ns, self.trainer)
+        published = []
+        for row in self.store.current_policies():
+            policy = self.book.get(row.name, row.version)
+            if policy is None or self.training_paused(row.name):
+                continue
+            if self.trainer.due(policy, now_ns // 1_000_000):
+                with self._publish_lock:   # version numbers are assigned in one place
+                    latest = self.store.get_policy(row.name)
+                if latest.version != row.version:
+                    continue               # a publish raced us; next round trains on it
+                new = self.trainer.train(policy, version=row.version + 1,
+                                         now_ms=now_ns // 1_000_000)
+                try:
+                    version = self.publish(new, f"retrained on {new.metadata['trained_on']} "
+                                                "joined events")
+                except VersionConflict:
+                    continue
+                published.append((row.name, version))
+        return joined, published
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # keep the learner serving whatever one round hit
+                logger.exception("join/train round failed")
+            self._wake.wait(self._tick)
+            self._wake.clear()
+
+    # ----------------------------------------------------------------- status
+    def status(self) -> learner_pb2.LearnerStatus:
+        counters = self.store.counters()
+        pending = self.store.pending_by_policy()
+        names = sorted({r.name for r in self.store.current_policies()}
+                       | {k.split(":", 1)[1] for k in counters if k.startswith("decisions:")})
+        out = learner_pb2.LearnerStatus(
+            batches=counters.get("batches", 0), decisions=counters.get("decisions", 0),
+            outcomes=counters.get("outcomes", 0), joined=counters.get("joined", 0),
+            pending=sum(pending.values()), started_unix_ms=self._started_ms)
+        for name in names:
+            versions = self.store.policy_versions(name)
+            out.policies.add(
+                name=name, current_version=versions[-1] if versions else 0, versions=versions,
+                decisions=counters.get(f"decisions:{name}", 0),
+                joined=counters.get(f"joined:{name}", 0), pending=pending.get(name, 0),
+                last_train_unix_ms=self.trainer.last_train_ms(name))
+        return out

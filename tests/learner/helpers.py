@@ -1,0 +1,56 @@
+"""Builders of feedback records and policies for the learner tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loops_sdk.batch import DecisionBlock, FeedbackRecords, OutcomeBlock
+from loops_sdk.policy import Action, Exploration, LearningSettings, Policy
+
+NS = 1_000_000_000
+ACTIONS = ("none", "spins", "match")
+
+
+def make_policy(name="bonus", d=3, *, window=10.0, aggregation="sum", default_reward=0.0,
+                costs=(0.0, 1.0, 2.0), every_events=1000, every_seconds=5.0, version=1,
+                ridge_lambda=1.0) -> Policy:
+    return Policy.linear(
+        name, d, [Action(a, c) for a, c in zip(ACTIONS, costs)], version=version,
+        exploration=Exploration.epsilon_greedy(0.2),
+        learning=LearningSettings(reward_window_seconds=window, aggregation=aggregation,
+                                  default_reward=default_reward, ridge_lambda=ridge_lambda,
+                                  retrain_every_events=every_events,
+                                  retrain_every_seconds=every_seconds))
+
+
+def decisions(n, *, policy="bonus", d=3, k=3, start_lo=0, hi=7, ts_ns=None, users=None,
+              actions=None, flags=None, version=1, x=None, seed=0) -> DecisionBlock:
+    rng = np.random.default_rng(seed)
+    return DecisionBlock(
+        policy=policy, actions=list(ACTIONS[:k]), inputs=[f"x{i}" for i in range(d)],
+        event_hi=np.full(n, hi, np.uint64),
+        event_lo=np.arange(start_lo, start_lo + n, dtype=np.uint64),
+        ts_ns=np.asarray(ts_ns if ts_ns is not None else np.zeros(n), np.int64),
+        version=np.full(n, version, np.uint64),
+        user_hash=np.asarray(users if users is not None else np.arange(n) + 1000, np.uint64),
+        x=np.asarray(x if x is not None else rng.normal(size=(n, d)), np.float64),
+        eligible=np.ones((n, k), np.uint8),
+        action=np.asarray(actions if actions is not None else rng.integers(0, k, n), np.int32),
+        prob=np.full(n, 1.0 / k), flags=np.asarray(flags if flags is not None else
+                                                   np.zeros(n), np.uint8))
+
+
+def outcomes(rows) -> OutcomeBlock:
+    """rows: (type, event_hi, event_lo, user_hash, ts_ns, value)"""
+    rows = list(rows)
+    cols = list(zip(*rows)) if rows else [[]] * 6
+    n = len(rows)
+    return OutcomeBlock(type=np.array(cols[0], np.uint8), event_hi=np.array(cols[1], np.uint64),
+                        event_lo=np.array(cols[2], np.uint64),
+                        user_hash=np.array(cols[3], np.uint64),
+                        ts_ns=np.array(cols[4], np.int64), value=np.array(cols[5], np.float64),
+                        kind=np.zeros(n, np.uint16), kinds=["deposit"])
+
+
+def records(blocks=(), outs=()) -> FeedbackRecords:
+    return FeedbackRecords(list(blocks), outcomes(outs))
