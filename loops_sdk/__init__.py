@@ -1,0 +1,27 @@
+"""LOOPS: decide in a microsecond, learn from every decision, replace manual A/B tests.
+
+Public API::
+
+    from loops_sdk import DecisionClient, ClientConfig, Policy
+"""
+
+from __future__ import annotations
+
+from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
+from .client import ClientConfig, DecisionClient
+from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
+from .errors import BatchError, FeatureError, LoopsError, PolicyError, UnknownActionError
+from .policy import Action, Exploration, Feature, Holdout, LearningSettings, Policy
+from .scorer import IMPLEMENTATION, Decision, stable_hash
+from .sink import FileSink, read_feedback_file
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecisionClient", "ClientConfig", "Decision", "DecisionBatch", "Reason",
+    "Policy", "Feature", "Action", "Exploration", "Holdout", "LearningSettings",
+    "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
+    "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",
+    "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
+    "IMPLEMENTATION", "__version__",
+]

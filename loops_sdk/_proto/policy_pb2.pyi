@@ -1,0 +1,146 @@
+# GENERATED — DO NOT EDIT. Run `python proto/generate.py` to regenerate from proto/.
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FeatureSpec(_message.Message):
+    __slots__ = ("name", "kind", "center", "scale", "buckets", "default_value")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[FeatureSpec.Kind]
+        NUMERIC: _ClassVar[FeatureSpec.Kind]
+        CATEGORICAL: _ClassVar[FeatureSpec.Kind]
+    KIND_UNSPECIFIED: FeatureSpec.Kind
+    NUMERIC: FeatureSpec.Kind
+    CATEGORICAL: FeatureSpec.Kind
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: FeatureSpec.Kind
+    center: float
+    scale: float
+    buckets: int
+    default_value: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FeatureSpec.Kind, str]] = ..., center: _Optional[float] = ..., scale: _Optional[float] = ..., buckets: _Optional[int] = ..., default_value: _Optional[float] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("id", "cost", "tags")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    cost: float
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., cost: _Optional[float] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LinearModel(_message.Message):
+    __slots__ = ("n_actions", "n_inputs", "weights", "bias")
+    N_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    N_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    n_actions: int
+    n_inputs: int
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    bias: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, n_actions: _Optional[int] = ..., n_inputs: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., bias: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Exploration(_message.Message):
+    __slots__ = ("kind", "epsilon", "temperature", "gamma")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Exploration.Kind]
+        GREEDY: _ClassVar[Exploration.Kind]
+        EPSILON_GREEDY: _ClassVar[Exploration.Kind]
+        SOFTMAX: _ClassVar[Exploration.Kind]
+        SQUARECB: _ClassVar[Exploration.Kind]
+    KIND_UNSPECIFIED: Exploration.Kind
+    GREEDY: Exploration.Kind
+    EPSILON_GREEDY: Exploration.Kind
+    SOFTMAX: Exploration.Kind
+    SQUARECB: Exploration.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    kind: Exploration.Kind
+    epsilon: float
+    temperature: float
+    gamma: float
+    def __init__(self, kind: _Optional[_Union[Exploration.Kind, str]] = ..., epsilon: _Optional[float] = ..., temperature: _Optional[float] = ..., gamma: _Optional[float] = ...) -> None: ...
+
+class Holdout(_message.Message):
+    __slots__ = ("fraction", "salt", "default_action")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    salt: str
+    default_action: str
+    def __init__(self, fraction: _Optional[float] = ..., salt: _Optional[str] = ..., default_action: _Optional[str] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("name", "version", "features", "actions", "linear", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "checksum")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureSpec]
+    actions: _containers.RepeatedCompositeFieldContainer[Action]
+    linear: LinearModel
+    exploration: Exploration
+    holdout: Holdout
+    created_at_unix_ms: int
+    learning: LearningSettings
+    metadata: _containers.ScalarMap[str, str]
+    checksum: bytes
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+
+class LearningSettings(_message.Message):
+    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds")
+    class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        AGGREGATION_UNSPECIFIED: _ClassVar[LearningSettings.Aggregation]
+        SUM: _ClassVar[LearningSettings.Aggregation]
+        EARLIEST: _ClassVar[LearningSettings.Aggregation]
+    AGGREGATION_UNSPECIFIED: LearningSettings.Aggregation
+    SUM: LearningSettings.Aggregation
+    EARLIEST: LearningSettings.Aggregation
+    REWARD_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REWARD_FIELD_NUMBER: _ClassVar[int]
+    RIDGE_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_EVERY_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    reward_window_seconds: float
+    aggregation: LearningSettings.Aggregation
+    default_reward: float
+    ridge_lambda: float
+    retrain_every_events: int
+    retrain_every_seconds: float
+    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,285 @@
+"""DecisionClient: the object a game server embeds (one per process, any number of policies).
+
+The hot methods (``decide``, ``decide_batch``, ``reward``, ``observe``, ``activate``) come from the
+scorer's ``Engine`` base class, compiled; everything here is the slower machinery around them:
+configuration, policy installation, draining to sinks, the learner connection, fork safety.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Union
+
+from .batch import FeedbackRecords
+from .policy import Policy
+from .scorer import Engine, compile_policy
+
+__all__ = ["ClientConfig", "DecisionClient"]
+
+logger = logging.getLogger(__name__)
+
+PolicySource = Union[str, os.PathLike, bytes, Policy]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything a :class:`DecisionClient` can be told, with its defaults.
+
+    Attributes:
+        learner: ``"host:port"`` of the central learner; ``None`` runs offline (policies come
+            from ``fallback_policy``/``policies`` and records go to ``sink`` or ``drain()``).
+        policy_name: the decision point to subscribe to (shorthand for one ``policy_names``).
+        policy_names: every decision point to subscribe to; empty with a learner = all.
+        fallback_policy: a policy (file path, bytes or :class:`Policy`) used until the learner
+            sends one, and the whole policy in offline mode (bootstrap from file).
+        fallback_policies: more of the same, for several decision points.
+        seed: fixes the event-id prefix and so every draw: a whole run is reproducible.
+        record: log every decision and outcome (needed for learning).
+        buffer_rows: rows per preallocated recorder block.
+        max_pending_records: records held in memory before the oldest are dropped (counted);
+            with a learner, the shipper moves records to the disk spool long before that.
+        flush_records / flush_interval: ship when this many records are waiting, or this many
+            seconds have passed.
+        max_batch_records: largest batch sent in one ``ReportFeedback``.
+        spool_dir: directory for the disk spool (``None``: a per-client directory under the
+            system temp dir); spool_max_bytes bounds it; only past that are records dropped.
+        rpc_timeout: deadline of each unary call to the learner.
+        backoff_initial / backoff_max: exponential retry backoff bounds (full jitter).
+        close_timeout: how long ``close()`` waits to deliver what is buffered.
+        client_id: identifies this client's batches; random when empty.
+    """
+
+    learner: str | None = None
+    policy_name: str | None = None
+    policy_names: tuple[str, ...] = ()
+    fallback_policy: PolicySource | None = None
+    fallback_policies: tuple[PolicySource, ...] = ()
+    seed: int | None = None
+    record: bool = True
+    buffer_rows: int = 4096
+    max_pending_records: int = 1_000_000
+    flush_records: int = 1000
+    flush_interval: float = 1.0
+    max_batch_records: int = 10_000
+    spool_dir: str | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
+    rpc_timeout: float = 5.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+    close_timeout: float = 5.0
+    client_id: str = ""
+    metadata: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= int(self.seed) < 1 << 64:
+            raise ValueError("seed must be in [0, 2**64)")
+        for name in ("buffer_rows", "max_pending_records", "flush_records",
+                     "max_batch_records", "spool_max_bytes"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("flush_interval", "rpc_timeout", "backoff_initial", "backoff_max",
+                     "close_timeout"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0")
+
+    @property
+    def watched_names(self) -> tuple[str, ...]:
+        names = tuple(self.policy_names)
+        if self.policy_name and self.policy_name not in names:
+            names = (self.policy_name, *names)
+        return names
+
+
+_CLIENTS: "weakref.WeakSet[DecisionClient]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        try:
+            client._after_fork_in_child()
+        except Exception:  # never break the child's fork because of us
+            logger.exception("loops: resetting a client after fork failed")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class DecisionClient(Engine):
+    """Decides for any number of named decision points; logs, ships and syncs policies.
+
+    Example::
+
+        with DecisionClient(policies=[Policy.load("bonus.policy")], seed=7) as client:
+            d = client.decide("bonus", x, user="player-42", eligible=["free_spins", "cashback"])
+            client.reward(d.event_id, 12.5)
+
+    ``decide`` never raises for operational reasons (learner down, no policy yet): it returns the
+    caller's ``default`` with ``Decision.reason`` saying why. Bad *input* raises
+    :class:`~loops_sdk.FeatureError` or :class:`~loops_sdk.UnknownActionError`.
+    Thread-safe; fork-safe (a child gets fresh locks, event ids and connections).
+    """
+
+    def __init__(self, config: ClientConfig | None = None, *,
+                 policies: Iterable[PolicySource] = (), seed: int | None = None,
+                 sink: Any = None, learner: str | None = None) -> None:
+        if config is None:
+            config = ClientConfig(seed=seed, learner=learner)
+        elif seed is not None or learner is not None:
+            raise TypeError("pass seed/learner inside ClientConfig when giving a config")
+        self.config = config
+        self._engine_init(config.seed, config.buffer_rows, config.max_pending_records,
+                          config.record)
+        self._sink = sink
+        self._policies: dict[str, Policy] = {}
+        self._install_lock = threading.Lock()
+        self._initialized = threading.Event()
+        self._closed = False
+        self._created = time.time()
+        self._last_sync: float | None = None
+        self._counters_lock = threading.Lock()
+        self._counters = {"policy_updates": 0, "policy_updates_rejected": 0}
+        self._transport = None  # the learner connection (shipper + policy sync), see _start
+        self._expect(config.watched_names)
+        sources = list(policies)
+        if config.fallback_policy is not None:
+            sources.append(config.fallback_policy)
+        sources.extend(config.fallback_policies)
+        for source in sources:
+            self.set_policy(source)
+        if config.learner is None and (self._policies or not config.watched_names):
+            self._initialized.set()
+        _CLIENTS.add(self)
+        if config.learner is not None:
+            self._start_transport()
+
+    # ------------------------------------------------------------------ policies
+    def set_policy(self, policy: PolicySource, *, force: bool = False) -> bool:
+        """Install ``policy`` for its decision point atomically (other threads keep deciding).
+
+        A version older than the one in use is ignored (returns False) unless ``force``;
+        the same version again is a no-op. Raises :class:`PolicyError` for a bad policy.
+        """
+        if not isinstance(policy, Policy):
+            policy = Policy.load(policy)
+        kernel = compile_policy(policy)   # compile outside the lock: swaps stay instant
+        with self._install_lock:
+            current = self._policies.get(policy.name)
+            if current is not None and not force:
+                if policy.version < current.version:
+                    logger.info("loops: ignoring %s v%d (v%d in use)", policy.name,
+                                policy.version, current.version)
+                    with self._counters_lock:
+                        self._counters["policy_updates_rejected"] += 1
+                    return False
+                if policy.version == current.version and policy == current:
+                    return False
+            self._install(policy.name, kernel)
+            self._policies[policy.name] = policy
+            with self._counters_lock:
+                self._counters["policy_updates"] += 1
+        names = self.config.watched_names
+        if not names or all(n in self._policies for n in names):
+            self._initialized.set()
+        return True
+
+    def policy(self, name: str) -> Policy | None:
+        """The policy currently used for ``name``."""
+        return self._policies.get(name)
+
+    @property
+    def policies(self) -> dict[str, Policy]:
+        return dict(self._policies)
+
+    # ------------------------------------------------------------------ initialisation
+    def is_initialized(self) -> bool:
+        """True once every watched decision point has a policy (from the learner or a file)."""
+        return self._initialized.is_set()
+
+    def wait_for_initialization(self, timeout: float | None = None) -> bool:
+        """Block up to ``timeout`` seconds for :meth:`is_initialized`; never raises."""
+        return self._initialized.wait(timeout)
+
+    # ------------------------------------------------------------------ records
+    def drain(self) -> FeedbackRecords:
+        """Take every record logged so far (decisions per policy layout, then outcomes).
+
+        With a learner configured, the background shipper does this itself; call it only
+        when running offline without a sink.
+        """
+        return self._drain_records()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Deliver everything recorded so far: to the learner (waiting up to ``timeout``) or to
+        the sink. Returns True when everything was delivered (or spooled to disk)."""
+        if self._transport is not None:
+            return self._transport.flush(self.config.close_timeout if timeout is None
+                                         else timeout)
+        if self._sink is not None:
+            records = self._drain_records()
+            if len(records):
+                self._sink.write(records)
+        return True
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict[str, Any]:
+        """Counters: decisions, outcomes, records shipped/acked/spooled/dropped, retries,
+        policy versions, last sync time, per decision point figures."""
+        s = self._engine_stats()
+        with self._counters_lock:
+            s.update(self._counters)
+        s["policy_versions"] = {n: p.version for n, p in self._policies.items()}
+        s["initialized"] = self.is_initialized()
+        if self._transport is not None:
+            s.update(self._transport.stats())
+        return s
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (waiting up to ``timeout``, default ``config.close_timeout``), then stop the
+        background threads and close the connection and sink. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush(timeout)
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+            if self._sink is not None:
+                self._sink.close()
+            _CLIENTS.discard(self)
+
+    def __enter__(self) -> "DecisionClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def postfork(self) -> None:
+        """Reset after ``fork()``: done automatically through ``os.register_at_fork``; call it
+        yourself only if your platform forks without running those hooks."""
+        self._after_fork_in_child()
+
+    def _after_fork_in_child(self) -> None:
+        self._install_lock = threading.Lock()
+        self._counters_lock = threading.Lock()
+        self._engine_after_fork(None)   # new event-id prefix even with a seed: ids stay unique
+        if self._transport is not None:
+            self._transport.abandon()   # the parent's threads and channel do not exist here
+            self._transport = None
+            if not self._closed:
+                self._start_transport()
+
+    def _start_transport(self) -> None:
+        from .transport import LearnerTransport  # grpc is imported only when a learner is used
+        self._transport = LearnerTransport(self)
+
+    def __repr__(self) -> str:
+        return (f"DecisionClient(points={self._point_names()}, learner={self.config.learner!r}, "
+                f"initialized={self.is_initialized()})")

@@ -1,0 +1,79 @@
+"""What a decision returns: reason codes and the batch result (shared by both scorers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Reason", "REASONS", "DecisionBatch", "format_event_id", "parse_event_id"]
+
+
+class Reason:
+    """Why a decision returned what it did (``Decision.reason``)."""
+
+    POLICY = "POLICY"                          # drawn from the policy's probabilities
+    HOLDOUT = "HOLDOUT"                        # user in the control group: default action
+    NO_ELIGIBLE_ACTION = "NO_ELIGIBLE_ACTION"  # nothing eligible: policy's default action
+    UNKNOWN_DECISION_POINT = "UNKNOWN_DECISION_POINT"  # no policy of that name: caller's default
+    NOT_INITIALIZED = "NOT_INITIALIZED"        # no policy received yet: caller's default
+    CAPPED = "CAPPED"                          # frequency cap reached: default action
+    ERROR = "ERROR"                            # operational failure: caller's default
+
+
+# Index = the integer code the scorers use; order is part of the batch format (uint8 codes).
+REASONS = (Reason.POLICY, Reason.HOLDOUT, Reason.NO_ELIGIBLE_ACTION,
+           Reason.UNKNOWN_DECISION_POINT, Reason.NOT_INITIALIZED, Reason.CAPPED, Reason.ERROR)
+
+
+def format_event_id(hi: int, lo: int) -> str:
+    """A 128-bit event id as 32 lowercase hex digits (client/point prefix, then counter)."""
+    return f"{int(hi):016x}{int(lo):016x}"
+
+
+def parse_event_id(event_id: "str | tuple[int, int]") -> tuple[int, int]:
+    """Inverse of :func:`format_event_id`; also accepts a ``(hi, lo)`` pair."""
+    if isinstance(event_id, tuple) and len(event_id) == 2:
+        hi, lo = int(event_id[0]), int(event_id[1])
+    elif isinstance(event_id, str) and len(event_id) == 32:
+        try:
+            hi, lo = int(event_id[:16], 16), int(event_id[16:], 16)
+        except ValueError:
+            raise ValueError(f"event id {event_id!r} is not 32 hex digits") from None
+    else:
+        raise ValueError(f"event id {event_id!r} is not 32 hex digits or a (hi, lo) pair")
+    if not (0 <= hi < 1 << 64 and 0 <= lo < 1 << 64):
+        raise ValueError(f"event id {event_id!r} out of range")
+    return hi, lo
+
+
+@dataclass(frozen=True)
+class DecisionBatch:
+    """Result of ``decide_batch``: one row per input row, as numpy arrays."""
+
+    action_ids: tuple[str, ...]   # the policy's actions; `actions` indexes this
+    actions: np.ndarray           # int32 action index
+    probabilities: np.ndarray     # float64 probability of the chosen action
+    event_hi: np.ndarray          # uint64
+    event_lo: np.ndarray          # uint64
+    holdout: np.ndarray           # bool
+    reason_codes: np.ndarray      # uint8 index into REASONS
+    policy_name: str
+    policy_version: int
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def event_ids(self) -> np.ndarray:
+        """``(n, 2)`` uint64 array of (hi, lo); see :meth:`event_id` for the string form."""
+        return np.stack([self.event_hi, self.event_lo], axis=1)
+
+    def event_id(self, i: int) -> str:
+        return format_event_id(self.event_hi[i], self.event_lo[i])
+
+    def action_id(self, i: int) -> str:
+        return self.action_ids[int(self.actions[i])]
+
+    def reasons(self) -> list[str]:
+        return [REASONS[c] for c in self.reason_codes]

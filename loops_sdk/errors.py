@@ -1,0 +1,31 @@
+"""Typed errors raised at the SDK's boundaries.
+
+Every error derives from :class:`LoopsError`; the input errors also derive from ``ValueError`` so
+code that already catches ``ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError"]
+
+
+class LoopsError(Exception):
+    """Base class of every error LOOPS raises on purpose."""
+
+
+class PolicyError(LoopsError, ValueError):
+    """A policy is malformed: corrupted bytes, bad checksum, wrong shapes, non-finite weights,
+    unknown exploration kind, duplicate action ids, ..."""
+
+
+class FeatureError(LoopsError, ValueError):
+    """Features passed to ``decide`` do not fit the policy's feature spec (wrong length, dtype,
+    NaN or infinity); the message names the offending feature."""
+
+
+class UnknownActionError(LoopsError, ValueError):
+    """An action id that the policy does not define (in ``eligible=``, ``default=`` or a rule)."""
+
+
+class BatchError(LoopsError, ValueError):
+    """A feedback batch that cannot be decoded or is larger than allowed."""

@@ -1,0 +1,502 @@
+"""The exported decision policy: spec, parameters, exploration, holdout, and its file format.
+
+A :class:`Policy` is immutable. Build one in Python with :meth:`Policy.linear`, load one with
+:meth:`Policy.load`, derive a new version with :meth:`Policy.with_model`. On disk and on the wire
+it is a ``loops.v1.Policy`` protobuf message whose ``checksum`` (SHA-256 of the deterministic
+serialisation with the checksum cleared) is verified on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from ._proto import policy_pb2
+from .errors import PolicyError
+
+__all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "Policy"]
+
+EXPLORATION_KINDS = ("greedy", "epsilon_greedy", "softmax", "squarecb")
+_KIND_TO_PB = {
+    "greedy": policy_pb2.Exploration.GREEDY,
+    "epsilon_greedy": policy_pb2.Exploration.EPSILON_GREEDY,
+    "softmax": policy_pb2.Exploration.SOFTMAX,
+    "squarecb": policy_pb2.Exploration.SQUARECB,
+}
+_PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
+# The scorer's integer codes for exploration kinds (shared by the C and pure-Python scorers).
+KIND_CODES = {"greedy": 0, "epsilon_greedy": 1, "softmax": 2, "squarecb": 3}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One named input. Numeric: one model input ``(value - center) / scale``. Categorical:
+    ``buckets`` model inputs, a one-hot of ``stable_hash(value) % buckets``."""
+
+    name: str
+    kind: str = "numeric"
+    center: float = 0.0
+    scale: float = 1.0
+    buckets: int = 0
+    default: float = 0.0
+
+    @classmethod
+    def numeric(cls, name: str, *, center: float = 0.0, scale: float = 1.0,
+                default: float = 0.0) -> "Feature":
+        return cls(name, "numeric", center=center, scale=scale, default=default)
+
+    @classmethod
+    def categorical(cls, name: str, buckets: int) -> "Feature":
+        return cls(name, "categorical", buckets=buckets)
+
+    @property
+    def width(self) -> int:
+        return 1 if self.kind == "numeric" else self.buckets
+
+
+@dataclass(frozen=True)
+class Action:
+    """An action the policy can choose: id, cost (subtracted from rewards) and rule tags."""
+
+    id: str
+    cost: float = 0.0
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """How the scorer turns scores into probabilities.
+
+    - ``greedy``: the best eligible action with probability 1 (no exploration).
+    - ``epsilon_greedy``: ``epsilon`` spread evenly over eligible actions, the rest on the best.
+    - ``softmax``: ``p ∝ exp(score / temperature)``.
+    - ``squarecb``: inverse-gap weighting; ``p_a = 1 / (m + gamma * (best - score_a))`` for each
+      non-best eligible action (m of them eligible), the best takes the rest.
+    Ties are broken towards the lowest action index.
+    """
+
+    kind: str = "epsilon_greedy"
+    epsilon: float = 0.1
+    temperature: float = 1.0
+    gamma: float = 100.0
+
+    @classmethod
+    def epsilon_greedy(cls, epsilon: float = 0.1) -> "Exploration":
+        return cls("epsilon_greedy", epsilon=epsilon)
+
+    @classmethod
+    def softmax(cls, temperature: float = 1.0) -> "Exploration":
+        return cls("softmax", temperature=temperature)
+
+    @classmethod
+    def squarecb(cls, gamma: float = 100.0) -> "Exploration":
+        return cls("squarecb", gamma=gamma)
+
+    @classmethod
+    def greedy(cls) -> "Exploration":
+        return cls("greedy")
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Control group: users whose stable hash of (salt, user key) falls under ``fraction`` get
+    ``default_action`` with probability 1. ``default_action`` is also what a decision returns
+    when no action is eligible; empty means the first action."""
+
+    fraction: float = 0.0
+    salt: str = ""
+    default_action: str = ""
+
+
+@dataclass(frozen=True)
+class LearningSettings:
+    """What the learner does with this policy's data (the scorer ignores these)."""
+
+    reward_window_seconds: float = 600.0
+    aggregation: str = "sum"          # "sum" or "earliest"
+    default_reward: float = 0.0
+    ridge_lambda: float = 1.0
+    retrain_every_events: int = 1000
+    retrain_every_seconds: float = 5.0
+
+
+_AGG_TO_PB = {"sum": policy_pb2.LearningSettings.SUM,
+              "earliest": policy_pb2.LearningSettings.EARLIEST}
+_PB_TO_AGG = {v: k for k, v in _AGG_TO_PB.items()}
+_PB_TO_AGG[policy_pb2.LearningSettings.AGGREGATION_UNSPECIFIED] = "sum"
+
+FeatureLike = Union[str, Feature]
+ActionLike = Union[str, Action]
+PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    if a.flags.writeable:
+        a = a.copy()
+        a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """An immutable, versioned decision policy (per-action linear scores for now).
+
+    Use :meth:`linear` to build one; the constructor takes already-validated parts.
+    """
+
+    name: str
+    version: int
+    features: tuple[Feature, ...]
+    actions: tuple[Action, ...]
+    weights: np.ndarray
+    bias: np.ndarray
+    exploration: Exploration = field(default_factory=Exploration)
+    holdout: Holdout = field(default_factory=Holdout)
+    learning: LearningSettings = field(default_factory=LearningSettings)
+    created_at_ms: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def linear(cls, name: str, features: Sequence[FeatureLike] | int,
+               actions: Sequence[ActionLike], weights: Any = None, bias: Any = None, *,
+               exploration: Exploration | None = None, holdout: Holdout | None = None,
+               learning: LearningSettings | None = None, version: int = 1,
+               metadata: Mapping[str, str] | None = None,
+               created_at_ms: int | None = None) -> "Policy":
+        """Build a per-action linear policy and validate it.
+
+        Args:
+            name: decision point name (what ``decide(name, ...)`` is called with).
+            features: feature names (numeric), :class:`Feature` objects, or a count ``D``
+                (names ``x0..x{D-1}``).
+            actions: action ids or :class:`Action` objects.
+            weights: ``(K, D)`` scores per action and model input; zeros when omitted.
+            bias: ``(K,)``; zeros when omitted.
+        Raises:
+            PolicyError: anything malformed, with a message saying what.
+        """
+        if isinstance(features, (int, np.integer)):
+            features = [f"x{i}" for i in range(int(features))]
+        feats = tuple(f if isinstance(f, Feature) else Feature(str(f)) for f in features)
+        acts = tuple(a if isinstance(a, Action) else Action(str(a)) for a in actions)
+        dim = sum(f.width for f in feats)
+        k = len(acts)
+        w = np.zeros((k, dim)) if weights is None else np.asarray(weights, dtype=np.float64)
+        b = np.zeros(k) if bias is None else np.asarray(bias, dtype=np.float64)
+        policy = cls(name=name, version=int(version), features=feats, actions=acts,
+                     weights=w, bias=b, exploration=exploration or Exploration(),
+                     holdout=holdout or Holdout(), learning=learning or LearningSettings(),
+                     created_at_ms=int(time.time() * 1000) if created_at_ms is None
+                     else int(created_at_ms),
+                     metadata=dict(metadata or {}))
+        policy.validate()
+        return policy
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", _readonly(np.asarray(self.weights, dtype=np.float64)))
+        object.__setattr__(self, "bias", _readonly(np.asarray(self.bias, dtype=np.float64)))
+        object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "_cache", {})
+
+    def with_model(self, weights: Any, bias: Any, *, version: int,
+                   metadata: Mapping[str, str] | None = None) -> "Policy":
+        """The same spec with new parameters and a new version (validated)."""
+        policy = replace(self, weights=np.asarray(weights, dtype=np.float64),
+                         bias=np.asarray(bias, dtype=np.float64), version=int(version),
+                         created_at_ms=int(time.time() * 1000),
+                         metadata=dict(self.metadata if metadata is None else metadata))
+        policy.validate()
+        return policy
+
+    def with_version(self, version: int, **changes: Any) -> "Policy":
+        """A copy with another version (and any other field changed), validated."""
+        policy = replace(self, version=int(version), **changes)
+        policy.validate()
+        return policy
+
+    # ----------------------------------------------------------------- derived facts
+    @property
+    def n_inputs(self) -> int:
+        """D: the length of the model-input vector (numeric features + categorical buckets)."""
+        return int(self.weights.shape[1]) if self.weights.ndim == 2 else 0
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.actions)
+
+    @property
+    def action_ids(self) -> tuple[str, ...]:
+        return tuple(a.id for a in self.actions)
+
+    @property
+    def costs(self) -> np.ndarray:
+        return np.array([a.cost for a in self.actions], dtype=np.float64)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Names of the model inputs: the feature name, or ``name[bucket]`` for categoricals."""
+        names: list[str] = []
+        for f in self.features:
+            names.extend([f.name] if f.kind == "numeric"
+                         else [f"{f.name}[{i}]" for i in range(f.buckets)])
+        return tuple(names)
+
+    @property
+    def default_action(self) -> str:
+        return self.holdout.default_action or self.actions[0].id
+
+    @property
+    def default_index(self) -> int:
+        return self.action_ids.index(self.default_action)
+
+    @property
+    def checksum(self) -> bytes:
+        return self._message()[1]
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> "Policy":
+        """Check every invariant the scorer relies on; raise :class:`PolicyError` if broken."""
+        if not self.name or not isinstance(self.name, str):
+            raise PolicyError("policy name must be a non-empty string")
+        if self.version < 0:
+            raise PolicyError(f"policy {self.name!r}: version must be >= 0, got {self.version}")
+        if not self.actions:
+            raise PolicyError(f"policy {self.name!r}: needs at least one action")
+        seen: set[str] = set()
+        for a in self.actions:
+            if not a.id:
+                raise PolicyError(f"policy {self.name!r}: empty action id")
+            if a.id in seen:
+                raise PolicyError(f"policy {self.name!r}: duplicate action id {a.id!r}")
+            seen.add(a.id)
+            if not math.isfinite(a.cost):
+                raise PolicyError(f"policy {self.name!r}: action {a.id!r} has non-finite cost")
+        names: set[str] = set()
+        for f in self.features:
+            if not f.name:
+                raise PolicyError(f"policy {self.name!r}: empty feature name")
+            if f.name in names:
+                raise PolicyError(f"policy {self.name!r}: duplicate feature {f.name!r}")
+            names.add(f.name)
+            if f.kind == "numeric":
+                if not (math.isfinite(f.center) and math.isfinite(f.scale) and f.scale != 0
+                        and math.isfinite(f.default)):
+                    raise PolicyError(f"feature {f.name!r}: center, scale and default must be "
+                                      "finite and scale non-zero")
+            elif f.kind == "categorical":
+                if not 1 <= f.buckets <= 1 << 20:
+                    raise PolicyError(f"feature {f.name!r}: categorical needs 1..2^20 buckets")
+            else:
+                raise PolicyError(f"feature {f.name!r}: unknown kind {f.kind!r}")
+        k, dim = len(self.actions), sum(f.width for f in self.features)
+        if self.weights.shape != (k, dim):
+            raise PolicyError(f"policy {self.name!r}: weights have shape {self.weights.shape}, "
+                              f"expected ({k}, {dim}) = (actions, model inputs)")
+        if self.bias.shape != (k,):
+            raise PolicyError(f"policy {self.name!r}: bias has shape {self.bias.shape}, "
+                              f"expected ({k},)")
+        if not np.all(np.isfinite(self.weights)):
+            r, c = np.argwhere(~np.isfinite(self.weights))[0]
+            raise PolicyError(f"policy {self.name!r}: weight for action {self.actions[r].id!r}, "
+                              f"input {self.input_names[c]!r} is not finite")
+        if not np.all(np.isfinite(self.bias)):
+            r = int(np.argwhere(~np.isfinite(self.bias))[0][0])
+            raise PolicyError(f"policy {self.name!r}: bias of action {self.actions[r].id!r} "
+                              "is not finite")
+        e = self.exploration
+        if e.kind not in EXPLORATION_KINDS:
+            raise PolicyError(f"policy {self.name!r}: unknown exploration kind {e.kind!r}; "
+                              f"expected one of {EXPLORATION_KINDS}")
+        if e.kind == "epsilon_greedy" and not 0.0 <= e.epsilon <= 1.0:
+            raise PolicyError(f"epsilon must be in [0, 1], got {e.epsilon}")
+        if e.kind == "softmax" and not (e.temperature > 0 and math.isfinite(e.temperature)):
+            raise PolicyError(f"softmax temperature must be > 0, got {e.temperature}")
+        if e.kind == "squarecb" and not (e.gamma >= 0 and math.isfinite(e.gamma)):
+            raise PolicyError(f"squarecb gamma must be >= 0, got {e.gamma}")
+        h = self.holdout
+        if not 0.0 <= h.fraction <= 1.0:
+            raise PolicyError(f"holdout fraction must be in [0, 1], got {h.fraction}")
+        if h.default_action and h.default_action not in seen:
+            raise PolicyError(f"holdout default action {h.default_action!r} is not an action "
+                              "of the policy")
+        ls = self.learning
+        if ls.aggregation not in _AGG_TO_PB:
+            raise PolicyError(f"unknown reward aggregation {ls.aggregation!r}")
+        if not (ls.reward_window_seconds >= 0 and ls.ridge_lambda > 0):
+            raise PolicyError("reward window must be >= 0 and ridge lambda > 0")
+        return self
+
+    # ----------------------------------------------------------------- serialisation
+    def _message(self) -> tuple[policy_pb2.Policy, bytes]:
+        cached = self._cache.get("msg")
+        if cached is not None:
+            return cached
+        msg = policy_pb2.Policy(name=self.name, version=self.version,
+                                created_at_unix_ms=self.created_at_ms)
+        for f in self.features:
+            msg.features.add(
+                name=f.name,
+                kind=policy_pb2.FeatureSpec.NUMERIC if f.kind == "numeric"
+                else policy_pb2.FeatureSpec.CATEGORICAL,
+                center=f.center, scale=f.scale, buckets=f.buckets, default_value=f.default)
+        for a in self.actions:
+            msg.actions.add(id=a.id, cost=a.cost, tags=list(a.tags))
+        msg.linear.n_actions = self.n_actions
+        msg.linear.n_inputs = self.n_inputs
+        msg.linear.weights.extend(self.weights.ravel().tolist())
+        msg.linear.bias.extend(self.bias.tolist())
+        e = self.exploration
+        msg.exploration.kind = _KIND_TO_PB[e.kind]
+        msg.exploration.epsilon = e.epsilon
+        msg.exploration.temperature = e.temperature
+        msg.exploration.gamma = e.gamma
+        msg.holdout.fraction = self.holdout.fraction
+        msg.holdout.salt = self.holdout.salt
+        msg.holdout.default_action = self.holdout.default_action
+        ls = self.learning
+        msg.learning.reward_window_seconds = ls.reward_window_seconds
+        msg.learning.aggregation = _AGG_TO_PB[ls.aggregation]
+        msg.learning.default_reward = ls.default_reward
+        msg.learning.ridge_lambda = ls.ridge_lambda
+        msg.learning.retrain_every_events = ls.retrain_every_events
+        msg.learning.retrain_every_seconds = ls.retrain_every_seconds
+        for key, value in self.metadata.items():
+            msg.metadata[key] = value
+        digest = _checksum(msg)
+        msg.checksum = digest
+        self._cache["msg"] = (msg, digest)
+        return msg, digest
+
+    def to_bytes(self) -> bytes:
+        """The policy as a ``loops.v1.Policy`` message, checksum included."""
+        return self._message()[0].SerializeToString(deterministic=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: to a temporary file beside ``path``, then rename."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(self.to_bytes())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Policy":
+        """Parse, verify the checksum, validate. Raises :class:`PolicyError`."""
+        msg = policy_pb2.Policy()
+        try:
+            msg.ParseFromString(bytes(data))
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise PolicyError(f"policy bytes are corrupted: {exc}") from None
+        if not msg.checksum:
+            raise PolicyError("policy bytes carry no checksum")
+        expected = msg.checksum
+        if _checksum(msg) != expected:
+            raise PolicyError(f"policy {msg.name!r} v{msg.version}: checksum mismatch "
+                              "(corrupted or edited bytes)")
+        return cls._from_message(msg)
+
+    @classmethod
+    def load(cls, source: PathOrBytes) -> "Policy":
+        """Load from a file path or from bytes (a policy file's content)."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return cls.from_bytes(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise PolicyError(f"cannot read policy file {os.fspath(source)!r}: {exc}") from None
+        return cls.from_bytes(data)
+
+    @classmethod
+    def _from_message(cls, msg: policy_pb2.Policy) -> "Policy":
+        if msg.WhichOneof("model") != "linear":
+            raise PolicyError(f"policy {msg.name!r}: unsupported or missing model kind "
+                              f"{msg.WhichOneof('model')!r}")
+        feats = []
+        for f in msg.features:
+            if f.kind == policy_pb2.FeatureSpec.NUMERIC:
+                feats.append(Feature(f.name, "numeric", center=f.center,
+                                     scale=f.scale or 1.0, default=f.default_value))
+            elif f.kind == policy_pb2.FeatureSpec.CATEGORICAL:
+                feats.append(Feature(f.name, "categorical", buckets=f.buckets))
+            else:
+                raise PolicyError(f"feature {f.name!r}: unknown kind {f.kind}")
+        if msg.exploration.kind not in _PB_TO_KIND:
+            raise PolicyError(f"policy {msg.name!r}: unknown exploration kind "
+                              f"{msg.exploration.kind}")
+        lin = msg.linear
+        k, dim = lin.n_actions, lin.n_inputs
+        if len(lin.weights) != k * dim or len(lin.bias) != k:
+            raise PolicyError(f"policy {msg.name!r}: linear model holds {len(lin.weights)} "
+                              f"weights and {len(lin.bias)} biases for {k} actions x "
+                              f"{dim} inputs")
+        ls = msg.learning
+        policy = cls(
+            name=msg.name, version=msg.version, features=tuple(feats),
+            actions=tuple(Action(a.id, a.cost, tuple(a.tags)) for a in msg.actions),
+            weights=np.array(lin.weights, dtype=np.float64).reshape(k, dim),
+            bias=np.array(lin.bias, dtype=np.float64),
+            exploration=Exploration(_PB_TO_KIND[msg.exploration.kind], msg.exploration.epsilon,
+                                    msg.exploration.temperature, msg.exploration.gamma),
+            holdout=Holdout(msg.holdout.fraction, msg.holdout.salt,
+                            msg.holdout.default_action),
+            learning=LearningSettings(ls.reward_window_seconds, _PB_TO_AGG.get(ls.aggregation,
+                                      "sum"), ls.default_reward, ls.ridge_lambda,
+                                      ls.retrain_every_events, ls.retrain_every_seconds),
+            created_at_ms=msg.created_at_unix_ms, metadata=dict(msg.metadata))
+        policy.validate()
+        return policy
+
+    # ----------------------------------------------------------------- scoring helpers
+    def compiled(self):
+        """The scorer's kernel for this policy (built once, cached)."""
+        kernel = self._cache.get("kernel")
+        if kernel is None:
+            from .scorer import compile_policy
+            kernel = self._cache["kernel"] = compile_policy(self)
+        return kernel
+
+    def encode(self, features: Mapping[str, Any]) -> np.ndarray:
+        """Encode a name → value mapping into the model-input vector (the scorer's own code)."""
+        return self.compiled().encode(features)
+
+    def probabilities(self, X: Any, eligible: Any = None) -> np.ndarray:
+        """Exploration probabilities ``(n, K)`` for contexts ``X`` ``(n, D)`` and an optional
+        eligibility mask ``(n, K)`` or ``(K,)``, computed by the serving scorer's code (holdout
+        is not applied: these are the policy's own probabilities)."""
+        return self.compiled().probabilities(X, eligible)
+
+    def scores(self, X: Any) -> np.ndarray:
+        """Raw model scores ``(n, K)`` (before exploration)."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        return self.compiled().scores(X)
+
+    def __repr__(self) -> str:
+        return (f"Policy(name={self.name!r}, version={self.version}, inputs={self.n_inputs}, "
+                f"actions={list(self.action_ids)!r}, exploration={self.exploration.kind})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and self.to_bytes() == other.to_bytes()
+
+    def __hash__(self) -> int:
+        return hash(self.checksum)
+
+
+def _checksum(msg: policy_pb2.Policy) -> bytes:
+    clean = policy_pb2.Policy()
+    clean.CopyFrom(msg)
+    clean.checksum = b""
+    return hashlib.sha256(clean.SerializeToString(deterministic=True)).digest()
+
+
+def load_policies(sources: Iterable[PathOrBytes | Policy]) -> list[Policy]:
+    """Policies from a mix of paths, bytes and Policy objects."""
+    return [s if isinstance(s, Policy) else Policy.load(s) for s in sources]

@@ -1,0 +1,70 @@
+"""Selects the scorer implementation and compiles policies for it.
+
+The compiled Cython module (``loops_sdk._scorer``) is the default. Setting the environment
+variable ``LOOPS_PURE_PYTHON=1`` before import selects the pure-Python twin
+(``loops_sdk._scorer_py``), which gives bit-identical actions, probabilities and event ids and
+exists for debugging, for platforms without a compiler, and so the test suite can prove the two
+agree.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .policy import KIND_CODES, Policy
+
+if os.environ.get("LOOPS_PURE_PYTHON", "") not in ("", "0"):
+    from . import _scorer_py as _impl
+else:
+    try:
+        from . import _scorer as _impl  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - only without a built extension
+        raise ImportError(
+            "loops_sdk's compiled scorer is not built. Install the package with `pip install .` "
+            "(needs a C compiler), or set LOOPS_PURE_PYTHON=1 to use the pure-Python scorer."
+        ) from exc
+
+IMPLEMENTATION: str = _impl.IMPLEMENTATION
+Engine = _impl.Engine
+Kernel = _impl.Kernel
+Decision = _impl.Decision
+stable_hash = _impl.stable_hash
+mix64 = _impl.mix64
+draw = _impl.draw
+
+__all__ = ["IMPLEMENTATION", "Engine", "Kernel", "Decision", "compile_policy", "stable_hash",
+           "mix64", "draw", "kernel_args"]
+
+
+def kernel_args(policy: Policy) -> tuple:
+    """Arguments for ``Kernel(...)``: centring and scaling are folded into the weights here,
+    once, so the hot loop is a plain dot product (score = W' x + b')."""
+    scale = np.ones(policy.n_inputs)
+    center = np.zeros(policy.n_inputs)
+    features = []
+    offset = 0
+    for f in policy.features:
+        if f.kind == "numeric":
+            center[offset] = f.center
+            scale[offset] = f.scale
+            features.append((f.name, False, offset, 0, f.default))
+        else:
+            features.append((f.name, True, offset, f.buckets, 0.0))
+        offset += f.width
+    if np.any(center != 0) or np.any(scale != 1):
+        weights = policy.weights / scale
+        bias = policy.bias - weights @ center
+    else:
+        weights, bias = policy.weights, policy.bias
+    e = policy.exploration
+    return (policy.name, policy.version, weights, bias, KIND_CODES[e.kind], e.epsilon,
+            e.temperature, e.gamma, policy.default_index, policy.holdout.fraction,
+            _impl.stable_hash(policy.holdout.salt), policy.action_ids, policy.input_names,
+            features)
+
+
+def compile_policy(policy: Policy):
+    """Build the scorer kernel for a validated policy."""
+    return _impl.Kernel(*kernel_args(policy))
