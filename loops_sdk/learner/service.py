@@ -290,7 +290,8 @@ class Learner:
             elif policy.version <= cur_v:
                 raise VersionConflict(
                     f"policy {policy.name!r} version {policy.version} is not newer than the "
-                    f"current version {cur_v}; publish with version 0 for the next version")
+                    f"current version {cur_v}; publish with version 0 (loops policy publish "
+                    "--next) to make it the next version")
             data = policy.to_bytes()
             with self.store.transaction() as con:
                 self.store.add_policy(policy.name, policy.version, data, reason, con=con)

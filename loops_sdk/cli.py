@@ -1,0 +1,225 @@
+"""The ``loops`` command: run a learner, inspect it, publish and roll back policies.
+
+Each subcommand is registered by one ``_add_<name>(subparsers)`` function that sets
+``func``; add a command by writing such a function and listing it in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_LEARNER = "127.0.0.1:7070"
+
+
+def _channel(address: str):
+    import grpc
+    return grpc.insecure_channel(address)
+
+
+def _stub(channel):
+    from ._proto import learner_pb2_grpc
+    return learner_pb2_grpc.LearnerServiceStub(channel)
+
+
+def _fail(err) -> int:
+    print(f"loops: {err.code().name}: {err.details()}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- learner
+def _add_learner(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("learner", help="run the central learner (until SIGINT/SIGTERM)")
+    p.add_argument("--db", required=True, help="SQLite event store file (created if missing)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7070, help="0 = pick a free port")
+    p.add_argument("--durability", choices=("normal", "full"), default="normal",
+                   help="normal survives a killed process; full also survives power loss")
+    p.add_argument("--grace", type=float, default=2.0,
+                   help="seconds to wait for late outcomes after a reward window closes")
+    p.add_argument("--max-workers", type=int, default=64,
+                   help="server threads (each open policy watch holds one)")
+    p.set_defaults(func=_cmd_learner)
+
+
+def _cmd_learner(args: argparse.Namespace) -> int:
+    from .learner import Learner
+    learner = Learner(args.db, args.host, args.port, grace_seconds=args.grace,
+                      max_workers=args.max_workers, durability=args.durability)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        logging.getLogger("loops").info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    learner.start()
+    print(f"loops learner listening on {learner.address} (db {args.db})", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        learner.stop(grace=5.0)
+    return 0
+
+
+# --------------------------------------------------------------------------- status
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="events stored, joined, pending; policy versions")
+    p.add_argument("--learner", default=DEFAULT_LEARNER, help="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+    from ._proto import learner_pb2
+    with _channel(args.learner) as ch:
+        try:
+            st = _stub(ch).GetStatus(learner_pb2.StatusRequest(), timeout=args.timeout)
+        except grpc.RpcError as err:
+            return _fail(err)
+    up = (time.time() * 1000 - st.started_unix_ms) / 1000 if st.started_unix_ms else 0
+    print(f"learner {args.learner}  up {up:,.0f} s")
+    print(f"  batches {st.batches:,}  decisions {st.decisions:,}  outcomes {st.outcomes:,}  "
+          f"joined {st.joined:,}  pending {st.pending:,}")
+    if st.policies:
+        print(f"  {'policy':<20} {'version':>7} {'versions':>8} {'decisions':>10} "
+              f"{'joined':>10} {'pending':>9}  last train")
+    for p in st.policies:
+        trained = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.last_train_unix_ms / 1000))
+                   if p.last_train_unix_ms else "never")
+        print(f"  {p.name:<20} {p.current_version:>7} {len(p.versions):>8} {p.decisions:>10,} "
+              f"{p.joined:>10,} {p.pending:>9,}  {trained}")
+    return 0
+
+
+# --------------------------------------------------------------------------- policy
+def _add_policy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policy", help="publish, roll back and list policy versions")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    pub = psub.add_parser("publish", help="publish a policy file")
+    pub.add_argument("file")
+    pub.add_argument("--next", action="store_true",
+                     help="publish as the next version, whatever version the file holds")
+    pub.add_argument("--reason", default="published by hand")
+    rb = psub.add_parser("rollback", help="re-publish an earlier version as the newest")
+    rb.add_argument("name")
+    rb.add_argument("--to", dest="to_version", type=int, required=True, metavar="VERSION")
+    rb.add_argument("--reason", default="rollback")
+    hist = psub.add_parser("history", aliases=["list"], help="versions of a policy")
+    hist.add_argument("name")
+    hist.add_argument("--db", help="read the learner's SQLite file instead of asking it")
+    get = psub.add_parser("get", help="save the current (or a given) version to a file")
+    get.add_argument("name")
+    get.add_argument("--version", type=int, default=0)
+    get.add_argument("--out", required=True)
+    for q in (pub, rb, hist, get):
+        q.add_argument("--learner", default=DEFAULT_LEARNER, help="HOST:PORT")
+        q.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=_cmd_policy)
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    import grpc
+    from ._proto import learner_pb2
+    from .errors import PolicyError
+    from .policy import Policy
+    cmd = args.policy_command
+    if cmd in ("history", "list") and args.db:
+        from .learner.store import EventStore
+        with EventStore(args.db) as store:
+            rows = store.policy_history(args.name)
+        for r in rows:
+            print(f"{r.name} v{r.version:<5} {r.state:<12} "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created_ms / 1000))}"
+                  f"  {r.reason}")
+        return 0 if rows else 1
+    with _channel(args.learner) as ch:
+        stub = _stub(ch)
+        try:
+            if cmd == "publish":
+                try:
+                    policy = Policy.load(args.file)
+                except PolicyError as exc:
+                    print(f"loops: {exc}", file=sys.stderr)
+                    return 1
+                if args.next:
+                    policy = policy.with_version(0)
+                resp = stub.PublishPolicy(learner_pb2.PublishRequest(
+                    policy=policy.to_bytes(), reason=args.reason), timeout=args.timeout)
+                print(f"published {resp.name} v{resp.version}")
+            elif cmd == "rollback":
+                resp = stub.RollbackPolicy(learner_pb2.RollbackRequest(
+                    name=args.name, to_version=args.to_version, reason=args.reason),
+                    timeout=args.timeout)
+                print(f"rolled {resp.name} back to v{args.to_version}: now v{resp.version} "
+                      "(automatic retraining paused until a policy is published by hand)")
+            elif cmd == "get":
+                u = stub.GetPolicy(learner_pb2.GetPolicyRequest(name=args.name,
+                                                                version=args.version),
+                                   timeout=args.timeout)
+                Policy.from_bytes(u.policy).save(args.out)
+                print(f"saved {u.name} v{u.version} to {args.out}")
+            else:  # history over gRPC: the status lists versions
+                st = stub.GetStatus(learner_pb2.StatusRequest(), timeout=args.timeout)
+                for p in st.policies:
+                    if p.name == args.name:
+                        print(f"{p.name}: versions {', '.join(map(str, p.versions))} "
+                              f"(current v{p.current_version})")
+                        return 0
+                print(f"loops: no policy {args.name!r}", file=sys.stderr)
+                return 1
+        except grpc.RpcError as err:
+            return _fail(err)
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+# One function per subcommand; `demo` is added by listing its `_add_demo` here.
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_learner, _add_status, _add_policy,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loops", description="LOOPS decision SDK tools")
+    parser.add_argument("--log-level", default=None, choices=_LEVELS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    # `--log-level` is accepted after any subcommand too (`loops learner --log-level DEBUG`).
+    for p in _all_parsers(sub):
+        p.add_argument("--log-level", default=None, choices=_LEVELS)
+    return parser
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _all_parsers(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    out = []
+    for p in dict.fromkeys(sub.choices.values()):
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out.extend(_all_parsers(nested[0]) if nested else [p])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level or "INFO",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
