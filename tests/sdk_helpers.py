@@ -1,0 +1,83 @@
+"""Helpers shared by the SDK tests (issue 3): policies, engines, subprocesses.
+
+Kept out of conftest.py so test modules can import them by name (tests/learner has its own
+conftest.py and helpers.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loops_sdk import _scorer_py
+from loops_sdk.policy import Action, Exploration, Holdout, Policy
+from loops_sdk.scorer import kernel_args
+
+try:
+    from loops_sdk import _scorer as _scorer_c
+except ImportError:  # pragma: no cover - the extension must be built for the suite
+    _scorer_c = None
+
+ROOT = Path(__file__).resolve().parent.parent
+
+IMPLS = [pytest.param(_scorer_c, id="cython",
+                      marks=pytest.mark.skipif(_scorer_c is None,
+                                               reason="compiled scorer not built")),
+         pytest.param(_scorer_py, id="python")]
+
+IMPL_MODULES = [m for m in (_scorer_c, _scorer_py) if m is not None]
+
+KINDS = ("greedy", "epsilon_greedy", "softmax", "squarecb")
+
+
+def exploration(kind: str, epsilon: float = 0.2, temperature: float = 0.7,
+                gamma: float = 5.0) -> Exploration:
+    return Exploration(kind, epsilon=epsilon, temperature=temperature, gamma=gamma)
+
+
+def make_policy(name: str = "bonus", n_features: int = 4, n_actions: int = 5, *,
+                kind: str = "epsilon_greedy", seed: int = 0, version: int = 1,
+                holdout: Holdout | None = None, actions=None, scale: float = 1.0,
+                **explore) -> Policy:
+    """A deterministic linear policy (fixed created_at so bytes are reproducible)."""
+    rng = np.random.default_rng(seed)
+    acts = actions or [f"a{i}" for i in range(n_actions)]
+    k = len(acts)
+    return Policy.linear(name, n_features, acts, rng.normal(size=(k, n_features)) * scale,
+                         rng.normal(size=k) * scale, exploration=exploration(kind, **explore),
+                         holdout=holdout, version=version, created_at_ms=1_700_000_000_000)
+
+
+def make_kernel(impl, policy: Policy):
+    return impl.Kernel(*kernel_args(policy))
+
+
+def make_engine(impl, policies, seed=7, capacity=4096):
+    """A bare Engine of one implementation with the policies installed."""
+    engine = impl.Engine()
+    engine._engine_init(seed, capacity)
+    for p in policies:
+        engine._install(p.name, make_kernel(impl, p))
+    return engine
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: float = 60.0) -> str:
+    """Run ``code`` in a fresh interpreter (repo on the path); return its stdout."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("LOOPS_PURE_PYTHON", "PYTHONHASHSEED")}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+__all__ = ["IMPLS", "IMPL_MODULES", "KINDS", "ROOT", "Action", "exploration", "make_policy", "make_kernel",
+           "make_engine", "run_python"]
