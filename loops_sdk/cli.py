@@ -185,8 +185,13 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- registry
 # One function per subcommand; `demo` is added by listing its `_add_demo` here.
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import add_demo_command
+    add_demo_command(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_learner, _add_status, _add_policy,
+    _add_demo, _add_learner, _add_status, _add_policy,
 ]
 
 

@@ -1,0 +1,176 @@
+"""Disk spool: encoded feedback batches that could not be delivered yet, in order, bounded.
+
+Layout of a spool directory::
+
+    LOCK                      held (flock) by the one client using the directory
+    00000000000000000001.seg  segment files, append-only, named by their first frame number
+    CURSOR                    "<segment name> <byte offset>" of the first undelivered frame
+
+Each frame is ``<u32 payload length><u32 crc32><u32 record count><payload>``. A frame whose
+length or checksum does not fit (the process died mid-write) ends its segment. Delivery is
+at-least-once: a frame is acknowledged (the cursor moves past it) only after the learner has
+acknowledged it, and the learner drops the re-sends (client id + sequence are in the payload).
+When the spool would exceed its byte bound, whole oldest segments are deleted and their
+records counted as dropped: the only place LOOPS drops feedback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+__all__ = ["Spool", "SpoolLocked"]
+
+logger = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("<III")
+_MAX_FRAME = 256 * 1024 * 1024
+
+
+class SpoolLocked(RuntimeError):
+    """Another live process uses this spool directory."""
+
+
+class Spool:
+    """A bounded FIFO of byte frames on disk. Thread-safe."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int,
+                 segment_bytes: int = 8 * 1024 * 1024) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.segment_bytes = max(1024, min(int(segment_bytes), self.max_bytes // 4 or 1024))
+        self._lock = threading.Lock()
+        self._lock_file = open(self.dir / "LOCK", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise SpoolLocked(f"spool directory {self.dir} is in use by another process")
+        self.records_dropped = 0
+        self.frames_dropped = 0
+        self._writer = None
+        self._write_seg: Path | None = None
+        self._read_seg, self._read_off = self._load_cursor()
+        self._frames: list[tuple[Path, int, int, int]] = []   # (segment, offset, size, records)
+        self._scan()
+
+    # ------------------------------------------------------------------ state on disk
+    def _segments(self) -> list[Path]:
+        return sorted(self.dir.glob("*.seg"))
+
+    def _load_cursor(self) -> tuple[str | None, int]:
+        try:
+            name, off = (self.dir / "CURSOR").read_text().split()
+            return name, int(off)
+        except (OSError, ValueError):
+            return None, 0
+
+    def _save_cursor(self, seg: Path | None, off: int) -> None:
+        tmp = self.dir / "CURSOR.tmp"
+        tmp.write_text(f"{seg.name if seg else '-'} {off}")
+        os.replace(tmp, self.dir / "CURSOR")
+
+    def _scan(self) -> None:
+        """Index every complete, undelivered frame (called once, at open)."""
+        for seg in self._segments():
+            if self._read_seg not in (None, "-") and seg.name < self._read_seg:
+                seg.unlink()   # fully delivered before a restart
+                continue
+            start = self._read_off if seg.name == self._read_seg else 0
+            data = seg.read_bytes()
+            off = start
+            while off + _HEAD.size <= len(data):
+                size, crc, records = _HEAD.unpack_from(data, off)
+                body = data[off + _HEAD.size: off + _HEAD.size + size]
+                if size > _MAX_FRAME or len(body) < size or zlib.crc32(body) != crc:
+                    logger.warning("loops spool: torn frame in %s at byte %d ignored", seg, off)
+                    break
+                self._frames.append((seg, off, size, records))
+                off += _HEAD.size + size
+
+    # ------------------------------------------------------------------ API
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def records(self) -> int:
+        with self._lock:
+            return sum(f[3] for f in self._frames)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in self._segments())
+
+    def append(self, payload: bytes, records: int) -> None:
+        """Add a frame at the tail (fsync'd: a spooled batch survives a host crash)."""
+        with self._lock:
+            if self._writer is None or self._writer.tell() >= self.segment_bytes:
+                self._roll()
+            off = self._writer.tell()
+            self._writer.write(_HEAD.pack(len(payload), zlib.crc32(payload), records) + payload)
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
+            self._frames.append((self._write_seg, off, len(payload), records))
+            self._enforce_bound()
+
+    def _roll(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        existing = self._segments()
+        number = int(existing[-1].stem) + 1 if existing else 1
+        self._write_seg = self.dir / f"{number:020d}.seg"
+        self._writer = open(self._write_seg, "ab")
+
+    def _enforce_bound(self) -> None:
+        segments = self._segments()
+        total = sum(p.stat().st_size for p in segments)
+        while total > self.max_bytes and len(segments) > 1:
+            oldest = segments.pop(0)
+            gone = [f for f in self._frames if f[0] == oldest]
+            self._frames = [f for f in self._frames if f[0] != oldest]
+            self.frames_dropped += len(gone)
+            self.records_dropped += sum(f[3] for f in gone)
+            total -= oldest.stat().st_size
+            oldest.unlink()
+            logger.warning("loops spool full (%d bytes): dropped %d oldest batches (%d records)",
+                           self.max_bytes, len(gone), sum(f[3] for f in gone))
+
+    def peek(self) -> tuple[bytes, int] | None:
+        """The oldest undelivered frame (payload, record count), or None."""
+        with self._lock:
+            if not self._frames:
+                return None
+            seg, off, size, records = self._frames[0]
+            with open(seg, "rb") as f:
+                f.seek(off + _HEAD.size)
+                return f.read(size), records
+
+    def pop(self) -> None:
+        """Acknowledge the oldest frame: the cursor moves past it; spent segments go."""
+        with self._lock:
+            if not self._frames:
+                return
+            seg, off, size, _ = self._frames.pop(0)
+            if self._frames:
+                nseg, noff = self._frames[0][0], self._frames[0][1]
+            else:
+                nseg, noff = seg, off + _HEAD.size + size
+            self._save_cursor(nseg, noff)
+            for old in self._segments():
+                if old.name < nseg.name and old != self._write_seg:
+                    old.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            if not self._lock_file.closed:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                self._lock_file.close()
