@@ -79,5 +79,17 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 60.0) -> 
     return proc.stdout
 
 
+def replay_sample(p: np.ndarray, mask: np.ndarray, u: float) -> int:
+    """The documented inverse-CDF walk over eligible actions with positive probability."""
+    acc, last = 0.0, -1
+    for a in range(len(p)):
+        if mask[a] and p[a] > 0.0:
+            acc = acc + float(p[a])
+            last = a
+            if u < acc:
+                return a
+    return last
+
+
 __all__ = ["IMPLS", "IMPL_MODULES", "KINDS", "ROOT", "Action", "exploration", "make_policy", "make_kernel",
-           "make_engine", "run_python"]
+           "make_engine", "run_python", "replay_sample"]

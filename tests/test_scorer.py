@@ -13,7 +13,7 @@ from loops_sdk import Reason
 from loops_sdk.batch import FLAG_DEFAULT, FLAG_HOLDOUT
 from loops_sdk.policy import Exploration, Holdout, Policy
 from sdk_helpers import (IMPL_MODULES, KINDS, _scorer_c, _scorer_py, make_engine, make_kernel,
-                         make_policy, run_python)
+                         make_policy, replay_sample, run_python)
 
 # --------------------------------------------------------------------------- reference hashing
 M64 = (1 << 64) - 1
@@ -274,18 +274,6 @@ def test_holdout_stable_across_processes_and_hash_seeds():
 
 
 # --------------------------------------------------------------------------- replay
-def replay_sample(p: np.ndarray, mask: np.ndarray, u: float) -> int:
-    """The documented inverse-CDF walk over eligible actions with positive probability."""
-    acc, last = 0.0, -1
-    for a in range(len(p)):
-        if mask[a] and p[a] > 0.0:
-            acc = acc + float(p[a])
-            last = a
-            if u < acc:
-                return a
-    return last
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_logged_decisions_replay_exactly(impl, kind):
     pol = make_policy("r", 3, 6, kind=kind, seed=5, epsilon=0.4, temperature=0.8, gamma=3.0)
