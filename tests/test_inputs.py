@@ -187,3 +187,11 @@ def test_decide_batch_matches_single_decides(impl, pol):
     assert b.probabilities.tolist() == [d.probability for d in ds]
     assert [b.event_id(i) for i in range(50)] == [d.event_id for d in ds]
     assert b.reasons() == [d.reason for d in ds]
+
+
+def test_mapping_value_out_of_float_range(eng):
+    # bad input must surface as FeatureError naming the feature, not OverflowError
+    with pytest.raises(FeatureError, match="x0"):
+        eng.decide("p", {"x0": 10 ** 400})
+    with pytest.raises(FeatureError, match="x1"):
+        eng.decide("p", {"x1": -(10 ** 400)})

@@ -302,3 +302,24 @@ def test_policy_scores_and_probabilities_helpers():
     mask = np.array([False, True, False, True])
     Pm = pol.probabilities(X, mask)
     assert np.all(Pm[:, [0, 2]] == 0) and np.all(Pm.sum(axis=1) == 1.0)
+
+
+@pytest.mark.parametrize("weights, bias", [
+    ([[1.0, 2.0], [3.0]], None),                    # ragged
+    ([["a", "b"]] * 3, None),                        # not numbers
+    (np.zeros((3, 2)), ["x", "y", "z"]),
+    (np.zeros((3, 2)), [[0.0], [1.0, 2.0]]),
+])
+def test_malformed_parameters_raise_policy_error(weights, bias):
+    """Wrong shapes or non-numeric parameters are a malformed policy: PolicyError, not a bare
+    numpy ValueError."""
+    with pytest.raises(PolicyError, match="weights|bias"):
+        Policy.linear("p", 2, ["a", "b", "c"], weights, bias)
+
+
+def test_version_must_fit_the_format():
+    # version is a uint64 on the wire and in the scorer: a policy that validates must serialise
+    with pytest.raises(PolicyError, match="version"):
+        Policy.linear("p", 2, ["a", "b"], version=2 ** 64)
+    pol = Policy.linear("p", 2, ["a", "b"], version=2 ** 64 - 1)
+    assert Policy.from_bytes(pol.to_bytes()).version == 2 ** 64 - 1
