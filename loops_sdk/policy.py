@@ -191,8 +191,8 @@ class Policy:
         acts = tuple(a if isinstance(a, Action) else Action(str(a)) for a in actions)
         dim = sum(f.width for f in feats)
         k = len(acts)
-        w = np.zeros((k, dim)) if weights is None else np.asarray(weights, dtype=np.float64)
-        b = np.zeros(k) if bias is None else np.asarray(bias, dtype=np.float64)
+        w = np.zeros((k, dim)) if weights is None else _params(name, "weights", weights)
+        b = np.zeros(k) if bias is None else _params(name, "bias", bias)
         policy = cls(name=name, version=int(version), features=feats, actions=acts,
                      weights=w, bias=b, exploration=exploration or Exploration(),
                      holdout=holdout or Holdout(), learning=learning or LearningSettings(),
@@ -211,8 +211,8 @@ class Policy:
     def with_model(self, weights: Any, bias: Any, *, version: int,
                    metadata: Mapping[str, str] | None = None) -> "Policy":
         """The same spec with new parameters and a new version (validated)."""
-        policy = replace(self, weights=np.asarray(weights, dtype=np.float64),
-                         bias=np.asarray(bias, dtype=np.float64), version=int(version),
+        policy = replace(self, weights=_params(self.name, "weights", weights),
+                         bias=_params(self.name, "bias", bias), version=int(version),
                          created_at_ms=int(time.time() * 1000),
                          metadata=dict(self.metadata if metadata is None else metadata))
         policy.validate()
@@ -268,8 +268,9 @@ class Policy:
         """Check every invariant the scorer relies on; raise :class:`PolicyError` if broken."""
         if not self.name or not isinstance(self.name, str):
             raise PolicyError("policy name must be a non-empty string")
-        if self.version < 0:
-            raise PolicyError(f"policy {self.name!r}: version must be >= 0, got {self.version}")
+        if not 0 <= self.version < 1 << 64:   # uint64 on the wire and in the scorer
+            raise PolicyError(f"policy {self.name!r}: version must be in [0, 2**64), "
+                              f"got {self.version}")
         if not self.actions:
             raise PolicyError(f"policy {self.name!r}: needs at least one action")
         seen: set[str] = set()
@@ -488,6 +489,14 @@ class Policy:
 
     def __hash__(self) -> int:
         return hash(self.checksum)
+
+
+def _params(name: str, what: str, value: Any) -> np.ndarray:
+    """``value`` as a float64 array; ragged or non-numeric input is a malformed policy."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"policy {name!r}: {what} must be a numeric array: {exc}") from None
 
 
 def _checksum(msg: policy_pb2.Policy) -> bytes:

@@ -216,7 +216,7 @@ def test_unknown_default_action():
     ({"holdout": Holdout(1.5)}, "holdout fraction must be in"),
     ({"holdout": Holdout(float("nan"))}, "holdout fraction must be in"),
     ({"learning": LearningSettings(aggregation="max")}, "unknown reward aggregation"),
-    ({"version": -1}, "version must be >= 0"),
+    ({"version": -1}, r"version must be in \[0, 2\*\*64\)"),
 ])
 def test_other_invalid_settings(kwargs, pattern):
     with pytest.raises(PolicyError, match=pattern):
