@@ -31,6 +31,7 @@ extensions = [
     Extension(
         "loops_sdk._scorer",
         ["loops_sdk/_scorer.pyx"],
+        depends=["loops_sdk/_kernels.h"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,

@@ -14,6 +14,11 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
+cdef extern from "_kernels.h" nogil:
+    void loops_scores(const double* WT, const double* b, const double* x, int D, int KP,
+                      int K, double* s)
+    bint loops_all_finite(const double* p, long n)
+
 import os
 from collections.abc import Mapping
 
@@ -173,25 +178,9 @@ cdef class Kernel:
         """Scores and exploration probabilities over eligible actions; returns the greedy
         action or -1 when none is eligible. Ineligible actions get probability 0."""
         cdef int K = self.n_actions, D = self.n_inputs, KP = self.k_padded
-        cdef int a, a0, t, j, best = -1, m = 0
-        cdef double acc, smax = 0.0, z, q, xj
-        cdef double lane[8]
-        cdef const double* w
-        # Eight dot products advance together over j (weights stored transposed and padded to
-        # a multiple of 8 actions): eight independent add chains held in registers instead of
-        # one long chain. Each score is still bias + w0*x0 + w1*x1 + ... summed in order,
-        # exactly as the pure-Python twin sums it.
-        for a0 in range(0, KP, 8):
-            for t in range(8):
-                lane[t] = self.bp[a0 + t]
-            for j in range(D):
-                xj = x[j]
-                w = self.WTp + <Py_ssize_t>j * KP + a0
-                for t in range(8):
-                    lane[t] = lane[t] + w[t] * xj
-            for t in range(8):
-                if a0 + t < K:
-                    s[a0 + t] = lane[t]
+        cdef int a, best = -1, m = 0
+        cdef double acc, smax = 0.0, z, q
+        loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
         for a in range(K):
             if mask != NULL and mask[a] == 0:
                 p[a] = 0.0
@@ -320,12 +309,13 @@ cdef object _as_matrix(Kernel k, object X):
     if arr.ndim != 2 or arr.shape[1] != k.n_inputs:
         raise FeatureError(f"expected a (n, {k.n_inputs}) feature matrix for policy "
                            f"{k.name!r}, got shape {np.shape(X)}")
-    finite = np.isfinite(arr)
-    if not finite.all():
+    arr = np.ascontiguousarray(arr)
+    if not loops_all_finite(<const double*>cnp.PyArray_DATA(arr), arr.size):
+        finite = np.isfinite(arr)
         row, col = np.argwhere(~finite)[0]
         raise FeatureError(f"feature {k.input_names[col]!r} is {arr[row, col]} in row {row} "
                            "(must be finite)")
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 cdef tuple _as_masks(Kernel k, object eligible, Py_ssize_t n):

@@ -1,0 +1,74 @@
+/* Dense score kernel of the scorer (included by _scorer.pyx).
+ *
+ * Eight action scores advance together over the features: the weights are stored transposed
+ * and padded to a multiple of 8 actions, so for each feature j one 8-wide row of weights is
+ * multiplied by x[j] and added to eight accumulators held in vector registers. Every score is
+ * still bias + w0*x0 + w1*x1 + ... summed in feature order, lane by lane, exactly as the
+ * pure-Python twin sums it (the build passes -ffp-contract=off, so no fused multiply-add).
+ *
+ * GCC/Clang vector extensions: two 4-double vectors (two SSE2 pairs each on baseline x86-64,
+ * one AVX register each where the AVX2 clone is picked at load time). */
+#ifndef LOOPS_KERNELS_H
+#define LOOPS_KERNELS_H
+
+#include <string.h>
+
+typedef double loops_v4d __attribute__((vector_size(32)));
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) \
+    && !defined(LOOPS_NO_CLONES)
+#define LOOPS_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LOOPS_CLONES
+#endif
+
+static inline __attribute__((always_inline)) loops_v4d loops_load4(const double* p) {
+    loops_v4d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+LOOPS_CLONES
+static void loops_scores(const double* WT, const double* b, const double* x, int D, int KP,
+                         int K, double* s) {
+    double tmp[8];
+    for (int a0 = 0; a0 < KP; a0 += 8) {
+        loops_v4d l0 = loops_load4(b + a0), l1 = loops_load4(b + a0 + 4);
+        const double* w = WT + a0;
+        for (int j = 0; j < D; j++, w += KP) {
+            loops_v4d xj = {x[j], x[j], x[j], x[j]};
+            l0 = l0 + loops_load4(w) * xj;
+            l1 = l1 + loops_load4(w + 4) * xj;
+        }
+        int n = K - a0 < 8 ? K - a0 : 8;
+        if (n == 8) {
+            memcpy(s + a0, &l0, sizeof l0);
+            memcpy(s + a0 + 4, &l1, sizeof l1);
+        } else {
+            memcpy(tmp, &l0, sizeof l0);
+            memcpy(tmp + 4, &l1, sizeof l1);
+            memcpy(s + a0, tmp, (size_t)n * sizeof(double));
+        }
+    }
+}
+
+/* 1 when every one of the n values is finite: x - x is 0 for finite x and NaN for inf/NaN,
+ * and a NaN survives any sum. Eight independent accumulators keep it at memory speed. */
+LOOPS_CLONES
+static int loops_all_finite(const double* p, long n) {
+    loops_v4d a0 = {0, 0, 0, 0}, a1 = {0, 0, 0, 0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        loops_v4d u = loops_load4(p + i), v = loops_load4(p + i + 4);
+        a0 = a0 + (u - u);
+        a1 = a1 + (v - v);
+    }
+    double acc = 0.0;
+    for (; i < n; i++)
+        acc = acc + (p[i] - p[i]);
+    a0 = a0 + a1;
+    acc = acc + a0[0] + a0[1] + a0[2] + a0[3];
+    return acc == 0.0;
+}
+
+#endif
