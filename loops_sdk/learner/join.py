@@ -43,12 +43,16 @@ _NS = 1_000_000_000
 # How long to wait before looking again at a block whose policy the learner does not know.
 _UNKNOWN_POLICY_RETRY_NS = 5 * _NS
 
+# CROSS JOIN pins the key table as the outer loop (SQLite never reorders a CROSS JOIN): left
+# to itself the planner scans every outcome of a type once per key, since the temp table has
+# no statistics.
 _OUTCOME_QUERY = f"""
-SELECT k.i, o.ts_ns, o.value FROM temp.join_keys k JOIN outcomes o
-  ON o.type = {OUTCOME_REWARD} AND o.event_hi = k.event_hi AND o.event_lo = k.event_lo
+SELECT k.i, o.ts_ns, o.value FROM temp.join_keys k CROSS JOIN outcomes o
+  WHERE o.type = {OUTCOME_REWARD} AND o.event_hi = k.event_hi AND o.event_lo = k.event_lo
 UNION ALL
-SELECT k.i, o.ts_ns, o.value FROM temp.join_keys k JOIN outcomes o
-  ON o.type = {OUTCOME_OBSERVE} AND o.user_hash = k.user_hash AND o.ts_ns BETWEEN k.lo_ns AND k.hi_ns
+SELECT k.i, o.ts_ns, o.value FROM temp.join_keys k CROSS JOIN outcomes o
+  WHERE o.type = {OUTCOME_OBSERVE} AND o.user_hash = k.user_hash
+    AND o.ts_ns BETWEEN k.lo_ns AND k.hi_ns
 """
 
 

@@ -108,3 +108,14 @@ def test_unknown_policy_waits(store):
     assert j.run(100 * NS).total == 0
     publish(store, make_policy(window=10))
     assert j.run(106 * NS).total == 2
+
+
+def test_outcome_lookup_uses_indexes(store):
+    from loops_sdk.learner.join import _OUTCOME_QUERY
+    con = store._con
+    con.execute("CREATE TEMP TABLE IF NOT EXISTS join_keys (i INTEGER, event_hi INTEGER,"
+                " event_lo INTEGER, user_hash INTEGER, lo_ns INTEGER, hi_ns INTEGER)")
+    plan = [r[3] for r in con.execute("EXPLAIN QUERY PLAN " + _OUTCOME_QUERY)]
+    assert sum("SCAN k" in p for p in plan) == 2
+    assert any("outcomes_event" in p and "event_lo=?" in p for p in plan)
+    assert any("outcomes_user" in p and "user_hash=?" in p for p in plan)
