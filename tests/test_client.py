@@ -401,3 +401,99 @@ def test_client_works_in_forked_child():
     assert d2.event_id[:16] == parent.event_id[:16] and d2.event_id_pair[1] == 2
     assert client.drain().n_decisions == 2
     client.close()
+
+
+def test_drain_while_deciding_loses_and_duplicates_nothing():
+    pol = make_policy("p", 3, 4, kind="softmax")
+    client = DecisionClient(ClientConfig(fallback_policy=pol, seed=8, buffer_rows=64))
+    n_threads, per_thread = 4, 800
+    drained = []
+    errors: list[str] = []
+    done = threading.Event()
+
+    def decider(tid):
+        try:
+            for i in range(per_thread):
+                d = client.decide("p", np.full(3, tid + i / per_thread), user=f"{tid}-{i}")
+                client.reward(d.event_id, float(i), kind=f"k{tid % 2}")
+                if i % 100 == 0:
+                    client.decide_batch("p", np.zeros((10, 3)))
+        except Exception as exc:  # pragma: no cover
+            errors.append(repr(exc))
+
+    def drainer():
+        while not done.is_set():
+            drained.append(client.drain())
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=decider, args=(t,), daemon=True)
+               for t in range(n_threads)]
+    dt = threading.Thread(target=drainer, daemon=True)
+    dt.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    done.set()
+    dt.join(10)
+    assert not any(t.is_alive() for t in threads + [dt]) and not errors, errors
+    drained.append(client.drain())
+    client.close()
+    lo = np.concatenate([blk.event_lo for r in drained for blk in r.decisions])
+    expected = n_threads * per_thread + n_threads * (per_thread // 100) * 10
+    assert len(lo) == expected and sorted(lo.tolist()) == list(range(1, expected + 1))
+    rewards = [(int(l), v) for r in drained
+               for l, v in zip(r.outcomes.event_lo, r.outcomes.value)]
+    assert len(rewards) == n_threads * per_thread and len(set(rewards)) == len(rewards)
+    kinds = {r.outcomes.kinds[k] for r in drained for k in r.outcomes.kind}
+    assert kinds == {"k0", "k1"}
+    assert len(drained) > 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_other_threads_decide():
+    """Fork while another thread is inside decide(): the child must not inherit a held lock."""
+    pol = make_policy("f", 3, 4, kind="softmax")
+    client = DecisionClient(policies=[pol], seed=9)
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            client.decide("f", np.zeros(3))
+            client.decide_batch("f", np.zeros((50, 3)))
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        pids = []
+        for _ in range(5):
+            time.sleep(0.005)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    client.decide("f", np.ones(3))
+                    client.decide_batch("f", np.ones((4, 3)))
+                    code = 0 if client.drain().n_decisions == 5 else 2
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        deadline = time.monotonic() + 30
+        for pid in pids:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+                    break
+                if time.monotonic() > deadline:
+                    for p in pids:
+                        try:
+                            os.kill(p, 9)
+                        except ProcessLookupError:
+                            pass
+                    pytest.fail("a forked child hung (lock inherited from the parent?)")
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join(10)
+        client.close()
