@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from loops_sdk import FeatureError, Reason, UnknownActionError
-from loops_sdk.policy import Feature, Policy, Exploration
+from loops_sdk.policy import Exploration, Feature, Holdout, Policy
 from sdk_helpers import make_engine, make_policy
 
 
@@ -195,3 +195,16 @@ def test_mapping_value_out_of_float_range(eng):
         eng.decide("p", {"x0": 10 ** 400})
     with pytest.raises(FeatureError, match="x1"):
         eng.decide("p", {"x1": -(10 ** 400)})
+
+
+def test_batch_user_none_means_no_user_like_decide(impl):
+    """decide(user=None) has no user: never held out, user hash 0. The same row in
+    decide_batch (users=[None, ...]) must mean the same, not the user called "None"."""
+    pol = make_policy("h", 2, 3, holdout=Holdout(1.0, "s"))
+    eng = make_engine(impl, [pol])
+    d = eng.decide("h", np.zeros(2), user=None)
+    assert not d.holdout
+    b = eng.decide_batch("h", np.zeros((2, 2)), users=[None, "someone"])
+    assert b.holdout.tolist() == [False, True]
+    uh = np.concatenate([blk.user_hash for blk in eng._drain_records().decisions])
+    assert uh.tolist()[:2] == [0, 0]
