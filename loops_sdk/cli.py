@@ -221,7 +221,9 @@ def _all_parsers(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParse
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level or "INFO",
+    # The demo prints its own progress; the learner's INFO lines would bury it.
+    default_level = "WARNING" if args.command == "demo" else "INFO"
+    logging.basicConfig(level=args.log_level or default_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 
