@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from sdk_helpers import IMPLS  # noqa: E402
 
-settings.register_profile("loops", deadline=None, max_examples=100,
+settings.register_profile("loops", deadline=None, max_examples=100, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("loops")
 
