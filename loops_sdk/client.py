@@ -162,8 +162,9 @@ class DecisionClient(Engine):
     def set_policy(self, policy: PolicySource, *, force: bool = False) -> bool:
         """Install ``policy`` for its decision point atomically (other threads keep deciding).
 
-        A version older than the one in use is ignored (returns False) unless ``force``;
-        the same version again is a no-op. Raises :class:`PolicyError` for a bad policy.
+        A version older than the one in use is ignored (returns False) unless ``force``; the
+        same version again is a no-op (a *different* policy under the same version is refused
+        and counted). Raises :class:`PolicyError` for a bad policy.
         """
         if not isinstance(policy, Policy):
             policy = Policy.load(policy)
@@ -177,7 +178,16 @@ class DecisionClient(Engine):
                     with self._counters_lock:
                         self._counters["policy_updates_rejected"] += 1
                     return False
-                if policy.version == current.version and policy == current:
+                if policy.version == current.version:
+                    # One version, one set of parameters: replay from (event id, version,
+                    # features) depends on it. A different policy under a used version is
+                    # refused (force=True overrides, e.g. for tests).
+                    if policy != current:
+                        logger.warning("loops: refusing %s v%d: a different policy with this "
+                                       "version is already in use", policy.name,
+                                       policy.version)
+                        with self._counters_lock:
+                            self._counters["policy_updates_rejected"] += 1
                     return False
             self._install(policy.name, kernel)
             self._policies[policy.name] = policy
