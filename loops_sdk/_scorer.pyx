@@ -12,6 +12,7 @@ cimport numpy as cnp
 from libc.math cimport exp, isfinite
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
+from cpython.ref cimport Py_REFCNT
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 cdef extern from "_kernels.h" nogil:
@@ -399,6 +400,9 @@ cdef class Recorder:
     cdef readonly Py_ssize_t capacity, count
     cdef int K, D
     cdef object cols
+    cdef tuple arrays           # the column arrays, for the reuse check
+    cdef tuple refs             # their reference counts when only this recorder held them
+    cdef readonly Py_ssize_t nbytes
     cdef uint64_t* event_hi
     cdef uint64_t* event_lo
     cdef int64_t* ts
@@ -434,6 +438,22 @@ cdef class Recorder:
         self.action = <int32_t*>cnp.PyArray_DATA(c["action"])
         self.prob = <double*>cnp.PyArray_DATA(c["prob"])
         self.flags = <uint8_t*>cnp.PyArray_DATA(c["flags"])
+        self.arrays = tuple(c.values())
+        self.refs = self._refcounts()
+        self.nbytes = 0
+        # Touch every page now: one up-front cost per recorder instead of a page fault every
+        # few decisions (which shows up in decide()'s p99).
+        for a in self.arrays:
+            memset(cnp.PyArray_DATA(a), 0, cnp.PyArray_NBYTES(a))
+            self.nbytes += cnp.PyArray_NBYTES(a)
+
+    cdef tuple _refcounts(self):
+        return tuple([Py_REFCNT(a) for a in self.arrays])
+
+    cdef bint reusable(self):
+        """True when no block (view) handed out by drain() is alive any more: nobody else can
+        see these columns, so the warm memory can take new rows."""
+        return self._refcounts() == self.refs
 
     cdef inline void write(self, uint64_t hi, uint64_t lo, int64_t ts, uint64_t version,
                            uint64_t uh, const double* x, const uint8_t* mask, int action,
@@ -510,6 +530,7 @@ cdef class OutcomeRecorder:
 
 
 # --------------------------------------------------------------------------- decision point
+cdef Py_ssize_t SPARE_BYTES = 64 * 1024 * 1024   # drained recorder memory kept for reuse
 cdef class DecisionPoint:
     """One named decision point: its current kernel, scratch space and recorder."""
 
@@ -521,6 +542,7 @@ cdef class DecisionPoint:
     cdef readonly bint recording
     cdef Recorder rec
     cdef list full
+    cdef list spare             # drained recorders, reused once their blocks are released
     cdef Py_ssize_t capacity, max_pending, pending
     cdef object _scratch
     cdef double* xbuf
@@ -539,6 +561,7 @@ cdef class DecisionPoint:
         self.max_pending = max(max_pending, self.capacity)
         self.recording = recording
         self.full = []
+        self.spare = []
         self.pending = 0
         self.kernel = None
         self.rec = None
@@ -575,13 +598,26 @@ cdef class DecisionPoint:
             self.n_dropped += old.count
         self.rec = None
 
+    cdef Recorder _new_recorder(self, Kernel k):
+        # Called with the lock held. Reusing drained recorders keeps the hot loops on warm,
+        # already-mapped memory (fresh columns cost page faults on first write).
+        cdef Recorder r
+        cdef Py_ssize_t i
+        for i in range(len(self.spare)):
+            r = <Recorder>self.spare[i]
+            if r.layout == k.layout and r.reusable():
+                del self.spare[i]
+                r.count = 0
+                return r
+        return Recorder(k.layout, self.capacity)
+
     cdef inline void _record(self, Kernel k, uint64_t lo, uint64_t uh, const double* x,
                              const uint8_t* mask, int action, double prob, uint8_t flags):
         if not self.recording:
             return
         if self.rec is None or self.rec.count >= self.rec.capacity:
             self._close_recorder()
-            self.rec = Recorder(k.layout, self.capacity)
+            self.rec = self._new_recorder(k)
         self.rec.write(self.id_hi, lo, now_ns(), k.version, uh, x, mask, action, prob, flags)
         self.n_recorded += 1
 
@@ -712,7 +748,7 @@ cdef class DecisionPoint:
     def decide_batch(self, X, users=None, eligible_mask=None, bint deferred=False):
         cdef Kernel k = self.kernel
         cdef double[:, ::1] x = _as_matrix(k, X)
-        cdef Py_ssize_t n = x.shape[0], i, stride, done, take
+        cdef Py_ssize_t n = x.shape[0], i, stride, done, take, r0
         cdef const uint8_t[:, ::1] m
         m, stride = _as_masks(k, eligible_mask, n)
         cdef uint64_t[::1] uh
@@ -781,21 +817,38 @@ cdef class DecisionPoint:
                 while done < n:
                     if self.rec is None or self.rec.count >= self.rec.capacity:
                         self._close_recorder()
-                        self.rec = Recorder(k.layout, self.capacity)
+                        self.rec = self._new_recorder(k)
                     rec = self.rec
                     take = min(n - done, rec.capacity - rec.count)
                     ts = now_ns()   # one clock read per batch: the rows were decided together
                     with nogil:
-                        for i in range(done, done + take):
+                        r0 = rec.count
+                        # Contiguous rows: one copy for the features, one for the masks.
+                        if k.n_inputs:
+                            memcpy(rec.x + r0 * rec.D, &x[done, 0],
+                                   take * rec.D * sizeof(double))
+                        if stride == 1:
+                            memcpy(rec.elig + r0 * rec.K, &m[done, 0], take * rec.K)
+                        elif stride == 0:
+                            for i in range(take):
+                                memcpy(rec.elig + (r0 + i) * rec.K, &m[0, 0], rec.K)
+                        else:
+                            memset(rec.elig + r0 * rec.K, 1, take * rec.K)
+                        for i in range(take):
                             f = base_flags
-                            if held_v[i]:
+                            if held_v[done + i]:
                                 f = f | F_HOLDOUT
-                            elif reason_v[i] == R_NO_ELIGIBLE:
+                            elif reason_v[done + i] == R_NO_ELIGIBLE:
                                 f = f | F_DEFAULT
-                            mp = &m[i * stride, 0] if stride >= 0 else NULL
-                            rec.write(hi, lo0 + i, ts, k.version, uh[i],
-                                      &x[i, 0] if k.n_inputs else self.xbuf, mp,
-                                      act_v[i], prob_v[i], f)
+                            rec.event_hi[r0 + i] = hi
+                            rec.event_lo[r0 + i] = lo0 + done + i
+                            rec.ts[r0 + i] = ts
+                            rec.version[r0 + i] = k.version
+                            rec.user_hash[r0 + i] = uh[done + i]
+                            rec.action[r0 + i] = act_v[done + i]
+                            rec.prob[r0 + i] = prob_v[done + i]
+                            rec.flags[r0 + i] = f
+                        rec.count = r0 + take
                     done += take
                 self.n_recorded += n
         return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,
@@ -810,7 +863,17 @@ cdef class DecisionPoint:
             full = self.full
             self.full = []
             self.pending = 0
-        return [(<Recorder>r).block() for r in full]
+            blocks = [(<Recorder>r).block() for r in full]
+            # Keep up to SPARE_BYTES (at least two recorders) for reuse; newest first.
+            spare = full[::-1] + self.spare
+            total = 0
+            for i in range(len(spare)):
+                total += (<Recorder>spare[i]).nbytes
+                if i >= 2 and total > SPARE_BYTES:
+                    del spare[i:]
+                    break
+            self.spare = spare
+        return blocks
 
     def stats(self):
         return {"decisions": self.n_decisions, "holdout": self.n_holdout,
