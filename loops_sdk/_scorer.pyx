@@ -414,7 +414,7 @@ cdef class Recorder:
     cdef double* prob
     cdef uint8_t* flags
 
-    def __init__(self, layout, Py_ssize_t capacity):
+    def __init__(self, layout, Py_ssize_t capacity, bint prefault=False):
         self.layout = layout
         self.capacity = capacity
         self.count = 0
@@ -441,10 +441,12 @@ cdef class Recorder:
         self.arrays = tuple(c.values())
         self.refs = self._refcounts()
         self.nbytes = 0
-        # Touch every page now: one up-front cost per recorder instead of a page fault every
-        # few decisions (which shows up in decide()'s p99).
+        # prefault (recorders opened on the hot path): touch every page now, one up-front
+        # cost per recorder instead of a page fault every few decisions (decide()'s p99).
+        # The first recorder of a point is not touched, so loading a policy stays cheap in RSS.
         for a in self.arrays:
-            memset(cnp.PyArray_DATA(a), 0, cnp.PyArray_NBYTES(a))
+            if prefault:
+                memset(cnp.PyArray_DATA(a), 0, cnp.PyArray_NBYTES(a))
             self.nbytes += cnp.PyArray_NBYTES(a)
 
     cdef tuple _refcounts(self):
@@ -609,7 +611,7 @@ cdef class DecisionPoint:
                 del self.spare[i]
                 r.count = 0
                 return r
-        return Recorder(k.layout, self.capacity)
+        return Recorder(k.layout, self.capacity, True)
 
     cdef inline void _record(self, Kernel k, uint64_t lo, uint64_t uh, const double* x,
                              const uint8_t* mask, int action, double prob, uint8_t flags):
