@@ -254,7 +254,7 @@ cdef class Kernel:
                     raise FeatureError(f"feature {name!r} is numeric but got {value!r}")
                 try:
                     v = value
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     raise FeatureError(f"feature {name!r} is numeric but got {value!r}") from None
                 if not isfinite(v):
                     raise FeatureError(f"feature {name!r} is {value!r} (must be finite)")
@@ -303,8 +303,36 @@ cdef class Kernel:
         return out
 
 
+cdef object _numeric(object x):
+    """``x`` as a float64 array; strings and objects are refused, not parsed."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "fiub":
+        raise FeatureError("features must be a numeric array, a sequence of numbers or a "
+                           f"Mapping of name -> value (got {type(x).__name__}"
+                           f"{'' if arr is None else ' of dtype ' + str(arr.dtype)})")
+    return arr.astype(np.float64, copy=False)
+
+
+def _user_hashes(users, Py_ssize_t n):
+    """(uint64 hashes, uint8 has-user flags) for a batch; ``None`` entries mean no user (hash 0,
+    never held out), exactly as ``decide(user=None)``."""
+    if users is None:
+        return np.zeros(n, np.uint64), np.zeros(n, np.uint8)
+    if isinstance(users, np.ndarray) and users.dtype == np.uint64:
+        if users.shape != (n,):
+            raise FeatureError(f"users must have shape ({n},), got {users.shape}")
+        return np.ascontiguousarray(users), np.ones(n, np.uint8)
+    if len(users) != n:
+        raise FeatureError(f"users has {len(users)} entries for {n} rows")
+    has = np.fromiter((u is not None for u in users), np.uint8, n)
+    return np.fromiter((hash_str(u) if u is not None else 0 for u in users), np.uint64, n), has
+
+
 cdef object _as_matrix(Kernel k, object X):
-    arr = np.asarray(X, dtype=np.float64)
+    arr = _numeric(X)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim != 2 or arr.shape[1] != k.n_inputs:
@@ -647,11 +675,7 @@ cdef class DecisionPoint:
             self.n_unknown_features += k.encode_into(x, self.xbuf)
             return self.xbuf
         else:
-            try:
-                arr = np.asarray(x, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise FeatureError("features must be a float array, a sequence of numbers "
-                                   "or a Mapping of name -> value") from None
+            arr = _numeric(x)
             if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIMS(arr)[0] != D:
                 raise FeatureError(f"policy {k.name!r} expects {D} features, got shape "
                                    f"{(<object>arr).shape}")
@@ -754,17 +778,8 @@ cdef class DecisionPoint:
         cdef const uint8_t[:, ::1] m
         m, stride = _as_masks(k, eligible_mask, n)
         cdef uint64_t[::1] uh
-        cdef bint has_users = users is not None
-        if users is None:
-            uh = np.zeros(n, np.uint64)
-        elif isinstance(users, np.ndarray) and users.dtype == np.uint64:
-            if users.shape != (n,):
-                raise FeatureError(f"users must have shape ({n},), got {users.shape}")
-            uh = np.ascontiguousarray(users)
-        else:
-            if len(users) != n:
-                raise FeatureError(f"users has {len(users)} entries for {n} rows")
-            uh = np.fromiter((hash_str(u) for u in users), np.uint64, n)
+        cdef const uint8_t[::1] has_user
+        uh, has_user = _user_hashes(users, n)
         actions = np.empty(n, np.int32)
         probs = np.empty(n, np.float64)
         ev_lo = np.empty(n, np.uint64)
@@ -794,7 +809,7 @@ cdef class DecisionPoint:
                 for i in range(n):
                     lo_v[i] = lo0 + i
                     mp = &m[i * stride, 0] if stride >= 0 else NULL
-                    if has_users and k.in_holdout(uh[i]):
+                    if has_user[i] and k.in_holdout(uh[i]):
                         act_v[i] = k.default_index
                         prob_v[i] = 1.0
                         held_v[i] = 1

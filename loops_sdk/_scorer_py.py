@@ -170,7 +170,7 @@ class Kernel:
                     raise FeatureError(f"feature {name!r} is numeric but got {value!r}")
                 try:
                     v = float(value)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     raise FeatureError(f"feature {name!r} is numeric but got {value!r}") from None
                 if not math.isfinite(v):
                     raise FeatureError(f"feature {name!r} is {value!r} (must be finite)")
@@ -208,8 +208,21 @@ class Kernel:
         return out
 
 
+def _numeric(x) -> np.ndarray:
+    """``x`` as a float64 array; strings and objects are refused, not parsed."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "fiub":
+        raise FeatureError("features must be a numeric array, a sequence of numbers or a "
+                           f"Mapping of name -> value (got {type(x).__name__}"
+                           f"{'' if arr is None else ' of dtype ' + str(arr.dtype)})")
+    return arr.astype(np.float64, copy=False)
+
+
 def _as_matrix(k: Kernel, X) -> np.ndarray:
-    arr = np.asarray(X, dtype=np.float64)
+    arr = _numeric(X)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim != 2 or arr.shape[1] != k.n_inputs:
@@ -236,6 +249,21 @@ def _as_masks(k: Kernel, eligible, n: int):
         return m, 1
     raise FeatureError(f"eligible mask must have shape ({k.n_actions},) or ({n}, "
                        f"{k.n_actions}), got {m.shape}")
+
+
+def _user_hashes(users, n: int, hash_fn):
+    """(uint64 hashes, uint8 has-user flags) for a batch; ``None`` entries mean no user (hash 0,
+    never held out), exactly as ``decide(user=None)``."""
+    if users is None:
+        return np.zeros(n, np.uint64), np.zeros(n, np.uint8)
+    if isinstance(users, np.ndarray) and users.dtype == np.uint64:
+        if users.shape != (n,):
+            raise FeatureError(f"users must have shape ({n},), got {users.shape}")
+        return np.ascontiguousarray(users), np.ones(n, np.uint8)
+    if len(users) != n:
+        raise FeatureError(f"users has {len(users)} entries for {n} rows")
+    has = np.fromiter((u is not None for u in users), np.uint8, n)
+    return np.fromiter((hash_fn(u) if u is not None else 0 for u in users), np.uint64, n), has
 
 
 # --------------------------------------------------------------------------- decisions
@@ -395,11 +423,7 @@ class DecisionPoint:
             self.n_unknown_features += k.encode_into(x, xs)
             return xs
         else:
-            try:
-                arr = np.asarray(x, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise FeatureError("features must be a float array, a sequence of numbers "
-                                   "or a Mapping of name -> value") from None
+            arr = _numeric(x)
             if arr.ndim != 1 or arr.shape[0] != D:
                 raise FeatureError(f"policy {k.name!r} expects {D} features, got shape "
                                    f"{arr.shape}")
@@ -463,17 +487,7 @@ class DecisionPoint:
         x = _as_matrix(k, X)
         n = x.shape[0]
         masks, stride = _as_masks(k, eligible_mask, n)
-        if users is None:
-            uh = np.zeros(n, np.uint64)
-        elif isinstance(users, np.ndarray) and users.dtype == np.uint64:
-            if users.shape != (n,):
-                raise FeatureError(f"users must have shape ({n},), got {users.shape}")
-            uh = users
-        else:
-            if len(users) != n:
-                raise FeatureError(f"users has {len(users)} entries for {n} rows")
-            uh = np.fromiter((stable_hash(u) for u in users), np.uint64, n)
-        has_users = users is not None
+        uh, has_user = _user_hashes(users, n, stable_hash)
         actions = np.empty(n, np.int32)
         probs = np.empty(n, np.float64)
         held = np.zeros(n, np.bool_)
@@ -490,7 +504,7 @@ class DecisionPoint:
             for i in range(n):
                 mask = masks[i * stride].tolist() if stride >= 0 else None
                 u = int(uh[i])
-                if has_users and k.in_holdout(u):
+                if has_user[i] and k.in_holdout(u):
                     actions[i], probs[i], held[i], reasons[i] = k.default_index, 1.0, True, R_HOLDOUT
                     flags = base | FLAG_HOLDOUT
                 else:
