@@ -23,6 +23,7 @@ import random
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -83,14 +84,12 @@ def split_records(records: FeedbackRecords, limit: int) -> list[FeedbackRecords]
 
 
 def _slice_block(block, a: int, b: int):
-    from dataclasses import replace
     cols = ("event_hi", "event_lo", "ts_ns", "version", "user_hash", "x", "eligible",
             "action", "prob", "flags")
     return replace(block, **{c: getattr(block, c)[a:b] for c in cols})
 
 
 def _slice_outcomes(block, a: int, b: int):
-    from dataclasses import replace
     cols = ("type", "event_hi", "event_lo", "user_hash", "ts_ns", "value", "kind")
     return replace(block, **{c: getattr(block, c)[a:b] for c in cols})
 
