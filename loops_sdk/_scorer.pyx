@@ -416,10 +416,6 @@ cdef Decision make_default(object name, object default, int reason):
     return d
 
 
-def default_decision(name, default, int reason):
-    return make_default(name, default, reason)
-
-
 # --------------------------------------------------------------------------- recorder
 cdef class Recorder:
     """Preallocated columnar rows for one policy layout; written under the point's mutex."""
@@ -1012,9 +1008,6 @@ cdef class Engine:
             self._points = {**self._points, name: p}   # copy-on-write: readers never lock
         else:
             p.set_kernel(kernel)
-
-    def _point(self, name):
-        return self._points.get(name)
 
     def _point_names(self):
         return list(self._points)

@@ -633,9 +633,6 @@ class Engine:
         else:
             p.set_kernel(kernel)
 
-    def _point(self, name):
-        return self._points.get(name)
-
     def _point_names(self):
         return list(self._points)
 

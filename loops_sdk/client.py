@@ -175,8 +175,7 @@ class DecisionClient(Engine):
                 if policy.version < current.version:
                     logger.info("loops: ignoring %s v%d (v%d in use)", policy.name,
                                 policy.version, current.version)
-                    with self._counters_lock:
-                        self._counters["policy_updates_rejected"] += 1
+                    self._count("policy_updates_rejected")
                     return False
                 if policy.version == current.version:
                     # One version, one set of parameters: replay from (event id, version,
@@ -186,17 +185,19 @@ class DecisionClient(Engine):
                         logger.warning("loops: refusing %s v%d: a different policy with this "
                                        "version is already in use", policy.name,
                                        policy.version)
-                        with self._counters_lock:
-                            self._counters["policy_updates_rejected"] += 1
+                        self._count("policy_updates_rejected")
                     return False
             self._install(policy.name, kernel)
             self._policies[policy.name] = policy
-            with self._counters_lock:
-                self._counters["policy_updates"] += 1
+            self._count("policy_updates")
         names = self.config.watched_names
         if not names or all(n in self._policies for n in names):
             self._initialized.set()
         return True
+
+    def _count(self, counter: str) -> None:
+        with self._counters_lock:
+            self._counters[counter] += 1
 
     def policy(self, name: str) -> Policy | None:
         """The policy currently used for ``name``."""

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -505,7 +505,3 @@ def _checksum(msg: policy_pb2.Policy) -> bytes:
     clean.checksum = b""
     return hashlib.sha256(clean.SerializeToString(deterministic=True)).digest()
 
-
-def load_policies(sources: Iterable[PathOrBytes | Policy]) -> list[Policy]:
-    """Policies from a mix of paths, bytes and Policy objects."""
-    return [s if isinstance(s, Policy) else Policy.load(s) for s in sources]

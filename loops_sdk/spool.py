@@ -103,10 +103,6 @@ class Spool:
         with self._lock:
             return sum(f[3] for f in self._frames)
 
-    @property
-    def bytes(self) -> int:
-        return sum(p.stat().st_size for p in self._segments())
-
     def append(self, payload: bytes, records: int) -> None:
         """Add a frame at the tail (fsync'd: a spooled batch survives a host crash)."""
         with self._lock:
