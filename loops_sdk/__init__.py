@@ -10,7 +10,8 @@ from __future__ import annotations
 from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
 from .client import ClientConfig, DecisionClient
 from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
-from .errors import BatchError, FeatureError, LoopsError, PolicyError, UnknownActionError
+from .errors import (BatchError, FeatureError, LoopsError, PolicyError, SecurityError,
+                     UnknownActionError)
 from .policy import Action, Exploration, Feature, Holdout, LearningSettings, Policy
 from .scorer import IMPLEMENTATION, Decision, stable_hash
 from .sink import FileSink, read_feedback_file
@@ -23,5 +24,19 @@ __all__ = [
     "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
     "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",
     "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
+    "SecurityError", "DecisionServer", "ServerSecurity", "ChannelSecurity", "TokenSet",
+    "open_channel", "make_dev_certs",
     "IMPLEMENTATION", "__version__",
 ]
+
+# gRPC-based parts load on first use, so `import loops_sdk` stays free of grpc for offline use.
+_LAZY = {"DecisionServer": "service", "ServerSecurity": "security",
+         "ChannelSecurity": "security", "TokenSet": "security", "open_channel": "security",
+         "make_dev_certs": "security"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,9 +20,15 @@ __all__ = ["main", "build_parser"]
 DEFAULT_LEARNER = "127.0.0.1:7070"
 
 
+# TLS/token settings of the command being run (set by main() from --token, --tls-ca, ...):
+# every command that talks to a learner opens its channel through _channel(), so commands
+# added later get security without extra wiring.
+_CLIENT_SECURITY = None
+
+
 def _channel(address: str):
-    import grpc
-    return grpc.insecure_channel(address)
+    from .security import open_channel
+    return open_channel(address, _CLIENT_SECURITY)
 
 
 def _stub(channel):
@@ -46,13 +53,15 @@ def _add_learner(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for late outcomes after a reward window closes")
     p.add_argument("--max-workers", type=int, default=64,
                    help="server threads (each open policy watch holds one)")
+    _add_server_security(p)
     p.set_defaults(func=_cmd_learner)
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
     from .learner import Learner
     learner = Learner(args.db, args.host, args.port, grace_seconds=args.grace,
-                      max_workers=args.max_workers, durability=args.durability)
+                      max_workers=args.max_workers, durability=args.durability,
+                      security=_server_security(args))
     stop = threading.Event()
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -183,6 +192,134 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- security flags
+def _add_server_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (TLS and tokens; see `loops dev-certs`)")
+    g.add_argument("--tls-cert", help="PEM server certificate (chain); turns TLS on")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it "
+                   "signed (mutual TLS)")
+    g.add_argument("--tokens", default=os.environ.get("LOOPS_TOKENS_FILE"), metavar="FILE",
+                   help="bearer tokens file: lines 'role token' (roles: client, admin) or JSON; "
+                   "default $LOOPS_TOKENS_FILE; without it no token is checked")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without TLS and tokens")
+
+
+def _server_security(args: argparse.Namespace):
+    from .security import ServerSecurity, TokenSet
+    return ServerSecurity(tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          tls_client_ca=args.tls_client_ca,
+                          tokens=TokenSet.from_file(args.tokens) if args.tokens else None,
+                          insecure=args.insecure)
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection to the learner (TLS and token)")
+    g.add_argument("--token", default=None,
+                   help="bearer token (default $LOOPS_TOKEN); prefer the variable: command "
+                   "lines are visible to other users")
+    g.add_argument("--tls-ca", help="PEM CA that signed the learner's certificate; turns TLS on")
+    g.add_argument("--tls-client-cert", help="PEM client certificate (mutual TLS)")
+    g.add_argument("--tls-client-key", help="PEM key of --tls-client-cert")
+    if not any("--insecure" in a.option_strings for a in p._actions):
+        g.add_argument("--insecure", action="store_true",
+                       help="allow sending the token in plaintext to a non-loopback learner")
+
+
+def _client_security(args: argparse.Namespace):
+    from .security import ChannelSecurity
+    return ChannelSecurity(token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_client_cert,
+                           tls_key=args.tls_client_key,
+                           insecure=args.insecure).with_env_token()
+
+
+# --------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC decision service (until SIGINT/SIGTERM)")
+    p.add_argument("--policy-name", action="append", required=True, metavar="NAME",
+                   help="decision point to serve (repeat for several)")
+    p.add_argument("--learner", required=True, help="HOST:PORT of the learner")
+    p.add_argument("--fallback-policy", action="append", default=[], metavar="FILE",
+                   help="policy file used until the learner sends one (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7071, help="0 = pick a free port")
+    p.add_argument("--max-workers", type=int, default=16, help="server threads")
+    p.add_argument("--max-batch-rows", type=int, default=10_000,
+                   help="largest DecideBatch accepted")
+    p.add_argument("--max-message-mb", type=float, default=4.0,
+                   help="largest request/response message in MiB")
+    p.add_argument("--spool-dir", help="disk spool for records while the learner is away")
+    p.add_argument("--seed", type=int, help="fix event ids and draws (tests, replays)")
+    _add_server_security(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .client import ClientConfig
+    from .service import DecisionServer
+    sec = _client_security(args)
+    config = ClientConfig(learner=args.learner, policy_names=tuple(args.policy_name),
+                          fallback_policies=tuple(args.fallback_policy), seed=args.seed,
+                          spool_dir=args.spool_dir, token=sec.token, tls_ca=sec.tls_ca,
+                          tls_cert=sec.tls_cert, tls_key=sec.tls_key, insecure=sec.insecure)
+    server = DecisionServer(config, args.host, args.port, security=_server_security(args),
+                            max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
+                            max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        logging.getLogger("loops").info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    print(f"loops decision service listening on {server.address} "
+          f"(decision points {', '.join(args.policy_name)}; learner {args.learner})", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=5.0)
+    return 0
+
+
+# --------------------------------------------------------------------------- dev-certs
+def _add_dev_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dev-certs", help="write a self-signed CA, server and client "
+                       "certificates and a tokens file for local TLS")
+    p.add_argument("dir", help="directory to write into (created 0700)")
+    p.add_argument("--host", action="append", dest="hosts", metavar="NAME_OR_IP",
+                   help="names/addresses in the server certificate (repeatable; default "
+                   "localhost, 127.0.0.1, ::1)")
+    p.add_argument("--days", type=int, default=30, help="validity in days")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=_cmd_dev_certs)
+
+
+def _cmd_dev_certs(args: argparse.Namespace) -> int:
+    from .security import DEV_HOSTS, make_dev_certs
+    try:
+        certs = make_dev_certs(args.dir, hosts=tuple(args.hosts or DEV_HOSTS), days=args.days,
+                               force=args.force)
+    except ImportError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a development CA, server and client certificates and {certs.tokens.name} "
+          f"(one admin, one client token) to {certs.directory}; for local use only.\n")
+    print("servers (TLS + tokens):")
+    print(f"  loops learner --db loops.sqlite {certs.server_flags()}")
+    print(f"  mutual TLS: add --tls-client-ca {certs.ca_cert}\n")
+    print("clients:")
+    print(f"  export LOOPS_TOKEN=$(awk '$1==\"admin\"{{print $2}}' {certs.tokens})")
+    print(f"  loops status --learner localhost:7070 {certs.client_flags()}")
+    print(f"  mutual TLS: add --tls-client-cert {certs.client_cert} --tls-client-key "
+          f"{certs.client_key}")
+    print(f"  ClientConfig(..., tls_ca={str(certs.ca_cert)!r}, token=...)")
+    return 0
+
+
 # --------------------------------------------------------------------------- registry
 # One function per subcommand; `demo` is added by listing its `_add_demo` here.
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +328,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_learner, _add_status, _add_policy,
+    _add_demo, _add_learner, _add_status, _add_policy, _add_serve, _add_dev_certs,
 ]
 
 
@@ -204,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     # `--log-level` is accepted after any subcommand too (`loops learner --log-level DEBUG`).
     for p in _all_parsers(sub):
         p.add_argument("--log-level", default=None, choices=_LEVELS)
+        # Every command that talks to a learner takes the TLS/token flags.
+        if any("--learner" in a.option_strings for a in p._actions):
+            _add_client_security(p)
     return parser
 
 
@@ -225,7 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_level = "WARNING" if args.command == "demo" else "INFO"
     logging.basicConfig(level=args.log_level or default_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    global _CLIENT_SECURITY
+    from .errors import SecurityError
+    try:
+        if hasattr(args, "tls_ca"):
+            _CLIENT_SECURITY = _client_security(args)
+        return int(args.func(args) or 0)
+    except SecurityError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

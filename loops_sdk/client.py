@@ -13,11 +13,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Union
 
 from .batch import FeedbackRecords
 from .policy import Policy
 from .scorer import Engine, compile_policy
+
+if TYPE_CHECKING:
+    from .security import ChannelSecurity
 
 __all__ = ["ClientConfig", "DecisionClient"]
 
@@ -52,6 +55,11 @@ class ClientConfig:
         backoff_initial / backoff_max: exponential retry backoff bounds (full jitter).
         close_timeout: how long ``close()`` waits to deliver what is buffered.
         client_id: identifies this client's batches; random when empty.
+        metadata: extra gRPC metadata ``(key, value)`` pairs sent with every call to the learner.
+        token: bearer token for the learner (role ``client``); None = ``$LOOPS_TOKEN`` if set.
+        tls_ca: PEM CA that signed the learner's certificate; setting it turns TLS on.
+        tls_cert / tls_key: PEM client certificate and key, for a learner requiring mutual TLS.
+        insecure: allow sending the token in plaintext to a non-loopback learner.
     """
 
     learner: str | None = None
@@ -74,8 +82,15 @@ class ClientConfig:
     close_timeout: float = 5.0
     client_id: str = ""
     metadata: tuple[tuple[str, str], ...] = field(default=())
+    token: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         if self.seed is not None and not 0 <= int(self.seed) < 1 << 64:
             raise ValueError("seed must be in [0, 2**64)")
         for name in ("buffer_rows", "max_pending_records", "flush_records",
@@ -86,6 +101,12 @@ class ClientConfig:
                      "close_timeout"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0")
+
+    def channel_security(self) -> "ChannelSecurity":
+        """The learner connection's TLS and token settings (``$LOOPS_TOKEN`` when no token)."""
+        from .security import ChannelSecurity
+        return ChannelSecurity(token=self.token, tls_ca=self.tls_ca, tls_cert=self.tls_cert,
+                               tls_key=self.tls_key, insecure=self.insecure).with_env_token()
 
     @property
     def watched_names(self) -> tuple[str, ...]:

@@ -6,7 +6,8 @@ code that already catches ``ValueError`` keeps working.
 
 from __future__ import annotations
 
-__all__ = ["LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError"]
+__all__ = ["LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
+           "SecurityError"]
 
 
 class LoopsError(Exception):
@@ -29,3 +30,9 @@ class UnknownActionError(LoopsError, ValueError):
 
 class BatchError(LoopsError, ValueError):
     """A feedback batch that cannot be decoded or is larger than allowed."""
+
+
+class SecurityError(LoopsError, ValueError):
+    """TLS or token settings that cannot be used (a missing or unreadable certificate, a
+    malformed tokens file, a weak token) or a refused insecure set-up (plaintext or
+    unauthenticated service on a non-loopback address without ``insecure=True``)."""

@@ -32,6 +32,7 @@ from ._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
 from .batch import PAYLOAD_FORMAT, FeedbackRecords, OutcomeBlock, encode_records
 from .errors import PolicyError
 from .policy import Policy
+from .security import open_channel
 from .spool import Spool, SpoolLocked
 
 if TYPE_CHECKING:
@@ -108,11 +109,11 @@ class LearnerTransport:
         self._cfg = cfg
         self.client_id = cfg.client_id or os.urandom(8).hex()
         self._seq = 0
-        self._channel = grpc.insecure_channel(cfg.learner, options=[
+        self._channel = open_channel(cfg.learner, cfg.channel_security(), options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.enable_retries", 0),       # we retry ourselves, with our own bookkeeping
-        ])
+        ], metadata=cfg.metadata)
         self._stub = learner_pb2_grpc.LearnerServiceStub(self._channel)
         self._spool = self._open_spool()
         self._queue: collections.deque[tuple[bytes, int]] = collections.deque()

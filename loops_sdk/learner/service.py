@@ -26,11 +26,13 @@ from typing import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
 from ..batch import PAYLOAD_FORMAT, decode_records
 from ..errors import BatchError, PolicyError
 from ..policy import Policy
+from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
 from .join import Joiner, JoinResult, PolicyBook
 from .store import EventStore
 from .train import Trainer
@@ -186,12 +188,17 @@ class Learner:
         max_batch_records, max_batch_bytes: larger batches are rejected (INVALID_ARGUMENT).
         max_workers: server threads; each open ``WatchPolicy`` stream holds one.
         durability: ``"normal"`` or ``"full"``, see :class:`~loops_sdk.learner.store.EventStore`.
+        security: TLS and bearer tokens (:class:`~loops_sdk.security.ServerSecurity`); the
+            default serves plaintext without tokens and only on a loopback ``host``.
     """
 
     def __init__(self, db: str | Path, host: str = "127.0.0.1", port: int = 0, *,
                  train: bool = True, tick_seconds: float = 0.25, grace_seconds: float = 2.0,
                  max_batch_records: int = 100_000, max_batch_bytes: int = 32 * _MiB,
-                 max_workers: int = 64, durability: str = "normal") -> None:
+                 max_workers: int = 64, durability: str = "normal",
+                 security: ServerSecurity | None = None) -> None:
+        self.security = security if security is not None else ServerSecurity()
+        self.security.check_bind(host)   # refuse an insecure public bind before opening the db
         self.store = EventStore(db, durability=durability)
         self.book = PolicyBook(self.store)
         self.joiner = Joiner(self.store, self.book, grace_seconds=grace_seconds)
@@ -218,7 +225,7 @@ class Learner:
     # ----------------------------------------------------------------- lifecycle
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     def start(self) -> "Learner":
         """Bind, serve, start the trainer thread; returns self."""
@@ -228,13 +235,14 @@ class Learner:
             futures.ThreadPoolExecutor(max_workers=self._max_workers,
                                        thread_name_prefix="loops-learner-rpc"),
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", 64 * _MiB)])
+                     ("grpc.max_send_message_length", 64 * _MiB)],
+            interceptors=self.security.interceptors(LEARNER_METHOD_ROLES))
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = server.add_insecure_port(f"{self.host}:{self._requested_port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {self.host}:{self._requested_port}")
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
+                                             reflection.SERVICE_NAME), server)
+        self.port = self.security.add_port(server, self.host, self._requested_port)
         server.start()
         self._server = server
         self._started_ms = int(time.time() * 1000)
@@ -244,7 +252,8 @@ class Learner:
             self._thread = threading.Thread(target=self._run, name="loops-learner-trainer",
                                             daemon=True)
             self._thread.start()
-        logger.info("learner listening on %s (db %s)", self.address, self.store.path)
+        logger.info("learner listening on %s (db %s; %s)", self.address, self.store.path,
+                    self.security.describe())
         return self
 
     def stop(self, grace: float | None = 2.0) -> None:

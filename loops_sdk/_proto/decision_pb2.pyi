@@ -1,0 +1,154 @@
+# GENERATED — DO NOT EDIT. Run `python proto/generate.py` to regenerate from proto/.
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FeatureValue(_message.Message):
+    __slots__ = ("number", "category")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    category: str
+    def __init__(self, number: _Optional[float] = ..., category: _Optional[str] = ...) -> None: ...
+
+class DecideRequest(_message.Message):
+    __slots__ = ("decision_point", "features", "vector", "user", "eligible", "default_action", "deferred")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FeatureValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
+    DECISION_POINT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    decision_point: str
+    features: _containers.MessageMap[str, FeatureValue]
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    user: str
+    eligible: _containers.RepeatedScalarFieldContainer[str]
+    default_action: str
+    deferred: bool
+    def __init__(self, decision_point: _Optional[str] = ..., features: _Optional[_Mapping[str, FeatureValue]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
+
+class DecideResponse(_message.Message):
+    __slots__ = ("action", "probability", "event_id", "policy_name", "policy_version", "holdout", "reason")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    probability: float
+    event_id: str
+    policy_name: str
+    policy_version: int
+    holdout: bool
+    reason: str
+    def __init__(self, action: _Optional[str] = ..., probability: _Optional[float] = ..., event_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., holdout: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DecideRow(_message.Message):
+    __slots__ = ("features", "vector", "user", "eligible")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FeatureValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.MessageMap[str, FeatureValue]
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    user: str
+    eligible: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, features: _Optional[_Mapping[str, FeatureValue]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DecideBatchRequest(_message.Message):
+    __slots__ = ("decision_point", "rows", "matrix", "columns", "users", "eligible", "default_action", "deferred")
+    DECISION_POINT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MATRIX_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    decision_point: str
+    rows: _containers.RepeatedCompositeFieldContainer[DecideRow]
+    matrix: _containers.RepeatedScalarFieldContainer[float]
+    columns: int
+    users: _containers.RepeatedScalarFieldContainer[str]
+    eligible: _containers.RepeatedScalarFieldContainer[str]
+    default_action: str
+    deferred: bool
+    def __init__(self, decision_point: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[DecideRow, _Mapping]]] = ..., matrix: _Optional[_Iterable[float]] = ..., columns: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
+
+class DecideBatchResponse(_message.Message):
+    __slots__ = ("actions", "probabilities", "event_ids", "holdout", "reasons", "policy_name", "policy_version")
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    event_ids: _containers.RepeatedScalarFieldContainer[str]
+    holdout: _containers.RepeatedScalarFieldContainer[bool]
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    policy_name: str
+    policy_version: int
+    def __init__(self, actions: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., holdout: _Optional[_Iterable[bool]] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class RewardRequest(_message.Message):
+    __slots__ = ("event_id", "value", "kind")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    value: float
+    kind: str
+    def __init__(self, event_id: _Optional[str] = ..., value: _Optional[float] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class RewardResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ObserveRequest(_message.Message):
+    __slots__ = ("user", "value", "kind")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    value: float
+    kind: str
+    def __init__(self, user: _Optional[str] = ..., value: _Optional[float] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ObserveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ActivateRequest(_message.Message):
+    __slots__ = ("event_id",)
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    def __init__(self, event_id: _Optional[str] = ...) -> None: ...
+
+class ActivateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,400 @@
+"""The decision service: a :class:`~loops_sdk.DecisionClient` behind gRPC, for backends in any
+language (``loops serve``).
+
+Every RPC is one call into the same DecisionClient an embedded game server would use: the same
+compiled scorer and exploration draw (so the same decision for the same event id), the same
+decision log, the same shipping to the learner and the same policy sync. The service only
+translates messages and errors:
+
+- an unknown decision point, or one whose policy has not arrived, answers with the caller's
+  ``default_action`` and a ``reason`` (never an error), exactly like ``decide``;
+- bad input (missing field, features that do not fit the spec, an unknown eligible action, an
+  oversized batch) is ``INVALID_ARGUMENT`` with the offending field named;
+- a call whose deadline has already passed when a worker picks it up is answered
+  ``DEADLINE_EXCEEDED`` without deciding, so no decision is logged that nobody received;
+- messages above ``max_message_bytes`` are refused by gRPC (``RESOURCE_EXHAUSTED``).
+
+Health checking (``grpc.health.v1``) reports the server ``SERVING`` once started and
+``loops.v1.DecisionService`` ``SERVING`` once every watched decision point has a policy;
+server reflection lets ``grpcurl`` list and call the service. Security (TLS, tokens) comes from
+:class:`~loops_sdk.security.ServerSecurity`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from concurrent import futures
+from typing import Any, NoReturn
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ._proto import decision_pb2, decision_pb2_grpc
+from .client import ClientConfig, DecisionClient
+from .decision import REASONS, Reason
+from .errors import FeatureError, UnknownActionError
+from .security import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
+
+__all__ = ["DecisionServer", "DecisionServicer", "SERVICE_NAME"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+_MiB = 1 << 20
+MAX_KIND_LENGTH = 64
+
+
+class _Invalid(Exception):
+    """A request field that cannot be used; becomes INVALID_ARGUMENT naming ``field``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+
+
+def _abort_invalid(context: grpc.ServicerContext, exc: _Invalid) -> NoReturn:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    # A call can wait in the server's queue past its deadline; deciding then would log a
+    # decision the caller never receives.
+    remaining = context.time_remaining()
+    if (remaining is not None and remaining <= 0) or not context.is_active():
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      "deadline expired before the call was started; nothing was decided")
+
+
+def _features(features: Any, vector: Any, where: str) -> Any:
+    """The ``features`` map or the ``vector`` of a request (or row) as decide() takes them."""
+    if len(vector):
+        if len(features):
+            raise _Invalid(f"{where}features", "give either features or vector, not both")
+        return np.array(vector, dtype=np.float64)
+    out: dict[str, float | str] = {}
+    for key, value in features.items():
+        kind = value.WhichOneof("value")
+        if kind is None:
+            raise _Invalid(f"{where}features[{key!r}]", "has neither number nor category set")
+        out[key] = value.number if kind == "number" else value.category
+    return out
+
+
+def _kind(kind: str, default: str) -> str:
+    if len(kind) > MAX_KIND_LENGTH:
+        raise _Invalid("kind", f"at most {MAX_KIND_LENGTH} characters")
+    return kind or default
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise _Invalid("value", f"must be finite, got {value}")
+    return value
+
+
+class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
+    """The RPC handlers; every decision is made by ``client``.
+
+    Args:
+        client: the DecisionClient that decides, logs and ships.
+        max_batch_rows: DecideBatch requests with more rows are INVALID_ARGUMENT.
+    """
+
+    def __init__(self, client: DecisionClient, *, max_batch_rows: int = 10_000) -> None:
+        self._client = client
+        self._max_rows = int(max_batch_rows)
+
+    # ------------------------------------------------------------------ decide
+    def Decide(self, request: decision_pb2.DecideRequest,
+               context: grpc.ServicerContext) -> decision_pb2.DecideResponse:
+        _check_deadline(context)
+        try:
+            if not request.decision_point:
+                raise _Invalid("decision_point", "is required")
+            d = self._decide_one(request.decision_point, request, request.default_action or None,
+                                 request.deferred, "")
+        except _Invalid as exc:
+            _abort_invalid(context, exc)
+        return decision_pb2.DecideResponse(
+            action=d.action or "", probability=d.probability, event_id=d.event_id or "",
+            policy_name=d.policy_name, policy_version=d.policy_version, holdout=d.holdout,
+            reason=d.reason)
+
+    def _decide_one(self, name: str, req: Any, default: str | None, deferred: bool,
+                    where: str) -> Any:
+        x = _features(req.features, req.vector, where)
+        try:
+            return self._client.decide(name, x, req.user or None, list(req.eligible) or None,
+                                       default=default, deferred=deferred)
+        except UnknownActionError as exc:
+            raise _Invalid(f"{where}eligible", str(exc)) from None
+        except FeatureError as exc:
+            raise _Invalid(f"{where}{'vector' if len(req.vector) else 'features'}",
+                           str(exc)) from None
+
+    # ------------------------------------------------------------------ batch
+    def DecideBatch(self, request: decision_pb2.DecideBatchRequest,
+                    context: grpc.ServicerContext) -> decision_pb2.DecideBatchResponse:
+        _check_deadline(context)
+        try:
+            if not request.decision_point:
+                raise _Invalid("decision_point", "is required")
+            if len(request.matrix):
+                return self._batch_matrix(request)
+            return self._batch_rows(request)
+        except _Invalid as exc:
+            _abort_invalid(context, exc)
+
+    def _check_rows(self, n: int, field: str) -> None:
+        if n > self._max_rows:
+            raise _Invalid(field, f"{n} rows, over the limit of {self._max_rows}")
+
+    def _batch_rows(self, request: decision_pb2.DecideBatchRequest
+                    ) -> decision_pb2.DecideBatchResponse:
+        if request.columns or len(request.users) or len(request.eligible):
+            raise _Invalid("rows", "columns, users and eligible go with matrix; rows carry "
+                                   "their own user and eligible")
+        self._check_rows(len(request.rows), "rows")
+        name, default = request.decision_point, request.default_action or None
+        actions, probs, ids, held, reasons = [], [], [], [], []
+        version = 0
+        for i, row in enumerate(request.rows):
+            d = self._decide_one(name, row, default, request.deferred, f"rows[{i}].")
+            actions.append(d.action or "")
+            probs.append(d.probability)
+            ids.append(d.event_id or "")
+            held.append(d.holdout)
+            reasons.append(d.reason)
+            version = d.policy_version or version
+        return decision_pb2.DecideBatchResponse(
+            actions=actions, probabilities=probs, event_ids=ids, holdout=held, reasons=reasons,
+            policy_name=name, policy_version=version)
+
+    def _batch_matrix(self, request: decision_pb2.DecideBatchRequest
+                      ) -> decision_pb2.DecideBatchResponse:
+        if len(request.rows):
+            raise _Invalid("rows", "give either rows or matrix, not both")
+        cols, size = request.columns, len(request.matrix)
+        if cols == 0:
+            raise _Invalid("columns", "is required with matrix (the policy's input count)")
+        if size % cols:
+            raise _Invalid("matrix", f"{size} values is not a whole number of rows of "
+                                     f"{cols} columns")
+        n = size // cols
+        self._check_rows(n, "matrix")
+        if len(request.users) not in (0, n):
+            raise _Invalid("users", f"{len(request.users)} users for {n} rows (give one per "
+                                    "row or none)")
+        name = request.decision_point
+        policy = self._client.policy(name)
+        if policy is None:
+            return self._batch_default(request, n)
+        if cols != policy.n_inputs:
+            raise _Invalid("columns", f"policy {name!r} has {policy.n_inputs} inputs, got "
+                                      f"{cols}")
+        mask = None
+        if len(request.eligible):
+            index = {a: i for i, a in enumerate(policy.action_ids)}
+            mask = np.zeros(policy.n_actions, np.bool_)
+            for a in request.eligible:
+                if a not in index:
+                    raise _Invalid("eligible", f"{a!r} is not an action of policy {name!r} "
+                                               f"(actions: {list(policy.action_ids)})")
+                mask[index[a]] = True
+        users = None
+        if len(request.users):
+            users = list(request.users)
+            if "" in users:
+                users = [u or None for u in users]
+        x = np.array(request.matrix, dtype=np.float64).reshape(n, cols)
+        try:
+            b = self._client.decide_batch(name, x, users, mask, deferred=request.deferred)
+        except FeatureError as exc:
+            raise _Invalid("matrix", str(exc)) from None
+        except KeyError:   # no policy any more (cannot happen today: policies are never removed)
+            return self._batch_default(request, n)
+        ids = b.action_ids
+        hi = f"{int(b.event_hi[0]):016x}" if n else ""
+        codes = b.reason_codes
+        if n and not codes.any():
+            reasons = [Reason.POLICY] * n
+        else:
+            reasons = [REASONS[c] for c in codes.tolist()]
+        return decision_pb2.DecideBatchResponse(
+            actions=[ids[a] for a in b.actions.tolist()],
+            probabilities=b.probabilities.tolist(),
+            event_ids=[f"{hi}{lo:016x}" for lo in b.event_lo.tolist()],
+            holdout=b.holdout.tolist(), reasons=reasons, policy_name=name,
+            policy_version=b.policy_version)
+
+    def _batch_default(self, request: decision_pb2.DecideBatchRequest, n: int
+                       ) -> decision_pb2.DecideBatchResponse:
+        """No policy for the point: every row gets the caller's default, like decide()."""
+        d = self._client.decide(request.decision_point, {}, None, None,
+                                default=request.default_action or None)
+        return decision_pb2.DecideBatchResponse(
+            actions=[d.action or ""] * n, probabilities=[1.0] * n, event_ids=[""] * n,
+            holdout=[False] * n, reasons=[d.reason] * n, policy_name=request.decision_point,
+            policy_version=0)
+
+    # ------------------------------------------------------------------ outcomes
+    def Reward(self, request: decision_pb2.RewardRequest,
+               context: grpc.ServicerContext) -> decision_pb2.RewardResponse:
+        try:
+            event_id = self._event_id(request.event_id)
+            self._client.reward(event_id, _finite(request.value), _kind(request.kind, "reward"))
+        except _Invalid as exc:
+            _abort_invalid(context, exc)
+        return decision_pb2.RewardResponse()
+
+    def Observe(self, request: decision_pb2.ObserveRequest,
+                context: grpc.ServicerContext) -> decision_pb2.ObserveResponse:
+        try:
+            if not request.user:
+                raise _Invalid("user", "is required")
+            self._client.observe(request.user, _finite(request.value),
+                                 _kind(request.kind, "observe"))
+        except _Invalid as exc:
+            _abort_invalid(context, exc)
+        return decision_pb2.ObserveResponse()
+
+    def Activate(self, request: decision_pb2.ActivateRequest,
+                 context: grpc.ServicerContext) -> decision_pb2.ActivateResponse:
+        try:
+            self._client.activate(self._event_id(request.event_id))
+        except _Invalid as exc:
+            _abort_invalid(context, exc)
+        return decision_pb2.ActivateResponse()
+
+    @staticmethod
+    def _event_id(event_id: str) -> str:
+        if not event_id:
+            raise _Invalid("event_id", "is required")
+        if len(event_id) != 32:
+            raise _Invalid("event_id", f"{event_id!r} is not 32 hex digits")
+        try:
+            int(event_id, 16)
+        except ValueError:
+            raise _Invalid("event_id", f"{event_id!r} is not 32 hex digits") from None
+        return event_id
+
+
+class DecisionServer:
+    """Runs the gRPC decision service around a :class:`DecisionClient`.
+
+    Example::
+
+        cfg = ClientConfig(learner="127.0.0.1:7070", policy_name="bonus",
+                           fallback_policy="bonus.policy")
+        with DecisionServer(cfg, port=7071) as server:
+            server.wait()
+
+    Args:
+        client: a DecisionClient (the server uses it and leaves it open on stop) or a
+            :class:`ClientConfig` (the server builds the client and closes it on stop,
+            flushing what it logged to the learner).
+        host, port: where to listen (port 0 = ephemeral; read :attr:`port` after start).
+        security: TLS and tokens; the default serves plaintext on loopback only.
+        max_workers: server threads.
+        max_batch_rows: largest DecideBatch (rows or matrix rows).
+        max_message_bytes: largest request or response message.
+    """
+
+    def __init__(self, client: DecisionClient | ClientConfig, host: str = "127.0.0.1",
+                 port: int = 0, *, security: ServerSecurity | None = None, max_workers: int = 16,
+                 max_batch_rows: int = 10_000, max_message_bytes: int = 4 * _MiB) -> None:
+        if max_workers < 1 or max_batch_rows < 1 or max_message_bytes < 1024:
+            raise ValueError("max_workers and max_batch_rows must be >= 1, max_message_bytes "
+                             ">= 1024")
+        self.security = security if security is not None else ServerSecurity()
+        self.security.check_bind(host)
+        self._owns_client = isinstance(client, ClientConfig)
+        self.client = DecisionClient(client) if isinstance(client, ClientConfig) else client
+        self.host = host
+        self.port = 0
+        self._requested_port = port
+        self._max_workers = max_workers
+        self._max_batch_rows = max_batch_rows
+        self._max_message_bytes = max_message_bytes
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._stop = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return join_host_port(self.host, self.port)
+
+    def start(self) -> "DecisionServer":
+        """Bind and serve; returns self."""
+        limit = self._max_message_bytes
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers,
+                                       thread_name_prefix="loops-decide-rpc"),
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit)],
+            interceptors=self.security.interceptors(DECISION_METHOD_ROLES))
+        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+            DecisionServicer(self.client, max_batch_rows=self._max_batch_rows), server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
+                                             reflection.SERVICE_NAME), server)
+        try:
+            self.port = self.security.add_port(server, self.host, self._requested_port)
+        except BaseException:
+            self._close_client()
+            raise
+        server.start()
+        self._server = server
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        threading.Thread(target=self._report_ready, name="loops-decide-health",
+                         daemon=True).start()
+        logger.info("decision service listening on %s (%s; decision points %s)", self.address,
+                    self.security.describe(),
+                    list(self.client.config.watched_names) or list(self.client.policies))
+        return self
+
+    def _report_ready(self) -> None:
+        # The service is SERVING for load balancers once every watched point has a policy.
+        while not self._stop.is_set():
+            if self.client.wait_for_initialization(0.25):
+                if not self._stop.is_set() and self._health is not None:
+                    self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+                return
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Stop serving (in-flight calls get ``grace`` seconds), then close the client if the
+        server built it (which flushes its records to the learner). Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        self._close_client()
+        logger.info("decision service stopped")
+
+    close = stop
+
+    def _close_client(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` is called; True if it was."""
+        return self._stop.wait(timeout)
+
+    def __enter__(self) -> "DecisionServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"DecisionServer({self.address}, {self.client!r})"
