@@ -47,6 +47,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+# A missing or wrong token is a deployment mistake, not bad data: keep (spool) the records
+# and retry, so they arrive once the token is fixed.
+_AUTH_FAILURES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
 def split_records(records: FeedbackRecords, limit: int) -> list[FeedbackRecords]:
@@ -124,6 +127,7 @@ class LearnerTransport:
         self._watch_call: Any = None
         self._counters = collections.Counter()
         self.connected = False
+        self._auth_failed = False
         self.last_sync: float | None = None
         self._shipper = threading.Thread(target=self._ship_loop, name="loops-shipper",
                                          daemon=True)
@@ -231,6 +235,14 @@ class LearnerTransport:
             ack = self._stub.ReportFeedback(batch, timeout=self._cfg.rpc_timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            if code in _AUTH_FAILURES:
+                if not self._auth_failed:   # once per outage, not once per retry
+                    logger.error("loops: the learner refused our feedback (%s: %s); records "
+                                 "are kept in the spool; check the token (ClientConfig.token "
+                                 "or $LOOPS_TOKEN)", code.name,
+                                 exc.details() if hasattr(exc, "details") else exc)
+                self._auth_failed = True
+                return "retry"
             if code in _RETRYABLE:
                 logger.debug("loops: feedback send failed (%s), will retry", code)
                 return "retry"
@@ -239,6 +251,7 @@ class LearnerTransport:
                          batch.sequence, code, exc.details() if hasattr(exc, "details") else exc)
             return "rejected"
         self.connected = True
+        self._auth_failed = False
         self._counters["batches_acked"] += 1
         self._counters["records_acked"] += count
         if ack.duplicate:
@@ -276,7 +289,11 @@ class LearnerTransport:
                 if self._stop.is_set():
                     return
                 code = exc.code() if hasattr(exc, "code") else None
-                logger.debug("loops: policy watch interrupted (%s); reconnecting", code)
+                if code in _AUTH_FAILURES:   # a deployment mistake: say so (backoff bounds it)
+                    logger.error("loops: the learner refused the policy watch (%s); check "
+                                 "the token; retrying", code.name)
+                else:
+                    logger.debug("loops: policy watch interrupted (%s); reconnecting", code)
             finally:
                 self._watch_call = None
             if self._stop.wait(random.uniform(0, backoff)):
