@@ -13,10 +13,10 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import decide, learner, memory, peers, shipping
+from . import decide, learner, memory, peers, service, shipping
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
-            "learner": learner.run, "shipping": shipping.run}
+            "learner": learner.run, "shipping": shipping.run, "service": service.run}
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -56,8 +56,8 @@ def main() -> int:
             request = pb.DecideRequest(
                 decision_point=args.decision_point,
                 user=f"player-{i}",
-                features={"level": pb.FeatureValue(number=rng.randint(1, 40)),
-                          "spend": pb.FeatureValue(number=round(rng.uniform(0, 200), 2))},
+                features={"level": rng.randint(1, 40), "spend": round(rng.uniform(0, 200), 2)},
+                categories={"country": rng.choice(["DE", "FR", "BR"])},
                 default_action="none")      # returned if the service has no policy yet
             try:
                 d = stub.Decide(request, timeout=1.0, metadata=metadata)   # always a deadline

@@ -69,18 +69,20 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
                       "deadline expired before the call was started; nothing was decided")
 
 
-def _features(features: Any, vector: Any, where: str) -> Any:
-    """The ``features`` map or the ``vector`` of a request (or row) as decide() takes them."""
-    if len(vector):
-        if len(features):
-            raise _Invalid(f"{where}features", "give either features or vector, not both")
-        return np.array(vector, dtype=np.float64)
-    out: dict[str, float | str] = {}
-    for key, value in features.items():
-        kind = value.WhichOneof("value")
-        if kind is None:
-            raise _Invalid(f"{where}features[{key!r}]", "has neither number nor category set")
-        out[key] = value.number if kind == "number" else value.category
+def _features(req: Any, where: str) -> Any:
+    """The features of a request (or row) as decide() takes them: a name -> number/str dict
+    from ``features`` and ``categories``, or the ``vector`` as an array."""
+    if len(req.vector):
+        if len(req.features) or len(req.categories):
+            raise _Invalid(f"{where}vector", "give either vector or features/categories, "
+                                             "not both")
+        return np.array(req.vector, dtype=np.float64)
+    out: dict[str, float | str] = dict(req.features)
+    if len(req.categories):
+        for name in req.categories:
+            if name in out:
+                raise _Invalid(f"{where}categories[{name!r}]", "is also given in features")
+        out.update(req.categories)
     return out
 
 
@@ -126,7 +128,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     def _decide_one(self, name: str, req: Any, default: str | None, deferred: bool,
                     where: str) -> Any:
-        x = _features(req.features, req.vector, where)
+        x = _features(req, where)
+        if len(req.categories):
+            self._check_categories(name, req.categories, where)
         try:
             return self._client.decide(name, x, req.user or None, list(req.eligible) or None,
                                        default=default, deferred=deferred)
@@ -135,6 +139,19 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         except FeatureError as exc:
             raise _Invalid(f"{where}{'vector' if len(req.vector) else 'features'}",
                            str(exc)) from None
+
+    def _check_categories(self, name: str, categories: Any, where: str) -> None:
+        # A string for a numeric feature is the caller's mistake in `categories`: say so there
+        # (the scorer's own error could not tell the two maps apart).
+        policy = self._client.policy(name)
+        if policy is None:
+            return
+        numeric = {f.name for f in policy.features if f.kind == "numeric"}
+        for key in categories:
+            if key in numeric:
+                raise _Invalid(f"{where}categories[{key!r}]",
+                               f"feature {key!r} of policy {name!r} is numeric: give it in "
+                               "features")
 
     # ------------------------------------------------------------------ batch
     def DecideBatch(self, request: decision_pb2.DecideBatchRequest,
@@ -218,7 +235,8 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         except KeyError:   # no policy any more (cannot happen today: policies are never removed)
             return self._batch_default(request, n)
         ids = b.action_ids
-        hi = f"{int(b.event_hi[0]):016x}" if n else ""
+        # 32 hex digits per event id, formatted in one pass over the big-endian (hi, lo) bytes.
+        hexed = np.stack([b.event_hi, b.event_lo], axis=1).astype(">u8").tobytes().hex()
         codes = b.reason_codes
         if n and not codes.any():
             reasons = [Reason.POLICY] * n
@@ -227,7 +245,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         return decision_pb2.DecideBatchResponse(
             actions=[ids[a] for a in b.actions.tolist()],
             probabilities=b.probabilities.tolist(),
-            event_ids=[f"{hi}{lo:016x}" for lo in b.event_lo.tolist()],
+            event_ids=[hexed[i:i + 32] for i in range(0, 32 * n, 32)],
             holdout=b.holdout.tolist(), reasons=reasons, policy_name=name,
             policy_version=b.policy_version)
 

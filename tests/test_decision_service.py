@@ -71,9 +71,10 @@ def stub(server):
         yield decision_pb2_grpc.DecisionServiceStub(ch)
 
 
-def fv(value) -> pb.FeatureValue:
-    return pb.FeatureValue(category=value) if isinstance(value, str) else \
-        pb.FeatureValue(number=value)
+def split(feats: dict) -> dict:
+    """A name -> number/str dict as the request's two maps."""
+    return {"features": {k: v for k, v in feats.items() if not isinstance(v, str)},
+            "categories": {k: v for k, v in feats.items() if isinstance(v, str)}}
 
 
 def requests(n: int, seed: int = 0):
@@ -102,7 +103,7 @@ def test_decide_matches_an_embedded_client(stub):
     held = 0
     for feats, user, eligible in requests(60):
         resp = stub.Decide(pb.DecideRequest(
-            decision_point="bonus", features={k: fv(v) for k, v in feats.items()}, user=user,
+            decision_point="bonus", **split(feats), user=user,
             eligible=eligible), timeout=5)
         d = embedded.decide("bonus", feats, user, eligible or None)
         assert (resp.action, resp.probability, resp.event_id, resp.holdout, resp.reason,
@@ -135,7 +136,7 @@ def test_decide_batch_matrix_matches_embedded_decide_batch(stub):
 
 def test_decide_batch_rows_match_single_decides(stub):
     reqs = requests(20, seed=9)
-    rows = [pb.DecideRow(features={k: fv(v) for k, v in f.items()}, user=u, eligible=e)
+    rows = [pb.DecideRow(**split(f), user=u, eligible=e)
             for f, u, e in reqs]
     resp = stub.DecideBatch(pb.DecideBatchRequest(decision_point="bonus", rows=rows), timeout=5)
     embedded = DecisionClient(policies=[make_policy()], seed=SEED)
@@ -192,12 +193,13 @@ def _decide(**kw):
 
 @pytest.mark.parametrize("request_, field", [
     (pb.DecideRequest(), "decision_point"),
-    (_decide(features={"level": pb.FeatureValue(category="high")}), "'level'"),
-    (_decide(features={"level": pb.FeatureValue()}), "features['level']"),
-    (_decide(features={"spend": pb.FeatureValue(number=math.inf)}), "'spend'"),
+    (_decide(categories={"level": "high"}), "categories['level']"),
+    (_decide(features={"country": 1.0}, categories={"country": "DE"}), "categories['country']"),
+    (_decide(features={"spend": math.inf}), "features: feature 'spend'"),
     (_decide(vector=[1.0, 2.0]), "vector"),
     (_decide(vector=[math.nan] * 7), "vector"),
-    (_decide(vector=[1.0] * 7, features={"level": pb.FeatureValue(number=1)}), "features"),
+    (_decide(vector=[1.0] * 7, features={"level": 1.0}), "vector"),
+    (_decide(vector=[1.0] * 7, categories={"country": "DE"}), "vector"),
     (_decide(eligible=["free_money"]), "eligible"),
 ])
 def test_decide_invalid_argument_names_the_field(stub, request_, field):
@@ -322,7 +324,7 @@ def test_decisions_and_outcomes_reach_the_learner(learner, tmp_path):
     server = serve(learner, tmp_path)
     with grpc.insecure_channel(server.address) as ch:
         stub = decision_pb2_grpc.DecisionServiceStub(ch)
-        d = stub.Decide(_decide(user="p1", features={"level": fv(3.0)}), timeout=5)
+        d = stub.Decide(_decide(user="p1", features={"level": 3.0}), timeout=5)
         stub.Reward(pb.RewardRequest(event_id=d.event_id, value=12.5, kind="deposit"), timeout=5)
         stub.Observe(pb.ObserveRequest(user="p1", value=4.0), timeout=5)
         stub.DecideBatch(_batch(matrix=[0.0] * 7 * 10, columns=7), timeout=5)

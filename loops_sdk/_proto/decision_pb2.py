@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loops/v1/decision.proto\x12\x08loops.v1\"=\n\x0c\x46\x65\x61tureValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x12\n\x08\x63\x61tegory\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"\x83\x02\n\rDecideRequest\x12\x16\n\x0e\x64\x65\x63ision_point\x18\x01 \x01(\t\x12\x37\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32%.loops.v1.DecideRequest.FeaturesEntry\x12\x0e\n\x06vector\x18\x03 \x03(\x01\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08\x65ligible\x18\x05 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_action\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x08\x1aG\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.loops.v1.FeatureValue:\x02\x38\x01\"\x95\x01\n\x0e\x44\x65\x63ideResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x0f\n\x07holdout\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xb9\x01\n\tDecideRow\x12\x33\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32!.loops.v1.DecideRow.FeaturesEntry\x12\x0e\n\x06vector\x18\x02 \x03(\x01\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08\x65ligible\x18\x04 \x03(\t\x1aG\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.loops.v1.FeatureValue:\x02\x38\x01\"\xbb\x01\n\x12\x44\x65\x63ideBatchRequest\x12\x16\n\x0e\x64\x65\x63ision_point\x18\x01 \x01(\t\x12!\n\x04rows\x18\x02 \x03(\x0b\x32\x13.loops.v1.DecideRow\x12\x0e\n\x06matrix\x18\x03 \x03(\x01\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\x12\r\n\x05users\x18\x05 \x03(\t\x12\x10\n\x08\x65ligible\x18\x06 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_action\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x08 \x01(\x08\"\x9f\x01\n\x13\x44\x65\x63ideBatchResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12\x11\n\tevent_ids\x18\x03 \x03(\t\x12\x0f\n\x07holdout\x18\x04 \x03(\x08\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x13\n\x0bpolicy_name\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x04\">\n\rRewardRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x10\n\x0eRewardResponse\";\n\x0eObserveRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x11\n\x0fObserveResponse\"#\n\x0f\x41\x63tivateRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"\x12\n\x10\x41\x63tivateResponse2\xda\x02\n\x0f\x44\x65\x63isionService\x12;\n\x06\x44\x65\x63ide\x12\x17.loops.v1.DecideRequest\x1a\x18.loops.v1.DecideResponse\x12J\n\x0b\x44\x65\x63ideBatch\x12\x1c.loops.v1.DecideBatchRequest\x1a\x1d.loops.v1.DecideBatchResponse\x12;\n\x06Reward\x12\x17.loops.v1.RewardRequest\x1a\x18.loops.v1.RewardResponse\x12>\n\x07Observe\x12\x18.loops.v1.ObserveRequest\x1a\x19.loops.v1.ObserveResponse\x12\x41\n\x08\x41\x63tivate\x12\x19.loops.v1.ActivateRequest\x1a\x1a.loops.v1.ActivateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loops/v1/decision.proto\x12\x08loops.v1\"\xdb\x02\n\rDecideRequest\x12\x16\n\x0e\x64\x65\x63ision_point\x18\x01 \x01(\t\x12\x37\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32%.loops.v1.DecideRequest.FeaturesEntry\x12;\n\ncategories\x18\x08 \x03(\x0b\x32\'.loops.v1.DecideRequest.CategoriesEntry\x12\x0e\n\x06vector\x18\x03 \x03(\x01\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08\x65ligible\x18\x05 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_action\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x08\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x0e\x44\x65\x63ideResponse\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x0f\n\x07holdout\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\x8d\x02\n\tDecideRow\x12\x33\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32!.loops.v1.DecideRow.FeaturesEntry\x12\x37\n\ncategories\x18\x05 \x03(\x0b\x32#.loops.v1.DecideRow.CategoriesEntry\x12\x0e\n\x06vector\x18\x02 \x03(\x01\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08\x65ligible\x18\x04 \x03(\t\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x12\x44\x65\x63ideBatchRequest\x12\x16\n\x0e\x64\x65\x63ision_point\x18\x01 \x01(\t\x12!\n\x04rows\x18\x02 \x03(\x0b\x32\x13.loops.v1.DecideRow\x12\x0e\n\x06matrix\x18\x03 \x03(\x01\x12\x0f\n\x07\x63olumns\x18\x04 \x01(\r\x12\r\n\x05users\x18\x05 \x03(\t\x12\x10\n\x08\x65ligible\x18\x06 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_action\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x08 \x01(\x08\"\x9f\x01\n\x13\x44\x65\x63ideBatchResponse\x12\x0f\n\x07\x61\x63tions\x18\x01 \x03(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12\x11\n\tevent_ids\x18\x03 \x03(\t\x12\x0f\n\x07holdout\x18\x04 \x03(\x08\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x13\n\x0bpolicy_name\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x04\">\n\rRewardRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x10\n\x0eRewardResponse\";\n\x0eObserveRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x11\n\x0fObserveResponse\"#\n\x0f\x41\x63tivateRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"\x12\n\x10\x41\x63tivateResponse2\xda\x02\n\x0f\x44\x65\x63isionService\x12;\n\x06\x44\x65\x63ide\x12\x17.loops.v1.DecideRequest\x1a\x18.loops.v1.DecideResponse\x12J\n\x0b\x44\x65\x63ideBatch\x12\x1c.loops.v1.DecideBatchRequest\x1a\x1d.loops.v1.DecideBatchResponse\x12;\n\x06Reward\x12\x17.loops.v1.RewardRequest\x1a\x18.loops.v1.RewardResponse\x12>\n\x07Observe\x12\x18.loops.v1.ObserveRequest\x1a\x19.loops.v1.ObserveResponse\x12\x41\n\x08\x41\x63tivate\x12\x19.loops.v1.ActivateRequest\x1a\x1a.loops.v1.ActivateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECIDEREQUEST_FEATURESENTRY']._loaded_options = None
   _globals['_DECIDEREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_DECIDEREQUEST_CATEGORIESENTRY']._loaded_options = None
+  _globals['_DECIDEREQUEST_CATEGORIESENTRY']._serialized_options = b'8\001'
   _globals['_DECIDEROW_FEATURESENTRY']._loaded_options = None
   _globals['_DECIDEROW_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_FEATUREVALUE']._serialized_start=37
-  _globals['_FEATUREVALUE']._serialized_end=98
-  _globals['_DECIDEREQUEST']._serialized_start=101
-  _globals['_DECIDEREQUEST']._serialized_end=360
-  _globals['_DECIDEREQUEST_FEATURESENTRY']._serialized_start=289
-  _globals['_DECIDEREQUEST_FEATURESENTRY']._serialized_end=360
-  _globals['_DECIDERESPONSE']._serialized_start=363
-  _globals['_DECIDERESPONSE']._serialized_end=512
-  _globals['_DECIDEROW']._serialized_start=515
-  _globals['_DECIDEROW']._serialized_end=700
-  _globals['_DECIDEROW_FEATURESENTRY']._serialized_start=289
-  _globals['_DECIDEROW_FEATURESENTRY']._serialized_end=360
-  _globals['_DECIDEBATCHREQUEST']._serialized_start=703
-  _globals['_DECIDEBATCHREQUEST']._serialized_end=890
-  _globals['_DECIDEBATCHRESPONSE']._serialized_start=893
-  _globals['_DECIDEBATCHRESPONSE']._serialized_end=1052
-  _globals['_REWARDREQUEST']._serialized_start=1054
-  _globals['_REWARDREQUEST']._serialized_end=1116
-  _globals['_REWARDRESPONSE']._serialized_start=1118
-  _globals['_REWARDRESPONSE']._serialized_end=1134
-  _globals['_OBSERVEREQUEST']._serialized_start=1136
-  _globals['_OBSERVEREQUEST']._serialized_end=1195
-  _globals['_OBSERVERESPONSE']._serialized_start=1197
-  _globals['_OBSERVERESPONSE']._serialized_end=1214
-  _globals['_ACTIVATEREQUEST']._serialized_start=1216
-  _globals['_ACTIVATEREQUEST']._serialized_end=1251
-  _globals['_ACTIVATERESPONSE']._serialized_start=1253
-  _globals['_ACTIVATERESPONSE']._serialized_end=1271
-  _globals['_DECISIONSERVICE']._serialized_start=1274
-  _globals['_DECISIONSERVICE']._serialized_end=1620
+  _globals['_DECIDEROW_CATEGORIESENTRY']._loaded_options = None
+  _globals['_DECIDEROW_CATEGORIESENTRY']._serialized_options = b'8\001'
+  _globals['_DECIDEREQUEST']._serialized_start=38
+  _globals['_DECIDEREQUEST']._serialized_end=385
+  _globals['_DECIDEREQUEST_FEATURESENTRY']._serialized_start=287
+  _globals['_DECIDEREQUEST_FEATURESENTRY']._serialized_end=334
+  _globals['_DECIDEREQUEST_CATEGORIESENTRY']._serialized_start=336
+  _globals['_DECIDEREQUEST_CATEGORIESENTRY']._serialized_end=385
+  _globals['_DECIDERESPONSE']._serialized_start=388
+  _globals['_DECIDERESPONSE']._serialized_end=537
+  _globals['_DECIDEROW']._serialized_start=540
+  _globals['_DECIDEROW']._serialized_end=809
+  _globals['_DECIDEROW_FEATURESENTRY']._serialized_start=287
+  _globals['_DECIDEROW_FEATURESENTRY']._serialized_end=334
+  _globals['_DECIDEROW_CATEGORIESENTRY']._serialized_start=336
+  _globals['_DECIDEROW_CATEGORIESENTRY']._serialized_end=385
+  _globals['_DECIDEBATCHREQUEST']._serialized_start=812
+  _globals['_DECIDEBATCHREQUEST']._serialized_end=999
+  _globals['_DECIDEBATCHRESPONSE']._serialized_start=1002
+  _globals['_DECIDEBATCHRESPONSE']._serialized_end=1161
+  _globals['_REWARDREQUEST']._serialized_start=1163
+  _globals['_REWARDREQUEST']._serialized_end=1225
+  _globals['_REWARDRESPONSE']._serialized_start=1227
+  _globals['_REWARDRESPONSE']._serialized_end=1243
+  _globals['_OBSERVEREQUEST']._serialized_start=1245
+  _globals['_OBSERVEREQUEST']._serialized_end=1304
+  _globals['_OBSERVERESPONSE']._serialized_start=1306
+  _globals['_OBSERVERESPONSE']._serialized_end=1323
+  _globals['_ACTIVATEREQUEST']._serialized_start=1325
+  _globals['_ACTIVATEREQUEST']._serialized_end=1360
+  _globals['_ACTIVATERESPONSE']._serialized_start=1362
+  _globals['_ACTIVATERESPONSE']._serialized_end=1380
+  _globals['_DECISIONSERVICE']._serialized_start=1383
+  _globals['_DECISIONSERVICE']._serialized_end=1729
 # @@protoc_insertion_point(module_scope)

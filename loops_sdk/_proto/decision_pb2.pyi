@@ -7,38 +7,39 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class FeatureValue(_message.Message):
-    __slots__ = ("number", "category")
-    NUMBER_FIELD_NUMBER: _ClassVar[int]
-    CATEGORY_FIELD_NUMBER: _ClassVar[int]
-    number: float
-    category: str
-    def __init__(self, number: _Optional[float] = ..., category: _Optional[str] = ...) -> None: ...
-
 class DecideRequest(_message.Message):
-    __slots__ = ("decision_point", "features", "vector", "user", "eligible", "default_action", "deferred")
+    __slots__ = ("decision_point", "features", "categories", "vector", "user", "eligible", "default_action", "deferred")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
-        value: FeatureValue
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DECISION_POINT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
     decision_point: str
-    features: _containers.MessageMap[str, FeatureValue]
+    features: _containers.ScalarMap[str, float]
+    categories: _containers.ScalarMap[str, str]
     vector: _containers.RepeatedScalarFieldContainer[float]
     user: str
     eligible: _containers.RepeatedScalarFieldContainer[str]
     default_action: str
     deferred: bool
-    def __init__(self, decision_point: _Optional[str] = ..., features: _Optional[_Mapping[str, FeatureValue]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
+    def __init__(self, decision_point: _Optional[str] = ..., features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
     __slots__ = ("action", "probability", "event_id", "policy_name", "policy_version", "holdout", "reason")
@@ -59,23 +60,32 @@ class DecideResponse(_message.Message):
     def __init__(self, action: _Optional[str] = ..., probability: _Optional[float] = ..., event_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., holdout: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DecideRow(_message.Message):
-    __slots__ = ("features", "vector", "user", "eligible")
+    __slots__ = ("features", "categories", "vector", "user", "eligible")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
-        value: FeatureValue
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
-    features: _containers.MessageMap[str, FeatureValue]
+    features: _containers.ScalarMap[str, float]
+    categories: _containers.ScalarMap[str, str]
     vector: _containers.RepeatedScalarFieldContainer[float]
     user: str
     eligible: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, features: _Optional[_Mapping[str, FeatureValue]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecideBatchRequest(_message.Message):
     __slots__ = ("decision_point", "rows", "matrix", "columns", "users", "eligible", "default_action", "deferred")
