@@ -408,3 +408,11 @@ def test_cli_dev_certs_then_secured_commands(tmp_path, capsys, monkeypatch):
     # A public bind without TLS and tokens is refused by the CLI with a clear message.
     assert cli_main(["learner", "--db", str(tmp_path / "z.sqlite"), "--host", "0.0.0.0"]) == 2
     assert "non-loopback" in capsys.readouterr().err
+
+
+def test_dev_certs_without_cryptography_says_which_extra(tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "cryptography", None)   # as if not installed
+    assert cli_main(["dev-certs", str(tmp_path / "d")]) == 1
+    assert "loops-sdk[dev-certs]" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
