@@ -11,7 +11,8 @@ per-call p50/p99 latency over a fixed window after a warm-up.
 The load generators send pre-serialised requests and do not parse responses, so as little as
 possible of the shared CPU goes to the measuring side; everything the service does is
 included. Callers are split over at most two processes (the machine the targets were set for
-has two cores, shared by the service, the learner and the load).
+has two cores, shared by the service, the learner and the load). A no-op RPC (health check)
+through the same server at 8 callers gives the floor that gRPC itself sets on the machine.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from .common import D_DEFAULT, POLICY, Row, make_policy
 
 BATCH_ROWS = 100
 CALLERS = (1, 8, 64)
-SERVER_WORKERS = 16
+SERVER_WORKERS = 4   # DecisionServer's default: more threads only contend for the GIL
 TARGET_BATCH_PER_S = 100_000
 TARGET_DECIDE_P99_NS = 2_000_000
-_METHOD = "/loops.v1.DecisionService/{}"
+_METHODS = {"Decide": "/loops.v1.DecisionService/Decide",
+            "DecideBatch": "/loops.v1.DecisionService/DecideBatch",
+            # the floor: a no-op RPC (health check) through the same server, same load
+            "Check": "/grpc.health.v1.Health/Check"}
 
 
 # --------------------------------------------------------------------------- processes
@@ -79,6 +83,9 @@ def _cpu_seconds(pid: int) -> float:
 # --------------------------------------------------------------------------- requests
 def _requests(kind: str, count: int, seed: int) -> list[bytes]:
     from loops_sdk._proto import decision_pb2 as pb
+    if kind == "Check":
+        from grpc_health.v1 import health_pb2
+        return [health_pb2.HealthCheckRequest().SerializeToString()] * count
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
@@ -107,7 +114,7 @@ def _load(target: str, kind: str, callers: int, warmup: float, seconds: float, s
 
     async def main() -> tuple[int, list[int]]:
         async with grpc.aio.insecure_channel(target) as ch:
-            call = ch.unary_unary(_METHOD.format(kind))   # bytes in, bytes out
+            call = ch.unary_unary(_METHODS[kind])   # bytes in, bytes out
             for r in requests[:8]:
                 await call(r, timeout=10)
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
@@ -132,12 +139,13 @@ def _load(target: str, kind: str, callers: int, warmup: float, seconds: float, s
                         count += 1
                     i += callers
 
+            cpu0 = time.process_time()
             await asyncio.gather(*(caller(k) for k in range(callers)))
-            return count, lat
+            return count, lat, time.process_time() - cpu0
 
     try:
-        count, lat = asyncio.run(main())
-        results.put((count, np.asarray(lat, np.int64).tobytes()))
+        count, lat, cpu = asyncio.run(main())
+        results.put((count, np.asarray(lat, np.int64).tobytes(), cpu))
     except Exception as exc:  # report, don't hang the parent
         results.put(("error", repr(exc)))
 
@@ -155,7 +163,6 @@ def _run_load(target: str, kind: str, callers: int, warmup: float, seconds: floa
     for w in workers:
         w.start()
     barrier.wait(timeout=120)
-    cpu0 = _cpu_seconds(server_pid)
     time.sleep(warmup)
     cpu_w = _cpu_seconds(server_pid)
     time.sleep(seconds)
@@ -170,8 +177,8 @@ def _run_load(target: str, kind: str, callers: int, warmup: float, seconds: floa
     lat = np.concatenate([np.frombuffer(g[1], np.int64) for g in got]) if calls else \
         np.zeros(1, np.int64)
     rows = BATCH_ROWS if kind == "DecideBatch" else 1
-    del cpu0
-    return {"kind": kind, "callers": callers, "calls": int(calls),
+    load_cpu = sum(g[2] for g in got) / (warmup + seconds)   # warm-up included: same rate
+    return {"kind": kind, "callers": callers, "calls": int(calls), "load_cores": load_cpu,
             "decisions_per_s": calls * rows / seconds, "calls_per_s": calls / seconds,
             "p50_ns": float(np.percentile(lat, 50)), "p99_ns": float(np.percentile(lat, 99)),
             "server_cores": (cpu1 - cpu_w) / seconds, "processes": procs}
@@ -211,6 +218,7 @@ def measure(quick: bool) -> dict:
                 for callers in CALLERS:
                     out["runs"].append(_run_load(addr, kind, callers, warmup, seconds,
                                                  server.pid))
+            out["floor"] = _run_load(addr, "Check", 8, warmup, seconds, server.pid)
         finally:
             if server is not None:
                 _stop(server)
@@ -229,8 +237,13 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
         rows.append(Row("service", f"{label}, {r['callers']} caller"
                         f"{'s' if r['callers'] > 1 else ''}", r["decisions_per_s"], "dec/s",
                         note=f"per call p50 {r['p50_ns'] / 1e3:,.0f} µs, p99 "
-                             f"{r['p99_ns'] / 1e3:,.0f} µs; service used "
-                             f"{r['server_cores']:.2f} cores", extra=r))
+                             f"{r['p99_ns'] / 1e3:,.0f} µs; cores used: service "
+                             f"{r['server_cores']:.2f}, load {r['load_cores']:.2f}", extra=r))
+    f = data["floor"]
+    rows.append(Row("service", "floor: no-op health Check, 8 callers", f["calls_per_s"],
+                    "dec/s", note=f"calls/s; per call p50 {f['p50_ns'] / 1e3:,.0f} µs, p99 "
+                                  f"{f['p99_ns'] / 1e3:,.0f} µs: gRPC itself, same server",
+                    extra=f))
     decide8 = next(r for r in data["runs"] if r["kind"] == "Decide" and r["callers"] == 8)
     rows.append(Row("service", "Decide p99, 8 callers", decide8["p99_ns"], "ns",
                     f"<= {TARGET_DECIDE_P99_NS / 1e6:g} ms",
