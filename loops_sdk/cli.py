@@ -244,7 +244,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="policy file used until the learner sends one (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7071, help="0 = pick a free port")
-    p.add_argument("--max-workers", type=int, default=16, help="server threads")
+    p.add_argument("--max-workers", type=int, default=4,
+                   help="server threads (a few serve best: handlers hold the GIL briefly)")
     p.add_argument("--max-batch-rows", type=int, default=10_000,
                    help="largest DecideBatch accepted")
     p.add_argument("--max-message-mb", type=float, default=4.0,

@@ -317,13 +317,15 @@ class DecisionServer:
             flushing what it logged to the learner).
         host, port: where to listen (port 0 = ephemeral; read :attr:`port` after start).
         security: TLS and tokens; the default serves plaintext on loopback only.
-        max_workers: server threads.
+        max_workers: server threads. Handlers take microseconds and hold the GIL, so a few
+            threads serve best (more only contend); calls beyond them queue. An open
+            reflection stream holds one thread while it lasts.
         max_batch_rows: largest DecideBatch (rows or matrix rows).
         max_message_bytes: largest request or response message.
     """
 
     def __init__(self, client: DecisionClient | ClientConfig, host: str = "127.0.0.1",
-                 port: int = 0, *, security: ServerSecurity | None = None, max_workers: int = 16,
+                 port: int = 0, *, security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 * _MiB) -> None:
         if max_workers < 1 or max_batch_rows < 1 or max_message_bytes < 1024:
             raise ValueError("max_workers and max_batch_rows must be >= 1, max_message_bytes "

@@ -310,7 +310,7 @@ def test_security_settings_are_validated(certs):
 def test_loopback_detection_and_targets():
     for host in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost", "LOCALHOST"):
         assert is_loopback(host), host
-    for host in ("", "0.0.0.0", "::", "10.0.0.1", "192.168.1.1", "example.invalid"):
+    for host in ("", "0.0.0.0", "::", "10.0.0.1", "192.168.1.1", "[::]"):  # no DNS: loopback only
         assert not is_loopback(host), host
     assert target_host("127.0.0.1:7070") == "127.0.0.1"
     assert target_host("[::1]:7070") == "::1"
