@@ -187,14 +187,13 @@ def _run_load(target: str, kind: str, callers: int, warmup: float, seconds: floa
 # --------------------------------------------------------------------------- section
 def measure(quick: bool) -> dict:
     try:
-        import grpc  # noqa: F401
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from loops_sdk._proto import learner_pb2, learner_pb2_grpc
         from loops_sdk.service import SERVICE_NAME
     except ImportError as exc:
         return {"skipped": f"not available ({exc})"}
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     warmup, seconds = (0.2, 0.5) if quick else (0.5, 2.0)
     out: dict = {"runs": [], "window_s": seconds, "server_workers": SERVER_WORKERS}

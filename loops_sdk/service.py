@@ -127,10 +127,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             reason=d.reason)
 
     def _decide_one(self, name: str, req: Any, default: str | None, deferred: bool,
-                    where: str) -> Any:
-        x = _features(req, where)
-        if len(req.categories):
-            self._check_categories(name, req.categories, where)
+                    where: str, x: Any = None) -> Any:
+        if x is None:
+            x = _features(req, where)
+            if len(req.categories):
+                self._check_categories(name, req.categories, where)
         try:
             return self._client.decide(name, x, req.user or None, list(req.eligible) or None,
                                        default=default, deferred=deferred)
@@ -139,6 +140,34 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         except FeatureError as exc:
             raise _Invalid(f"{where}{'vector' if len(req.vector) else 'features'}",
                            str(exc)) from None
+
+    def _row_input(self, name: str, row: Any, where: str) -> Any:
+        """A row's features, checked against the current policy the way decide() would
+        check them (same encoder), so a bad row is refused before anything is decided."""
+        x = _features(row, where)
+        policy = self._client.policy(name)
+        if policy is None:
+            return x                      # every row gets the default: nothing to check
+        if len(row.categories):
+            self._check_categories(name, row.categories, where)
+        try:
+            if isinstance(x, dict):
+                policy.encode(x)
+            elif x.shape[0] != policy.n_inputs:
+                raise FeatureError(f"policy {name!r} expects {policy.n_inputs} inputs, got "
+                                   f"{x.shape[0]}")
+            elif not np.isfinite(x).all():
+                j = int(np.argmin(np.isfinite(x)))
+                raise FeatureError(f"feature {policy.input_names[j]!r} is {x[j]} (must be "
+                                   "finite)")
+        except FeatureError as exc:
+            raise _Invalid(f"{where}{'vector' if len(row.vector) else 'features'}",
+                           str(exc)) from None
+        unknown = [a for a in row.eligible if a not in policy.action_ids]
+        if unknown:
+            raise _Invalid(f"{where}eligible", f"{unknown[0]!r} is not an action of policy "
+                                               f"{name!r} (actions: {list(policy.action_ids)})")
+        return x
 
     def _check_categories(self, name: str, categories: Any, where: str) -> None:
         # A string for a numeric feature is the caller's mistake in `categories`: say so there
@@ -177,10 +206,13 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                                    "their own user and eligible")
         self._check_rows(len(request.rows), "rows")
         name, default = request.decision_point, request.default_action or None
+        # Validate every row before deciding any: a batch refused halfway would leave logged
+        # decisions that nobody was shown.
+        inputs = [self._row_input(name, row, f"rows[{i}].") for i, row in enumerate(request.rows)]
         actions, probs, ids, held, reasons = [], [], [], [], []
         version = 0
-        for i, row in enumerate(request.rows):
-            d = self._decide_one(name, row, default, request.deferred, f"rows[{i}].")
+        for i, (row, x) in enumerate(zip(request.rows, inputs)):
+            d = self._decide_one(name, row, default, request.deferred, f"rows[{i}].", x)
             actions.append(d.action or "")
             probs.append(d.probability)
             ids.append(d.event_id or "")

@@ -254,6 +254,19 @@ def test_outcome_invalid_argument_names_the_field(stub, method, request_, field)
     assert err.details().startswith(field)
 
 
+def test_a_bad_row_refuses_the_batch_before_anything_is_decided(stub, server):
+    before = server.client.stats()["decisions"]
+    good = pb.DecideRow(features={"level": 3.0}, user="a")
+    for bad, field in ((pb.DecideRow(features={"spend": math.nan}), "rows[2].features"),
+                       (pb.DecideRow(vector=[0.0] * 6), "rows[2].vector"),
+                       (pb.DecideRow(vector=[0.0] * 6 + [math.inf]), "rows[2].vector"),
+                       (pb.DecideRow(eligible=["spins", "nope"]), "rows[2].eligible"),
+                       (pb.DecideRow(categories={"days": "many"}), "rows[2].categories")):
+        err = call_code(stub.DecideBatch, _batch(rows=[good, good, bad, good]))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.details()
+    assert server.client.stats()["decisions"] == before     # not one row was decided
+
+
 def test_oversized_message_is_refused(learner, tmp_path):
     server = serve(learner, tmp_path, max_message_bytes=64 * 1024)
     try:
