@@ -474,7 +474,7 @@ def _check_probabilities(what: str, probs: np.ndarray, data: LoggedData) -> None
     if off.any():
         rows = np.flatnonzero(off)
         raise EvaluationError(f"{what} must sum to 1 in every row: row {int(rows[0])} sums to "
-                              f"{float(sums[rows[0]])!r} ({rows.size} rows off by more than "
+                              f"{float(sums[rows[0]]):.10g} ({rows.size} rows off by more than "
                               f"{PROBABILITY_TOLERANCE})")
     if data.eligible is not None:
         leak = (probs > _INELIGIBLE_TOLERANCE) & ~data.eligible
@@ -576,11 +576,11 @@ def fit_reward_model(data: LoggedData, *, ridge_lambda: float = 1.0, folds: int 
     centre = np.empty(folds)
     penalty = ridge_lambda * np.eye(d1)
     for f in range(folds):
-        if folds == 1:
-            a_f, b_f, centre[f] = zz[0], zr[0], r_sum[0] / n
-        else:
-            a_f, b_f = zz.sum(axis=0) - zz[f], zr.sum(axis=0) - zr[f]
-            centre[f] = (r_sum.sum() - r_sum[f]) / (n - count[f])
+        # Sum the other folds (not total minus this one): a row's own reward must not reach
+        # its prediction even through round-off.
+        train = np.arange(folds) != f if folds > 1 else np.ones(1, dtype=bool)
+        a_f, b_f = zz[train].sum(axis=0), zr[train].sum(axis=0)
+        centre[f] = r_sum[train].sum() / count[train].sum()
         # Centre the rewards on the training mean: Z'(r - c) = Z'r - c * sum(z), and sum(z)
         # is Z'Z's intercept column.
         b_centred = b_f - centre[f] * a_f[:, :, d]
