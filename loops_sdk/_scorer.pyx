@@ -795,6 +795,20 @@ cdef class DecisionPoint:
         cdef double prob
         cdef Recorder rec = None
         cdef bint recording
+        # The recorder's columns as local pointers: the compiler cannot keep struct fields in
+        # registers across the stores of the loop (they might alias), locals it can.
+        cdef uint64_t* c_hi = NULL
+        cdef uint64_t* c_lo = NULL
+        cdef int64_t* c_ts = NULL
+        cdef uint64_t* c_ver = NULL
+        cdef uint64_t* c_uh = NULL
+        cdef double* c_x = NULL
+        cdef uint8_t* c_el = NULL
+        cdef int32_t* c_act = NULL
+        cdef double* c_prob = NULL
+        cdef uint8_t* c_fl = NULL
+        cdef uint64_t version
+        cdef int default_index
         with self.lock:
             if self.kernel is not k:        # swapped while we validated: score with the new one
                 k = self.kernel
@@ -806,6 +820,8 @@ cdef class DecisionPoint:
             recording = self.recording
             D = k.n_inputs
             K = k.n_actions
+            version = k.version
+            default_index = k.default_index
             done = 0
             while done < n:
                 # One pass per recorder's worth of rows: each row is scored and recorded while
@@ -817,6 +833,17 @@ cdef class DecisionPoint:
                     rec = self.rec
                     take = min(n - done, rec.capacity - rec.count)
                     ts = now_ns()   # one clock read per chunk: the rows were decided together
+                    r = rec.count - done     # recorder row of input row i is i + r
+                    c_hi = rec.event_hi + r
+                    c_lo = rec.event_lo + r
+                    c_ts = rec.ts + r
+                    c_ver = rec.version + r
+                    c_uh = rec.user_hash + r
+                    c_x = rec.x + r * D
+                    c_el = rec.elig + r * K
+                    c_act = rec.action + r
+                    c_prob = rec.prob + r
+                    c_fl = rec.flags + r
                 else:
                     take = n
                 with nogil:
@@ -826,7 +853,7 @@ cdef class DecisionPoint:
                         xp = &x[i, 0] if D else self.xbuf
                         f = base_flags
                         if has_user[i] and k.in_holdout(uh[i]):
-                            a = k.default_index
+                            a = default_index
                             prob = 1.0
                             held_v[i] = 1
                             reason_v[i] = R_HOLDOUT
@@ -839,7 +866,7 @@ cdef class DecisionPoint:
                             if a >= 0:
                                 prob = self.pbuf[a]
                             else:
-                                a = k.default_index
+                                a = default_index
                                 prob = 1.0
                                 reason_v[i] = R_NO_ELIGIBLE
                                 f = f | F_DEFAULT
@@ -847,21 +874,20 @@ cdef class DecisionPoint:
                         act_v[i] = a
                         prob_v[i] = prob
                         if recording:
-                            r = rec.count + (i - done)
-                            rec.event_hi[r] = hi
-                            rec.event_lo[r] = lo0 + i
-                            rec.ts[r] = ts
-                            rec.version[r] = k.version
-                            rec.user_hash[r] = uh[i]
+                            c_hi[i] = hi
+                            c_lo[i] = lo0 + i
+                            c_ts[i] = ts
+                            c_ver[i] = version
+                            c_uh[i] = uh[i]
                             if D:
-                                memcpy(rec.x + r * D, xp, D * sizeof(double))
+                                memcpy(c_x + i * D, xp, D * sizeof(double))
                             if mp != NULL:
-                                memcpy(rec.elig + r * K, mp, K)
+                                memcpy(c_el + i * K, mp, K)
                             else:
-                                memset(rec.elig + r * K, 1, K)
-                            rec.action[r] = a
-                            rec.prob[r] = prob
-                            rec.flags[r] = f
+                                memset(c_el + i * K, 1, K)
+                            c_act[i] = a
+                            c_prob[i] = prob
+                            c_fl[i] = f
                 if recording:
                     rec.count += take
                 done += take
