@@ -10,7 +10,10 @@ from __future__ import annotations
 from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
 from .client import ClientConfig, DecisionClient
 from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
-from .errors import BatchError, FeatureError, LoopsError, PolicyError, UnknownActionError
+from .errors import (BatchError, EvaluationError, FeatureError, LoopsError, PolicyError,
+                     UnknownActionError)
+from .evaluation import (Estimate, LoggedData, baseline_targets, direct_method, doubly_robust,
+                         evaluate, ips, snips, switch_dr, target_probabilities)
 from .policy import (Action, Exploration, Feature, Holdout, LearningSettings, Policy,
                      PromotionRule, RewardDefinition)
 from .scorer import IMPLEMENTATION, Decision, stable_hash
@@ -24,6 +27,9 @@ __all__ = [
     "RewardDefinition", "PromotionRule",
     "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
     "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",
+    "LoggedData", "Estimate", "evaluate", "ips", "snips", "direct_method", "doubly_robust",
+    "switch_dr", "baseline_targets", "target_probabilities",
     "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
+    "EvaluationError",
     "IMPLEMENTATION", "__version__",
 ]
