@@ -43,7 +43,7 @@ from .store import EventStore
 from .train import Trainer
 
 __all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "RollbackRefused",
-           "SERVICE_NAME"]
+           "SERVICE_NAME", "policy_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,43 @@ class _Current:
     version: int
     data: bytes
     reason: str
+
+
+def policy_history(store: EventStore, name: str, *,
+                   book: PolicyBook | None = None) -> learner_pb2.PolicyHistory:
+    """``name``'s versions (candidates included), decisions, reasons and stored estimates, as
+    the ``GetHistory`` RPC returns them (also used on a database file by the CLI).
+
+    Raises:
+        KeyError: no such policy.
+    """
+    rows = store.policy_history(name)
+    if not rows:
+        raise KeyError(f"no policy {name!r}")
+    book = book or PolicyBook(store)
+    evals: dict[int, list] = {}
+    for e in store.evaluations(name):
+        evals.setdefault(e.version, []).append(e)
+    current = store.get_policy(name)
+    out = learner_pb2.PolicyHistory(
+        name=name, serving_version=current.version if current else 0,
+        training_paused=store.get_meta(f"paused:{name}", "") == "1")
+    for r in rows:
+        try:
+            p = book.get(name, r.version)
+            mode, estimator = p.mode, p.learning.promotion.estimator
+        except PolicyError:   # unreadable bytes: still list the version
+            mode, estimator = "online", ""
+        rec = out.versions.add(version=r.version, state=r.state, decision=r.decision,
+                               reason=r.decision_reason or r.reason,
+                               created_unix_ms=r.created_ms,
+                               mode=policy_pb2.Policy.Mode.Value(mode.upper()),
+                               gate_estimator=estimator)
+        for e in evals.get(r.version, ()):
+            rec.evaluations.add(target=e.target, estimator=e.estimator, value=e.value,
+                                lower=e.lower, upper=e.upper, stderr=e.stderr, ess=e.ess,
+                                n=e.n, level=e.level, interval=e.interval)
+    return out
 
 
 class PolicyHub:
@@ -464,31 +501,7 @@ class Learner:
         Raises:
             KeyError: no such policy.
         """
-        rows = self.store.policy_history(name)
-        if not rows:
-            raise KeyError(f"no policy {name!r}")
-        evals: dict[int, list] = {}
-        for e in self.store.evaluations(name):
-            evals.setdefault(e.version, []).append(e)
-        current = self.store.get_policy(name)
-        out = learner_pb2.PolicyHistory(name=name, serving_version=current.version,
-                                        training_paused=self.training_paused(name))
-        for r in rows:
-            try:
-                p = self.book.get(name, r.version)
-                mode, estimator = p.mode, p.learning.promotion.estimator
-            except PolicyError:
-                mode, estimator = "online", ""
-            rec = out.versions.add(version=r.version, state=r.state, decision=r.decision,
-                                   reason=r.decision_reason or r.reason,
-                                   created_unix_ms=r.created_ms,
-                                   mode=policy_pb2.Policy.Mode.Value(mode.upper()),
-                                   gate_estimator=estimator)
-            for e in evals.get(r.version, ()):
-                rec.evaluations.add(target=e.target, estimator=e.estimator, value=e.value,
-                                    lower=e.lower, upper=e.upper, stderr=e.stderr, ess=e.ess,
-                                    n=e.n, level=e.level, interval=e.interval)
-        return out
+        return policy_history(self.store, name, book=self.book)
 
     # ----------------------------------------------------------------- join and train
     def step(self, now_ns: int | None = None) -> tuple[JoinResult, list[tuple[str, int]]]:
