@@ -215,7 +215,7 @@ def _print_history(hist, all_estimates: bool = False) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_unix_ms / 1000))
         mode = policy_pb2.Policy.Mode.Name(v.mode).lower()
         print(f"v{v.version:<5} {v.state:<11} {v.decision or '-':<9} {mode:<10} {when}")
-        print(f"       {v.reason}")
+        print(f"       {v.reason}" + (f": {v.decision_reason}" if v.decision_reason else ""))
         evals = list(v.evaluations)
         if not all_estimates:
             evals = [e for e in evals if e.estimator == v.gate_estimator]

@@ -96,7 +96,7 @@ class Evaluation(_message.Message):
     def __init__(self, target: _Optional[str] = ..., estimator: _Optional[str] = ..., value: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., stderr: _Optional[float] = ..., ess: _Optional[float] = ..., n: _Optional[int] = ..., level: _Optional[float] = ..., interval: _Optional[str] = ...) -> None: ...
 
 class VersionRecord(_message.Message):
-    __slots__ = ("version", "state", "decision", "reason", "created_unix_ms", "mode", "gate_estimator", "evaluations")
+    __slots__ = ("version", "state", "decision", "reason", "created_unix_ms", "mode", "gate_estimator", "evaluations", "decision_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class VersionRecord(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     GATE_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     version: int
     state: str
     decision: str
@@ -113,7 +114,8 @@ class VersionRecord(_message.Message):
     mode: _policy_pb2.Policy.Mode
     gate_estimator: str
     evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
-    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., mode: _Optional[_Union[_policy_pb2.Policy.Mode, str]] = ..., gate_estimator: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
+    decision_reason: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., mode: _Optional[_Union[_policy_pb2.Policy.Mode, str]] = ..., gate_estimator: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., decision_reason: _Optional[str] = ...) -> None: ...
 
 class PolicyHistory(_message.Message):
     __slots__ = ("name", "serving_version", "training_paused", "versions")

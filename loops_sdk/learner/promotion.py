@@ -200,15 +200,26 @@ class Gate:
 
     def evaluate(self, candidate: Policy, deployed: Policy, *,
                  now_ns: int | None = None) -> GateResult:
-        """Load the deployed policy's rule window and judge ``candidate`` against it."""
+        """Load the deployed policy's rule window and judge ``candidate`` against it.
+
+        In apprentice mode players get the baseline whatever the policy says, so a candidate
+        risks nothing: it is promoted (the policy keeps learning in the shadow) with whatever
+        estimates the data allows recorded. Switching the policy online is the operator's
+        decision (``loops policy mode NAME online``), taken on those numbers.
+        """
         rule = deployed.learning.promotion
         try:
             data = load_window(self.store, deployed.name, rule, now_ns)
         except EvaluationError as exc:
-            return GateResult(HELD, f"held: cannot read logged data: {exc}", rule, 0,
-                              candidate.version, deployed.version)
-        result = evaluate_candidate(data, candidate, deployed, rule,
-                                    estimators=self.estimators, seed=candidate.version)
+            result = GateResult(HELD, f"held: cannot read logged data: {exc}", rule, 0,
+                                candidate.version, deployed.version)
+        else:
+            result = evaluate_candidate(data, candidate, deployed, rule,
+                                        estimators=self.estimators, seed=candidate.version)
+        if deployed.mode == "apprentice":
+            result = _with(result, PROMOTED, "promoted (apprentice mode: players get the "
+                                             "baseline, the policy only shadows it): "
+                                             + result.reason)
         log = logger.info if result.promoted else logger.debug
         log("policy %r v%d: %s", candidate.name, candidate.version, result.reason)
         return result

@@ -92,7 +92,7 @@ def policy_history(store: EventStore, name: str, *,
         except PolicyError:   # unreadable bytes: still list the version
             mode, estimator = "online", ""
         rec = out.versions.add(version=r.version, state=r.state, decision=r.decision,
-                               reason=r.decision_reason or r.reason,
+                               reason=r.reason, decision_reason=r.decision_reason,
                                created_unix_ms=r.created_ms,
                                mode=policy_pb2.Policy.Mode.Value(mode.upper()),
                                gate_estimator=estimator)

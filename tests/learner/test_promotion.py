@@ -318,8 +318,18 @@ def test_mode_switch_is_published(learner, client, capsys):
     code, _, err = run_cli(capsys, "policy", "mode", "nope", "online",
                            "--learner", learner.address)
     assert code == 1 and "NOT_FOUND" in err
+    # In apprentice mode players get the baseline: a candidate the rule would reject still
+    # becomes the shadow policy, with the rule's verdict and numbers in the reason.
+    learner.publish(base_policy().with_model(GOOD_W, GOOD_B, version=0).with_mode(
+        "apprentice"), "true model, in the shadow")
+    wait_version(client, 4)
+    learner.store.ingest("c", 1, feedback(1500, seed=9))
+    assert learner.step(T0 + NS)[1] == [("bonus", 5)]
+    assert wait_version(client, 5).mode == "apprentice"
+    reason = learner.store.get_policy("bonus", 5).decision_reason
+    assert reason.startswith("promoted (apprentice mode") and "rejected: lower bound" in reason
     code, out, _ = run_cli(capsys, "policy", "history", "bonus", "--learner", learner.address)
-    assert "apprentice" in out
+    assert "apprentice" in out and reason in out
 
 
 def test_background_loop_promotes_through_the_gate(tmp_path):
