@@ -214,8 +214,14 @@ class Gate:
             result = GateResult(HELD, f"held: cannot read logged data: {exc}", rule, 0,
                                 candidate.version, deployed.version)
         else:
-            result = evaluate_candidate(data, candidate, deployed, rule,
-                                        estimators=self.estimators, seed=candidate.version)
+            try:
+                result = evaluate_candidate(data, candidate, deployed, rule,
+                                            estimators=self.estimators, seed=candidate.version)
+            except Exception as exc:  # a failed evaluation must hold, never serve, the candidate
+                logger.exception("policy %r v%d: evaluation failed", candidate.name,
+                                 candidate.version)
+                result = GateResult(HELD, f"held: evaluation failed: {exc!r}", rule, data.n,
+                                    candidate.version, deployed.version)
         if deployed.mode == "apprentice":
             result = _with(result, PROMOTED, "promoted (apprentice mode: players get the "
                                              "baseline, the policy only shadows it): "
