@@ -14,7 +14,8 @@ from .errors import (BatchError, EvaluationError, FeatureError, LoopsError, Poli
                      UnknownActionError)
 from .evaluation import (Estimate, LoggedData, baseline_targets, direct_method, doubly_robust,
                          evaluate, ips, snips, switch_dr, target_probabilities)
-from .policy import Action, Exploration, Feature, Holdout, LearningSettings, Policy
+from .policy import (Action, Exploration, Feature, Holdout, LearningSettings, Policy,
+                     PromotionRule, RewardDefinition)
 from .scorer import IMPLEMENTATION, Decision, stable_hash
 from .sink import FileSink, read_feedback_file
 
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DecisionClient", "ClientConfig", "Decision", "DecisionBatch", "Reason",
     "Policy", "Feature", "Action", "Exploration", "Holdout", "LearningSettings",
+    "RewardDefinition", "PromotionRule",
     "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
     "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",
     "LoggedData", "Estimate", "evaluate", "ips", "snips", "direct_method", "doubly_robust",

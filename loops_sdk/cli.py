@@ -1,4 +1,4 @@
-"""The ``loops`` command: run a learner, inspect it, publish and roll back policies.
+"""The ``loops`` command: run a learner, inspect it, publish, roll back and switch policies.
 
 Each subcommand is registered by one ``_add_<name>(subparsers)`` function that sets
 ``func``; add a command by writing such a function and listing it in ``_COMMANDS``.
@@ -104,25 +104,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- policy
 def _add_policy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("policy", help="publish, roll back and list policy versions")
+    p = sub.add_parser("policy", help="publish, roll back, switch mode and list policy versions")
     psub = p.add_subparsers(dest="policy_command", required=True)
-    pub = psub.add_parser("publish", help="publish a policy file")
+    pub = psub.add_parser("publish", help="publish a policy file (served at once)")
     pub.add_argument("file")
     pub.add_argument("--next", action="store_true",
                      help="publish as the next version, whatever version the file holds")
     pub.add_argument("--reason", default="published by hand")
-    rb = psub.add_parser("rollback", help="re-publish an earlier version as the newest")
+    rb = psub.add_parser("rollback", help="serve an earlier version again (as the newest "
+                                          "version); pauses automatic retraining")
     rb.add_argument("name")
     rb.add_argument("--to", dest="to_version", type=int, required=True, metavar="VERSION")
+    rb.add_argument("--force", action="store_true",
+                    help="allow a candidate the promotion gate never served")
     rb.add_argument("--reason", default="rollback")
-    hist = psub.add_parser("history", aliases=["list"], help="versions of a policy")
+    hist = psub.add_parser("history", aliases=["list"],
+                           help="versions with promotion decisions, reasons and estimates")
     hist.add_argument("name")
     hist.add_argument("--db", help="read the learner's SQLite file instead of asking it")
+    hist.add_argument("--all", action="store_true", dest="all_estimates",
+                      help="every stored estimate (all targets and estimators)")
     get = psub.add_parser("get", help="save the current (or a given) version to a file")
     get.add_argument("name")
     get.add_argument("--version", type=int, default=0)
     get.add_argument("--out", required=True)
-    for q in (pub, rb, hist, get):
+    mode = psub.add_parser("mode", help="serve the policy (online) or only log its choices "
+                                        "while players get the baseline (apprentice)")
+    mode.add_argument("name")
+    mode.add_argument("mode", choices=("online", "apprentice"))
+    mode.add_argument("--reason", default="")
+    pause = psub.add_parser("pause", help="pause automatic retraining of a policy")
+    resume = psub.add_parser("resume", help="resume automatic retraining (after a rollback)")
+    for q in (pause, resume):
+        q.add_argument("name")
+    for q in (pub, rb, hist, get, mode, pause, resume):
         q.add_argument("--learner", default=DEFAULT_LEARNER, help="HOST:PORT")
         q.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_cmd_policy)
@@ -130,19 +145,21 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_policy(args: argparse.Namespace) -> int:
     import grpc
-    from ._proto import learner_pb2
+    from ._proto import learner_pb2, policy_pb2
     from .errors import PolicyError
     from .policy import Policy
     cmd = args.policy_command
     if cmd in ("history", "list") and args.db:
+        from .learner.service import policy_history
         from .learner.store import EventStore
         with EventStore(args.db) as store:
-            rows = store.policy_history(args.name)
-        for r in rows:
-            print(f"{r.name} v{r.version:<5} {r.state:<12} "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created_ms / 1000))}"
-                  f"  {r.reason}")
-        return 0 if rows else 1
+            try:
+                hist = policy_history(store, args.name)
+            except KeyError as exc:
+                print(f"loops: {exc.args[0]}", file=sys.stderr)
+                return 1
+        _print_history(hist, args.all_estimates)
+        return 0
     with _channel(args.learner) as ch:
         stub = _stub(ch)
         try:
@@ -159,28 +176,58 @@ def _cmd_policy(args: argparse.Namespace) -> int:
                 print(f"published {resp.name} v{resp.version}")
             elif cmd == "rollback":
                 resp = stub.RollbackPolicy(learner_pb2.RollbackRequest(
-                    name=args.name, to_version=args.to_version, reason=args.reason),
-                    timeout=args.timeout)
+                    name=args.name, to_version=args.to_version, reason=args.reason,
+                    force=args.force), timeout=args.timeout)
                 print(f"rolled {resp.name} back to v{args.to_version}: now v{resp.version} "
-                      "(automatic retraining paused until a policy is published by hand)")
+                      f"(automatic retraining paused; `loops policy resume {resp.name}` "
+                      "resumes it)")
             elif cmd == "get":
                 u = stub.GetPolicy(learner_pb2.GetPolicyRequest(name=args.name,
                                                                 version=args.version),
                                    timeout=args.timeout)
                 Policy.from_bytes(u.policy).save(args.out)
                 print(f"saved {u.name} v{u.version} to {args.out}")
-            else:  # history over gRPC: the status lists versions
-                st = stub.GetStatus(learner_pb2.StatusRequest(), timeout=args.timeout)
-                for p in st.policies:
-                    if p.name == args.name:
-                        print(f"{p.name}: versions {', '.join(map(str, p.versions))} "
-                              f"(current v{p.current_version})")
-                        return 0
-                print(f"loops: no policy {args.name!r}", file=sys.stderr)
-                return 1
+            elif cmd == "mode":
+                resp = stub.SetMode(learner_pb2.SetModeRequest(
+                    name=args.name, mode=policy_pb2.Policy.Mode.Value(args.mode.upper()),
+                    reason=args.reason), timeout=args.timeout)
+                print(f"{resp.name} is {args.mode}: serving v{resp.version}")
+            elif cmd in ("pause", "resume"):
+                resp = stub.SetTraining(learner_pb2.SetTrainingRequest(
+                    name=args.name, paused=cmd == "pause"), timeout=args.timeout)
+                print(f"automatic retraining of {resp.name} "
+                      f"{'paused' if resp.paused else 'resumed'}")
+            else:
+                hist = stub.GetHistory(learner_pb2.HistoryRequest(name=args.name),
+                                       timeout=args.timeout)
+                _print_history(hist, args.all_estimates)
         except grpc.RpcError as err:
             return _fail(err)
     return 0
+
+
+def _print_history(hist, all_estimates: bool = False) -> None:
+    """Versions, oldest first: state, decision, mode, time, reason, key estimates."""
+    from ._proto import policy_pb2
+    print(f"policy {hist.name}: serving v{hist.serving_version}; automatic retraining "
+          f"{'PAUSED' if hist.training_paused else 'on'}")
+    for v in hist.versions:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_unix_ms / 1000))
+        mode = policy_pb2.Policy.Mode.Name(v.mode).lower()
+        print(f"v{v.version:<5} {v.state:<11} {v.decision or '-':<9} {mode:<10} {when}")
+        print(f"       {v.reason}" + (f": {v.decision_reason}" if v.decision_reason else ""))
+        evals = list(v.evaluations)
+        if not all_estimates:
+            evals = [e for e in evals if e.estimator == v.gate_estimator]
+            fixed = [e for e in evals if e.target.startswith("fixed:")]
+            best = max(fixed, key=lambda e: e.value) if fixed else None
+            keep = ("candidate", "deployed", "uniform", "holdout_default")
+            evals = ([e for t in keep for e in evals if e.target == t]
+                     + ([best] if best is not None else []))
+        for e in evals:
+            print(f"         {e.estimator:<9} {e.target:<24} {e.value:>10.4g}  "
+                  f"[{e.lower:.4g}, {e.upper:.4g}]  n={e.n:,} ess={e.ess:,.0f} "
+                  f"({e.interval} {e.level:.0%})")
 
 
 # --------------------------------------------------------------------------- registry

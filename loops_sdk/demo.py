@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ class DemoResult:
     holdout_net: float
     final_version: int
     curve: list[tuple[int, float, int]]   # (decisions so far, mean net in window, version)
+    gate: dict[str, int] = field(default_factory=dict)  # promotion gate verdicts by decision
 
     def table(self) -> str:
         rows = [
@@ -161,6 +162,7 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
                 raise RuntimeError("demo client did not receive the initial policy")
             result = _play(sim, client, decisions, rate, round_size, echo)
             client.flush(5)
+        result.gate = dict(learner.gate_counts)
         if plot:
             _plot(result, plot)
             echo(f"learning curve written to {plot}")
@@ -275,7 +277,11 @@ def _cmd_demo(args) -> int:
     print(result.table())
     print()
     lift = result.loops_net_last - result.best_fixed_net
-    print(f"policy versions trained: {result.final_version - 1}; after learning LOOPS earns "
+    g = result.gate
+    print(f"candidates trained: {sum(g.values())} (promoted by the gate {g.get('promoted', 0)}, "
+          f"rejected {g.get('rejected', 0)}, held {g.get('held', 0)}); serving "
+          f"v{result.final_version}.")
+    print(f"After learning LOOPS earns "
           f"{lift:+.2f} per player vs the best fixed bonus an A/B test would pick, "
           f"{result.loops_net_last - result.uniform_net:+.2f} vs uniform random.")
     return 0

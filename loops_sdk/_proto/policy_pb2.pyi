@@ -89,7 +89,13 @@ class Holdout(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., salt: _Optional[str] = ..., default_action: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "version", "features", "actions", "linear", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "checksum")
+    __slots__ = ("name", "version", "features", "actions", "linear", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "mode", "checksum")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ONLINE: _ClassVar[Policy.Mode]
+        APPRENTICE: _ClassVar[Policy.Mode]
+    ONLINE: Policy.Mode
+    APPRENTICE: Policy.Mode
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +113,7 @@ class Policy(_message.Message):
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
@@ -118,11 +125,12 @@ class Policy(_message.Message):
     created_at_unix_ms: int
     learning: LearningSettings
     metadata: _containers.ScalarMap[str, str]
+    mode: Policy.Mode
     checksum: bytes
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Policy.Mode, str]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class LearningSettings(_message.Message):
-    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds")
+    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds", "reward", "promotion")
     class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         AGGREGATION_UNSPECIFIED: _ClassVar[LearningSettings.Aggregation]
@@ -137,10 +145,61 @@ class LearningSettings(_message.Message):
     RIDGE_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_EVERY_EVENTS_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
     reward_window_seconds: float
     aggregation: LearningSettings.Aggregation
     default_reward: float
     ridge_lambda: float
     retrain_every_events: int
     retrain_every_seconds: float
-    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ...) -> None: ...
+    reward: RewardDefinition
+    promotion: PromotionRule
+    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ..., reward: _Optional[_Union[RewardDefinition, _Mapping]] = ..., promotion: _Optional[_Union[PromotionRule, _Mapping]] = ...) -> None: ...
+
+class RewardDefinition(_message.Message):
+    __slots__ = ("outcome_weights", "other_weight", "cost_weight")
+    class OutcomeWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OUTCOME_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    outcome_weights: _containers.ScalarMap[str, float]
+    other_weight: float
+    cost_weight: float
+    def __init__(self, outcome_weights: _Optional[_Mapping[str, float]] = ..., other_weight: _Optional[float] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+
+class PromotionRule(_message.Message):
+    __slots__ = ("kind", "estimator", "level", "min_samples", "margin", "window_rows", "window_seconds", "interval")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[PromotionRule.Kind]
+        LOWER_BOUND_OVER_ESTIMATE: _ClassVar[PromotionRule.Kind]
+        LOWER_BOUND_OVER_UPPER_BOUND: _ClassVar[PromotionRule.Kind]
+        ALWAYS: _ClassVar[PromotionRule.Kind]
+    KIND_UNSPECIFIED: PromotionRule.Kind
+    LOWER_BOUND_OVER_ESTIMATE: PromotionRule.Kind
+    LOWER_BOUND_OVER_UPPER_BOUND: PromotionRule.Kind
+    ALWAYS: PromotionRule.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    kind: PromotionRule.Kind
+    estimator: str
+    level: float
+    min_samples: int
+    margin: float
+    window_rows: int
+    window_seconds: float
+    interval: str
+    def __init__(self, kind: _Optional[_Union[PromotionRule.Kind, str]] = ..., estimator: _Optional[str] = ..., level: _Optional[float] = ..., min_samples: _Optional[int] = ..., margin: _Optional[float] = ..., window_rows: _Optional[int] = ..., window_seconds: _Optional[float] = ..., interval: _Optional[str] = ...) -> None: ...
