@@ -303,20 +303,10 @@ class LoggedData:
         excluded = ((0 if include_holdout else FLAG_HOLDOUT)
                     | (0 if include_capped else FLAG_CAPPED)
                     | (0 if include_apprentice else FLAG_APPRENTICE))
-        parts: list[tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]]] = []
-        for blk in store.iter_blocks(with_x=True, policy=policy):
-            keep = (blk.status == STATUS_JOINED) & ((blk.flags & excluded) == 0)
-            if since_ns is not None:
-                keep &= blk.ts_ns >= int(since_ns)
-            rows = np.flatnonzero(keep)
-            if rows.size == 0:
-                continue
-            parts.append((tuple(blk.actions), tuple(blk.inputs), {
-                "x": blk.x[rows], "eligible": blk.eligible[rows] != 0,
-                "actions": blk.action[rows].astype(np.int64), "propensities": blk.prob[rows],
-                "rewards": blk.reward[rows], "ts_ns": blk.ts_ns[rows],
-                "versions": blk.version[rows].astype(np.int64)}))
-        if not parts:
+        found = _read_newest_rows(store, policy, excluded,
+                                  None if since_ns is None else int(since_ns),
+                                  None if limit is None else int(limit))
+        if found is None:
             stored = store.get_policy(policy)
             if stored is None:
                 raise EvaluationError(f"the event store has no decisions and no policy named "
@@ -328,44 +318,126 @@ class LoggedData:
                        action_ids=spec.action_ids, eligible=np.empty((0, k), bool),
                        ts_ns=np.empty(0, np.int64), versions=np.empty(0, np.int64),
                        input_names=spec.input_names)
-        action_ids, input_names = parts[-1][0], parts[-1][1]
-        columns = _merge_layouts(parts, action_ids, input_names, policy)
+        action_ids, input_names, columns = found
         elig = columns["eligible"]
         n = elig.shape[0]
         served = elig[np.arange(n), columns["actions"]]
         if not served.all():
             elig[np.flatnonzero(~served), columns["actions"][~served]] = True
-        order = np.argsort(columns["ts_ns"], kind="stable")
-        if limit is not None:
-            order = order[-int(limit):]
-        if not np.array_equal(order, np.arange(n)):
-            columns = {name: col[order] for name, col in columns.items()}
-        logger.debug("policy %r: %d logged rows for evaluation", policy, len(order))
+        logger.debug("policy %r: %d logged rows for evaluation", policy, n)
         return cls(action_ids=action_ids, input_names=input_names, **columns)
 
 
-def _merge_layouts(parts: list, action_ids: tuple[str, ...], input_names: tuple[str, ...],
-                   policy: str) -> dict[str, np.ndarray]:
-    """Concatenate store blocks into the newest layout (see ``LoggedData.from_store``)."""
-    k = len(action_ids)
-    index = {a: i for i, a in enumerate(action_ids)}
-    kept: list[dict[str, np.ndarray]] = []
-    skipped = 0
-    for acts, inputs, cols in parts:
-        if inputs != input_names or not set(acts) <= index.keys():
-            skipped += len(cols["actions"])
+def _read_newest_rows(store: "EventStore", policy: str, excluded: int, since: int | None,
+                      limit: int | None
+                      ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]] | None:
+    """The rows ``LoggedData.from_store`` returns, as ``(action_ids, input_names, columns)``
+    in decision time order (ties in arrival order), or None when no row is usable.
+
+    The result is that of reading every block, keeping the usable rows, dropping those of
+    incompatible layouts and taking the newest ``limit`` by ``(ts, block id, row)``; but blocks
+    are visited newest first by their stored spans (``EventStore.block_spans``) and the walk
+    stops once ``limit`` rows are held that every remaining block is older than. Blocks with no
+    joined row are never loaded, and the feature columns only of blocks that give rows. Cost:
+    the window and the blocks overlapping it in time, not the history.
+    """
+    from .learner.store import STATUS_JOINED
+
+    loaded: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def usable(span: Any) -> tuple[Any, np.ndarray]:
+        """The block (without x) and its usable rows, loaded once."""
+        got = loaded.get(span.id)
+        if got is None:
+            blk = store.load_block(span.id)
+            keep = (blk.status == STATUS_JOINED) & ((blk.flags & excluded) == 0)
+            if since is not None:
+                keep &= blk.ts_ns >= since
+            got = loaded[span.id] = (blk, np.flatnonzero(keep))
+        return got
+
+    # The layout: the newest block (by arrival) with a usable row decides it.
+    layout = None
+    for span in store.block_spans(policy, order="arrival", since_ns=since, joined_only=True):
+        if usable(span)[1].size:
+            layout = (span.actions, span.inputs)
+            break
+    if layout is None:
+        return None
+    action_ids, input_names = layout
+    known = set(action_ids)
+
+    # Rows, newest decision time first. `held` maps block id -> (block, rows); past `limit`
+    # rows only the newest `limit` are kept and `bound` is the key (ts, block, row) of the
+    # oldest of them: a block whose (max_ts, id) is below it has nothing newer.
+    held: dict[int, tuple[Any, np.ndarray]] = {}
+    count, skipped = 0, 0
+    bound: tuple[int, int, int] | None = None
+    for span in store.block_spans(policy, order="time", since_ns=since, joined_only=True):
+        if bound is not None and (span.max_ts_ns, span.id) < bound[:2]:
+            break
+        blk, rows = usable(span)
+        if rows.size == 0:
             continue
-        if acts != action_ids:
-            remap = np.array([index[a] for a in acts], dtype=np.int64)
-            elig = np.zeros((len(cols["actions"]), k), dtype=bool)
-            elig[:, remap] = cols["eligible"]
-            cols = dict(cols, actions=remap[cols["actions"]], eligible=elig)
-        kept.append(cols)
+        if span.inputs != input_names or not known.issuperset(span.actions):
+            skipped += rows.size
+            continue
+        held[span.id] = (blk, rows)
+        count += rows.size
+        if limit is not None and count >= limit:
+            bound = _keep_newest(held, limit)
+            count = limit
     if skipped:
         logger.warning("policy %r: skipped %d logged rows recorded with another layout (inputs "
                        "or actions differ from the newest: %d actions, %d inputs)", policy,
-                       skipped, k, len(input_names))
-    return {name: np.concatenate([c[name] for c in kept]) for name in kept[0]}
+                       skipped, len(action_ids), len(input_names))
+
+    index = {a: i for i, a in enumerate(action_ids)}
+    k = len(action_ids)
+    parts: list[dict[str, np.ndarray]] = []
+    for block_id, (blk, rows) in sorted(held.items()):
+        x, eligible = store.block_inputs(block_id)
+        actions = blk.action[rows].astype(np.int64)
+        elig = eligible[rows] != 0
+        if tuple(blk.actions) != action_ids:      # an older subset layout: remap columns
+            remap = np.array([index[a] for a in blk.actions], dtype=np.int64)
+            actions = remap[actions]
+            wide = np.zeros((rows.size, k), dtype=bool)
+            wide[:, remap] = elig
+            elig = wide
+        parts.append({
+            "x": x[rows], "eligible": elig, "actions": actions, "propensities": blk.prob[rows],
+            "rewards": blk.reward[rows], "ts_ns": blk.ts_ns[rows],
+            "versions": blk.version[rows].astype(np.int64),
+            "_block": np.full(rows.size, block_id, np.int64), "_row": rows})
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    order = np.lexsort((columns.pop("_row"), columns.pop("_block"), columns["ts_ns"]))
+    if not np.array_equal(order, np.arange(order.size)):
+        columns = {name: col[order] for name, col in columns.items()}
+    return action_ids, input_names, columns
+
+
+def _keep_newest(held: dict[int, tuple[Any, np.ndarray]], limit: int) -> tuple[int, int, int]:
+    """Trim ``held`` to its newest ``limit`` rows by ``(ts, block, row)``; returns the key of
+    the oldest row kept."""
+    ids = np.fromiter(held, np.int64, len(held))
+    ts = np.concatenate([held[b][0].ts_ns[held[b][1]] for b in ids.tolist()])
+    block = np.repeat(ids, [held[b][1].size for b in ids.tolist()])
+    row = np.concatenate([held[b][1] for b in ids.tolist()])
+    newest = np.lexsort((row, block, ts))[-limit:]
+    first = newest[0]
+    keep = np.zeros(ts.size, bool)
+    keep[newest] = True
+    offset = 0
+    for b in ids.tolist():
+        blk, rows = held[b]
+        mine = keep[offset:offset + rows.size]
+        offset += rows.size
+        if not mine.any():
+            del held[b]
+        elif not mine.all():
+            held[b] = (blk, rows[mine])
+    return int(ts[first]), int(block[first]), int(row[first])
 
 
 # --------------------------------------------------------------------------- estimates

@@ -10,6 +10,12 @@ What is stored, and why in this shape:
   out near 150k rows/s in SQLite on a small machine even without indexes; whole columns as
   blobs make ingest a handful of statements per batch. The per-row join state (status, joined
   value, outcome count, reward) lives in blobs beside them and is rewritten by the joiner.
+* ``block_spans``: one small row per block (layout, rows, rows pending, first and last
+  decision time), indexed by layout and arrival and by layout and last decision time. Readers
+  that want only the newest decisions (the promotion gate's window) walk it newest first and
+  load just the blocks they need: a block row holds its blobs, so even reading one integer
+  column of it costs a walk through its overflow pages. A trigger keeps ``pending`` equal to
+  the block's own (the joiner updates that one).
 * ``outcomes``: one row per outcome (indexed by event id and by user), because the joiner
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
@@ -35,6 +41,7 @@ bits (``arr.view(np.int64)``) because SQLite integers are signed; read back with
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import sqlite3
@@ -48,12 +55,12 @@ import numpy as np
 
 from ..batch import FLAG_DEFERRED, OUTCOME_ACTIVATE, FeedbackRecords
 
-__all__ = ["EventStore", "Block", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
+__all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
            "STATUS_JOINED", "POLICY_STATES", "DECISIONS"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUS_PENDING = 0   # window open, or deferred and not activated yet
 STATUS_JOINED = 1    # reward final (joined value or default, minus cost)
 
@@ -76,6 +83,11 @@ CREATE TABLE IF NOT EXISTS blocks (
     pending INTEGER NOT NULL,
     next_check_ns INTEGER);          -- NULL: only unactivated deferred rows are pending
 CREATE INDEX IF NOT EXISTS blocks_open ON blocks (next_check_ns) WHERE pending > 0;
+CREATE TABLE IF NOT EXISTS block_spans (
+    block INTEGER PRIMARY KEY, layout INTEGER NOT NULL, n INTEGER NOT NULL,
+    pending INTEGER NOT NULL, min_ts_ns INTEGER NOT NULL, max_ts_ns INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS block_spans_arrival ON block_spans (layout);
+CREATE INDEX IF NOT EXISTS block_spans_time ON block_spans (layout, max_ts_ns);
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY, type INTEGER NOT NULL, event_hi INTEGER NOT NULL,
     event_lo INTEGER NOT NULL, user_hash INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
@@ -102,11 +114,25 @@ CREATE TABLE IF NOT EXISTS stats (
     name TEXT PRIMARY KEY, data BLOB NOT NULL, updated_ms INTEGER NOT NULL);
 """
 
+# Statements with inner semicolons (_split cannot cut them): block_spans follows its block.
+_TRIGGERS = [
+    "CREATE TRIGGER IF NOT EXISTS block_spans_pending AFTER UPDATE OF pending ON blocks "
+    "BEGIN UPDATE block_spans SET pending = new.pending WHERE block = new.id; END",
+    "CREATE TRIGGER IF NOT EXISTS block_spans_delete AFTER DELETE ON blocks "
+    "BEGIN DELETE FROM block_spans WHERE block = old.id; END",
+]
+
 # Schema migrations: MIGRATIONS[v] takes a version-v database to v + 1, inside the opening
 # transaction. Tables added later are created by _SCHEMA (IF NOT EXISTS) before they run.
+# The SQL functions they call are registered by _migrate.
 _MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE policies ADD COLUMN decision TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE policies ADD COLUMN decision_reason TEXT NOT NULL DEFAULT ''"],
+    # A side table, not columns on blocks: adding a column there would rewrite every block's
+    # blobs. The ts column comes before x, so this reads about one page per block.
+    2: ["INSERT OR REPLACE INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns) "
+        "SELECT id, layout, n, pending, loops_min_i8(ts_ns), loops_max_i8(ts_ns) FROM blocks "
+        "WHERE n > 0"],
 }
 _POLICY_COLUMNS = "name, version, bytes, created_ms, reason, state, decision, decision_reason"
 _EVAL_COLUMNS = ("name, version, target, estimator, value, lower, upper, stderr, ess, n, "
@@ -124,6 +150,11 @@ _INSERT_BLOCK = (
     "INSERT INTO blocks (layout, n, event_hi, event_lo, ts_ns, version, user_hash, x, eligible,"
     " action, prob, flags, status, value, n_outcomes, reward, pending, next_check_ns)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
+                " VALUES (?,?,?,?,?,?)")
+_SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
+_INT64_MAX = (1 << 63) - 1
+_INT64_MIN = -(1 << 63)
 _INSERT_OUTCOME = ("INSERT INTO outcomes (type, event_hi, event_lo, user_hash, ts_ns, value, kind)"
                    " VALUES (?,?,?,?,?,?,?)")
 _INSERT_DEFERRED = (
@@ -164,6 +195,33 @@ class Block:
 
     def __len__(self) -> int:
         return int(self.event_lo.shape[0])
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """Where a stored decision block sits in arrival order and in time, without its columns
+    (see :meth:`EventStore.block_spans`).
+
+    Attributes:
+        id: the block id (ascending in arrival order).
+        policy, actions, inputs: its layout.
+        n: decisions in the block; ``pending``: how many are not joined yet.
+        min_ts_ns / max_ts_ns: its earliest and latest decision time.
+    """
+
+    id: int
+    policy: str
+    actions: tuple[str, ...]
+    inputs: tuple[str, ...]
+    n: int
+    pending: int
+    min_ts_ns: int
+    max_ts_ns: int
+
+    @property
+    def joined(self) -> int:
+        """Rows whose reward is final."""
+        return self.n - self.pending
 
 
 @dataclass(frozen=True)
@@ -239,7 +297,7 @@ class EventStore:
         # 1,024 pages of 64 kiB: checkpoint every ~64 MiB of WAL.
         con.execute("PRAGMA wal_autocheckpoint=1024")
         with self.transaction():
-            for statement in _split(_SCHEMA):
+            for statement in _split(_SCHEMA) + _TRIGGERS:
                 con.execute(statement)
             row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -260,6 +318,8 @@ class EventStore:
     def _migrate(self, con: sqlite3.Connection, version: int) -> None:
         """Bring an older database up to SCHEMA_VERSION (inside the opening transaction)."""
         start = version
+        con.create_function("loops_min_i8", 1, _blob_min_i8, deterministic=True)
+        con.create_function("loops_max_i8", 1, _blob_max_i8, deterministic=True)
         while version < SCHEMA_VERSION:
             for statement in _MIGRATIONS[version]:
                 con.execute(statement)
@@ -348,8 +408,9 @@ class EventStore:
                     _raw(b.eligible, np.uint8), _raw(b.action, np.dtype("<i4")),
                     _raw(b.prob, _F8), flags.tobytes(), bytes(n), bytes(8 * n),
                     bytes(4 * n), bytes(8 * n), n, next_check))
+                block_id = cur.lastrowid
+                con.execute(_INSERT_SPAN, (block_id, lid, n, n, int(ts.min()), int(ts.max())))
                 if deferred.any():
-                    block_id = cur.lastrowid
                     rows = np.flatnonzero(deferred)
                     con.executemany(_INSERT_DEFERRED, zip(
                         np.asarray(b.event_hi, _U8)[rows].view(np.int64).tolist(),
@@ -455,6 +516,81 @@ class EventStore:
                 (policy,) if policy else ()).fetchall()]
         for block_id in ids:
             yield self.load_block(block_id, with_x=with_x)
+
+    def block_inputs(self, block_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """A block's model inputs ``x`` ``(n, D)`` float64 and eligible mask ``(n, K)`` uint8:
+        most of its bytes, so readers load them only for blocks they use (read-only views)."""
+        with self._lock:
+            row = self._con.execute("SELECT layout, n, x, eligible FROM blocks WHERE id=?",
+                                    (block_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no decision block {block_id}")
+        _, actions, inputs = self._layout_rows[row[0]]
+        n = row[1]
+        return (np.frombuffer(row[2], _F8).reshape(n, len(inputs)),
+                np.frombuffer(row[3], np.uint8).reshape(n, len(actions)))
+
+    def block_spans(self, policy: str, *, order: str = "arrival", since_ns: int | None = None,
+                    joined_only: bool = False, page: int = 256) -> Iterator[BlockSpan]:
+        """The decision blocks of ``policy``, newest first, without loading any of them.
+
+        Lazy: spans are read ``page`` at a time from ``block_spans``' indexes (per layout,
+        merged here), so a reader that stops after the newest few blocks pays for those only,
+        however long the history.
+
+        Args:
+            policy: the decision point.
+            order: ``"arrival"`` (block id, descending) or ``"time"`` (latest decision time in
+                the block, descending; ties by block id, descending).
+            since_ns: only blocks with a decision at or after this time.
+            joined_only: only blocks with at least one joined row.
+            page: spans fetched per query.
+        """
+        if order not in ("arrival", "time"):
+            raise ValueError(f"order must be 'arrival' or 'time', not {order!r}")
+        if page < 1:
+            raise ValueError(f"page must be >= 1, got {page}")
+        with self._lock:
+            layouts = [(lid, tuple(actions), tuple(inputs))
+                       for lid, (name, actions, inputs) in self._layout_rows.items()
+                       if name == policy]
+        since = _INT64_MIN if since_ns is None else int(since_ns)
+        streams = [self._layout_spans(lid, policy, actions, inputs, order, since, joined_only,
+                                      page) for lid, actions, inputs in layouts]
+        if order == "arrival":
+            yield from heapq.merge(*streams, key=lambda s: -s.id)
+        else:
+            yield from heapq.merge(*streams, key=lambda s: (-s.max_ts_ns, -s.id))
+
+    def _layout_spans(self, layout: int, policy: str, actions: tuple[str, ...],
+                      inputs: tuple[str, ...], order: str, since: int, joined_only: bool,
+                      page: int) -> Iterator[BlockSpan]:
+        """One layout's spans, newest first, a page at a time (keyset paging: each page starts
+        strictly after the last span of the previous one)."""
+        extra = " AND pending < n" if joined_only else ""
+        if order == "arrival":
+            # With a time bound, search the blocks in it and sort them (bounded by the window);
+            # by arrival index alone, a window with no joined row would walk the whole history.
+            index = "block_spans_time" if since > _INT64_MIN else "block_spans_arrival"
+            sql = (f"SELECT {_SPAN_COLUMNS} FROM block_spans INDEXED BY {index} WHERE "
+                   f"layout=?1 AND block < ?3 AND max_ts_ns >= ?4{extra} "
+                   f"ORDER BY block DESC LIMIT ?5")
+        else:
+            # The BETWEEN gives the (layout, max_ts_ns) index its range; the OR resumes within
+            # a run of equal times.
+            sql = (f"SELECT {_SPAN_COLUMNS} FROM block_spans WHERE layout=?1 AND max_ts_ns "
+                   f"BETWEEN ?4 AND ?2 AND (max_ts_ns < ?2 OR block < ?3){extra} "
+                   f"ORDER BY max_ts_ns DESC, block DESC LIMIT ?5")
+        last_ts, last_id = _INT64_MAX, _INT64_MAX
+        while True:
+            with self._lock:
+                rows = self._con.execute(sql, (layout, last_ts, last_id, since, page)
+                                         ).fetchall()
+            for block, _, n, pending, lo, hi in rows:
+                yield BlockSpan(block, policy, actions, inputs, n, pending, lo, hi)
+            if len(rows) < page:
+                return
+            last_id, last_ts = rows[-1][0], rows[-1][5]
 
     def event_ids(self) -> np.ndarray:
         """``(n, 2)`` uint64 (hi, lo) of every stored decision, in arrival order."""
@@ -593,6 +729,14 @@ class _Transaction:
             self._store._con.execute("COMMIT" if exc_type is None else "ROLLBACK")
         finally:
             self._store._lock.release()
+
+
+def _blob_min_i8(blob: bytes | None) -> int | None:
+    return int(np.frombuffer(blob, _I8).min()) if blob else None
+
+
+def _blob_max_i8(blob: bytes | None) -> int | None:
+    return int(np.frombuffer(blob, _I8).max()) if blob else None
 
 
 def _raw(a: np.ndarray, dtype: np.dtype) -> bytes:

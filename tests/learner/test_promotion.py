@@ -17,6 +17,7 @@ from loops_sdk.evaluation import LoggedData
 from loops_sdk.learner import EventStore, Learner, RollbackRefused
 from loops_sdk.learner.join import _OUTCOME_QUERY_WITH_KIND, Joiner
 from loops_sdk.learner.promotion import evaluate_candidate
+from loops_sdk.learner.store import SCHEMA_VERSION
 from loops_sdk.policy import (Exploration, LearningSettings, Policy, PromotionRule,
                               RewardDefinition)
 
@@ -373,7 +374,7 @@ def test_schema_1_database_still_opens(tmp_path):
         assert [(r.version, r.state, r.decision) for r in hist] == [
             (1, "retired", ""), (2, "deployed", "")]
         assert store.get_policy("bonus").version == 2 and store.evaluations("bonus") == []
-        assert store.get_meta("schema") == "2"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION)
     with Learner(path, train=False) as lr:     # a learner serves it and adds versions
         assert lr.hub._current["bonus"].version == 2
         assert lr.publish(p.with_version(0), "new") == 3
