@@ -274,6 +274,12 @@ class LoggedData:
         because nothing was eligible, a holdout or capped row) gets that action marked
         eligible: it was served, so it was available.
 
+        Cost: blocks are visited newest first by the store's block spans and the read stops
+        once ``limit`` rows are held that every remaining block is older than (or at the
+        first block wholly before ``since_ns``); blocks with no joined row are skipped unread
+        and feature columns are decoded only for blocks that give rows. A bounded read costs
+        what its window (and the blocks overlapping it in time) holds, not the history.
+
         Args:
             store: an open :class:`~loops_sdk.learner.store.EventStore` or its file path.
             policy: the decision point (policy name).
