@@ -58,7 +58,7 @@ except ImportError:  # until the rules/apprentice flag lands in batch.py (value 
     FLAG_APPRENTICE = 32
 
 if TYPE_CHECKING:
-    from .learner.store import EventStore
+    from .learner.store import Block, BlockSpan, EventStore
 
 __all__ = [
     "LoggedData", "Estimate", "Target", "ESTIMATORS", "DEFAULT_SWITCH_TAU",
@@ -349,9 +349,9 @@ def _read_newest_rows(store: "EventStore", policy: str, excluded: int, since: in
     """
     from .learner.store import STATUS_JOINED
 
-    loaded: dict[int, tuple[Any, np.ndarray]] = {}
+    loaded: dict[int, tuple["Block", np.ndarray]] = {}
 
-    def usable(span: Any) -> tuple[Any, np.ndarray]:
+    def usable(span: "BlockSpan") -> tuple["Block", np.ndarray]:
         """The block (without x) and its usable rows, loaded once."""
         got = loaded.get(span.id)
         if got is None:
@@ -376,7 +376,7 @@ def _read_newest_rows(store: "EventStore", policy: str, excluded: int, since: in
     # Rows, newest decision time first. `held` maps block id -> (block, rows); past `limit`
     # rows only the newest `limit` are kept and `bound` is the key (ts, block, row) of the
     # oldest of them: a block whose (max_ts, id) is below it has nothing newer.
-    held: dict[int, tuple[Any, np.ndarray]] = {}
+    held: dict[int, tuple["Block", np.ndarray]] = {}
     count, skipped = 0, 0
     bound: tuple[int, int, int] | None = None
     for span in store.block_spans(policy, order="time", since_ns=since, joined_only=True):
@@ -398,6 +398,8 @@ def _read_newest_rows(store: "EventStore", policy: str, excluded: int, since: in
                        "or actions differ from the newest: %d actions, %d inputs)", policy,
                        skipped, len(action_ids), len(input_names))
 
+    if not held:        # cannot happen (the layout's block has usable rows); be safe
+        return None
     index = {a: i for i, a in enumerate(action_ids)}
     k = len(action_ids)
     parts: list[dict[str, np.ndarray]] = []
@@ -423,7 +425,8 @@ def _read_newest_rows(store: "EventStore", policy: str, excluded: int, since: in
     return action_ids, input_names, columns
 
 
-def _keep_newest(held: dict[int, tuple[Any, np.ndarray]], limit: int) -> tuple[int, int, int]:
+def _keep_newest(held: dict[int, tuple["Block", np.ndarray]], limit: int
+                 ) -> tuple[int, int, int]:
     """Trim ``held`` to its newest ``limit`` rows by ``(ts, block, row)``; returns the key of
     the oldest row kept."""
     ids = np.fromiter(held, np.int64, len(held))

@@ -198,8 +198,8 @@ def test_limit_cut_among_equal_times_keeps_the_later_arrivals(tmp_path):
         store.ingest("c", 3, records([block(2, 5, [t - NS, t - NS], seed=3)]))
         Joiner(store, grace_seconds=0).run(100 * NS)
         full = LoggedData.from_store(store, "bonus")
-        first, second, _ = (store.block_inputs(i)[0] for i in (1, 2, 3))
-        np.testing.assert_array_equal(full.x, np.concatenate([_, first[:2], second,
+        first, second, third = (store.block_inputs(i)[0] for i in (1, 2, 3))
+        np.testing.assert_array_equal(full.x, np.concatenate([third, first[:2], second,
                                                               first[2:]]))
         for limit in range(1, 8):
             assert_same(LoggedData.from_store(store, "bonus", limit=limit),
