@@ -12,6 +12,7 @@ from .client import ClientConfig, DecisionClient
 from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
 from .errors import BatchError, FeatureError, LoopsError, PolicyError, UnknownActionError
 from .policy import Action, Exploration, Feature, Holdout, LearningSettings, Policy
+from .rules import BudgetCap, Condition, EligibilityRule, FrequencyCap
 from .scorer import IMPLEMENTATION, Decision, stable_hash
 from .sink import FileSink, read_feedback_file
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DecisionClient", "ClientConfig", "Decision", "DecisionBatch", "Reason",
     "Policy", "Feature", "Action", "Exploration", "Holdout", "LearningSettings",
+    "EligibilityRule", "Condition", "FrequencyCap", "BudgetCap",
     "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
     "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",
     "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
