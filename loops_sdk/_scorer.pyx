@@ -770,7 +770,7 @@ cdef class DecisionPoint:
     def decide_batch(self, X, users=None, eligible_mask=None, bint deferred=False):
         cdef Kernel k = self.kernel
         cdef double[:, ::1] x = _as_matrix(k, X)
-        cdef Py_ssize_t n = x.shape[0], i, stride, done, take, r0
+        cdef Py_ssize_t n = x.shape[0], i, stride, done, take, r
         cdef const uint8_t[:, ::1] m
         m, stride = _as_masks(k, eligible_mask, n)
         cdef uint64_t[::1] uh
@@ -789,10 +789,26 @@ cdef class DecisionPoint:
         cdef uint8_t base_flags = F_DEFERRED if deferred else 0, f
         cdef const uint8_t* mp
         cdef const double* xp
-        cdef uint64_t lo0, hi
-        cdef int64_t ts
-        cdef int a
-        cdef Recorder rec
+        cdef uint64_t lo0, hi, n_held = 0, n_none = 0
+        cdef int64_t ts = 0
+        cdef int a, D, K
+        cdef double prob
+        cdef Recorder rec = None
+        cdef bint recording
+        # The recorder's columns as local pointers: the compiler cannot keep struct fields in
+        # registers across the stores of the loop (they might alias), locals it can.
+        cdef uint64_t* c_hi = NULL
+        cdef uint64_t* c_lo = NULL
+        cdef int64_t* c_ts = NULL
+        cdef uint64_t* c_ver = NULL
+        cdef uint64_t* c_uh = NULL
+        cdef double* c_x = NULL
+        cdef uint8_t* c_el = NULL
+        cdef int32_t* c_act = NULL
+        cdef double* c_prob = NULL
+        cdef uint8_t* c_fl = NULL
+        cdef uint64_t version
+        cdef int default_index
         with self.lock:
             if self.kernel is not k:        # swapped while we validated: score with the new one
                 k = self.kernel
@@ -801,71 +817,89 @@ cdef class DecisionPoint:
             hi = self.id_hi
             lo0 = self.next_lo
             self.next_lo += n
-            with nogil:
-                for i in range(n):
-                    lo_v[i] = lo0 + i
-                    mp = &m[i * stride, 0] if stride >= 0 else NULL
-                    if has_user[i] and k.in_holdout(uh[i]):
-                        act_v[i] = k.default_index
-                        prob_v[i] = 1.0
-                        held_v[i] = 1
-                        reason_v[i] = R_HOLDOUT
-                        continue
-                    xp = &x[i, 0] if k.n_inputs else self.xbuf
-                    a = -1
-                    if k.fill(xp, mp, self.sbuf, self.pbuf) >= 0:
-                        a = k.sample(mp, self.pbuf, draw_c(hi, lo0 + i, k.seed))
-                    if a >= 0:
-                        act_v[i] = a
-                        prob_v[i] = self.pbuf[a]
-                    else:
-                        act_v[i] = k.default_index
-                        prob_v[i] = 1.0
-                        reason_v[i] = R_NO_ELIGIBLE
-            self.n_decisions += n
-            self.n_holdout += int(held.sum())
-            self.n_no_eligible += int((reasons == R_NO_ELIGIBLE).sum())
-            if self.recording:
-                done = 0
-                while done < n:
+            recording = self.recording
+            D = k.n_inputs
+            K = k.n_actions
+            version = k.version
+            default_index = k.default_index
+            done = 0
+            while done < n:
+                # One pass per recorder's worth of rows: each row is scored and recorded while
+                # its features are still in L1, so the matrix is streamed from memory once.
+                if recording:
                     if self.rec is None or self.rec.count >= self.rec.capacity:
                         self._close_recorder()
                         self.rec = self._new_recorder(k)
                     rec = self.rec
                     take = min(n - done, rec.capacity - rec.count)
-                    ts = now_ns()   # one clock read per batch: the rows were decided together
-                    with nogil:
-                        r0 = rec.count
-                        # Contiguous rows: one copy for the features, one for the masks.
-                        if k.n_inputs:
-                            memcpy(rec.x + r0 * rec.D, &x[done, 0],
-                                   take * rec.D * sizeof(double))
-                        if stride == 1:
-                            memcpy(rec.elig + r0 * rec.K, &m[done, 0], take * rec.K)
-                        elif stride == 0:
-                            for i in range(take):
-                                memcpy(rec.elig + (r0 + i) * rec.K, &m[0, 0], rec.K)
+                    ts = now_ns()   # one clock read per chunk: the rows were decided together
+                    r = rec.count - done     # recorder row of input row i is i + r
+                    c_hi = rec.event_hi + r
+                    c_lo = rec.event_lo + r
+                    c_ts = rec.ts + r
+                    c_ver = rec.version + r
+                    c_uh = rec.user_hash + r
+                    c_x = rec.x + r * D
+                    c_el = rec.elig + r * K
+                    c_act = rec.action + r
+                    c_prob = rec.prob + r
+                    c_fl = rec.flags + r
+                else:
+                    take = n
+                with nogil:
+                    for i in range(done, done + take):
+                        lo_v[i] = lo0 + i
+                        mp = &m[i * stride, 0] if stride >= 0 else NULL
+                        xp = &x[i, 0] if D else self.xbuf
+                        f = base_flags
+                        if has_user[i] and k.in_holdout(uh[i]):
+                            a = default_index
+                            prob = 1.0
+                            held_v[i] = 1
+                            reason_v[i] = R_HOLDOUT
+                            f = f | F_HOLDOUT
+                            n_held += 1
                         else:
-                            memset(rec.elig + r0 * rec.K, 1, take * rec.K)
-                        for i in range(take):
-                            f = base_flags
-                            if held_v[done + i]:
-                                f = f | F_HOLDOUT
-                            elif reason_v[done + i] == R_NO_ELIGIBLE:
+                            a = -1
+                            if k.fill(xp, mp, self.sbuf, self.pbuf) >= 0:
+                                a = k.sample(mp, self.pbuf, draw_c(hi, lo0 + i, k.seed))
+                            if a >= 0:
+                                prob = self.pbuf[a]
+                            else:
+                                a = default_index
+                                prob = 1.0
+                                reason_v[i] = R_NO_ELIGIBLE
                                 f = f | F_DEFAULT
-                            rec.event_hi[r0 + i] = hi
-                            rec.event_lo[r0 + i] = lo0 + done + i
-                            rec.ts[r0 + i] = ts
-                            rec.version[r0 + i] = k.version
-                            rec.user_hash[r0 + i] = uh[done + i]
-                            rec.action[r0 + i] = act_v[done + i]
-                            rec.prob[r0 + i] = prob_v[done + i]
-                            rec.flags[r0 + i] = f
-                        rec.count = r0 + take
-                    done += take
+                                n_none += 1
+                        act_v[i] = a
+                        prob_v[i] = prob
+                        if recording:
+                            c_hi[i] = hi
+                            c_lo[i] = lo0 + i
+                            c_ts[i] = ts
+                            c_ver[i] = version
+                            c_uh[i] = uh[i]
+                            if D:
+                                memcpy(c_x + i * D, xp, D * sizeof(double))
+                            if mp != NULL:
+                                memcpy(c_el + i * K, mp, K)
+                            else:
+                                memset(c_el + i * K, 1, K)
+                            c_act[i] = a
+                            c_prob[i] = prob
+                            c_fl[i] = f
+                if recording:
+                    rec.count += take
+                done += take
+            self.n_decisions += n
+            self.n_holdout += n_held
+            self.n_no_eligible += n_none
+            if recording:
                 self.n_recorded += n
+        # The prefix is the same for every row: a read-only broadcast view, not n copies.
+        event_hi = np.broadcast_to(np.uint64(hi), (n,))
         return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,
-                             event_hi=np.full(n, hi, np.uint64), event_lo=ev_lo, holdout=held,
+                             event_hi=event_hi, event_lo=ev_lo, holdout=held,
                              reason_codes=reasons, policy_name=self.name,
                              policy_version=int(k.version))
 

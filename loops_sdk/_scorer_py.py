@@ -522,7 +522,7 @@ class DecisionPoint:
                 self.n_no_eligible += int(reasons[i] == R_NO_ELIGIBLE)
                 self._record(k, lo0 + i, u, x[i], mask, int(actions[i]), float(probs[i]), flags)
         return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,
-                             event_hi=np.full(n, hi, np.uint64),
+                             event_hi=np.broadcast_to(np.uint64(hi), (n,)),
                              event_lo=np.arange(lo0, lo0 + n, dtype=np.uint64), holdout=held,
                              reason_codes=reasons, policy_name=self.name,
                              policy_version=int(k.version))
