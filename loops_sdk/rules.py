@@ -551,7 +551,7 @@ def batch_attributes(cc: CompiledConstraints, attributes: Mapping[str, Any] | No
             number[:, j] = np.where(ok, num, 0.0)
             if cc.attr_string[j]:
                 uniq, inv = np.unique(arr, return_inverse=True)
-                hashes[:, j] = np.array([hash_fn(v.item()) for v in uniq], np.uint64)[inv]
+                hashes[:, j] = np.array([hash_fn(v) for v in uniq], np.uint64)[inv]
             continue
         # Strings or objects: one conversion per distinct value.
         cache: dict[Any, tuple[int, float, int]] = {}
@@ -581,7 +581,7 @@ def _scalar_attribute(name: str, v: Any, numeric: bool, string: bool,
         raise attribute_error(name, v, "must be a string, number or bool") from None
     if num != num:
         return 0, 0.0, 0
-    return 1, num, hash_fn(v.item() if isinstance(v, np.generic) else v) if string else 0
+    return 1, num, hash_fn(v) if string else 0
 
 
 def batch_baselines(action_index: Mapping[str, int], default_index: int, baseline: Any,
