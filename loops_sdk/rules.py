@@ -252,8 +252,8 @@ def validate(policy: Any) -> None:
                                       f"{default!r}, which rules never block")
             for a in r.actions:
                 if a not in tags_of:
-                    raise UnknownActionError(f"{where}: blocks unknown action {a!r} "
-                                             f"(actions: {list(ids)})")
+                    raise PolicyError(f"{where}: blocks unknown action {a!r} "
+                                      f"(actions: {list(ids)})")
                 if a == default:
                     raise PolicyError(f"{where}: blocks the default action {default!r}, "
                                       "which rules never block")
