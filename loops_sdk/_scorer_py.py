@@ -369,7 +369,9 @@ class Decision:
     def __repr__(self):
         return (f"Decision(action={self.action!r}, probability={self.probability:.6g}, "
                 f"event_id={self.event_id!r}, policy={self.policy_name!r} "
-                f"v{self.policy_version}, holdout={bool(self.holdout)}, reason={self.reason})")
+                f"v{self.policy_version}, holdout={bool(self.holdout)}, reason={self.reason}"
+                + (f", policy_action={self.policy_action!r}" if self.apprentice else "")
+                + (f", rules={self.rules:#x}" if self.rules else "") + ")")
 
 
 def _make(action, index, prob, name, version, held, reason, hi, lo, has_id, bits=0,

@@ -553,15 +553,24 @@ def batch_attributes(cc: CompiledConstraints, attributes: Mapping[str, Any] | No
                 uniq, inv = np.unique(arr, return_inverse=True)
                 hashes[:, j] = np.array([hash_fn(v) for v in uniq], np.uint64)[inv]
             continue
-        # Strings or objects: one conversion per distinct value.
-        cache: dict[Any, tuple[int, float, int]] = {}
-        for i, v in enumerate(arr.tolist()):
-            key = (type(v), v)
-            got = cache.get(key)
-            if got is None:
-                got = cache[key] = _scalar_attribute(name, v, bool(cc.attr_numeric[j]),
-                                                     bool(cc.attr_string[j]), hash_fn)
-            present[i, j], number[i, j], hashes[i, j] = got
+        # Strings or objects: one conversion per distinct value, then a gather.
+        numeric, string = bool(cc.attr_numeric[j]), bool(cc.attr_string[j])
+        index: dict[Any, int] = {}
+        triples: list[tuple[int, float, int]] = []
+        typed = arr.dtype.kind not in "US"   # 1, 1.0 and True differ as strings
+
+        def code(v: Any) -> int:
+            key = (type(v), v) if typed else v
+            c = index.get(key)
+            if c is None:
+                c = index[key] = len(triples)
+                triples.append(_scalar_attribute(name, v, numeric, string, hash_fn))
+            return c
+
+        codes = np.fromiter(map(code, arr.tolist()), np.intp, n)
+        present[:, j] = np.array([t[0] for t in triples], np.uint8)[codes]
+        number[:, j] = np.array([t[1] for t in triples], np.float64)[codes]
+        hashes[:, j] = np.array([t[2] for t in triples], np.uint64)[codes]
     return present, number, hashes
 
 
