@@ -29,3 +29,11 @@ class UnknownActionError(LoopsError, ValueError):
 
 class BatchError(LoopsError, ValueError):
     """A feedback batch that cannot be decoded or is larger than allowed."""
+
+
+class InsightsError(LoopsError, ValueError):
+    """A read-out over the learner's store (lift, learning curve, report) was asked for with
+    bad arguments (bucket count or width, confidence level) or a database that does not exist."""
+
+
+__all__ += ["InsightsError"]
