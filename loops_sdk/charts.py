@@ -34,8 +34,9 @@ _EMPTY = "No data yet"
 class Series:
     """One series of an :func:`xy_chart`.
 
-    ``style`` "line" joins the points (gaps where y is NaN) and draws a band between ``lower``
-    and ``upper`` when given; "points" draws markers with vertical whiskers to the bounds.
+    ``style`` "line" joins the points and draws a band between ``lower`` and ``upper`` when
+    given; "points" draws markers with vertical whiskers to the bounds. A NaN y (an empty time
+    bucket) has no marker; the line joins its neighbours unless ``break_gaps``.
     """
 
     name: str
@@ -47,6 +48,7 @@ class Series:
     style: str = "line"
     color: str | None = None
     dashed: bool = False
+    break_gaps: bool = False
 
 
 @dataclass
@@ -366,9 +368,10 @@ def _series_marks(s: Series, color: str, sx, sy, x_time: bool, yfmt) -> list[str
 
     ok = [i for i in range(n) if _finite(s.x[i]) and _finite(s.y[i])]
     has_bounds = s.lower is not None and s.upper is not None
+    runs = _runs if s.break_gaps else (lambda idx: [idx] if idx else [])
     if s.style == "line":
-        if has_bounds:   # band: contiguous runs where both bounds are finite
-            for run in _runs([i for i in ok if _finite(s.lower[i]) and _finite(s.upper[i])]):
+        if has_bounds:   # band: runs of points where both bounds are finite
+            for run in runs([i for i in ok if _finite(s.lower[i]) and _finite(s.upper[i])]):
                 if len(run) < 2:
                     continue
                 up = " L".join(f"{_f(sx(s.x[i]))},{_f(sy(s.upper[i]))}" for i in run)
@@ -377,7 +380,7 @@ def _series_marks(s: Series, color: str, sx, sy, x_time: bool, yfmt) -> list[str
                 out.append(f'<path class="mark band" d="M{up} L{down} Z" fill="{color}" '
                            f'fill-opacity="0.16" stroke="none"><title>{escape(s.name)}: '
                            f'confidence band</title></path>')
-        for run in _runs(ok):
+        for run in runs(ok):
             if len(run) < 2:
                 continue
             d = " L".join(f"{_f(sx(s.x[i]))},{_f(sy(s.y[i]))}" for i in run)

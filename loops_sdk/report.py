@@ -415,7 +415,9 @@ def _lift_block(sid: str, ins: PolicyInsights) -> str:
             "<th>net per holdout player</th><th>lift per player</th><th>interval</th>"
             "<th>lift per decision</th></tr></thead><tbody>"]
     overall = [("whole range", ins.lift)] if b else []
-    for label, lift in overall + [(_period(x.start_ns, x.end_ns), x.lift) for x in b]:
+    periods = [(_period(x.start_ns, x.end_ns), x.lift) for x in b
+               if x.lift.treated.players or x.lift.holdout.players]   # skip empty buckets
+    for label, lift in overall + periods:
         rows.append(
             f"<tr><td>{escape(label)}</td><td class=\"num\">{_int(lift.treated.players)}</td>"
             f'<td class="num">{_int(lift.holdout.players)}</td>'
