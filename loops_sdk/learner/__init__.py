@@ -6,10 +6,12 @@ Run one with ``loops learner --db loops.sqlite --port 7070`` or in Python::
         learner.wait()
 """
 
+from .insights import holdout_lift, learning_curve, policy_insights
 from .join import Joiner, JoinResult, PolicyBook
 from .service import Learner, LearnerServicer, VersionConflict
 from .store import EventStore
 from .train import RidgeStats, Trainer
 
 __all__ = ["Learner", "LearnerServicer", "VersionConflict", "EventStore", "Joiner",
-           "JoinResult", "PolicyBook", "RidgeStats", "Trainer"]
+           "JoinResult", "PolicyBook", "RidgeStats", "Trainer", "policy_insights",
+           "holdout_lift", "learning_curve"]
