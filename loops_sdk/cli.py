@@ -240,12 +240,16 @@ def _cmd_lift(args: argparse.Namespace) -> int:
     print(f"{'policy / period (UTC)':<26} {'players T/H':>15} {'net/player T':>12} "
           f"{'H':>8} {'lift/player':>11} {ci:>19} {'spend/player T':>14} {'H':>7}")
 
+    def num(v: float, spec: str = ",.2f") -> str:
+        return "-" if v != v else format(v, spec)       # NaN: not enough data
+
     def row(label: str, lift) -> str:
         t, h, d = lift.treated, lift.holdout, lift.per_player
-        interval = (f"[{d.lower:,.2f}, {d.upper:,.2f}]" if d.lower == d.lower else "-")
-        return (f"{label:<26} {f'{t.players:,}/{h.players:,}':>15} {t.net_per_player:>12,.2f} "
-                f"{h.net_per_player:>8,.2f} {d.value:>+11,.2f} {interval:>19} "
-                f"{t.spend_per_player:>14,.2f} {h.spend_per_player:>7,.2f}")
+        interval = f"[{d.lower:,.2f}, {d.upper:,.2f}]" if d.lower == d.lower else "-"
+        return (f"{label:<26} {f'{t.players:,}/{h.players:,}':>15} "
+                f"{num(t.net_per_player):>12} {num(h.net_per_player):>8} "
+                f"{num(d.value, '+,.2f'):>11} {interval:>19} {num(t.spend_per_player):>14} "
+                f"{num(h.spend_per_player):>7}")
     for ins in results:
         print(row(ins.policy, ins.lift))
         if args.over_time:

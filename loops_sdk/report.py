@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MAX_VERSION_ROWS = 50      # version history table: the newest ones
 MAX_VERSION_POINTS = 200   # learning curve per version: the newest ones
-MAX_OPE_VERSIONS = 8       # off-policy chart: the newest versions that have estimates
+MAX_OPE_VERSIONS = 6       # off-policy chart: the newest versions that have estimates
 # The estimator drawn in the chart (every stored one is in the table): doubly robust first,
 # as the estimator with the best bias/variance balance when a reward model is available.
 _ESTIMATOR_PREFERENCE = ("dr", "switch_dr", "snips", "ips", "dm")

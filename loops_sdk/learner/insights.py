@@ -415,22 +415,19 @@ def _mean_estimate(n: int, mean: float, var: float, z: float) -> MeanEstimate:
     return MeanEstimate(int(n), float(mean), se, float(mean) - z * se, float(mean) + z * se)
 
 
-def _lifts(user: np.ndarray, held: np.ndarray, bucket: np.ndarray, reward: np.ndarray,
-           cost: np.ndarray, n_buckets: int, z: float, level: float) -> list[Lift]:
+def _lifts(player: np.ndarray, n_players: int, held: np.ndarray, bucket: np.ndarray,
+           reward: np.ndarray, cost: np.ndarray, n_buckets: int, z: float,
+           level: float) -> list[Lift]:
     """One :class:`Lift` per bucket; the rows are the lift population (joined, identified,
-    not apprentice)."""
+    not apprentice); ``player`` numbers their players ``0 .. n_players - 1``."""
     group = held.astype(np.int64)                     # 0 treated, 1 holdout
     cell = bucket.astype(np.int64) * 2 + group        # (bucket, group)
     n_cells = n_buckets * 2
-    # A unit is a player within one (bucket, group) cell.
-    if user.size:
-        keys = np.stack([cell.astype(np.uint64), user], axis=1)
-        units, unit_of = np.unique(keys, axis=0, return_inverse=True)
-        unit_of = unit_of.reshape(-1)
-        unit_cell = units[:, 0].astype(np.int64)
-    else:
-        unit_of = np.empty(0, np.int64)
-        unit_cell = np.empty(0, np.int64)
+    # A unit is a player within one (bucket, group) cell; with players numbered, its key is
+    # one int64 (a 1-d sort: unique over (cell, user) row pairs is several times slower).
+    units, unit_of = np.unique(cell * n_players + player, return_inverse=True)
+    unit_of = unit_of.reshape(-1)
+    unit_cell = units // n_players
     n_units = unit_cell.size
     unit_net = np.bincount(unit_of, weights=reward, minlength=n_units)
     unit_spend = np.bincount(unit_of, weights=cost, minlength=n_units)
@@ -469,10 +466,13 @@ def _insights(policy: str, rows: _Rows, edges: np.ndarray, z: float,
 
     # Lift: identified players, treated or holdout (apprentice rows are neither).
     pop = (user != 0) & ~appr
-    args = (user[pop], held[pop], reward[pop], cost[pop])
-    overall = _lifts(args[0], args[1], np.zeros(int(pop.sum()), np.int64), args[2], args[3],
-                     1, z, level)[0]
-    per_bucket = _lifts(args[0], args[1], bucket[pop], args[2], args[3], n_buckets, z,
+    _, player = np.unique(user[pop], return_inverse=True)
+    player = player.reshape(-1).astype(np.int64)
+    n_players = int(player.max()) + 1 if player.size else 1
+    args = (player, n_players, held[pop])
+    overall = _lifts(*args, np.zeros(player.size, np.int64), reward[pop], cost[pop], 1, z,
+                     level)[0]
+    per_bucket = _lifts(*args, bucket[pop], reward[pop], cost[pop], n_buckets, z,
                         level) if n_buckets else []
 
     # Learning curve: per decision, treated rows (anonymous ones included) and holdout rows.
@@ -481,23 +481,35 @@ def _insights(policy: str, rows: _Rows, edges: np.ndarray, z: float,
     if n_buckets:
         t_n, t_mean, t_var = _grouped(reward[treated], bucket[treated], n_buckets)
         h_n, h_mean, h_var = _grouped(reward[held], bucket[held], n_buckets)
+        # versions seen per bucket: unique (bucket, version) pairs as one int64 key
+        seen, v_idx = np.unique(version[treated], return_inverse=True)
+        pairs = np.unique(bucket[treated] * max(seen.size, 1) + v_idx.reshape(-1))
+        in_bucket = [[] for _ in range(n_buckets)]
+        for key in pairs.tolist():
+            in_bucket[key // max(seen.size, 1)].append(int(seen[key % max(seen.size, 1)]))
         for b in range(n_buckets):
-            in_b = treated & (bucket == b)
             curve.append(CurveBucket(
                 start_ns=int(edges[b]), end_ns=int(edges[b + 1]),
                 treated=_mean_estimate(int(t_n[b]), t_mean[b], t_var[b], z),
                 holdout=_mean_estimate(int(h_n[b]), h_mean[b], h_var[b], z),
-                versions=tuple(int(v) for v in np.unique(version[in_b]))))
-    versions = []
-    for v in np.unique(rows.version):
-        mine = rows.version == v
-        sel = treated & (version == v)
-        n, mean, var = _grouped(reward[sel], np.zeros(int(sel.sum()), np.int64), 1)
-        spend = float(cost[sel].mean()) if sel.any() else _NAN
-        versions.append(VersionSummary(
-            version=int(v), decisions=int(mine.sum()),
-            reward=_mean_estimate(int(n[0]), mean[0], var[0], z), spend_per_decision=spend,
-            first_ns=int(rows.ts[mine].min()), last_ns=int(rows.ts[mine].max())))
+                versions=tuple(in_bucket[b])))
+    # Per version, vectorised (a learner that retrains every few seconds has many versions).
+    all_versions, v_of_row = np.unique(rows.version, return_inverse=True)
+    v_of_row = v_of_row.reshape(-1)
+    n_v = all_versions.size
+    logged = np.bincount(v_of_row, minlength=n_v)
+    first = np.full(n_v, np.iinfo(np.int64).max)
+    last = np.full(n_v, np.iinfo(np.int64).min)
+    np.minimum.at(first, v_of_row, rows.ts)
+    np.maximum.at(last, v_of_row, rows.ts)
+    v_treated = v_of_row[j][treated]
+    r_n, r_mean, r_var = _grouped(reward[treated], v_treated, n_v)
+    _, spend, _ = _grouped(cost[treated], v_treated, n_v)
+    versions = [VersionSummary(
+        version=int(all_versions[k]), decisions=int(logged[k]),
+        reward=_mean_estimate(int(r_n[k]), r_mean[k], r_var[k], z),
+        spend_per_decision=float(spend[k]), first_ns=int(first[k]), last_ns=int(last[k]))
+        for k in range(n_v)]
 
     return PolicyInsights(
         policy=policy, level=level, decisions=int(rows.ts.size), joined=int(j.sum()),
