@@ -212,6 +212,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except InsightsError as exc:
         print(f"loops: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"loops: cannot write the report: {exc}", file=sys.stderr)
+        return 1
     print(f"report written to {out}")
     return 0
 

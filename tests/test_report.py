@@ -219,6 +219,13 @@ def test_report_errors(loop_db, tmp_path, capsys):
     assert main(["report", "--db", str(loop_db), "--out", str(out), "--policy", "nope"]) == 1
     assert "no policy 'nope'" in capsys.readouterr().err
     assert main(["report", "--db", str(loop_db), "--out", str(out), "--level", "2"]) == 1
+    assert "level" in capsys.readouterr().err
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    assert main(["report", "--db", str(junk), "--out", str(out)]) == 1
+    assert "cannot be read as a learner database" in capsys.readouterr().err
+    assert main(["report", "--db", str(loop_db), "--out", str(tmp_path / "no" / "x.html")]) == 1
+    assert "cannot write the report" in capsys.readouterr().err
     assert not out.exists()
 
 

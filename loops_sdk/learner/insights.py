@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -273,7 +274,11 @@ class _opened:
             return self._given
         if not self._path.is_file():
             raise InsightsError(f"no learner database at {self._path}")
-        self._own = EventStore(self._path)
+        try:
+            self._own = EventStore(self._path)
+        except (sqlite3.DatabaseError, RuntimeError) as exc:   # not SQLite, newer schema
+            raise InsightsError(f"{self._path} cannot be read as a learner database: "
+                                f"{exc}") from exc
         return self._own
 
     def __exit__(self, *exc: object) -> None:
@@ -338,7 +343,7 @@ def _cost_table(book: PolicyBook, name: str, version: int, action_ids: list[str]
     except PolicyError:
         logger.warning("policy %r v%d is unreadable; its actions are costed at 0", name,
                        version)
-        policy = None
+        return np.zeros(len(action_ids))
     if policy is None:
         logger.warning("policy %r v%d is not in the store; its actions are costed at 0",
                        name, version)
