@@ -138,11 +138,12 @@ class DemoResult:
 
 def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
              plot: str | None = None, db: str | None = None, echo=print,
-             round_size: int = 500) -> DemoResult:
+             round_size: int = 500, report: str | None = None) -> DemoResult:
     """Run the loop: a learner in this process, a simulated game server deciding against it.
 
     ``rate`` paces decisions per second so the learner's joins and retrains happen while the
-    game runs (as in production); the default run takes about half a minute.
+    game runs (as in production); the default run takes about half a minute. ``report``: write
+    the learner's HTML report (:mod:`loops_sdk.report`) there once the last rewards joined.
     """
     from .learner.service import Learner   # the learner's dependencies load only for the demo
 
@@ -166,10 +167,22 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
         if plot:
             _plot(result, plot)
             echo(f"learning curve written to {plot}")
+        if report:
+            _write_report(learner, report, echo)
         return result
     finally:
         learner.stop(1.0)
         tmp.cleanup()
+
+
+def _write_report(learner, path: str, echo) -> None:
+    from .report import write_report
+    # The last decisions join once their reward window (0.5 s) and grace (0.3 s) have passed.
+    deadline = time.monotonic() + 5.0
+    while learner.store.pending_by_policy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    write_report(learner.store, path)
+    echo(f"report written to {path}")
 
 
 def _play(sim: Simulator, client: DecisionClient, decisions: int, rate: float,
@@ -266,13 +279,16 @@ def add_demo_command(sub) -> None:
                    help="decisions per second (paced so the learner retrains during the run)")
     p.add_argument("--plot", metavar="FILE.png", help="write the learning curve (matplotlib)")
     p.add_argument("--db", help="SQLite file for the learner (default: a temp file)")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="write the HTML report (lift, spend, learning curve) at the end")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     if args.decisions <= 0 or args.rate <= 0:
         raise SystemExit("--decisions and --rate must be positive")
-    result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db)
+    result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db,
+                      report=args.report)
     print()
     print(result.table())
     print()
