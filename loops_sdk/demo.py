@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,7 @@ class DemoResult:
     final_version: int
     curve: list[tuple[int, float, int]]   # (decisions so far, mean net in window, version)
     rule_limited: int = 0            # decisions where the jurisdiction rule removed an action
+    gate: dict[str, int] = field(default_factory=dict)  # promotion gate verdicts by decision
 
     def table(self) -> str:
         rows = [
@@ -151,11 +152,12 @@ class DemoResult:
 
 def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
              plot: str | None = None, db: str | None = None, echo=print,
-             round_size: int = 500) -> DemoResult:
+             round_size: int = 500, report: str | None = None) -> DemoResult:
     """Run the loop: a learner in this process, a simulated game server deciding against it.
 
     ``rate`` paces decisions per second so the learner's joins and retrains happen while the
-    game runs (as in production); the default run takes about half a minute.
+    game runs (as in production); the default run takes about half a minute. ``report``: write
+    the learner's HTML report (:mod:`loops_sdk.report`) there once the last rewards joined.
     """
     from .learner.service import Learner   # the learner's dependencies load only for the demo
 
@@ -175,13 +177,26 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
                 raise RuntimeError("demo client did not receive the initial policy")
             result = _play(sim, client, decisions, rate, round_size, echo)
             client.flush(5)
+        result.gate = dict(learner.gate_counts)
         if plot:
             _plot(result, plot)
             echo(f"learning curve written to {plot}")
+        if report:
+            _write_report(learner, report, echo)
         return result
     finally:
         learner.stop(1.0)
         tmp.cleanup()
+
+
+def _write_report(learner, path: str, echo) -> None:
+    from .report import write_report
+    # The last decisions join once their reward window (0.5 s) and grace (0.3 s) have passed.
+    deadline = time.monotonic() + 5.0
+    while learner.store.pending_by_policy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    write_report(learner.store, path)
+    echo(f"report written to {path}")
 
 
 def _play(sim: Simulator, client: DecisionClient, decisions: int, rate: float,
@@ -280,18 +295,25 @@ def add_demo_command(sub) -> None:
                    help="decisions per second (paced so the learner retrains during the run)")
     p.add_argument("--plot", metavar="FILE.png", help="write the learning curve (matplotlib)")
     p.add_argument("--db", help="SQLite file for the learner (default: a temp file)")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="write the HTML report (lift, spend, learning curve) at the end")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     if args.decisions <= 0 or args.rate <= 0:
         raise SystemExit("--decisions and --rate must be positive")
-    result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db)
+    result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db,
+                      report=args.report)
     print()
     print(result.table())
     print()
     lift = result.loops_net_last - result.best_fixed_net
-    print(f"policy versions trained: {result.final_version - 1}; after learning LOOPS earns "
+    g = result.gate
+    print(f"candidates trained: {sum(g.values())} (promoted by the gate {g.get('promoted', 0)}, "
+          f"rejected {g.get('rejected', 0)}, held {g.get('held', 0)}); serving "
+          f"v{result.final_version}.")
+    print(f"After learning LOOPS earns "
           f"{lift:+.2f} per player vs the best fixed bonus an A/B test would pick, "
           f"{result.loops_net_last - result.uniform_net:+.2f} vs uniform random.")
     print(f"eligibility rule {DEPOSIT_BONUS_RULE.id!r} removed the deposit match from "

@@ -212,9 +212,6 @@ def validate(policy: Any) -> None:
     tags_of = {a.id: set(a.tags) for a in policy.actions}
     known_tags = set().union(*tags_of.values()) if tags_of else set()
     numeric = {f.name for f in policy.features if f.kind == "numeric"}
-    if policy.mode not in ("online", "apprentice"):
-        raise PolicyError(f"policy {name!r}: mode must be 'online' or 'apprentice', "
-                          f"got {policy.mode!r}")
     for a in policy.actions:
         if a.value is not None and not (math.isfinite(a.value) and a.value >= 0):
             raise PolicyError(f"policy {name!r}: action {a.id!r} value must be finite and "

@@ -111,14 +111,15 @@ def test_policy_bytes_from_before_rules_still_load():
     assert not k.constrained and k.constraints is None
 
 
-def test_with_mode_and_with_rules_make_new_versions():
+def test_with_mode_and_with_rules():
     p = policy(rules=())
-    a = p.with_mode("apprentice")
+    a = p.with_mode("apprentice", version=2)
     assert (a.version, a.mode) == (2, "apprentice") and a.weights.tobytes() == p.weights.tobytes()
     assert a.with_mode("online", version=0).version == 0     # the learner numbers it
-    r = a.with_rules([JURISDICTION], caps=[FrequencyCap("f", 1, HOUR)])
+    r = a.with_rules([JURISDICTION], caps=[FrequencyCap("f", 1, HOUR)], version=3)
     assert (r.version, r.rules, r.mode) == (3, (JURISDICTION,), "apprentice")
     assert r.with_rules(caps=[]).rules == (JURISDICTION,)
+    assert r.with_rules(caps=[]).version == 3
     with pytest.raises(PolicyError, match="mode"):
         p.with_mode("shadow")
 

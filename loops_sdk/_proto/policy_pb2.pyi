@@ -136,7 +136,7 @@ class Policy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Policy.Mode, str]] = ..., rules: _Optional[_Iterable[_Union[EligibilityRule, _Mapping]]] = ..., caps: _Optional[_Iterable[_Union[Cap, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class LearningSettings(_message.Message):
-    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds")
+    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds", "reward", "promotion")
     class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         AGGREGATION_UNSPECIFIED: _ClassVar[LearningSettings.Aggregation]
@@ -151,13 +151,64 @@ class LearningSettings(_message.Message):
     RIDGE_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_EVERY_EVENTS_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
     reward_window_seconds: float
     aggregation: LearningSettings.Aggregation
     default_reward: float
     ridge_lambda: float
     retrain_every_events: int
     retrain_every_seconds: float
-    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ...) -> None: ...
+    reward: RewardDefinition
+    promotion: PromotionRule
+    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ..., reward: _Optional[_Union[RewardDefinition, _Mapping]] = ..., promotion: _Optional[_Union[PromotionRule, _Mapping]] = ...) -> None: ...
+
+class RewardDefinition(_message.Message):
+    __slots__ = ("outcome_weights", "other_weight", "cost_weight")
+    class OutcomeWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OUTCOME_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    outcome_weights: _containers.ScalarMap[str, float]
+    other_weight: float
+    cost_weight: float
+    def __init__(self, outcome_weights: _Optional[_Mapping[str, float]] = ..., other_weight: _Optional[float] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+
+class PromotionRule(_message.Message):
+    __slots__ = ("kind", "estimator", "level", "min_samples", "margin", "window_rows", "window_seconds", "interval")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[PromotionRule.Kind]
+        LOWER_BOUND_OVER_ESTIMATE: _ClassVar[PromotionRule.Kind]
+        LOWER_BOUND_OVER_UPPER_BOUND: _ClassVar[PromotionRule.Kind]
+        ALWAYS: _ClassVar[PromotionRule.Kind]
+    KIND_UNSPECIFIED: PromotionRule.Kind
+    LOWER_BOUND_OVER_ESTIMATE: PromotionRule.Kind
+    LOWER_BOUND_OVER_UPPER_BOUND: PromotionRule.Kind
+    ALWAYS: PromotionRule.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    kind: PromotionRule.Kind
+    estimator: str
+    level: float
+    min_samples: int
+    margin: float
+    window_rows: int
+    window_seconds: float
+    interval: str
+    def __init__(self, kind: _Optional[_Union[PromotionRule.Kind, str]] = ..., estimator: _Optional[str] = ..., level: _Optional[float] = ..., min_samples: _Optional[int] = ..., margin: _Optional[float] = ..., window_rows: _Optional[int] = ..., window_seconds: _Optional[float] = ..., interval: _Optional[str] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("attribute", "feature", "op", "values", "number", "when_missing")

@@ -17,7 +17,10 @@ What is stored, and why in this shape:
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
   its decision's block without an index over every decision.
-* ``policies``: every published version's bytes, with the reason and state.
+* ``policies``: every version's bytes (served ones and candidates the promotion gate held back),
+  with the reason, state, promotion decision and the decision's reason.
+* ``evaluations``: the off-policy estimates each candidate was judged on (one row per target
+  and estimator), read by ``loops policy history`` and the report.
 * ``stats``: the trainer's serialised sufficient statistics per policy.
 * ``counters``: running totals for status (no ``COUNT(*)`` over millions of rows).
 
@@ -42,17 +45,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..batch import FLAG_DEFERRED, OUTCOME_ACTIVATE, FeedbackRecords
 
-__all__ = ["EventStore", "Block", "StoredPolicy", "STATUS_PENDING", "STATUS_JOINED"]
+__all__ = ["EventStore", "Block", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
+           "STATUS_JOINED", "POLICY_STATES", "DECISIONS"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUS_PENDING = 0   # window open, or deferred and not activated yet
 STATUS_JOINED = 1    # reward final (joined value or default, minus cost)
 
@@ -90,10 +94,35 @@ CREATE INDEX IF NOT EXISTS deferred_block ON deferred (block);
 CREATE TABLE IF NOT EXISTS policies (
     name TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL,
     created_ms INTEGER NOT NULL, reason TEXT NOT NULL, state TEXT NOT NULL,
+    decision TEXT NOT NULL DEFAULT '', decision_reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS evaluations (
+    name TEXT NOT NULL, version INTEGER NOT NULL, target TEXT NOT NULL,
+    estimator TEXT NOT NULL, value REAL NOT NULL, lower REAL NOT NULL, upper REAL NOT NULL,
+    stderr REAL NOT NULL, ess REAL NOT NULL, n INTEGER NOT NULL, level REAL NOT NULL,
+    interval TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (name, version, target, estimator));
 CREATE TABLE IF NOT EXISTS stats (
     name TEXT PRIMARY KEY, data BLOB NOT NULL, updated_ms INTEGER NOT NULL);
 """
+
+# Schema migrations: MIGRATIONS[v] takes a version-v database to v + 1, inside the opening
+# transaction. Tables added later are created by _SCHEMA (IF NOT EXISTS) before they run.
+_MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE policies ADD COLUMN decision TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE policies ADD COLUMN decision_reason TEXT NOT NULL DEFAULT ''"],
+}
+_POLICY_COLUMNS = "name, version, bytes, created_ms, reason, state, decision, decision_reason"
+_EVAL_COLUMNS = ("name, version, target, estimator, value, lower, upper, stderr, ess, n, "
+                 "created_ms, level, interval")
+
+# deployed: served now (one per name); retired: served before; rolled_back: served, then undone
+# by a rollback; candidate: trained but never served (the promotion gate held it back).
+POLICY_STATES = ("deployed", "retired", "rolled_back", "candidate")
+# How a version came to be: the gate's verdicts on a trained candidate (promoted, rejected,
+# held = too little data), a hand publish (manual; initial = the name's first version), or a
+# rollback. "" on versions stored before decisions were recorded.
+DECISIONS = ("promoted", "rejected", "held", "manual", "initial", "rollback")
 
 _INSERT_BLOCK = (
     "INSERT INTO blocks (layout, n, event_hi, event_lo, ts_ns, version, user_hash, x, eligible,"
@@ -149,12 +178,39 @@ class Block:
 
 @dataclass(frozen=True)
 class StoredPolicy:
+    """One stored version: its bytes, why it was stored (``reason``, also sent to clients when
+    it is served), its ``state`` (see ``POLICY_STATES``) and the promotion ``decision`` with
+    ``decision_reason``, a sentence with the numbers the decision was taken on."""
+
     name: str
     version: int
     data: bytes
     created_ms: int
     reason: str
     state: str
+    decision: str = ""
+    decision_reason: str = ""
+
+
+@dataclass(frozen=True)
+class StoredEvaluation:
+    """An off-policy estimate stored for a version: ``target``'s value per decision
+    ("candidate", "deployed", "uniform", "fixed:<id>", "holdout_default") by ``estimator``,
+    as it was when version ``version`` was judged."""
+
+    name: str
+    version: int
+    target: str
+    estimator: str
+    value: float
+    lower: float
+    upper: float
+    stderr: float
+    ess: float
+    n: int
+    created_ms: int
+    level: float = 0.95
+    interval: str = "normal"
 
 
 def _now_ms() -> int:
@@ -199,9 +255,11 @@ class EventStore:
             row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
+            elif int(row[0]) > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: schema version {row[0]}, this learner "
-                                   f"reads {SCHEMA_VERSION}")
+                                   f"reads up to {SCHEMA_VERSION} (written by a newer learner)")
+            elif int(row[0]) < SCHEMA_VERSION:
+                self._migrate(con, int(row[0]))
         self._layouts: dict[tuple[str, str, str], int] = {}
         self._layout_rows: dict[int, tuple[str, list[str], list[str]]] = {}
         for lid, policy, actions, inputs in con.execute(
@@ -209,6 +267,16 @@ class EventStore:
             self._layouts[(policy, actions, inputs)] = lid
             self._layout_rows[lid] = (policy, json.loads(actions), json.loads(inputs))
         self._closed = False
+
+    def _migrate(self, con: sqlite3.Connection, version: int) -> None:
+        """Bring an older database up to SCHEMA_VERSION (inside the opening transaction)."""
+        start = version
+        while version < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version]:
+                con.execute(statement)
+            version += 1
+        con.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
+        logger.info("%s: schema migrated from version %d to %d", self.path, start, version)
 
     # ----------------------------------------------------------------- plumbing
     def transaction(self) -> "_Transaction":
@@ -415,13 +483,22 @@ class EventStore:
 
     # ----------------------------------------------------------------- policies
     def add_policy(self, name: str, version: int, data: bytes, reason: str,
-                   state: str = "deployed", con: sqlite3.Connection | None = None) -> None:
-        """Store a new version; older deployed versions of the name become ``retired``."""
+                   state: str = "deployed", con: sqlite3.Connection | None = None, *,
+                   decision: str = "", decision_reason: str = "") -> None:
+        """Store a new version. Storing a ``deployed`` one retires the name's deployed version;
+        a ``candidate`` leaves what is served alone."""
+        if state not in POLICY_STATES:
+            raise ValueError(f"policy state must be one of {POLICY_STATES}, not {state!r}")
+        if decision and decision not in DECISIONS:
+            raise ValueError(f"policy decision must be one of {DECISIONS}, not {decision!r}")
+
         def write(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE policies SET state='retired' WHERE name=? AND state='deployed'",
-                      (name,))
-            c.execute("INSERT INTO policies VALUES (?,?,?,?,?,?)",
-                      (name, int(version), bytes(data), _now_ms(), reason, state))
+            if state == "deployed":
+                c.execute("UPDATE policies SET state='retired' WHERE name=? AND "
+                          "state='deployed'", (name,))
+            c.execute(f"INSERT INTO policies ({_POLICY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                      (name, int(version), bytes(data), _now_ms(), reason, state, decision,
+                       decision_reason))
         if con is not None:
             write(con)
         else:
@@ -430,38 +507,79 @@ class EventStore:
 
     def set_policy_state(self, con: sqlite3.Connection, name: str, versions: list[int],
                          state: str) -> None:
+        if state not in POLICY_STATES:
+            raise ValueError(f"policy state must be one of {POLICY_STATES}, not {state!r}")
         con.executemany("UPDATE policies SET state=? WHERE name=? AND version=?",
                         [(state, name, int(v)) for v in versions])
 
     def get_policy(self, name: str, version: int = 0) -> StoredPolicy | None:
-        """A stored version, or the current (highest) one when ``version`` is 0."""
+        """A stored version, or the one served now (state ``deployed``) when ``version`` is 0.
+
+        Candidates the gate held back have versions above the served one, so "current" is the
+        deployed version, not the highest (see :meth:`latest_version`).
+        """
         with self._lock:
             if version:
-                row = self._con.execute("SELECT * FROM policies WHERE name=? AND version=?",
-                                        (name, int(version))).fetchone()
+                row = self._con.execute(f"SELECT {_POLICY_COLUMNS} FROM policies WHERE name=? "
+                                        "AND version=?", (name, int(version))).fetchone()
             else:
-                row = self._con.execute("SELECT * FROM policies WHERE name=? ORDER BY version "
-                                        "DESC LIMIT 1", (name,)).fetchone()
+                row = self._con.execute(
+                    f"SELECT {_POLICY_COLUMNS} FROM policies WHERE name=? ORDER BY "
+                    "state='deployed' DESC, version DESC LIMIT 1", (name,)).fetchone()
         return None if row is None else StoredPolicy(*row)
 
-    def current_policies(self) -> list[StoredPolicy]:
+    def latest_version(self, name: str) -> int:
+        """The highest version stored under ``name`` (candidates included); 0 if none."""
         with self._lock:
-            rows = self._con.execute(
-                "SELECT p.* FROM policies p JOIN (SELECT name, MAX(version) v FROM policies "
-                "GROUP BY name) m ON p.name = m.name AND p.version = m.v ORDER BY p.name"
-            ).fetchall()
-        return [StoredPolicy(*r) for r in rows]
+            row = self._con.execute("SELECT MAX(version) FROM policies WHERE name=?",
+                                    (name,)).fetchone()
+        return int(row[0] or 0)
+
+    def current_policies(self) -> list[StoredPolicy]:
+        """The version served now of every policy name."""
+        with self._lock:
+            names = [r[0] for r in self._con.execute(
+                "SELECT DISTINCT name FROM policies ORDER BY name")]
+        rows = [self.get_policy(name) for name in names]
+        return [r for r in rows if r is not None]
 
     def policy_history(self, name: str) -> list[StoredPolicy]:
+        """Every version of ``name``, oldest first, candidates included."""
         with self._lock:
-            rows = self._con.execute("SELECT * FROM policies WHERE name=? ORDER BY version",
-                                     (name,)).fetchall()
+            rows = self._con.execute(f"SELECT {_POLICY_COLUMNS} FROM policies WHERE name=? "
+                                     "ORDER BY version", (name,)).fetchall()
         return [StoredPolicy(*r) for r in rows]
 
     def policy_versions(self, name: str) -> list[int]:
         with self._lock:
             return [r[0] for r in self._con.execute(
                 "SELECT version FROM policies WHERE name=? ORDER BY version", (name,))]
+
+    # ----------------------------------------------------------------- evaluations
+    def add_evaluation(self, con: sqlite3.Connection, name: str, version: int, target: str,
+                       estimator: str, est: Any, created_ms: int | None = None) -> None:
+        """Store one estimate (a :class:`loops_sdk.evaluation.Estimate`) of ``target`` made
+        when ``name`` v``version`` was judged; inside the caller's transaction."""
+        con.execute(
+            f"INSERT OR REPLACE INTO evaluations ({_EVAL_COLUMNS}) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (name, int(version), target, estimator, float(est.value), float(est.lower),
+             float(est.upper), float(est.stderr), float(est.ess), int(est.n),
+             _now_ms() if created_ms is None else int(created_ms), float(est.level),
+             str(est.interval)))
+
+    def evaluations(self, name: str, version: int | None = None) -> list[StoredEvaluation]:
+        """Stored estimates of ``name`` (of one version when given), by version, then target
+        and estimator."""
+        sql = f"SELECT {_EVAL_COLUMNS} FROM evaluations WHERE name=?"
+        args: tuple = (name,)
+        if version is not None:
+            sql += " AND version=?"
+            args = (name, int(version))
+        with self._lock:
+            rows = self._con.execute(sql + " ORDER BY version, target, estimator",
+                                     args).fetchall()
+        return [StoredEvaluation(*r) for r in rows]
 
     # ----------------------------------------------------------------- trainer statistics
     def load_stats(self, name: str) -> bytes | None:
