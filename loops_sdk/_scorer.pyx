@@ -16,7 +16,7 @@
 cimport cython
 cimport numpy as cnp
 from libc.math cimport exp, isfinite
-from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
@@ -37,7 +37,7 @@ from .batch import FLAG_RULE
 from .batch import OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
 from .errors import FeatureError, UnknownActionError
-from .rules import CAP_BIT_SHIFT, attribute_error, batch_attributes, batch_baselines
+from .rules import CAP_BIT_SHIFT, OP_CODES, attribute_error, batch_attributes, batch_baselines
 
 cnp.import_array()
 
@@ -97,6 +97,9 @@ cdef enum:
     CAP_SHIFT = 48  # cap j is bit 48 + j of a decision's rules word
 
 assert CAP_SHIFT == CAP_BIT_SHIFT
+assert [OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE] == \
+    [OP_CODES[o] for o in ("in", "not_in", "is_true", "is_false", "==", "!=", "<", "<=", ">",
+                           ">=")]
 
 
 # --------------------------------------------------------------------------- hashing and draws

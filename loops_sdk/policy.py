@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError
 
 from ._proto import policy_pb2
 from .errors import PolicyError
-from .rules import (BudgetCap, Cap, EligibilityRule, FrequencyCap, cap_from_pb, cap_to_pb,
-                    explain_bits, rule_from_pb, rule_to_pb)
+from .rules import (Cap, EligibilityRule, cap_from_pb, cap_to_pb, explain_bits, rule_from_pb,
+                    rule_to_pb)
 from .rules import validate as _validate_rules
 
 __all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "RewardDefinition",

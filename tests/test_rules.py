@@ -414,6 +414,14 @@ def test_cap_counts_survive_a_new_version_with_the_same_caps(impl):
     assert eng.decide("bonus", X, user="a").action == "dep"       # another cap: fresh counts
 
 
+def test_a_forked_child_keeps_counting_where_the_parent_was(impl):
+    eng = _aligned(engine(impl, greedy(rules=(), caps=[FrequencyCap("one", 1, HOUR)])))
+    assert eng.decide("bonus", X, user="a").action == "dep"
+    eng._engine_after_fork(None)          # what the client runs in a forked child
+    assert eng.decide("bonus", X, user="a").action == "none"
+    assert eng.decide("bonus", X, user="b").action == "dep"
+
+
 def test_caps_hold_under_concurrent_decisions(impl):
     """Four threads deciding for the same ten players: nobody gets more than the cap."""
     eng = _aligned(engine(impl, policy(rules=(), caps=[FrequencyCap("two", 2, HOUR)])))
