@@ -16,6 +16,7 @@ from .evaluation import (Estimate, LoggedData, baseline_targets, direct_method, 
                          evaluate, ips, snips, switch_dr, target_probabilities)
 from .policy import (Action, Exploration, Feature, Holdout, LearningSettings, Policy,
                      PromotionRule, RewardDefinition)
+from .rules import BudgetCap, Condition, EligibilityRule, FrequencyCap
 from .scorer import IMPLEMENTATION, Decision, stable_hash
 from .sink import FileSink, read_feedback_file
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DecisionClient", "ClientConfig", "Decision", "DecisionBatch", "Reason",
     "Policy", "Feature", "Action", "Exploration", "Holdout", "LearningSettings",
+    "EligibilityRule", "Condition", "FrequencyCap", "BudgetCap",
     "RewardDefinition", "PromotionRule",
     "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
     "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",

@@ -230,6 +230,87 @@ def _print_history(hist, all_estimates: bool = False) -> None:
                   f"({e.interval} {e.level:.0%})")
 
 
+# --------------------------------------------------------------------------- report, lift
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="only this policy (default: every policy)")
+    p.add_argument("--buckets", type=int, default=12,
+                   help="time buckets over the data's span (default 12)")
+    p.add_argument("--bucket-seconds", type=float, default=None,
+                   help="fixed-width UTC buckets instead (3600 = hourly, 86400 = daily)")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="confidence level of every interval (default 0.95)")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write one self-contained HTML report: learning curve, "
+                                      "off-policy estimates, holdout lift, bonus spend")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    p.add_argument("--out", required=True, metavar="FILE.html")
+    _add_window_args(p)
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .errors import InsightsError
+    from .report import write_report
+    try:
+        out = write_report(args.db, args.out, policy=args.policy, buckets=args.buckets,
+                           bucket_seconds=args.bucket_seconds, level=args.level)
+    except InsightsError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"loops: cannot write the report: {exc}", file=sys.stderr)
+        return 1
+    print(f"report written to {out}")
+    return 0
+
+
+def _add_lift(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lift", help="incremental net value per player against the holdout "
+                                    "group, and bonus spend per player")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    _add_window_args(p)
+    p.add_argument("--over-time", action="store_true", help="also print each time bucket")
+    p.set_defaults(func=_cmd_lift)
+
+
+def _cmd_lift(args: argparse.Namespace) -> int:
+    from .errors import InsightsError
+    from .learner.insights import policy_insights, policy_names
+    try:
+        names = [args.policy] if args.policy else policy_names(args.db)
+        results = [policy_insights(args.db, n, buckets=args.buckets,
+                                   bucket_seconds=args.bucket_seconds, level=args.level)
+                   for n in names]
+    except InsightsError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
+    ci = f"{args.level * 100:g}% CI"
+    print(f"{'policy / period (UTC)':<26} {'players T/H':>15} {'net/player T':>12} "
+          f"{'H':>8} {'lift/player':>11} {ci:>19} {'spend/player T':>14} {'H':>7}")
+
+    def num(v: float, spec: str = ",.2f") -> str:
+        return "-" if v != v else format(v, spec)       # NaN: not enough data
+
+    def row(label: str, lift) -> str:
+        t, h, d = lift.treated, lift.holdout, lift.per_player
+        interval = f"[{d.lower:,.2f}, {d.upper:,.2f}]" if d.lower == d.lower else "-"
+        return (f"{label:<26} {f'{t.players:,}/{h.players:,}':>15} "
+                f"{num(t.net_per_player):>12} {num(h.net_per_player):>8} "
+                f"{num(d.value, '+,.2f'):>11} {interval:>19} {num(t.spend_per_player):>14} "
+                f"{num(h.spend_per_player):>7}")
+    for ins in results:
+        print(row(ins.policy, ins.lift))
+        if args.over_time:
+            for b in ins.lift_over_time:
+                print(row("  " + time.strftime("%m-%d %H:%M:%S",
+                                               time.gmtime(b.start_ns // 10**9)), b.lift))
+        if ins.pending:
+            print(f"  ({ins.pending:,} decisions still in their reward window not counted)")
+    return 0 if results else 1
+
+
 # --------------------------------------------------------------------------- registry
 # One function per subcommand; `demo` is added by listing its `_add_demo` here.
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -238,7 +319,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_learner, _add_status, _add_policy,
+    _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift,
 ]
 
 

@@ -7,7 +7,7 @@ code that already catches ``ValueError`` keeps working.
 from __future__ import annotations
 
 __all__ = ["LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
-           "EvaluationError"]
+           "EvaluationError", "InsightsError"]
 
 
 class LoopsError(Exception):
@@ -36,3 +36,9 @@ class EvaluationError(LoopsError, ValueError):
     """Logged data, a target policy or a reward model that off-policy evaluation cannot use
     (missing or zero propensities, probabilities that do not sum to 1, shape mismatches, ...);
     the message names the array and the problem."""
+
+
+class InsightsError(LoopsError, ValueError):
+    """A read-out over the learner's store (lift, learning curve, report) was asked for with
+    bad arguments (bucket count or width, confidence level) or a database that does not exist."""
+

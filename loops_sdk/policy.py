@@ -21,6 +21,9 @@ from google.protobuf.message import DecodeError
 
 from ._proto import policy_pb2
 from .errors import PolicyError
+from .rules import (Cap, EligibilityRule, cap_from_pb, cap_to_pb, explain_bits, rule_from_pb,
+                    rule_to_pb)
+from .rules import validate as _validate_rules
 
 __all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "RewardDefinition",
            "PromotionRule", "Policy", "MODES", "ESTIMATORS", "PROMOTION_KINDS"]
@@ -65,11 +68,24 @@ class Feature:
 
 @dataclass(frozen=True)
 class Action:
-    """An action the policy can choose: id, cost (subtracted from rewards) and rule tags."""
+    """An action the policy can choose: id, cost (subtracted from rewards), tags (for rules
+    and caps) and value (what the player receives, summed by budget caps; None = ``cost``)."""
 
     id: str
     cost: float = 0.0
     tags: tuple[str, ...] = ()
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tags, str):
+            object.__setattr__(self, "tags", (self.tags,))
+        else:
+            object.__setattr__(self, "tags", tuple(self.tags))
+
+    @property
+    def served_value(self) -> float:
+        """The value a budget cap counts: ``value``, or ``cost`` when no value is set."""
+        return self.cost if self.value is None else float(self.value)
 
 
 @dataclass(frozen=True)
@@ -275,6 +291,8 @@ class Policy:
     learning: LearningSettings = field(default_factory=LearningSettings)
     created_at_ms: int = 0
     metadata: Mapping[str, str] = field(default_factory=dict)
+    rules: tuple[EligibilityRule, ...] = ()
+    caps: tuple[Cap, ...] = ()
     mode: str = "online"       # "online" or "apprentice" (see MODES)
 
     # ----------------------------------------------------------------- construction
@@ -284,7 +302,9 @@ class Policy:
                exploration: Exploration | None = None, holdout: Holdout | None = None,
                learning: LearningSettings | None = None, version: int = 1,
                metadata: Mapping[str, str] | None = None,
-               created_at_ms: int | None = None) -> "Policy":
+               created_at_ms: int | None = None,
+               rules: Sequence[EligibilityRule] = (), caps: Sequence[Cap] = (),
+               mode: str = "online") -> "Policy":
         """Build a per-action linear policy and validate it.
 
         Args:
@@ -294,6 +314,10 @@ class Policy:
             actions: action ids or :class:`Action` objects.
             weights: ``(K, D)`` scores per action and model input; zeros when omitted.
             bias: ``(K,)``; zeros when omitted.
+            rules: :class:`~loops_sdk.EligibilityRule` s evaluated for every decision.
+            caps: :class:`~loops_sdk.FrequencyCap` / :class:`~loops_sdk.BudgetCap` s per player.
+            mode: ``"online"`` (the policy serves) or ``"apprentice"`` (the baseline serves,
+                the policy's choice is logged beside it).
         Raises:
             PolicyError: anything malformed, with a message saying what.
         """
@@ -310,7 +334,8 @@ class Policy:
                      holdout=holdout or Holdout(), learning=learning or LearningSettings(),
                      created_at_ms=int(time.time() * 1000) if created_at_ms is None
                      else int(created_at_ms),
-                     metadata=dict(metadata or {}))
+                     metadata=dict(metadata or {}), rules=tuple(rules), caps=tuple(caps),
+                     mode=mode)
         policy.validate()
         return policy
 
@@ -318,6 +343,8 @@ class Policy:
         object.__setattr__(self, "weights", _readonly(np.asarray(self.weights, dtype=np.float64)))
         object.__setattr__(self, "bias", _readonly(np.asarray(self.bias, dtype=np.float64)))
         object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "caps", tuple(self.caps))
         object.__setattr__(self, "_cache", {})
 
     def with_model(self, weights: Any, bias: Any, *, version: int,
@@ -343,6 +370,22 @@ class Policy:
         policy = replace(self, version=int(version), **changes)
         policy.validate()
         return policy
+
+    def with_rules(self, rules: Sequence[EligibilityRule] | None = None,
+                   caps: Sequence[Cap] | None = None, *,
+                   version: int | None = None) -> "Policy":
+        """The same policy with other eligibility rules and/or caps (None keeps the current
+        ones), validated. Like :meth:`with_mode`, the version is kept unless given (0 = let the
+        learner assign the next one); clients refuse a changed policy under a version in use."""
+        return self.with_version(self.version if version is None else version,
+                                 rules=tuple(self.rules if rules is None else rules),
+                                 caps=tuple(self.caps if caps is None else caps),
+                                 created_at_ms=int(time.time() * 1000))
+
+    def explain_rules(self, bits: int) -> tuple[str, ...]:
+        """Ids of the rules that matched and the caps that were exhausted, from a decision's
+        logged ``rules`` word (``Decision.rules``, the ``rules`` record column)."""
+        return explain_bits(self, bits)
 
     # ----------------------------------------------------------------- derived facts
     @property
@@ -370,6 +413,10 @@ class Policy:
             names.extend([f.name] if f.kind == "numeric"
                          else [f"{f.name}[{i}]" for i in range(f.buckets)])
         return tuple(names)
+
+    @property
+    def apprentice(self) -> bool:
+        return self.mode == "apprentice"
 
     @property
     def default_action(self) -> str:
@@ -455,6 +502,7 @@ class Policy:
             raise PolicyError(f"unknown reward aggregation {ls.aggregation!r}")
         if not (ls.reward_window_seconds >= 0 and ls.ridge_lambda > 0):
             raise PolicyError("reward window must be >= 0 and ridge lambda > 0")
+        _validate_rules(self)
         rd = ls.reward
         weights = [rd.other_weight, rd.cost_weight, *rd.outcome_weights.values()]
         if not all(math.isfinite(w) for w in weights):
@@ -482,7 +530,9 @@ class Policy:
                 else policy_pb2.FeatureSpec.CATEGORICAL,
                 center=f.center, scale=f.scale, buckets=f.buckets, default_value=f.default)
         for a in self.actions:
-            msg.actions.add(id=a.id, cost=a.cost, tags=list(a.tags))
+            act = msg.actions.add(id=a.id, cost=a.cost, tags=list(a.tags))
+            if a.value is not None:
+                act.value = a.value
         msg.linear.n_actions = self.n_actions
         msg.linear.n_inputs = self.n_inputs
         msg.linear.weights.extend(self.weights.ravel().tolist())
@@ -525,6 +575,10 @@ class Policy:
         for key, value in self.metadata.items():
             msg.metadata[key] = value
         msg.mode = _MODE_TO_PB[self.mode]
+        for r in self.rules:
+            rule_to_pb(r, msg.rules.add())
+        for c in self.caps:
+            cap_to_pb(c, msg.caps.add())
         digest = _checksum(msg)
         msg.checksum = digest
         self._cache["msg"] = (msg, digest)
@@ -596,7 +650,9 @@ class Policy:
             raise PolicyError(f"policy {msg.name!r}: unknown mode {msg.mode}")
         policy = cls(
             name=msg.name, version=msg.version, features=tuple(feats),
-            actions=tuple(Action(a.id, a.cost, tuple(a.tags)) for a in msg.actions),
+            actions=tuple(Action(a.id, a.cost, tuple(a.tags),
+                                 a.value if a.HasField("value") else None)
+                          for a in msg.actions),
             weights=np.array(lin.weights, dtype=np.float64).reshape(k, dim),
             bias=np.array(lin.bias, dtype=np.float64),
             exploration=Exploration(_PB_TO_KIND[msg.exploration.kind], msg.exploration.epsilon,
@@ -609,6 +665,8 @@ class Policy:
                                       reward=_reward_from_pb(ls.reward),
                                       promotion=_promotion_from_pb(ls.promotion)),
             created_at_ms=msg.created_at_unix_ms, metadata=dict(msg.metadata),
+            rules=tuple(rule_from_pb(r, msg.name) for r in msg.rules),
+            caps=tuple(cap_from_pb(c, msg.name) for c in msg.caps),
             mode=_PB_TO_MODE[msg.mode])
         policy.validate()
         return policy
@@ -638,8 +696,11 @@ class Policy:
         return self.compiled().scores(X)
 
     def __repr__(self) -> str:
+        extra = "".join([f", rules={len(self.rules)}" if self.rules else "",
+                         f", caps={len(self.caps)}" if self.caps else "",
+                         ", mode=apprentice" if self.apprentice else ""])
         return (f"Policy(name={self.name!r}, version={self.version}, inputs={self.n_inputs}, "
-                f"actions={list(self.action_ids)!r}, exploration={self.exploration.kind})")
+                f"actions={list(self.action_ids)!r}, exploration={self.exploration.kind}{extra})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Policy) and self.to_bytes() == other.to_bytes()

@@ -10,6 +10,9 @@ What is stored, and why in this shape:
   out near 150k rows/s in SQLite on a small machine even without indexes; whole columns as
   blobs make ingest a handful of statements per batch. The per-row join state (status, joined
   value, outcome count, reward) lives in blobs beside them and is rewritten by the joiner.
+  The optional rule/apprentice columns (``rules``, ``policy_action``, ``policy_prob``) are NULL
+  when every row of the block has the default; files created before they existed get them
+  added on open (``_add_decision_columns``).
 * ``block_spans``: one small row per block (layout, rows, rows pending, first and last
   decision time), indexed by layout and arrival and by layout and last decision time. Readers
   that want only the newest decisions (the promotion gate's window) walk it newest first and
@@ -81,7 +84,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     eligible BLOB, action BLOB, prob BLOB, flags BLOB,
     status BLOB, value BLOB, n_outcomes BLOB, reward BLOB,
     pending INTEGER NOT NULL,
-    next_check_ns INTEGER);          -- NULL: only unactivated deferred rows are pending
+    next_check_ns INTEGER,           -- NULL: only unactivated deferred rows are pending
+    rules BLOB, policy_action BLOB, policy_prob BLOB);   -- NULL: all rows default
 CREATE INDEX IF NOT EXISTS blocks_open ON blocks (next_check_ns) WHERE pending > 0;
 CREATE TABLE IF NOT EXISTS block_spans (
     block INTEGER PRIMARY KEY, layout INTEGER NOT NULL, n INTEGER NOT NULL,
@@ -148,8 +152,11 @@ DECISIONS = ("promoted", "rejected", "held", "manual", "initial", "rollback")
 
 _INSERT_BLOCK = (
     "INSERT INTO blocks (layout, n, event_hi, event_lo, ts_ns, version, user_hash, x, eligible,"
-    " action, prob, flags, status, value, n_outcomes, reward, pending, next_check_ns)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    " action, prob, flags, status, value, n_outcomes, reward, pending, next_check_ns, rules,"
+    " policy_action, policy_prob) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# Optional decision columns (loops_sdk.batch): dtype and the value of a row without them.
+_DECISION_EXTRAS = {"rules": (_U8, 0), "policy_action": (np.dtype("<i4"), -1),
+                    "policy_prob": (_F8, 0.0)}
 _INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
                 " VALUES (?,?,?,?,?,?)")
 _SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
@@ -190,6 +197,9 @@ class Block:
     value: np.ndarray
     n_outcomes: np.ndarray
     reward: np.ndarray
+    rules: np.ndarray            # uint64: matched rules / exhausted caps (Policy.explain_rules)
+    policy_action: np.ndarray    # int32: apprentice rows' policy choice, else -1
+    policy_prob: np.ndarray      # float64: its probability, else 0.0
     x: np.ndarray | None = None         # (n, D), loaded on request
     eligible: np.ndarray | None = None  # (n, K), loaded on request
 
@@ -299,6 +309,7 @@ class EventStore:
         with self.transaction():
             for statement in _split(_SCHEMA) + _TRIGGERS:
                 con.execute(statement)
+            _add_decision_columns(con)
             row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -407,7 +418,9 @@ class EventStore:
                     _raw(b.version, _U8), _raw(b.user_hash, _U8), _raw(b.x, _F8),
                     _raw(b.eligible, np.uint8), _raw(b.action, np.dtype("<i4")),
                     _raw(b.prob, _F8), flags.tobytes(), bytes(n), bytes(8 * n),
-                    bytes(4 * n), bytes(8 * n), n, next_check))
+                    bytes(4 * n), bytes(8 * n), n, next_check,
+                    *(_extra(getattr(b, name, None), dt, default)
+                      for name, (dt, default) in _DECISION_EXTRAS.items())))
                 block_id = cur.lastrowid
                 con.execute(_INSERT_SPAN, (block_id, lid, n, n, int(ts.min()), int(ts.max())))
                 if deferred.any():
@@ -474,7 +487,8 @@ class EventStore:
     def load_block(self, block_id: int, *, with_x: bool = False,
                    con: sqlite3.Connection | None = None) -> Block:
         cols = ("layout, n, event_hi, event_lo, ts_ns, version, user_hash, action, prob, flags,"
-                " status, value, n_outcomes, reward" + (", x, eligible" if with_x else ""))
+                " status, value, n_outcomes, reward, rules, policy_action, policy_prob"
+                + (", x, eligible" if with_x else ""))
         with self._lock:
             row = (con or self._con).execute(f"SELECT {cols} FROM blocks WHERE id=?",
                                              (block_id,)).fetchone()
@@ -491,10 +505,12 @@ class EventStore:
             status=np.frombuffer(row[10], np.uint8).copy(),
             value=np.frombuffer(row[11], _F8).copy(),
             n_outcomes=np.frombuffer(row[12], "<i4").copy(),
-            reward=np.frombuffer(row[13], _F8).copy())
+            reward=np.frombuffer(row[13], _F8).copy(),
+            **{name: np.full(n, default, dt) if raw is None else np.frombuffer(raw, dt)
+               for raw, (name, (dt, default)) in zip(row[14:17], _DECISION_EXTRAS.items())})
         if with_x:
-            blk.x = np.frombuffer(row[14], _F8).reshape(n, len(inputs))
-            blk.eligible = np.frombuffer(row[15], np.uint8).reshape(n, len(actions))
+            blk.x = np.frombuffer(row[17], _F8).reshape(n, len(inputs))
+            blk.eligible = np.frombuffer(row[18], np.uint8).reshape(n, len(actions))
         return blk
 
     def activations(self, block_id: int, con: sqlite3.Connection | None = None
@@ -741,6 +757,22 @@ def _blob_max_i8(blob: bytes | None) -> int | None:
 
 def _raw(a: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(a, dtype=dtype).tobytes()
+
+
+def _extra(col: np.ndarray | None, dtype: np.dtype, default: float) -> bytes | None:
+    """An optional decision column's blob; None (SQL NULL) when every row has the default."""
+    if col is None or not np.any(np.asarray(col) != default):
+        return None
+    return _raw(col, dtype)
+
+
+def _add_decision_columns(con: sqlite3.Connection) -> None:
+    """Migration: give a ``blocks`` table from before the rule/apprentice columns those
+    columns (NULL = defaults for the blocks already stored)."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(blocks)")}
+    for name in _DECISION_EXTRAS:
+        if name not in have:
+            con.execute(f"ALTER TABLE blocks ADD COLUMN {name} BLOB")
 
 
 def _split(script: str) -> list[str]:
