@@ -4,7 +4,12 @@
   SQLite file), ``FeedbackBatch`` of 1,000 decisions (24 features × 8 actions) sent by a
   separate process (as game servers would) over 4 concurrent streams of unary calls;
 * publish→applied: time from ``Learner.publish`` to a ``DecisionClient`` subscribed through
-  ``WatchPolicy`` deciding with the new version (needs ``loops_sdk.transport``).
+  ``WatchPolicy`` deciding with the new version (needs ``loops_sdk.transport``);
+* gate evaluation: one safe-promotion judgement (``load_window`` + ``evaluate_candidate``,
+  default rule: newest 20,000 joined rows, five estimators, twelve targets) on a store holding
+  1M decisions (24 features × 8 actions; 100k with ``--quick``), the newest 10 minutes still
+  pending; next to it, reading the whole history, which is what the gate's read cost grew
+  with before it walked blocks newest first.
 """
 
 from __future__ import annotations
@@ -123,6 +128,87 @@ def publish_applied(rounds: int) -> dict:
             "max_s": float(a.max()), "rounds": rounds}
 
 
+def _fill_store(path: Path, decisions: int, now_ns: int):
+    """A store of ``decisions`` decisions of the bench policy over the last three hours, in
+    blocks of 1,000 as clients send them, 30 % rewarded by event id; joined up to ``now_ns``
+    (the policy's 10-minute reward window keeps the newest pending)."""
+    from loops_sdk.batch import OUTCOME_REWARD, DecisionBlock, FeedbackRecords, OutcomeBlock
+    from loops_sdk.learner.join import Joiner
+    from loops_sdk.learner.store import EventStore
+
+    policy = make_policy().with_version(1)
+    D, K = policy.n_inputs, policy.n_actions
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(K, D)) * 0.2
+    blocks = decisions // BATCH
+    start = now_ns - 3 * 3600 * 1_000_000_000
+    step = (now_ns - start) // blocks
+    store = EventStore(path)
+    store.add_policy(POLICY, 1, policy.to_bytes(), "bench", decision="initial")
+    for b in range(blocks):
+        x = rng.normal(size=(BATCH, D))
+        probs = policy.probabilities(x)
+        action = (probs.cumsum(axis=1) < rng.random((BATCH, 1))).sum(axis=1).clip(0, K - 1)
+        lo = np.arange(b * BATCH, (b + 1) * BATCH, dtype=np.uint64)
+        ts = start + b * step + rng.integers(0, step, BATCH)
+        blk = DecisionBlock(
+            POLICY, list(policy.action_ids), list(policy.input_names),
+            event_hi=np.ones(BATCH, np.uint64), event_lo=lo, ts_ns=ts,
+            version=np.ones(BATCH, np.uint64),
+            user_hash=rng.integers(0, 2**63, BATCH).astype(np.uint64), x=x,
+            eligible=np.ones((BATCH, K), np.uint8), action=action.astype(np.int32),
+            prob=probs[np.arange(BATCH), action], flags=np.zeros(BATCH, np.uint8))
+        won = np.flatnonzero(rng.random(BATCH) < 0.3)
+        value = (x[won] * truth[action[won]]).sum(axis=1) + 1.0 + rng.normal(size=won.size)
+        outs = OutcomeBlock(
+            type=np.full(won.size, OUTCOME_REWARD, np.uint8),
+            event_hi=np.ones(won.size, np.uint64), event_lo=lo[won],
+            user_hash=blk.user_hash[won], ts_ns=ts[won] + 1_000_000_000, value=value,
+            kind=np.zeros(won.size, np.uint16), kinds=["deposit"])
+        store.ingest("bench", b + 1, FeedbackRecords([blk], outs))
+    Joiner(store, grace_seconds=0).run(now_ns, max_blocks=blocks + 1)
+    return store, policy
+
+
+def gate_evaluation(decisions: int, repeats: int) -> dict:
+    """Seconds for one gate judgement (``load_window`` + ``evaluate_candidate``, default rule)
+    on a store of ``decisions``; best of ``repeats``. Also one full-history read."""
+    try:
+        from loops_sdk.evaluation import LoggedData
+        from loops_sdk.learner.promotion import evaluate_candidate, load_window
+    except ImportError as exc:
+        return {"skipped": f"not available ({exc})"}
+    now_ns = time.time_ns()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gate.sqlite"
+        t0 = time.perf_counter()
+        store, deployed = _fill_store(path, decisions, now_ns)
+        fill_s = time.perf_counter() - t0
+        try:
+            rule = deployed.learning.promotion
+            candidate = make_policy(seed=7).with_version(2)
+            best, load_best, result = float("inf"), float("inf"), None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                data = load_window(store, POLICY, rule, now_ns)
+                t1 = time.perf_counter()
+                result = evaluate_candidate(data, candidate, deployed, rule)
+                t2 = time.perf_counter()
+                if t2 - t0 < best:
+                    best, load_best = t2 - t0, t1 - t0
+            t0 = time.perf_counter()
+            everything = LoggedData.from_store(store, POLICY)
+            full_s = time.perf_counter() - t0
+            pending = sum(store.pending_by_policy().values())
+        finally:
+            store.close()                       # checkpoints the WAL into the file
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    return {"seconds": best, "load_window_s": load_best, "rows": data.n,
+            "decision": result.decision, "decisions": decisions, "pending": pending,
+            "joined": everything.n, "store_bytes": size, "full_read_s": full_s,
+            "fill_s": fill_s, "window_rows": rule.window_rows, "repeats": repeats}
+
+
 def run(quick: bool = False) -> tuple[list[Row], dict]:
     out: list[Row] = []
     ing = ingest(30 if quick else 200)
@@ -144,4 +230,19 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                        f"<= {TARGETS['publish_applied_p99_s'] * 1e3:.0f}",
                        pub["p99_s"] <= TARGETS["publish_applied_p99_s"],
                        f"p50 {pub['p50_s'] * 1e3:.1f} ms over {pub['rounds']} publishes", pub))
-    return out, {"ingest": ing, "publish_applied": pub}
+    gate = gate_evaluation(100_000 if quick else 1_000_000, 2 if quick else 3)
+    if "skipped" in gate:
+        out.append(Row("learner", "gate evaluation", None, "", note="skipped: "
+                       + gate["skipped"]))
+    else:
+        out.append(Row("learner", "gate evaluation (load_window + evaluate_candidate)",
+                       gate["seconds"] * 1e3, "ms", "",  None,
+                       f"{gate['rows']:,} rows of {gate['decisions']:,} decisions "
+                       f"({gate['pending']:,} pending), store "
+                       f"{gate['store_bytes'] / 2**20:,.0f} MiB; load_window "
+                       f"{gate['load_window_s'] * 1e3:.0f} ms", gate))
+        out.append(Row("learner", "full-history read (every joined row)",
+                       gate["full_read_s"] * 1e3, "ms", "", None,
+                       f"{gate['joined']:,} rows: what one gate read cost before the "
+                       "newest-first walk", gate))
+    return out, {"ingest": ing, "publish_applied": pub, "gate": gate}

@@ -10,9 +10,13 @@ from __future__ import annotations
 from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
 from .client import ClientConfig, DecisionClient
 from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
-from .errors import (BatchError, FeatureError, LoopsError, PolicyError, SecurityError,
-                     UnknownActionError)
-from .policy import Action, Exploration, Feature, Holdout, LearningSettings, Policy
+from .errors import (BatchError, EvaluationError, FeatureError, LoopsError, PolicyError,
+                     SecurityError, UnknownActionError)
+from .evaluation import (Estimate, LoggedData, baseline_targets, direct_method, doubly_robust,
+                         evaluate, ips, snips, switch_dr, target_probabilities)
+from .policy import (Action, Exploration, Feature, Holdout, LearningSettings, Policy,
+                     PromotionRule, RewardDefinition)
+from .rules import BudgetCap, Condition, EligibilityRule, FrequencyCap
 from .scorer import IMPLEMENTATION, Decision, stable_hash
 from .sink import FileSink, read_feedback_file
 
@@ -21,9 +25,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DecisionClient", "ClientConfig", "Decision", "DecisionBatch", "Reason",
     "Policy", "Feature", "Action", "Exploration", "Holdout", "LearningSettings",
+    "EligibilityRule", "Condition", "FrequencyCap", "BudgetCap",
+    "RewardDefinition", "PromotionRule",
     "FeedbackRecords", "DecisionBlock", "OutcomeBlock", "encode_records", "decode_records",
     "FileSink", "read_feedback_file", "format_event_id", "parse_event_id", "stable_hash",
+    "LoggedData", "Estimate", "evaluate", "ips", "snips", "direct_method", "doubly_robust",
+    "switch_dr", "baseline_targets", "target_probabilities",
     "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
+    "EvaluationError",
     "SecurityError", "DecisionServer", "ServerSecurity", "ChannelSecurity", "TokenSet",
     "open_channel", "make_dev_certs",
     "IMPLEMENTATION", "__version__",

@@ -15,17 +15,22 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .batch import (FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_ACTIVATE,
-                    OUTCOME_OBSERVE, OUTCOME_REWARD, DecisionBlock, FeedbackRecords,
-                    OutcomeBlock)
+from .batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
+                    FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD, DecisionBlock,
+                    FeedbackRecords, OutcomeBlock)
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
 from .errors import FeatureError, UnknownActionError
+from .rules import (CAP_BIT_SHIFT, _scalar_attribute, batch_attributes, batch_baselines,
+                    in_sorted)
 
 IMPLEMENTATION = "python"
 
 _M64 = (1 << 64) - 1
 KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB = 0, 1, 2, 3
 R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_UNKNOWN_POINT, R_NOT_INITIALIZED = 0, 1, 2, 3, 4
+R_CAPPED, R_RULE, R_APPRENTICE = 5, 7, 8
+OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE = range(1, 11)
+CAP_WAYS = 8
 
 
 # --------------------------------------------------------------------------- hashing and draws
@@ -72,7 +77,8 @@ class Kernel:
     """A policy compiled for scoring (see the Cython Kernel)."""
 
     def __init__(self, name, version, weights, bias, kind, epsilon, temperature, gamma,
-                 default_index, holdout_fraction, salt_hash, action_ids, input_names, features):
+                 default_index, holdout_fraction, salt_hash, action_ids, input_names, features,
+                 constraints=None, apprentice=False):
         W = np.ascontiguousarray(weights, dtype=np.float64)
         self.name = name
         self.version = int(version)
@@ -93,6 +99,72 @@ class Kernel:
         self.layout = (name, self.action_ids, self.input_names)
         self._features = [(f[0], bool(f[1]), int(f[2]), int(f[3]), float(f[4]))
                           for f in features]
+        c = self.constraints = constraints
+        self.apprentice = bool(apprentice)
+        self.n_rules = c.n_rules if c is not None else 0
+        self.n_caps = c.n_caps if c is not None else 0
+        self.attr_names = tuple(c.attributes) if c is not None else ()
+        self.n_slots = len(self.attr_names)
+        self.constrained = self.n_rules > 0 or self.n_caps > 0 or self.apprentice
+        if c is not None:
+            self._cond = list(zip(c.cond_src.tolist(), c.cond_op.tolist(), c.cond_num.tolist(),
+                                  c.cond_v0.tolist(), c.cond_nv.tolist(),
+                                  c.cond_missing.tolist()))
+            self._rules = [(int(c.rule_c0[r]), int(c.rule_nc[r]), c.rule_block[r].tolist())
+                           for r in range(self.n_rules)]
+            self._cap_amount = [c.cap_amount[j].tolist() for j in range(self.n_caps)]
+            self._cap_limit = c.cap_limit.tolist()
+            self._cap_window = c.cap_window_ns.tolist()
+            self._cap_offset = c.cap_offset_ns.tolist()
+            self.attr_numeric = c.attr_numeric.tolist()
+            self.attr_string = c.attr_string.tolist()
+
+    def holds(self, c, x, present, num, hsh) -> bool:
+        src, op, number, v0, nv, missing = self._cond[c]
+        if src < 0:
+            v = x[-src - 1]
+        else:
+            if not present[src]:
+                return missing != 0
+            v = num[src]
+            if op in (OP_IN, OP_NOT_IN):
+                found = in_sorted(self.constraints.values, v0, nv, int(hsh[src]))
+                return found if op == OP_IN else not found
+        if op == OP_IS_TRUE:
+            return v != 0.0
+        if op == OP_IS_FALSE:
+            return v == 0.0
+        if op == OP_EQ:
+            return v == number
+        if op == OP_NE:
+            return v != number
+        if op == OP_LT:
+            return v < number
+        if op == OP_LE:
+            return v <= number
+        if op == OP_GT:
+            return v > number
+        return v >= number
+
+    def match_rules(self, x, present, num, hsh) -> int:
+        bits = 0
+        for r, (c0, nc, _) in enumerate(self._rules):
+            if all(self.holds(c, x, present, num, hsh) for c in range(c0, c0 + nc)):
+                bits |= 1 << r
+        return bits
+
+    def apply_rules(self, bits, mask) -> bool:
+        removed = False
+        for r, (_, _, block) in enumerate(self._rules):
+            if bits >> r & 1:
+                for a in range(self.n_actions):
+                    if block[a] and mask[a]:
+                        mask[a] = 0
+                        removed = True
+        return removed
+
+    def only_default(self, mask) -> bool:
+        return not any(mask[a] and a != self.default_index for a in range(self.n_actions))
 
     def in_holdout(self, user_hash: int) -> bool:
         return self.holdout_fraction > 0.0 and \
@@ -271,7 +343,8 @@ class Decision:
     """One decision: the action, its probability, and how to refer to it later."""
 
     __slots__ = ("action", "action_index", "probability", "policy_name", "policy_version",
-                 "holdout", "reason_code", "_hi", "_lo", "_has_id")
+                 "holdout", "reason_code", "rules", "apprentice", "policy_action_index",
+                 "policy_probability", "_hi", "_lo", "_has_id", "_action_ids")
 
     @property
     def event_id(self):
@@ -289,17 +362,26 @@ class Decision:
     def is_default(self):
         return self.reason_code != R_POLICY
 
+    @property
+    def policy_action(self):
+        return self._action_ids[self.policy_action_index] if self.apprentice else None
+
     def __repr__(self):
         return (f"Decision(action={self.action!r}, probability={self.probability:.6g}, "
                 f"event_id={self.event_id!r}, policy={self.policy_name!r} "
-                f"v{self.policy_version}, holdout={bool(self.holdout)}, reason={self.reason})")
+                f"v{self.policy_version}, holdout={bool(self.holdout)}, reason={self.reason}"
+                + (f", policy_action={self.policy_action!r}" if self.apprentice else "")
+                + (f", rules={self.rules:#x}" if self.rules else "") + ")")
 
 
-def _make(action, index, prob, name, version, held, reason, hi, lo, has_id) -> Decision:
+def _make(action, index, prob, name, version, held, reason, hi, lo, has_id, bits=0,
+          apprentice=False, policy_action=-1, policy_prob=0.0, action_ids=None) -> Decision:
     d = Decision()
     d.action, d.action_index, d.probability = action, index, prob
     d.policy_name, d.policy_version, d.holdout = name, version, held
     d.reason_code, d._hi, d._lo, d._has_id = reason, hi, lo, has_id
+    d.rules, d.apprentice, d.policy_action_index = bits, apprentice, policy_action
+    d.policy_probability, d._action_ids = policy_prob, action_ids
     return d
 
 
@@ -309,8 +391,9 @@ def default_decision(name, default, reason):
 
 # --------------------------------------------------------------------------- recorder
 class Recorder:
-    def __init__(self, layout, capacity: int):
+    def __init__(self, layout, capacity: int, extended: bool = False):
         self.layout = layout
+        self.extended = bool(extended)
         self.capacity = capacity
         self.count = 0
         k, d = len(layout[1]), len(layout[2])
@@ -320,14 +403,22 @@ class Recorder:
             "user_hash": np.empty(capacity, np.uint64), "x": np.empty((capacity, d), np.float64),
             "eligible": np.empty((capacity, k), np.uint8), "action": np.empty(capacity, np.int32),
             "prob": np.empty(capacity, np.float64), "flags": np.empty(capacity, np.uint8)}
+        if self.extended:
+            self.cols.update(rules=np.empty(capacity, np.uint64),
+                             policy_action=np.empty(capacity, np.int32),
+                             policy_prob=np.empty(capacity, np.float64))
 
-    def write(self, hi, lo, ts, version, uh, x, mask, action, prob, flags):
+    def write(self, hi, lo, ts, version, uh, x, mask, action, prob, flags, bits=0,
+              policy_action=-1, policy_prob=0.0):
         r, c = self.count, self.cols
         c["event_hi"][r], c["event_lo"][r], c["ts_ns"][r] = hi, lo, ts
         c["version"][r], c["user_hash"][r] = version, uh
         c["x"][r] = x
         c["eligible"][r] = 1 if mask is None else mask
         c["action"][r], c["prob"][r], c["flags"][r] = action, prob, flags
+        if self.extended:
+            c["rules"][r], c["policy_action"][r], c["policy_prob"][r] = \
+                bits, policy_action, policy_prob
         self.count = r + 1
 
     def block(self):
@@ -360,9 +451,117 @@ class OutcomeRecorder:
         return OutcomeBlock(kinds=list(kinds), **{k: v[:n] for k, v in self.cols.items()})
 
 
+# --------------------------------------------------------------------------- per-player caps
+class CapTable:
+    """Per-player cap state in bounded memory (see the Cython CapTable for the design)."""
+
+    def __init__(self, slots, n_caps, signature):
+        self.slots = max(CAP_WAYS, (int(slots) + CAP_WAYS - 1) // CAP_WAYS * CAP_WAYS)
+        self.n_caps = int(n_caps)
+        self.signature = signature
+        self.evictions = 0
+        self.keys = [0] * self.slots
+        self.last = [0] * self.slots
+        self.win = [0] * (self.slots * self.n_caps)
+        self.used = [0.0] * (self.slots * self.n_caps)
+        self.cur = [0] * self.n_caps
+
+    def copy(self):
+        t = CapTable(self.slots, self.n_caps, self.signature)
+        t.keys, t.last, t.win, t.used = list(self.keys), list(self.last), list(self.win), \
+            list(self.used)
+        t.evictions = self.evictions
+        return t
+
+    def players(self):
+        return sum(1 for key in self.keys if key)
+
+    def now(self, k, t):
+        for c in range(self.n_caps):
+            self.cur[c] = (t + k._cap_offset[c]) // k._cap_window[c]
+
+    def _base(self, key):
+        return (mix64(key) % (self.slots // CAP_WAYS)) * CAP_WAYS
+
+    def find(self, uh):
+        key = uh if uh != 0 else 1
+        base = self._base(key)
+        for w in range(base, base + CAP_WAYS):
+            if self.keys[w] == key:
+                return w
+        return -1
+
+    def block(self, k, slot, mask):
+        bits, removed, K, nc = 0, False, k.n_actions, self.n_caps
+        for c in range(nc):
+            used = 0.0
+            if slot >= 0 and self.win[slot * nc + c] == self.cur[c]:
+                used = self.used[slot * nc + c]
+            amounts, limit = k._cap_amount[c], k._cap_limit[c]
+            for a in range(K):
+                amount = amounts[a]
+                if amount > 0.0 and used + amount > limit:
+                    bits |= 1 << c
+                    if mask[a]:
+                        mask[a] = 0
+                        removed = True
+        return bits, removed
+
+    def charge(self, k, uh, slot, a, t):
+        nc = self.n_caps
+        if not any(k._cap_amount[c][a] > 0.0 for c in range(nc)):
+            return
+        if slot < 0:
+            slot = self.insert(uh if uh != 0 else 1)
+        for c in range(nc):
+            amount = k._cap_amount[c][a]
+            if amount > 0.0:
+                i = slot * nc + c
+                if self.win[i] != self.cur[c]:
+                    self.win[i] = self.cur[c]
+                    self.used[i] = 0.0
+                self.used[i] = self.used[i] + amount
+        self.last[slot] = t
+
+    def insert(self, key):
+        base, nc, pick = self._base(key), self.n_caps, -1
+        for w in range(base, base + CAP_WAYS):
+            if self.keys[w] == 0:
+                pick = w
+                break
+        if pick < 0:
+            for w in range(base, base + CAP_WAYS):
+                if not any(self.win[w * nc + c] == self.cur[c] and self.used[w * nc + c] != 0.0
+                           for c in range(nc)):
+                    pick = w
+                    break
+        if pick < 0:
+            oldest = base
+            for w in range(base + 1, base + CAP_WAYS):
+                if self.last[w] < self.last[oldest]:
+                    oldest = w
+            pick = oldest
+            self.evictions += 1
+        self.keys[pick] = key
+        self.last[pick] = 0
+        for c in range(nc):
+            self.win[pick * nc + c] = self.cur[c]
+            self.used[pick * nc + c] = 0.0
+        return pick
+
+
+class Row:
+    __slots__ = ("action", "prob", "reason", "flags", "bits", "policy_action", "policy_prob",
+                 "mask")
+
+
 # --------------------------------------------------------------------------- decision point
 class DecisionPoint:
-    def __init__(self, name, client_hi, capacity, max_pending, recording=True):
+    def __init__(self, name, client_hi, capacity, max_pending, recording=True, cap_slots=65536):
+        self.cap_slots = int(cap_slots)
+        self.caps: CapTable | None = None
+        self.cap_clock_ns = 0
+        self.n_rule_limited = self.n_capped = self.n_apprentice = 0
         self.name = name
         self.id_hi = mix64(client_hi ^ stable_hash(name))
         self.next_lo = 1
@@ -378,13 +577,21 @@ class DecisionPoint:
         self.n_unknown_features = self.n_dropped = self.n_recorded = 0
 
     def set_kernel(self, kernel: Kernel):
-        new_rec = Recorder(kernel.layout, self.capacity) if self.recording else None
+        new_rec = Recorder(kernel.layout, self.capacity, kernel.constrained) \
+            if self.recording else None
+        caps = None
+        if kernel.n_caps:
+            signature = kernel.constraints.cap_signature
+            caps = self.caps if self.caps is not None and self.caps.signature == signature \
+                else CapTable(self.cap_slots, kernel.n_caps, signature)
         with self.lock:
-            if self.rec is not None and self.rec.layout != kernel.layout:
+            if self.rec is not None and (self.rec.layout != kernel.layout
+                                         or (kernel.constrained and not self.rec.extended)):
                 self._close_recorder()
                 self.rec = new_rec
             elif self.rec is None:
                 self.rec = new_rec
+            self.caps = caps
             self.kernel = kernel
 
     def _close_recorder(self):
@@ -403,9 +610,94 @@ class DecisionPoint:
             return
         if self.rec is None or self.rec.count >= self.rec.capacity:
             self._close_recorder()
-            self.rec = Recorder(k.layout, self.capacity)
+            self.rec = Recorder(k.layout, self.capacity, k.constrained)
         self.rec.write(self.id_hi, lo, _now_ns(), k.version, uh, x, mask, action, prob, flags)
         self.n_recorded += 1
+
+    def _record_row(self, k, hi, lo, ts, uh, x, row, flags):
+        if self.rec is None or self.rec.count >= self.rec.capacity:
+            self._close_recorder()
+            self.rec = Recorder(k.layout, self.capacity, k.constrained)
+        self.rec.write(hi, lo, ts, k.version, uh, x, row.mask, row.action, row.prob, flags,
+                       row.bits, row.policy_action, row.policy_prob)
+        self.n_recorded += 1
+
+    def _attributes(self, k, attributes):
+        s = k.n_slots
+        present, num, hsh = [0] * s, [0.0] * s, [0] * s
+        if attributes is None:
+            return present, num, hsh
+        if not isinstance(attributes, Mapping):
+            raise FeatureError("attributes must be a Mapping of name -> value")
+        for j, name in enumerate(k.attr_names):
+            present[j], num[j], hsh[j] = _scalar_attribute(
+                name, attributes.get(name), bool(k.attr_numeric[j]), bool(k.attr_string[j]),
+                stable_hash)
+        return present, num, hsh
+
+    def _baseline(self, k, baseline):
+        if baseline is None:
+            return k.default_index
+        i = k.action_index.get(baseline, -1)
+        if i < 0:
+            raise UnknownActionError(f"baseline action {baseline!r} is not an action of policy "
+                                     f"{k.name!r} (actions: {list(k.action_ids)})")
+        return i
+
+    def _decide_row(self, k, xs, mask, has_user, uh, present, num, hsh, baseline, hi, lo, t):
+        """See the Cython DecisionPoint._decide_row (same order, same arithmetic)."""
+        out = Row()
+        out.flags, out.bits, out.policy_action, out.policy_prob = 0, 0, -1, 0.0
+        out.mask = mask
+        removed_rule = removed_cap = False
+        slot = -1
+        use_caps = bool(has_user) and k.n_caps > 0
+        if use_caps:
+            self.caps.now(k, t)
+            slot = self.caps.find(uh)
+        if has_user and k.in_holdout(uh):
+            out.action, out.prob, out.reason, out.flags = k.default_index, 1.0, R_HOLDOUT, \
+                FLAG_HOLDOUT
+        else:
+            if k.n_rules or use_caps:
+                ebuf = list(mask) if mask is not None else [1] * k.n_actions
+                if k.n_rules:
+                    out.bits = k.match_rules(xs, present, num, hsh)
+                    removed_rule = k.apply_rules(out.bits, ebuf)
+                if use_caps:
+                    cbits, removed_cap = self.caps.block(k, slot, ebuf)
+                    out.bits |= cbits << CAP_BIT_SHIFT
+                mask = out.mask = ebuf
+                if removed_rule:
+                    out.flags |= FLAG_RULE
+                if removed_cap:
+                    out.flags |= FLAG_CAPPED
+            if (removed_rule or removed_cap) and k.only_default(mask):
+                a, prob = k.default_index, 1.0
+                out.reason = R_CAPPED if removed_cap else R_RULE
+                if not mask[a]:
+                    out.flags |= FLAG_DEFAULT
+            else:
+                s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
+                a = k.sample(mask, p, draw(hi, lo, k.seed)) if k.fill(xs, mask, s, p) >= 0 else -1
+                if a >= 0:
+                    prob, out.reason = p[a], R_POLICY
+                else:
+                    a, prob, out.reason = k.default_index, 1.0, R_NO_ELIGIBLE
+                    out.flags |= FLAG_DEFAULT
+            out.action, out.prob = a, prob
+            if k.apprentice:
+                out.flags |= FLAG_APPRENTICE
+                out.policy_action, out.policy_prob = a, prob
+                if out.reason == R_POLICY:
+                    out.action = baseline if mask is None or mask[baseline] else k.default_index
+                    out.prob, out.reason = 1.0, R_APPRENTICE
+        if use_caps:
+            self.caps.charge(k, uh, slot, out.action, t)
+        self.n_rule_limited += bool(out.flags & FLAG_RULE)
+        self.n_capped += bool(out.flags & FLAG_CAPPED)
+        self.n_apprentice += bool(out.flags & FLAG_APPRENTICE)
+        return out
 
     def _features(self, k: Kernel, x):
         D = k.n_inputs
@@ -452,7 +744,7 @@ class DecisionPoint:
             mask[i] = 1
         return mask
 
-    def decide(self, x, user, eligible, deferred):
+    def decide(self, x, user, eligible, deferred, attributes=None, baseline=None):
         flags = FLAG_DEFERRED if deferred else 0
         uh = stable_hash(user) if user is not None else 0
         held = False
@@ -461,6 +753,27 @@ class DecisionPoint:
             k = self.kernel
             xs = self._features(k, x)
             mask = self._mask(k, eligible)
+            if k.constrained:
+                present, num, hsh = self._attributes(k, attributes) if k.n_slots else \
+                    ((), (), ())
+                b = self._baseline(k, baseline)
+                lo = self.next_lo
+                self.next_lo += 1
+                t = _now_ns()
+                row = self._decide_row(k, xs, mask, user is not None, uh, present, num, hsh, b,
+                                       self.id_hi, lo, t + self.cap_clock_ns)
+                flags |= row.flags
+                held = row.reason == R_HOLDOUT
+                self.n_holdout += held
+                self.n_no_eligible += row.reason == R_NO_ELIGIBLE
+                self.n_decisions += 1
+                hi = self.id_hi
+                if self.recording:
+                    self._record_row(k, hi, lo, t, uh, xs, row, flags)
+                return _make(k.action_ids[row.action], row.action, row.prob, self.name,
+                             k.version, held, row.reason, hi, lo, True, row.bits,
+                             bool(flags & FLAG_APPRENTICE), row.policy_action, row.policy_prob,
+                             k.action_ids)
             lo = self.next_lo
             self.next_lo += 1
             if user is not None and k.in_holdout(uh):
@@ -480,10 +793,74 @@ class DecisionPoint:
             self.n_decisions += 1
             self._record(k, lo, uh, xs, mask, a, prob, flags)
             hi = self.id_hi
-        return _make(k.action_ids[a], a, prob, self.name, k.version, held, reason, hi, lo, True)
+        return _make(k.action_ids[a], a, prob, self.name, k.version, held, reason, hi, lo, True,
+                     action_ids=k.action_ids)
 
-    def decide_batch(self, X, users=None, eligible_mask=None, deferred=False):
+    def _batch_locked(self, k, X, x_checked, uh, has_user, eligible_mask, deferred, attributes,
+                      baseline):
+        """decide_batch through _decide_row (rules, caps, apprentice); lock held."""
+        x = x_checked if x_checked is not None else _as_matrix(k, X)
+        n, K = x.shape[0], k.n_actions
+        masks, stride = _as_masks(k, eligible_mask, n)
+        if k.n_slots:
+            pres, num, hsh = batch_attributes(k.constraints, attributes, n, stable_hash)
+        base = batch_baselines(k.action_index, k.default_index, baseline, n) \
+            if k.apprentice else None
+        actions = np.empty(n, np.int32)
+        probs = np.empty(n, np.float64)
+        held = np.zeros(n, np.bool_)
+        reasons = np.zeros(n, np.uint8)
+        bits = np.zeros(n, np.uint64)
+        pact = np.empty(n, np.int32)
+        pprob = np.empty(n, np.float64)
+        base_flags = FLAG_DEFERRED if deferred else 0
+        t = _now_ns()
+        hi, lo0 = self.id_hi, self.next_lo
+        self.next_lo += n
+        for i in range(n):
+            mask = masks[i * stride].tolist() if stride >= 0 else None
+            u = int(uh[i])
+            xs = x[i].tolist()
+            if k.n_slots:
+                p_i, n_i, h_i = pres[i].tolist(), num[i].tolist(), hsh[i].tolist()
+            else:
+                p_i = n_i = h_i = ()
+            row = self._decide_row(k, xs, mask, bool(has_user[i]), u, p_i, n_i, h_i,
+                                   int(base[i]) if base is not None else k.default_index, hi,
+                                   lo0 + i, t + self.cap_clock_ns)
+            actions[i], probs[i], reasons[i] = row.action, row.prob, row.reason
+            bits[i], pact[i], pprob[i] = row.bits, row.policy_action, row.policy_prob
+            held[i] = row.reason == R_HOLDOUT
+            self.n_decisions += 1
+            self.n_holdout += int(held[i])
+            self.n_no_eligible += int(row.reason == R_NO_ELIGIBLE)
+            if self.recording:
+                self._record_row(k, hi, lo0 + i, t, u, x[i], row, base_flags | row.flags)
+        return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,
+                             event_hi=np.broadcast_to(np.uint64(hi), (n,)),
+                             event_lo=np.arange(lo0, lo0 + n, dtype=np.uint64), holdout=held,
+                             reason_codes=reasons, policy_name=self.name,
+                             policy_version=int(k.version),
+                             rules=bits if k.n_rules or k.n_caps else None,
+                             policy_actions=pact if k.apprentice else None,
+                             policy_probabilities=pprob if k.apprentice else None)
+
+    def _inherit_caps(self, parent):
+        if parent.caps is not None and self.caps is not None \
+                and parent.caps.signature == self.caps.signature:
+            self.caps = parent.caps.copy()
+        self.cap_clock_ns = parent.cap_clock_ns
+
+    def decide_batch(self, X, users=None, eligible_mask=None, deferred=False, attributes=None,
+                     baseline=None):
         k = self.kernel
+        if k.constrained:
+            x = _as_matrix(k, X)
+            uh, has_user = _user_hashes(users, x.shape[0], stable_hash)
+            with self.lock:
+                return self._batch_locked(self.kernel, X, x if self.kernel is k else None, uh,
+                                          has_user, eligible_mask, deferred, attributes,
+                                          baseline)
         x = _as_matrix(k, X)
         n = x.shape[0]
         masks, stride = _as_masks(k, eligible_mask, n)
@@ -496,6 +873,9 @@ class DecisionPoint:
         with self.lock:
             if self.kernel is not k:
                 k = self.kernel
+                if k.constrained:
+                    return self._batch_locked(k, X, None, uh, has_user, eligible_mask, deferred,
+                                              attributes, baseline)
                 x = _as_matrix(k, X)
                 masks, stride = _as_masks(k, eligible_mask, n)
             hi, lo0 = self.id_hi, self.next_lo
@@ -522,7 +902,7 @@ class DecisionPoint:
                 self.n_no_eligible += int(reasons[i] == R_NO_ELIGIBLE)
                 self._record(k, lo0 + i, u, x[i], mask, int(actions[i]), float(probs[i]), flags)
         return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,
-                             event_hi=np.full(n, hi, np.uint64),
+                             event_hi=np.broadcast_to(np.uint64(hi), (n,)),
                              event_lo=np.arange(lo0, lo0 + n, dtype=np.uint64), holdout=held,
                              reason_codes=reasons, policy_name=self.name,
                              policy_version=int(k.version))
@@ -538,7 +918,11 @@ class DecisionPoint:
                 "no_eligible": self.n_no_eligible, "unknown_features": self.n_unknown_features,
                 "recorded": self.n_recorded, "dropped": self.n_dropped,
                 "pending": self.pending + (self.rec.count if self.rec is not None else 0),
-                "policy_version": int(self.kernel.version) if self.kernel is not None else 0}
+                "policy_version": int(self.kernel.version) if self.kernel is not None else 0,
+                "rule_limited": self.n_rule_limited, "capped": self.n_capped,
+                "apprentice": self.n_apprentice,
+                "cap_evictions": self.caps.evictions if self.caps is not None else 0,
+                "cap_players": self.caps.players() if self.caps is not None else 0}
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -594,8 +978,11 @@ class Engine:
     def __init__(self, *args, **kwargs):  # DecisionClient.__init__ runs after; keep this inert
         pass
 
-    def _engine_init(self, seed, capacity=4096, max_pending=1_000_000, recording=True):
+    def _engine_init(self, seed, capacity=4096, max_pending=1_000_000, recording=True,
+                     cap_slots=65536):
         self._points: dict[str, DecisionPoint] = {}
+        self._cap_slots = int(cap_slots)
+        self._cap_clock_ns = 0
         self._client_hi = mix64(seed & _M64) if seed is not None else \
             int.from_bytes(os.urandom(8), "little")
         self._capacity, self._max_pending, self._recording = capacity, max_pending, recording
@@ -612,9 +999,10 @@ class Engine:
         points = {}
         for name, p in self._points.items():
             q = DecisionPoint(name, self._client_hi, self._capacity, self._max_pending,
-                              self._recording)
+                              self._recording, self._cap_slots)
             if p.kernel is not None:
                 q.set_kernel(p.kernel)
+            q._inherit_caps(p)
             points[name] = q
         self._points = points
         self._outlog = OutcomeLog(self._capacity, self._max_pending, self._recording)
@@ -627,7 +1015,8 @@ class Engine:
         p = self._points.get(name)
         if p is None:
             p = DecisionPoint(name, self._client_hi, self._capacity, self._max_pending,
-                              self._recording)
+                              self._recording, self._cap_slots)
+            p.cap_clock_ns = self._cap_clock_ns
             p.set_kernel(kernel)
             self._points = {**self._points, name: p}
         else:
@@ -636,7 +1025,13 @@ class Engine:
     def _point_names(self):
         return list(self._points)
 
-    def decide(self, name, x, user=None, eligible=None, *, default=None, deferred=False):
+    def _shift_cap_clock(self, seconds):
+        self._cap_clock_ns += int(seconds * 1e9)
+        for p in self._points.values():
+            p.cap_clock_ns = self._cap_clock_ns
+
+    def decide(self, name, x, user=None, eligible=None, *, default=None, deferred=False,
+               attributes=None, baseline=None):
         if not isinstance(name, str):
             raise TypeError(f"decision point name must be str, not {type(name).__name__}")
         p = self._points.get(name)
@@ -644,13 +1039,14 @@ class Engine:
             self.n_unknown_point += 1
             return default_decision(name, default, R_NOT_INITIALIZED if name in self._expected
                                     else R_UNKNOWN_POINT)
-        return p.decide(x, user, eligible, deferred)
+        return p.decide(x, user, eligible, deferred, attributes, baseline)
 
-    def decide_batch(self, name, X, users=None, eligible_mask=None, *, deferred=False):
+    def decide_batch(self, name, X, users=None, eligible_mask=None, *, deferred=False,
+                     attributes=None, baseline=None):
         p = self._points.get(name)
         if p is None:
             raise KeyError(f"no policy for decision point {name!r}")
-        return p.decide_batch(X, users, eligible_mask, deferred)
+        return p.decide_batch(X, users, eligible_mask, deferred, attributes, baseline)
 
     def reward(self, event_id, value, kind="reward"):
         hi, lo = parse_event_id(event_id)

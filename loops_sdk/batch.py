@@ -10,13 +10,24 @@ Payload layout (a msgpack map)::
                      "event_hi": <u8 bytes>, "event_lo": <u8 bytes>, "ts_ns": <i8 bytes>,
                      "version": <u8 bytes>, "user_hash": <u8 bytes>, "x": <f8 bytes, n*D>,
                      "eligible": <u1 bytes, n*K>, "action": <i4 bytes>, "prob": <f8 bytes>,
-                     "flags": <u1 bytes>}, ... ],          # one block per (policy, layout)
+                     "flags": <u1 bytes>,
+                     # optional; absent = every row has the default shown in brackets:
+                     "rules": <u8 bytes> [0], "policy_action": <i4 bytes> [-1],
+                     "policy_prob": <f8 bytes> [0.0]}, ... ],  # one block per (policy, layout)
      "outcomes": {"n": int, "type": <u1>, "event_hi": <u8>, "event_lo": <u8>,
                   "user_hash": <u8>, "ts_ns": <i8>, "value": <f8>, "kind": <u2>,
                   "kinds": [str, ...]}}
 
 All numbers little-endian. ``flags`` bits are the ``FLAG_*`` constants below; outcome ``type``
 values are the ``OUTCOME_*`` constants; ``kind`` indexes ``kinds``.
+
+``eligible`` is the *true* eligible set: the caller's, minus what eligibility rules and caps
+removed. ``rules`` says why: bit ``i`` (0..47) = the policy's rule ``i`` matched the player, bit
+``48 + j`` = its cap ``j`` was exhausted (``Policy.explain_rules`` names them). Apprentice rows
+(``FLAG_APPRENTICE``) log the served baseline in ``action`` with ``prob`` 1.0 and the policy's own
+choice and its probability in ``policy_action`` / ``policy_prob``; other rows hold -1 / 0.0.
+The optional columns are left out of a block when every row has the default, so payloads of
+policies without rules keep their size, and older readers ignore them.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ from .errors import BatchError
 
 __all__ = [
     "DecisionBlock", "OutcomeBlock", "FeedbackRecords", "encode_records", "decode_records",
-    "FLAG_HOLDOUT", "FLAG_DEFAULT", "FLAG_DEFERRED", "FLAG_CAPPED",
+    "FLAG_HOLDOUT", "FLAG_DEFAULT", "FLAG_DEFERRED", "FLAG_CAPPED", "FLAG_RULE",
+    "FLAG_APPRENTICE",
     "OUTCOME_REWARD", "OUTCOME_OBSERVE", "OUTCOME_ACTIVATE", "PAYLOAD_FORMAT",
 ]
 
@@ -40,7 +52,10 @@ PAYLOAD_FORMAT = 1
 FLAG_HOLDOUT = 1    # user in the holdout group: default action with probability 1
 FLAG_DEFAULT = 2    # no eligible action: the policy's default action was returned
 FLAG_DEFERRED = 4   # logged now, trained on only after activate(event_id)
-FLAG_CAPPED = 8     # frequency cap reached: default action with probability 1
+FLAG_CAPPED = 8     # a per-player cap removed at least one otherwise eligible action
+FLAG_RULE = 16      # an eligibility rule removed at least one otherwise eligible action
+FLAG_APPRENTICE = 32  # apprentice mode: the baseline was served (prob 1); the policy's own
+                      # choice is in policy_action / policy_prob
 
 OUTCOME_REWARD = 0    # value for one decision, by event id
 OUTCOME_OBSERVE = 1   # value for a user, joined to their decisions within the reward window
@@ -51,6 +66,9 @@ _DECISION_COLUMNS = {
     "version": np.dtype("<u8"), "user_hash": np.dtype("<u8"), "action": np.dtype("<i4"),
     "prob": np.dtype("<f8"), "flags": np.dtype("u1"),
 }
+# Optional decision columns: dtype and the value of a row without it.
+_EXTRA_COLUMNS = {"rules": (np.dtype("<u8"), 0), "policy_action": (np.dtype("<i4"), -1),
+                  "policy_prob": (np.dtype("<f8"), 0.0)}
 _OUTCOME_COLUMNS = {
     "type": np.dtype("u1"), "event_hi": np.dtype("<u8"), "event_lo": np.dtype("<u8"),
     "user_hash": np.dtype("<u8"), "ts_ns": np.dtype("<i8"), "value": np.dtype("<f8"),
@@ -75,9 +93,19 @@ class DecisionBlock:
     action: np.ndarray     # int32 index into `actions`
     prob: np.ndarray
     flags: np.ndarray
+    rules: np.ndarray | None = None          # uint64 rule/cap bits; None = all 0
+    policy_action: np.ndarray | None = None  # int32 apprentice rows' policy choice; None = -1
+    policy_prob: np.ndarray | None = None    # float64 its probability; None = 0.0
 
     def __len__(self) -> int:
         return int(self.event_lo.shape[0])
+
+    def column(self, name: str) -> np.ndarray:
+        """An optional column (``rules``, ``policy_action``, ``policy_prob``) as an array,
+        filled with its default when the block does not carry it."""
+        dtype, default = _EXTRA_COLUMNS[name]
+        value = getattr(self, name)
+        return np.full(len(self), default, dtype) if value is None else value
 
 
 @dataclass
@@ -146,6 +174,10 @@ def encode_records(records: FeedbackRecords) -> bytes:
             d[name] = np.ascontiguousarray(getattr(b, name), dtype=dt).tobytes()
         d["x"] = np.ascontiguousarray(b.x, dtype="<f8").tobytes()
         d["eligible"] = np.ascontiguousarray(b.eligible, dtype="u1").tobytes()
+        for name, (dt, default) in _EXTRA_COLUMNS.items():
+            col = getattr(b, name)
+            if col is not None and np.any(col != default):
+                d[name] = np.ascontiguousarray(col, dtype=dt).tobytes()
         blocks.append(d)
     o = records.outcomes
     out: dict[str, Any] = {"n": len(o), "kinds": list(o.kinds)}
@@ -193,8 +225,13 @@ def decode_records(payload: bytes, *, max_records: int | None = None) -> Feedbac
         eligible = _column(d, "eligible", np.dtype("u1"), n * k, where).reshape(n, k)
         if n and (cols["action"].min() < 0 or cols["action"].max() >= k):
             raise BatchError(f"{where}: action index out of range")
+        extra = {name: _column(d, name, dt, n, where) if name in d else None
+                 for name, (dt, _) in _EXTRA_COLUMNS.items()}
+        pa = extra["policy_action"]
+        if pa is not None and n and (pa.min() < -1 or pa.max() >= k):
+            raise BatchError(f"{where}: policy_action index out of range")
         decisions.append(DecisionBlock(policy=d["policy"], actions=actions, inputs=inputs,
-                                       x=x, eligible=eligible, **cols))
+                                       x=x, eligible=eligible, **cols, **extra))
     o = doc.get("outcomes") or {"n": 0, "kinds": []}
     n = o.get("n") if isinstance(o, dict) else None
     kinds = o.get("kinds") if isinstance(o, dict) else None

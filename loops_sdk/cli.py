@@ -1,4 +1,4 @@
-"""The ``loops`` command: run a learner, inspect it, publish and roll back policies.
+"""The ``loops`` command: run a learner, inspect it, publish, roll back and switch policies.
 
 Each subcommand is registered by one ``_add_<name>(subparsers)`` function that sets
 ``func``; add a command by writing such a function and listing it in ``_COMMANDS``.
@@ -113,25 +113,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- policy
 def _add_policy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("policy", help="publish, roll back and list policy versions")
+    p = sub.add_parser("policy", help="publish, roll back, switch mode and list policy versions")
     psub = p.add_subparsers(dest="policy_command", required=True)
-    pub = psub.add_parser("publish", help="publish a policy file")
+    pub = psub.add_parser("publish", help="publish a policy file (served at once)")
     pub.add_argument("file")
     pub.add_argument("--next", action="store_true",
                      help="publish as the next version, whatever version the file holds")
     pub.add_argument("--reason", default="published by hand")
-    rb = psub.add_parser("rollback", help="re-publish an earlier version as the newest")
+    rb = psub.add_parser("rollback", help="serve an earlier version again (as the newest "
+                                          "version); pauses automatic retraining")
     rb.add_argument("name")
     rb.add_argument("--to", dest="to_version", type=int, required=True, metavar="VERSION")
+    rb.add_argument("--force", action="store_true",
+                    help="allow a candidate the promotion gate never served")
     rb.add_argument("--reason", default="rollback")
-    hist = psub.add_parser("history", aliases=["list"], help="versions of a policy")
+    hist = psub.add_parser("history", aliases=["list"],
+                           help="versions with promotion decisions, reasons and estimates")
     hist.add_argument("name")
     hist.add_argument("--db", help="read the learner's SQLite file instead of asking it")
+    hist.add_argument("--all", action="store_true", dest="all_estimates",
+                      help="every stored estimate (all targets and estimators)")
     get = psub.add_parser("get", help="save the current (or a given) version to a file")
     get.add_argument("name")
     get.add_argument("--version", type=int, default=0)
     get.add_argument("--out", required=True)
-    for q in (pub, rb, hist, get):
+    mode = psub.add_parser("mode", help="serve the policy (online) or only log its choices "
+                                        "while players get the baseline (apprentice)")
+    mode.add_argument("name")
+    mode.add_argument("mode", choices=("online", "apprentice"))
+    mode.add_argument("--reason", default="")
+    pause = psub.add_parser("pause", help="pause automatic retraining of a policy")
+    resume = psub.add_parser("resume", help="resume automatic retraining (after a rollback)")
+    for q in (pause, resume):
+        q.add_argument("name")
+    for q in (pub, rb, hist, get, mode, pause, resume):
         q.add_argument("--learner", default=DEFAULT_LEARNER, help="HOST:PORT")
         q.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_cmd_policy)
@@ -139,19 +154,21 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_policy(args: argparse.Namespace) -> int:
     import grpc
-    from ._proto import learner_pb2
+    from ._proto import learner_pb2, policy_pb2
     from .errors import PolicyError
     from .policy import Policy
     cmd = args.policy_command
     if cmd in ("history", "list") and args.db:
+        from .learner.service import policy_history
         from .learner.store import EventStore
         with EventStore(args.db) as store:
-            rows = store.policy_history(args.name)
-        for r in rows:
-            print(f"{r.name} v{r.version:<5} {r.state:<12} "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created_ms / 1000))}"
-                  f"  {r.reason}")
-        return 0 if rows else 1
+            try:
+                hist = policy_history(store, args.name)
+            except KeyError as exc:
+                print(f"loops: {exc.args[0]}", file=sys.stderr)
+                return 1
+        _print_history(hist, args.all_estimates)
+        return 0
     with _channel(args.learner) as ch:
         stub = _stub(ch)
         try:
@@ -168,28 +185,139 @@ def _cmd_policy(args: argparse.Namespace) -> int:
                 print(f"published {resp.name} v{resp.version}")
             elif cmd == "rollback":
                 resp = stub.RollbackPolicy(learner_pb2.RollbackRequest(
-                    name=args.name, to_version=args.to_version, reason=args.reason),
-                    timeout=args.timeout)
+                    name=args.name, to_version=args.to_version, reason=args.reason,
+                    force=args.force), timeout=args.timeout)
                 print(f"rolled {resp.name} back to v{args.to_version}: now v{resp.version} "
-                      "(automatic retraining paused until a policy is published by hand)")
+                      f"(automatic retraining paused; `loops policy resume {resp.name}` "
+                      "resumes it)")
             elif cmd == "get":
                 u = stub.GetPolicy(learner_pb2.GetPolicyRequest(name=args.name,
                                                                 version=args.version),
                                    timeout=args.timeout)
                 Policy.from_bytes(u.policy).save(args.out)
                 print(f"saved {u.name} v{u.version} to {args.out}")
-            else:  # history over gRPC: the status lists versions
-                st = stub.GetStatus(learner_pb2.StatusRequest(), timeout=args.timeout)
-                for p in st.policies:
-                    if p.name == args.name:
-                        print(f"{p.name}: versions {', '.join(map(str, p.versions))} "
-                              f"(current v{p.current_version})")
-                        return 0
-                print(f"loops: no policy {args.name!r}", file=sys.stderr)
-                return 1
+            elif cmd == "mode":
+                resp = stub.SetMode(learner_pb2.SetModeRequest(
+                    name=args.name, mode=policy_pb2.Policy.Mode.Value(args.mode.upper()),
+                    reason=args.reason), timeout=args.timeout)
+                print(f"{resp.name} is {args.mode}: serving v{resp.version}")
+            elif cmd in ("pause", "resume"):
+                resp = stub.SetTraining(learner_pb2.SetTrainingRequest(
+                    name=args.name, paused=cmd == "pause"), timeout=args.timeout)
+                print(f"automatic retraining of {resp.name} "
+                      f"{'paused' if resp.paused else 'resumed'}")
+            else:
+                hist = stub.GetHistory(learner_pb2.HistoryRequest(name=args.name),
+                                       timeout=args.timeout)
+                _print_history(hist, args.all_estimates)
         except grpc.RpcError as err:
             return _fail(err)
     return 0
+
+
+def _print_history(hist, all_estimates: bool = False) -> None:
+    """Versions, oldest first: state, decision, mode, time, reason, key estimates."""
+    from ._proto import policy_pb2
+    print(f"policy {hist.name}: serving v{hist.serving_version}; automatic retraining "
+          f"{'PAUSED' if hist.training_paused else 'on'}")
+    for v in hist.versions:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_unix_ms / 1000))
+        mode = policy_pb2.Policy.Mode.Name(v.mode).lower()
+        print(f"v{v.version:<5} {v.state:<11} {v.decision or '-':<9} {mode:<10} {when}")
+        print(f"       {v.reason}" + (f": {v.decision_reason}" if v.decision_reason else ""))
+        evals = list(v.evaluations)
+        if not all_estimates:
+            evals = [e for e in evals if e.estimator == v.gate_estimator]
+            fixed = [e for e in evals if e.target.startswith("fixed:")]
+            best = max(fixed, key=lambda e: e.value) if fixed else None
+            keep = ("candidate", "deployed", "uniform", "holdout_default")
+            evals = ([e for t in keep for e in evals if e.target == t]
+                     + ([best] if best is not None else []))
+        for e in evals:
+            print(f"         {e.estimator:<9} {e.target:<24} {e.value:>10.4g}  "
+                  f"[{e.lower:.4g}, {e.upper:.4g}]  n={e.n:,} ess={e.ess:,.0f} "
+                  f"({e.interval} {e.level:.0%})")
+
+
+# --------------------------------------------------------------------------- report, lift
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="only this policy (default: every policy)")
+    p.add_argument("--buckets", type=int, default=12,
+                   help="time buckets over the data's span (default 12)")
+    p.add_argument("--bucket-seconds", type=float, default=None,
+                   help="fixed-width UTC buckets instead (3600 = hourly, 86400 = daily)")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="confidence level of every interval (default 0.95)")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write one self-contained HTML report: learning curve, "
+                                      "off-policy estimates, holdout lift, bonus spend")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    p.add_argument("--out", required=True, metavar="FILE.html")
+    _add_window_args(p)
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .errors import InsightsError
+    from .report import write_report
+    try:
+        out = write_report(args.db, args.out, policy=args.policy, buckets=args.buckets,
+                           bucket_seconds=args.bucket_seconds, level=args.level)
+    except InsightsError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"loops: cannot write the report: {exc}", file=sys.stderr)
+        return 1
+    print(f"report written to {out}")
+    return 0
+
+
+def _add_lift(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lift", help="incremental net value per player against the holdout "
+                                    "group, and bonus spend per player")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    _add_window_args(p)
+    p.add_argument("--over-time", action="store_true", help="also print each time bucket")
+    p.set_defaults(func=_cmd_lift)
+
+
+def _cmd_lift(args: argparse.Namespace) -> int:
+    from .errors import InsightsError
+    from .learner.insights import policy_insights, policy_names
+    try:
+        names = [args.policy] if args.policy else policy_names(args.db)
+        results = [policy_insights(args.db, n, buckets=args.buckets,
+                                   bucket_seconds=args.bucket_seconds, level=args.level)
+                   for n in names]
+    except InsightsError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
+    ci = f"{args.level * 100:g}% CI"
+    print(f"{'policy / period (UTC)':<26} {'players T/H':>15} {'net/player T':>12} "
+          f"{'H':>8} {'lift/player':>11} {ci:>19} {'spend/player T':>14} {'H':>7}")
+
+    def num(v: float, spec: str = ",.2f") -> str:
+        return "-" if v != v else format(v, spec)       # NaN: not enough data
+
+    def row(label: str, lift) -> str:
+        t, h, d = lift.treated, lift.holdout, lift.per_player
+        interval = f"[{d.lower:,.2f}, {d.upper:,.2f}]" if d.lower == d.lower else "-"
+        return (f"{label:<26} {f'{t.players:,}/{h.players:,}':>15} "
+                f"{num(t.net_per_player):>12} {num(h.net_per_player):>8} "
+                f"{num(d.value, '+,.2f'):>11} {interval:>19} {num(t.spend_per_player):>14} "
+                f"{num(h.spend_per_player):>7}")
+    for ins in results:
+        print(row(ins.policy, ins.lift))
+        if args.over_time:
+            for b in ins.lift_over_time:
+                print(row("  " + time.strftime("%m-%d %H:%M:%S",
+                                               time.gmtime(b.start_ns // 10**9)), b.lift))
+        if ins.pending:
+            print(f"  ({ins.pending:,} decisions still in their reward window not counted)")
+    return 0 if results else 1
 
 
 # --------------------------------------------------------------------------- security flags
@@ -329,7 +457,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_learner, _add_status, _add_policy, _add_serve, _add_dev_certs,
+    _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift,
+    _add_serve, _add_dev_certs,
 ]
 
 

@@ -55,6 +55,10 @@ class ClientConfig:
         backoff_initial / backoff_max: exponential retry backoff bounds (full jitter).
         close_timeout: how long ``close()`` waits to deliver what is buffered.
         client_id: identifies this client's batches; random when empty.
+        cap_slots: players whose frequency/budget cap counts each decision point keeps (only
+            for policies with caps; ~16 + 16 x caps bytes each). Past that, the least recently
+            charged player of a full hash bucket is forgotten (``stats()["points"][name]
+            ["cap_evictions"]``); size it to the players active within a cap window.
         metadata: extra gRPC metadata ``(key, value)`` pairs sent with every call to the learner.
         token: bearer token for the learner (role ``client``); None = ``$LOOPS_TOKEN`` if set.
         tls_ca: PEM CA that signed the learner's certificate; setting it turns TLS on.
@@ -82,6 +86,7 @@ class ClientConfig:
     close_timeout: float = 5.0
     client_id: str = ""
     metadata: tuple[tuple[str, str], ...] = field(default=())
+    cap_slots: int = 65536
     token: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -94,7 +99,7 @@ class ClientConfig:
         if self.seed is not None and not 0 <= int(self.seed) < 1 << 64:
             raise ValueError("seed must be in [0, 2**64)")
         for name in ("buffer_rows", "max_pending_records", "flush_records",
-                     "max_batch_records", "spool_max_bytes"):
+                     "max_batch_records", "spool_max_bytes", "cap_slots"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("flush_interval", "rpc_timeout", "backoff_initial", "backoff_max",
@@ -155,7 +160,7 @@ class DecisionClient(Engine):
             raise TypeError("pass seed/learner inside ClientConfig when giving a config")
         self.config = config
         self._engine_init(config.seed, config.buffer_rows, config.max_pending_records,
-                          config.record)
+                          config.record, config.cap_slots)
         self._sink = sink
         self._policies: dict[str, Policy] = {}
         self._install_lock = threading.Lock()

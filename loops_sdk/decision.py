@@ -17,13 +17,17 @@ class Reason:
     NO_ELIGIBLE_ACTION = "NO_ELIGIBLE_ACTION"  # nothing eligible: policy's default action
     UNKNOWN_DECISION_POINT = "UNKNOWN_DECISION_POINT"  # no policy of that name: caller's default
     NOT_INITIALIZED = "NOT_INITIALIZED"        # no policy received yet: caller's default
-    CAPPED = "CAPPED"                          # frequency cap reached: default action
+    CAPPED = "CAPPED"                # a cap left no action but the default: default, prob 1
     ERROR = "ERROR"                            # operational failure: caller's default
+    RULE = "RULE"                    # a rule left no action but the default: default, prob 1
+    APPRENTICE = "APPRENTICE"        # apprentice mode: the baseline, prob 1 (the policy's own
+                                     # choice is in Decision.policy_action)
 
 
 # Index = the integer code the scorers use; order is part of the batch format (uint8 codes).
 REASONS = (Reason.POLICY, Reason.HOLDOUT, Reason.NO_ELIGIBLE_ACTION,
-           Reason.UNKNOWN_DECISION_POINT, Reason.NOT_INITIALIZED, Reason.CAPPED, Reason.ERROR)
+           Reason.UNKNOWN_DECISION_POINT, Reason.NOT_INITIALIZED, Reason.CAPPED, Reason.ERROR,
+           Reason.RULE, Reason.APPRENTICE)
 
 
 def format_event_id(hi: int, lo: int) -> str:
@@ -60,6 +64,13 @@ class DecisionBatch:
     reason_codes: np.ndarray      # uint8 index into REASONS
     policy_name: str
     policy_version: int
+    # uint64 per row: bit i = the policy's rule i matched, bit 48 + j = its cap j was
+    # exhausted (Policy.explain_rules); None when the policy has no rules or caps.
+    rules: np.ndarray | None = None
+    # Apprentice mode only (else None): the policy's own choice (int32 action index, -1 on
+    # rows where it was not consulted, e.g. holdout) and its probability.
+    policy_actions: np.ndarray | None = None
+    policy_probabilities: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -77,3 +88,10 @@ class DecisionBatch:
 
     def reasons(self) -> list[str]:
         return [REASONS[c] for c in self.reason_codes]
+
+    @property
+    def apprentice(self) -> np.ndarray:
+        """bool per row: the baseline was served and the policy's choice logged beside it."""
+        if self.policy_actions is None:
+            return np.zeros(len(self), np.bool_)
+        return self.policy_actions >= 0

@@ -1,7 +1,8 @@
 """``loops demo``: a learner and a simulated game server, showing the loop learn.
 
 Simulated players belong to hidden segments that respond differently to each bonus; every bonus
-costs money; players in a restricted jurisdiction may not get a deposit match (eligibility).
+costs money; players in a restricted jurisdiction may not get a deposit match: an eligibility
+rule shipped inside the policy, evaluated by the scorer from each player's ``jurisdiction``.
 The game server decides with a DecisionClient connected over gRPC to a real learner (SQLite in
 a temporary directory, ephemeral loopback port). At the end LOOPS is compared with uniform random
 and with the best single fixed bonus chosen in hindsight (what an A/B test would have found),
@@ -13,13 +14,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .client import ClientConfig, DecisionClient
 from .policy import Action, Exploration, Holdout, LearningSettings, Policy
+from .rules import Condition, EligibilityRule
 
 __all__ = ["Simulator", "run_demo", "DemoResult", "ACTIONS"]
 
@@ -42,6 +44,11 @@ _DEPOSIT = np.array([
 ])
 _SEGMENT_SHARE = np.array([0.1, 0.45, 0.2, 0.25])
 RESTRICTED_SHARE = 0.3            # players where "deposit_bonus" tagged actions are banned
+RESTRICTED_JURISDICTIONS = ("NL", "DE")
+OPEN_JURISDICTIONS = ("MT", "UK", "SE")
+DEPOSIT_BONUS_RULE = EligibilityRule.block(
+    "no-deposit-bonus-in-restricted-jurisdictions", tags=["deposit_bonus"],
+    when=Condition.is_in("jurisdiction", RESTRICTED_JURISDICTIONS))
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Players:
     segment: np.ndarray     # (n,) int
     restricted: np.ndarray  # (n,) bool
     ids: list[str]
+    jurisdiction: np.ndarray  # (n,) str: restricted players are in RESTRICTED_JURISDICTIONS
 
 
 class Simulator:
@@ -73,9 +81,13 @@ class Simulator:
         X[:, 7] = rng.random(n) < 0.6
         ids = [f"player-{i}" for i in range(self._next_id, self._next_id + n)]
         self._next_id += n
-        return Players(X, seg, rng.random(n) < RESTRICTED_SHARE, ids)
+        restricted = rng.random(n) < RESTRICTED_SHARE
+        jurisdiction = np.where(restricted, rng.choice(RESTRICTED_JURISDICTIONS, n),
+                                rng.choice(OPEN_JURISDICTIONS, n))
+        return Players(X, seg, restricted, ids, jurisdiction)
 
     def eligible_mask(self, restricted: np.ndarray) -> np.ndarray:
+        """What the policy's jurisdiction rule allows (used to value the baselines)."""
         mask = np.ones((len(restricted), len(ACTIONS)), dtype=bool)
         banned = [i for i, a in enumerate(ACTIONS) if "deposit_bonus" in a.tags]
         mask[np.ix_(restricted, banned)] = False
@@ -91,7 +103,8 @@ class Simulator:
 
 
 def initial_policy(exploration: Exploration | None = None) -> Policy:
-    """Version 1: knows nothing (all scores equal), explores; 5 % holdout gets no bonus."""
+    """Version 1: knows nothing (all scores equal), explores; 5 % holdout gets no bonus; no
+    deposit match in restricted jurisdictions (a rule every later version inherits)."""
     return Policy.linear(
         "bonus", list(FEATURES), list(ACTIONS),
         exploration=exploration or Exploration.squarecb(gamma=40.0),
@@ -99,7 +112,7 @@ def initial_policy(exploration: Exploration | None = None) -> Policy:
         learning=LearningSettings(reward_window_seconds=0.5, aggregation="sum",
                                   default_reward=0.0, ridge_lambda=1.0,
                                   retrain_every_events=1500, retrain_every_seconds=1.0),
-        version=1)
+        rules=[DEPOSIT_BONUS_RULE], version=1)
 
 
 @dataclass
@@ -116,6 +129,8 @@ class DemoResult:
     holdout_net: float
     final_version: int
     curve: list[tuple[int, float, int]]   # (decisions so far, mean net in window, version)
+    rule_limited: int = 0            # decisions where the jurisdiction rule removed an action
+    gate: dict[str, int] = field(default_factory=dict)  # promotion gate verdicts by decision
 
     def table(self) -> str:
         rows = [
@@ -137,11 +152,12 @@ class DemoResult:
 
 def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
              plot: str | None = None, db: str | None = None, echo=print,
-             round_size: int = 500) -> DemoResult:
+             round_size: int = 500, report: str | None = None) -> DemoResult:
     """Run the loop: a learner in this process, a simulated game server deciding against it.
 
     ``rate`` paces decisions per second so the learner's joins and retrains happen while the
-    game runs (as in production); the default run takes about half a minute.
+    game runs (as in production); the default run takes about half a minute. ``report``: write
+    the learner's HTML report (:mod:`loops_sdk.report`) there once the last rewards joined.
     """
     from .learner.service import Learner   # the learner's dependencies load only for the demo
 
@@ -161,13 +177,26 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
                 raise RuntimeError("demo client did not receive the initial policy")
             result = _play(sim, client, decisions, rate, round_size, echo)
             client.flush(5)
+        result.gate = dict(learner.gate_counts)
         if plot:
             _plot(result, plot)
             echo(f"learning curve written to {plot}")
+        if report:
+            _write_report(learner, report, echo)
         return result
     finally:
         learner.stop(1.0)
         tmp.cleanup()
+
+
+def _write_report(learner, path: str, echo) -> None:
+    from .report import write_report
+    # The last decisions join once their reward window (0.5 s) and grace (0.3 s) have passed.
+    deadline = time.monotonic() + 5.0
+    while learner.store.pending_by_policy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    write_report(learner.store, path)
+    echo(f"report written to {path}")
 
 
 def _play(sim: Simulator, client: DecisionClient, decisions: int, rate: float,
@@ -183,7 +212,8 @@ def _play(sim: Simulator, client: DecisionClient, decisions: int, rate: float,
         n = min(round_size, decisions - done)
         players = sim.players(n)
         mask = sim.eligible_mask(players.restricted)
-        batch = client.decide_batch("bonus", players.X, users=players.ids, eligible_mask=mask)
+        batch = client.decide_batch("bonus", players.X, users=players.ids,
+                                    attributes={"jurisdiction": players.jurisdiction})
         actions = batch.actions
         deposits = sim.deposit(players.segment, actions)
         for i in range(n):       # outcomes arrive per decision, as a game server reports them
@@ -229,7 +259,8 @@ def _play(sim: Simulator, client: DecisionClient, decisions: int, rate: float,
         uniform_spend=uniform_spend, best_fixed_action=ACTIONS[best_a].id,
         best_fixed_net=best_net, best_fixed_spend=best_spend,
         holdout_net=float(net[held].mean()) if held.any() else float("nan"),
-        final_version=int(client.policy("bonus").version), curve=curve)
+        final_version=int(client.policy("bonus").version), curve=curve,
+        rule_limited=int(client.stats()["points"]["bonus"]["rule_limited"]))
 
 
 def _plot(result: DemoResult, path: str) -> None:
@@ -264,18 +295,27 @@ def add_demo_command(sub) -> None:
                    help="decisions per second (paced so the learner retrains during the run)")
     p.add_argument("--plot", metavar="FILE.png", help="write the learning curve (matplotlib)")
     p.add_argument("--db", help="SQLite file for the learner (default: a temp file)")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="write the HTML report (lift, spend, learning curve) at the end")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     if args.decisions <= 0 or args.rate <= 0:
         raise SystemExit("--decisions and --rate must be positive")
-    result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db)
+    result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db,
+                      report=args.report)
     print()
     print(result.table())
     print()
     lift = result.loops_net_last - result.best_fixed_net
-    print(f"policy versions trained: {result.final_version - 1}; after learning LOOPS earns "
+    g = result.gate
+    print(f"candidates trained: {sum(g.values())} (promoted by the gate {g.get('promoted', 0)}, "
+          f"rejected {g.get('rejected', 0)}, held {g.get('held', 0)}); serving "
+          f"v{result.final_version}.")
+    print(f"After learning LOOPS earns "
           f"{lift:+.2f} per player vs the best fixed bonus an A/B test would pick, "
           f"{result.loops_net_last - result.uniform_net:+.2f} vs uniform random.")
+    print(f"eligibility rule {DEPOSIT_BONUS_RULE.id!r} removed the deposit match from "
+          f"{result.rule_limited:,} decisions (players in {', '.join(RESTRICTED_JURISDICTIONS)}).")
     return 0

@@ -7,7 +7,7 @@ code that already catches ``ValueError`` keeps working.
 from __future__ import annotations
 
 __all__ = ["LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
-           "SecurityError"]
+           "EvaluationError", "InsightsError", "SecurityError"]
 
 
 class LoopsError(Exception):
@@ -30,6 +30,17 @@ class UnknownActionError(LoopsError, ValueError):
 
 class BatchError(LoopsError, ValueError):
     """A feedback batch that cannot be decoded or is larger than allowed."""
+
+
+class EvaluationError(LoopsError, ValueError):
+    """Logged data, a target policy or a reward model that off-policy evaluation cannot use
+    (missing or zero propensities, probabilities that do not sum to 1, shape mismatches, ...);
+    the message names the array and the problem."""
+
+
+class InsightsError(LoopsError, ValueError):
+    """A read-out over the learner's store (lift, learning curve, report) was asked for with
+    bad arguments (bucket count or width, confidence level) or a database that does not exist."""
 
 
 class SecurityError(LoopsError, ValueError):

@@ -21,8 +21,12 @@ from google.protobuf.message import DecodeError
 
 from ._proto import policy_pb2
 from .errors import PolicyError
+from .rules import (Cap, EligibilityRule, cap_from_pb, cap_to_pb, explain_bits, rule_from_pb,
+                    rule_to_pb)
+from .rules import validate as _validate_rules
 
-__all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "Policy"]
+__all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "RewardDefinition",
+           "PromotionRule", "Policy", "MODES", "ESTIMATORS", "PROMOTION_KINDS"]
 
 EXPLORATION_KINDS = ("greedy", "epsilon_greedy", "softmax", "squarecb")
 _KIND_TO_PB = {
@@ -64,11 +68,24 @@ class Feature:
 
 @dataclass(frozen=True)
 class Action:
-    """An action the policy can choose: id, cost (subtracted from rewards) and rule tags."""
+    """An action the policy can choose: id, cost (subtracted from rewards), tags (for rules
+    and caps) and value (what the player receives, summed by budget caps; None = ``cost``)."""
 
     id: str
     cost: float = 0.0
     tags: tuple[str, ...] = ()
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tags, str):
+            object.__setattr__(self, "tags", (self.tags,))
+        else:
+            object.__setattr__(self, "tags", tuple(self.tags))
+
+    @property
+    def served_value(self) -> float:
+        """The value a budget cap counts: ``value``, or ``cost`` when no value is set."""
+        return self.cost if self.value is None else float(self.value)
 
 
 @dataclass(frozen=True)
@@ -117,8 +134,107 @@ class Holdout:
 
 
 @dataclass(frozen=True)
+class RewardDefinition:
+    """How joined outcomes and the action's cost become the reward the learner optimises.
+
+    ``reward = sum(weight(kind) * value for each joined outcome) - cost_weight * cost``
+    (with aggregation ``"earliest"``: the earliest counted outcome's weighted value). The
+    default, every kind weighted 1 and the cost subtracted once, is net value; e.g. net
+    revenue = deposits - bonus cost is ``RewardDefinition({"deposit": 1.0}, other_weight=0)``.
+
+    Args:
+        outcome_weights: weight per outcome kind (the ``kind`` given to ``reward()`` /
+            ``observe()``). A weight of 0 ignores that kind: its outcomes are not counted and do
+            not displace ``default_reward``.
+        other_weight: weight of kinds not listed (1: count them as they are; 0: ignore them).
+        cost_weight: how much of the chosen action's cost is subtracted (0: ignore cost).
+    """
+
+    outcome_weights: Mapping[str, float] = field(default_factory=dict)
+    other_weight: float = 1.0
+    cost_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome_weights",
+                           {str(k): float(v) for k, v in dict(self.outcome_weights).items()})
+
+    @property
+    def is_default(self) -> bool:
+        """True when every outcome counts with weight 1 and the cost once (plain net value)."""
+        return (self.other_weight == 1.0 and self.cost_weight == 1.0
+                and all(w == 1.0 for w in self.outcome_weights.values()))
+
+    def weight(self, kind: str) -> float:
+        return self.outcome_weights.get(kind, self.other_weight)
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self.outcome_weights.items())), self.other_weight,
+                     self.cost_weight))
+
+
+ESTIMATORS = ("ips", "snips", "dm", "dr", "switch_dr")
+PROMOTION_KINDS = ("lower_bound_over_estimate", "lower_bound_over_upper_bound", "always")
+
+
+@dataclass(frozen=True)
+class PromotionRule:
+    """When the learner serves a retrained candidate (the safe-promotion gate).
+
+    The candidate, the deployed policy and baselines are estimated off-policy (``estimator``,
+    intervals at ``level``) on the newest ``window_rows`` joined decisions (only those of the
+    last ``window_seconds`` when that is set; holdout rows excluded). Then:
+
+    - ``lower_bound_over_estimate`` (default): promote when the candidate's lower bound is
+      above the deployed policy's estimate plus ``margin``;
+    - ``lower_bound_over_upper_bound``: stricter, above the deployed policy's upper bound plus
+      ``margin``;
+    - ``always``: evaluate and record, promote every candidate (the pre-gate behaviour).
+
+    Fewer than ``min_samples`` rows in the window: the candidate is held (stored, not served).
+    ``margin`` is in reward units per decision; a negative margin tolerates a small loss.
+    """
+
+    kind: str = "lower_bound_over_estimate"
+    estimator: str = "dr"
+    level: float = 0.95
+    min_samples: int = 250
+    margin: float = 0.0
+    window_rows: int = 20_000          # 0 = every joined row
+    window_seconds: float = 0.0        # 0 = no time limit
+    interval: str = "normal"           # "normal" or "bootstrap"
+
+    def validate(self) -> "PromotionRule":
+        """Raise :class:`PolicyError` naming the first bad field."""
+        if self.kind not in PROMOTION_KINDS:
+            raise PolicyError(f"promotion rule kind {self.kind!r} is not one of "
+                              f"{PROMOTION_KINDS}")
+        if self.estimator not in ESTIMATORS:
+            raise PolicyError(f"promotion estimator {self.estimator!r} is not one of "
+                              f"{ESTIMATORS}")
+        if not 0.0 < self.level < 1.0:
+            raise PolicyError(f"promotion level must be in (0, 1), got {self.level}")
+        if self.min_samples < 1:
+            raise PolicyError(f"promotion min_samples must be >= 1, got {self.min_samples}")
+        if not math.isfinite(self.margin):
+            raise PolicyError(f"promotion margin must be finite, got {self.margin}")
+        if self.window_rows < 0:
+            raise PolicyError(f"promotion window_rows must be >= 0, got {self.window_rows}")
+        if not (self.window_seconds >= 0 and math.isfinite(self.window_seconds)):
+            raise PolicyError(f"promotion window_seconds must be >= 0, got "
+                              f"{self.window_seconds}")
+        if self.interval not in ("normal", "bootstrap"):
+            raise PolicyError(f"promotion interval must be 'normal' or 'bootstrap', got "
+                              f"{self.interval!r}")
+        return self
+
+
+@dataclass(frozen=True)
 class LearningSettings:
-    """What the learner does with this policy's data (the scorer ignores these)."""
+    """What the learner does with this policy's data (the scorer ignores these).
+
+    ``reward`` says how outcomes and cost combine into the reward; ``promotion`` when a
+    retrained version is served (see :class:`RewardDefinition`, :class:`PromotionRule`).
+    """
 
     reward_window_seconds: float = 600.0
     aggregation: str = "sum"          # "sum" or "earliest"
@@ -126,12 +242,23 @@ class LearningSettings:
     ridge_lambda: float = 1.0
     retrain_every_events: int = 1000
     retrain_every_seconds: float = 5.0
+    reward: RewardDefinition = field(default_factory=RewardDefinition)
+    promotion: PromotionRule = field(default_factory=PromotionRule)
 
 
 _AGG_TO_PB = {"sum": policy_pb2.LearningSettings.SUM,
               "earliest": policy_pb2.LearningSettings.EARLIEST}
 _PB_TO_AGG = {v: k for k, v in _AGG_TO_PB.items()}
 _PB_TO_AGG[policy_pb2.LearningSettings.AGGREGATION_UNSPECIFIED] = "sum"
+_RULE_TO_PB = {"lower_bound_over_estimate": policy_pb2.PromotionRule.LOWER_BOUND_OVER_ESTIMATE,
+               "lower_bound_over_upper_bound":
+                   policy_pb2.PromotionRule.LOWER_BOUND_OVER_UPPER_BOUND,
+               "always": policy_pb2.PromotionRule.ALWAYS}
+_PB_TO_RULE = {v: k for k, v in _RULE_TO_PB.items()}
+_PB_TO_RULE[policy_pb2.PromotionRule.KIND_UNSPECIFIED] = "lower_bound_over_estimate"
+MODES = ("online", "apprentice")
+_MODE_TO_PB = {"online": policy_pb2.Policy.ONLINE, "apprentice": policy_pb2.Policy.APPRENTICE}
+_PB_TO_MODE = {v: k for k, v in _MODE_TO_PB.items()}
 
 FeatureLike = Union[str, Feature]
 ActionLike = Union[str, Action]
@@ -164,6 +291,9 @@ class Policy:
     learning: LearningSettings = field(default_factory=LearningSettings)
     created_at_ms: int = 0
     metadata: Mapping[str, str] = field(default_factory=dict)
+    rules: tuple[EligibilityRule, ...] = ()
+    caps: tuple[Cap, ...] = ()
+    mode: str = "online"       # "online" or "apprentice" (see MODES)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -172,7 +302,9 @@ class Policy:
                exploration: Exploration | None = None, holdout: Holdout | None = None,
                learning: LearningSettings | None = None, version: int = 1,
                metadata: Mapping[str, str] | None = None,
-               created_at_ms: int | None = None) -> "Policy":
+               created_at_ms: int | None = None,
+               rules: Sequence[EligibilityRule] = (), caps: Sequence[Cap] = (),
+               mode: str = "online") -> "Policy":
         """Build a per-action linear policy and validate it.
 
         Args:
@@ -182,6 +314,10 @@ class Policy:
             actions: action ids or :class:`Action` objects.
             weights: ``(K, D)`` scores per action and model input; zeros when omitted.
             bias: ``(K,)``; zeros when omitted.
+            rules: :class:`~loops_sdk.EligibilityRule` s evaluated for every decision.
+            caps: :class:`~loops_sdk.FrequencyCap` / :class:`~loops_sdk.BudgetCap` s per player.
+            mode: ``"online"`` (the policy serves) or ``"apprentice"`` (the baseline serves,
+                the policy's choice is logged beside it).
         Raises:
             PolicyError: anything malformed, with a message saying what.
         """
@@ -198,7 +334,8 @@ class Policy:
                      holdout=holdout or Holdout(), learning=learning or LearningSettings(),
                      created_at_ms=int(time.time() * 1000) if created_at_ms is None
                      else int(created_at_ms),
-                     metadata=dict(metadata or {}))
+                     metadata=dict(metadata or {}), rules=tuple(rules), caps=tuple(caps),
+                     mode=mode)
         policy.validate()
         return policy
 
@@ -206,6 +343,8 @@ class Policy:
         object.__setattr__(self, "weights", _readonly(np.asarray(self.weights, dtype=np.float64)))
         object.__setattr__(self, "bias", _readonly(np.asarray(self.bias, dtype=np.float64)))
         object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "caps", tuple(self.caps))
         object.__setattr__(self, "_cache", {})
 
     def with_model(self, weights: Any, bias: Any, *, version: int,
@@ -218,11 +357,35 @@ class Policy:
         policy.validate()
         return policy
 
+    def with_mode(self, mode: str, *, version: int | None = None) -> "Policy":
+        """The same policy in another mode: ``"online"`` serves the policy's choice,
+        ``"apprentice"`` serves the baseline and only logs the policy's choice. The version is
+        kept unless given (0 = let the learner assign the next one)."""
+        if mode not in MODES:
+            raise PolicyError(f"policy {self.name!r}: mode must be one of {MODES}, got {mode!r}")
+        return self.with_version(self.version if version is None else version, mode=mode)
+
     def with_version(self, version: int, **changes: Any) -> "Policy":
         """A copy with another version (and any other field changed), validated."""
         policy = replace(self, version=int(version), **changes)
         policy.validate()
         return policy
+
+    def with_rules(self, rules: Sequence[EligibilityRule] | None = None,
+                   caps: Sequence[Cap] | None = None, *,
+                   version: int | None = None) -> "Policy":
+        """The same policy with other eligibility rules and/or caps (None keeps the current
+        ones), validated. Like :meth:`with_mode`, the version is kept unless given (0 = let the
+        learner assign the next one); clients refuse a changed policy under a version in use."""
+        return self.with_version(self.version if version is None else version,
+                                 rules=tuple(self.rules if rules is None else rules),
+                                 caps=tuple(self.caps if caps is None else caps),
+                                 created_at_ms=int(time.time() * 1000))
+
+    def explain_rules(self, bits: int) -> tuple[str, ...]:
+        """Ids of the rules that matched and the caps that were exhausted, from a decision's
+        logged ``rules`` word (``Decision.rules``, the ``rules`` record column)."""
+        return explain_bits(self, bits)
 
     # ----------------------------------------------------------------- derived facts
     @property
@@ -250,6 +413,10 @@ class Policy:
             names.extend([f.name] if f.kind == "numeric"
                          else [f"{f.name}[{i}]" for i in range(f.buckets)])
         return tuple(names)
+
+    @property
+    def apprentice(self) -> bool:
+        return self.mode == "apprentice"
 
     @property
     def default_action(self) -> str:
@@ -335,6 +502,18 @@ class Policy:
             raise PolicyError(f"unknown reward aggregation {ls.aggregation!r}")
         if not (ls.reward_window_seconds >= 0 and ls.ridge_lambda > 0):
             raise PolicyError("reward window must be >= 0 and ridge lambda > 0")
+        _validate_rules(self)
+        rd = ls.reward
+        weights = [rd.other_weight, rd.cost_weight, *rd.outcome_weights.values()]
+        if not all(math.isfinite(w) for w in weights):
+            raise PolicyError(f"policy {self.name!r}: reward definition weights must be finite")
+        try:
+            ls.promotion.validate()
+        except PolicyError as exc:
+            raise PolicyError(f"policy {self.name!r}: {exc}") from None
+        if self.mode not in MODES:
+            raise PolicyError(f"policy {self.name!r}: mode must be one of {MODES}, got "
+                              f"{self.mode!r}")
         return self
 
     # ----------------------------------------------------------------- serialisation
@@ -351,7 +530,9 @@ class Policy:
                 else policy_pb2.FeatureSpec.CATEGORICAL,
                 center=f.center, scale=f.scale, buckets=f.buckets, default_value=f.default)
         for a in self.actions:
-            msg.actions.add(id=a.id, cost=a.cost, tags=list(a.tags))
+            act = msg.actions.add(id=a.id, cost=a.cost, tags=list(a.tags))
+            if a.value is not None:
+                act.value = a.value
         msg.linear.n_actions = self.n_actions
         msg.linear.n_inputs = self.n_inputs
         msg.linear.weights.extend(self.weights.ravel().tolist())
@@ -371,8 +552,33 @@ class Policy:
         msg.learning.ridge_lambda = ls.ridge_lambda
         msg.learning.retrain_every_events = ls.retrain_every_events
         msg.learning.retrain_every_seconds = ls.retrain_every_seconds
+        # Written only when they differ from the defaults, so a policy that does not use them
+        # keeps exactly the bytes (and checksum) it had before they existed.
+        rd = ls.reward
+        if rd.outcome_weights:
+            msg.learning.reward.outcome_weights.update(rd.outcome_weights)
+        if rd.other_weight != 1.0:
+            msg.learning.reward.other_weight = rd.other_weight
+        if rd.cost_weight != 1.0:
+            msg.learning.reward.cost_weight = rd.cost_weight
+        pr, dflt = ls.promotion, PromotionRule()
+        if pr != dflt:
+            pm = msg.learning.promotion
+            pm.kind = _RULE_TO_PB[pr.kind]
+            pm.estimator = pr.estimator
+            pm.level = pr.level
+            pm.min_samples = pr.min_samples
+            pm.margin = pr.margin
+            pm.window_rows = pr.window_rows
+            pm.window_seconds = pr.window_seconds
+            pm.interval = pr.interval
         for key, value in self.metadata.items():
             msg.metadata[key] = value
+        msg.mode = _MODE_TO_PB[self.mode]
+        for r in self.rules:
+            rule_to_pb(r, msg.rules.add())
+        for c in self.caps:
+            cap_to_pb(c, msg.caps.add())
         digest = _checksum(msg)
         msg.checksum = digest
         self._cache["msg"] = (msg, digest)
@@ -440,9 +646,13 @@ class Policy:
                               f"weights and {len(lin.bias)} biases for {k} actions x "
                               f"{dim} inputs")
         ls = msg.learning
+        if msg.mode not in _PB_TO_MODE:
+            raise PolicyError(f"policy {msg.name!r}: unknown mode {msg.mode}")
         policy = cls(
             name=msg.name, version=msg.version, features=tuple(feats),
-            actions=tuple(Action(a.id, a.cost, tuple(a.tags)) for a in msg.actions),
+            actions=tuple(Action(a.id, a.cost, tuple(a.tags),
+                                 a.value if a.HasField("value") else None)
+                          for a in msg.actions),
             weights=np.array(lin.weights, dtype=np.float64).reshape(k, dim),
             bias=np.array(lin.bias, dtype=np.float64),
             exploration=Exploration(_PB_TO_KIND[msg.exploration.kind], msg.exploration.epsilon,
@@ -451,8 +661,13 @@ class Policy:
                             msg.holdout.default_action),
             learning=LearningSettings(ls.reward_window_seconds, _PB_TO_AGG.get(ls.aggregation,
                                       "sum"), ls.default_reward, ls.ridge_lambda,
-                                      ls.retrain_every_events, ls.retrain_every_seconds),
-            created_at_ms=msg.created_at_unix_ms, metadata=dict(msg.metadata))
+                                      ls.retrain_every_events, ls.retrain_every_seconds,
+                                      reward=_reward_from_pb(ls.reward),
+                                      promotion=_promotion_from_pb(ls.promotion)),
+            created_at_ms=msg.created_at_unix_ms, metadata=dict(msg.metadata),
+            rules=tuple(rule_from_pb(r, msg.name) for r in msg.rules),
+            caps=tuple(cap_from_pb(c, msg.name) for c in msg.caps),
+            mode=_PB_TO_MODE[msg.mode])
         policy.validate()
         return policy
 
@@ -481,14 +696,35 @@ class Policy:
         return self.compiled().scores(X)
 
     def __repr__(self) -> str:
+        extra = "".join([f", rules={len(self.rules)}" if self.rules else "",
+                         f", caps={len(self.caps)}" if self.caps else "",
+                         ", mode=apprentice" if self.apprentice else ""])
         return (f"Policy(name={self.name!r}, version={self.version}, inputs={self.n_inputs}, "
-                f"actions={list(self.action_ids)!r}, exploration={self.exploration.kind})")
+                f"actions={list(self.action_ids)!r}, exploration={self.exploration.kind}{extra})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Policy) and self.to_bytes() == other.to_bytes()
 
     def __hash__(self) -> int:
         return hash(self.checksum)
+
+
+def _reward_from_pb(m: policy_pb2.RewardDefinition) -> RewardDefinition:
+    return RewardDefinition(dict(m.outcome_weights),
+                            m.other_weight if m.HasField("other_weight") else 1.0,
+                            m.cost_weight if m.HasField("cost_weight") else 1.0)
+
+
+def _promotion_from_pb(m: policy_pb2.PromotionRule) -> PromotionRule:
+    d = PromotionRule()
+    if m.kind not in _PB_TO_RULE:
+        raise PolicyError(f"unknown promotion rule kind {m.kind}")
+    return PromotionRule(
+        kind=_PB_TO_RULE[m.kind], estimator=m.estimator or d.estimator,
+        level=m.level if m.HasField("level") else d.level,
+        min_samples=m.min_samples if m.HasField("min_samples") else d.min_samples,
+        margin=m.margin, window_rows=m.window_rows if m.HasField("window_rows")
+        else d.window_rows, window_seconds=m.window_seconds, interval=m.interval or d.interval)
 
 
 def _params(name: str, what: str, value: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from .policy import KIND_CODES, Policy
+from .rules import compile_constraints
 
 if os.environ.get("LOOPS_PURE_PYTHON", "") not in ("", "0"):
     from . import _scorer_py as _impl
@@ -40,7 +41,9 @@ __all__ = ["IMPLEMENTATION", "Engine", "Kernel", "Decision", "compile_policy", "
 
 def kernel_args(policy: Policy) -> tuple:
     """Arguments for ``Kernel(...)``: centring and scaling are folded into the weights here,
-    once, so the hot loop is a plain dot product (score = W' x + b')."""
+    once, so the hot loop is a plain dot product (score = W' x + b'). Rules and caps are
+    compiled to flat arrays (``loops_sdk.rules.CompiledConstraints``); feature conditions read
+    the raw model inputs, which folding leaves untouched."""
     scale = np.ones(policy.n_inputs)
     center = np.zeros(policy.n_inputs)
     features = []
@@ -62,7 +65,7 @@ def kernel_args(policy: Policy) -> tuple:
     return (policy.name, policy.version, weights, bias, KIND_CODES[e.kind], e.epsilon,
             e.temperature, e.gamma, policy.default_index, policy.holdout.fraction,
             _impl.stable_hash(policy.holdout.salt), policy.action_ids, policy.input_names,
-            features)
+            features, compile_constraints(policy, _impl.stable_hash), policy.apprentice)
 
 
 def compile_policy(policy: Policy):

@@ -68,8 +68,11 @@ LEARNER_METHOD_ROLES: dict[str, str] = {
     "/loops.v1.LearnerService/WatchPolicy": ROLE_CLIENT,
     "/loops.v1.LearnerService/GetPolicy": ROLE_CLIENT,
     "/loops.v1.LearnerService/GetStatus": ROLE_CLIENT,
+    "/loops.v1.LearnerService/GetHistory": ROLE_CLIENT,
     "/loops.v1.LearnerService/PublishPolicy": ROLE_ADMIN,
     "/loops.v1.LearnerService/RollbackPolicy": ROLE_ADMIN,
+    "/loops.v1.LearnerService/SetMode": ROLE_ADMIN,        # publishes a new version
+    "/loops.v1.LearnerService/SetTraining": ROLE_ADMIN,    # pauses/resumes retraining
 }
 DECISION_METHOD_ROLES: dict[str, str] = {
     f"/loops.v1.DecisionService/{m}": ROLE_CLIENT

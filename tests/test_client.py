@@ -119,10 +119,14 @@ def test_concurrent_decide_during_policy_swaps():
         elif prob != expected[v][row, idx]:
             errors.append(f"{tag}: probability {prob!r} != v{v}'s {expected[v][row, idx]!r}")
 
+    swapped = threading.Event()
+
     def decider(tid: int):
+        # Bounded, but always overlapping the whole swap sequence however the threads are
+        # scheduled: at least 1500 decisions, then on until the swapper is done.
         try:
-            for i in range(1500):
-                if stop.is_set():
+            for i in range(200_000):
+                if stop.is_set() or (i >= 1500 and swapped.is_set()):
                     break
                 row = (tid + i) % 16
                 if tid < 2 and i % 10 == 0:
@@ -145,6 +149,8 @@ def test_concurrent_decide_during_policy_swaps():
                 time.sleep(0.0005)
         except Exception as exc:  # pragma: no cover
             errors.append(f"swapper raised {exc!r}")
+        finally:
+            swapped.set()
 
     threads = [threading.Thread(target=decider, args=(t,), daemon=True) for t in range(8)]
     threads.append(threading.Thread(target=swapper, daemon=True))

@@ -11,7 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loops_sdk import ClientConfig, DecisionClient, Policy
-from loops_sdk._proto import decision_pb2, decision_pb2_grpc, feedback_pb2, learner_pb2
+from loops_sdk._proto import (decision_pb2, decision_pb2_grpc, feedback_pb2, learner_pb2,
+                              policy_pb2)
 from loops_sdk._proto import learner_pb2_grpc
 from loops_sdk.batch import PAYLOAD_FORMAT, encode_records
 from loops_sdk.cli import main as cli_main
@@ -83,6 +84,12 @@ def learner_calls(stub):
             policy=policy(0).to_bytes()), timeout=5),
         "RollbackPolicy": lambda: stub.RollbackPolicy(learner_pb2.RollbackRequest(
             name="bonus", to_version=1), timeout=5),
+        "GetHistory": lambda: stub.GetHistory(learner_pb2.HistoryRequest(name="bonus"),
+                                              timeout=5),
+        "SetMode": lambda: stub.SetMode(learner_pb2.SetModeRequest(
+            name="bonus", mode=policy_pb2.Policy.APPRENTICE), timeout=5),
+        "SetTraining": lambda: stub.SetTraining(learner_pb2.SetTrainingRequest(
+            name="bonus", paused=True), timeout=5),
     }
 
 
@@ -95,8 +102,11 @@ def test_learner_auth_matrix(tmp_path, tokens, caplog):
         UNKNOWN: dict.fromkeys(learner_calls(None), grpc.StatusCode.UNAUTHENTICATED),
         CLIENT: {"ReportFeedback": grpc.StatusCode.OK, "WatchPolicy": grpc.StatusCode.OK,
                  "GetPolicy": grpc.StatusCode.OK, "GetStatus": grpc.StatusCode.OK,
+                 "GetHistory": grpc.StatusCode.OK,
                  "PublishPolicy": grpc.StatusCode.PERMISSION_DENIED,
-                 "RollbackPolicy": grpc.StatusCode.PERMISSION_DENIED},
+                 "RollbackPolicy": grpc.StatusCode.PERMISSION_DENIED,
+                 "SetMode": grpc.StatusCode.PERMISSION_DENIED,
+                 "SetTraining": grpc.StatusCode.PERMISSION_DENIED},
         ADMIN: dict.fromkeys(learner_calls(None), grpc.StatusCode.OK),
     }
     try:
@@ -105,8 +115,8 @@ def test_learner_auth_matrix(tmp_path, tokens, caplog):
                 calls = learner_calls(learner_pb2_grpc.LearnerServiceStub(ch))
                 got = {name: code_of(call) for name, call in calls.items()}
             assert got == codes, f"token {token!r}"
-        # Only the admin's publish and rollback went through.
-        assert lr.store.policy_versions("bonus") == [1, 2, 3]
+        # Only the admin's publish, rollback and mode change made versions.
+        assert lr.store.policy_versions("bonus") == [1, 2, 3, 4]
     finally:
         lr.stop()
     for secret in (ADMIN, CLIENT, UNKNOWN):

@@ -24,33 +24,48 @@ _sym_db = _symbol_database.Default()
 
 
 from . import feedback_pb2 as loops_dot_v1_dot_feedback__pb2
+from . import policy_pb2 as loops_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16loops/v1/learner.proto\x12\x08loops.v1\x1a\x17loops/v1/feedback.proto\"0\n\x0cWatchRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"M\n\x0cPolicyUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06policy\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\"1\n\x10GetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"0\n\x0ePublishRequest\x12\x0e\n\x06policy\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0fPublishResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"C\n\x0fRollbackRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\xa9\x01\n\x0cPolicyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12\x10\n\x08versions\x18\x03 \x03(\x04\x12\x11\n\tdecisions\x18\x04 \x01(\x04\x12\x0e\n\x06joined\x18\x05 \x01(\x04\x12\x0f\n\x07pending\x18\x06 \x01(\x04\x12\x10\n\x08outcomes\x18\x07 \x01(\x04\x12\x1a\n\x12last_train_unix_ms\x18\x08 \x01(\x03\"\xa9\x01\n\rLearnerStatus\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x11\n\tdecisions\x18\x02 \x01(\x04\x12\x10\n\x08outcomes\x18\x03 \x01(\x04\x12\x0e\n\x06joined\x18\x04 \x01(\x04\x12\x0f\n\x07pending\x18\x05 \x01(\x04\x12(\n\x08policies\x18\x06 \x03(\x0b\x32\x16.loops.v1.PolicyStatus\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x03\x32\xa1\x03\n\x0eLearnerService\x12@\n\x0eReportFeedback\x12\x17.loops.v1.FeedbackBatch\x1a\x15.loops.v1.FeedbackAck\x12?\n\x0bWatchPolicy\x12\x16.loops.v1.WatchRequest\x1a\x16.loops.v1.PolicyUpdate0\x01\x12?\n\tGetPolicy\x12\x1a.loops.v1.GetPolicyRequest\x1a\x16.loops.v1.PolicyUpdate\x12\x44\n\rPublishPolicy\x12\x18.loops.v1.PublishRequest\x1a\x19.loops.v1.PublishResponse\x12\x46\n\x0eRollbackPolicy\x12\x19.loops.v1.RollbackRequest\x1a\x19.loops.v1.PublishResponse\x12=\n\tGetStatus\x12\x17.loops.v1.StatusRequest\x1a\x17.loops.v1.LearnerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16loops/v1/learner.proto\x12\x08loops.v1\x1a\x17loops/v1/feedback.proto\x1a\x15loops/v1/policy.proto\"0\n\x0cWatchRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"M\n\x0cPolicyUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06policy\x18\x03 \x01(\x0c\x12\x0e\n\x06reason\x18\x04 \x01(\t\"1\n\x10GetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"0\n\x0ePublishRequest\x12\x0e\n\x06policy\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0fPublishResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"R\n\x0fRollbackRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"\x1e\n\x0eHistoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa5\x01\n\nEvaluation\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x11\n\testimator\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\r\n\x05lower\x18\x04 \x01(\x01\x12\r\n\x05upper\x18\x05 \x01(\x01\x12\x0e\n\x06stderr\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ss\x18\x07 \x01(\x01\x12\t\n\x01n\x18\x08 \x01(\x04\x12\r\n\x05level\x18\t \x01(\x01\x12\x10\n\x08interval\x18\n \x01(\t\"\xeb\x01\n\rVersionRecord\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x03\x12#\n\x04mode\x18\x06 \x01(\x0e\x32\x15.loops.v1.Policy.Mode\x12\x16\n\x0egate_estimator\x18\x07 \x01(\t\x12)\n\x0b\x65valuations\x18\x08 \x03(\x0b\x32\x14.loops.v1.Evaluation\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\t \x01(\t\"z\n\rPolicyHistory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\x04\x12\x17\n\x0ftraining_paused\x18\x03 \x01(\x08\x12)\n\x08versions\x18\x04 \x03(\x0b\x32\x17.loops.v1.VersionRecord\"S\n\x0eSetModeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.loops.v1.Policy.Mode\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\x12SetTrainingRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"3\n\x13SetTrainingResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"\x0f\n\rStatusRequest\"\xa9\x01\n\x0cPolicyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\x12\x10\n\x08versions\x18\x03 \x03(\x04\x12\x11\n\tdecisions\x18\x04 \x01(\x04\x12\x0e\n\x06joined\x18\x05 \x01(\x04\x12\x0f\n\x07pending\x18\x06 \x01(\x04\x12\x10\n\x08outcomes\x18\x07 \x01(\x04\x12\x1a\n\x12last_train_unix_ms\x18\x08 \x01(\x03\"\xa9\x01\n\rLearnerStatus\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x11\n\tdecisions\x18\x02 \x01(\x04\x12\x10\n\x08outcomes\x18\x03 \x01(\x04\x12\x0e\n\x06joined\x18\x04 \x01(\x04\x12\x0f\n\x07pending\x18\x05 \x01(\x04\x12(\n\x08policies\x18\x06 \x03(\x0b\x32\x16.loops.v1.PolicyStatus\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x03\x32\xee\x04\n\x0eLearnerService\x12@\n\x0eReportFeedback\x12\x17.loops.v1.FeedbackBatch\x1a\x15.loops.v1.FeedbackAck\x12?\n\x0bWatchPolicy\x12\x16.loops.v1.WatchRequest\x1a\x16.loops.v1.PolicyUpdate0\x01\x12?\n\tGetPolicy\x12\x1a.loops.v1.GetPolicyRequest\x1a\x16.loops.v1.PolicyUpdate\x12\x44\n\rPublishPolicy\x12\x18.loops.v1.PublishRequest\x1a\x19.loops.v1.PublishResponse\x12\x46\n\x0eRollbackPolicy\x12\x19.loops.v1.RollbackRequest\x1a\x19.loops.v1.PublishResponse\x12=\n\tGetStatus\x12\x17.loops.v1.StatusRequest\x1a\x17.loops.v1.LearnerStatus\x12?\n\nGetHistory\x12\x18.loops.v1.HistoryRequest\x1a\x17.loops.v1.PolicyHistory\x12>\n\x07SetMode\x12\x18.loops.v1.SetModeRequest\x1a\x19.loops.v1.PublishResponse\x12J\n\x0bSetTraining\x12\x1c.loops.v1.SetTrainingRequest\x1a\x1d.loops.v1.SetTrainingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loops.v1.learner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHREQUEST']._serialized_start=61
-  _globals['_WATCHREQUEST']._serialized_end=109
-  _globals['_POLICYUPDATE']._serialized_start=111
-  _globals['_POLICYUPDATE']._serialized_end=188
-  _globals['_GETPOLICYREQUEST']._serialized_start=190
-  _globals['_GETPOLICYREQUEST']._serialized_end=239
-  _globals['_PUBLISHREQUEST']._serialized_start=241
-  _globals['_PUBLISHREQUEST']._serialized_end=289
-  _globals['_PUBLISHRESPONSE']._serialized_start=291
-  _globals['_PUBLISHRESPONSE']._serialized_end=339
-  _globals['_ROLLBACKREQUEST']._serialized_start=341
-  _globals['_ROLLBACKREQUEST']._serialized_end=408
-  _globals['_STATUSREQUEST']._serialized_start=410
-  _globals['_STATUSREQUEST']._serialized_end=425
-  _globals['_POLICYSTATUS']._serialized_start=428
-  _globals['_POLICYSTATUS']._serialized_end=597
-  _globals['_LEARNERSTATUS']._serialized_start=600
-  _globals['_LEARNERSTATUS']._serialized_end=769
-  _globals['_LEARNERSERVICE']._serialized_start=772
-  _globals['_LEARNERSERVICE']._serialized_end=1189
+  _globals['_WATCHREQUEST']._serialized_start=84
+  _globals['_WATCHREQUEST']._serialized_end=132
+  _globals['_POLICYUPDATE']._serialized_start=134
+  _globals['_POLICYUPDATE']._serialized_end=211
+  _globals['_GETPOLICYREQUEST']._serialized_start=213
+  _globals['_GETPOLICYREQUEST']._serialized_end=262
+  _globals['_PUBLISHREQUEST']._serialized_start=264
+  _globals['_PUBLISHREQUEST']._serialized_end=312
+  _globals['_PUBLISHRESPONSE']._serialized_start=314
+  _globals['_PUBLISHRESPONSE']._serialized_end=362
+  _globals['_ROLLBACKREQUEST']._serialized_start=364
+  _globals['_ROLLBACKREQUEST']._serialized_end=446
+  _globals['_HISTORYREQUEST']._serialized_start=448
+  _globals['_HISTORYREQUEST']._serialized_end=478
+  _globals['_EVALUATION']._serialized_start=481
+  _globals['_EVALUATION']._serialized_end=646
+  _globals['_VERSIONRECORD']._serialized_start=649
+  _globals['_VERSIONRECORD']._serialized_end=884
+  _globals['_POLICYHISTORY']._serialized_start=886
+  _globals['_POLICYHISTORY']._serialized_end=1008
+  _globals['_SETMODEREQUEST']._serialized_start=1010
+  _globals['_SETMODEREQUEST']._serialized_end=1093
+  _globals['_SETTRAININGREQUEST']._serialized_start=1095
+  _globals['_SETTRAININGREQUEST']._serialized_end=1145
+  _globals['_SETTRAININGRESPONSE']._serialized_start=1147
+  _globals['_SETTRAININGRESPONSE']._serialized_end=1198
+  _globals['_STATUSREQUEST']._serialized_start=1200
+  _globals['_STATUSREQUEST']._serialized_end=1215
+  _globals['_POLICYSTATUS']._serialized_start=1218
+  _globals['_POLICYSTATUS']._serialized_end=1387
+  _globals['_LEARNERSTATUS']._serialized_start=1390
+  _globals['_LEARNERSTATUS']._serialized_end=1559
+  _globals['_LEARNERSERVICE']._serialized_start=1562
+  _globals['_LEARNERSERVICE']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)

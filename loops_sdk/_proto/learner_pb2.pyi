@@ -1,5 +1,6 @@
 # GENERATED — DO NOT EDIT. Run `python proto/generate.py` to regenerate from proto/.
 from . import feedback_pb2 as _feedback_pb2
+from . import policy_pb2 as _policy_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -53,14 +54,106 @@ class PublishResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("name", "to_version", "reason")
+    __slots__ = ("name", "to_version", "reason", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     to_version: int
     reason: str
-    def __init__(self, name: _Optional[str] = ..., to_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., to_version: _Optional[int] = ..., reason: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("target", "estimator", "value", "lower", "upper", "stderr", "ess", "n", "level", "interval")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    ESS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    estimator: str
+    value: float
+    lower: float
+    upper: float
+    stderr: float
+    ess: float
+    n: int
+    level: float
+    interval: str
+    def __init__(self, target: _Optional[str] = ..., estimator: _Optional[str] = ..., value: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., stderr: _Optional[float] = ..., ess: _Optional[float] = ..., n: _Optional[int] = ..., level: _Optional[float] = ..., interval: _Optional[str] = ...) -> None: ...
+
+class VersionRecord(_message.Message):
+    __slots__ = ("version", "state", "decision", "reason", "created_unix_ms", "mode", "gate_estimator", "evaluations", "decision_reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    GATE_ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: str
+    decision: str
+    reason: str
+    created_unix_ms: int
+    mode: _policy_pb2.Policy.Mode
+    gate_estimator: str
+    evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    decision_reason: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., mode: _Optional[_Union[_policy_pb2.Policy.Mode, str]] = ..., gate_estimator: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., decision_reason: _Optional[str] = ...) -> None: ...
+
+class PolicyHistory(_message.Message):
+    __slots__ = ("name", "serving_version", "training_paused", "versions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_PAUSED_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    serving_version: int
+    training_paused: bool
+    versions: _containers.RepeatedCompositeFieldContainer[VersionRecord]
+    def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[int] = ..., training_paused: _Optional[bool] = ..., versions: _Optional[_Iterable[_Union[VersionRecord, _Mapping]]] = ...) -> None: ...
+
+class SetModeRequest(_message.Message):
+    __slots__ = ("name", "mode", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mode: _policy_pb2.Policy.Mode
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[_policy_pb2.Policy.Mode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetTrainingRequest(_message.Message):
+    __slots__ = ("name", "paused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    paused: bool
+    def __init__(self, name: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class SetTrainingResponse(_message.Message):
+    __slots__ = ("name", "paused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    paused: bool
+    def __init__(self, name: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -66,6 +66,21 @@ class LearnerServiceStub:
                 request_serializer=loops_dot_v1_dot_learner__pb2.StatusRequest.SerializeToString,
                 response_deserializer=loops_dot_v1_dot_learner__pb2.LearnerStatus.FromString,
                 _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/loops.v1.LearnerService/GetHistory',
+                request_serializer=loops_dot_v1_dot_learner__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=loops_dot_v1_dot_learner__pb2.PolicyHistory.FromString,
+                _registered_method=True)
+        self.SetMode = channel.unary_unary(
+                '/loops.v1.LearnerService/SetMode',
+                request_serializer=loops_dot_v1_dot_learner__pb2.SetModeRequest.SerializeToString,
+                response_deserializer=loops_dot_v1_dot_learner__pb2.PublishResponse.FromString,
+                _registered_method=True)
+        self.SetTraining = channel.unary_unary(
+                '/loops.v1.LearnerService/SetTraining',
+                request_serializer=loops_dot_v1_dot_learner__pb2.SetTrainingRequest.SerializeToString,
+                response_deserializer=loops_dot_v1_dot_learner__pb2.SetTrainingResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -111,6 +126,28 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHistory(self, request, context):
+        """Every stored version of a policy (served or candidate) with its promotion decision, the
+        reason and the off-policy estimates it was judged on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMode(self, request, context):
+        """Publishes the serving version with another mode (online / apprentice) as a new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTraining(self, request, context):
+        """Pauses or resumes automatic retraining of a policy (a rollback pauses it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +180,21 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=loops_dot_v1_dot_learner__pb2.StatusRequest.FromString,
                     response_serializer=loops_dot_v1_dot_learner__pb2.LearnerStatus.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=loops_dot_v1_dot_learner__pb2.HistoryRequest.FromString,
+                    response_serializer=loops_dot_v1_dot_learner__pb2.PolicyHistory.SerializeToString,
+            ),
+            'SetMode': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMode,
+                    request_deserializer=loops_dot_v1_dot_learner__pb2.SetModeRequest.FromString,
+                    response_serializer=loops_dot_v1_dot_learner__pb2.PublishResponse.SerializeToString,
+            ),
+            'SetTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraining,
+                    request_deserializer=loops_dot_v1_dot_learner__pb2.SetTrainingRequest.FromString,
+                    response_serializer=loops_dot_v1_dot_learner__pb2.SetTrainingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +359,87 @@ class LearnerService:
             '/loops.v1.LearnerService/GetStatus',
             loops_dot_v1_dot_learner__pb2.StatusRequest.SerializeToString,
             loops_dot_v1_dot_learner__pb2.LearnerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loops.v1.LearnerService/GetHistory',
+            loops_dot_v1_dot_learner__pb2.HistoryRequest.SerializeToString,
+            loops_dot_v1_dot_learner__pb2.PolicyHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loops.v1.LearnerService/SetMode',
+            loops_dot_v1_dot_learner__pb2.SetModeRequest.SerializeToString,
+            loops_dot_v1_dot_learner__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loops.v1.LearnerService/SetTraining',
+            loops_dot_v1_dot_learner__pb2.SetTrainingRequest.SerializeToString,
+            loops_dot_v1_dot_learner__pb2.SetTrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loops/v1/policy.proto\x12\x08loops.v1\"\xc8\x01\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.loops.v1.FeatureSpec.Kind\x12\x0e\n\x06\x63\x65nter\x18\x03 \x01(\x01\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0f\n\x07\x62uckets\x18\x05 \x01(\r\x12\x15\n\rdefault_value\x18\x06 \x01(\x01\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07NUMERIC\x10\x01\x12\x0f\n\x0b\x43\x41TEGORICAL\x10\x02\"0\n\x06\x41\x63tion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x0c\n\x04tags\x18\x03 \x03(\t\"Q\n\x0bLinearModel\x12\x11\n\tn_actions\x18\x01 \x01(\r\x12\x10\n\x08n_inputs\x18\x02 \x01(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x01\x12\x0c\n\x04\x62ias\x18\x04 \x03(\x01\"\xc5\x01\n\x0b\x45xploration\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.loops.v1.Exploration.Kind\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05gamma\x18\x04 \x01(\x01\"W\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06GREEDY\x10\x01\x12\x12\n\x0e\x45PSILON_GREEDY\x10\x02\x12\x0b\n\x07SOFTMAX\x10\x03\x12\x0c\n\x08SQUARECB\x10\x04\"A\n\x07Holdout\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_action\x18\x03 \x01(\t\"\xb4\x03\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\'\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x15.loops.v1.FeatureSpec\x12!\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x10.loops.v1.Action\x12\'\n\x06linear\x18\x05 \x01(\x0b\x32\x15.loops.v1.LinearModelH\x00\x12*\n\x0b\x65xploration\x18\x06 \x01(\x0b\x32\x15.loops.v1.Exploration\x12\"\n\x07holdout\x18\x07 \x01(\x0b\x32\x11.loops.v1.Holdout\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x08 \x01(\x03\x12,\n\x08learning\x18\t \x01(\x0b\x32\x1a.loops.v1.LearningSettings\x12\x30\n\x08metadata\x18\n \x03(\x0b\x32\x1e.loops.v1.Policy.MetadataEntry\x12\x10\n\x08\x63hecksum\x18\x0f \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05model\"\x9c\x02\n\x10LearningSettings\x12\x1d\n\x15reward_window_seconds\x18\x01 \x01(\x01\x12;\n\x0b\x61ggregation\x18\x02 \x01(\x0e\x32&.loops.v1.LearningSettings.Aggregation\x12\x16\n\x0e\x64\x65\x66\x61ult_reward\x18\x03 \x01(\x01\x12\x14\n\x0cridge_lambda\x18\x04 \x01(\x01\x12\x1c\n\x14retrain_every_events\x18\x05 \x01(\r\x12\x1d\n\x15retrain_every_seconds\x18\x06 \x01(\x01\"A\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x07\n\x03SUM\x10\x01\x12\x0c\n\x08\x45\x41RLIEST\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loops/v1/policy.proto\x12\x08loops.v1\"\xc8\x01\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.loops.v1.FeatureSpec.Kind\x12\x0e\n\x06\x63\x65nter\x18\x03 \x01(\x01\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0f\n\x07\x62uckets\x18\x05 \x01(\r\x12\x15\n\rdefault_value\x18\x06 \x01(\x01\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07NUMERIC\x10\x01\x12\x0f\n\x0b\x43\x41TEGORICAL\x10\x02\"N\n\x06\x41\x63tion\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_value\"Q\n\x0bLinearModel\x12\x11\n\tn_actions\x18\x01 \x01(\r\x12\x10\n\x08n_inputs\x18\x02 \x01(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x01\x12\x0c\n\x04\x62ias\x18\x04 \x03(\x01\"\xc5\x01\n\x0b\x45xploration\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.loops.v1.Exploration.Kind\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05gamma\x18\x04 \x01(\x01\"W\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06GREEDY\x10\x01\x12\x12\n\x0e\x45PSILON_GREEDY\x10\x02\x12\x0b\n\x07SOFTMAX\x10\x03\x12\x0c\n\x08SQUARECB\x10\x04\"A\n\x07Holdout\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_action\x18\x03 \x01(\t\"\xc4\x04\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\'\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x15.loops.v1.FeatureSpec\x12!\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x10.loops.v1.Action\x12\'\n\x06linear\x18\x05 \x01(\x0b\x32\x15.loops.v1.LinearModelH\x00\x12*\n\x0b\x65xploration\x18\x06 \x01(\x0b\x32\x15.loops.v1.Exploration\x12\"\n\x07holdout\x18\x07 \x01(\x0b\x32\x11.loops.v1.Holdout\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x08 \x01(\x03\x12,\n\x08learning\x18\t \x01(\x0b\x32\x1a.loops.v1.LearningSettings\x12\x30\n\x08metadata\x18\n \x03(\x0b\x32\x1e.loops.v1.Policy.MetadataEntry\x12#\n\x04mode\x18\x0b \x01(\x0e\x32\x15.loops.v1.Policy.Mode\x12(\n\x05rules\x18\x0c \x03(\x0b\x32\x19.loops.v1.EligibilityRule\x12\x1b\n\x04\x63\x61ps\x18\r \x03(\x0b\x32\r.loops.v1.Cap\x12\x10\n\x08\x63hecksum\x18\x0f \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x04Mode\x12\n\n\x06ONLINE\x10\x00\x12\x0e\n\nAPPRENTICE\x10\x01\x42\x07\n\x05model\"\xf4\x02\n\x10LearningSettings\x12\x1d\n\x15reward_window_seconds\x18\x01 \x01(\x01\x12;\n\x0b\x61ggregation\x18\x02 \x01(\x0e\x32&.loops.v1.LearningSettings.Aggregation\x12\x16\n\x0e\x64\x65\x66\x61ult_reward\x18\x03 \x01(\x01\x12\x14\n\x0cridge_lambda\x18\x04 \x01(\x01\x12\x1c\n\x14retrain_every_events\x18\x05 \x01(\r\x12\x1d\n\x15retrain_every_seconds\x18\x06 \x01(\x01\x12*\n\x06reward\x18\x07 \x01(\x0b\x32\x1a.loops.v1.RewardDefinition\x12*\n\tpromotion\x18\x08 \x01(\x0b\x32\x17.loops.v1.PromotionRule\"A\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x07\n\x03SUM\x10\x01\x12\x0c\n\x08\x45\x41RLIEST\x10\x02\"\xe8\x01\n\x10RewardDefinition\x12G\n\x0foutcome_weights\x18\x01 \x03(\x0b\x32..loops.v1.RewardDefinition.OutcomeWeightsEntry\x12\x19\n\x0cother_weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x63ost_weight\x18\x03 \x01(\x01H\x01\x88\x01\x01\x1a\x35\n\x13OutcomeWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_other_weightB\x0e\n\x0c_cost_weight\"\xe5\x02\n\rPromotionRule\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.loops.v1.PromotionRule.Kind\x12\x11\n\testimator\x18\x02 \x01(\t\x12\x12\n\x05level\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bmin_samples\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06margin\x18\x05 \x01(\x01\x12\x18\n\x0bwindow_rows\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x16\n\x0ewindow_seconds\x18\x07 \x01(\x01\x12\x10\n\x08interval\x18\x08 \x01(\t\"i\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19LOWER_BOUND_OVER_ESTIMATE\x10\x01\x12 \n\x1cLOWER_BOUND_OVER_UPPER_BOUND\x10\x02\x12\n\n\x06\x41LWAYS\x10\x03\x42\x08\n\x06_levelB\x0e\n\x0c_min_samplesB\x0e\n\x0c_window_rows\"\x82\x02\n\tCondition\x12\x11\n\tattribute\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\"\n\x02op\x18\x03 \x01(\x0e\x32\x16.loops.v1.Condition.Op\x12\x0e\n\x06values\x18\x04 \x03(\t\x12\x0e\n\x06number\x18\x05 \x01(\x01\x12\x14\n\x0cwhen_missing\x18\x06 \x01(\x08\"w\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x06\n\x02IN\x10\x01\x12\n\n\x06NOT_IN\x10\x02\x12\x0b\n\x07IS_TRUE\x10\x03\x12\x0c\n\x08IS_FALSE\x10\x04\x12\x06\n\x02\x45Q\x10\x05\x12\x06\n\x02NE\x10\x06\x12\x06\n\x02LT\x10\x07\x12\x06\n\x02LE\x10\x08\x12\x06\n\x02GT\x10\t\x12\x06\n\x02GE\x10\n\"\xd6\x01\n\x0f\x45ligibilityRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\nconditions\x18\x02 \x03(\x0b\x32\x13.loops.v1.Condition\x12\x30\n\x06\x65\x66\x66\x65\x63t\x18\x03 \x01(\x0e\x32 .loops.v1.EligibilityRule.Effect\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0f\n\x07\x61\x63tions\x18\x05 \x03(\t\"=\n\x06\x45\x66\x66\x65\x63t\x12\x16\n\x12\x45\x46\x46\x45\x43T_UNSPECIFIED\x10\x00\x12\t\n\x05\x42LOCK\x10\x01\x12\x10\n\x0c\x44\x45\x46\x41ULT_ONLY\x10\x02\"\xc0\x01\n\x03\x43\x61p\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04kind\x18\x02 \x01(\x0e\x32\x12.loops.v1.Cap.Kind\x12\r\n\x05limit\x18\x03 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\x01\x12\x1d\n\x15window_offset_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04tags\x18\x06 \x03(\t\"7\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tFREQUENCY\x10\x01\x12\n\n\x06\x42UDGET\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICY_METADATAENTRY']._loaded_options = None
   _globals['_POLICY_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_REWARDDEFINITION_OUTCOMEWEIGHTSENTRY']._loaded_options = None
+  _globals['_REWARDDEFINITION_OUTCOMEWEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_FEATURESPEC']._serialized_start=36
   _globals['_FEATURESPEC']._serialized_end=236
   _globals['_FEATURESPEC_KIND']._serialized_start=178
   _globals['_FEATURESPEC_KIND']._serialized_end=236
   _globals['_ACTION']._serialized_start=238
-  _globals['_ACTION']._serialized_end=286
-  _globals['_LINEARMODEL']._serialized_start=288
-  _globals['_LINEARMODEL']._serialized_end=369
-  _globals['_EXPLORATION']._serialized_start=372
-  _globals['_EXPLORATION']._serialized_end=569
-  _globals['_EXPLORATION_KIND']._serialized_start=482
-  _globals['_EXPLORATION_KIND']._serialized_end=569
-  _globals['_HOLDOUT']._serialized_start=571
-  _globals['_HOLDOUT']._serialized_end=636
-  _globals['_POLICY']._serialized_start=639
-  _globals['_POLICY']._serialized_end=1075
-  _globals['_POLICY_METADATAENTRY']._serialized_start=1019
-  _globals['_POLICY_METADATAENTRY']._serialized_end=1066
-  _globals['_LEARNINGSETTINGS']._serialized_start=1078
-  _globals['_LEARNINGSETTINGS']._serialized_end=1362
-  _globals['_LEARNINGSETTINGS_AGGREGATION']._serialized_start=1297
-  _globals['_LEARNINGSETTINGS_AGGREGATION']._serialized_end=1362
+  _globals['_ACTION']._serialized_end=316
+  _globals['_LINEARMODEL']._serialized_start=318
+  _globals['_LINEARMODEL']._serialized_end=399
+  _globals['_EXPLORATION']._serialized_start=402
+  _globals['_EXPLORATION']._serialized_end=599
+  _globals['_EXPLORATION_KIND']._serialized_start=512
+  _globals['_EXPLORATION_KIND']._serialized_end=599
+  _globals['_HOLDOUT']._serialized_start=601
+  _globals['_HOLDOUT']._serialized_end=666
+  _globals['_POLICY']._serialized_start=669
+  _globals['_POLICY']._serialized_end=1249
+  _globals['_POLICY_METADATAENTRY']._serialized_start=1157
+  _globals['_POLICY_METADATAENTRY']._serialized_end=1204
+  _globals['_POLICY_MODE']._serialized_start=1206
+  _globals['_POLICY_MODE']._serialized_end=1240
+  _globals['_LEARNINGSETTINGS']._serialized_start=1252
+  _globals['_LEARNINGSETTINGS']._serialized_end=1624
+  _globals['_LEARNINGSETTINGS_AGGREGATION']._serialized_start=1559
+  _globals['_LEARNINGSETTINGS_AGGREGATION']._serialized_end=1624
+  _globals['_REWARDDEFINITION']._serialized_start=1627
+  _globals['_REWARDDEFINITION']._serialized_end=1859
+  _globals['_REWARDDEFINITION_OUTCOMEWEIGHTSENTRY']._serialized_start=1773
+  _globals['_REWARDDEFINITION_OUTCOMEWEIGHTSENTRY']._serialized_end=1826
+  _globals['_PROMOTIONRULE']._serialized_start=1862
+  _globals['_PROMOTIONRULE']._serialized_end=2219
+  _globals['_PROMOTIONRULE_KIND']._serialized_start=2072
+  _globals['_PROMOTIONRULE_KIND']._serialized_end=2177
+  _globals['_CONDITION']._serialized_start=2222
+  _globals['_CONDITION']._serialized_end=2480
+  _globals['_CONDITION_OP']._serialized_start=2361
+  _globals['_CONDITION_OP']._serialized_end=2480
+  _globals['_ELIGIBILITYRULE']._serialized_start=2483
+  _globals['_ELIGIBILITYRULE']._serialized_end=2697
+  _globals['_ELIGIBILITYRULE_EFFECT']._serialized_start=2636
+  _globals['_ELIGIBILITYRULE_EFFECT']._serialized_end=2697
+  _globals['_CAP']._serialized_start=2700
+  _globals['_CAP']._serialized_end=2892
+  _globals['_CAP_KIND']._serialized_start=2837
+  _globals['_CAP_KIND']._serialized_end=2892
 # @@protoc_insertion_point(module_scope)

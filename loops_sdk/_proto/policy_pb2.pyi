@@ -33,14 +33,16 @@ class FeatureSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FeatureSpec.Kind, str]] = ..., center: _Optional[float] = ..., scale: _Optional[float] = ..., buckets: _Optional[int] = ..., default_value: _Optional[float] = ...) -> None: ...
 
 class Action(_message.Message):
-    __slots__ = ("id", "cost", "tags")
+    __slots__ = ("id", "cost", "tags", "value")
     ID_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
     id: str
     cost: float
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., cost: _Optional[float] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    value: float
+    def __init__(self, id: _Optional[str] = ..., cost: _Optional[float] = ..., tags: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ...) -> None: ...
 
 class LinearModel(_message.Message):
     __slots__ = ("n_actions", "n_inputs", "weights", "bias")
@@ -89,7 +91,13 @@ class Holdout(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., salt: _Optional[str] = ..., default_action: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "version", "features", "actions", "linear", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "checksum")
+    __slots__ = ("name", "version", "features", "actions", "linear", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "mode", "rules", "caps", "checksum")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ONLINE: _ClassVar[Policy.Mode]
+        APPRENTICE: _ClassVar[Policy.Mode]
+    ONLINE: Policy.Mode
+    APPRENTICE: Policy.Mode
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +115,9 @@ class Policy(_message.Message):
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    CAPS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
@@ -118,11 +129,14 @@ class Policy(_message.Message):
     created_at_unix_ms: int
     learning: LearningSettings
     metadata: _containers.ScalarMap[str, str]
+    mode: Policy.Mode
+    rules: _containers.RepeatedCompositeFieldContainer[EligibilityRule]
+    caps: _containers.RepeatedCompositeFieldContainer[Cap]
     checksum: bytes
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Policy.Mode, str]] = ..., rules: _Optional[_Iterable[_Union[EligibilityRule, _Mapping]]] = ..., caps: _Optional[_Iterable[_Union[Cap, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class LearningSettings(_message.Message):
-    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds")
+    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds", "reward", "promotion")
     class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         AGGREGATION_UNSPECIFIED: _ClassVar[LearningSettings.Aggregation]
@@ -137,10 +151,147 @@ class LearningSettings(_message.Message):
     RIDGE_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_EVERY_EVENTS_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
     reward_window_seconds: float
     aggregation: LearningSettings.Aggregation
     default_reward: float
     ridge_lambda: float
     retrain_every_events: int
     retrain_every_seconds: float
-    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ...) -> None: ...
+    reward: RewardDefinition
+    promotion: PromotionRule
+    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ..., reward: _Optional[_Union[RewardDefinition, _Mapping]] = ..., promotion: _Optional[_Union[PromotionRule, _Mapping]] = ...) -> None: ...
+
+class RewardDefinition(_message.Message):
+    __slots__ = ("outcome_weights", "other_weight", "cost_weight")
+    class OutcomeWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OUTCOME_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    outcome_weights: _containers.ScalarMap[str, float]
+    other_weight: float
+    cost_weight: float
+    def __init__(self, outcome_weights: _Optional[_Mapping[str, float]] = ..., other_weight: _Optional[float] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+
+class PromotionRule(_message.Message):
+    __slots__ = ("kind", "estimator", "level", "min_samples", "margin", "window_rows", "window_seconds", "interval")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[PromotionRule.Kind]
+        LOWER_BOUND_OVER_ESTIMATE: _ClassVar[PromotionRule.Kind]
+        LOWER_BOUND_OVER_UPPER_BOUND: _ClassVar[PromotionRule.Kind]
+        ALWAYS: _ClassVar[PromotionRule.Kind]
+    KIND_UNSPECIFIED: PromotionRule.Kind
+    LOWER_BOUND_OVER_ESTIMATE: PromotionRule.Kind
+    LOWER_BOUND_OVER_UPPER_BOUND: PromotionRule.Kind
+    ALWAYS: PromotionRule.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    kind: PromotionRule.Kind
+    estimator: str
+    level: float
+    min_samples: int
+    margin: float
+    window_rows: int
+    window_seconds: float
+    interval: str
+    def __init__(self, kind: _Optional[_Union[PromotionRule.Kind, str]] = ..., estimator: _Optional[str] = ..., level: _Optional[float] = ..., min_samples: _Optional[int] = ..., margin: _Optional[float] = ..., window_rows: _Optional[int] = ..., window_seconds: _Optional[float] = ..., interval: _Optional[str] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("attribute", "feature", "op", "values", "number", "when_missing")
+    class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OP_UNSPECIFIED: _ClassVar[Condition.Op]
+        IN: _ClassVar[Condition.Op]
+        NOT_IN: _ClassVar[Condition.Op]
+        IS_TRUE: _ClassVar[Condition.Op]
+        IS_FALSE: _ClassVar[Condition.Op]
+        EQ: _ClassVar[Condition.Op]
+        NE: _ClassVar[Condition.Op]
+        LT: _ClassVar[Condition.Op]
+        LE: _ClassVar[Condition.Op]
+        GT: _ClassVar[Condition.Op]
+        GE: _ClassVar[Condition.Op]
+    OP_UNSPECIFIED: Condition.Op
+    IN: Condition.Op
+    NOT_IN: Condition.Op
+    IS_TRUE: Condition.Op
+    IS_FALSE: Condition.Op
+    EQ: Condition.Op
+    NE: Condition.Op
+    LT: Condition.Op
+    LE: Condition.Op
+    GT: Condition.Op
+    GE: Condition.Op
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    WHEN_MISSING_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    feature: str
+    op: Condition.Op
+    values: _containers.RepeatedScalarFieldContainer[str]
+    number: float
+    when_missing: bool
+    def __init__(self, attribute: _Optional[str] = ..., feature: _Optional[str] = ..., op: _Optional[_Union[Condition.Op, str]] = ..., values: _Optional[_Iterable[str]] = ..., number: _Optional[float] = ..., when_missing: _Optional[bool] = ...) -> None: ...
+
+class EligibilityRule(_message.Message):
+    __slots__ = ("id", "conditions", "effect", "tags", "actions")
+    class Effect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        EFFECT_UNSPECIFIED: _ClassVar[EligibilityRule.Effect]
+        BLOCK: _ClassVar[EligibilityRule.Effect]
+        DEFAULT_ONLY: _ClassVar[EligibilityRule.Effect]
+    EFFECT_UNSPECIFIED: EligibilityRule.Effect
+    BLOCK: EligibilityRule.Effect
+    DEFAULT_ONLY: EligibilityRule.Effect
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    conditions: _containers.RepeatedCompositeFieldContainer[Condition]
+    effect: EligibilityRule.Effect
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., effect: _Optional[_Union[EligibilityRule.Effect, str]] = ..., tags: _Optional[_Iterable[str]] = ..., actions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Cap(_message.Message):
+    __slots__ = ("id", "kind", "limit", "window_seconds", "window_offset_seconds", "tags")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Cap.Kind]
+        FREQUENCY: _ClassVar[Cap.Kind]
+        BUDGET: _ClassVar[Cap.Kind]
+    KIND_UNSPECIFIED: Cap.Kind
+    FREQUENCY: Cap.Kind
+    BUDGET: Cap.Kind
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_OFFSET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: Cap.Kind
+    limit: float
+    window_seconds: float
+    window_offset_seconds: float
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[Cap.Kind, str]] = ..., limit: _Optional[float] = ..., window_seconds: _Optional[float] = ..., window_offset_seconds: _Optional[float] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...

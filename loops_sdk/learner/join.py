@@ -12,7 +12,11 @@ Rules (the policy's :class:`~loops_sdk.policy.LearningSettings` at the decision'
   ``aggregation``: ``sum`` of values, or the value of the ``earliest``. None: ``default_reward``.
   Outcomes arriving after a decision was finalised are not counted (late).
 * ``reward = value - cost`` of the chosen action (cost from the decision's policy version; the
-  current version when that one is unknown here).
+  current version when that one is unknown here), by default. The version's
+  :class:`~loops_sdk.policy.RewardDefinition` can weight outcomes by kind (each outcome's value
+  is multiplied by its kind's weight before aggregation; weight 0 = the outcome is ignored)
+  and scale the cost: ``reward = sum(w(kind) * value) - cost_weight * cost``. The stored
+  ``value`` is the weighted value.
 * Holdout rows (``FLAG_HOLDOUT``) are joined like any other (they are the control group for
   lift) but not trained on.
 
@@ -32,7 +36,7 @@ import numpy as np
 
 from ..batch import FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_OBSERVE, OUTCOME_REWARD
 from ..errors import PolicyError
-from ..policy import Policy
+from ..policy import Policy, RewardDefinition
 from .store import STATUS_JOINED, STATUS_PENDING, Block, EventStore
 
 __all__ = ["Joiner", "JoinResult", "PolicyBook", "RewardSink"]
@@ -46,14 +50,19 @@ _UNKNOWN_POLICY_RETRY_NS = 5 * _NS
 # CROSS JOIN pins the key table as the outer loop (SQLite never reorders a CROSS JOIN): left
 # to itself the planner scans every outcome of a type once per key, since the temp table has
 # no statistics.
-_OUTCOME_QUERY = f"""
-SELECT k.i, o.ts_ns, o.value FROM temp.join_keys k CROSS JOIN outcomes o
-  WHERE o.type = {OUTCOME_REWARD} AND o.event_hi = k.event_hi AND o.event_lo = k.event_lo
+_OUTCOME_TEMPLATE = """
+SELECT k.i, o.ts_ns, o.value{kind} FROM temp.join_keys k CROSS JOIN outcomes o
+  WHERE o.type = {reward} AND o.event_hi = k.event_hi AND o.event_lo = k.event_lo
 UNION ALL
-SELECT k.i, o.ts_ns, o.value FROM temp.join_keys k CROSS JOIN outcomes o
-  WHERE o.type = {OUTCOME_OBSERVE} AND o.user_hash = k.user_hash
+SELECT k.i, o.ts_ns, o.value{kind} FROM temp.join_keys k CROSS JOIN outcomes o
+  WHERE o.type = {observe} AND o.user_hash = k.user_hash
     AND o.ts_ns BETWEEN k.lo_ns AND k.hi_ns
 """
+_OUTCOME_QUERY = _OUTCOME_TEMPLATE.format(kind="", reward=OUTCOME_REWARD,
+                                          observe=OUTCOME_OBSERVE)
+# With the outcome kind: only read when some version weights kinds (a reward definition).
+_OUTCOME_QUERY_WITH_KIND = _OUTCOME_TEMPLATE.format(kind=", o.kind", reward=OUTCOME_REWARD,
+                                                    observe=OUTCOME_OBSERVE)
 
 
 class RewardSink(Protocol):
@@ -166,7 +175,10 @@ class Joiner:
         earliest = np.array([p.learning.aggregation == "earliest" for p in policies])[vidx]
         costs = np.array([[{a.id: a.cost for a in p.actions}.get(aid, 0.0)
                            for aid in blk.actions] for p in policies])  # (versions, K)
-        cost = costs[vidx, blk.action]
+        definitions = [p.learning.reward for p in policies]
+        cost_weight = np.array([d.cost_weight for d in definitions])[vidx]
+        cost = costs[vidx, blk.action] * cost_weight
+        weighted = not all(d.is_default for d in definitions)
 
         deferred = (blk.flags & FLAG_DEFERRED) != 0
         start = np.where(deferred, -1, blk.ts_ns)
@@ -179,7 +191,8 @@ class Joiner:
         rows = np.flatnonzero(due)
 
         if rows.size:
-            value, count = self._outcomes(con, blk, rows, start, close, earliest)
+            value, count = self._outcomes(con, blk, rows, start, close, earliest,
+                                          definitions if weighted else None, vidx)
             value = np.where(count > 0, value, default[rows])
             blk.status[rows] = STATUS_JOINED
             blk.value[rows] = value
@@ -200,9 +213,14 @@ class Joiner:
         return result
 
     def _outcomes(self, con: sqlite3.Connection, blk: Block, rows: np.ndarray,
-                  start: np.ndarray, close: np.ndarray, earliest: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """Aggregated joined value and outcome count for ``rows`` (0 and 0 when none)."""
+                  start: np.ndarray, close: np.ndarray, earliest: np.ndarray,
+                  definitions: list[RewardDefinition] | None = None,
+                  vidx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Aggregated joined value and outcome count for ``rows`` (0 and 0 when none).
+
+        With ``definitions`` (one per version, ``vidx`` maps block rows to them) each
+        outcome's value is weighted by its kind first; weight-0 outcomes are dropped.
+        """
         con.execute("CREATE TEMP TABLE IF NOT EXISTS join_keys (i INTEGER, event_hi INTEGER,"
                     " event_lo INTEGER, user_hash INTEGER, lo_ns INTEGER, hi_ns INTEGER)")
         con.execute("DELETE FROM temp.join_keys")
@@ -211,14 +229,25 @@ class Joiner:
             blk.event_lo[rows].view(np.int64).tolist(),
             blk.user_hash[rows].view(np.int64).tolist(), start[rows].tolist(),
             close[rows].tolist()))
-        found = con.execute(_OUTCOME_QUERY).fetchall()
+        found = con.execute(_OUTCOME_QUERY if definitions is None
+                            else _OUTCOME_QUERY_WITH_KIND).fetchall()
         m = rows.size
         if not found:
             return np.zeros(m), np.zeros(m, np.int32)
-        arr = np.array(found, dtype=np.float64)
+        arr = np.array([f[:3] for f in found] if definitions is not None else found,
+                       dtype=np.float64)
         i = arr[:, 0].astype(np.int64)
         ts = np.array([f[1] for f in found], dtype=np.int64)  # exact int64, not via float
         v = arr[:, 2]
+        if definitions is not None and vidx is not None:
+            kinds, kind_idx = np.unique(np.array([f[3] for f in found], dtype=object),
+                                        return_inverse=True)
+            table = np.array([[d.weight(str(k)) for k in kinds] for d in definitions])
+            w = table[vidx[rows[i]], kind_idx]
+            counted = w != 0.0
+            if not counted.any():
+                return np.zeros(m), np.zeros(m, np.int32)
+            i, ts, v = i[counted], ts[counted], v[counted] * w[counted]
         count = np.bincount(i, minlength=m).astype(np.int32)
         total = np.bincount(i, weights=v, minlength=m)
         order = np.lexsort((ts, i))

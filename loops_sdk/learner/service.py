@@ -9,9 +9,15 @@ Versioning rules (PublishPolicy):
   older than the one it runs, so accepting it would silently do nothing). Publish with
   version 0 (``loops policy publish --next``) to put a file's parameters out as the next version.
 
+Automatic retraining: each retrained candidate takes the next version number and goes through
+the promotion gate (:mod:`loops_sdk.learner.promotion`); only a promoted one is served and
+pushed. A rejected or held candidate is stored (state ``candidate``) with its estimates and
+never reaches a client, so a client may see versions skip numbers. "Current" is the version
+served (state ``deployed``), not the highest stored one.
+
 A rollback re-publishes the old version's bytes (spec, exploration and parameters) under
-``current + 1`` and pauses automatic retraining of that policy, which would otherwise
-overwrite the rollback seconds later; a hand publish of the name resumes it.
+``latest + 1`` and pauses automatic retraining of that policy, which would otherwise
+overwrite the rollback seconds later; ``loops policy resume`` or a hand publish resumes it.
 """
 
 from __future__ import annotations
@@ -28,16 +34,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
+from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc, policy_pb2
 from ..batch import PAYLOAD_FORMAT, decode_records
-from ..errors import BatchError, PolicyError
+from ..errors import BatchError, LoopsError, PolicyError
 from ..policy import Policy
 from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
 from .join import Joiner, JoinResult, PolicyBook
+from .promotion import Gate, GateResult
 from .store import EventStore
 from .train import Trainer
 
-__all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "SERVICE_NAME"]
+__all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "RollbackRefused",
+           "SERVICE_NAME", "policy_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +57,52 @@ class VersionConflict(Exception):
     """A published version is not newer than the current one."""
 
 
+class RollbackRefused(LoopsError):
+    """A rollback that would not undo anything or would serve a never-evaluated candidate."""
+
+
 @dataclass(frozen=True)
 class _Current:
     version: int
     data: bytes
     reason: str
+
+
+def policy_history(store: EventStore, name: str, *,
+                   book: PolicyBook | None = None) -> learner_pb2.PolicyHistory:
+    """``name``'s versions (candidates included), decisions, reasons and stored estimates, as
+    the ``GetHistory`` RPC returns them (also used on a database file by the CLI).
+
+    Raises:
+        KeyError: no such policy.
+    """
+    rows = store.policy_history(name)
+    if not rows:
+        raise KeyError(f"no policy {name!r}")
+    book = book or PolicyBook(store)
+    evals: dict[int, list] = {}
+    for e in store.evaluations(name):
+        evals.setdefault(e.version, []).append(e)
+    current = store.get_policy(name)
+    out = learner_pb2.PolicyHistory(
+        name=name, serving_version=current.version if current else 0,
+        training_paused=store.get_meta(f"paused:{name}", "") == "1")
+    for r in rows:
+        try:
+            p = book.get(name, r.version)
+            mode, estimator = p.mode, p.learning.promotion.estimator
+        except PolicyError:   # unreadable bytes: still list the version
+            mode, estimator = "online", ""
+        rec = out.versions.add(version=r.version, state=r.state, decision=r.decision,
+                               reason=r.reason, decision_reason=r.decision_reason,
+                               created_unix_ms=r.created_ms,
+                               mode=policy_pb2.Policy.Mode.Value(mode.upper()),
+                               gate_estimator=estimator)
+        for e in evals.get(r.version, ()):
+            rec.evaluations.add(target=e.target, estimator=e.estimator, value=e.value,
+                                lower=e.lower, upper=e.upper, stderr=e.stderr, ess=e.ess,
+                                n=e.n, level=e.level, interval=e.interval)
+    return out
 
 
 class PolicyHub:
@@ -166,10 +215,38 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                        context: grpc.ServicerContext) -> learner_pb2.PublishResponse:
         try:
             version = self._learner.rollback(request.name, request.to_version,
-                                             request.reason or "rollback")
+                                             request.reason or "rollback", force=request.force)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        except RollbackRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return learner_pb2.PublishResponse(name=request.name, version=version)
+
+    def GetHistory(self, request: learner_pb2.HistoryRequest,
+                   context: grpc.ServicerContext) -> learner_pb2.PolicyHistory:
+        try:
+            return self._learner.history(request.name)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+
+    def SetMode(self, request: learner_pb2.SetModeRequest,
+                context: grpc.ServicerContext) -> learner_pb2.PublishResponse:
+        if request.mode not in policy_pb2.Policy.Mode.values():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {request.mode}")
+        mode = policy_pb2.Policy.Mode.Name(request.mode).lower()
+        try:
+            version = self._learner.set_mode(request.name, mode, request.reason)
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
         return learner_pb2.PublishResponse(name=request.name, version=version)
+
+    def SetTraining(self, request: learner_pb2.SetTrainingRequest,
+                    context: grpc.ServicerContext) -> learner_pb2.SetTrainingResponse:
+        try:
+            self._learner.set_training(request.name, request.paused)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        return learner_pb2.SetTrainingResponse(name=request.name, paused=request.paused)
 
     def GetStatus(self, request: learner_pb2.StatusRequest,
                   context: grpc.ServicerContext) -> learner_pb2.LearnerStatus:
@@ -203,6 +280,9 @@ class Learner:
         self.book = PolicyBook(self.store)
         self.joiner = Joiner(self.store, self.book, grace_seconds=grace_seconds)
         self.trainer = Trainer(self.store)
+        self.gate = Gate(self.store)
+        # Verdicts of the promotion gate since start, by decision (promoted/rejected/held).
+        self.gate_counts: dict[str, int] = {}
         self.hub = PolicyHub()
         self.host = host
         self.max_batch_records = max_batch_records
@@ -289,63 +369,157 @@ class Learner:
         """Hint that new data arrived; the trainer works on its tick regardless."""
 
     # ----------------------------------------------------------------- publishing
-    def publish(self, policy: Policy, reason: str, *, manual: bool = False) -> int:
-        """Store and push a policy version (``version == 0``: next). Returns the version."""
+    def publish(self, policy: Policy, reason: str, *, manual: bool = False,
+                decision: str | None = None, decision_reason: str = "") -> int:
+        """Store and push a policy version (``version == 0``: next). Returns the version.
+
+        A published policy is served at once, whatever the gate would say: publishing is the
+        operator's (or the first version's) decision. ``manual`` resumes automatic retraining
+        if a rollback paused it. ``decision`` defaults to ``"initial"`` for a name's first
+        version and ``"manual"`` after that.
+
+        Raises:
+            VersionConflict: ``policy.version`` is not above every stored version of the name
+                (candidates the gate held back included).
+        """
         with self._publish_lock:
-            current = self.store.get_policy(policy.name)
-            cur_v = current.version if current else 0
+            latest = self.store.latest_version(policy.name)
             if policy.version == 0:
-                policy = policy.with_version(cur_v + 1)
-            elif policy.version <= cur_v:
+                policy = policy.with_version(latest + 1)
+            elif policy.version <= latest:
                 raise VersionConflict(
                     f"policy {policy.name!r} version {policy.version} is not newer than the "
-                    f"current version {cur_v}; publish with version 0 (loops policy publish "
-                    "--next) to make it the next version")
-            data = policy.to_bytes()
-            with self.store.transaction() as con:
-                self.store.add_policy(policy.name, policy.version, data, reason, con=con)
-                if manual:
-                    self.store.set_meta(f"paused:{policy.name}", "", con=con)
-            self.hub.set(policy.name, policy.version, data, reason)
+                    f"highest stored version {latest} (candidates included); publish with "
+                    "version 0 (loops policy publish --next) to make it the next version")
+            if decision is None:
+                decision = "manual" if latest else "initial"
+            if not decision_reason:
+                decision_reason = ("first version of the policy, served as published" if not
+                                   latest else "published by hand, served without evaluation")
+            self._store_version(policy, reason, decision, decision_reason, serve=True,
+                                resume=manual)
         logger.info("published %s v%d (%s)", policy.name, policy.version, reason)
         return policy.version
 
-    def rollback(self, name: str, to_version: int, reason: str = "rollback") -> int:
-        """Re-publish ``to_version``'s policy as ``current + 1``; pauses retraining of ``name``.
+    def _store_version(self, policy: Policy, reason: str, decision: str, decision_reason: str,
+                       *, serve: bool, resume: bool = False, pause: bool = False,
+                       gate: GateResult | None = None,
+                       undone: list[int] | None = None) -> None:
+        """Write a version (and its gate numbers) in one transaction; push it when served.
+        The caller holds ``_publish_lock`` and has checked the version number."""
+        data = policy.to_bytes()
+        with self.store.transaction() as con:
+            self.store.add_policy(policy.name, policy.version, data, reason,
+                                  "deployed" if serve else "candidate", con=con,
+                                  decision=decision, decision_reason=decision_reason)
+            if gate is not None:
+                self.gate.record(con, policy.name, gate)
+            if undone:
+                self.store.set_policy_state(con, policy.name, undone, "rolled_back")
+            if resume or pause:
+                self.store.set_meta(f"paused:{policy.name}", "1" if pause else "", con=con)
+        if serve:
+            self.hub.set(policy.name, policy.version, data, reason)
+
+    def rollback(self, name: str, to_version: int, reason: str = "rollback", *,
+                 force: bool = False) -> int:
+        """Serve ``to_version``'s policy again, as a new version ``latest + 1`` (clients only
+        apply newer versions); pauses automatic retraining of ``name``.
+
+        Any earlier served version can be the target. A candidate the gate never served
+        (rejected or held) needs ``force=True``: it failed (or never had) an evaluation.
+        Served versions above ``to_version`` become ``rolled_back``. Retraining stays paused
+        until :meth:`resume_training` or a hand publish, because the statistics that produced
+        the undone version would produce a near copy of it, which could pass the gate again.
 
         Raises:
             KeyError: no such policy or version.
+            RollbackRefused: the target is the version served now, or a never-served
+                candidate without ``force``.
         """
         with self._publish_lock:
             old = self.store.get_policy(name, to_version) if to_version else None
             current = self.store.get_policy(name)
             if old is None or current is None:
                 raise KeyError(f"no policy {name!r} version {to_version}")
+            if old.version == current.version and old.state == "deployed":
+                raise RollbackRefused(f"policy {name!r} v{to_version} is the version served "
+                                      "now; nothing to roll back")
+            if old.state == "candidate" and not force:
+                raise RollbackRefused(
+                    f"policy {name!r} v{to_version} was never served (gate decision "
+                    f"{old.decision or 'none'}: {old.decision_reason or old.reason}); "
+                    "use --force to serve it anyway")
             base = Policy.from_bytes(old.data)
             meta = dict(base.metadata)
             meta["rolled_back_to"] = str(to_version)
-            new = base.with_model(base.weights, base.bias, version=current.version + 1,
-                                  metadata=meta)
-            data = new.to_bytes()
-            undone = [v for v in self.store.policy_versions(name) if v > to_version]
+            new = base.with_model(base.weights, base.bias,
+                                  version=self.store.latest_version(name) + 1, metadata=meta)
+            undone = [r.version for r in self.store.policy_history(name)
+                      if r.version > to_version and r.state in ("deployed", "retired")]
             text = f"{reason} (to v{to_version})"
-            with self.store.transaction() as con:
-                self.store.add_policy(name, new.version, data, text, con=con)
-                self.store.set_policy_state(con, name, undone, "rolled_back")
-                self.store.set_meta(f"paused:{name}", "1", con=con)
-            self.hub.set(name, new.version, data, text)
+            why = (f"rolled back by hand from v{current.version} to v{to_version}"
+                   + (" (forced: a candidate that was never served)"
+                      if old.state == "candidate" else ""))
+            self._store_version(new, text, "rollback", why, serve=True, pause=True,
+                                undone=undone)
         logger.info("rolled %s back to v%d as v%d; automatic retraining paused", name,
                     to_version, new.version)
+        return new.version
+
+    def set_mode(self, name: str, mode: str, reason: str = "") -> int:
+        """Serve the current version in ``mode`` (``"online"`` or ``"apprentice"``) as a new
+        version; returns the version now served (unchanged if already in that mode).
+
+        Raises:
+            KeyError: no such policy.
+            PolicyError: unknown mode.
+        """
+        with self._publish_lock:
+            current = self.store.get_policy(name)
+            if current is None:
+                raise KeyError(f"no policy {name!r}")
+            policy = Policy.from_bytes(current.data)
+            if policy.mode == mode:
+                return policy.version
+            new = policy.with_mode(mode, version=self.store.latest_version(name) + 1)
+            text = reason or f"mode set to {mode}"
+            self._store_version(new, text, "manual",
+                                f"mode switched by hand from {policy.mode} to {mode} "
+                                f"(parameters of v{policy.version})", serve=True)
+        logger.info("policy %s now %s as v%d", name, mode, new.version)
         return new.version
 
     def training_paused(self, name: str) -> bool:
         return self.store.get_meta(f"paused:{name}", "") == "1"
 
+    def set_training(self, name: str, paused: bool) -> None:
+        """Pause or resume automatic retraining of ``name``.
+
+        Raises:
+            KeyError: no such policy.
+        """
+        if self.store.get_policy(name) is None:
+            raise KeyError(f"no policy {name!r}")
+        self.store.set_meta(f"paused:{name}", "1" if paused else "")
+        logger.info("automatic retraining of %s %s", name, "paused" if paused else "resumed")
+
+    def history(self, name: str) -> learner_pb2.PolicyHistory:
+        """Every stored version of ``name`` with its decision and estimates.
+
+        Raises:
+            KeyError: no such policy.
+        """
+        return policy_history(self.store, name, book=self.book)
+
     # ----------------------------------------------------------------- join and train
     def step(self, now_ns: int | None = None) -> tuple[JoinResult, list[tuple[str, int]]]:
-        """One round: join every due row, then retrain and publish the policies that are due.
+        """One round: join every due row, then retrain the policies that are due and put each
+        candidate through the promotion gate.
 
-        Returns the join result and the ``(name, version)`` of each policy published.
+        A promoted candidate is published (pushed to clients); a rejected or held one is
+        stored as a candidate with its numbers and never served. Returns the join result and
+        the ``(name, version)`` of each policy published.
         """
         now_ns = time.time_ns() if now_ns is None else now_ns
         joined = self.joiner.run(now_ns, self.trainer)
@@ -354,19 +528,27 @@ class Learner:
             policy = self.book.get(row.name, row.version)
             if policy is None or self.training_paused(row.name):
                 continue
-            if self.trainer.due(policy, now_ns // 1_000_000):
-                with self._publish_lock:   # version numbers are assigned in one place
-                    latest = self.store.get_policy(row.name)
-                if latest.version != row.version:
-                    continue               # a publish raced us; next round trains on it
-                new = self.trainer.train(policy, version=row.version + 1,
-                                         now_ms=now_ns // 1_000_000)
-                try:
-                    version = self.publish(new, f"retrained on {new.metadata['trained_on']} "
-                                                "joined events")
-                except VersionConflict:
-                    continue
-                published.append((row.name, version))
+            if not self.trainer.due(policy, now_ns // 1_000_000):
+                continue
+            with self._publish_lock:   # version numbers are assigned in one place
+                latest = self.store.latest_version(row.name)
+                served = self.store.get_policy(row.name)
+            if served is None or served.version != row.version:
+                continue                   # a publish raced us; next round trains on it
+            candidate = self.trainer.train(policy, version=latest + 1,
+                                           now_ms=now_ns // 1_000_000)
+            verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns)
+            reason = f"retrained on {candidate.metadata['trained_on']} joined events"
+            with self._publish_lock:
+                if (self.store.latest_version(row.name) != latest
+                        or self.store.get_policy(row.name).version != row.version):
+                    continue               # a publish or rollback came in while we evaluated
+                self._store_version(candidate, reason, verdict.decision, verdict.reason,
+                                    serve=verdict.promoted, gate=verdict)
+            self.gate_counts[verdict.decision] = self.gate_counts.get(verdict.decision, 0) + 1
+            if verdict.promoted:
+                logger.info("published %s v%d (%s)", row.name, candidate.version, reason)
+                published.append((row.name, candidate.version))
         return joined, published
 
     def _run(self) -> None:
@@ -390,8 +572,9 @@ class Learner:
             pending=sum(pending.values()), started_unix_ms=self._started_ms)
         for name in names:
             versions = self.store.policy_versions(name)
+            served = self.store.get_policy(name)
             out.policies.add(
-                name=name, current_version=versions[-1] if versions else 0, versions=versions,
+                name=name, current_version=served.version if served else 0, versions=versions,
                 decisions=counters.get(f"decisions:{name}", 0),
                 joined=counters.get(f"joined:{name}", 0), pending=pending.get(name, 0),
                 last_train_unix_ms=self.trainer.last_train_ms(name))

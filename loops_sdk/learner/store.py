@@ -10,11 +10,23 @@ What is stored, and why in this shape:
   out near 150k rows/s in SQLite on a small machine even without indexes; whole columns as
   blobs make ingest a handful of statements per batch. The per-row join state (status, joined
   value, outcome count, reward) lives in blobs beside them and is rewritten by the joiner.
+  The optional rule/apprentice columns (``rules``, ``policy_action``, ``policy_prob``) are NULL
+  when every row of the block has the default; files created before they existed get them
+  added on open (``_add_decision_columns``).
+* ``block_spans``: one small row per block (layout, rows, rows pending, first and last
+  decision time), indexed by layout and arrival and by layout and last decision time. Readers
+  that want only the newest decisions (the promotion gate's window) walk it newest first and
+  load just the blocks they need: a block row holds its blobs, so even reading one integer
+  column of it costs a walk through its overflow pages. A trigger keeps ``pending`` equal to
+  the block's own (the joiner updates that one).
 * ``outcomes``: one row per outcome (indexed by event id and by user), because the joiner
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
   its decision's block without an index over every decision.
-* ``policies``: every published version's bytes, with the reason and state.
+* ``policies``: every version's bytes (served ones and candidates the promotion gate held back),
+  with the reason, state, promotion decision and the decision's reason.
+* ``evaluations``: the off-policy estimates each candidate was judged on (one row per target
+  and estimator), read by ``loops policy history`` and the report.
 * ``stats``: the trainer's serialised sufficient statistics per policy.
 * ``counters``: running totals for status (no ``COUNT(*)`` over millions of rows).
 
@@ -32,6 +44,7 @@ bits (``arr.view(np.int64)``) because SQLite integers are signed; read back with
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import sqlite3
@@ -39,17 +52,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..batch import FLAG_DEFERRED, OUTCOME_ACTIVATE, FeedbackRecords
 
-__all__ = ["EventStore", "Block", "StoredPolicy", "STATUS_PENDING", "STATUS_JOINED"]
+__all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
+           "STATUS_JOINED", "POLICY_STATES", "DECISIONS"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 STATUS_PENDING = 0   # window open, or deferred and not activated yet
 STATUS_JOINED = 1    # reward final (joined value or default, minus cost)
 
@@ -70,8 +84,14 @@ CREATE TABLE IF NOT EXISTS blocks (
     eligible BLOB, action BLOB, prob BLOB, flags BLOB,
     status BLOB, value BLOB, n_outcomes BLOB, reward BLOB,
     pending INTEGER NOT NULL,
-    next_check_ns INTEGER);          -- NULL: only unactivated deferred rows are pending
+    next_check_ns INTEGER,           -- NULL: only unactivated deferred rows are pending
+    rules BLOB, policy_action BLOB, policy_prob BLOB);   -- NULL: all rows default
 CREATE INDEX IF NOT EXISTS blocks_open ON blocks (next_check_ns) WHERE pending > 0;
+CREATE TABLE IF NOT EXISTS block_spans (
+    block INTEGER PRIMARY KEY, layout INTEGER NOT NULL, n INTEGER NOT NULL,
+    pending INTEGER NOT NULL, min_ts_ns INTEGER NOT NULL, max_ts_ns INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS block_spans_arrival ON block_spans (layout);
+CREATE INDEX IF NOT EXISTS block_spans_time ON block_spans (layout, max_ts_ns);
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY, type INTEGER NOT NULL, event_hi INTEGER NOT NULL,
     event_lo INTEGER NOT NULL, user_hash INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
@@ -86,15 +106,62 @@ CREATE INDEX IF NOT EXISTS deferred_block ON deferred (block);
 CREATE TABLE IF NOT EXISTS policies (
     name TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL,
     created_ms INTEGER NOT NULL, reason TEXT NOT NULL, state TEXT NOT NULL,
+    decision TEXT NOT NULL DEFAULT '', decision_reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS evaluations (
+    name TEXT NOT NULL, version INTEGER NOT NULL, target TEXT NOT NULL,
+    estimator TEXT NOT NULL, value REAL NOT NULL, lower REAL NOT NULL, upper REAL NOT NULL,
+    stderr REAL NOT NULL, ess REAL NOT NULL, n INTEGER NOT NULL, level REAL NOT NULL,
+    interval TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (name, version, target, estimator));
 CREATE TABLE IF NOT EXISTS stats (
     name TEXT PRIMARY KEY, data BLOB NOT NULL, updated_ms INTEGER NOT NULL);
 """
 
+# Statements with inner semicolons (_split cannot cut them): block_spans follows its block.
+_TRIGGERS = [
+    "CREATE TRIGGER IF NOT EXISTS block_spans_pending AFTER UPDATE OF pending ON blocks "
+    "BEGIN UPDATE block_spans SET pending = new.pending WHERE block = new.id; END",
+    "CREATE TRIGGER IF NOT EXISTS block_spans_delete AFTER DELETE ON blocks "
+    "BEGIN DELETE FROM block_spans WHERE block = old.id; END",
+]
+
+# Schema migrations: MIGRATIONS[v] takes a version-v database to v + 1, inside the opening
+# transaction. Tables added later are created by _SCHEMA (IF NOT EXISTS) before they run.
+# The SQL functions they call are registered by _migrate.
+_MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE policies ADD COLUMN decision TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE policies ADD COLUMN decision_reason TEXT NOT NULL DEFAULT ''"],
+    # A side table, not columns on blocks: adding a column there would rewrite every block's
+    # blobs. The ts column comes before x, so this reads about one page per block.
+    2: ["INSERT OR REPLACE INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns) "
+        "SELECT id, layout, n, pending, loops_min_i8(ts_ns), loops_max_i8(ts_ns) FROM blocks "
+        "WHERE n > 0"],
+}
+_POLICY_COLUMNS = "name, version, bytes, created_ms, reason, state, decision, decision_reason"
+_EVAL_COLUMNS = ("name, version, target, estimator, value, lower, upper, stderr, ess, n, "
+                 "created_ms, level, interval")
+
+# deployed: served now (one per name); retired: served before; rolled_back: served, then undone
+# by a rollback; candidate: trained but never served (the promotion gate held it back).
+POLICY_STATES = ("deployed", "retired", "rolled_back", "candidate")
+# How a version came to be: the gate's verdicts on a trained candidate (promoted, rejected,
+# held = too little data), a hand publish (manual; initial = the name's first version), or a
+# rollback. "" on versions stored before decisions were recorded.
+DECISIONS = ("promoted", "rejected", "held", "manual", "initial", "rollback")
+
 _INSERT_BLOCK = (
     "INSERT INTO blocks (layout, n, event_hi, event_lo, ts_ns, version, user_hash, x, eligible,"
-    " action, prob, flags, status, value, n_outcomes, reward, pending, next_check_ns)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    " action, prob, flags, status, value, n_outcomes, reward, pending, next_check_ns, rules,"
+    " policy_action, policy_prob) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# Optional decision columns (loops_sdk.batch): dtype and the value of a row without them.
+_DECISION_EXTRAS = {"rules": (_U8, 0), "policy_action": (np.dtype("<i4"), -1),
+                    "policy_prob": (_F8, 0.0)}
+_INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
+                " VALUES (?,?,?,?,?,?)")
+_SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
+_INT64_MAX = (1 << 63) - 1
+_INT64_MIN = -(1 << 63)
 _INSERT_OUTCOME = ("INSERT INTO outcomes (type, event_hi, event_lo, user_hash, ts_ns, value, kind)"
                    " VALUES (?,?,?,?,?,?,?)")
 _INSERT_DEFERRED = (
@@ -130,6 +197,9 @@ class Block:
     value: np.ndarray
     n_outcomes: np.ndarray
     reward: np.ndarray
+    rules: np.ndarray            # uint64: matched rules / exhausted caps (Policy.explain_rules)
+    policy_action: np.ndarray    # int32: apprentice rows' policy choice, else -1
+    policy_prob: np.ndarray      # float64: its probability, else 0.0
     x: np.ndarray | None = None         # (n, D), loaded on request
     eligible: np.ndarray | None = None  # (n, K), loaded on request
 
@@ -138,13 +208,67 @@ class Block:
 
 
 @dataclass(frozen=True)
+class BlockSpan:
+    """Where a stored decision block sits in arrival order and in time, without its columns
+    (see :meth:`EventStore.block_spans`).
+
+    Attributes:
+        id: the block id (ascending in arrival order).
+        policy, actions, inputs: its layout.
+        n: decisions in the block; ``pending``: how many are not joined yet.
+        min_ts_ns / max_ts_ns: its earliest and latest decision time.
+    """
+
+    id: int
+    policy: str
+    actions: tuple[str, ...]
+    inputs: tuple[str, ...]
+    n: int
+    pending: int
+    min_ts_ns: int
+    max_ts_ns: int
+
+    @property
+    def joined(self) -> int:
+        """Rows whose reward is final."""
+        return self.n - self.pending
+
+
+@dataclass(frozen=True)
 class StoredPolicy:
+    """One stored version: its bytes, why it was stored (``reason``, also sent to clients when
+    it is served), its ``state`` (see ``POLICY_STATES``) and the promotion ``decision`` with
+    ``decision_reason``, a sentence with the numbers the decision was taken on."""
+
     name: str
     version: int
     data: bytes
     created_ms: int
     reason: str
     state: str
+    decision: str = ""
+    decision_reason: str = ""
+
+
+@dataclass(frozen=True)
+class StoredEvaluation:
+    """An off-policy estimate stored for a version: ``target``'s value per decision
+    ("candidate", "deployed", "uniform", "fixed:<id>", "holdout_default") by ``estimator``,
+    as it was when version ``version`` was judged."""
+
+    name: str
+    version: int
+    target: str
+    estimator: str
+    value: float
+    lower: float
+    upper: float
+    stderr: float
+    ess: float
+    n: int
+    created_ms: int
+    level: float = 0.95
+    interval: str = "normal"
 
 
 def _now_ms() -> int:
@@ -183,14 +307,17 @@ class EventStore:
         # 1,024 pages of 64 kiB: checkpoint every ~64 MiB of WAL.
         con.execute("PRAGMA wal_autocheckpoint=1024")
         with self.transaction():
-            for statement in _split(_SCHEMA):
+            for statement in _split(_SCHEMA) + _TRIGGERS:
                 con.execute(statement)
+            _add_decision_columns(con)
             row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
+            elif int(row[0]) > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: schema version {row[0]}, this learner "
-                                   f"reads {SCHEMA_VERSION}")
+                                   f"reads up to {SCHEMA_VERSION} (written by a newer learner)")
+            elif int(row[0]) < SCHEMA_VERSION:
+                self._migrate(con, int(row[0]))
         self._layouts: dict[tuple[str, str, str], int] = {}
         self._layout_rows: dict[int, tuple[str, list[str], list[str]]] = {}
         for lid, policy, actions, inputs in con.execute(
@@ -198,6 +325,18 @@ class EventStore:
             self._layouts[(policy, actions, inputs)] = lid
             self._layout_rows[lid] = (policy, json.loads(actions), json.loads(inputs))
         self._closed = False
+
+    def _migrate(self, con: sqlite3.Connection, version: int) -> None:
+        """Bring an older database up to SCHEMA_VERSION (inside the opening transaction)."""
+        start = version
+        con.create_function("loops_min_i8", 1, _blob_min_i8, deterministic=True)
+        con.create_function("loops_max_i8", 1, _blob_max_i8, deterministic=True)
+        while version < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version]:
+                con.execute(statement)
+            version += 1
+        con.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
+        logger.info("%s: schema migrated from version %d to %d", self.path, start, version)
 
     # ----------------------------------------------------------------- plumbing
     def transaction(self) -> "_Transaction":
@@ -279,9 +418,12 @@ class EventStore:
                     _raw(b.version, _U8), _raw(b.user_hash, _U8), _raw(b.x, _F8),
                     _raw(b.eligible, np.uint8), _raw(b.action, np.dtype("<i4")),
                     _raw(b.prob, _F8), flags.tobytes(), bytes(n), bytes(8 * n),
-                    bytes(4 * n), bytes(8 * n), n, next_check))
+                    bytes(4 * n), bytes(8 * n), n, next_check,
+                    *(_extra(getattr(b, name, None), dt, default)
+                      for name, (dt, default) in _DECISION_EXTRAS.items())))
+                block_id = cur.lastrowid
+                con.execute(_INSERT_SPAN, (block_id, lid, n, n, int(ts.min()), int(ts.max())))
                 if deferred.any():
-                    block_id = cur.lastrowid
                     rows = np.flatnonzero(deferred)
                     con.executemany(_INSERT_DEFERRED, zip(
                         np.asarray(b.event_hi, _U8)[rows].view(np.int64).tolist(),
@@ -345,7 +487,8 @@ class EventStore:
     def load_block(self, block_id: int, *, with_x: bool = False,
                    con: sqlite3.Connection | None = None) -> Block:
         cols = ("layout, n, event_hi, event_lo, ts_ns, version, user_hash, action, prob, flags,"
-                " status, value, n_outcomes, reward" + (", x, eligible" if with_x else ""))
+                " status, value, n_outcomes, reward, rules, policy_action, policy_prob"
+                + (", x, eligible" if with_x else ""))
         with self._lock:
             row = (con or self._con).execute(f"SELECT {cols} FROM blocks WHERE id=?",
                                              (block_id,)).fetchone()
@@ -362,10 +505,12 @@ class EventStore:
             status=np.frombuffer(row[10], np.uint8).copy(),
             value=np.frombuffer(row[11], _F8).copy(),
             n_outcomes=np.frombuffer(row[12], "<i4").copy(),
-            reward=np.frombuffer(row[13], _F8).copy())
+            reward=np.frombuffer(row[13], _F8).copy(),
+            **{name: np.full(n, default, dt) if raw is None else np.frombuffer(raw, dt)
+               for raw, (name, (dt, default)) in zip(row[14:17], _DECISION_EXTRAS.items())})
         if with_x:
-            blk.x = np.frombuffer(row[14], _F8).reshape(n, len(inputs))
-            blk.eligible = np.frombuffer(row[15], np.uint8).reshape(n, len(actions))
+            blk.x = np.frombuffer(row[17], _F8).reshape(n, len(inputs))
+            blk.eligible = np.frombuffer(row[18], np.uint8).reshape(n, len(actions))
         return blk
 
     def activations(self, block_id: int, con: sqlite3.Connection | None = None
@@ -388,6 +533,81 @@ class EventStore:
         for block_id in ids:
             yield self.load_block(block_id, with_x=with_x)
 
+    def block_inputs(self, block_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """A block's model inputs ``x`` ``(n, D)`` float64 and eligible mask ``(n, K)`` uint8:
+        most of its bytes, so readers load them only for blocks they use (read-only views)."""
+        with self._lock:
+            row = self._con.execute("SELECT layout, n, x, eligible FROM blocks WHERE id=?",
+                                    (block_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no decision block {block_id}")
+        _, actions, inputs = self._layout_rows[row[0]]
+        n = row[1]
+        return (np.frombuffer(row[2], _F8).reshape(n, len(inputs)),
+                np.frombuffer(row[3], np.uint8).reshape(n, len(actions)))
+
+    def block_spans(self, policy: str, *, order: str = "arrival", since_ns: int | None = None,
+                    joined_only: bool = False, page: int = 256) -> Iterator[BlockSpan]:
+        """The decision blocks of ``policy``, newest first, without loading any of them.
+
+        Lazy: spans are read ``page`` at a time from ``block_spans``' indexes (per layout,
+        merged here), so a reader that stops after the newest few blocks pays for those only,
+        however long the history.
+
+        Args:
+            policy: the decision point.
+            order: ``"arrival"`` (block id, descending) or ``"time"`` (latest decision time in
+                the block, descending; ties by block id, descending).
+            since_ns: only blocks with a decision at or after this time.
+            joined_only: only blocks with at least one joined row.
+            page: spans fetched per query.
+        """
+        if order not in ("arrival", "time"):
+            raise ValueError(f"order must be 'arrival' or 'time', not {order!r}")
+        if page < 1:
+            raise ValueError(f"page must be >= 1, got {page}")
+        with self._lock:
+            layouts = [(lid, tuple(actions), tuple(inputs))
+                       for lid, (name, actions, inputs) in self._layout_rows.items()
+                       if name == policy]
+        since = _INT64_MIN if since_ns is None else int(since_ns)
+        streams = [self._layout_spans(lid, policy, actions, inputs, order, since, joined_only,
+                                      page) for lid, actions, inputs in layouts]
+        if order == "arrival":
+            yield from heapq.merge(*streams, key=lambda s: -s.id)
+        else:
+            yield from heapq.merge(*streams, key=lambda s: (-s.max_ts_ns, -s.id))
+
+    def _layout_spans(self, layout: int, policy: str, actions: tuple[str, ...],
+                      inputs: tuple[str, ...], order: str, since: int, joined_only: bool,
+                      page: int) -> Iterator[BlockSpan]:
+        """One layout's spans, newest first, a page at a time (keyset paging: each page starts
+        strictly after the last span of the previous one)."""
+        extra = " AND pending < n" if joined_only else ""
+        if order == "arrival":
+            # With a time bound, search the blocks in it and sort them (bounded by the window);
+            # by arrival index alone, a window with no joined row would walk the whole history.
+            index = "block_spans_time" if since > _INT64_MIN else "block_spans_arrival"
+            sql = (f"SELECT {_SPAN_COLUMNS} FROM block_spans INDEXED BY {index} WHERE "
+                   f"layout=?1 AND block < ?3 AND max_ts_ns >= ?4{extra} "
+                   f"ORDER BY block DESC LIMIT ?5")
+        else:
+            # The BETWEEN gives the (layout, max_ts_ns) index its range; the OR resumes within
+            # a run of equal times.
+            sql = (f"SELECT {_SPAN_COLUMNS} FROM block_spans WHERE layout=?1 AND max_ts_ns "
+                   f"BETWEEN ?4 AND ?2 AND (max_ts_ns < ?2 OR block < ?3){extra} "
+                   f"ORDER BY max_ts_ns DESC, block DESC LIMIT ?5")
+        last_ts, last_id = _INT64_MAX, _INT64_MAX
+        while True:
+            with self._lock:
+                rows = self._con.execute(sql, (layout, last_ts, last_id, since, page)
+                                         ).fetchall()
+            for block, _, n, pending, lo, hi in rows:
+                yield BlockSpan(block, policy, actions, inputs, n, pending, lo, hi)
+            if len(rows) < page:
+                return
+            last_id, last_ts = rows[-1][0], rows[-1][5]
+
     def event_ids(self) -> np.ndarray:
         """``(n, 2)`` uint64 (hi, lo) of every stored decision, in arrival order."""
         parts = [np.stack([b.event_hi, b.event_lo], axis=1) for b in self.iter_blocks()]
@@ -399,13 +619,22 @@ class EventStore:
 
     # ----------------------------------------------------------------- policies
     def add_policy(self, name: str, version: int, data: bytes, reason: str,
-                   state: str = "deployed", con: sqlite3.Connection | None = None) -> None:
-        """Store a new version; older deployed versions of the name become ``retired``."""
+                   state: str = "deployed", con: sqlite3.Connection | None = None, *,
+                   decision: str = "", decision_reason: str = "") -> None:
+        """Store a new version. Storing a ``deployed`` one retires the name's deployed version;
+        a ``candidate`` leaves what is served alone."""
+        if state not in POLICY_STATES:
+            raise ValueError(f"policy state must be one of {POLICY_STATES}, not {state!r}")
+        if decision and decision not in DECISIONS:
+            raise ValueError(f"policy decision must be one of {DECISIONS}, not {decision!r}")
+
         def write(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE policies SET state='retired' WHERE name=? AND state='deployed'",
-                      (name,))
-            c.execute("INSERT INTO policies VALUES (?,?,?,?,?,?)",
-                      (name, int(version), bytes(data), _now_ms(), reason, state))
+            if state == "deployed":
+                c.execute("UPDATE policies SET state='retired' WHERE name=? AND "
+                          "state='deployed'", (name,))
+            c.execute(f"INSERT INTO policies ({_POLICY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                      (name, int(version), bytes(data), _now_ms(), reason, state, decision,
+                       decision_reason))
         if con is not None:
             write(con)
         else:
@@ -414,38 +643,79 @@ class EventStore:
 
     def set_policy_state(self, con: sqlite3.Connection, name: str, versions: list[int],
                          state: str) -> None:
+        if state not in POLICY_STATES:
+            raise ValueError(f"policy state must be one of {POLICY_STATES}, not {state!r}")
         con.executemany("UPDATE policies SET state=? WHERE name=? AND version=?",
                         [(state, name, int(v)) for v in versions])
 
     def get_policy(self, name: str, version: int = 0) -> StoredPolicy | None:
-        """A stored version, or the current (highest) one when ``version`` is 0."""
+        """A stored version, or the one served now (state ``deployed``) when ``version`` is 0.
+
+        Candidates the gate held back have versions above the served one, so "current" is the
+        deployed version, not the highest (see :meth:`latest_version`).
+        """
         with self._lock:
             if version:
-                row = self._con.execute("SELECT * FROM policies WHERE name=? AND version=?",
-                                        (name, int(version))).fetchone()
+                row = self._con.execute(f"SELECT {_POLICY_COLUMNS} FROM policies WHERE name=? "
+                                        "AND version=?", (name, int(version))).fetchone()
             else:
-                row = self._con.execute("SELECT * FROM policies WHERE name=? ORDER BY version "
-                                        "DESC LIMIT 1", (name,)).fetchone()
+                row = self._con.execute(
+                    f"SELECT {_POLICY_COLUMNS} FROM policies WHERE name=? ORDER BY "
+                    "state='deployed' DESC, version DESC LIMIT 1", (name,)).fetchone()
         return None if row is None else StoredPolicy(*row)
 
-    def current_policies(self) -> list[StoredPolicy]:
+    def latest_version(self, name: str) -> int:
+        """The highest version stored under ``name`` (candidates included); 0 if none."""
         with self._lock:
-            rows = self._con.execute(
-                "SELECT p.* FROM policies p JOIN (SELECT name, MAX(version) v FROM policies "
-                "GROUP BY name) m ON p.name = m.name AND p.version = m.v ORDER BY p.name"
-            ).fetchall()
-        return [StoredPolicy(*r) for r in rows]
+            row = self._con.execute("SELECT MAX(version) FROM policies WHERE name=?",
+                                    (name,)).fetchone()
+        return int(row[0] or 0)
+
+    def current_policies(self) -> list[StoredPolicy]:
+        """The version served now of every policy name."""
+        with self._lock:
+            names = [r[0] for r in self._con.execute(
+                "SELECT DISTINCT name FROM policies ORDER BY name")]
+        rows = [self.get_policy(name) for name in names]
+        return [r for r in rows if r is not None]
 
     def policy_history(self, name: str) -> list[StoredPolicy]:
+        """Every version of ``name``, oldest first, candidates included."""
         with self._lock:
-            rows = self._con.execute("SELECT * FROM policies WHERE name=? ORDER BY version",
-                                     (name,)).fetchall()
+            rows = self._con.execute(f"SELECT {_POLICY_COLUMNS} FROM policies WHERE name=? "
+                                     "ORDER BY version", (name,)).fetchall()
         return [StoredPolicy(*r) for r in rows]
 
     def policy_versions(self, name: str) -> list[int]:
         with self._lock:
             return [r[0] for r in self._con.execute(
                 "SELECT version FROM policies WHERE name=? ORDER BY version", (name,))]
+
+    # ----------------------------------------------------------------- evaluations
+    def add_evaluation(self, con: sqlite3.Connection, name: str, version: int, target: str,
+                       estimator: str, est: Any, created_ms: int | None = None) -> None:
+        """Store one estimate (a :class:`loops_sdk.evaluation.Estimate`) of ``target`` made
+        when ``name`` v``version`` was judged; inside the caller's transaction."""
+        con.execute(
+            f"INSERT OR REPLACE INTO evaluations ({_EVAL_COLUMNS}) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (name, int(version), target, estimator, float(est.value), float(est.lower),
+             float(est.upper), float(est.stderr), float(est.ess), int(est.n),
+             _now_ms() if created_ms is None else int(created_ms), float(est.level),
+             str(est.interval)))
+
+    def evaluations(self, name: str, version: int | None = None) -> list[StoredEvaluation]:
+        """Stored estimates of ``name`` (of one version when given), by version, then target
+        and estimator."""
+        sql = f"SELECT {_EVAL_COLUMNS} FROM evaluations WHERE name=?"
+        args: tuple = (name,)
+        if version is not None:
+            sql += " AND version=?"
+            args = (name, int(version))
+        with self._lock:
+            rows = self._con.execute(sql + " ORDER BY version, target, estimator",
+                                     args).fetchall()
+        return [StoredEvaluation(*r) for r in rows]
 
     # ----------------------------------------------------------------- trainer statistics
     def load_stats(self, name: str) -> bytes | None:
@@ -477,8 +747,32 @@ class _Transaction:
             self._store._lock.release()
 
 
+def _blob_min_i8(blob: bytes | None) -> int | None:
+    return int(np.frombuffer(blob, _I8).min()) if blob else None
+
+
+def _blob_max_i8(blob: bytes | None) -> int | None:
+    return int(np.frombuffer(blob, _I8).max()) if blob else None
+
+
 def _raw(a: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(a, dtype=dtype).tobytes()
+
+
+def _extra(col: np.ndarray | None, dtype: np.dtype, default: float) -> bytes | None:
+    """An optional decision column's blob; None (SQL NULL) when every row has the default."""
+    if col is None or not np.any(np.asarray(col) != default):
+        return None
+    return _raw(col, dtype)
+
+
+def _add_decision_columns(con: sqlite3.Connection) -> None:
+    """Migration: give a ``blocks`` table from before the rule/apprentice columns those
+    columns (NULL = defaults for the blocks already stored)."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(blocks)")}
+    for name in _DECISION_EXTRAS:
+        if name not in have:
+            con.execute(f"ALTER TABLE blocks ADD COLUMN {name} BLOB")
 
 
 def _split(script: str) -> list[str]:

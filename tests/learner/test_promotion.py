@@ -1,0 +1,518 @@
+"""Safe promotion, history, rollback, mode switch and reward definitions in the learner."""
+
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from loops_sdk import cli
+from loops_sdk.batch import OUTCOME_OBSERVE, OUTCOME_REWARD, FeedbackRecords, OutcomeBlock
+from loops_sdk.client import ClientConfig, DecisionClient
+from loops_sdk.demo import ACTIONS as DEMO_ACTIONS
+from loops_sdk.demo import FEATURES as DEMO_FEATURES
+from loops_sdk.demo import Simulator
+from loops_sdk.errors import PolicyError
+from loops_sdk.evaluation import LoggedData
+from loops_sdk.learner import EventStore, Learner, RollbackRefused
+from loops_sdk.learner.join import _OUTCOME_QUERY_WITH_KIND, Joiner
+from loops_sdk.learner.promotion import evaluate_candidate
+from loops_sdk.learner.store import SCHEMA_VERSION
+from loops_sdk.policy import (Exploration, LearningSettings, Policy, PromotionRule,
+                              RewardDefinition)
+
+from helpers import NS, decisions, make_policy, records
+
+T0 = 1_700_000_000 * NS          # decision time of the generated data
+
+
+# --------------------------------------------------------------------------- data
+def true_reward(x, a):
+    """Expected reward: 'none' 0.5, 'spins' 1 + 2 x0, 'match' -1."""
+    return np.select([a == 0, a == 1], [0.5, 1.0 + 2.0 * x[:, 0]], -1.0)
+
+
+GOOD_W = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])   # the true model (scores = means)
+GOOD_B = np.array([0.5, 1.0, -1.0])
+
+
+def feedback(n, seed, start_lo=0):
+    """n uniformly logged decisions (d=2, 3 actions) and their noisy rewards."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2))
+    a = rng.integers(0, 3, n)
+    r = true_reward(x, a) + rng.normal(0, 0.5, n)
+    blk = decisions(n, d=2, x=x, actions=a, ts_ns=np.full(n, T0), start_lo=start_lo,
+                    users=np.arange(start_lo, start_lo + n) + 10_000)
+    outs = [(OUTCOME_REWARD, 7, start_lo + i, 0, T0, float(r[i])) for i in range(n)]
+    return records([blk], outs)
+
+
+def logged(n, seed, x_only=False):
+    """The same process as LoggedData (for gate unit tests)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2))
+    a = rng.integers(0, 3, n)
+    r = true_reward(x, a) + rng.normal(0, 0.5, n)
+    return LoggedData(x=x, actions=a, propensities=np.full(n, 1 / 3), rewards=r,
+                      action_ids=("none", "spins", "match"))
+
+
+def base_policy(**promotion):
+    p = make_policy(d=2, window=0.0, every_events=200, costs=(0, 0, 0))
+    if promotion:
+        p = p.with_version(1, learning=LearningSettings(
+            reward_window_seconds=0.0, retrain_every_events=200,
+            promotion=PromotionRule(**promotion)))
+    return p
+
+
+# --------------------------------------------------------------------------- the rule
+def test_gate_promotes_better_rejects_worse_holds_small_sample():
+    data = logged(3000, seed=1)
+    zero = base_policy()                                   # ties: mostly 'none'
+    good = zero.with_model(GOOD_W, GOOD_B, version=2)
+    bad = zero.with_model(-GOOD_W, -GOOD_B, version=3)     # prefers the worst action
+
+    up = evaluate_candidate(data, good, zero)
+    assert up.decision == "promoted" and up.promoted
+    cand, dep = up.key("candidate"), up.key("deployed")
+    assert cand.lower > dep.value
+    assert f"{cand.lower:.4g}" in up.reason and f"{dep.value:.4g}" in up.reason
+    assert "3,000 logged decisions" in up.reason
+    assert set(up.estimates) == {"candidate", "deployed", "uniform", "holdout_default",
+                                 "fixed:none", "fixed:spins", "fixed:match"}
+    assert set(up.estimates["uniform"]) == {"ips", "snips", "dm", "dr", "switch_dr"}
+    assert up.best_baseline()[0] == "fixed:spins"
+
+    down = evaluate_candidate(data, bad, good)
+    assert down.decision == "rejected" and "rejected: lower bound" in down.reason
+    # A candidate no different from the deployed policy is not promoted either.
+    assert evaluate_candidate(data, good.with_version(4), good).decision == "rejected"
+
+    few = evaluate_candidate(data.subset(np.arange(100)), good, zero)
+    assert few.decision == "held" and few.estimates == {}
+    assert "100 joined decisions" in few.reason and "needs 250" in few.reason
+
+
+def test_rule_kinds_margin_estimator_and_level():
+    data = logged(3000, seed=2)
+    zero = base_policy()
+    good = zero.with_model(GOOD_W, GOOD_B, version=2)
+    bad = zero.with_model(-GOOD_W, -GOOD_B, version=3)
+    gain = evaluate_candidate(data, good, zero)
+    lift = gain.key("candidate").lower - gain.key("deployed").value
+    assert lift > 0
+    # A margin above the observed lift blocks the promotion, one below lets it through.
+    assert evaluate_candidate(data, good, zero,
+                              PromotionRule(margin=lift + 0.01)).decision == "rejected"
+    assert evaluate_candidate(data, good, zero,
+                              PromotionRule(margin=lift - 0.01)).decision == "promoted"
+    # Stricter rule: compare with the deployed policy's upper bound.
+    strict = evaluate_candidate(data, good, zero,
+                                PromotionRule(kind="lower_bound_over_upper_bound"))
+    assert "deployed upper bound" in strict.reason
+    assert strict.promoted == (strict.key("candidate").lower > strict.key("deployed").upper)
+    # "always" records the numbers and promotes even a worse candidate.
+    always = evaluate_candidate(data, bad, good, PromotionRule(kind="always"))
+    assert always.promoted and "rule: always" in always.reason
+    # Another estimator and level: the key estimates follow the rule.
+    ips = evaluate_candidate(data, good, zero, PromotionRule(estimator="ips", level=0.8))
+    assert ips.key("candidate").estimator == "ips" and ips.key("candidate").level == 0.8
+    assert "IPS" in ips.reason and "80% intervals" in ips.reason
+    # Data that cannot judge the candidate (unknown actions) holds it with the cause.
+    other = Policy.linear("bonus", 2, ["none", "spins", "vip"])
+    held = evaluate_candidate(data, other, zero)
+    assert held.decision == "held" and "vip" in held.reason
+
+
+def test_promotion_settings_round_trip_and_validate():
+    rule = PromotionRule(kind="lower_bound_over_upper_bound", estimator="switch_dr",
+                         level=0.9, min_samples=50, margin=-0.5, window_rows=0,
+                         window_seconds=3600, interval="bootstrap")
+    reward = RewardDefinition({"deposit": 1.0, "click": 0.0}, other_weight=0.0,
+                              cost_weight=0.5)
+    p = Policy.linear("p", 2, ["a", "b"], learning=LearningSettings(reward=reward,
+                                                                    promotion=rule))
+    back = Policy.from_bytes(p.to_bytes())
+    assert back.learning.promotion == rule and back.learning.reward == reward
+    # Defaults are not written: a policy that does not use them keeps its old bytes.
+    plain = Policy.linear("p", 2, ["a", "b"], created_at_ms=5)
+    assert not plain._message()[0].learning.HasField("promotion")
+    assert not plain._message()[0].learning.HasField("reward")
+    assert Policy.from_bytes(plain.to_bytes()).learning == LearningSettings()
+    bad = [(dict(estimator="magic"), "estimator"), (dict(level=1.0), "level"),
+           (dict(min_samples=0), "min_samples"), (dict(kind="sometimes"), "kind"),
+           (dict(window_rows=-1), "window_rows"), (dict(interval="wide"), "interval"),
+           (dict(margin=float("nan")), "margin")]
+    for kwargs, word in bad:
+        with pytest.raises(PolicyError, match=word):
+            Policy.linear("p", 2, ["a", "b"],
+                          learning=LearningSettings(promotion=PromotionRule(**kwargs)))
+    with pytest.raises(PolicyError, match="finite"):
+        Policy.linear("p", 2, ["a", "b"], learning=LearningSettings(
+            reward=RewardDefinition({"x": float("inf")})))
+    with pytest.raises(PolicyError, match="mode"):
+        plain.with_mode("shadow")
+    app = plain.with_mode("apprentice")
+    assert Policy.from_bytes(app.to_bytes()).mode == "apprentice" and app.version == 1
+
+
+# --------------------------------------------------------------------------- the learner
+@pytest.fixture
+def learner(tmp_path):
+    with Learner(tmp_path / "g.sqlite", train=False, grace_seconds=0) as lr:
+        yield lr
+
+
+@pytest.fixture
+def client(learner):
+    learner.publish(base_policy(), "initial")
+    cfg = ClientConfig(learner=learner.address, policy_name="bonus", record=False,
+                       rpc_timeout=5.0)
+    with DecisionClient(cfg) as c:
+        assert c.wait_for_initialization(10)
+        yield c
+
+
+def wait_version(client, version, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = client.policy("bonus")
+        if p is not None and p.version == version:
+            return p
+        time.sleep(0.01)
+    raise AssertionError(f"client has v{client.policy('bonus').version}, waited for "
+                         f"v{version}")
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_step_gates_candidates_and_history_lists_them(learner, client, capsys):
+    store = learner.store
+    store.ingest("c", 1, feedback(1500, seed=3))
+    _, published = learner.step(T0 + NS)
+    assert published == [("bonus", 2)]                       # clearly better than v1: served
+    p2 = wait_version(client, 2)
+    assert p2.weights[1, 0] == pytest.approx(2.0, abs=0.2)
+    v2 = store.get_policy("bonus", 2)
+    assert (v2.state, v2.decision) == ("deployed", "promoted")
+    assert v2.decision_reason.startswith("promoted: lower bound")
+    # The best model is now served by hand; the next candidate is no better: stored, not served.
+    learner.publish(p2.with_model(GOOD_W, GOOD_B, version=0), "true model", manual=True)
+    wait_version(client, 3)
+    store.ingest("c", 2, feedback(1500, seed=4, start_lo=10_000))
+    _, published = learner.step(T0 + 2 * NS + 10 * NS)
+    assert published == []
+    v4 = store.get_policy("bonus", 4)
+    assert (v4.state, v4.decision) == ("candidate", "rejected")
+    assert store.get_policy("bonus").version == 3            # "current" = served
+    time.sleep(0.2)
+    assert client.policy("bonus").version == 3               # clients never saw v4
+    assert learner.status().policies[0].current_version == 3
+    evs = store.evaluations("bonus", 4)
+    assert {e.target for e in evs} >= {"candidate", "deployed", "uniform", "holdout_default"}
+    cand = next(e for e in evs if e.target == "candidate" and e.estimator == "dr")
+    assert cand.n == 3000 and cand.lower < cand.value < cand.upper
+    assert f"{cand.lower:.4g}" in v4.decision_reason
+    assert learner.gate_counts == {"promoted": 1, "rejected": 1}
+
+    code, out, _ = run_cli(capsys, "policy", "history", "bonus", "--learner", learner.address)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("policy bonus: serving v3")
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith("v")}
+    assert rows["v1"][1:4] == ["retired", "initial", "online"]
+    assert rows["v2"][1:3] == ["retired", "promoted"]
+    assert rows["v3"][1:3] == ["deployed", "manual"]
+    assert rows["v4"][1:3] == ["candidate", "rejected"]
+    assert v4.decision_reason in out
+    assert f"[{cand.lower:.4g}, {cand.upper:.4g}]" in out
+    assert "fixed:spins" in out                      # the best fixed baseline is shown
+    # The same from the database file, with every estimate.
+    code, out_db, _ = run_cli(capsys, "policy", "history", "bonus", "--db",
+                              str(store.path), "--all")
+    assert code == 0 and v4.decision_reason in out_db
+    assert out_db.count("switch_dr") >= 2 * 7       # 7 targets x 2 judged versions
+
+
+def test_too_few_samples_holds_the_candidate(learner, client):
+    learner.publish(base_policy(min_samples=5000).with_version(0), "needs more data", manual=True)
+    wait_version(client, 2)
+    learner.store.ingest("c", 1, feedback(600, seed=5))
+    _, published = learner.step(T0 + NS)
+    assert published == []
+    v3 = learner.store.get_policy("bonus", 3)
+    assert (v3.state, v3.decision) == ("candidate", "held")
+    assert v3.decision_reason == ("held: 600 joined decisions in the evaluation window, the "
+                                  "rule needs 5,000")
+    assert learner.store.evaluations("bonus", 3) == []
+    assert client.policy("bonus").version == 2
+
+
+def test_rollback_to_any_version_is_pushed(learner, client, capsys):
+    store = learner.store
+    store.ingest("c", 1, feedback(1500, seed=6))
+    learner.step(T0 + NS)                                    # v2 promoted
+    learner.publish(base_policy().with_model(GOOD_W, GOOD_B, version=0), "true model")
+    store.ingest("c", 2, feedback(1500, seed=7, start_lo=10_000))
+    learner.step(T0 + 20 * NS)                               # v4 rejected
+    assert store.get_policy("bonus", 4).state == "candidate"
+    wait_version(client, 3)
+
+    code, out, _ = run_cli(capsys, "policy", "rollback", "bonus", "--to", "1",
+                           "--learner", learner.address)
+    assert code == 0 and "now v5" in out
+    p5 = wait_version(client, 5)
+    np.testing.assert_array_equal(p5.weights, np.zeros((3, 2)))
+    assert p5.metadata["rolled_back_to"] == "1"
+    states = {r.version: (r.state, r.decision) for r in store.policy_history("bonus")}
+    assert states == {1: ("retired", "initial"), 2: ("rolled_back", "promoted"),
+                      3: ("rolled_back", "manual"), 4: ("candidate", "rejected"),
+                      5: ("deployed", "rollback")}
+    assert learner.training_paused("bonus")
+    # A never-served candidate needs --force.
+    code, _, err = run_cli(capsys, "policy", "rollback", "bonus", "--to", "4",
+                           "--learner", learner.address)
+    assert code == 1 and "FAILED_PRECONDITION" in err and "--force" in err
+    assert "never served" in err
+    code, out, _ = run_cli(capsys, "policy", "rollback", "bonus", "--to", "4", "--force",
+                           "--learner", learner.address)
+    assert code == 0
+    p6 = wait_version(client, 6)
+    np.testing.assert_array_equal(p6.weights, Policy.from_bytes(
+        store.get_policy("bonus", 4).data).weights)
+    assert "forced" in store.get_policy("bonus", 6).decision_reason
+    # Rolling back to what is served, or to nothing, is refused.
+    with pytest.raises(RollbackRefused):
+        learner.rollback("bonus", 6)
+    code, _, err = run_cli(capsys, "policy", "rollback", "bonus", "--to", "99",
+                           "--learner", learner.address)
+    assert code == 1 and "NOT_FOUND" in err
+    # Resume retraining from the CLI.
+    code, out, _ = run_cli(capsys, "policy", "resume", "bonus", "--learner", learner.address)
+    assert code == 0 and "resumed" in out and not learner.training_paused("bonus")
+    code, out, _ = run_cli(capsys, "policy", "pause", "bonus", "--learner", learner.address)
+    assert code == 0 and learner.training_paused("bonus")
+
+
+def test_mode_switch_is_published(learner, client, capsys):
+    code, out, _ = run_cli(capsys, "policy", "mode", "bonus", "apprentice",
+                           "--learner", learner.address)
+    assert code == 0 and "serving v2" in out
+    p2 = wait_version(client, 2)
+    assert p2.mode == "apprentice"
+    np.testing.assert_array_equal(p2.weights, client.policy("bonus").weights)
+    row = learner.store.get_policy("bonus", 2)
+    assert row.decision == "manual" and "from online to apprentice" in row.decision_reason
+    # Same mode again: nothing new is published.
+    code, out, _ = run_cli(capsys, "policy", "mode", "bonus", "apprentice",
+                           "--learner", learner.address)
+    assert code == 0 and "serving v2" in out
+    assert learner.store.latest_version("bonus") == 2
+    run_cli(capsys, "policy", "mode", "bonus", "online", "--learner", learner.address)
+    assert wait_version(client, 3).mode == "online"
+    code, _, err = run_cli(capsys, "policy", "mode", "nope", "online",
+                           "--learner", learner.address)
+    assert code == 1 and "NOT_FOUND" in err
+    # In apprentice mode players get the baseline: a candidate the rule would reject still
+    # becomes the shadow policy, with the rule's verdict and numbers in the reason.
+    learner.publish(base_policy().with_model(GOOD_W, GOOD_B, version=0).with_mode(
+        "apprentice"), "true model, in the shadow")
+    wait_version(client, 4)
+    learner.store.ingest("c", 1, feedback(1500, seed=9))
+    assert learner.step(T0 + NS)[1] == [("bonus", 5)]
+    assert wait_version(client, 5).mode == "apprentice"
+    reason = learner.store.get_policy("bonus", 5).decision_reason
+    assert reason.startswith("promoted (apprentice mode") and "rejected: lower bound" in reason
+    code, out, _ = run_cli(capsys, "policy", "history", "bonus", "--learner", learner.address)
+    assert "apprentice" in out and reason in out
+
+
+def test_background_loop_promotes_through_the_gate(tmp_path):
+    with Learner(tmp_path / "bg.sqlite", tick_seconds=0.05, grace_seconds=0) as lr:
+        lr.publish(base_policy(), "v1")
+        now = time.time_ns()
+        recs = feedback(800, seed=8)
+        recs.decisions[0].ts_ns[:] = now - NS
+        lr.store.ingest("c", 1, recs)
+        deadline = time.monotonic() + 10
+        while lr.store.get_policy("bonus").version < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row = lr.store.get_policy("bonus")
+        assert (row.version, row.decision) == (2, "promoted")
+
+
+# --------------------------------------------------------------------------- store
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE policies (
+    name TEXT NOT NULL, version INTEGER NOT NULL, bytes BLOB NOT NULL,
+    created_ms INTEGER NOT NULL, reason TEXT NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY (name, version));
+"""
+
+
+def test_schema_1_database_still_opens(tmp_path):
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(_V1_SCHEMA)
+    p = base_policy()
+    con.execute("INSERT INTO meta VALUES ('schema', '1')")
+    con.execute("INSERT INTO policies VALUES ('bonus', 1, ?, 5, 'old', 'retired')",
+                (p.to_bytes(),))
+    con.execute("INSERT INTO policies VALUES ('bonus', 2, ?, 6, 'retrained', 'deployed')",
+                (p.with_version(2).to_bytes(),))
+    con.commit()
+    con.close()
+    with EventStore(path) as store:
+        hist = store.policy_history("bonus")
+        assert [(r.version, r.state, r.decision) for r in hist] == [
+            (1, "retired", ""), (2, "deployed", "")]
+        assert store.get_policy("bonus").version == 2 and store.evaluations("bonus") == []
+        assert store.get_meta("schema") == str(SCHEMA_VERSION)
+    with Learner(path, train=False) as lr:     # a learner serves it and adds versions
+        assert lr.hub._current["bonus"].version == 2
+        assert lr.publish(p.with_version(0), "new") == 3
+        assert lr.store.get_policy("bonus", 3).decision == "manual"
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    con.commit()
+    con.close()
+    with pytest.raises(RuntimeError, match="newer learner"):
+        EventStore(path)
+
+
+# --------------------------------------------------------------------------- rewards
+def two_kind_outcomes(rows):
+    """rows: (type, event_lo, user, ts_ns, value, kind) with kinds 'deposit' / 'click'."""
+    kinds = ["deposit", "click"]
+    c = list(zip(*rows))
+    return OutcomeBlock(type=np.array(c[0], np.uint8), event_hi=np.full(len(rows), 7, np.uint64),
+                        event_lo=np.array(c[1], np.uint64), user_hash=np.array(c[2], np.uint64),
+                        ts_ns=np.array(c[3], np.int64), value=np.array(c[4], np.float64),
+                        kind=np.array([kinds.index(k) for k in c[5]], np.uint16), kinds=kinds)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "earliest"])
+def test_reward_definition_weights_kinds_and_cost(tmp_path, aggregation):
+    outs = two_kind_outcomes([
+        (OUTCOME_REWARD, 0, 0, 1 * NS, 10.0, "deposit"),
+        (OUTCOME_REWARD, 0, 0, 2 * NS, 1.0, "click"),
+        (OUTCOME_REWARD, 1, 0, 1 * NS, 1.0, "click"),       # row 1: only a click
+        (OUTCOME_OBSERVE, 0, 1002, 3 * NS, 4.0, "deposit"),  # row 2's user, in its window
+        (OUTCOME_OBSERVE, 0, 1002, 1 * NS, 2.0, "click"),
+    ])
+    results = {}
+    for label, reward in [("default", RewardDefinition()),
+                          ("net_revenue", RewardDefinition({"deposit": 1.0}, other_weight=0.0,
+                                                           cost_weight=0.5)),
+                          ("clicks_count_double", RewardDefinition({"click": 2.0},
+                                                                   cost_weight=0.0))]:
+        p = make_policy(window=10, aggregation=aggregation, default_reward=-7.0,
+                        costs=(0.0, 1.0, 2.0))
+        p = p.with_version(1, learning=LearningSettings(
+            reward_window_seconds=10, aggregation=aggregation, default_reward=-7.0,
+            reward=reward))
+        with EventStore(tmp_path / f"{label}-{aggregation}.sqlite") as store:
+            store.add_policy("bonus", 1, p.to_bytes(), "test")
+            store.ingest("c", 1, FeedbackRecords(
+                [decisions(3, actions=[0, 1, 2], ts_ns=[0, 0, 0])], outs))
+            assert Joiner(store, grace_seconds=0).run(20 * NS).total == 3
+            blk = next(store.iter_blocks())
+            results[label] = (blk.value.tolist(), blk.reward.tolist(), blk.n_outcomes.tolist())
+    costs = [0.0, 1.0, 2.0]
+    if aggregation == "sum":
+        assert results["default"] == ([11.0, 1.0, 6.0], [11.0, 0.0, 4.0], [2, 1, 2])
+        # deposits only, half the cost: the click-only row gets the default reward
+        assert results["net_revenue"] == ([10.0, -7.0, 4.0],
+                                          [10.0, -7.5, 3.0], [1, 0, 1])
+        assert results["clicks_count_double"] == ([12.0, 2.0, 8.0], [12.0, 2.0, 8.0],
+                                                  [2, 1, 2])
+    else:   # the earliest counted outcome, weighted
+        assert results["default"] == ([10.0, 1.0, 2.0],
+                                      [10.0 - costs[0], 0.0, 0.0], [2, 1, 2])
+        assert results["net_revenue"] == ([10.0, -7.0, 4.0], [10.0, -7.5, 3.0], [1, 0, 1])
+        assert results["clicks_count_double"] == ([10.0, 2.0, 4.0], [10.0, 2.0, 4.0],
+                                                  [2, 1, 2])
+
+
+def test_weighted_outcome_lookup_uses_indexes(tmp_path):
+    with EventStore(tmp_path / "plan.sqlite") as store:
+        con = store._con
+        con.execute("CREATE TEMP TABLE IF NOT EXISTS join_keys (i INTEGER, event_hi INTEGER,"
+                    " event_lo INTEGER, user_hash INTEGER, lo_ns INTEGER, hi_ns INTEGER)")
+        plan = [r[3] for r in con.execute("EXPLAIN QUERY PLAN " + _OUTCOME_QUERY_WITH_KIND)]
+        assert any("outcomes_event" in p for p in plan)
+        assert any("outcomes_user" in p for p in plan)
+
+
+# --------------------------------------------------------------------------- simulation
+def demo_policy(weights, bias, exploration):
+    return Policy.linear("bonus", list(DEMO_FEATURES), list(DEMO_ACTIONS), weights, bias,
+                         exploration=exploration, version=1)
+
+
+def segment_policy(assign, epsilon=0.2):
+    """Action ``assign[s]`` for hidden segment ``s`` (read from the one-hot features)."""
+    k, d = len(DEMO_ACTIONS), len(DEMO_FEATURES)
+    w = np.zeros((k, d))
+    for seg, a in enumerate(assign):
+        w[a, seg] = 1.0
+    return demo_policy(w, np.zeros(k), Exploration.epsilon_greedy(epsilon))
+
+
+def true_value(sim, policy, players, mask):
+    probs = policy.probabilities(players.X, mask)
+    return float(np.mean((probs * sim.net[players.segment]).sum(axis=1)))
+
+
+def test_gate_never_promotes_a_clearly_worse_candidate_in_the_demo_world():
+    """Over many seeds of the demo simulator: data logged by the deployed policy's
+    exploration; a candidate truly worse by a clear margin (>= 1 per player) is never
+    promoted, a clearly better one is promoted in most seeds."""
+    k, d = len(DEMO_ACTIONS), len(DEMO_FEATURES)
+    oracle = np.zeros((k, d))
+    oracle[:, :4] = Simulator(0).net.T          # segment one-hot -> its expected net value
+    spins = np.zeros(k)
+    spins[1] = 1.0                              # "free spins for everyone"
+    deployed = demo_policy(np.zeros((k, d)), spins, Exploration.epsilon_greedy(0.2))
+    better = demo_policy(oracle, np.zeros(k), Exploration.squarecb(40.0))
+    worse = {   # true loss per player vs the deployed policy in brackets
+        "anti-oracle": demo_policy(-oracle, np.zeros(k), Exploration.epsilon_greedy(0.1)),
+        "deposit match for all (~3.2)": segment_policy((2, 2, 2, 2)),
+        "no bonus for anyone (~1.9)": segment_policy((0, 0, 0, 0)),
+        "no bonus for casual players (~1.8)": segment_policy((1, 0, 1, 1)),
+        "cashback for all (~1.6)": segment_policy((3, 3, 3, 3), epsilon=0.1),
+    }
+    promoted_better, judged = 0, 0
+    seeds = range(30)
+    for seed in seeds:
+        sim = Simulator(seed)
+        players = sim.players(2500)
+        mask = sim.eligible_mask(players.restricted)
+        probs = deployed.probabilities(players.X, mask)
+        rng = np.random.default_rng(1000 + seed)
+        actions = (probs.cumsum(axis=1) > rng.random((len(probs), 1))).argmax(axis=1)
+        rewards = sim.deposit(players.segment, actions) - sim.costs[actions]
+        data = LoggedData(x=players.X, actions=actions,
+                          propensities=probs[np.arange(len(actions)), actions],
+                          rewards=rewards, eligible=mask,
+                          action_ids=tuple(a.id for a in DEMO_ACTIONS))
+        truth_players = sim.players(20_000)
+        truth_mask = sim.eligible_mask(truth_players.restricted)
+        v_dep = true_value(sim, deployed, truth_players, truth_mask)
+        assert true_value(sim, better, truth_players, truth_mask) > v_dep + 1.0
+        for name, cand in worse.items():
+            assert true_value(sim, cand, truth_players, truth_mask) < v_dep - 1.0, name
+            res = evaluate_candidate(data, cand.with_version(2), deployed, seed=seed)
+            judged += 1
+            assert res.decision == "rejected", (seed, name, res.reason)
+        res = evaluate_candidate(data, better.with_version(2), deployed, seed=seed)
+        promoted_better += res.promoted
+    assert judged == len(seeds) * len(worse)
+    assert promoted_better >= 0.9 * len(seeds)
