@@ -22,6 +22,7 @@ server reflection lets ``grpcurl`` list and call the service. Security (TLS, tok
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -37,6 +38,9 @@ from ._proto import decision_pb2, decision_pb2_grpc
 from .client import ClientConfig, DecisionClient
 from .decision import REASONS, Reason
 from .errors import FeatureError, UnknownActionError
+from .policy import Policy
+from .rules import batch_attributes, compile_constraints
+from .scorer import stable_hash
 from .security import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
 
 __all__ = ["DecisionServer", "DecisionServicer", "SERVICE_NAME"]
@@ -86,6 +90,62 @@ def _features(req: Any, where: str) -> Any:
     return out
 
 
+_ATTRIBUTE_KINDS = ("text", "number", "integer", "flag")
+
+
+def _attributes(values: Any) -> dict[str, Any] | None:
+    """A request's ``attributes`` map as decide() takes it (types kept: str, float, int,
+    bool); a value with nothing set is left out (not supplied)."""
+    if not len(values):
+        return None
+    out = {}
+    for name, v in values.items():
+        kind = v.WhichOneof("value")
+        if kind is not None:
+            out[name] = getattr(v, kind)
+    return out
+
+
+def _attribute_columns(columns: Any, n: int) -> dict[str, Any] | None:
+    """A DecideBatch ``attributes`` map as decide_batch() takes it: name -> one value for
+    every row, or a column of ``n``."""
+    if not len(columns):
+        return None
+    out: dict[str, Any] = {}
+    for name, col in columns.items():
+        filled = [(k, getattr(col, k + "s")) for k in _ATTRIBUTE_KINDS]
+        filled = [(k, vals) for k, vals in filled if len(vals)]
+        where = f"attributes[{name!r}]"
+        if len(filled) != 1:
+            raise _Invalid(where, "set exactly one of texts, numbers, integers, flags")
+        kind, vals = filled[0]
+        if len(vals) == 1:
+            out[name] = vals[0]
+        elif len(vals) == n:
+            dtype = {"text": None, "number": np.float64, "integer": np.int64,
+                     "flag": np.bool_}[kind]
+            out[name] = np.array(vals, dtype=dtype) if dtype else np.array(list(vals))
+        else:
+            raise _Invalid(where, f"{len(vals)} values for {n} rows (give one, or one per row)")
+    return out
+
+
+def _input_error(exc: FeatureError, where: str, features_field: str) -> _Invalid:
+    # The scorer reports attribute problems as FeatureErrors too (rules.attribute_error).
+    field = "attributes" if str(exc).startswith("attribute ") else features_field
+    return _Invalid(f"{where}{field}", str(exc))
+
+
+def _action_error(exc: UnknownActionError, where: str, baseline_field: str) -> _Invalid:
+    field = baseline_field if str(exc).startswith("baseline") else "eligible"
+    return _Invalid(f"{where}{field}", str(exc))
+
+
+@functools.lru_cache(maxsize=64)
+def _constraints(policy: Policy) -> Any:
+    return compile_constraints(policy, stable_hash)
+
+
 def _kind(kind: str, default: str) -> str:
     if len(kind) > MAX_KIND_LENGTH:
         raise _Invalid("kind", f"at most {MAX_KIND_LENGTH} characters")
@@ -124,7 +184,8 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         return decision_pb2.DecideResponse(
             action=d.action or "", probability=d.probability, event_id=d.event_id or "",
             policy_name=d.policy_name, policy_version=d.policy_version, holdout=d.holdout,
-            reason=d.reason)
+            reason=d.reason, policy_action=d.policy_action or "",
+            policy_probability=d.policy_probability if d.apprentice else 0.0, rules=d.rules)
 
     def _decide_one(self, name: str, req: Any, default: str | None, deferred: bool,
                     where: str, x: Any = None) -> Any:
@@ -134,12 +195,13 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 self._check_categories(name, req.categories, where)
         try:
             return self._client.decide(name, x, req.user or None, list(req.eligible) or None,
-                                       default=default, deferred=deferred)
+                                       default=default, deferred=deferred,
+                                       attributes=_attributes(req.attributes),
+                                       baseline=req.baseline or None)
         except UnknownActionError as exc:
-            raise _Invalid(f"{where}eligible", str(exc)) from None
+            raise _action_error(exc, where, "baseline") from None
         except FeatureError as exc:
-            raise _Invalid(f"{where}{'vector' if len(req.vector) else 'features'}",
-                           str(exc)) from None
+            raise _input_error(exc, where, "vector" if len(req.vector) else "features") from None
 
     def _row_input(self, name: str, row: Any, where: str) -> Any:
         """A row's features, checked against the current policy the way decide() would
@@ -167,6 +229,15 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         if unknown:
             raise _Invalid(f"{where}eligible", f"{unknown[0]!r} is not an action of policy "
                                                f"{name!r} (actions: {list(policy.action_ids)})")
+        if row.baseline and row.baseline not in policy.action_ids:
+            raise _Invalid(f"{where}baseline", f"{row.baseline!r} is not an action of policy "
+                                               f"{name!r} (actions: {list(policy.action_ids)})")
+        cc = _constraints(policy)
+        if cc is not None and len(row.attributes):
+            try:   # the scorers' own conversion, on one row
+                batch_attributes(cc, _attributes(row.attributes), 1, stable_hash)
+            except FeatureError as exc:
+                raise _Invalid(f"{where}attributes", str(exc)) from None
         return x
 
     def _check_categories(self, name: str, categories: Any, where: str) -> None:
@@ -201,27 +272,33 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     def _batch_rows(self, request: decision_pb2.DecideBatchRequest
                     ) -> decision_pb2.DecideBatchResponse:
-        if request.columns or len(request.users) or len(request.eligible):
-            raise _Invalid("rows", "columns, users and eligible go with matrix; rows carry "
-                                   "their own user and eligible")
+        if request.columns or len(request.users) or len(request.eligible) or \
+                len(request.attributes) or len(request.baselines):
+            raise _Invalid("rows", "columns, users, eligible, attributes and baselines go with "
+                                   "matrix; rows carry their own")
         self._check_rows(len(request.rows), "rows")
         name, default = request.decision_point, request.default_action or None
         # Validate every row before deciding any: a batch refused halfway would leave logged
         # decisions that nobody was shown.
         inputs = [self._row_input(name, row, f"rows[{i}].") for i, row in enumerate(request.rows)]
-        actions, probs, ids, held, reasons = [], [], [], [], []
-        version = 0
+        policy = self._client.policy(name)
+        apprentice = policy is not None and policy.mode == "apprentice"
+        with_rules = policy is not None and bool(policy.rules or policy.caps)
+        out = decision_pb2.DecideBatchResponse(policy_name=name)
         for i, (row, x) in enumerate(zip(request.rows, inputs)):
             d = self._decide_one(name, row, default, request.deferred, f"rows[{i}].", x)
-            actions.append(d.action or "")
-            probs.append(d.probability)
-            ids.append(d.event_id or "")
-            held.append(d.holdout)
-            reasons.append(d.reason)
-            version = d.policy_version or version
-        return decision_pb2.DecideBatchResponse(
-            actions=actions, probabilities=probs, event_ids=ids, holdout=held, reasons=reasons,
-            policy_name=name, policy_version=version)
+            out.actions.append(d.action or "")
+            out.probabilities.append(d.probability)
+            out.event_ids.append(d.event_id or "")
+            out.holdout.append(d.holdout)
+            out.reasons.append(d.reason)
+            out.policy_version = d.policy_version or out.policy_version
+            if apprentice:
+                out.policy_actions.append(d.policy_action or "")
+                out.policy_probabilities.append(d.policy_probability if d.apprentice else 0.0)
+            if with_rules:
+                out.rules.append(d.rules)
+        return out
 
     def _batch_matrix(self, request: decision_pb2.DecideBatchRequest
                       ) -> decision_pb2.DecideBatchResponse:
@@ -259,11 +336,20 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             users = list(request.users)
             if "" in users:
                 users = [u or None for u in users]
+        baselines = list(request.baselines)
+        if len(baselines) not in (0, 1, n):
+            raise _Invalid("baselines", f"{len(baselines)} baselines for {n} rows (give none, "
+                                        "one, or one per row)")
+        baseline = None if not baselines else baselines[0] if len(baselines) == 1 else baselines
+        attributes = _attribute_columns(request.attributes, n)
         x = np.array(request.matrix, dtype=np.float64).reshape(n, cols)
         try:
-            b = self._client.decide_batch(name, x, users, mask, deferred=request.deferred)
+            b = self._client.decide_batch(name, x, users, mask, deferred=request.deferred,
+                                          attributes=attributes, baseline=baseline)
         except FeatureError as exc:
-            raise _Invalid("matrix", str(exc)) from None
+            raise _input_error(exc, "", "matrix") from None
+        except UnknownActionError as exc:
+            raise _Invalid("baselines", str(exc)) from None
         except KeyError:   # no policy any more (cannot happen today: policies are never removed)
             return self._batch_default(request, n)
         ids = b.action_ids
@@ -274,12 +360,19 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             reasons = [Reason.POLICY] * n
         else:
             reasons = [REASONS[c] for c in codes.tolist()]
-        return decision_pb2.DecideBatchResponse(
+        out = decision_pb2.DecideBatchResponse(
             actions=[ids[a] for a in b.actions.tolist()],
             probabilities=b.probabilities.tolist(),
             event_ids=[hexed[i:i + 32] for i in range(0, 32 * n, 32)],
             holdout=b.holdout.tolist(), reasons=reasons, policy_name=name,
             policy_version=b.policy_version)
+        if b.policy_actions is not None:
+            out.policy_actions.extend([ids[a] if a >= 0 else "" for a in
+                                       b.policy_actions.tolist()])
+            out.policy_probabilities.extend(b.policy_probabilities.tolist())
+        if b.rules is not None:
+            out.rules.extend(b.rules.tolist())
+        return out
 
     def _batch_default(self, request: decision_pb2.DecideBatchRequest, n: int
                        ) -> decision_pb2.DecideBatchResponse:

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loops_sdk import ClientConfig, DecisionClient, Exploration, Feature, Holdout, Policy
+from loops_sdk import (ClientConfig, Condition, DecisionClient, EligibilityRule, Exploration,
+                       Feature, FrequencyCap, Holdout, Policy)
 from loops_sdk._proto import decision_pb2 as pb
 from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
@@ -97,6 +98,16 @@ def call_code(fn, *args, **kw) -> grpc.RpcError:
     return info.value
 
 
+def _decide(**kw):
+    kw.setdefault("decision_point", "bonus")
+    return pb.DecideRequest(**kw)
+
+
+def _batch(**kw):
+    kw.setdefault("decision_point", "bonus")
+    return pb.DecideBatchRequest(**kw)
+
+
 # --------------------------------------------------------------------------- same decisions
 def test_decide_matches_an_embedded_client(stub):
     embedded = DecisionClient(policies=[make_policy()], seed=SEED)
@@ -159,6 +170,140 @@ def test_vector_path_equals_mapping_path(stub):
     embedded.close()
 
 
+# --------------------------------------------------------------------------- rules, caps, apprentice
+def rules_policy(mode: str) -> Policy:
+    rules = [EligibilityRule("de-no-cashback", actions=("cashback",),
+                             when=(Condition("jurisdiction", "in", ("DE",)),)),
+             EligibilityRule("minors", effect="default_only",
+                             when=(Condition("age", "<", number=18),)),
+             # Matches the integer 7 ("7"), not the number 7.0 ("7.0"): types must survive.
+             EligibilityRule("tier-7", actions=("match",),
+                             when=(Condition("tier", "in", ("7",)),))]
+    caps = [FrequencyCap("twice", max_actions=2, window_seconds=864000)]
+    return make_policy().with_rules(rules, caps).with_mode(mode)
+
+
+def attribute_rows(n: int):
+    """(attributes as AttributeValue messages, the same as Python values) per row."""
+    out = []
+    for i in range(n):
+        py = {"jurisdiction": ["DE", "FR"][i % 2], "age": [15, 30, 40][i % 3]}
+        if i % 4 == 0:
+            py["tier"] = 7
+        elif i % 4 == 1:
+            py["tier"] = 7.0
+        msg = {k: pb.AttributeValue(text=v) if isinstance(v, str) else
+               pb.AttributeValue(integer=v) if isinstance(v, int) else pb.AttributeValue(number=v)
+               for k, v in py.items()}
+        out.append((msg, py))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["online", "apprentice"])
+def test_rules_caps_and_apprentice_match_an_embedded_client(tmp_path, mode):
+    policy = rules_policy(mode)
+    with Learner(tmp_path / "r.sqlite", train=False) as lr:
+        lr.publish(policy, "test")
+        server = serve(lr, tmp_path)
+        embedded = DecisionClient(policies=[policy], seed=SEED)
+        try:
+            with grpc.insecure_channel(server.address) as ch:
+                stub = decision_pb2_grpc.DecisionServiceStub(ch)
+                seen = set()
+                for i, ((msg, py), (feats, _, _)) in enumerate(zip(attribute_rows(40),
+                                                                   requests(40))):
+                    user, baseline = f"p{i % 5}", ["spins", ""][i % 2]   # 5 players: caps bite
+                    r = stub.Decide(pb.DecideRequest(decision_point="bonus", **split(feats),
+                                                     user=user, attributes=msg,
+                                                     baseline=baseline), timeout=5)
+                    d = embedded.decide("bonus", feats, user, attributes=py,
+                                        baseline=baseline or None)
+                    assert (r.action, r.probability, r.event_id, r.reason, r.rules,
+                            r.policy_action, r.policy_probability) == \
+                        (d.action, d.probability, d.event_id, d.reason, d.rules,
+                         d.policy_action or "", d.policy_probability if d.apprentice else 0.0)
+                    seen.add(r.reason)
+                    if r.rules:
+                        seen.update(policy.explain_rules(r.rules))
+                assert {"de-no-cashback", "minors", "tier-7", "twice"} <= seen
+                assert ("APPRENTICE" in seen) == (mode == "apprentice")
+
+                X = np.random.default_rng(2).normal(size=(30, policy.n_inputs))
+                rows = attribute_rows(30)
+                users = [f"q{i % 4}" for i in range(30)]
+                baselines = [["spins", "none", "match"][i % 3] for i in range(30)]
+                resp = stub.DecideBatch(pb.DecideBatchRequest(
+                    decision_point="bonus", matrix=X.ravel().tolist(), columns=policy.n_inputs,
+                    users=users, baselines=baselines, attributes={
+                        "jurisdiction": pb.AttributeColumn(texts=[py["jurisdiction"]
+                                                                  for _, py in rows]),
+                        "age": pb.AttributeColumn(integers=[py["age"] for _, py in rows]),
+                        "tier": pb.AttributeColumn(integers=[7])}), timeout=5)
+                b = embedded.decide_batch("bonus", X, users, attributes={
+                    "jurisdiction": np.array([py["jurisdiction"] for _, py in rows]),
+                    "age": np.array([py["age"] for _, py in rows]), "tier": 7},
+                    baseline=baselines)
+                assert list(resp.actions) == [b.action_id(i) for i in range(30)]
+                assert list(resp.probabilities) == b.probabilities.tolist()
+                assert list(resp.event_ids) == [b.event_id(i) for i in range(30)]
+                assert list(resp.rules) == b.rules.tolist() and any(resp.rules)
+                if mode == "apprentice":
+                    assert list(resp.policy_actions) == [
+                        policy.action_ids[a] if a >= 0 else "" for a in b.policy_actions]
+                    assert list(resp.policy_probabilities) == b.policy_probabilities.tolist()
+                else:
+                    assert not resp.policy_actions
+        finally:
+            embedded.close()
+            server.stop()
+
+
+def _rows(*rows):
+    return [pb.DecideRow(**r) for r in rows]
+
+
+AGE_TEXT = {"age": pb.AttributeValue(text="old")}
+
+
+@pytest.mark.parametrize("method, request_, field", [
+    ("Decide", _decide(baseline="nope"), "baseline:"),
+    ("Decide", _decide(attributes=AGE_TEXT), "attributes:"),
+    ("DecideBatch", pb.DecideBatchRequest(decision_point="bonus", rows=_rows(
+        {}, {"attributes": AGE_TEXT})), "rows[1].attributes:"),
+    ("DecideBatch", pb.DecideBatchRequest(decision_point="bonus", rows=_rows(
+        {}, {"baseline": "nope"})), "rows[1].baseline:"),
+    ("DecideBatch", pb.DecideBatchRequest(decision_point="bonus", rows=_rows({}), baselines=["a"]),
+     "rows:"),
+    ("DecideBatch", pb.DecideBatchRequest(
+        decision_point="bonus", matrix=[0.0] * 14, columns=7,
+        attributes={"age": pb.AttributeColumn(texts=["x"], numbers=[1.0])}), "attributes['age']:"),
+    ("DecideBatch", pb.DecideBatchRequest(
+        decision_point="bonus", matrix=[0.0] * 14, columns=7,
+        attributes={"age": pb.AttributeColumn(integers=[1, 2, 3])}), "attributes['age']:"),
+    ("DecideBatch", pb.DecideBatchRequest(
+        decision_point="bonus", matrix=[0.0] * 14, columns=7,
+        attributes={"age": pb.AttributeColumn(texts=["x", "y"])}), "attributes:"),
+    ("DecideBatch", pb.DecideBatchRequest(
+        decision_point="bonus", matrix=[0.0] * 14, columns=7, baselines=["none"] * 3),
+     "baselines:"),
+    ("DecideBatch", pb.DecideBatchRequest(
+        decision_point="bonus", matrix=[0.0] * 14, columns=7, baselines=["nope"]), "baselines:"),
+])
+def test_rule_inputs_invalid_argument_names_the_field(tmp_path, method, request_, field):
+    with Learner(tmp_path / "r.sqlite", train=False) as lr:
+        lr.publish(rules_policy("apprentice"), "test")
+        server = serve(lr, tmp_path)
+        try:
+            with grpc.insecure_channel(server.address) as ch:
+                err = call_code(getattr(decision_pb2_grpc.DecisionServiceStub(ch), method),
+                                request_)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.details().startswith(field), err.details()
+            assert server.client.stats()["decisions"] == 0
+        finally:
+            server.stop()
+
+
 # --------------------------------------------------------------------------- defaults
 def test_unknown_and_not_initialised_points_return_the_default(learner, tmp_path):
     server = serve(learner, tmp_path, policy_name="later", wait=False)   # learner has none
@@ -186,11 +331,6 @@ def test_unknown_and_not_initialised_points_return_the_default(learner, tmp_path
 
 
 # --------------------------------------------------------------------------- invalid input
-def _decide(**kw):
-    kw.setdefault("decision_point", "bonus")
-    return pb.DecideRequest(**kw)
-
-
 @pytest.mark.parametrize("request_, field", [
     (pb.DecideRequest(), "decision_point"),
     (_decide(categories={"level": "high"}), "categories['level']"),
@@ -206,11 +346,6 @@ def test_decide_invalid_argument_names_the_field(stub, request_, field):
     err = call_code(stub.Decide, request_)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.details()
-
-
-def _batch(**kw):
-    kw.setdefault("decision_point", "bonus")
-    return pb.DecideBatchRequest(**kw)
 
 
 @pytest.mark.parametrize("request_, field", [

@@ -7,8 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AttributeValue(_message.Message):
+    __slots__ = ("text", "number", "integer", "flag")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    number: float
+    integer: int
+    flag: bool
+    def __init__(self, text: _Optional[str] = ..., number: _Optional[float] = ..., integer: _Optional[int] = ..., flag: _Optional[bool] = ...) -> None: ...
+
+class AttributeColumn(_message.Message):
+    __slots__ = ("texts", "numbers", "integers", "flags")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    INTEGERS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    numbers: _containers.RepeatedScalarFieldContainer[float]
+    integers: _containers.RepeatedScalarFieldContainer[int]
+    flags: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., numbers: _Optional[_Iterable[float]] = ..., integers: _Optional[_Iterable[int]] = ..., flags: _Optional[_Iterable[bool]] = ...) -> None: ...
+
 class DecideRequest(_message.Message):
-    __slots__ = ("decision_point", "features", "categories", "vector", "user", "eligible", "default_action", "deferred")
+    __slots__ = ("decision_point", "features", "categories", "vector", "user", "eligible", "default_action", "deferred", "attributes", "baseline")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +47,13 @@ class DecideRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AttributeValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AttributeValue, _Mapping]] = ...) -> None: ...
     DECISION_POINT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +62,8 @@ class DecideRequest(_message.Message):
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     decision_point: str
     features: _containers.ScalarMap[str, float]
     categories: _containers.ScalarMap[str, str]
@@ -39,10 +72,12 @@ class DecideRequest(_message.Message):
     eligible: _containers.RepeatedScalarFieldContainer[str]
     default_action: str
     deferred: bool
-    def __init__(self, decision_point: _Optional[str] = ..., features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
+    attributes: _containers.MessageMap[str, AttributeValue]
+    baseline: str
+    def __init__(self, decision_point: _Optional[str] = ..., features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., baseline: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("action", "probability", "event_id", "policy_name", "policy_version", "holdout", "reason")
+    __slots__ = ("action", "probability", "event_id", "policy_name", "policy_version", "holdout", "reason", "policy_action", "policy_probability", "rules")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +85,9 @@ class DecideResponse(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ACTION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     action: str
     probability: float
     event_id: str
@@ -57,10 +95,13 @@ class DecideResponse(_message.Message):
     policy_version: int
     holdout: bool
     reason: str
-    def __init__(self, action: _Optional[str] = ..., probability: _Optional[float] = ..., event_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., holdout: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    policy_action: str
+    policy_probability: float
+    rules: int
+    def __init__(self, action: _Optional[str] = ..., probability: _Optional[float] = ..., event_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., holdout: _Optional[bool] = ..., reason: _Optional[str] = ..., policy_action: _Optional[str] = ..., policy_probability: _Optional[float] = ..., rules: _Optional[int] = ...) -> None: ...
 
 class DecideRow(_message.Message):
-    __slots__ = ("features", "categories", "vector", "user", "eligible")
+    __slots__ = ("features", "categories", "vector", "user", "eligible", "attributes", "baseline")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,20 +116,38 @@ class DecideRow(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AttributeValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AttributeValue, _Mapping]] = ...) -> None: ...
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     features: _containers.ScalarMap[str, float]
     categories: _containers.ScalarMap[str, str]
     vector: _containers.RepeatedScalarFieldContainer[float]
     user: str
     eligible: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ...) -> None: ...
+    attributes: _containers.MessageMap[str, AttributeValue]
+    baseline: str
+    def __init__(self, features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., baseline: _Optional[str] = ...) -> None: ...
 
 class DecideBatchRequest(_message.Message):
-    __slots__ = ("decision_point", "rows", "matrix", "columns", "users", "eligible", "default_action", "deferred")
+    __slots__ = ("decision_point", "rows", "matrix", "columns", "users", "eligible", "default_action", "deferred", "attributes", "baselines")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AttributeColumn
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AttributeColumn, _Mapping]] = ...) -> None: ...
     DECISION_POINT_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MATRIX_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +156,8 @@ class DecideBatchRequest(_message.Message):
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    BASELINES_FIELD_NUMBER: _ClassVar[int]
     decision_point: str
     rows: _containers.RepeatedCompositeFieldContainer[DecideRow]
     matrix: _containers.RepeatedScalarFieldContainer[float]
@@ -105,10 +166,12 @@ class DecideBatchRequest(_message.Message):
     eligible: _containers.RepeatedScalarFieldContainer[str]
     default_action: str
     deferred: bool
-    def __init__(self, decision_point: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[DecideRow, _Mapping]]] = ..., matrix: _Optional[_Iterable[float]] = ..., columns: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
+    attributes: _containers.MessageMap[str, AttributeColumn]
+    baselines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, decision_point: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[DecideRow, _Mapping]]] = ..., matrix: _Optional[_Iterable[float]] = ..., columns: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, AttributeColumn]] = ..., baselines: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecideBatchResponse(_message.Message):
-    __slots__ = ("actions", "probabilities", "event_ids", "holdout", "reasons", "policy_name", "policy_version")
+    __slots__ = ("actions", "probabilities", "event_ids", "holdout", "reasons", "policy_name", "policy_version", "policy_actions", "policy_probabilities", "rules")
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +179,9 @@ class DecideBatchResponse(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     actions: _containers.RepeatedScalarFieldContainer[str]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     event_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -123,7 +189,10 @@ class DecideBatchResponse(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     policy_name: str
     policy_version: int
-    def __init__(self, actions: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., holdout: _Optional[_Iterable[bool]] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    policy_actions: _containers.RepeatedScalarFieldContainer[str]
+    policy_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    rules: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, actions: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., holdout: _Optional[_Iterable[bool]] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_actions: _Optional[_Iterable[str]] = ..., policy_probabilities: _Optional[_Iterable[float]] = ..., rules: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RewardRequest(_message.Message):
     __slots__ = ("event_id", "value", "kind")
