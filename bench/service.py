@@ -240,7 +240,7 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                              f"{r['server_cores']:.2f}, load {r['load_cores']:.2f}", extra=r))
     f = data["floor"]
     rows.append(Row("service", "floor: no-op health Check, 8 callers", f["calls_per_s"],
-                    "dec/s", note=f"calls/s; per call p50 {f['p50_ns'] / 1e3:,.0f} µs, p99 "
+                    "calls/s", note=f"per call p50 {f['p50_ns'] / 1e3:,.0f} µs, p99 "
                                   f"{f['p99_ns'] / 1e3:,.0f} µs: gRPC itself, same server",
                     extra=f))
     decide8 = next(r for r in data["runs"] if r["kind"] == "Decide" and r["callers"] == 8)
