@@ -416,10 +416,14 @@ def test_drain_while_deciding_loses_and_duplicates_nothing():
     drained = []
     errors: list[str] = []
     done = threading.Event()
+    drained_midway = threading.Event()   # drains really interleave with decisions, however
+                                         # the threads are scheduled on a loaded machine
 
     def decider(tid):
         try:
             for i in range(per_thread):
+                if i == per_thread // 2:
+                    drained_midway.wait(10)
                 d = client.decide("p", np.full(3, tid + i / per_thread), user=f"{tid}-{i}")
                 client.reward(d.event_id, float(i), kind=f"k{tid % 2}")
                 if i % 100 == 0:
@@ -430,6 +434,8 @@ def test_drain_while_deciding_loses_and_duplicates_nothing():
     def drainer():
         while not done.is_set():
             drained.append(client.drain())
+            if len(drained) >= 4:
+                drained_midway.set()
             time.sleep(0.001)
 
     threads = [threading.Thread(target=decider, args=(t,), daemon=True)
