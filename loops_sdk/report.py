@@ -12,8 +12,8 @@ any browser, can be mailed as an attachment and archived as is. Every piece of t
 from the database (policy names, reasons, action ids) is escaped.
 
 Off-policy estimates and promotion decisions are read through ``EventStore.evaluations`` and
-``StoredPolicy.decision`` / ``decision_reason`` when the learner stores them; databases written
-by a learner without them get a note instead of a chart.
+``StoredPolicy.decision`` / ``decision_reason``; a policy with no stored estimates yet (only
+hand publishes so far) gets a note instead of a chart.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
-from .charts import (PALETTE, BarSeries, IntervalRow, Series, bar_chart, format_number,
-                     format_time, interval_chart, xy_chart)
+from .charts import (PALETTE, BarSeries, IntervalRow, Series, bar_chart, format_time,
+                     interval_chart, xy_chart)
 from .learner.insights import PolicyInsights, _opened, policy_insights, policy_names
-from .learner.store import EventStore, StoredPolicy
+from .learner.store import EventStore, StoredEvaluation, StoredPolicy
 
 __all__ = ["render_report", "write_report", "MAX_VERSION_ROWS", "MAX_OPE_VERSIONS"]
 
@@ -45,22 +44,6 @@ _ESTIMATOR_NAMES = {"ips": "IPS", "snips": "self-normalised IPS", "dm": "direct 
                     "dr": "doubly robust", "switch_dr": "switch doubly robust"}
 _TARGET_ORDER = ("candidate", "deployed", "holdout_default", "uniform")
 _TREATED, _HOLDOUT = PALETTE[0], PALETTE[3]
-
-
-@dataclass(frozen=True)
-class _Evaluation:
-    """A stored estimate, read defensively from whatever the store returns."""
-
-    version: int
-    target: str
-    estimator: str
-    value: float
-    lower: float
-    upper: float
-    ess: float
-    n: int
-    created_ms: int
-    level: float
 
 
 # --------------------------------------------------------------------------- public API
@@ -104,35 +87,14 @@ def write_report(store: EventStore | str | Path, out: str | Path, **kwargs: Any)
 
 
 # --------------------------------------------------------------------------- reading
-def _evaluations(store: EventStore, name: str) -> list[_Evaluation] | None:
-    """Stored off-policy estimates of ``name``; None when this store does not keep any."""
-    read = getattr(store, "evaluations", None)
-    if read is None:
-        return None
-    out = []
-    for e in read(name):
-        out.append(_Evaluation(
-            version=int(getattr(e, "version", 0)), target=str(getattr(e, "target", "")),
-            estimator=str(getattr(e, "estimator", "")),
-            value=_float(getattr(e, "value", math.nan)),
-            lower=_float(getattr(e, "lower", math.nan)),
-            upper=_float(getattr(e, "upper", math.nan)),
-            ess=_float(getattr(e, "ess", math.nan)), n=int(getattr(e, "n", 0) or 0),
-            created_ms=int(getattr(e, "created_ms", 0) or 0),
-            level=_float(getattr(e, "level", math.nan))))
-    return out
+def _evaluations(store: EventStore, name: str) -> list[StoredEvaluation]:
+    """Stored off-policy estimates of ``name`` (one per version, target and estimator)."""
+    return store.evaluations(name)
 
 
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _latest_evaluations(evals: Sequence[_Evaluation]) -> list[_Evaluation]:
+def _latest_evaluations(evals: Sequence[StoredEvaluation]) -> list[StoredEvaluation]:
     """One estimate per (version, target, estimator): the most recent."""
-    best: dict[tuple[int, str, str], _Evaluation] = {}
+    best: dict[tuple[int, str, str], StoredEvaluation] = {}
     for e in evals:
         key = (e.version, e.target, e.estimator)
         if key not in best or e.created_ms >= best[key].created_ms:
@@ -176,7 +138,7 @@ def _pct(level: float) -> str:
 
 # --------------------------------------------------------------------------- sections
 def _policy_section(sid: str, ins: PolicyInsights, current: StoredPolicy | None,
-                    history: list[StoredPolicy], evals: list[_Evaluation] | None) -> str:
+                    history: list[StoredPolicy], evals: list[StoredEvaluation]) -> str:
     """``current`` is the version served now (candidates held back can be newer)."""
     name = escape(ins.policy)
     parts = [f'<section class="policy" id="{sid}" data-policy="{name}">',
@@ -218,7 +180,7 @@ def _cards(ins: PolicyInsights, current: StoredPolicy | None) -> str:
     ]
     if current is not None:
         sub = current.state
-        decision = getattr(current, "decision", "")
+        decision = current.decision
         if decision:
             sub += f" ({decision})"
         cards.append(("Version served", f"v{current.version}", sub, "neutral", "version"))
@@ -338,16 +300,14 @@ def _curve_version_chart(sid: str, ins: PolicyInsights) -> str:
                             hlines=hlines, empty_note="No joined decisions yet"), caption)
 
 
-def _ope_block(sid: str, ins: PolicyInsights, evals: list[_Evaluation] | None) -> str:
+def _ope_block(sid: str, ins: PolicyInsights, evals: list[StoredEvaluation]) -> str:
     intro = ('<p class="explain">What each version (and each baseline: uniform random, every '
              "fixed bonus, the holdout default) would have earned per decision, estimated "
              "from logged decisions without showing it to players. A candidate is promoted "
              "only when its lower bound beats the deployed policy.</p>")
     if not evals:
-        why = ("this learner does not store off-policy evaluations" if evals is None
-               else "no candidate has been evaluated yet")
         return (intro + '<p class="note" data-note="no-evaluations">No off-policy evaluations '
-                f"stored yet ({escape(why)}).</p>")
+                "stored yet (no candidate has been evaluated yet).</p>")
     latest = _latest_evaluations(evals)
     present = {e.estimator for e in latest}
     estimator = next((e for e in _ESTIMATOR_PREFERENCE if e in present), sorted(present)[0])
@@ -457,7 +417,7 @@ def _spend_block(sid: str, ins: PolicyInsights) -> str:
 
 
 def _history_table(ins: PolicyInsights, history: list[StoredPolicy],
-                   evals: list[_Evaluation] | None) -> str:
+                   evals: list[StoredEvaluation]) -> str:
     if not history:
         return '<p class="note">No policy version stored.</p>'
     by_version = {v.version: v for v in ins.curve.versions}
@@ -467,8 +427,8 @@ def _history_table(ins: PolicyInsights, history: list[StoredPolicy],
             "<th>mean reward</th><th>interval</th></tr></thead><tbody>"]
     for p in shown:
         v = by_version.get(p.version)
-        decision = getattr(p, "decision", "") or ""
-        reason = getattr(p, "decision_reason", "") or p.reason
+        decision = p.decision or ""
+        reason = p.decision_reason or p.reason
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created_ms / 1000))
         rows.append(
             f'<tr><td>v{p.version}</td><td>{created}</td><td>{escape(p.state)}</td>'

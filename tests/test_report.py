@@ -8,7 +8,6 @@ test is skipped, unless ``LOOPS_REQUIRE_CHROMIUM=1`` (set by CI), where it fails
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ import pytest
 from loops_sdk import (Action, ClientConfig, DecisionClient, Exploration, Holdout,
                        LearningSettings, Policy)
 from loops_sdk.cli import main
+from loops_sdk.evaluation import Estimate
 from loops_sdk.learner.service import Learner
 from loops_sdk.learner.store import EventStore
 
@@ -229,21 +229,7 @@ def test_report_errors(loop_db, tmp_path, capsys):
     assert not out.exists()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Estimate:      # the fields EventStore.add_evaluation reads (CONTRACTS.md §1)
-    value: float
-    lower: float
-    upper: float
-    stderr: float
-    ess: float
-    n: int
-    level: float = 0.95
-    interval: str = "normal"
-
-
 def test_report_shows_stored_evaluations(loop_db, tmp_path):
-    if not hasattr(EventStore, "add_evaluation"):
-        pytest.skip("this learner's store keeps no off-policy evaluations yet")
     db = tmp_path / "copy.sqlite"
     shutil.copy(loop_db, db)
     targets = ["candidate", "deployed", "uniform", "fixed:spins", "holdout_default"]
@@ -251,7 +237,8 @@ def test_report_shows_stored_evaluations(loop_db, tmp_path):
         with store.transaction() as con:
             for version in (91, 92):
                 for k, target in enumerate(targets):
-                    est = _Estimate(2.0 + k, 1.0 + k, 3.0 + k, 0.5, 100.0, 400)
+                    est = Estimate("dr", 2.0 + k, 1.0 + k, 3.0 + k, 0.5, 100.0, 400, 0.95,
+                                   "normal")
                     store.add_evaluation(con, "bonus", version, target, "dr", est)
                     store.add_evaluation(con, "bonus", version, target, "ips", est)
     html = run_report(db, tmp_path / "ope.html", "--policy", "bonus")
