@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -62,6 +62,13 @@ def _cmd_learner(args: argparse.Namespace) -> int:
     learner = Learner(args.db, args.host, args.port, grace_seconds=args.grace,
                       max_workers=args.max_workers, durability=args.durability,
                       security=_server_security(args))
+    return _run_until_signal(learner, lambda: f"loops learner listening on {learner.address} "
+                                              f"(db {args.db})")
+
+
+def _run_until_signal(server: Any, banner: Callable[[], str]) -> int:
+    """Start ``server``, print its banner (scripts and tests read the address from it), serve
+    until SIGINT/SIGTERM, then stop it gracefully."""
     stop = threading.Event()
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -70,13 +77,13 @@ def _cmd_learner(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    learner.start()
-    print(f"loops learner listening on {learner.address} (db {args.db})", flush=True)
+    server.start()
+    print(banner(), flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        learner.stop(grace=5.0)
+        server.stop(grace=5.0)
     return 0
 
 
@@ -395,23 +402,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = DecisionServer(config, args.host, args.port, security=_server_security(args),
                             max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
                             max_message_bytes=int(args.max_message_mb * (1 << 20)))
-    stop = threading.Event()
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        logging.getLogger("loops").info("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    server.start()
-    print(f"loops decision service listening on {server.address} "
-          f"(decision points {', '.join(args.policy_name)}; learner {args.learner})", flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop(grace=5.0)
-    return 0
+    return _run_until_signal(server, lambda: (
+        f"loops decision service listening on {server.address} "
+        f"(decision points {', '.join(args.policy_name)}; learner {args.learner})"))
 
 
 # --------------------------------------------------------------------------- dev-certs
