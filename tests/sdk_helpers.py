@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,14 @@ def replay_sample(p: np.ndarray, mask: np.ndarray, u: float) -> int:
 
 __all__ = ["IMPLS", "IMPL_MODULES", "KINDS", "ROOT", "Action", "exploration", "make_policy", "make_kernel",
            "make_engine", "run_python", "replay_sample"]
+
+
+def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
+    """Poll ``predicate`` every ``step`` seconds until it holds or ``timeout`` passes (then
+    one last look)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

@@ -14,6 +14,7 @@ import pytest
 from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSettings, Policy
 from loops_sdk.learner.service import Learner
 from loops_sdk.spool import Spool
+from sdk_helpers import wait_until
 
 ACTIONS = ["none", "spins", "match"]
 
@@ -30,15 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def config(learner: str, tmp_path, **kw) -> ClientConfig:

@@ -25,6 +25,7 @@ from loops_sdk.cli import main
 from loops_sdk.evaluation import Estimate
 from loops_sdk.learner.service import Learner
 from loops_sdk.learner.store import EventStore
+from sdk_helpers import wait_until
 
 HOSTILE = "<b>\"odd\" & 'name'</b><script>alert(1)</script>"
 CHARTS = ("curve-time", "curve-versions", "lift", "spend", "spend-time")
@@ -37,15 +38,6 @@ def make_policy(name: str, holdout: float) -> Policy:
         holdout=Holdout(fraction=holdout, salt="report-test", default_action="none"),
         learning=LearningSettings(reward_window_seconds=0.0, retrain_every_events=400,
                                   retrain_every_seconds=0.2), version=1)
-
-
-def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def loop_db(tmp_path_factory) -> Path:
                         client.reward(batch.event_id(i), float(value[i]))
                 time.sleep(0.12)       # spread decisions in time; the learner retrains
             assert client.flush(10)
-        assert wait_until(lambda: not learner.store.pending_by_policy(), 10)
+        assert wait_until(lambda: not learner.store.pending_by_policy(), 10, 0.05)
     return db
 
 
