@@ -33,13 +33,14 @@ __all__ = [
     "switch_dr", "baseline_targets", "target_probabilities",
     "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
     "EvaluationError",
-    "SecurityError", "DecisionServer", "ServerSecurity", "ChannelSecurity", "TokenSet",
+    "SecurityError", "DecisionServer", "DecisionServerPool", "ServerSecurity", "ChannelSecurity", "TokenSet",
     "open_channel", "make_dev_certs",
     "IMPLEMENTATION", "__version__",
 ]
 
 # gRPC-based parts load on first use, so `import loops_sdk` stays free of grpc for offline use.
-_LAZY = {"DecisionServer": "service", "ServerSecurity": "security",
+_LAZY = {"DecisionServer": "service", "DecisionServerPool": "serve_pool",
+         "ServerSecurity": "security",
          "ChannelSecurity": "security", "TokenSet": "security", "open_channel": "security",
          "make_dev_certs": "security"}
 

@@ -77,7 +77,11 @@ def _run_until_signal(server: Any, banner: Callable[[], str]) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    server.start()
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:   # port in use, a worker that could not start
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
     print(banner(), flush=True)
     try:
         while not stop.wait(0.5):
@@ -387,6 +391,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest request/response message in MiB")
     p.add_argument("--spool-dir", help="disk spool for records while the learner is away")
     p.add_argument("--seed", type=int, help="fix event ids and draws (tests, replays)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="worker processes sharing the port (SO_REUSEPORT), each a full "
+                   "service with its own spool (--spool-dir/worker-K); use about one per core. "
+                   "Caps are counted per worker")
+    p.add_argument("--pin-cpus", action="store_true",
+                   help="bind each worker process to one CPU (fewer cross-CPU thread "
+                   "hand-offs; best when the machine is dedicated to the service)")
     _add_server_security(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -399,12 +410,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           fallback_policies=tuple(args.fallback_policy), seed=args.seed,
                           spool_dir=args.spool_dir, token=sec.token, tls_ca=sec.tls_ca,
                           tls_cert=sec.tls_cert, tls_key=sec.tls_key, insecure=sec.insecure)
-    server = DecisionServer(config, args.host, args.port, security=_server_security(args),
-                            max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
-                            max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    limits = dict(max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
+                  max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    if args.processes < 1:
+        raise SystemExit("loops serve: --processes must be >= 1")
+    if args.processes == 1 and not args.pin_cpus:
+        server: Any = DecisionServer(config, args.host, args.port,
+                                     security=_server_security(args), **limits)
+        shape = ""
+    else:
+        from .serve_pool import DecisionServerPool
+        server = DecisionServerPool(config, args.host, args.port, processes=args.processes,
+                                    pin_cpus=args.pin_cpus, security=_server_security(args),
+                                    **limits)
+        shape = f"{args.processes} processes{', pinned' if args.pin_cpus else ''}; "
     return _run_until_signal(server, lambda: (
         f"loops decision service listening on {server.address} "
-        f"(decision points {', '.join(args.policy_name)}; learner {args.learner})"))
+        f"({shape}decision points {', '.join(args.policy_name)}; learner {args.learner})"))
 
 
 # --------------------------------------------------------------------------- dev-certs

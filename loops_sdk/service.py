@@ -447,11 +447,16 @@ class DecisionServer:
             reflection stream holds one thread while it lasts.
         max_batch_rows: largest DecideBatch (rows or matrix rows).
         max_message_bytes: largest request or response message.
+        reuse_port: share ``port`` with other processes that also set it (``SO_REUSEPORT``:
+            the kernel spreads new connections over them); see
+            :class:`~loops_sdk.serve_pool.DecisionServerPool`. Off by default, so a second
+            server on a port in use fails to bind instead of silently sharing it.
     """
 
     def __init__(self, client: DecisionClient | ClientConfig, host: str = "127.0.0.1",
                  port: int = 0, *, security: ServerSecurity | None = None, max_workers: int = 4,
-                 max_batch_rows: int = 10_000, max_message_bytes: int = 4 * _MiB) -> None:
+                 max_batch_rows: int = 10_000, max_message_bytes: int = 4 * _MiB,
+                 reuse_port: bool = False) -> None:
         if max_workers < 1 or max_batch_rows < 1 or max_message_bytes < 1024:
             raise ValueError("max_workers and max_batch_rows must be >= 1, max_message_bytes "
                              ">= 1024")
@@ -465,6 +470,7 @@ class DecisionServer:
         self._max_workers = max_workers
         self._max_batch_rows = max_batch_rows
         self._max_message_bytes = max_message_bytes
+        self._reuse_port = bool(reuse_port)
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._stop = threading.Event()
@@ -480,7 +486,9 @@ class DecisionServer:
             futures.ThreadPoolExecutor(max_workers=self._max_workers,
                                        thread_name_prefix="loops-decide-rpc"),
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit)],
+                     ("grpc.max_send_message_length", limit),
+                     # gRPC turns SO_REUSEPORT on by default on Linux; only a pool wants it.
+                     ("grpc.so_reuseport", int(self._reuse_port))],
             interceptors=self.security.interceptors(DECISION_METHOD_ROLES))
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(
             DecisionServicer(self.client, max_batch_rows=self._max_batch_rows), server)
