@@ -1,0 +1,143 @@
+"""Several decision-service processes on one port (``loops serve --processes N``): real worker
+processes, a real learner and real connections on 127.0.0.1.
+
+What a pool must keep from one process: every decision reaches the learner exactly once (each
+worker its own client id and spool), event ids stay unique (per-worker seeds), a worker that
+dies is replaced while the others keep answering, and the port is never shared by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from loops_sdk import ClientConfig
+from loops_sdk._proto import decision_pb2 as pb
+from loops_sdk._proto import decision_pb2_grpc
+from loops_sdk.learner import Learner
+from loops_sdk.serve_pool import DecisionServerPool, worker_config
+
+from sdk_helpers import ROOT, make_policy, wait_until
+
+N_FEATURES = 4
+
+
+@pytest.fixture
+def learner(tmp_path):
+    with Learner(tmp_path / "l.sqlite", train=False) as lr:
+        lr.publish(make_policy("bonus", N_FEATURES), "test")
+        yield lr
+
+
+def _config(learner, tmp_path, **kw) -> ClientConfig:
+    return ClientConfig(learner=learner.address, policy_name="bonus", seed=kw.pop("seed", 5),
+                        spool_dir=str(tmp_path / "spool"), flush_interval=0.05, **kw)
+
+
+def _decide_on_fresh_connections(address: str, n: int) -> list[pb.DecideResponse]:
+    """One Decide on each of ``n`` separate connections (the kernel spreads connections, not
+    calls, over the workers)."""
+    out = []
+    for i in range(n):
+        # a distinct channel argument keeps gRPC from reusing one connection for all
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                     ("loops.test.connection", i)]) as ch:
+            stub = decision_pb2_grpc.DecisionServiceStub(ch)
+            out.append(stub.Decide(pb.DecideRequest(
+                decision_point="bonus", user=f"player-{i}",
+                vector=np.linspace(-1, 1, N_FEATURES).tolist()), timeout=10))
+    return out
+
+
+def test_worker_config_separates_spool_client_id_and_seed(tmp_path):
+    base = ClientConfig(spool_dir=str(tmp_path), client_id="edge", seed=2**64 - 1)
+    w0, w1 = worker_config(base, 0), worker_config(base, 1)
+    assert (w0.spool_dir, w1.spool_dir) == (str(tmp_path / "worker-0"), str(tmp_path / "worker-1"))
+    assert (w0.client_id, w1.client_id) == ("edge-w0", "edge-w1")
+    assert w0.seed == base.seed and w1.seed != w0.seed and 0 <= w1.seed < 2**64
+    plain = worker_config(ClientConfig(), 3)
+    assert plain.spool_dir is None and plain.client_id == "" and plain.seed is None
+
+
+def test_pool_spreads_connections_and_every_decision_reaches_the_learner(learner, tmp_path):
+    with DecisionServerPool(_config(learner, tmp_path), processes=2) as pool:
+        assert len(pool.pids) == 2 and os.getpid() not in pool.pids
+        responses = _decide_on_fresh_connections(pool.address, 24)
+    assert all(r.reason == "POLICY" and r.policy_version == 1 for r in responses)
+    ids = [r.event_id for r in responses]
+    assert len(set(ids)) == len(ids)
+    # each worker has its own event-id prefix: both of them answered
+    assert len({i[:16] for i in ids}) == 2
+    # stopping the pool stops each worker's client, which flushes to the learner
+    assert learner.store.counters().get("decisions", 0) == 24
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["worker-0", "worker-1"]
+
+
+def test_a_dead_worker_is_replaced_while_the_other_keeps_serving(learner, tmp_path):
+    with DecisionServerPool(_config(learner, tmp_path), processes=2) as pool:
+        victim, survivor = pool.pids
+        os.kill(victim, signal.SIGKILL)
+        # Once the victim is gone (connections queued on its socket at that moment are reset
+        # by the kernel: clients retry), the survivor answers every call.
+        assert wait_until(lambda: victim not in pool.pids, 10)
+        assert len(_decide_on_fresh_connections(pool.address, 4)) == 4
+        assert wait_until(lambda: pool.restarts == 1 and len(pool.pids) == 2, 30)
+        assert victim not in pool.pids and survivor in pool.pids
+        assert len({r.event_id[:16] for r in _decide_on_fresh_connections(pool.address, 16)}) \
+            == 2
+
+
+def test_pinned_workers_each_run_on_one_cpu(learner, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    with DecisionServerPool(_config(learner, tmp_path), processes=2, pin_cpus=True) as pool:
+        for k, pid in enumerate(pool.pids):
+            assert os.sched_getaffinity(pid) == {cpus[k % len(cpus)]}
+            assert pool.cpu_of(k) == cpus[k % len(cpus)]
+        assert _decide_on_fresh_connections(pool.address, 2)[0].reason == "POLICY"
+
+
+def test_a_port_in_use_is_refused_not_shared(learner, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="cannot listen"):
+            DecisionServerPool(_config(learner, tmp_path), port=port, processes=2).start()
+    # nor does a second pool join a running one
+    with DecisionServerPool(_config(learner, tmp_path), processes=2) as pool:
+        with pytest.raises(OSError, match="cannot listen"):
+            DecisionServerPool(_config(learner, tmp_path / "b"), port=pool.port,
+                               processes=2).start()
+
+
+def test_a_worker_that_cannot_start_fails_the_pool_with_its_reason(tmp_path):
+    # a fallback policy file that does not exist: each worker's client refuses to start
+    cfg = ClientConfig(fallback_policy=str(tmp_path / "missing.policy"))
+    with pytest.raises(RuntimeError, match="worker 0 failed to start"):
+        DecisionServerPool(cfg, processes=2, start_timeout=30).start()
+
+
+def test_cli_serve_processes(learner, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loops_sdk.cli", "serve", "--policy-name", "bonus",
+         "--learner", learner.address, "--port", "0", "--processes", "2",
+         "--spool-dir", str(tmp_path / "spool"), "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        banner = proc.stdout.readline()
+        assert "listening on 127.0.0.1:" in banner and "2 processes" in banner, \
+            banner + proc.stderr.read()
+        address = banner.split(" listening on ")[1].split()[0]
+        assert _decide_on_fresh_connections(address, 3)[0].reason == "POLICY"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert wait_until(lambda: learner.store.counters().get("decisions", 0) == 3, 10)
