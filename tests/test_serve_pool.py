@@ -103,6 +103,26 @@ def test_pinned_workers_each_run_on_one_cpu(learner, tmp_path):
         assert _decide_on_fresh_connections(pool.address, 2)[0].reason == "POLICY"
 
 
+def test_every_worker_checks_tokens(learner, tmp_path):
+    from loops_sdk import ServerSecurity, TokenSet
+    token = "client-token-0123456789"
+    security = ServerSecurity(tokens=TokenSet([("client", token)]))
+    with DecisionServerPool(_config(learner, tmp_path), processes=2, security=security) as pool:
+        request = pb.DecideRequest(decision_point="bonus", user="p", vector=[0.0] * N_FEATURES)
+        seen = set()
+        for i in range(12):   # fresh connections: both workers are asked
+            with grpc.insecure_channel(pool.address, options=[
+                    ("grpc.use_local_subchannel_pool", 1), ("loops.test.connection", i)]) as ch:
+                stub = decision_pb2_grpc.DecisionServiceStub(ch)
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Decide(request, timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                r = stub.Decide(request, timeout=10,
+                                metadata=[("authorization", f"Bearer {token}")])
+                seen.add(r.event_id[:16])
+        assert len(seen) == 2
+
+
 def test_a_port_in_use_is_refused_not_shared(learner, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
