@@ -150,14 +150,14 @@ def _requests(kind: str, count: int, seed: int) -> list[bytes]:
 
 def _load(target: str, kind: str, callers: int, warmup: float, seconds: float, seed: int,
           barrier, results) -> None:
-    """One load-generator process: ``callers`` asyncio tasks on one channel."""
+    """One load-generator process: ``callers`` asyncio tasks, each with its own channel."""
     import asyncio
 
     import grpc
 
     requests = _requests(kind, 256, seed)
 
-    async def main() -> tuple[int, list[int]]:
+    async def main() -> tuple[int, list[int], float, int]:
         # One connection per caller, like h2load (a pool's kernel spreads connections).
         channels = [grpc.aio.insecure_channel(target, options=[
             ("grpc.use_local_subchannel_pool", 1), ("loops.bench.caller", k)])
@@ -204,8 +204,8 @@ def _load(target: str, kind: str, callers: int, warmup: float, seconds: float, s
         results.put(("error", repr(exc)))
 
 
-def _run_python_load(target: str, kind: str, callers: int, warmup: float, seconds: float
-                     ) -> dict:
+def _run_python_load(target: str, kind: str, callers: int, warmup: float, seconds: float,
+                     server_pid: int) -> dict:
     ctx = mp.get_context("spawn")   # never fork a process that holds gRPC state
     procs = min(callers, 2)
     split = [callers // procs + (1 if i < callers % procs else 0) for i in range(procs)]
@@ -216,8 +216,10 @@ def _run_python_load(target: str, kind: str, callers: int, warmup: float, second
                for i, n in enumerate(split)]
     for w in workers:
         w.start()
-    barrier.wait(timeout=120)
+    barrier.wait(timeout=120)   # from here on the callers run (spawning them is not load)
+    cpu0, t0 = _cpu_seconds(server_pid), time.perf_counter()
     got = [results.get(timeout=60 + warmup + seconds) for _ in workers]
+    server_cores = (_cpu_seconds(server_pid) - cpu0) / (time.perf_counter() - t0)
     for w in workers:
         w.join(10)
     errors = [g[1] for g in got if g[0] == "error"]
@@ -226,7 +228,8 @@ def _run_python_load(target: str, kind: str, callers: int, warmup: float, second
     lat = [np.frombuffer(g[1], np.int64) for g in got]
     return {"calls": sum(g[0] for g in got), "answered": sum(g[3] for g in got),
             "lat": np.concatenate(lat) if lat else np.zeros(0, np.int64),
-            "load_cpu": sum(g[2] for g in got)}
+            "load_cores": sum(g[2] for g in got) / (warmup + seconds),
+            "server_cores": server_cores}
 
 
 def _grpc_frame(message: bytes) -> bytes:
@@ -235,16 +238,18 @@ def _grpc_frame(message: bytes) -> bytes:
 
 
 def _run_h2load(h2load: str, target: str, kind: str, callers: int, warmup: float,
-                seconds: float) -> dict:
+                seconds: float, server_pid: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         body, log = Path(tmp) / "body", Path(tmp) / "log"
         body.write_bytes(_grpc_frame(_requests(kind, 1, seed=callers)[0]))
         cmd = [h2load, "-D", f"{round((warmup + seconds) * 1000)}ms", "-c", str(callers), "-m", "1", "-t", "1",
                "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
                f"--log-file={log}", f"http://{target}{_METHODS[kind]}"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        before, cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_seconds(server_pid)
+        t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=warmup + seconds + 60)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        elapsed = time.perf_counter() - t0
+        after, cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_seconds(server_pid)
         if done.returncode != 0:
             raise RuntimeError(f"h2load failed: {done.stderr.strip() or done.stdout.strip()}")
         # columns: start (µs since the epoch), HTTP status, µs until the response ended
@@ -255,26 +260,25 @@ def _run_h2load(h2load: str, target: str, kind: str, callers: int, warmup: float
     start, end = t0 + warmup * 1e6, t0 + (warmup + seconds) * 1e6
     window = ok[(ok[:, 0] >= start) & (ok[:, 0] + ok[:, 2] <= end)]
     return {"calls": int(len(window)), "answered": int(len(ok)),
-            "lat": window[:, 2] * 1000, "load_cpu": (after.ru_utime - before.ru_utime)
-            + (after.ru_stime - before.ru_stime), "failed_http": int(len(rows) - len(ok))}
+            "lat": window[:, 2] * 1000, "failed_http": int(len(rows) - len(ok)),
+            "load_cores": (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+            / elapsed, "server_cores": (cpu1 - cpu0) / elapsed}
 
 
 def _run_load(loadgen: str, target: str, kind: str, callers: int, warmup: float,
               seconds: float, server_pid: int, learner_addr: str) -> dict:
     logged_before = _learner_decisions(learner_addr) if kind != "Check" else 0
-    cpu0, t0 = _cpu_seconds(server_pid), time.perf_counter()
+    # cores used are averaged over warm-up and window alike (the same rate)
     if loadgen == "python":
-        r = _run_python_load(target, kind, callers, warmup, seconds)
+        r = _run_python_load(target, kind, callers, warmup, seconds, server_pid)
     else:
-        r = _run_h2load(loadgen, target, kind, callers, warmup, seconds)
-    elapsed = time.perf_counter() - t0
-    server_cores = (_cpu_seconds(server_pid) - cpu0) / elapsed   # warm-up included: same rate
+        r = _run_h2load(loadgen, target, kind, callers, warmup, seconds, server_pid)
     rows = BATCH_ROWS if kind == "DecideBatch" else 1
     lat = r["lat"] if len(r["lat"]) else np.zeros(1, np.int64)
     out = {"kind": kind, "callers": callers, "calls": r["calls"],
            "decisions_per_s": r["calls"] * rows / seconds, "calls_per_s": r["calls"] / seconds,
            "p50_ns": float(np.percentile(lat, 50)), "p99_ns": float(np.percentile(lat, 99)),
-           "server_cores": server_cores, "load_cores": r["load_cpu"] / elapsed}
+           "server_cores": r["server_cores"], "load_cores": r["load_cores"]}
     if kind != "Check":
         # Every answered call must have logged its decisions and shipped them to the learner
         # (h2load cannot see a gRPC error status; this catches one).

@@ -150,6 +150,7 @@ class DecisionServerPool:
         self._cpus = sorted(os.sched_getaffinity(0)) if pin_cpus else None
         self._start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")   # never fork a process that holds gRPC state
+        self._spec: _WorkerSpec | None = None
         self._workers: list[tuple[Any, Connection] | None] = [None] * self.processes
         self._reservation: socket.socket | None = None
         self._lock = threading.Lock()
@@ -181,9 +182,8 @@ class DecisionServerPool:
         """
         self._reservation = self._reserve_port()
         self.port = self._reservation.getsockname()[1]
-        spec = _WorkerSpec(self.config, self.host, self.port, self.security, self._options,
-                           logging.getLogger().getEffectiveLevel())
-        self._spec = spec
+        self._spec = _WorkerSpec(self.config, self.host, self.port, self.security,
+                                 self._options, logging.getLogger().getEffectiveLevel())
         try:
             pending = [self._spawn(k) for k in range(self.processes)]
             for k, conn in pending:

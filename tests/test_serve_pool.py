@@ -41,14 +41,18 @@ def _config(learner, tmp_path, **kw) -> ClientConfig:
                         spool_dir=str(tmp_path / "spool"), flush_interval=0.05, **kw)
 
 
+def _connection(address: str, i: int) -> grpc.Channel:
+    """A channel with a connection of its own: the kernel spreads connections, not calls, over
+    the workers (a distinct channel argument keeps gRPC from sharing one connection)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                   ("loops.test.connection", i)])
+
+
 def _decide_on_fresh_connections(address: str, n: int) -> list[pb.DecideResponse]:
-    """One Decide on each of ``n`` separate connections (the kernel spreads connections, not
-    calls, over the workers)."""
+    """One Decide on each of ``n`` separate connections."""
     out = []
     for i in range(n):
-        # a distinct channel argument keeps gRPC from reusing one connection for all
-        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
-                                                     ("loops.test.connection", i)]) as ch:
+        with _connection(address, i) as ch:
             stub = decision_pb2_grpc.DecisionServiceStub(ch)
             out.append(stub.Decide(pb.DecideRequest(
                 decision_point="bonus", user=f"player-{i}",
@@ -111,8 +115,7 @@ def test_every_worker_checks_tokens(learner, tmp_path):
         request = pb.DecideRequest(decision_point="bonus", user="p", vector=[0.0] * N_FEATURES)
         seen = set()
         for i in range(12):   # fresh connections: both workers are asked
-            with grpc.insecure_channel(pool.address, options=[
-                    ("grpc.use_local_subchannel_pool", 1), ("loops.test.connection", i)]) as ch:
+            with _connection(pool.address, i) as ch:
                 stub = decision_pb2_grpc.DecisionServiceStub(ch)
                 with pytest.raises(grpc.RpcError) as err:
                     stub.Decide(request, timeout=10)
