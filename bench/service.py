@@ -242,8 +242,9 @@ def _run_h2load(h2load: str, target: str, kind: str, callers: int, warmup: float
     with tempfile.TemporaryDirectory() as tmp:
         body, log = Path(tmp) / "body", Path(tmp) / "log"
         body.write_bytes(_grpc_frame(_requests(kind, 1, seed=callers)[0]))
-        cmd = [h2load, "-D", f"{round((warmup + seconds) * 1000)}ms", "-c", str(callers), "-m", "1", "-t", "1",
-               "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+        cmd = [h2load, "-D", f"{round((warmup + seconds) * 1000)}ms", "-c", str(callers),
+               "-m", "1", "-t", "1", "-d", str(body), "-H", "content-type: application/grpc",
+               "-H", "te: trailers",
                f"--log-file={log}", f"http://{target}{_METHODS[kind]}"]
         before, cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_seconds(server_pid)
         t0 = time.perf_counter()
@@ -256,8 +257,8 @@ def _run_h2load(h2load: str, target: str, kind: str, callers: int, warmup: float
         rows = np.loadtxt(log, dtype=np.int64, ndmin=2) if log.stat().st_size else \
             np.zeros((0, 3), np.int64)
     ok = rows[rows[:, 1] == 200]
-    t0 = rows[:, 0].min() if len(rows) else 0
-    start, end = t0 + warmup * 1e6, t0 + (warmup + seconds) * 1e6
+    first = rows[:, 0].min() if len(rows) else 0   # the window is timed from the first call
+    start, end = first + warmup * 1e6, first + (warmup + seconds) * 1e6
     window = ok[(ok[:, 0] >= start) & (ok[:, 0] + ok[:, 2] <= end)]
     return {"calls": int(len(window)), "answered": int(len(ok)),
             "lat": window[:, 2] * 1000, "failed_http": int(len(rows) - len(ok)),
