@@ -304,24 +304,29 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._roles = dict(method_roles)
         self._open = frozenset(open_services)
 
-    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
-        method = handler_call_details.method
+    def refusal(self, method: str, metadata: Sequence[tuple[str, Any]] | None
+                ) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call of ``method`` with ``metadata`` is refused, as (status, details); None
+        when it may go on."""
         if _service_of(method) in self._open:
-            return continuation(handler_call_details)
-        role = self._tokens.role(_bearer(handler_call_details.invocation_metadata))
-        handler = continuation(handler_call_details)
-        if handler is None:          # unknown method: let gRPC answer UNIMPLEMENTED
             return None
+        role = self._tokens.role(_bearer(metadata))
         if role is None:
-            return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                    "missing or unknown bearer token (send metadata "
-                                    "'authorization: Bearer <token>')", method)
+            return (grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (send "
+                    "metadata 'authorization: Bearer <token>')")
         needed = self._roles.get(method, ROLE_ADMIN)
         if _RANK[role] < _RANK[needed]:
-            return _denying_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                    f"role {role!r} may not call {method} (needs {needed!r})",
-                                    method)
-        return handler
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"role {role!r} may not call {method} (needs {needed!r})")
+        return None
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        refused = self.refusal(method, handler_call_details.invocation_metadata)
+        handler = continuation(handler_call_details)
+        if handler is None or refused is None:   # unknown method: gRPC says UNIMPLEMENTED
+            return handler
+        return _denying_handler(handler, refused[0], refused[1], method)
 
 
 # --------------------------------------------------------------------------- servers
@@ -387,6 +392,14 @@ class ServerSecurity:
 
     def interceptors(self, method_roles: Mapping[str, str]) -> list[grpc.ServerInterceptor]:
         return [] if self.tokens is None else [TokenAuthInterceptor(self.tokens, method_roles)]
+
+    def authorizer(self, method_roles: Mapping[str, str]
+                   ) -> Callable[[str, Sequence[tuple[str, Any]]],
+                                 tuple[grpc.StatusCode, str] | None] | None:
+        """The token check of :meth:`interceptors` as a function of (method, metadata), for
+        calls served outside gRPC's interceptor chain; None when no tokens are set."""
+        return None if self.tokens is None else \
+            TokenAuthInterceptor(self.tokens, method_roles).refusal
 
     def add_port(self, server: grpc.Server, host: str, port: int) -> int:
         """Check the posture, then bind ``host:port`` (TLS when configured). Returns the port.

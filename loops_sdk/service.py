@@ -41,7 +41,9 @@ from .errors import FeatureError, UnknownActionError
 from .policy import Policy
 from .rules import batch_attributes, compile_constraints
 from .scorer import stable_hash
+from . import unary_loop
 from .security import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
+from .unary_loop import UnaryLoop
 
 __all__ = ["DecisionServer", "DecisionServicer", "SERVICE_NAME"]
 
@@ -451,12 +453,16 @@ class DecisionServer:
             the kernel spreads new connections over them); see
             :class:`~loops_sdk.serve_pool.DecisionServerPool`. Off by default, so a second
             server on a port in use fails to bind instead of silently sharing it.
+        unary_loop: serve the DecisionService methods from one thread on gRPC's completion
+            queue (:mod:`loops_sdk.unary_loop`: about a third of the CPU per call, so lower
+            latency under load); health and reflection keep the thread pool. False serves
+            everything from the pool, as does a gRPC build without what the loop needs.
     """
 
     def __init__(self, client: DecisionClient | ClientConfig, host: str = "127.0.0.1",
                  port: int = 0, *, security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 * _MiB,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, unary_loop: bool = True) -> None:
         if max_workers < 1 or max_batch_rows < 1 or max_message_bytes < 1024:
             raise ValueError("max_workers and max_batch_rows must be >= 1, max_message_bytes "
                              ">= 1024")
@@ -471,6 +477,8 @@ class DecisionServer:
         self._max_batch_rows = max_batch_rows
         self._max_message_bytes = max_message_bytes
         self._reuse_port = bool(reuse_port)
+        self._want_loop = bool(unary_loop)
+        self._loop: UnaryLoop | None = None
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._stop = threading.Event()
@@ -490,8 +498,12 @@ class DecisionServer:
                      # gRPC turns SO_REUSEPORT on by default on Linux; only a pool wants it.
                      ("grpc.so_reuseport", int(self._reuse_port))],
             interceptors=self.security.interceptors(DECISION_METHOD_ROLES))
-        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-            DecisionServicer(self.client, max_batch_rows=self._max_batch_rows), server)
+        servicer = DecisionServicer(self.client, max_batch_rows=self._max_batch_rows)
+        self._loop = self._unary_loop(server, servicer)
+        if self._loop is not None:
+            self._loop.attach()
+        else:
+            decision_pb2_grpc.add_DecisionServiceServicer_to_server(servicer, server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
@@ -503,6 +515,8 @@ class DecisionServer:
             raise
         server.start()
         self._server = server
+        if self._loop is not None:
+            self._loop.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         threading.Thread(target=self._report_ready, name="loops-decide-health",
@@ -511,6 +525,23 @@ class DecisionServer:
                     self.security.describe(),
                     list(self.client.config.watched_names) or list(self.client.policies))
         return self
+
+    def _unary_loop(self, server: grpc.Server, servicer: DecisionServicer) -> UnaryLoop | None:
+        if not self._want_loop:
+            return None
+        if not unary_loop.supported(server):
+            logger.warning("this gRPC build lacks what the decision service's single-thread "
+                           "loop needs: serving from gRPC's thread pool (more CPU per call)")
+            return None
+        auth = self.security.authorizer(DECISION_METHOD_ROLES)
+        return UnaryLoop(server, unary_loop.service_methods(servicer, decision_pb2.DESCRIPTOR
+                                                            .services_by_name["DecisionService"]),
+                         authorize=auth)
+
+    @property
+    def serving_loop(self) -> bool:
+        """True when the DecisionService methods are served by the single-thread loop."""
+        return self._loop is not None
 
     def _report_ready(self) -> None:
         # The service is SERVING for load balancers once every watched point has a policy.
@@ -530,6 +561,8 @@ class DecisionServer:
             self._health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self._loop is not None:
+            self._loop.stop()
         self._close_client()
         logger.info("decision service stopped")
 

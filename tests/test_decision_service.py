@@ -59,9 +59,12 @@ def serve(learner, tmp_path, **kw) -> DecisionServer:
     return server
 
 
-@pytest.fixture
-def server(learner, tmp_path):
-    s = serve(learner, tmp_path)
+@pytest.fixture(params=[True, False], ids=["loop", "pool"])
+def server(learner, tmp_path, request):
+    """A decision server serving its methods from the single-thread loop, or from gRPC's
+    thread pool: both must behave the same."""
+    s = serve(learner, tmp_path, unary_loop=request.param)
+    assert s.serving_loop is request.param
     yield s
     s.stop()
 
@@ -416,31 +419,32 @@ def test_oversized_message_is_refused(learner, tmp_path):
 
 
 # --------------------------------------------------------------------------- deadlines
-def test_expired_call_is_not_decided(learner, tmp_path):
-    """With its only worker held by a reflection stream (whose handler waits for the next
-    request), a Decide waits in the queue past its deadline; when the worker frees up, nothing
-    is decided or logged for it."""
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+@pytest.mark.parametrize("unary_loop", [True, False], ids=["loop", "pool"])
+def test_expired_call_is_not_decided(learner, tmp_path, unary_loop):
+    """While the only serving thread is held inside a slow decision, a Decide waits past its
+    deadline; when the thread frees up, nothing is decided or logged for it."""
+    server = serve(learner, tmp_path, max_workers=1, unary_loop=unary_loop)
+    assert server.serving_loop is unary_loop
+    inside, release = threading.Event(), threading.Event()
+    decide = server.client.decide
 
-    server = serve(learner, tmp_path, max_workers=1)
-    release = threading.Event()
+    def slow_decide(name, x, user=None, *args, **kw):
+        if user == "slow":        # holds the serving thread, as a long batch would
+            inside.set()
+            release.wait(10)
+        return decide(name, x, user, *args, **kw)
 
-    def reflection_requests():
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-        release.wait(10)          # the server-side handler blocks reading the next request
-
+    server.client.decide = slow_decide
     try:
         with grpc.insecure_channel(server.address) as ch:
             stub = decision_pb2_grpc.DecisionServiceStub(ch)
-            assert stub.Decide(_decide(user="a"), timeout=5).reason in ("POLICY", "HOLDOUT")
-            stream = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                reflection_requests())
-            next(stream)                                 # the worker is now inside the stream
+            slow = stub.Decide.future(_decide(user="slow"), timeout=10)
+            assert inside.wait(5)
             with pytest.raises(grpc.RpcError) as info:
                 stub.Decide(_decide(user="b"), timeout=0.3)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             release.set()
-            assert list(stream) == []                    # the stream ends; the worker is free
+            assert slow.result().event_id
             assert stub.Decide(_decide(user="c"), timeout=5).event_id
         # Only the two calls that were answered were decided (and logged).
         assert server.client.stats()["decisions"] == 2
@@ -572,3 +576,19 @@ def test_readme_grpcurl_payloads_work(tmp_path):
                 assert response.reason == "POLICY" and response.action in policy.action_ids
                 assert json.loads(json_format.MessageToJson(response))["eventId"]
         assert server.client.stats()["outcomes"] == 1
+
+
+def test_grpc_without_the_loops_needs_falls_back_to_the_pool(learner, tmp_path, monkeypatch,
+                                                             caplog):
+    """A gRPC release that changes the Cython layer the loop uses must not break serving."""
+    from loops_sdk import unary_loop
+    monkeypatch.setattr(unary_loop, "supported", lambda server: False)
+    server = serve(learner, tmp_path)
+    try:
+        assert not server.serving_loop
+        assert "thread pool" in caplog.text
+        with grpc.insecure_channel(server.address) as ch:
+            assert decision_pb2_grpc.DecisionServiceStub(ch).Decide(
+                _decide(user="a"), timeout=5).event_id
+    finally:
+        server.stop()
