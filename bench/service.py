@@ -7,15 +7,17 @@ way a backend calls it) and ``DecideBatch`` of 100 rows (packed matrix + user ke
 path), at 1, 8 and 64 concurrent callers (closed loop: each caller has its own connection and
 sends its next call when the last one returns), it measures decisions/s and per-call p50/p99
 latency over a fixed window after a warm-up. It does so for one service process and for a pool
-of one pinned process per CPU (``loops serve --processes N --pin-cpus``).
+of one pinned process per CPU (``loops serve --processes N --pin-cpus``), and, for comparison,
+``Decide`` at 8 callers on that pool with the decision methods in gRPC's thread pool
+(``--thread-pool``) instead of the single-thread loop.
 
 The load generator is ``h2load`` (nghttp2's compiled HTTP/2 load tester: pre-framed gRPC
 request bodies, per-request times in its log) when it is installed, so the measuring side
 takes as little of the shared CPUs as possible; otherwise spawned asyncio gRPC clients (about
 four times the CPU per call). h2load sees HTTP status only, not gRPC status, so every run is
 checked at the learner: it must have received at least one logged decision per call answered.
-A no-op RPC (health check) through the same server at 8 callers gives the floor that gRPC
-itself sets on the machine.
+A no-op RPC (health check, which gRPC's thread pool serves) through the same server at 8
+callers shows what a call costs on that path before any handler runs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ TARGET_BATCH_PER_S = 100_000
 TARGET_DECIDE_P99_NS = 2_000_000
 _METHODS = {"Decide": "/loops.v1.DecisionService/Decide",
             "DecideBatch": "/loops.v1.DecisionService/DecideBatch",
-            # the floor: a no-op RPC (health check) through the same server, same load
+            # a no-op RPC (health check, served by gRPC's thread pool), same server and load
             "Check": "/grpc.health.v1.Health/Check"}
 
 
@@ -316,7 +318,7 @@ def measure(quick: bool) -> dict:
     try:
         import grpc
         from grpc_health.v1 import health_pb2_grpc
-        del health_pb2_grpc   # only checking it is installed: the floor and readiness use it
+        del health_pb2_grpc   # only checking it is installed: the no-op and readiness use it
 
         from loops_sdk._proto import learner_pb2, learner_pb2_grpc
     except ImportError as exc:
@@ -325,10 +327,15 @@ def measure(quick: bool) -> dict:
     warmup, seconds = (0.2, 0.5) if quick else (0.5, 2.0)
     loadgen = _loadgen()
     cpus = len(os.sched_getaffinity(0))
-    shapes = [("1 process", 1, []), (f"{cpus} processes, pinned", cpus, ["--pin-cpus"])]
+    pool = f"{cpus} processes, pinned"
+    # (shape, processes, extra flags, what to run: None = every kind and caller count)
+    shapes = [("1 process", 1, [], None), (pool, cpus, ["--pin-cpus"], None),
+              (f"{pool}, thread pool", cpus, ["--pin-cpus", "--thread-pool"],
+               [("Decide", 8)])]
     out: dict = {"runs": [], "floors": [], "window_s": seconds, "server_workers": SERVER_WORKERS,
                  "loadgen": "python asyncio" if loadgen == "python" else Path(loadgen).name,
-                 "shapes": [name for name, _, _ in shapes]}
+                 "shapes": [name for name, _, _, only in shapes if only is None],
+                 "comparisons": [name for name, _, _, only in shapes if only is not None]}
     with tempfile.TemporaryDirectory() as tmp:
         learner, learner_addr = _start(["learner", "--db", str(Path(tmp) / "bench.sqlite"),
                                         "--port", "0"])
@@ -336,7 +343,7 @@ def measure(quick: bool) -> dict:
             with grpc.insecure_channel(learner_addr) as ch:
                 learner_pb2_grpc.LearnerServiceStub(ch).PublishPolicy(learner_pb2.PublishRequest(
                     policy=make_policy().to_bytes(), reason="bench"), timeout=30)
-            for i, (shape, processes, extra) in enumerate(shapes):
+            for i, (shape, processes, extra, only) in enumerate(shapes):
                 server, addr = _start(["serve", "--policy-name", POLICY, "--learner",
                                        learner_addr, "--port", "0", "--spool-dir",
                                        str(Path(tmp) / f"spool-{i}"), "--max-workers",
@@ -344,13 +351,15 @@ def measure(quick: bool) -> dict:
                                        *extra])
                 try:
                     _wait_serving(addr)
-                    for kind in ("Decide", "DecideBatch"):
-                        for callers in CALLERS:
-                            out["runs"].append({"shape": shape, **_run_load(
-                                loadgen, addr, kind, callers, warmup, seconds, server.pid,
-                                learner_addr)})
-                    out["floors"].append({"shape": shape, **_run_load(
-                        loadgen, addr, "Check", 8, warmup, seconds, server.pid, learner_addr)})
+                    for kind, callers in only or [(k, c) for k in ("Decide", "DecideBatch")
+                                                  for c in CALLERS]:
+                        out["runs"].append({"shape": shape, **_run_load(
+                            loadgen, addr, kind, callers, warmup, seconds, server.pid,
+                            learner_addr)})
+                    if only is None:
+                        out["floors"].append({"shape": shape, **_run_load(
+                            loadgen, addr, "Check", 8, warmup, seconds, server.pid,
+                            learner_addr)})
                 finally:
                     _stop(server)
         finally:
@@ -376,10 +385,11 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                              f"{r['server_cores']:.2f}, load {r['load_cores']:.2f}{checked}",
                         extra=r))
     for f in data["floors"]:
-        rows.append(Row("service", f"floor: no-op health Check, 8 callers ({f['shape']})",
+        rows.append(Row("service", f"no-op health Check, 8 callers ({f['shape']})",
                         f["calls_per_s"], "calls/s",
                         note=f"per call p50 {f['p50_ns'] / 1e3:,.0f} µs, p99 "
-                             f"{f['p99_ns'] / 1e3:,.0f} µs: gRPC itself, same server", extra=f))
+                             f"{f['p99_ns'] / 1e3:,.0f} µs: gRPC's thread pool, no handler work",
+                        extra=f))
     verified = all(r["verified"] for r in data["runs"])
     gen = f"load: {data['loadgen']}, one connection per caller"
     for shape in data["shapes"]:

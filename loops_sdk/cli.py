@@ -384,7 +384,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7071, help="0 = pick a free port")
     p.add_argument("--max-workers", type=int, default=4,
-                   help="server threads (a few serve best: handlers hold the GIL briefly)")
+                   help="server threads for health checks and reflection (and for the "
+                   "decision methods with --thread-pool)")
+    p.add_argument("--thread-pool", action="store_true",
+                   help="serve the decision methods from gRPC's thread pool instead of the "
+                   "single-thread loop (about three times the CPU per call)")
     p.add_argument("--max-batch-rows", type=int, default=10_000,
                    help="largest DecideBatch accepted")
     p.add_argument("--max-message-mb", type=float, default=4.0,
@@ -411,7 +415,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           spool_dir=args.spool_dir, token=sec.token, tls_ca=sec.tls_ca,
                           tls_cert=sec.tls_cert, tls_key=sec.tls_key, insecure=sec.insecure)
     limits = dict(max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
-                  max_message_bytes=int(args.max_message_mb * (1 << 20)))
+                  max_message_bytes=int(args.max_message_mb * (1 << 20)),
+                  unary_loop=not args.thread_pool)
     if args.processes < 1:
         raise SystemExit("loops serve: --processes must be >= 1")
     if args.processes == 1 and not args.pin_cpus:

@@ -123,7 +123,7 @@ class DecisionServerPool:
         processes: number of workers (at least 1).
         pin_cpus: bind worker K to the K-th CPU this process may use (modulo their number).
         security: TLS and tokens, the same for every worker.
-        max_workers, max_batch_rows, max_message_bytes: per worker, as for
+        max_workers, max_batch_rows, max_message_bytes, unary_loop: per worker, as for
             :class:`~loops_sdk.service.DecisionServer`.
         restart: start a worker again when it dies unexpectedly.
         start_timeout: seconds :meth:`start` waits for every worker to listen.
@@ -133,7 +133,7 @@ class DecisionServerPool:
                  processes: int = 2, pin_cpus: bool = False,
                  security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 << 20,
-                 restart: bool = True, start_timeout: float = _START_TIMEOUT) -> None:
+                 unary_loop: bool = True, restart: bool = True, start_timeout: float = _START_TIMEOUT) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
         self.security = security if security is not None else ServerSecurity()
@@ -146,7 +146,7 @@ class DecisionServerPool:
         self.restarts = 0
         self._requested_port = int(port)
         self._options = {"max_workers": max_workers, "max_batch_rows": max_batch_rows,
-                         "max_message_bytes": max_message_bytes}
+                         "max_message_bytes": max_message_bytes, "unary_loop": unary_loop}
         self._cpus = sorted(os.sched_getaffinity(0)) if pin_cpus else None
         self._start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")   # never fork a process that holds gRPC state

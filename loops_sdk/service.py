@@ -444,9 +444,10 @@ class DecisionServer:
             flushing what it logged to the learner).
         host, port: where to listen (port 0 = ephemeral; read :attr:`port` after start).
         security: TLS and tokens; the default serves plaintext on loopback only.
-        max_workers: server threads. Handlers take microseconds and hold the GIL, so a few
-            threads serve best (more only contend); calls beyond them queue. An open
-            reflection stream holds one thread while it lasts.
+        max_workers: gRPC's server threads, for health checks and reflection (and for the
+            decision methods when ``unary_loop`` is off). Handlers take microseconds and hold
+            the GIL, so a few threads serve best (more only contend); calls beyond them
+            queue. An open reflection stream holds one thread while it lasts.
         max_batch_rows: largest DecideBatch (rows or matrix rows).
         max_message_bytes: largest request or response message.
         reuse_port: share ``port`` with other processes that also set it (``SO_REUSEPORT``:

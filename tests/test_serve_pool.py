@@ -100,7 +100,9 @@ def test_a_dead_worker_is_replaced_while_the_other_keeps_serving(learner, tmp_pa
 
 def test_pinned_workers_each_run_on_one_cpu(learner, tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
-    with DecisionServerPool(_config(learner, tmp_path), processes=2, pin_cpus=True) as pool:
+    # (the workers also serve from gRPC's thread pool here: server options reach them)
+    with DecisionServerPool(_config(learner, tmp_path), processes=2, pin_cpus=True,
+                            unary_loop=False) as pool:
         for k, pid in enumerate(pool.pids):
             assert os.sched_getaffinity(pid) == {cpus[k % len(cpus)]}
             assert pool.cpu_of(k) == cpus[k % len(cpus)]
