@@ -263,7 +263,10 @@ class UnaryLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the loop once the server has stopped (its calls are finished or cancelled)."""
+        """End the loop once the server has stopped (its calls are finished or cancelled).
+        Idempotent."""
+        if self._stopping and (self._thread is None or not self._thread.is_alive()):
+            return
         self._stopping = True
         if self._cq is not None and self._thread is not None:
             self._cq.shutdown()
@@ -291,15 +294,25 @@ class UnaryLoop:
                     self._on_call(tag, event)
                 elif type(tag) is _Finishing:
                     self._run_callbacks(tag.callbacks)
-            except Exception:  # never let one call end the loop
-                logger.exception("decision service loop: unexpected error")
+            except Exception:  # never let one call end the loop, nor leave its caller waiting
+                logger.exception("unary loop: unexpected error")
+                call = getattr(tag, "call", None) or getattr(event, "call", None)
+                if call is not None and type(tag) is not _Finishing:
+                    try:
+                        self._finish(call, None, grpc.StatusCode.INTERNAL,
+                                     "internal error in the server", (), None, [])
+                    except Exception:
+                        pass
             event = tag = None   # drop the call before blocking again
 
     def _on_call(self, tag: _Requested, event: Any) -> None:
         if not event.success:      # the server is shutting down: this request is withdrawn
             return
         if not self._stopping:
-            self._request(tag.method)
+            try:
+                self._request(tag.method)
+            except ValueError:   # the server began shutting down: no new calls, answer this
+                self._stopping = True
         call, metadata = event.call, tuple(event.invocation_metadata)
         if self._authorize is not None:
             refused = self._authorize(tag.method, metadata)
@@ -359,7 +372,10 @@ class UnaryLoop:
         ops.append(cygrpc.SendStatusFromServerOperation(
             tuple(trailing), _status_code(code), details.encode("utf-8"), _NO_FLAGS))
         ops.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
-        call.start_server_batch(ops, _Finishing(call, callbacks))
+        error = call.start_server_batch(ops, _Finishing(call, callbacks))
+        if error:   # gRPC refused the batch (the call is gone): nothing will be delivered
+            logger.debug("could not answer a call: gRPC call error %s", error)
+            self._run_callbacks(callbacks)
 
     @staticmethod
     def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:

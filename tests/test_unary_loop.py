@@ -243,3 +243,26 @@ def test_attach_before_start_is_required():
     with pytest.raises(RuntimeError, match="attach"):
         loop.start()
     server.stop(None)
+
+
+def test_a_call_that_arrived_before_stop_is_still_answered(served):
+    """A call waiting in the loop's queue when the server starts shutting down is answered
+    within the grace period (no new requests can be made for its method by then)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def maybe_slow(request, context):
+        if request == b"slow":
+            inside.set()
+            release.wait(10)
+        return request
+
+    s = served({ECHO: _raw(maybe_slow)})
+    first = s.channel.unary_unary(ECHO).future(b"slow", timeout=10)
+    assert inside.wait(5)
+    queued = s.channel.unary_unary(ECHO).future(b"queued", timeout=10)
+    time.sleep(0.3)                       # it reaches the server and waits for the loop
+    stopped = s.server.stop(5)
+    release.set()
+    assert first.result() == b"slow"
+    assert queued.result() == b"queued"
+    assert stopped.wait(5)
