@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,3 +106,26 @@ def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return predicate()
+
+
+def run_concurrently(work, threads: int, timeout: float = 60.0) -> list[BaseException]:
+    """Run ``work(k)`` for k in range(threads), each on its own thread, all at once; return
+    what they raised (a thread still running after ``timeout`` counts as a failure)."""
+    errors: list[BaseException] = []
+
+    def guarded(k):
+        try:
+            work(k)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    running = [threading.Thread(target=guarded, args=(k,), daemon=True) for k in range(threads)]
+    for t in running:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in running:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in running if t.is_alive()]
+    if stuck:
+        errors.append(TimeoutError(f"threads still running after {timeout} s: {stuck}"))
+    return errors

@@ -24,7 +24,7 @@ from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
 from loops_sdk.service import SERVICE_NAME, DecisionServer
 
-from sdk_helpers import ROOT
+from sdk_helpers import ROOT, run_concurrently
 
 SEED = 11
 ACTIONS = ["none", "spins", "cashback", "match"]
@@ -454,21 +454,14 @@ def test_expired_call_is_not_decided(learner, tmp_path, unary_loop):
 
 
 def test_concurrent_callers_get_unique_event_ids(stub, server):
-    ids, errors = [], []
+    ids = []
 
     def worker(k):
-        try:
-            for i in range(40):
-                ids.append(stub.Decide(_decide(user=f"{k}-{i}"), timeout=5).event_id)
-        except Exception as exc:   # noqa: BLE001 - surfaced below
-            errors.append(exc)
+        for i in range(40):
+            ids.append(stub.Decide(_decide(user=f"{k}-{i}"), timeout=5).event_id)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors and len(ids) == 320 and len(set(ids)) == 320
+    assert run_concurrently(worker, 8, timeout=30) == []
+    assert len(ids) == 320 and len(set(ids)) == 320
 
 
 # --------------------------------------------------------------------------- to the learner

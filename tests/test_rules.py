@@ -8,7 +8,6 @@ clock. Nothing here sleeps or reads wall-clock durations.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from loops_sdk.batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_HO
 from loops_sdk.learner.store import EventStore
 from loops_sdk.rules import CAP_BIT_SHIFT, MAX_CAPS, MAX_RULES
 
-from sdk_helpers import _scorer_c, make_kernel
+from sdk_helpers import _scorer_c, make_kernel, run_concurrently
 
 DATA = Path(__file__).parent / "data"
 ACTIONS = (Action("none"), Action("spins", 2.0, ("spins",), value=5.0),
@@ -428,24 +427,15 @@ def test_caps_hold_under_concurrent_decisions(impl):
     users = [f"u{i}" for i in range(10)]
     rng = np.random.default_rng(1)
     X4 = rng.normal(size=(4, 5))
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            for i in range(120 if impl is _scorer_py else 600):
-                if i % 5 == 0:
-                    eng.decide_batch("bonus", np.tile(X4[t], (4, 1)), users=users[t:t + 4])
-                else:
-                    eng.decide("bonus", X4[t], user=users[(t + i) % 10])
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(120 if impl is _scorer_py else 600):
+            if i % 5 == 0:
+                eng.decide_batch("bonus", np.tile(X4[t], (4, 1)), users=users[t:t + 4])
+            else:
+                eng.decide("bonus", X4[t], user=users[(t + i) % 10])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert run_concurrently(work, 4) == []
     recs = eng._drain_records()
     user_hash = np.concatenate([b.user_hash for b in recs.decisions])
     action = np.concatenate([b.action for b in recs.decisions])

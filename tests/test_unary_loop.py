@@ -12,6 +12,8 @@ import pytest
 
 from loops_sdk.unary_loop import UnaryLoop, UnaryMethod, supported
 
+from sdk_helpers import run_concurrently
+
 ECHO = "/test.Loop/Echo"
 POOL = "/test.Pool/Echo"
 
@@ -195,23 +197,15 @@ def test_message_size_limit_is_grpcs(served):
 
 def test_many_concurrent_callers_all_answered(served):
     s = served({ECHO: _raw(_echo)})
-    errors, answers = [], []
+    answers = []
 
     def caller(k):
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
-                echo = ch.unary_unary(ECHO)
-                for i in range(50):
-                    answers.append(echo(f"{k}-{i}".encode(), timeout=10))
-        except Exception as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+            echo = ch.unary_unary(ECHO)
+            for i in range(50):
+                answers.append(echo(f"{k}-{i}".encode(), timeout=10))
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert run_concurrently(caller, 16) == []
     assert sorted(answers) == sorted(f"{k}-{i}".encode() for k in range(16) for i in range(50))
 
 
