@@ -235,13 +235,13 @@ class UnaryLoop:
                  authorize: Authorize | None = None) -> None:
         if not supported(server):
             raise RuntimeError("this gRPC build does not offer what UnaryLoop needs")
-        self._server = server
         self._core = _core_server(server)
         self._methods = dict(methods)
         self._authorize = authorize
         self._cq: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._cq_shut = False
         self.calls = 0          # answered calls (any status)
 
     def attach(self) -> None:
@@ -265,11 +265,11 @@ class UnaryLoop:
     def stop(self, timeout: float = 5.0) -> None:
         """End the loop once the server has stopped (its calls are finished or cancelled).
         Idempotent."""
-        if self._stopping and (self._thread is None or not self._thread.is_alive()):
-            return
         self._stopping = True
         if self._cq is not None and self._thread is not None:
-            self._cq.shutdown()
+            if not self._cq_shut:
+                self._cq_shut = True
+                self._cq.shutdown()
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ the loop
@@ -328,9 +328,12 @@ class UnaryLoop:
 
     def _on_message(self, tag: _Reading, event: Any) -> None:
         call = tag.call
-        message = event.batch_operations[0].message() if event.success else None
-        if message is None:
-            # The client half-closed without a message, or the call is already gone.
+        if not event.success:      # the call ended (cancelled, deadline) before its message
+            self._finish(call, None, grpc.StatusCode.CANCELLED,
+                         "the call ended before its request arrived", (), None, [])
+            return
+        message = event.batch_operations[0].message()
+        if message is None:        # the client half-closed without sending a message
             self._finish(call, None, grpc.StatusCode.UNIMPLEMENTED,
                          f"{tag.method} requires exactly one request message", (), None, [])
             return

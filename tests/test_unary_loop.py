@@ -144,8 +144,11 @@ def test_statuses_match_the_thread_pool_server(served):
         with pytest.raises(grpc.RpcError) as info:
             s.call(method)
         assert _status(info) == status, method
+    with pytest.raises(grpc.RpcError) as info:   # a client that sends no message at all
+        s.channel.stream_unary(ECHO)(iter(()), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert s.call(ECHO, b"ok") == b"ok"     # the loop survived every failure
-    assert s.loop.calls == len(expected) + 1
+    assert s.loop.calls == len(expected) + 2
 
 
 def test_metadata_sent_back_and_callbacks_run(served):
