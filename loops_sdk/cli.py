@@ -388,7 +388,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "decision methods with --thread-pool)")
     p.add_argument("--thread-pool", action="store_true",
                    help="serve the decision methods from gRPC's thread pool instead of the "
-                   "single-thread loop (about three times the CPU per call)")
+                   "single-thread loop (about 1.6 times the CPU per call)")
     p.add_argument("--max-batch-rows", type=int, default=10_000,
                    help="largest DecideBatch accepted")
     p.add_argument("--max-message-mb", type=float, default=4.0,

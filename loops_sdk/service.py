@@ -455,7 +455,7 @@ class DecisionServer:
             :class:`~loops_sdk.serve_pool.DecisionServerPool`. Off by default, so a second
             server on a port in use fails to bind instead of silently sharing it.
         unary_loop: serve the DecisionService methods from one thread on gRPC's completion
-            queue (:mod:`loops_sdk.unary_loop`: about a third of the CPU per call, so lower
+            queue (:mod:`loops_sdk.unary_loop`: about 60% of the CPU per call, so lower
             latency under load); health and reflection keep the thread pool. False serves
             everything from the pool, as does a gRPC build without what the loop needs.
     """
