@@ -332,7 +332,7 @@ def measure(quick: bool) -> dict:
     shapes = [("1 process", 1, [], None), (pool, cpus, ["--pin-cpus"], None),
               (f"{pool}, thread pool", cpus, ["--pin-cpus", "--thread-pool"],
                [("Decide", 8)])]
-    out: dict = {"runs": [], "floors": [], "window_s": seconds, "server_workers": SERVER_WORKERS,
+    out: dict = {"runs": [], "noop_runs": [], "window_s": seconds, "server_workers": SERVER_WORKERS,
                  "loadgen": "python asyncio" if loadgen == "python" else Path(loadgen).name,
                  "shapes": [name for name, _, _, only in shapes if only is None],
                  "comparisons": [name for name, _, _, only in shapes if only is not None]}
@@ -357,7 +357,7 @@ def measure(quick: bool) -> dict:
                             loadgen, addr, kind, callers, warmup, seconds, server.pid,
                             learner_addr)})
                     if only is None:
-                        out["floors"].append({"shape": shape, **_run_load(
+                        out["noop_runs"].append({"shape": shape, **_run_load(
                             loadgen, addr, "Check", 8, warmup, seconds, server.pid,
                             learner_addr)})
                 finally:
@@ -384,7 +384,7 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                              f"{r['p99_ns'] / 1e3:,.0f} µs; cores used: service "
                              f"{r['server_cores']:.2f}, load {r['load_cores']:.2f}{checked}",
                         extra=r))
-    for f in data["floors"]:
+    for f in data["noop_runs"]:
         rows.append(Row("service", f"no-op health Check, 8 callers ({f['shape']})",
                         f["calls_per_s"], "calls/s",
                         note=f"per call p50 {f['p50_ns'] / 1e3:,.0f} µs, p99 "

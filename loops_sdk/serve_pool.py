@@ -133,7 +133,8 @@ class DecisionServerPool:
                  processes: int = 2, pin_cpus: bool = False,
                  security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 << 20,
-                 unary_loop: bool = True, restart: bool = True, start_timeout: float = _START_TIMEOUT) -> None:
+                 unary_loop: bool = True, restart: bool = True,
+                 start_timeout: float = _START_TIMEOUT) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
         self.security = security if security is not None else ServerSecurity()

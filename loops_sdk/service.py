@@ -43,7 +43,6 @@ from .rules import batch_attributes, compile_constraints
 from .scorer import stable_hash
 from . import unary_loop
 from .security import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
-from .unary_loop import UnaryLoop
 
 __all__ = ["DecisionServer", "DecisionServicer", "SERVICE_NAME"]
 
@@ -479,7 +478,7 @@ class DecisionServer:
         self._max_message_bytes = max_message_bytes
         self._reuse_port = bool(reuse_port)
         self._want_loop = bool(unary_loop)
-        self._loop: UnaryLoop | None = None
+        self._loop: unary_loop.UnaryLoop | None = None
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._stop = threading.Event()
@@ -527,17 +526,17 @@ class DecisionServer:
                     list(self.client.config.watched_names) or list(self.client.policies))
         return self
 
-    def _unary_loop(self, server: grpc.Server, servicer: DecisionServicer) -> UnaryLoop | None:
+    def _unary_loop(self, server: grpc.Server,
+                    servicer: DecisionServicer) -> unary_loop.UnaryLoop | None:
         if not self._want_loop:
             return None
         if not unary_loop.supported(server):
             logger.warning("this gRPC build lacks what the decision service's single-thread "
                            "loop needs: serving from gRPC's thread pool (more CPU per call)")
             return None
-        auth = self.security.authorizer(DECISION_METHOD_ROLES)
-        return UnaryLoop(server, unary_loop.service_methods(servicer, decision_pb2.DESCRIPTOR
-                                                            .services_by_name["DecisionService"]),
-                         authorize=auth)
+        service = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"]
+        return unary_loop.UnaryLoop(server, unary_loop.service_methods(servicer, service),
+                                    authorize=self.security.authorizer(DECISION_METHOD_ROLES))
 
     @property
     def serving_loop(self) -> bool:
