@@ -31,13 +31,26 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock
-from .batch import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT
-from .batch import FLAG_RULE
-from .batch import OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD
+from .records import DecisionBlock, FeedbackRecords, OutcomeBlock
+from .records import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT
+from .records import FLAG_RULE
+from .records import OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD
+from .records import DECISION_COLUMNS, OUTCOME_COLUMNS, decision_buffers, outcome_buffers
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
 from .errors import FeatureError, UnknownActionError
 from .rules import CAP_BIT_SHIFT, OP_CODES, attribute_error, batch_attributes, batch_baselines
+
+# The recorders write every column of the record table through these C types: a column added
+# to the table, or a dtype changed there, must be handled here too (and in the twin's
+# Recorder.write), so refuse to load rather than ship unwritten or mistyped rows.
+_C_DTYPES = {"event_hi": "<u8", "event_lo": "<u8", "ts_ns": "<i8", "version": "<u8",
+             "user_hash": "<u8", "x": "<f8", "eligible": "u1", "action": "<i4", "prob": "<f8",
+             "flags": "u1", "rules": "<u8", "policy_action": "<i4", "policy_prob": "<f8",
+             "type": "u1", "value": "<f8", "kind": "<u2"}
+for _c in DECISION_COLUMNS + OUTCOME_COLUMNS:
+    if _c.name not in _C_DTYPES or _c.dtype != np.dtype(_C_DTYPES[_c.name]):
+        raise ImportError(f"record column {_c.name!r} ({_c.dtype}) is not what the recorder "
+                          f"writes ({_C_DTYPES.get(_c.name)})")
 
 cnp.import_array()
 
@@ -632,19 +645,11 @@ cdef class Recorder:
         self.count = 0
         self.K = len(layout[1])
         self.D = len(layout[2])
-        c = self.cols = {
-            "event_hi": np.empty(capacity, np.uint64), "event_lo": np.empty(capacity, np.uint64),
-            "ts_ns": np.empty(capacity, np.int64), "version": np.empty(capacity, np.uint64),
-            "user_hash": np.empty(capacity, np.uint64),
-            "x": np.empty((capacity, self.D), np.float64),
-            "eligible": np.empty((capacity, self.K), np.uint8),
-            "action": np.empty(capacity, np.int32), "prob": np.empty(capacity, np.float64),
-            "flags": np.empty(capacity, np.uint8)}
+        # The columns come from the record table (by name); the typed pointers below are the
+        # kernel's view of them.
+        c = self.cols = decision_buffers(capacity, self.D, self.K, extended)
         self.extended = extended
         if extended:
-            c["rules"] = np.empty(capacity, np.uint64)
-            c["policy_action"] = np.empty(capacity, np.int32)
-            c["policy_prob"] = np.empty(capacity, np.float64)
             self.rules = <uint64_t*>cnp.PyArray_DATA(c["rules"])
             self.pact = <int32_t*>cnp.PyArray_DATA(c["policy_action"])
             self.pprob = <double*>cnp.PyArray_DATA(c["policy_prob"])
@@ -741,13 +746,7 @@ cdef class OutcomeRecorder:
     def __init__(self, Py_ssize_t capacity):
         self.capacity = capacity
         self.count = 0
-        c = self.cols = {"type": np.empty(capacity, np.uint8),
-                         "event_hi": np.empty(capacity, np.uint64),
-                         "event_lo": np.empty(capacity, np.uint64),
-                         "user_hash": np.empty(capacity, np.uint64),
-                         "ts_ns": np.empty(capacity, np.int64),
-                         "value": np.empty(capacity, np.float64),
-                         "kind": np.empty(capacity, np.uint16)}
+        c = self.cols = outcome_buffers(capacity)
         self.type = <uint8_t*>cnp.PyArray_DATA(c["type"])
         self.event_hi = <uint64_t*>cnp.PyArray_DATA(c["event_hi"])
         self.event_lo = <uint64_t*>cnp.PyArray_DATA(c["event_lo"])

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
-                    FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD, DecisionBlock,
-                    FeedbackRecords, OutcomeBlock)
+from .records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
+                      FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
+                      DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
+                      outcome_buffers)
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
 from .errors import FeatureError, UnknownActionError
 from .rules import (CAP_BIT_SHIFT, _scalar_attribute, batch_attributes, batch_baselines,
@@ -397,16 +398,7 @@ class Recorder:
         self.capacity = capacity
         self.count = 0
         k, d = len(layout[1]), len(layout[2])
-        self.cols = {
-            "event_hi": np.empty(capacity, np.uint64), "event_lo": np.empty(capacity, np.uint64),
-            "ts_ns": np.empty(capacity, np.int64), "version": np.empty(capacity, np.uint64),
-            "user_hash": np.empty(capacity, np.uint64), "x": np.empty((capacity, d), np.float64),
-            "eligible": np.empty((capacity, k), np.uint8), "action": np.empty(capacity, np.int32),
-            "prob": np.empty(capacity, np.float64), "flags": np.empty(capacity, np.uint8)}
-        if self.extended:
-            self.cols.update(rules=np.empty(capacity, np.uint64),
-                             policy_action=np.empty(capacity, np.int32),
-                             policy_prob=np.empty(capacity, np.float64))
+        self.cols = decision_buffers(capacity, d, k, self.extended)
 
     def write(self, hi, lo, ts, version, uh, x, mask, action, prob, flags, bits=0,
               policy_action=-1, policy_prob=0.0):
@@ -432,13 +424,7 @@ class OutcomeRecorder:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.count = 0
-        self.cols = {"type": np.empty(capacity, np.uint8),
-                     "event_hi": np.empty(capacity, np.uint64),
-                     "event_lo": np.empty(capacity, np.uint64),
-                     "user_hash": np.empty(capacity, np.uint64),
-                     "ts_ns": np.empty(capacity, np.int64),
-                     "value": np.empty(capacity, np.float64),
-                     "kind": np.empty(capacity, np.uint16)}
+        self.cols = outcome_buffers(capacity)
 
     def write(self, t, hi, lo, uh, value, kind):
         r, c = self.count, self.cols

@@ -23,13 +23,12 @@ import random
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-from .batch import PAYLOAD_FORMAT, FeedbackRecords, OutcomeBlock, encode_records
+from .records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
 from .errors import PolicyError
 from .policy import Policy
 from .security import open_channel
@@ -50,52 +49,6 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 # A missing or wrong token is a deployment mistake, not bad data: keep (spool) the records
 # and retry, so they arrive once the token is fixed.
 _AUTH_FAILURES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-
-
-def split_records(records: FeedbackRecords, limit: int) -> list[FeedbackRecords]:
-    """Cut records into parts of at most ``limit`` rows (blocks are sliced, never mixed)."""
-    parts: list[FeedbackRecords] = []
-    decisions: list = []
-    outcomes = None
-    room = limit
-
-    def close() -> None:
-        nonlocal decisions, outcomes, room
-        parts.append(FeedbackRecords(decisions, outcomes if outcomes is not None
-                                     else OutcomeBlock.empty()))
-        decisions, outcomes, room = [], None, limit
-
-    for block in records.decisions:
-        start = 0
-        while start < len(block):
-            take = min(room, len(block) - start)
-            decisions.append(_slice_block(block, start, start + take))
-            start += take
-            room -= take
-            if room == 0:
-                close()
-    start = 0
-    while start < len(records.outcomes):
-        take = min(room, len(records.outcomes) - start)
-        outcomes = _slice_outcomes(records.outcomes, start, start + take)
-        start += take
-        room -= take
-        if room == 0:
-            close()
-    if decisions or outcomes is not None:
-        close()
-    return parts
-
-
-def _slice_block(block, a: int, b: int):
-    cols = ("event_hi", "event_lo", "ts_ns", "version", "user_hash", "x", "eligible",
-            "action", "prob", "flags")
-    return replace(block, **{c: getattr(block, c)[a:b] for c in cols})
-
-
-def _slice_outcomes(block, a: int, b: int):
-    cols = ("type", "event_hi", "event_lo", "user_hash", "ts_ns", "value", "kind")
-    return replace(block, **{c: getattr(block, c)[a:b] for c in cols})
 
 
 def default_spool_dir(learner: str, names: tuple[str, ...]) -> str:

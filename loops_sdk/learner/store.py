@@ -56,7 +56,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..batch import FLAG_DEFERRED, OUTCOME_ACTIVATE, FeedbackRecords
+from ..records import (DECISION_COLUMNS, FLAG_DEFERRED, OPTIONAL_DECISION_COLUMNS,
+                       OUTCOME_ACTIVATE, OUTCOME_COLUMNS, FeedbackRecords)
 
 __all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
            "STATUS_JOINED", "POLICY_STATES", "DECISIONS"]
@@ -150,20 +151,26 @@ POLICY_STATES = ("deployed", "retired", "rolled_back", "candidate")
 # rollback. "" on versions stored before decisions were recorded.
 DECISIONS = ("promoted", "rejected", "held", "manual", "initial", "rollback")
 
-_INSERT_BLOCK = (
-    "INSERT INTO blocks (layout, n, event_hi, event_lo, ts_ns, version, user_hash, x, eligible,"
-    " action, prob, flags, status, value, n_outcomes, reward, pending, next_check_ns, rules,"
-    " policy_action, policy_prob) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-# Optional decision columns (loops_sdk.batch): dtype and the value of a row without them.
-_DECISION_EXTRAS = {"rules": (_U8, 0), "policy_action": (np.dtype("<i4"), -1),
-                    "policy_prob": (_F8, 0.0)}
+# A block row: the record columns of loops_sdk.records' table, each a blob (an optional one
+# NULL when every row has its default), then the joiner's per-row state.
+_RECORD_COLUMNS = tuple(c.name for c in DECISION_COLUMNS)
+_JOIN_STATE = (("status", np.dtype("u1")), ("value", _F8), ("n_outcomes", np.dtype("<i4")),
+               ("reward", _F8))
+_BLOCK_FIELDS = ("layout", "n", *_RECORD_COLUMNS, *(name for name, _ in _JOIN_STATE),
+                 "pending", "next_check_ns")
+_INSERT_BLOCK = (f"INSERT INTO blocks ({', '.join(_BLOCK_FIELDS)}) "
+                 f"VALUES ({', '.join('?' * len(_BLOCK_FIELDS))})")
+# What load_block reads without x/eligible (most of a block's bytes, loaded on request).
+_WIDE = tuple(c for c in DECISION_COLUMNS if c.width != "1")
+_NARROW = tuple(c for c in DECISION_COLUMNS if c.width == "1")
 _INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
                 " VALUES (?,?,?,?,?,?)")
 _SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
 _INT64_MAX = (1 << 63) - 1
 _INT64_MIN = -(1 << 63)
-_INSERT_OUTCOME = ("INSERT INTO outcomes (type, event_hi, event_lo, user_hash, ts_ns, value, kind)"
-                   " VALUES (?,?,?,?,?,?,?)")
+# One row per outcome, one SQL column per record column (kind as its name).
+_INSERT_OUTCOME = (f"INSERT INTO outcomes ({', '.join(c.name for c in OUTCOME_COLUMNS)})"
+                   f" VALUES ({', '.join('?' * len(OUTCOME_COLUMNS))})")
 _INSERT_DEFERRED = (
     "INSERT OR IGNORE INTO deferred (event_hi, event_lo, block, row, activated_ns) VALUES "
     "(?1, ?2, ?3, ?4, (SELECT MIN(ts_ns) FROM outcomes WHERE type = 2 AND event_hi = ?1"
@@ -205,6 +212,11 @@ class Block:
 
     def __len__(self) -> int:
         return int(self.event_lo.shape[0])
+
+
+# load_block fills a Block from the column table: it must have a field for every column.
+if not {c.name for c in DECISION_COLUMNS} <= set(Block.__dataclass_fields__):
+    raise TypeError("store.Block lacks a column of loops_sdk.records.DECISION_COLUMNS")
 
 
 @dataclass(frozen=True)
@@ -398,10 +410,9 @@ class EventStore:
                 kinds = list(o.kinds) or [""]
                 kind_col = [kinds[k] if k < len(kinds) else "" for k in o.kind.tolist()] \
                     if len(o.kinds) else [""] * len(o)
-                con.executemany(_INSERT_OUTCOME, zip(
-                    o.type.tolist(), o.event_hi.view(np.int64).tolist(),
-                    o.event_lo.view(np.int64).tolist(), o.user_hash.view(np.int64).tolist(),
-                    o.ts_ns.tolist(), o.value.tolist(), kind_col))
+                con.executemany(_INSERT_OUTCOME, zip(*(
+                    kind_col if c.name == "kind" else _sql_ints(getattr(o, c.name), c.dtype)
+                    for c in OUTCOME_COLUMNS)))
                 bumps["outcomes"] = len(o)
             for b in records.decisions:
                 n = len(b)
@@ -414,13 +425,10 @@ class EventStore:
                 active_ts = ts[~deferred]
                 next_check = int(active_ts.min()) if active_ts.size else None
                 cur = con.execute(_INSERT_BLOCK, (
-                    lid, n, _raw(b.event_hi, _U8), _raw(b.event_lo, _U8), _raw(ts, _I8),
-                    _raw(b.version, _U8), _raw(b.user_hash, _U8), _raw(b.x, _F8),
-                    _raw(b.eligible, np.uint8), _raw(b.action, np.dtype("<i4")),
-                    _raw(b.prob, _F8), flags.tobytes(), bytes(n), bytes(8 * n),
-                    bytes(4 * n), bytes(8 * n), n, next_check,
-                    *(_extra(getattr(b, name, None), dt, default)
-                      for name, (dt, default) in _DECISION_EXTRAS.items())))
+                    lid, n, *(_extra(getattr(b, c.name, None), c.dtype, c.default)
+                              if c.optional else _raw(getattr(b, c.name), c.dtype)
+                              for c in DECISION_COLUMNS),
+                    *(bytes(dt.itemsize * n) for _, dt in _JOIN_STATE), n, next_check))
                 block_id = cur.lastrowid
                 con.execute(_INSERT_SPAN, (block_id, lid, n, n, int(ts.min()), int(ts.max())))
                 if deferred.any():
@@ -486,9 +494,9 @@ class EventStore:
 
     def load_block(self, block_id: int, *, with_x: bool = False,
                    con: sqlite3.Connection | None = None) -> Block:
-        cols = ("layout, n, event_hi, event_lo, ts_ns, version, user_hash, action, prob, flags,"
-                " status, value, n_outcomes, reward, rules, policy_action, policy_prob"
-                + (", x, eligible" if with_x else ""))
+        record_cols = _NARROW + (_WIDE if with_x else ())
+        cols = ", ".join(("layout", "n", *(c.name for c in record_cols),
+                          *(name for name, _ in _JOIN_STATE)))
         with self._lock:
             row = (con or self._con).execute(f"SELECT {cols} FROM blocks WHERE id=?",
                                              (block_id,)).fetchone()
@@ -496,22 +504,19 @@ class EventStore:
             raise KeyError(f"no decision block {block_id}")
         policy, actions, inputs = self._layout_rows[row[0]]
         n = row[1]
-        blk = Block(
-            id=block_id, policy=policy, actions=actions, inputs=inputs,
-            event_hi=np.frombuffer(row[2], _U8), event_lo=np.frombuffer(row[3], _U8),
-            ts_ns=np.frombuffer(row[4], _I8), version=np.frombuffer(row[5], _U8),
-            user_hash=np.frombuffer(row[6], _U8), action=np.frombuffer(row[7], "<i4"),
-            prob=np.frombuffer(row[8], _F8), flags=np.frombuffer(row[9], np.uint8),
-            status=np.frombuffer(row[10], np.uint8).copy(),
-            value=np.frombuffer(row[11], _F8).copy(),
-            n_outcomes=np.frombuffer(row[12], "<i4").copy(),
-            reward=np.frombuffer(row[13], _F8).copy(),
-            **{name: np.full(n, default, dt) if raw is None else np.frombuffer(raw, dt)
-               for raw, (name, (dt, default)) in zip(row[14:17], _DECISION_EXTRAS.items())})
-        if with_x:
-            blk.x = np.frombuffer(row[17], _F8).reshape(n, len(inputs))
-            blk.eligible = np.frombuffer(row[18], np.uint8).reshape(n, len(actions))
-        return blk
+        d, k = len(inputs), len(actions)
+        values: dict[str, Any] = {}
+        for c, raw in zip(record_cols, row[2:]):
+            if raw is None:             # an optional column no row of this block needed
+                values[c.name] = c.full(n)
+            else:
+                a = np.frombuffer(raw, c.dtype)
+                values[c.name] = a if c.width == "1" else a.reshape(n, c.row_width(d, k))
+        # The joiner rewrites its state: writable copies.
+        state = row[2 + len(record_cols):]
+        values.update({name: np.frombuffer(raw, dt).copy()
+                       for (name, dt), raw in zip(_JOIN_STATE, state)})
+        return Block(id=block_id, policy=policy, actions=actions, inputs=inputs, **values)
 
     def activations(self, block_id: int, con: sqlite3.Connection | None = None
                     ) -> dict[int, int]:
@@ -755,11 +760,17 @@ def _blob_max_i8(blob: bytes | None) -> int | None:
     return int(np.frombuffer(blob, _I8).max()) if blob else None
 
 
+def _sql_ints(a: np.ndarray, dtype: np.dtype) -> list:
+    """A column as SQLite values: uint64 as the int64 with the same bits (see above)."""
+    a = np.asarray(a, dtype)
+    return (a.view(np.int64) if dtype == _U8 else a).tolist()
+
+
 def _raw(a: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(a, dtype=dtype).tobytes()
 
 
-def _extra(col: np.ndarray | None, dtype: np.dtype, default: float) -> bytes | None:
+def _extra(col: np.ndarray | None, dtype: np.dtype, default: float | None) -> bytes | None:
     """An optional decision column's blob; None (SQL NULL) when every row has the default."""
     if col is None or not np.any(np.asarray(col) != default):
         return None
@@ -770,9 +781,9 @@ def _add_decision_columns(con: sqlite3.Connection) -> None:
     """Migration: give a ``blocks`` table from before the rule/apprentice columns those
     columns (NULL = defaults for the blocks already stored)."""
     have = {r[1] for r in con.execute("PRAGMA table_info(blocks)")}
-    for name in _DECISION_EXTRAS:
-        if name not in have:
-            con.execute(f"ALTER TABLE blocks ADD COLUMN {name} BLOB")
+    for c in OPTIONAL_DECISION_COLUMNS:
+        if c.name not in have:
+            con.execute(f"ALTER TABLE blocks ADD COLUMN {c.name} BLOB")
 
 
 def _split(script: str) -> list[str]:
