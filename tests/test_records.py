@@ -13,12 +13,13 @@ from loops_sdk import (BatchError, DecisionClient, FeedbackRecords, FileSink, de
 from loops_sdk.batch import (FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_ACTIVATE,
                              OUTCOME_OBSERVE, OUTCOME_REWARD)
 from loops_sdk.decision import format_event_id
+from loops_sdk.records import DECISION_COLUMNS, OUTCOME_COLUMNS
 from loops_sdk.policy import Holdout
 from sdk_helpers import make_engine, make_kernel, make_policy
 
-DECISION_COLS = ("event_hi", "event_lo", "ts_ns", "version", "user_hash", "x", "eligible",
-                 "action", "prob", "flags")
-OUTCOME_COLS = ("type", "event_hi", "event_lo", "user_hash", "ts_ns", "value", "kind")
+# From the column table, so a new column is compared too.
+DECISION_COLS = tuple(c.name for c in DECISION_COLUMNS)
+OUTCOME_COLS = tuple(c.name for c in OUTCOME_COLUMNS)
 
 
 def assert_records_equal(a: FeedbackRecords, b: FeedbackRecords):
@@ -27,7 +28,7 @@ def assert_records_equal(a: FeedbackRecords, b: FeedbackRecords):
         assert (x.policy, list(x.actions), list(x.inputs)) == (y.policy, list(y.actions),
                                                               list(y.inputs))
         for col in DECISION_COLS:
-            assert np.array_equal(getattr(x, col), getattr(y, col)), col
+            assert np.array_equal(x.column(col), y.column(col)), col
     assert list(a.outcomes.kinds) == list(b.outcomes.kinds)
     for col in OUTCOME_COLS:
         assert np.array_equal(getattr(a.outcomes, col), getattr(b.outcomes, col)), col
@@ -49,7 +50,7 @@ def test_every_decision_recorded_once_with_its_columns(impl):
     b = eng.decide_batch("p", X[40:], users=[f"b{i}" for i in range(20)], deferred=True)
     recs = eng._drain_records()
     assert recs.n_decisions == 60 and len(recs.decisions) >= 4
-    cols = {c: np.concatenate([getattr(blk, c) for blk in recs.decisions]) for c in DECISION_COLS}
+    cols = {c: np.concatenate([blk.column(c) for blk in recs.decisions]) for c in DECISION_COLS}
     assert all(blk.policy == "p" and blk.actions == list(pol.action_ids)
                and blk.inputs == list(pol.input_names) for blk in recs.decisions)
     assert cols["event_lo"].tolist() == list(range(1, 61))

@@ -257,3 +257,97 @@ def test_split_drain_of_rules_caps_apprentice_policy_is_stored_whole(tmp_path):
         rules_col = np.concatenate([b.rules for b in blocks])
         assert (pa >= 0).all()                       # apprentice: every row has the policy's pick
         assert (rules_col != 0).any()                # the rule / caps columns survived too
+
+
+def test_learner_refuses_bad_values_invalid_argument_and_keeps_joining(tmp_path):
+    """A decision version >= 2**63 was stored and then failed every join round (issue 12
+    item 8); a kind that is not a string was stored too. Both are now refused at ReportFeedback
+    with INVALID_ARGUMENT naming the field, and the learner goes on storing and joining."""
+    import grpc
+
+    from loops_sdk import LearningSettings, Policy
+    from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
+    from loops_sdk.learner.service import Learner
+
+    def send(stub, seq, payload, count):
+        return stub.ReportFeedback(feedback_pb2.FeedbackBatch(
+            client_id="c", sequence=seq, record_count=count, payload_format=1, payload=payload),
+            timeout=5)
+
+    pol = Policy.linear("bonus", 2, ["none", "spins", "match"], version=3,
+                        learning=LearningSettings(reward_window_seconds=0.0))
+    good = fixed_records()
+    good.decisions = good.decisions[:1]
+    count = len(fixed_records())
+    bad = [(_payload_with(block={"version": _col([1 << 63] * N, "<u8")}), "version"),
+           (_payload_with(outcomes={"kinds": ["deposit", None]}), "kinds[1]"),
+           (_payload_with(outcomes={"kinds": ["deposit", ["spend"]]}), "kinds[1]"),
+           (_payload_with(block={"ts_ns": _col([-1] * N, "<i8")}), "ts_ns")]
+    with Learner(tmp_path / "l.sqlite", train=False, grace_seconds=0.0) as lr, \
+            grpc.insecure_channel(lr.address) as ch:
+        lr.publish(pol, "initial")
+        stub = learner_pb2_grpc.LearnerServiceStub(ch)
+        for seq, (payload, words) in enumerate(bad, 1):
+            with pytest.raises(grpc.RpcError) as err:
+                send(stub, seq, payload, count)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in err.value.details()
+        assert lr.store.counters().get("batches", 0) == 0       # nothing of them was stored
+        ack = send(stub, 10, encode_records(good), len(good))
+        assert ack.records_stored == len(good) and not ack.duplicate
+        result, _ = lr.step()                                   # the join round runs
+        assert lr.store.counters().get("joined", 0) == len(good.decisions[0])
+        assert result is not None
+
+
+def _rules_policy(mode="apprentice"):
+    from loops_sdk import Action, Condition, EligibilityRule, Feature, FrequencyCap, Policy
+    actions = (Action("none"), Action("spins", 2.0, ("spins",)),
+               Action("dep", 8.0, ("deposit_bonus",)), Action("cash", 5.0, ("cashback",)))
+    features = (Feature.numeric("deposits"), Feature.numeric("sessions"),
+                Feature.categorical("device", 3))
+    rules = (EligibilityRule.block("de-no-deposit", tags=["deposit_bonus"],
+                                   when=Condition.is_in("jurisdiction", ["DE"])),)
+    rng = np.random.default_rng(2)
+    return Policy.linear("bonus", features, actions, rng.normal(size=(4, 5)), rng.normal(size=4),
+                         rules=rules, caps=(FrequencyCap("f", 2, 3600.0),), mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["apprentice", "online"])
+def test_recorders_write_every_table_column_of_every_row(impl, monkeypatch, mode):
+    """The recorders' buffers come from the table; poison them and check that every column
+    of every drained row was written (a table column a recorder forgot would stay poisoned)."""
+    from loops_sdk import records
+    from sdk_helpers import make_engine
+
+    calls = []
+
+    def poisoned(capacity, d, k, extended):
+        calls.append(extended)
+        bufs = records.decision_buffers(capacity, d, k, extended)
+        for a in bufs.values():
+            a.view(np.uint8)[...] = 0xAB
+        return bufs
+
+    monkeypatch.setattr(impl, "decision_buffers", poisoned)
+    pol = _rules_policy(mode)
+    eng = make_engine(impl, [pol], capacity=4096)      # one recorder: never prefaulted
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        eng.decide("bonus", rng.normal(size=5), user=f"u{i % 3}",
+                   attributes={"jurisdiction": ["DE", "MT"][i % 2]},
+                   baseline=["cash", None][i % 2])
+    eng.decide_batch("bonus", rng.normal(size=(10, 5)), users=[f"b{i}" for i in range(10)],
+                     attributes={"jurisdiction": ["DE"] * 10})
+    blocks = eng._drain_records().decisions
+    assert calls and all(calls)                      # the poisoned buffers were the ones used
+    assert sum(len(b) for b in blocks) == 30
+    for b in blocks:
+        for c in DECISION_COLUMNS:
+            col = getattr(b, c.name)
+            if col is None:
+                assert c.optional, c.name
+                continue
+            raw = np.ascontiguousarray(col).view(np.uint8).reshape(len(b), -1)
+            if raw.shape[1]:
+                assert not (raw == 0xAB).all(axis=1).any(), f"{c.name} has unwritten rows"
