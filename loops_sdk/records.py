@@ -207,17 +207,17 @@ class OutcomeBlock:
         return cls(kinds=[], **{c.name: c.empty(0) for c in OUTCOME_COLUMNS})
 
 
-def _check_fields(cls: type, header: tuple[str, ...], table: tuple[Column, ...]) -> None:
+def _check_fields(cls: type, before: tuple[str, ...], table: tuple[Column, ...],
+                  after: tuple[str, ...] = ()) -> None:
     """A column added to a table but not to its dataclass (or the reverse) fails on import."""
     names = tuple(f.name for f in fields(cls))
-    want = header[:-1] + tuple(c.name for c in table) + header[-1:] if cls is OutcomeBlock \
-        else header + tuple(c.name for c in table)
+    want = before + tuple(c.name for c in table) + after
     if names != want:
         raise TypeError(f"{cls.__name__} fields {names} do not match its column table {want}")
 
 
 _check_fields(DecisionBlock, ("policy", "actions", "inputs"), DECISION_COLUMNS)
-_check_fields(OutcomeBlock, ("kinds",), OUTCOME_COLUMNS)
+_check_fields(OutcomeBlock, (), OUTCOME_COLUMNS, ("kinds",))
 
 
 @dataclass

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from loops_sdk import batch
+from loops_sdk import batch, records
 from loops_sdk.errors import BatchError
 from loops_sdk.records import (DECISION_COLUMNS, MAX_TS_NS, OUTCOME_COLUMNS, DecisionBlock,
                                FeedbackRecords, OutcomeBlock, decode_records, encode_records,
@@ -66,7 +66,7 @@ def test_block_dataclasses_carry_exactly_the_table_columns():
 def test_batch_module_re_exports_records():
     for name in ("DecisionBlock", "OutcomeBlock", "FeedbackRecords", "encode_records",
                  "decode_records", "FLAG_APPRENTICE", "OUTCOME_ACTIVATE", "PAYLOAD_FORMAT"):
-        assert getattr(batch, name) is getattr(__import__("loops_sdk.records").records, name)
+        assert getattr(batch, name) is getattr(records, name)
 
 
 # --------------------------------------------------------------------------- slicing
@@ -317,7 +317,6 @@ def _rules_policy(mode="apprentice"):
 def test_recorders_write_every_table_column_of_every_row(impl, monkeypatch, mode):
     """The recorders' buffers come from the table; poison them and check that every column
     of every drained row was written (a table column a recorder forgot would stay poisoned)."""
-    from loops_sdk import records
     from sdk_helpers import make_engine
 
     calls = []
