@@ -59,7 +59,7 @@ __all__ = [
     "FLAG_HOLDOUT", "FLAG_DEFAULT", "FLAG_DEFERRED", "FLAG_CAPPED", "FLAG_RULE",
     "FLAG_APPRENTICE",
     "OUTCOME_REWARD", "OUTCOME_OBSERVE", "OUTCOME_ACTIVATE", "PAYLOAD_FORMAT",
-    "MAX_TS_NS", "MAX_VERSION",
+    "MAX_TS_NS", "MAX_INT64",
 ]
 
 PAYLOAD_FORMAT = 1
@@ -76,9 +76,9 @@ OUTCOME_REWARD = 0    # value for one decision, by event id
 OUTCOME_OBSERVE = 1   # value for a user, joined to their decisions within the reward window
 OUTCOME_ACTIVATE = 2  # a deferred decision was really shown
 
-# Largest decision version the learner takes: versions go into SQLite, whose integers are
-# signed 64-bit.
-MAX_VERSION = (1 << 63) - 1
+# Largest integer SQLite stores (signed 64-bit): the cap on decision versions (the joiner
+# looks them up there) and on batch sequence numbers.
+MAX_INT64 = (1 << 63) - 1
 # Latest timestamp the learner takes (2200-01-01): leaves the joiner room to add reward windows
 # to a decision time without leaving int64.
 MAX_TS_NS = 7_258_118_400 * 1_000_000_000
@@ -372,8 +372,8 @@ def _check_decisions(cols: dict[str, np.ndarray], k: int, where: str) -> None:
     """Values the store and the joiner rely on (only when the block has rows)."""
     _check_ts(cols["ts_ns"], where)
     v = cols["version"]
-    _refuse_if(v > np.uint64(MAX_VERSION), where, "version",
-               f"must fit a signed 64-bit integer (<= {MAX_VERSION})", v)
+    _refuse_if(v > np.uint64(MAX_INT64), where, "version",
+               f"must fit a signed 64-bit integer (<= {MAX_INT64})", v)
     a = cols["action"]
     _refuse_if((a < 0) | (a >= k), where, "action", f"index out of range [0, {k})", a)
     _check_prob(cols["prob"], where, "prob")

@@ -350,3 +350,27 @@ def test_recorders_write_every_table_column_of_every_row(impl, monkeypatch, mode
             raw = np.ascontiguousarray(col).view(np.uint8).reshape(len(b), -1)
             if raw.shape[1]:
                 assert not (raw == 0xAB).all(axis=1).any(), f"{c.name} has unwritten rows"
+
+
+@pytest.mark.parametrize("sequence", [1 << 63, (1 << 64) - 1])
+def test_learner_refuses_a_sequence_sqlite_cannot_store(tmp_path, sequence):
+    """It failed as UNKNOWN (an SQLite overflow), which clients retry for ever."""
+    import grpc
+
+    from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
+    from loops_sdk.learner.service import Learner
+
+    recs = fixed_records()
+    with Learner(tmp_path / "l.sqlite", train=False) as lr, \
+            grpc.insecure_channel(lr.address) as ch:
+        stub = learner_pb2_grpc.LearnerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ReportFeedback(feedback_pb2.FeedbackBatch(
+                client_id="c", sequence=sequence, record_count=len(recs), payload_format=1,
+                payload=encode_records(recs)), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sequence" in err.value.details()
+        ack = stub.ReportFeedback(feedback_pb2.FeedbackBatch(
+            client_id="c", sequence=(1 << 63) - 1, record_count=len(recs), payload_format=1,
+            payload=encode_records(recs)), timeout=5)
+        assert ack.records_stored == len(recs)

@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc, policy_pb2
 from ..batch import PAYLOAD_FORMAT, decode_records
+from ..records import MAX_INT64
 from ..errors import BatchError, LoopsError, PolicyError
 from ..policy import Policy
 from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
@@ -154,9 +155,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def ReportFeedback(self, request: feedback_pb2.FeedbackBatch,
                        context: grpc.ServicerContext) -> feedback_pb2.FeedbackAck:
         lr = self._learner
-        if not request.client_id or request.sequence == 0:
+        # sequence goes into SQLite (signed 64-bit); past that it would fail as UNKNOWN, which
+        # clients retry for ever.
+        if not request.client_id or not 1 <= request.sequence <= MAX_INT64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "batch needs a client_id and a sequence >= 1")
+                          f"batch needs a client_id and a sequence in [1, {MAX_INT64}]")
         if request.payload_format not in (0, PAYLOAD_FORMAT):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"unknown payload_format {request.payload_format}")
