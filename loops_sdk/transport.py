@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from ._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-from .records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
+from .records import PAYLOAD_FORMAT, encode_records, split_records
 from .errors import PolicyError
 from .policy import Policy
 from .security import open_channel
