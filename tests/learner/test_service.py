@@ -1,5 +1,10 @@
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -160,3 +165,45 @@ def test_loop_trains_and_pushes_new_version(tmp_path):
             stream.cancel()
             st = stub.GetStatus(learner_pb2.StatusRequest(), timeout=5)
             assert st.joined == 400 and st.policies[0].last_train_unix_ms > 0
+
+
+def _cli_learner(db, port, **kw):
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "loops_sdk.cli", "learner", "--db", str(db),
+                             "--port", str(port), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kw)
+
+
+def test_a_second_learner_on_a_port_in_use_is_refused(learner, tmp_path):
+    """gRPC would share the port (SO_REUSEPORT) and split clients and publishes between two
+    stores; a second learner must fail to start instead, in Python and from the CLI."""
+    second = Learner(tmp_path / "second.sqlite", port=learner.port, train=False)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{learner.port}.*"
+                                          "another learner"):
+            second.start()
+    finally:
+        second.stop()
+    first = _cli_learner(tmp_path / "cli-a.sqlite", 0)
+    try:
+        banner = first.stdout.readline()
+        assert "listening on 127.0.0.1:" in banner, banner + first.stderr.read()
+        port = int(banner.split("listening on 127.0.0.1:")[1].split()[0])
+        other = _cli_learner(tmp_path / "cli-b.sqlite", port)
+        try:
+            out, err = other.communicate(timeout=60)
+        except subprocess.TimeoutExpired:    # it started and serves: the bug
+            other.kill()
+            other.communicate()
+            pytest.fail("a second learner started on a port in use")
+        assert other.returncode != 0 and not out
+        assert f"loops: cannot listen on 127.0.0.1:{port}" in err and "another learner" in err, \
+            err
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:    # the first one serves on
+            learner_pb2_grpc.LearnerServiceStub(ch).GetStatus(learner_pb2.StatusRequest(),
+                                                              timeout=10)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
