@@ -246,9 +246,11 @@ def _features(req: Any, where: str, categorical: frozenset[str] = frozenset()) -
                                              "not both")
         return np.array(req.vector, dtype=np.float64)
     out: dict[str, float | str] = dict(req.features)
-    if categorical and out:
-        for name in categorical.intersection(out):
-            out[name] = _category_number(out[name])
+    if out:
+        for name in categorical:          # a policy has few categorical features
+            value = out.get(name)
+            if value is not None:
+                out[name] = _category_number(value)
     if len(req.categories):
         for name in req.categories:
             if name in out:
