@@ -447,9 +447,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def _batch_rows(self, request: decision_pb2.DecideBatchRequest
                     ) -> decision_pb2.DecideBatchResponse:
         if request.columns or len(request.users) or len(request.eligible) or \
-                len(request.attributes) or len(request.baselines):
-            raise _Invalid("rows", "columns, users, eligible, attributes and baselines go with "
-                                   "matrix; rows carry their own")
+                len(request.attributes) or len(request.baselines) or len(request.has_user):
+            raise _Invalid("rows", "columns, users, has_user, eligible, attributes and "
+                                   "baselines go with matrix; rows carry their own")
         self._check_rows(len(request.rows), "rows")
         name, default = request.decision_point, request.default_action or None
         # Validate every row before deciding any: a batch refused halfway would leave logged
@@ -489,6 +489,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         if len(request.users) not in (0, n):
             raise _Invalid("users", f"{len(request.users)} users for {n} rows (give one per "
                                     "row or none)")
+        if len(request.has_user) not in (0, len(request.users)):
+            raise _Invalid("has_user", f"{len(request.has_user)} flags for "
+                                       f"{len(request.users)} users (give one per user or none)")
         name = request.decision_point
         policy = self._client.policy(name)
         if policy is None:
@@ -508,7 +511,10 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         users = None
         if len(request.users):
             users = list(request.users)
-            if "" in users:
+            if len(request.has_user):
+                if not all(request.has_user):
+                    users = [u if has else None for u, has in zip(users, request.has_user)]
+            elif "" in users:
                 users = [u or None for u in users]
         baselines = list(request.baselines)
         if len(baselines) not in (0, 1, n):

@@ -355,6 +355,8 @@ def test_decide_invalid_argument_names_the_field(stub, request_, field):
     (_batch(matrix=[1.0] * 14), "columns:"),
     (_batch(matrix=[1.0] * 15, columns=7), "matrix:"),
     (_batch(matrix=[1.0] * 14, columns=7, users=["a"]), "users:"),
+    (_batch(matrix=[1.0] * 14, columns=7, users=["a", ""], has_user=[True]), "has_user:"),
+    (_batch(rows=[pb.DecideRow()], has_user=[True]), "rows:"),
     (_batch(matrix=[1.0] * 12, columns=6), "columns:"),
     (_batch(matrix=[1.0] * 14, columns=7, eligible=["nope"]), "eligible:"),
     (_batch(matrix=[1.0] * 13 + [math.inf], columns=7), "matrix:"),

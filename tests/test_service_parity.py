@@ -187,6 +187,29 @@ def test_a_number_for_a_categorical_feature_hashes_as_the_sdk_hashes_it():
         p.check({"country": 3.5}, None, None)
 
 
+def test_matrix_users_tell_no_user_from_the_empty_key(pair):
+    """DecideBatch's matrix: ``has_user`` marks rows without a user, so "" can be a key there
+    too, as in decide_batch(users=[..., None, ""])."""
+    policy = make_policy()
+    X = np.random.default_rng(4).normal(size=(40, policy.n_inputs))
+    users = [None if i % 3 == 0 else "" if i % 3 == 1 else f"u{i}" for i in range(40)]
+    r = pair.stub.DecideBatch(pb.DecideBatchRequest(
+        decision_point="bonus", matrix=X.ravel().tolist(), columns=policy.n_inputs,
+        users=[u or "" for u in users], has_user=[u is not None for u in users]), timeout=10)
+    b = pair.embedded.decide_batch("bonus", X, users)
+    assert list(r.actions) == [b.action_id(i) for i in range(40)]
+    assert list(r.probabilities) == b.probabilities.tolist()
+    assert list(r.event_ids) == [b.event_id(i) for i in range(40)]
+    assert list(r.holdout) == b.holdout.tolist() and list(r.reasons) == b.reasons()
+    assert all(r.holdout[1::3]) and not any(r.holdout[0::3])   # "" held out, None never
+    # Without has_user, "" still means no user (as before the flags existed).
+    r = pair.stub.DecideBatch(pb.DecideBatchRequest(
+        decision_point="bonus", matrix=X[:2].ravel().tolist(), columns=policy.n_inputs,
+        users=["", ""]), timeout=10)
+    b = pair.embedded.decide_batch("bonus", X[:2], [None, None])
+    assert list(r.event_ids) == [b.event_id(i) for i in range(2)] and not any(r.holdout)
+
+
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)
 _whole = st.integers(-(2**53), 2**53)
 _numeric_value = st.one_of(st.none(), st.booleans(), _whole,
