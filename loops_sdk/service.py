@@ -27,12 +27,14 @@ import logging
 import math
 import threading
 from concurrent import futures
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
 
 from ._proto import decision_pb2, decision_pb2_grpc
 from .client import ClientConfig, DecisionClient
@@ -65,6 +67,148 @@ def _abort_invalid(context: grpc.ServicerContext, exc: _Invalid) -> NoReturn:
     raise AssertionError("unreachable")  # context.abort raises
 
 
+# --------------------------------------------------------------------------- unparsable requests
+# A request gRPC cannot parse (most often a proto3 string field holding bytes that are not
+# UTF-8, which the protobuf runtime refuses) would be answered INTERNAL "Exception
+# deserializing request!" by either serving path. The service reads requests with its own
+# deserializer instead: on failure it finds the offending field in the raw bytes and hands
+# the handler a stand-in that is answered INVALID_ARGUMENT naming that field.
+class _Unreadable:
+    """Stands in for a request that did not parse; answered INVALID_ARGUMENT."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: _Invalid) -> None:
+        self.error = error
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(data: bytes):
+    """(field number, payload) of the length-delimited fields of a serialized message;
+    other wire types are skipped. Raises ValueError on bytes that are not a message."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(data, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = _varint(data, i)
+            if i + size > len(data):
+                raise ValueError("truncated field")
+            yield number, data[i:i + size]
+            i += size
+        else:                          # groups: never in these messages
+            raise ValueError(f"wire type {wire}")
+    if i != len(data):
+        raise ValueError("truncated field")
+
+
+def _not_utf8(descriptor: Any, data: bytes, where: str = "") -> str | None:
+    """The path (``user``, ``rows[2].categories['country']``, ...) of the first string in
+    ``data`` (a serialized ``descriptor`` message) that is not valid UTF-8, or None."""
+    string, msg = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
+    seen: dict[int, int] = {}
+    for number, payload in _fields(data):
+        field = descriptor.fields_by_number.get(number)
+        if field is None or field.type not in (string, msg):
+            continue
+        index = seen[number] = seen.get(number, -1) + 1
+        repeated = field.is_repeated
+        path = f"{where}{field.name}[{index}]" if repeated else f"{where}{field.name}"
+        if field.type == string:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return path
+        elif field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_number[2]
+            entry = dict(_fields(payload))     # map keys here are strings: 1 key, 2 value
+            try:
+                key = entry.get(1, b"").decode("utf-8")
+            except UnicodeDecodeError:
+                return f"{where}{field.name} (a key)"
+            path = f"{where}{field.name}[{key!r}]"
+            if value_field.type == string:
+                try:
+                    entry.get(2, b"").decode("utf-8")
+                except UnicodeDecodeError:
+                    return path
+            elif value_field.type == msg:
+                found = _not_utf8(value_field.message_type, entry.get(2, b""), path + ".")
+                if found:
+                    return found
+        else:
+            found = _not_utf8(field.message_type, payload, path + ".")
+            if found:
+                return found
+    return None
+
+
+def _reader(request_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: a message that does not parse becomes an
+    :class:`_Unreadable` naming the field at fault."""
+    parse, descriptor = request_class.FromString, request_class.DESCRIPTOR
+
+    def read(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            try:
+                field = _not_utf8(descriptor, data)
+            except (ValueError, UnicodeDecodeError):
+                field = None
+            if field is not None:
+                return _Unreadable(_Invalid(field, "is not valid UTF-8 (string fields must "
+                                                   "be UTF-8 text)"))
+            return _Unreadable(_Invalid("request", f"is not a valid {descriptor.full_name} "
+                                                   f"message ({exc})"))
+
+    return read
+
+
+def _guarded(behavior: Callable[[Any, grpc.ServicerContext], Any]
+             ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    @functools.wraps(behavior)
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if type(request) is _Unreadable:
+            _abort_invalid(context, request.error)
+        return behavior(request, context)
+
+    return handle
+
+
+def _service_methods(servicer: "DecisionServicer") -> dict[str, unary_loop.UnaryMethod]:
+    """The DecisionService methods, by full name, as both serving paths run them: read with
+    :func:`_reader`, so an unparsable request is INVALID_ARGUMENT on either."""
+    service = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"]
+    return {f"/{service.full_name}/{m.name}": unary_loop.UnaryMethod(
+                _guarded(getattr(servicer, m.name)),
+                _reader(getattr(decision_pb2, m.input_type.name)),
+                _serialize)
+            for m in service.methods}
+
+
+def _serialize(response: Any) -> bytes:
+    return response.SerializeToString()
+
+
 def _check_deadline(context: grpc.ServicerContext) -> None:
     # A call can wait in the server's queue past its deadline; deciding then would log a
     # decision the caller never receives.
@@ -74,15 +218,39 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
                       "deadline expired before the call was started; nothing was decided")
 
 
-def _features(req: Any, where: str) -> Any:
+def _user(req: Any) -> str | None:
+    """A request's (or row's) user key as decide() takes it: ``user`` has presence, so unset
+    is no user and ``""`` is the empty key, held out or not exactly as in the SDK."""
+    return req.user if req.HasField("user") else None
+
+
+@functools.lru_cache(maxsize=64)
+def _categorical(policy: Policy) -> frozenset[str]:
+    return frozenset(f.name for f in policy.features if f.kind == "categorical")
+
+
+def _category_number(value: float) -> int | float:
+    # The wire has one number type: 3 from a backend arrives as 3.0, which the encoder would
+    # hash as "3.0" where the SDK, given 3, hashes "3". A whole number is taken as the integer
+    # it almost always was; any other keeps its float text ("2.5", "nan"), as in the SDK.
+    return int(value) if value.is_integer() else value
+
+
+def _features(req: Any, where: str, categorical: frozenset[str] = frozenset()) -> Any:
     """The features of a request (or row) as decide() takes them: a name -> number/str dict
-    from ``features`` and ``categories``, or the ``vector`` as an array."""
+    from ``features`` and ``categories``, or the ``vector`` as an array. Numbers given for
+    the ``categorical`` features are hashed as the SDK hashes the same number."""
     if len(req.vector):
         if len(req.features) or len(req.categories):
             raise _Invalid(f"{where}vector", "give either vector or features/categories, "
                                              "not both")
         return np.array(req.vector, dtype=np.float64)
     out: dict[str, float | str] = dict(req.features)
+    if out:
+        for name in categorical:          # a policy has few categorical features
+            value = out.get(name)
+            if value is not None:
+                out[name] = _category_number(value)
     if len(req.categories):
         for name in req.categories:
             if name in out:
@@ -191,11 +359,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def _decide_one(self, name: str, req: Any, default: str | None, deferred: bool,
                     where: str, x: Any = None) -> Any:
         if x is None:
-            x = _features(req, where)
-            if len(req.categories):
-                self._check_categories(name, req.categories, where)
+            x = self._input(name, req, where)
         try:
-            return self._client.decide(name, x, req.user or None, list(req.eligible) or None,
+            return self._client.decide(name, x, _user(req), list(req.eligible) or None,
                                        default=default, deferred=deferred,
                                        attributes=_attributes(req.attributes),
                                        baseline=req.baseline or None)
@@ -204,15 +370,24 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         except FeatureError as exc:
             raise _input_error(exc, where, "vector" if len(req.vector) else "features") from None
 
+    def _input(self, name: str, req: Any, where: str) -> Any:
+        """A request's (or row's) features as decide() takes them, read against the current
+        policy of ``name`` (which features are categorical)."""
+        policy = self._client.policy(name)
+        if policy is None:
+            return _features(req, where)
+        x = _features(req, where, _categorical(policy))
+        if len(req.categories):
+            self._check_categories(policy, req.categories, where)
+        return x
+
     def _row_input(self, name: str, row: Any, where: str) -> Any:
         """A row's features, checked against the current policy the way decide() would
         check them (same encoder), so a bad row is refused before anything is decided."""
-        x = _features(row, where)
+        x = self._input(name, row, where)
         policy = self._client.policy(name)
         if policy is None:
             return x                      # every row gets the default: nothing to check
-        if len(row.categories):
-            self._check_categories(name, row.categories, where)
         try:
             if isinstance(x, dict):
                 policy.encode(x)
@@ -241,18 +416,16 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 raise _Invalid(f"{where}attributes", str(exc)) from None
         return x
 
-    def _check_categories(self, name: str, categories: Any, where: str) -> None:
+    @staticmethod
+    def _check_categories(policy: Policy, categories: Any, where: str) -> None:
         # A string for a numeric feature is the caller's mistake in `categories`: say so there
         # (the scorer's own error could not tell the two maps apart).
-        policy = self._client.policy(name)
-        if policy is None:
-            return
         numeric = {f.name for f in policy.features if f.kind == "numeric"}
         for key in categories:
             if key in numeric:
                 raise _Invalid(f"{where}categories[{key!r}]",
-                               f"feature {key!r} of policy {name!r} is numeric: give it in "
-                               "features")
+                               f"feature {key!r} of policy {policy.name!r} is numeric: give it "
+                               "in features")
 
     # ------------------------------------------------------------------ batch
     def DecideBatch(self, request: decision_pb2.DecideBatchRequest,
@@ -274,9 +447,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def _batch_rows(self, request: decision_pb2.DecideBatchRequest
                     ) -> decision_pb2.DecideBatchResponse:
         if request.columns or len(request.users) or len(request.eligible) or \
-                len(request.attributes) or len(request.baselines):
-            raise _Invalid("rows", "columns, users, eligible, attributes and baselines go with "
-                                   "matrix; rows carry their own")
+                len(request.attributes) or len(request.baselines) or len(request.has_user):
+            raise _Invalid("rows", "columns, users, has_user, eligible, attributes and "
+                                   "baselines go with matrix; rows carry their own")
         self._check_rows(len(request.rows), "rows")
         name, default = request.decision_point, request.default_action or None
         # Validate every row before deciding any: a batch refused halfway would leave logged
@@ -316,6 +489,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         if len(request.users) not in (0, n):
             raise _Invalid("users", f"{len(request.users)} users for {n} rows (give one per "
                                     "row or none)")
+        if len(request.has_user) not in (0, len(request.users)):
+            raise _Invalid("has_user", f"{len(request.has_user)} flags for "
+                                       f"{len(request.users)} users (give one per user or none)")
         name = request.decision_point
         policy = self._client.policy(name)
         if policy is None:
@@ -335,7 +511,10 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         users = None
         if len(request.users):
             users = list(request.users)
-            if "" in users:
+            if len(request.has_user):
+                if not all(request.has_user):
+                    users = [u if has else None for u, has in zip(users, request.has_user)]
+            elif "" in users:
                 users = [u or None for u in users]
         baselines = list(request.baselines)
         if len(baselines) not in (0, 1, n):
@@ -398,7 +577,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def Observe(self, request: decision_pb2.ObserveRequest,
                 context: grpc.ServicerContext) -> decision_pb2.ObserveResponse:
         try:
-            if not request.user:
+            if not request.HasField("user"):
                 raise _Invalid("user", "is required")
             self._client.observe(request.user, _finite(request.value),
                                  _kind(request.kind, "observe"))
@@ -498,12 +677,19 @@ class DecisionServer:
                      # gRPC turns SO_REUSEPORT on by default on Linux; only a pool wants it.
                      ("grpc.so_reuseport", int(self._reuse_port))],
             interceptors=self.security.interceptors(DECISION_METHOD_ROLES))
-        servicer = DecisionServicer(self.client, max_batch_rows=self._max_batch_rows)
-        self._loop = self._unary_loop(server, servicer)
+        methods = _service_methods(DecisionServicer(self.client,
+                                                    max_batch_rows=self._max_batch_rows))
+        self._loop = self._unary_loop(server, methods)
         if self._loop is not None:
             self._loop.attach()
         else:
-            decision_pb2_grpc.add_DecisionServiceServicer_to_server(servicer, server)
+            handlers = {name.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(
+                m.behavior, request_deserializer=m.request_deserializer,
+                response_serializer=m.response_serializer) for name, m in methods.items()}
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+            if hasattr(server, "add_registered_method_handlers"):   # newer gRPC: faster lookup
+                server.add_registered_method_handlers(SERVICE_NAME, handlers)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
@@ -526,16 +712,15 @@ class DecisionServer:
                     list(self.client.config.watched_names) or list(self.client.policies))
         return self
 
-    def _unary_loop(self, server: grpc.Server,
-                    servicer: DecisionServicer) -> unary_loop.UnaryLoop | None:
+    def _unary_loop(self, server: grpc.Server, methods: dict[str, unary_loop.UnaryMethod]
+                    ) -> unary_loop.UnaryLoop | None:
         if not self._want_loop:
             return None
         if not unary_loop.supported(server):
             logger.warning("this gRPC build lacks what the decision service's single-thread "
                            "loop needs: serving from gRPC's thread pool (more CPU per call)")
             return None
-        service = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"]
-        return unary_loop.UnaryLoop(server, unary_loop.service_methods(servicer, service),
+        return unary_loop.UnaryLoop(server, methods,
                                     authorize=self.security.authorizer(DECISION_METHOD_ROLES))
 
     @property

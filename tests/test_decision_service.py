@@ -355,6 +355,8 @@ def test_decide_invalid_argument_names_the_field(stub, request_, field):
     (_batch(matrix=[1.0] * 14), "columns:"),
     (_batch(matrix=[1.0] * 15, columns=7), "matrix:"),
     (_batch(matrix=[1.0] * 14, columns=7, users=["a"]), "users:"),
+    (_batch(matrix=[1.0] * 14, columns=7, users=["a", ""], has_user=[True]), "has_user:"),
+    (_batch(rows=[pb.DecideRow()], has_user=[True]), "rows:"),
     (_batch(matrix=[1.0] * 12, columns=6), "columns:"),
     (_batch(matrix=[1.0] * 14, columns=7, eligible=["nope"]), "eligible:"),
     (_batch(matrix=[1.0] * 13 + [math.inf], columns=7), "matrix:"),
@@ -585,3 +587,43 @@ def test_grpc_without_the_loops_needs_falls_back_to_the_pool(learner, tmp_path, 
                 _decide(user="a"), timeout=5).event_id
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- unparsable requests
+def _not_utf8(message) -> bytes:
+    """``message`` serialized, with every "ZZ" it holds turned into two bytes that are not
+    UTF-8 (same length, so the framing stays valid): what a buggy backend may send."""
+    data = message.SerializeToString()
+    assert b"ZZ" in data
+    return data.replace(b"ZZ", b"\xff\xfe")
+
+
+@pytest.mark.parametrize("method, message, field", [
+    ("Decide", _decide(user="ZZ"), "user:"),
+    ("Decide", _decide(decision_point="ZZ"), "decision_point:"),
+    ("Decide", _decide(categories={"country": "ZZ"}), "categories['country']:"),
+    ("Decide", _decide(features={"ZZ": 1.0}), "features (a key):"),
+    ("Decide", _decide(eligible=["spins", "ZZ"]), "eligible[1]:"),
+    ("Decide", _decide(attributes={"j": pb.AttributeValue(text="ZZ")}), "attributes['j'].text:"),
+    ("DecideBatch", _batch(rows=[pb.DecideRow(user="a"), pb.DecideRow(user="ZZ")]),
+     "rows[1].user:"),
+    ("DecideBatch", _batch(matrix=[0.0] * 14, columns=7, users=["a", "ZZ"]), "users[1]:"),
+    ("Observe", pb.ObserveRequest(user="ZZ", value=1.0), "user:"),
+    ("Reward", pb.RewardRequest(event_id="0" * 30 + "ZZ", value=1.0), "event_id:"),
+])
+def test_invalid_utf8_is_invalid_argument_naming_the_field(stub, server, method, message, field):
+    """proto3 strings must be UTF-8; the protobuf runtime refuses the message, and both
+    serving paths must say which field is at fault instead of answering INTERNAL."""
+    with grpc.insecure_channel(server.address) as ch:
+        raw = ch.unary_unary(f"/{SERVICE_NAME}/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(_not_utf8(message), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details().startswith(field), info.value.details()
+        assert "UTF-8" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:     # not a message at all
+            raw(b"\x0a\x09trunc", timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("request: "), info.value.details()
+    assert stub.Decide(_decide(user="after"), timeout=5).event_id    # still serving
+    assert server.client.stats()["decisions"] == 1                  # nothing else decided

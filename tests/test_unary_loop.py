@@ -12,7 +12,7 @@ import pytest
 
 from loops_sdk.unary_loop import UnaryLoop, UnaryMethod, supported
 
-from sdk_helpers import run_concurrently
+from sdk_helpers import run_concurrently, wait_until
 
 ECHO = "/test.Loop/Echo"
 POOL = "/test.Pool/Echo"
@@ -106,10 +106,20 @@ def test_context_sees_metadata_peer_and_deadline(served):
         return b""
 
     s = served({ECHO: _raw(look)})
+    before = time.monotonic()
     s.call(ECHO, metadata=[("x-player", "p1")], timeout=3)
+    took = time.monotonic() - before
     assert got["metadata"]["x-player"] == "p1"
     assert got["peer"].startswith("ipv4:127.0.0.1:")
-    assert 2.0 < got["remaining"] <= 3.0 and got["active"]
+    # The handler sees the caller's 3 s less the time the call took to get there, and gRPC's
+    # own error reading it: the timeout travels rounded up to whole milliseconds, and the
+    # server turns it into a wall-clock deadline by reading two clocks one after the other
+    # (a thread preempted in between shifts it by as long as it waited: up to the call's
+    # whole duration, which is how 3.009 s was once seen). The bugs this guards against (no
+    # deadline, one of zero, milliseconds read as seconds, the wrong clock) are off by orders
+    # of magnitude, so a margin of the call's duration plus a quarter second costs nothing.
+    assert abs(got["remaining"] - 3.0) <= took + 0.25, (got["remaining"], took)
+    assert got["active"]
     s.channel.unary_unary(ECHO)(b"", timeout=None)
     assert got["remaining"] is None and got["active"]
 
@@ -242,6 +252,24 @@ def test_attach_before_start_is_required():
     server.stop(None)
 
 
+def _calls_started() -> int:
+    """Calls every gRPC server of this process has started, from gRPC's own counters
+    (channelz): only the test's own calls run while it reads them."""
+    import json
+
+    from grpc._cython import cygrpc
+
+    total, start = 0, 0
+    for _ in range(10_000):               # pages of servers, by id
+        page = json.loads(cygrpc.channelz_get_servers(start))
+        servers = page.get("server", [])
+        total += sum(int(srv["data"].get("callsStarted", 0)) for srv in servers)
+        if page.get("end", True) or not servers:
+            return total
+        start = max(int(srv["ref"]["serverId"]) for srv in servers) + 1
+    raise AssertionError("channelz kept paging")
+
+
 def test_a_call_that_arrived_before_stop_is_still_answered(served):
     """A call waiting in the loop's queue when the server starts shutting down is answered
     within the grace period (no new requests can be made for its method by then)."""
@@ -256,8 +284,11 @@ def test_a_call_that_arrived_before_stop_is_still_answered(served):
     s = served({ECHO: _raw(maybe_slow)})
     first = s.channel.unary_unary(ECHO).future(b"slow", timeout=10)
     assert inside.wait(5)
+    started = _calls_started()
     queued = s.channel.unary_unary(ECHO).future(b"queued", timeout=10)
-    time.sleep(0.3)                       # it reaches the server and waits for the loop
+    # It has reached the server (gRPC counts it as it takes its headers, and the loop always
+    # has requests outstanding, so it is matched to one there) and waits for the loop.
+    assert wait_until(lambda: _calls_started() > started, 10)
     stopped = s.server.stop(5)
     release.set()
     assert first.result() == b"slow"

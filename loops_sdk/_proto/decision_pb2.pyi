@@ -140,7 +140,7 @@ class DecideRow(_message.Message):
     def __init__(self, features: _Optional[_Mapping[str, float]] = ..., categories: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Iterable[float]] = ..., user: _Optional[str] = ..., eligible: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., baseline: _Optional[str] = ...) -> None: ...
 
 class DecideBatchRequest(_message.Message):
-    __slots__ = ("decision_point", "rows", "matrix", "columns", "users", "eligible", "default_action", "deferred", "attributes", "baselines")
+    __slots__ = ("decision_point", "rows", "matrix", "columns", "users", "eligible", "default_action", "deferred", "attributes", "baselines", "has_user")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class DecideBatchRequest(_message.Message):
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     BASELINES_FIELD_NUMBER: _ClassVar[int]
+    HAS_USER_FIELD_NUMBER: _ClassVar[int]
     decision_point: str
     rows: _containers.RepeatedCompositeFieldContainer[DecideRow]
     matrix: _containers.RepeatedScalarFieldContainer[float]
@@ -168,7 +169,8 @@ class DecideBatchRequest(_message.Message):
     deferred: bool
     attributes: _containers.MessageMap[str, AttributeColumn]
     baselines: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, decision_point: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[DecideRow, _Mapping]]] = ..., matrix: _Optional[_Iterable[float]] = ..., columns: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, AttributeColumn]] = ..., baselines: _Optional[_Iterable[str]] = ...) -> None: ...
+    has_user: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, decision_point: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[DecideRow, _Mapping]]] = ..., matrix: _Optional[_Iterable[float]] = ..., columns: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, AttributeColumn]] = ..., baselines: _Optional[_Iterable[str]] = ..., has_user: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class DecideBatchResponse(_message.Message):
     __slots__ = ("actions", "probabilities", "event_ids", "holdout", "reasons", "policy_name", "policy_version", "policy_actions", "policy_probabilities", "rules")

@@ -318,14 +318,21 @@ class Learner:
             futures.ThreadPoolExecutor(max_workers=self._max_workers,
                                        thread_name_prefix="loops-learner-rpc"),
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", 64 * _MiB)],
+                     ("grpc.max_send_message_length", 64 * _MiB),
+                     # gRPC turns SO_REUSEPORT on by default on Linux: a second learner on
+                     # the port would bind and split clients and publishes over two stores.
+                     ("grpc.so_reuseport", 0)],
             interceptors=self.security.interceptors(LEARNER_METHOD_ROLES))
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
                                              reflection.SERVICE_NAME), server)
-        self.port = self.security.add_port(server, self.host, self._requested_port)
+        try:
+            self.port = self.security.add_port(server, self.host, self._requested_port)
+        except OSError as exc:
+            raise OSError(f"{exc} (is another learner on that port? Learners never share one: "
+                          "clients and publishes would be split between two stores)") from None
         server.start()
         self._server = server
         self._started_ms = int(time.time() * 1000)
