@@ -48,10 +48,10 @@ class ClientConfig:
             with a learner, the shipper moves records to the disk spool long before that.
         flush_records / flush_interval: ship when this many records are waiting, or this many
             seconds have passed. They also bound what a host crash (``kill -9``) can lose:
-            records not yet on disk are those of the last ``flush_interval`` (or fewer than
-            ``flush_records``), plus the one batch being sent (up to ``rpc_timeout``); while
-            the learner is unreachable every batch is spooled as soon as it is encoded,
-            including during backoff waits.
+            records neither acknowledged nor on disk are at most those of the last two
+            ``flush_interval`` s (or of ``flush_records``). While the learner is unreachable
+            every batch is spooled as soon as it is encoded, also during backoff waits, and
+            a send still unanswered after ``flush_interval`` has its batch spooled too.
         max_batch_records: largest batch sent in one ``ReportFeedback``.
         spool_dir: base directory for the disk spool (``None``: one under the system temp dir
             derived from the learner address and policy names); spool_max_bytes bounds each

@@ -5,9 +5,10 @@ Two daemon threads share one gRPC channel:
 - the **shipper** drains the client's recorders when ``flush_records`` are waiting or every
   ``flush_interval`` seconds, sends ``FeedbackBatch``es in order, and on failure retries with
   exponential backoff and full jitter. While the learner is unreachable batches go to the disk
-  spool (fsync'd, bounded, replayed in order), also *during* each backoff wait, so what a host
-  crash can lose is bounded by ``flush_interval`` / ``flush_records`` (plus the one batch in
-  flight), never by the backoff; only a full spool drops records, oldest first. A batch the
+  spool (fsync'd, bounded, replayed in order), also *during* each backoff wait and while a
+  send hangs, so what a host crash can lose is bounded by ``flush_interval`` /
+  ``flush_records`` (about two intervals' worth), never by the backoff or ``rpc_timeout``;
+  only a full spool drops records, oldest first. A batch the
   learner refuses (INVALID_ARGUMENT, ...) goes to the dead-letter spool beside the spool
   (``loops spool list|resend``), never away. Spools left by dead processes on the same base
   directory are adopted and replayed.
@@ -175,6 +176,7 @@ class LearnerTransport:
         self._last_encode = time.monotonic()
         self._backoff = cfg.backoff_initial
         self._next_send = 0.0             # monotonic time before which no send is tried
+        self._sending_moved = False
         self._watch_call: Any = None
         self._counters = collections.Counter()
         self.connected = False
@@ -258,7 +260,7 @@ class LearnerTransport:
         if not len(records):
             return
         for part in split_records(records, self._cfg.max_batch_records):
-            for data, count in self._encode_part(part):
+            for data, count in self._encode_checked(part):
                 if len(self._spool):   # keep order: older batches are on disk
                     self._spool.append(data, count)
                     self._counters["records_spooled"] += count
@@ -266,26 +268,41 @@ class LearnerTransport:
                     self._queue.append((data, count))
                 self._counters["records_enqueued"] += count
 
-    def _encode_part(self, part: FeedbackRecords) -> list[tuple[bytes, int]]:
+    def _encode_checked(self, part: FeedbackRecords) -> list[tuple[bytes, int]]:
         """Serialized batches of ``part``. Should encoding fail, halves are tried down to
         single records, so one bad record costs itself (logged, counted), never its batch."""
         try:
-            payload = encode_records(part)
+            return [self._encode_part(part)]
+        except Exception:
+            logger.exception("loops: encoding a batch of %d records failed; isolating the "
+                             "records that cannot be encoded", len(part))
+        before = self._counters["records_unencodable"]
+        out = self._bisect(part)
+        logger.error("loops: dropped %d records that cannot be encoded (the other %d go on)",
+                     self._counters["records_unencodable"] - before,
+                     sum(n for _, n in out))
+        return out
+
+    def _bisect(self, part: FeedbackRecords) -> list[tuple[bytes, int]]:
+        try:
+            return [self._encode_part(part)]
         except Exception:
             if len(part) <= 1:
                 self._counters["records_unencodable"] += len(part)
-                logger.exception("loops: dropping a record that cannot be encoded")
                 return []
-            out: list[tuple[bytes, int]] = []
-            for half in split_records(part, (len(part) + 1) // 2):
-                out.extend(self._encode_part(half))
-            return out
+        out: list[tuple[bytes, int]] = []
+        for half in split_records(part, (len(part) + 1) // 2):
+            out.extend(self._bisect(half))
+        return out
+
+    def _encode_part(self, part: FeedbackRecords) -> tuple[bytes, int]:
+        payload = encode_records(part)
         self._seq += 1
         msg = feedback_pb2.FeedbackBatch(
             client_id=self.client_id, sequence=self._seq, epoch=self.epoch,
             record_count=len(part), payload_format=PAYLOAD_FORMAT, payload=payload,
             sent_at_unix_ms=int(time.time() * 1000))
-        return [(msg.SerializeToString(), len(part))]
+        return msg.SerializeToString(), len(part)
 
     def _adopt_orphans(self) -> None:
         """Take over spools under our base that no live process holds and that still have
@@ -330,16 +347,36 @@ class LearnerTransport:
                 if not self._queue:
                     return True
                 item = self._queue[0]
+            self._sending_moved = False   # set when the queue (with this batch) was spooled
             if not self._deliver(item, self._spool.dir):
                 self.connected = False
                 self._spill_queue()
                 return False
-            if from_spool:
+            if from_spool or self._sending_moved:   # it is now the spool's oldest frame
                 self._spool.pop()
             else:
                 self._queue.popleft()
             # A long replay must not hold new records in memory: they join the spool/queue.
             self._maybe_encode()
+
+    def _await(self, call: Any) -> Any:
+        """The result of an RPC in flight. Meanwhile records keep being encoded, and once the
+        call has taken ``flush_interval`` the queued batches (the one in flight included) go
+        to disk: a learner that accepts connections but hangs must not keep records in
+        memory for ``rpc_timeout``."""
+        started = time.monotonic()
+        tick = min(0.05, self._cfg.flush_interval)
+        try:
+            while True:
+                try:
+                    return call.result(timeout=tick)
+                except grpc.FutureTimeoutError:
+                    if self._queue and time.monotonic() - started >= self._cfg.flush_interval:
+                        self._spill_queue()
+                        self._sending_moved = True
+                    self._maybe_encode()
+        finally:
+            call.cancel()   # no-op once done; ends it if we leave early (an exception)
 
     def _deliver(self, item: tuple[bytes, int], spool_dir: Path) -> bool:
         """Send one batch; True once it is acknowledged or safe in the dead-letter spool."""
@@ -382,7 +419,8 @@ class LearnerTransport:
                              "dead-letter spool")
             return "rejected"
         try:
-            ack = self._stub.ReportFeedback(batch, timeout=self._cfg.rpc_timeout)
+            ack = self._await(self._stub.ReportFeedback.future(
+                batch, timeout=self._cfg.rpc_timeout))
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             if code in _AUTH_FAILURES:

@@ -170,11 +170,11 @@ _SPOOLING_CLIENT = textwrap.dedent("""
                            learning=LearningSettings(reward_window_seconds=3600.0))
     cfg = ClientConfig(learner=sys.argv[1], policy_name="bonus", spool_dir=sys.argv[2],
                        flush_interval=float(sys.argv[4]), backoff_initial=float(sys.argv[5]),
-                       backoff_max=float(sys.argv[5]), rpc_timeout=1.0)
+                       backoff_max=float(sys.argv[5]), rpc_timeout=float(sys.argv[6]))
     client = DecisionClient(cfg, policies=[policy])
     n = int(sys.argv[3])
     client.decide_batch("bonus", np.zeros((n, 3)))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 10   # generous: spooling takes about flush_interval
     while client.stats()["spool_records"] < n and time.monotonic() < deadline:
         time.sleep(0.02)
     print("spooled", client.stats()["spool_records"], flush=True)
@@ -184,10 +184,11 @@ _SPOOLING_CLIENT = textwrap.dedent("""
 """)
 
 
-def start_client(address, spool, n, flush_interval=0.05, backoff=0.05) -> subprocess.Popen:
+def start_client(address, spool, n, flush_interval=0.05, backoff=0.05,
+                 rpc_timeout=1.0) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-c", _SPOOLING_CLIENT, address, str(spool),
-                             str(n), str(flush_interval), str(backoff)],
+                             str(n), str(flush_interval), str(backoff), str(rpc_timeout)],
                             stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -260,6 +261,24 @@ def test_kill_9_during_outage_loses_nothing_older_than_flush_interval(tmp_path):
         assert wait_until(lambda: on_disk(spool) == 2000, 10), on_disk(spool)
     finally:
         kill(proc)
+    reopened = Spool(spool, 1 << 30)
+    assert reopened.records == 2000
+    reopened.close()
+
+
+def test_kill_9_with_a_hanging_learner_loses_nothing_older_than_flush_interval(tmp_path):
+    """A learner that accepts connections but never answers: each send hangs for
+    rpc_timeout (60 s), yet the records reach the disk within flush_interval."""
+    spool = tmp_path / "spool"
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hole:   # never accepts
+        proc = start_client(f"127.0.0.1:{hole.getsockname()[1]}", spool, 1000,
+                            flush_interval=0.1, backoff=0.05, rpc_timeout=60.0)
+        try:
+            assert proc.stdout.readline().split() == ["spooled", "1000"]
+            assert proc.stdout.readline().strip() == "decided"
+            assert wait_until(lambda: on_disk(spool) == 2000, 10), on_disk(spool)
+        finally:
+            kill(proc)
     reopened = Spool(spool, 1 << 30)
     assert reopened.records == 2000
     reopened.close()
