@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["Spool", "SpoolLocked", "open_lane", "orphan_dirs", "spool_dirs", "read_frames",
-           "DEAD_LETTER"]
+           "append_frame", "DEAD_LETTER"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,3 +255,44 @@ def spool_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     return sorted({p.parent for p in root.rglob("*.seg")} |
                   ({root} if any(root.glob("*.seg")) else set()))
+
+
+def append_frame(directory: str | os.PathLike, payload: bytes, records: int,
+                 max_bytes: int) -> int:
+    """Append one frame to the spool in ``directory`` as a segment of its own, without
+    indexing what is there (a dead-letter spool can be large; refusals are rare): lock, write,
+    fsync, unlock. Past ``max_bytes`` the oldest segments go, as in :class:`Spool`. Returns
+    the records so dropped; raises :class:`SpoolLocked` while another process holds it."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "LOCK", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SpoolLocked(f"spool directory {d} is in use by another process") from None
+        try:
+            segments = sorted(d.glob("*.seg"))
+            # numbers only grow (the newest segment is never deleted), so a new one sorts
+            # after the cursor of whoever reads this spool
+            number = int(segments[-1].stem) + 1 if segments else 1
+            seg = d / f"{number:020d}.seg"
+            with open(seg, "ab", buffering=0) as f:
+                frame = memoryview(_HEAD.pack(len(payload), zlib.crc32(payload), records)
+                                   + payload)
+                while frame:
+                    frame = frame[f.write(frame):]
+                os.fsync(f.fileno())
+            segments.append(seg)
+            total = sum(p.stat().st_size for p in segments)
+            dropped = 0
+            while total > max_bytes and len(segments) > 1:
+                oldest = segments.pop(0)
+                dropped += sum(f[3] for f in _index_segment(oldest, 0))
+                total -= oldest.stat().st_size
+                oldest.unlink()
+            if dropped:
+                logger.warning("loops spool %s full (%d bytes): dropped %d oldest records",
+                               d, max_bytes, dropped)
+            return dropped
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -45,7 +45,7 @@ from .batch import PAYLOAD_FORMAT, FeedbackRecords, OutcomeBlock, encode_records
 from .errors import PolicyError
 from .policy import Policy
 from .security import open_channel
-from .spool import DEAD_LETTER, Spool, SpoolLocked, open_lane, orphan_dirs
+from .spool import DEAD_LETTER, Spool, SpoolLocked, append_frame, open_lane, orphan_dirs
 
 if TYPE_CHECKING:
     from .client import DecisionClient
@@ -389,18 +389,15 @@ class LearnerTransport:
         return True
 
     def _dead_letter(self, spool_dir: Path, data: bytes, count: int) -> bool:
-        """Keep a refused batch in ``<spool>/dead-letter`` (same frame format). Opened only
+        """Keep a refused batch in ``<spool>/dead-letter`` (same frame format). Locked only
         for the append, so ``loops spool resend`` can work on it while this client runs; if
         that command holds it right now the batch stays where it is and is tried again."""
         try:
-            dead = Spool(spool_dir / DEAD_LETTER, self._cfg.spool_max_bytes)
+            dropped = append_frame(spool_dir / DEAD_LETTER, data, count,
+                                   self._cfg.spool_max_bytes)
         except SpoolLocked:
             return False
-        try:
-            dead.append(data, count)
-            self._counters["records_dropped_dead_letter"] += dead.records_dropped
-        finally:
-            dead.close()
+        self._counters["records_dropped_dead_letter"] += dropped
         self._counters["records_dead_lettered"] += count
         return True
 

@@ -28,7 +28,7 @@ from loops_sdk import cli, transport
 from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
 from loops_sdk.batch import PAYLOAD_FORMAT, encode_records
 from loops_sdk.learner.service import Learner
-from loops_sdk.spool import Spool, read_frames, spool_dirs
+from loops_sdk.spool import Spool, append_frame, read_frames, spool_dirs
 
 from sdk_helpers import ROOT, wait_until
 
@@ -117,6 +117,21 @@ def test_resend_of_a_batch_that_did_land_is_deduplicated(learner, tmp_path):
                         "--learner", learner.address)
     assert code == 0 and "already stored" in out
     assert learner.status().decisions == 7
+
+
+def test_dead_letter_appends_keep_order_and_the_bound(tmp_path):
+    d = tmp_path / "dead"
+    for i in range(3):
+        assert append_frame(d, f"frame-{i}".encode(), i + 1, 1 << 20) == 0
+    sp = Spool(d, 1 << 20)
+    assert sp.peek() == (b"frame-0", 1)
+    sp.pop()                                   # resent: the cursor moves past it
+    sp.close()
+    append_frame(d, b"frame-3", 4, 1 << 20)
+    assert [f for f, _ in read_frames(d)] == [b"frame-1", b"frame-2", b"frame-3"]
+    # past the bound the oldest go, counted (never the newest)
+    assert append_frame(d, b"x" * 300, 5, 320) == 2 + 3 + 4
+    assert list(read_frames(d)) == [(b"x" * 300, 5)]
 
 
 # ------------------------------------------------------------------ item 3: client_id + restart
@@ -219,6 +234,21 @@ def test_two_processes_on_one_spool_are_both_replayed(tmp_path):
             assert wait_until(lambda: srv.status().decisions == 4000, 10)
             assert client.stats()["spools_adopted"] == 1     # the other lane it did not own
     assert on_disk(tmp_path) == 0
+
+
+def test_older_releases_private_spool_is_replayed(tmp_path):
+    """Older releases spooled a second process to ``<dir>-<pid>-<hex>``, never replayed."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    spool = tmp_path / "spool"
+    first = DecisionClient(config(address, tmp_path / "spool-4242-0a1b2c", close_timeout=0.3),
+                           policies=[make_policy()])
+    first.decide_batch("bonus", np.zeros((50, 3)))
+    first.close()                                       # learner down: 50 records on disk
+    with Learner(tmp_path / "l.sqlite", "127.0.0.1", port, train=False) as srv:
+        with DecisionClient(config(address, spool), policies=[make_policy()]) as client:
+            assert wait_until(lambda: srv.status().decisions == 50, 10)
+            assert client.stats()["spools_adopted"] == 1
 
 
 def test_forked_worker_spool_is_adopted_by_the_parent(tmp_path, monkeypatch):
