@@ -371,6 +371,9 @@ class LearnerTransport:
                 try:
                     return call.result(timeout=tick)
                 except grpc.FutureTimeoutError:
+                    if self._stop.is_set():   # closing: the batch waits in the spool instead
+                        call.cancel()
+                        continue
                     if self._queue and time.monotonic() - started >= self._cfg.flush_interval:
                         self._spill_queue()
                         self._sending_moved = True
@@ -418,6 +421,8 @@ class LearnerTransport:
         try:
             ack = self._await(self._stub.ReportFeedback.future(
                 batch, timeout=self._cfg.rpc_timeout))
+        except grpc.FutureCancelledError:   # we cancelled it, closing: keep the batch
+            return "retry"
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             if code in _AUTH_FAILURES:

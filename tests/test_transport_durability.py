@@ -314,6 +314,23 @@ def test_kill_9_with_a_hanging_learner_loses_nothing_older_than_flush_interval(t
     reopened.close()
 
 
+def test_close_with_a_hanging_learner_spools_the_batch_in_flight(tmp_path):
+    spool = tmp_path / "spool"
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hole:   # never answers
+        cfg = config(f"127.0.0.1:{hole.getsockname()[1]}", spool, rpc_timeout=20.0,
+                     close_timeout=0.3, flush_interval=5.0)
+        client = DecisionClient(cfg, policies=[make_policy()])
+        client.decide_batch("bonus", np.zeros((10, 3)))
+        client.flush(0.2)                     # the batch is now in flight, unanswered
+        client.close()
+        # closing cancels the send: the shipper ends without an error, its batch on disk
+        assert not client._transport._shipper.is_alive()
+        assert client.stats()["shipper_errors"] == 0
+    reopened = Spool(spool, 1 << 30)
+    assert reopened.records == 10
+    reopened.close()
+
+
 # ------------------------------------------------------------------ item 12: reconnect
 def test_recovery_after_outage_follows_client_backoff(tmp_path):
     """gRPC's own reconnect backoff would grow to many seconds over a ten-second outage;
