@@ -188,9 +188,11 @@ class Spool:
                 self._lock_file.close()
 
 
-def _index_segment(seg: Path, start: int) -> list[tuple[Path, int, int, int]]:
+def _index_segment(seg: Path, start: int,
+                   data: bytes | None = None) -> list[tuple[Path, int, int, int]]:
     """(segment, offset, size, records) of each complete frame from ``start`` on."""
-    data = seg.read_bytes()
+    if data is None:
+        data = seg.read_bytes()
     frames = []
     off = start
     while off + _HEAD.size <= len(data):
@@ -217,11 +219,11 @@ def read_frames(directory: str | os.PathLike) -> Iterator[tuple[bytes, int]]:
         if cursor not in (None, "-") and seg.name < cursor:
             continue
         try:
-            frames = _index_segment(seg, offset if seg.name == cursor else 0)
             data = seg.read_bytes()
         except FileNotFoundError:   # delivered and removed by its owner meanwhile
             continue
-        for _, off, size, records in frames:
+        for _, off, size, records in _index_segment(seg, offset if seg.name == cursor else 0,
+                                                    data):
             yield data[off + _HEAD.size: off + _HEAD.size + size], records
 
 

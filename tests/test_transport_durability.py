@@ -102,8 +102,7 @@ def test_refused_batch_is_dead_lettered_listed_and_resent(learner, tmp_path):
 
 def test_resend_of_a_batch_that_did_land_is_deduplicated(learner, tmp_path):
     dead = Spool(tmp_path / "spool" / "dead-letter", 1 << 30)
-    from loops_sdk.client import DecisionClient as _C
-    offline = _C(policies=[make_policy()], seed=1)
+    offline = DecisionClient(policies=[make_policy()], seed=1)
     offline.decide_batch("bonus", np.zeros((7, 3)))
     batch = feedback_pb2.FeedbackBatch(client_id="c1", sequence=1, epoch=9, record_count=7,
                                        payload_format=PAYLOAD_FORMAT,
