@@ -122,6 +122,98 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- spool
+def _add_spool(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("spool", help="inspect a client's spool and re-send the batches the "
+                       "learner refused (dead letters)")
+    ssub = p.add_subparsers(dest="spool_command", required=True)
+    ls = ssub.add_parser("list", help="the spools and dead-letter spools under a directory, "
+                         "one line per batch")
+    ls.add_argument("--dir", required=True, help="the client's spool_dir (or any directory "
+                    "above it)")
+    rs = ssub.add_parser("resend", help="send every dead-lettered batch again, with its "
+                         "original client id and sequence (one that did land is "
+                         "deduplicated); each one acknowledged leaves the dead-letter spool")
+    rs.add_argument("--dir", required=True, help="the client's spool_dir")
+    rs.add_argument("--learner", default=DEFAULT_LEARNER, help="HOST:PORT")
+    rs.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_cmd_spool)
+
+
+def _cmd_spool(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from .spool import spool_dirs
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"loops: --dir {args.dir}: no such directory", file=sys.stderr)
+        return 2
+    dirs = spool_dirs(root)
+    if args.spool_command == "list":
+        return _spool_list(dirs)
+    return _spool_resend([d for d in dirs if d.name == "dead-letter"], args)
+
+
+def _spool_list(dirs) -> int:
+    from ._proto import feedback_pb2
+    from .spool import read_frames
+    total = {"pending": [0, 0], "dead-letter": [0, 0]}
+    for d in dirs:
+        kind = "dead-letter" if d.name == "dead-letter" else "pending"
+        frames = list(read_frames(d))
+        total[kind][0] += len(frames)
+        total[kind][1] += sum(n for _, n in frames)
+        print(f"{d}  {kind}  {len(frames)} batches  {sum(n for _, n in frames):,} records")
+        for data, n in frames:
+            try:
+                b = feedback_pb2.FeedbackBatch.FromString(data)
+            except Exception as exc:   # a frame that is not a batch: say so, go on
+                print(f"    unreadable frame ({len(data)} bytes): {exc}")
+                continue
+            sent = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b.sent_at_unix_ms / 1000))
+            print(f"    client {b.client_id}  epoch {b.epoch:x}  sequence {b.sequence}  "
+                  f"{n:,} records  {len(data):,} bytes  encoded {sent} UTC")
+    for kind, (batches, records) in total.items():
+        print(f"{kind}: {batches} batches, {records:,} records")
+    return 0
+
+
+def _spool_resend(dirs, args: argparse.Namespace) -> int:
+    import grpc
+    from ._proto import feedback_pb2
+    from .spool import Spool, SpoolLocked
+    sent = failed = 0
+    with _channel(args.learner) as ch:
+        stub = _stub(ch)
+        for d in dirs:
+            try:
+                spool = Spool(d, 1 << 62)   # no bound: resend never drops anything
+            except SpoolLocked:
+                print(f"loops: {d} is busy (a client is writing to it); try again",
+                      file=sys.stderr)
+                failed += 1
+                continue
+            try:
+                while (item := spool.peek()) is not None:
+                    data, n = item
+                    batch = feedback_pb2.FeedbackBatch.FromString(data)
+                    try:
+                        ack = stub.ReportFeedback(batch, timeout=args.timeout)
+                    except grpc.RpcError as err:
+                        print(f"loops: {d}: batch {batch.client_id}/{batch.sequence} "
+                              f"({n:,} records) refused again: {err.code().name}: "
+                              f"{err.details()}", file=sys.stderr)
+                        failed += 1
+                        break   # keep it (and the rest, in order) for a later try
+                    spool.pop()
+                    sent += 1
+                    print(f"{d}: batch {batch.client_id}/{batch.sequence} {n:,} records "
+                          f"{'already stored' if ack.duplicate else 'stored'}")
+            finally:
+                spool.close()
+    print(f"re-sent {sent} batches; {failed} spools left with batches")
+    return 1 if failed else 0
+
+
 # --------------------------------------------------------------------------- policy
 def _add_policy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="publish, roll back, switch mode and list policy versions")
@@ -478,7 +570,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift,
-    _add_serve, _add_dev_certs,
+    _add_serve, _add_dev_certs, _add_spool,
 ]
 
 

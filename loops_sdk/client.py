@@ -47,14 +47,27 @@ class ClientConfig:
         max_pending_records: records held in memory before the oldest are dropped (counted);
             with a learner, the shipper moves records to the disk spool long before that.
         flush_records / flush_interval: ship when this many records are waiting, or this many
-            seconds have passed.
+            seconds have passed. They also bound what a host crash (``kill -9``) can lose:
+            records neither acknowledged nor on disk are at most those of the last two
+            ``flush_interval`` s (or of ``flush_records``). While the learner is unreachable
+            every batch is spooled as soon as it is encoded, also during backoff waits, and
+            a send still unanswered after ``flush_interval`` has its batch spooled too.
         max_batch_records: largest batch sent in one ``ReportFeedback``.
-        spool_dir: directory for the disk spool (``None``: a per-client directory under the
-            system temp dir); spool_max_bytes bounds it; only past that are records dropped.
+        spool_dir: base directory for the disk spool (``None``: one under the system temp dir
+            derived from the learner address and policy names); spool_max_bytes bounds each
+            process's spool; only past that are records dropped. Several processes (or forked
+            workers) on one base each get their own lane (``lane-N``) in it; a client adopts
+            and replays lanes left by processes that died. Batches the learner refuses go to
+            ``<spool>/dead-letter`` (``loops spool list|resend --dir``).
         rpc_timeout: deadline of each unary call to the learner.
-        backoff_initial / backoff_max: exponential retry backoff bounds (full jitter).
+        backoff_initial / backoff_max: exponential retry backoff bounds (full jitter), for the
+            shipper, the policy watch and the gRPC channel's own reconnects: after an outage
+            the first batch goes through within about twice ``backoff_max`` (the channel's
+            next connect, then the shipper's next try) after the learner is back.
         close_timeout: how long ``close()`` waits to deliver what is buffered.
-        client_id: identifies this client's batches; random when empty.
+        client_id: identifies this client's batches; random when empty. A fixed id may be
+            reused across restarts: each start also draws a random epoch, and the learner
+            deduplicates on (client id, epoch, sequence).
         cap_slots: players whose frequency/budget cap counts each decision point keeps (only
             for policies with caps; ~16 + 16 x caps bytes each). Past that, the least recently
             charged player of a full hash bucket is forgotten (``stats()["points"][name]
@@ -266,7 +279,11 @@ class DecisionClient(Engine):
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict[str, Any]:
         """Counters: decisions, outcomes, records shipped/acked/spooled/dropped, retries,
-        policy versions, last sync time, per decision point figures."""
+        policy versions, last sync time, per decision point figures. With a learner also:
+        ``records_dead_lettered`` (refused batches kept on disk), ``spools_adopted``,
+        ``shipper_errors`` / ``watcher_errors`` (unexpected exceptions the background threads
+        logged and survived) and ``policy_updates_failed`` (versions that could not be
+        installed; the previous one keeps serving)."""
         s = self._engine_stats()
         with self._counters_lock:
             s.update(self._counters)

@@ -5,9 +5,20 @@ Two daemon threads share one gRPC channel:
 - the **shipper** drains the client's recorders when ``flush_records`` are waiting or every
   ``flush_interval`` seconds, sends ``FeedbackBatch``es in order, and on failure retries with
   exponential backoff and full jitter. While the learner is unreachable batches go to the disk
-  spool (fsync'd, bounded, replayed in order); only a full spool drops records, oldest first.
+  spool (fsync'd, bounded, replayed in order), also *during* each backoff wait and while a
+  send hangs, so what a host crash can lose is bounded by ``flush_interval`` /
+  ``flush_records`` (about two intervals' worth), never by the backoff or ``rpc_timeout``;
+  only a full spool drops records, oldest first. A batch the
+  learner refuses (INVALID_ARGUMENT, ...) goes to the dead-letter spool beside the spool
+  (``loops spool list|resend``), never away. Spools left by dead processes on the same base
+  directory are adopted and replayed.
 - the **watcher** keeps a ``WatchPolicy`` stream open, applies each version atomically
   (older ones are ignored by ``DecisionClient.set_policy``) and reconnects with backoff.
+
+gRPC's own reconnect backoff (default: 1 s growing to 120 s) is tied to ``backoff_initial`` /
+``backoff_max``, so recovery after an outage follows the client's documented backoff. Neither
+thread ends on an unexpected exception: it is logged, counted (``shipper_errors``,
+``watcher_errors``, ``policy_updates_failed``) and the loop goes on.
 
 Neither ever blocks ``decide()``: the only shared state is the recorders' swap under their
 mutex.
@@ -23,16 +34,17 @@ import random
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-from .records import PAYLOAD_FORMAT, encode_records, split_records
+from .records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
 from .errors import PolicyError
 from .policy import Policy
 from .security import open_channel
-from .spool import Spool, SpoolLocked
+from .spool import DEAD_LETTER, Spool, SpoolLocked, append_frame, open_lane, orphan_dirs
 
 if TYPE_CHECKING:
     from .client import DecisionClient
@@ -49,11 +61,33 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 # A missing or wrong token is a deployment mistake, not bad data: keep (spool) the records
 # and retry, so they arrive once the token is fixed.
 _AUTH_FAILURES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# How often the shipper looks for spools left by dead processes on its base directory (also
+# once at start): a crashed sibling's frames are replayed even if it never comes back.
+ADOPT_INTERVAL = 5.0
 
 
 def default_spool_dir(learner: str, names: tuple[str, ...]) -> str:
     key = hashlib.sha256(f"{learner}|{','.join(sorted(names))}".encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "loops-spool", key)
+
+
+def reconnect_options(backoff_initial: float, backoff_max: float) -> list[tuple[str, int]]:
+    """gRPC channel options making the channel's own reconnect attempts follow the client's
+    backoff. Left at gRPC's defaults (1 s x 1.6 up to 120 s), a channel that went down during
+    a long outage tried again only up to two minutes after the learner was back, whatever
+    ``backoff_max`` said, and every send failed fast in between."""
+    lo = max(1, int(backoff_initial * 1000))
+    hi = max(lo, int(backoff_max * 1000))
+    # grpc.min_reconnect_backoff_ms stays at its default on purpose: gRPC uses it as the
+    # minimum *connect timeout*, and tying it to a 0.1 s backoff would fail every connection
+    # whose handshake takes longer than that.
+    return [("grpc.initial_reconnect_backoff_ms", lo),
+            ("grpc.max_reconnect_backoff_ms", hi)]
+
+
+def new_epoch() -> int:
+    """A random, non-zero 63-bit number drawn per start (and after fork)."""
+    return (int.from_bytes(os.urandom(8), "little") >> 1) or 1
 
 
 class LearnerTransport:
@@ -64,19 +98,38 @@ class LearnerTransport:
         self._client = client
         self._cfg = cfg
         self.client_id = cfg.client_id or os.urandom(8).hex()
+        # (client_id, epoch, sequence) is the learner's dedup key. A fixed client_id with
+        # sequences from 1 again after a restart would otherwise be acknowledged as duplicates
+        # of the previous run's batches and never stored. Drawing an epoch per start needs no
+        # state on disk (which a wiped temp dir or a second host would lose); batches spooled
+        # by an earlier run keep their own epoch in their frame, so their replay is still
+        # deduplicated against themselves and never collides with this run's.
+        self.epoch = new_epoch()
         self._seq = 0
         self._channel = open_channel(cfg.learner, cfg.channel_security(), options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.enable_retries", 0),       # we retry ourselves, with our own bookkeeping
+            *reconnect_options(cfg.backoff_initial, cfg.backoff_max),
         ], metadata=cfg.metadata)
         self._stub = learner_pb2_grpc.LearnerServiceStub(self._channel)
-        self._spool = self._open_spool()
+        self.spool_base = Path(cfg.spool_dir or default_spool_dir(cfg.learner or "",
+                                                                  cfg.watched_names))
+        self._spool = open_lane(self.spool_base, cfg.spool_max_bytes)
+        if self._spool.dir != self.spool_base:
+            logger.info("loops: spool %s in use; spooling to %s", self.spool_base,
+                        self._spool.dir)
+        self._adopted: list[Spool] = []   # spools of dead processes being replayed
+        self._next_adopt = 0.0
         self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._flush_requested = 0
         self._flush_done = 0
+        self._last_encode = time.monotonic()
+        self._backoff = cfg.backoff_initial
+        self._next_send = 0.0             # monotonic time before which no send is tried
+        self._sending_moved = False
         self._watch_call: Any = None
         self._counters = collections.Counter()
         self.connected = False
@@ -89,75 +142,157 @@ class LearnerTransport:
         self._shipper.start()
         self._watcher.start()
 
-    def _open_spool(self) -> Spool:
-        base = self._cfg.spool_dir or default_spool_dir(self._cfg.learner or "",
-                                                        self._cfg.watched_names)
-        try:
-            return Spool(base, self._cfg.spool_max_bytes)
-        except SpoolLocked:
-            # Another live client (or our parent, after fork) owns it: use a private one.
-            private = f"{base}-{os.getpid()}-{os.urandom(3).hex()}"
-            logger.info("loops: spool %s in use; spooling to %s", base, private)
-            return Spool(private, self._cfg.spool_max_bytes)
-
     # ------------------------------------------------------------------ shipping
     def _pending_rows(self) -> int:
         return int(self._client._engine_stats()["pending"])
 
     def _ship_loop(self) -> None:
-        cfg = self._cfg
-        last = time.monotonic()
-        backoff = cfg.backoff_initial
         while True:
-            with self._cond:
-                if not self._stop.is_set() and self._flush_requested == self._flush_done:
-                    self._cond.wait(min(0.05, cfg.flush_interval))
-                flush_target = self._flush_requested
-                stopping = self._stop.is_set()
-            if stopping:
-                # close() already gave flush its time: what is left goes to disk, unsent.
-                self._encode_pending()
-                self._spill_queue()
-                return
-            now = time.monotonic()
-            if flush_target != self._flush_done or now - last >= cfg.flush_interval \
-                    or self._pending_rows() >= cfg.flush_records:
-                self._encode_pending()
-                last = now
-            ok = self._send_queued()
-            if ok:
-                backoff = cfg.backoff_initial
-                if flush_target != self._flush_done and not self._queue and not len(self._spool):
-                    with self._cond:
-                        self._flush_done = flush_target
-                        self._cond.notify_all()
-            if not ok:
-                self._counters["retries"] += 1
-                # full jitter: sleep U(0, backoff), doubling up to backoff_max
-                self._stop.wait(random.uniform(0, backoff))
-                backoff = min(backoff * 2, cfg.backoff_max)
+            try:
+                if self._ship_step():
+                    return
+            except Exception:   # never end silently: log, count, carry on
+                self._counters["shipper_errors"] += 1
+                logger.exception("loops: feedback shipper error; carrying on")
+                if self._stop.wait(min(1.0, self._cfg.backoff_max)):   # no hot loop on a
+                    try:                                              # persistent fault
+                        self._spill_queue()
+                    except Exception:
+                        logger.exception("loops: spooling at close failed")
+                    return
+
+    def _ship_step(self) -> bool:
+        """One round of the shipper; True when it is time to stop."""
+        cfg = self._cfg
+        with self._cond:
+            flushing = self._flush_requested != self._flush_done
+            wait = min(0.05, cfg.flush_interval)
+            if flushing:   # a flush waits only for the end of a backoff
+                wait = min(wait, max(0.0, self._next_send - time.monotonic()))
+            if not self._stop.is_set() and wait > 0:
+                self._cond.wait(wait)
+            flush_target = self._flush_requested
+            stopping = self._stop.is_set()
+        if stopping:
+            # close() already gave flush its time: what is left goes to disk, unsent.
+            self._encode_pending()
+            self._spill_queue()
+            return True
+        # Encoding goes on while backing off: with the learner away the new batches go
+        # straight to the spool, so nothing older than flush_interval waits in memory.
+        self._maybe_encode(force=flush_target != self._flush_done)
+        now = time.monotonic()
+        if now < self._next_send:
+            return False
+        if now >= self._next_adopt:
+            self._next_adopt = now + ADOPT_INTERVAL
+            self._adopt_orphans()
+        if self._send_queued():
+            self._backoff = cfg.backoff_initial
+            if flush_target != self._flush_done and not self._queue and not len(self._spool) \
+                    and not self._adopted:
+                with self._cond:
+                    self._flush_done = flush_target
+                    self._cond.notify_all()
+        else:
+            self._counters["retries"] += 1
+            # full jitter: wait U(0, backoff), doubling up to backoff_max
+            self._next_send = time.monotonic() + random.uniform(0, self._backoff)
+            self._backoff = min(self._backoff * 2, cfg.backoff_max)
+        return False
+
+    def _maybe_encode(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_encode >= self._cfg.flush_interval \
+                or self._pending_rows() >= self._cfg.flush_records:
+            self._last_encode = now
+            self._encode_pending()
 
     def _encode_pending(self) -> None:
         records = self._client._drain_records()
         if not len(records):
             return
         for part in split_records(records, self._cfg.max_batch_records):
-            self._seq += 1
-            msg = feedback_pb2.FeedbackBatch(
-                client_id=self.client_id, sequence=self._seq, record_count=len(part),
-                payload_format=PAYLOAD_FORMAT, payload=encode_records(part),
-                sent_at_unix_ms=int(time.time() * 1000))
-            data = msg.SerializeToString()
-            if len(self._spool):   # keep order: older batches are on disk
-                self._spool.append(data, len(part))
-                self._counters["records_spooled"] += len(part)
-            else:
-                self._queue.append((data, len(part)))
-            self._counters["records_enqueued"] += len(part)
+            for data, count in self._encode_checked(part):
+                if len(self._spool):   # keep order: older batches are on disk
+                    self._spool.append(data, count)
+                    self._counters["records_spooled"] += count
+                else:
+                    self._queue.append((data, count))
+                self._counters["records_enqueued"] += count
+
+    def _encode_checked(self, part: FeedbackRecords) -> list[tuple[bytes, int]]:
+        """Serialized batches of ``part``. Should encoding fail, halves are tried down to
+        single records, so one bad record costs itself (logged, counted), never its batch."""
+        try:
+            return [self._encode_part(part)]
+        except Exception:
+            logger.exception("loops: encoding a batch of %d records failed; isolating the "
+                             "records that cannot be encoded", len(part))
+        before = self._counters["records_unencodable"]
+        out = self._bisect(part)
+        logger.error("loops: dropped %d records that cannot be encoded (the other %d go on)",
+                     self._counters["records_unencodable"] - before,
+                     sum(n for _, n in out))
+        return out
+
+    def _bisect(self, part: FeedbackRecords) -> list[tuple[bytes, int]]:
+        try:
+            return [self._encode_part(part)]
+        except Exception:
+            if len(part) <= 1:
+                self._counters["records_unencodable"] += len(part)
+                return []
+        out: list[tuple[bytes, int]] = []
+        for half in split_records(part, (len(part) + 1) // 2):
+            out.extend(self._bisect(half))
+        return out
+
+    def _encode_part(self, part: FeedbackRecords) -> tuple[bytes, int]:
+        payload = encode_records(part)
+        self._seq += 1
+        msg = feedback_pb2.FeedbackBatch(
+            client_id=self.client_id, sequence=self._seq, epoch=self.epoch,
+            record_count=len(part), payload_format=PAYLOAD_FORMAT, payload=payload,
+            sent_at_unix_ms=int(time.time() * 1000))
+        return msg.SerializeToString(), len(part)
+
+    def _adopt_orphans(self) -> None:
+        """Take over spools under our base that no live process holds and that still have
+        frames (a process that died, a worker that was not restarted): they are replayed
+        before our own. A locked one belongs to a live client, which replays it itself."""
+        held = {self._spool.dir.resolve(), *(s.dir.resolve() for s in self._adopted)}
+        for d in orphan_dirs(self.spool_base):
+            if d.resolve() in held:
+                continue
+            try:
+                spool = Spool(d, self._cfg.spool_max_bytes)
+            except SpoolLocked:
+                continue
+            if not len(spool):
+                spool.close()
+                continue
+            logger.info("loops: replaying %d records another process left in %s",
+                        spool.records, d)
+            self._counters["spools_adopted"] += 1
+            self._adopted.append(spool)
 
     def _send_queued(self) -> bool:
-        """Send spooled frames, then queued ones, in order. False on a retryable failure
-        (the unsent queue is then moved to the spool)."""
+        """Send adopted spools' frames, then our spooled frames, then queued ones, in order.
+        False on a retryable failure (the unsent queue is then moved to the spool)."""
+        while self._adopted:
+            spool = self._adopted[0]
+            item = spool.peek()
+            if item is None:
+                spool.close()
+                self._adopted.pop(0)
+                continue
+            if not self._deliver(item, spool.dir):
+                self.connected = False
+                self._spill_queue()
+                return False
+            spool.pop()
+            self._maybe_encode()
         while True:
             item = self._spool.peek()
             from_spool = item is not None
@@ -165,16 +300,62 @@ class LearnerTransport:
                 if not self._queue:
                     return True
                 item = self._queue[0]
-            data, count = item
-            result = self._send(data, count)
-            if result == "retry":
+            self._sending_moved = False   # set when the queue (with this batch) was spooled
+            if not self._deliver(item, self._spool.dir):
                 self.connected = False
                 self._spill_queue()
                 return False
-            if from_spool:
+            if from_spool or self._sending_moved:   # it is now the spool's oldest frame
                 self._spool.pop()
             else:
                 self._queue.popleft()
+            # A long replay must not hold new records in memory: they join the spool/queue.
+            self._maybe_encode()
+
+    def _await(self, call: Any) -> Any:
+        """The result of an RPC in flight. Meanwhile records keep being encoded, and once the
+        call has taken ``flush_interval`` the queued batches (the one in flight included) go
+        to disk: a learner that accepts connections but hangs must not keep records in
+        memory for ``rpc_timeout``."""
+        started = time.monotonic()
+        tick = min(0.05, self._cfg.flush_interval)
+        try:
+            while True:
+                try:
+                    return call.result(timeout=tick)
+                except grpc.FutureTimeoutError:
+                    if self._stop.is_set():   # closing: the batch waits in the spool instead
+                        call.cancel()
+                        continue
+                    if self._queue and time.monotonic() - started >= self._cfg.flush_interval:
+                        self._spill_queue()
+                        self._sending_moved = True
+                    self._maybe_encode()
+        finally:
+            call.cancel()   # no-op once done; ends it if we leave early (an exception)
+
+    def _deliver(self, item: tuple[bytes, int], spool_dir: Path) -> bool:
+        """Send one batch; True once it is acknowledged or safe in the dead-letter spool."""
+        data, count = item
+        result = self._send(data, count)
+        if result == "retry":
+            return False
+        if result == "rejected":
+            return self._dead_letter(spool_dir, data, count)
+        return True
+
+    def _dead_letter(self, spool_dir: Path, data: bytes, count: int) -> bool:
+        """Keep a refused batch in ``<spool>/dead-letter`` (same frame format). Locked only
+        for the append, so ``loops spool resend`` can work on it while this client runs; if
+        that command holds it right now the batch stays where it is and is tried again."""
+        try:
+            dropped = append_frame(spool_dir / DEAD_LETTER, data, count,
+                                   self._cfg.spool_max_bytes)
+        except SpoolLocked:
+            return False
+        self._counters["records_dropped_dead_letter"] += dropped
+        self._counters["records_dead_lettered"] += count
+        return True
 
     def _spill_queue(self) -> None:
         while self._queue:
@@ -183,9 +364,18 @@ class LearnerTransport:
             self._counters["records_spooled"] += count
 
     def _send(self, data: bytes, count: int) -> str:
-        batch = feedback_pb2.FeedbackBatch.FromString(data)
         try:
-            ack = self._stub.ReportFeedback(batch, timeout=self._cfg.rpc_timeout)
+            batch = feedback_pb2.FeedbackBatch.FromString(data)
+        except Exception:   # e.g. a foreign file in an adopted spool: set aside, go on
+            self._counters["records_rejected"] += count
+            logger.exception("loops: a spooled frame is not a feedback batch; kept in the "
+                             "dead-letter spool")
+            return "rejected"
+        try:
+            ack = self._await(self._stub.ReportFeedback.future(
+                batch, timeout=self._cfg.rpc_timeout))
+        except grpc.FutureCancelledError:   # we cancelled it, closing: keep the batch
+            return "retry"
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             if code in _AUTH_FAILURES:
@@ -200,7 +390,8 @@ class LearnerTransport:
                 logger.debug("loops: feedback send failed (%s), will retry", code)
                 return "retry"
             self._counters["records_rejected"] += count
-            logger.error("loops: learner rejected batch %s/%d (%s): %s", batch.client_id,
+            logger.error("loops: learner rejected batch %s/%d (%s): %s; kept in the "
+                         "dead-letter spool (loops spool list|resend)", batch.client_id,
                          batch.sequence, code, exc.details() if hasattr(exc, "details") else exc)
             return "rejected"
         self.connected = True
@@ -247,6 +438,11 @@ class LearnerTransport:
                                  "the token; retrying", code.name)
                 else:
                     logger.debug("loops: policy watch interrupted (%s); reconnecting", code)
+            except Exception:   # never end silently: log, count, reconnect
+                if self._stop.is_set():
+                    return
+                self._counters["watcher_errors"] += 1
+                logger.exception("loops: policy watcher error; reconnecting")
             finally:
                 self._watch_call = None
             if self._stop.wait(random.uniform(0, backoff)):
@@ -262,7 +458,20 @@ class LearnerTransport:
             logger.error("loops: ignoring invalid policy update %s v%d: %s", update.name,
                          update.version, exc)
             return
-        self._client.set_policy(policy)
+        try:
+            self._client.set_policy(policy)
+        except PolicyError as exc:
+            self._counters["policy_updates_invalid"] += 1
+            logger.error("loops: ignoring invalid policy update %s v%d: %s", update.name,
+                         update.version, exc)
+            return
+        except Exception:
+            # Whatever went wrong installing it, the version in use keeps serving and the
+            # stream stays open for the next one.
+            self._counters["policy_updates_failed"] += 1
+            logger.exception("loops: could not apply policy update %s v%d; keeping the "
+                             "version in use", update.name, update.version)
+            return
         self.last_sync = time.time()
         self.connected = True
 
@@ -275,15 +484,24 @@ class LearnerTransport:
             "records_rejected": c["records_rejected"],
             "records_spooled": c["records_spooled"],
             "records_dropped_spool": self._spool.records_dropped,
-            "spool_records": self._spool.records,
+            "spool_records": self._spool.records + sum(s.records for s in list(self._adopted)),
+            "records_dead_lettered": c["records_dead_lettered"],
+            "records_dropped_dead_letter": c["records_dropped_dead_letter"],
+            "records_unencodable": c["records_unencodable"],
+            "spools_adopted": c["spools_adopted"],
+            "spool_dir": str(self._spool.dir),
+            "shipper_errors": c["shipper_errors"],
+            "watcher_errors": c["watcher_errors"],
             "batches_acked": c["batches_acked"],
             "batches_duplicate": c["batches_duplicate"],
             "retries": c["retries"],
             "watch_reconnects": c["watch_reconnects"],
             "policy_updates_invalid": c["policy_updates_invalid"],
+            "policy_updates_failed": c["policy_updates_failed"],
             "learner_connected": self.connected,
             "last_sync": self.last_sync,
             "client_id": self.client_id,
+            "epoch": self.epoch,
         }
 
     def close(self) -> None:
@@ -297,10 +515,19 @@ class LearnerTransport:
         self._shipper.join(self._cfg.close_timeout + self._cfg.rpc_timeout)
         self._watcher.join(2.0)
         self._spill_queue()
+        for spool in self._adopted:
+            spool.close()
         self._spool.close()
         self._channel.close()
 
     def abandon(self) -> None:
         """After fork, in the child: the threads are gone and the channel belongs to the
-        parent; drop references without touching either."""
+        parent; drop references without touching either. The spool files are closed without
+        unlocking: the parent's lanes stay the parent's, and once it exits they are free for
+        adoption (our inherited descriptors would otherwise keep them locked)."""
         self._stop.set()
+        for spool in (self._spool, *self._adopted):
+            try:
+                spool.abandon()
+            except Exception:
+                logger.exception("loops: closing the parent's spool files after fork failed")

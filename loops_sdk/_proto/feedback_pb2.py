@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loops/v1/feedback.proto\x12\x08loops.v1\"\x8c\x01\n\rFeedbackBatch\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x16\n\x0epayload_format\x18\x04 \x01(\r\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x06 \x01(\x03\"]\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x16\n\x0erecords_stored\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loops/v1/feedback.proto\x12\x08loops.v1\"\x9b\x01\n\rFeedbackBatch\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x16\n\x0epayload_format\x18\x04 \x01(\r\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\"]\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x16\n\x0erecords_stored\x18\x04 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loops.v1.feedback_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FEEDBACKBATCH']._serialized_start=38
-  _globals['_FEEDBACKBATCH']._serialized_end=178
-  _globals['_FEEDBACKACK']._serialized_start=180
-  _globals['_FEEDBACKACK']._serialized_end=273
+  _globals['_FEEDBACKBATCH']._serialized_end=193
+  _globals['_FEEDBACKACK']._serialized_start=195
+  _globals['_FEEDBACKACK']._serialized_end=288
 # @@protoc_insertion_point(module_scope)

@@ -6,20 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FeedbackBatch(_message.Message):
-    __slots__ = ("client_id", "sequence", "record_count", "payload_format", "payload", "sent_at_unix_ms")
+    __slots__ = ("client_id", "sequence", "record_count", "payload_format", "payload", "sent_at_unix_ms", "epoch")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     sequence: int
     record_count: int
     payload_format: int
     payload: bytes
     sent_at_unix_ms: int
-    def __init__(self, client_id: _Optional[str] = ..., sequence: _Optional[int] = ..., record_count: _Optional[int] = ..., payload_format: _Optional[int] = ..., payload: _Optional[bytes] = ..., sent_at_unix_ms: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, client_id: _Optional[str] = ..., sequence: _Optional[int] = ..., record_count: _Optional[int] = ..., payload_format: _Optional[int] = ..., payload: _Optional[bytes] = ..., sent_at_unix_ms: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class FeedbackAck(_message.Message):
     __slots__ = ("client_id", "sequence", "duplicate", "records_stored")

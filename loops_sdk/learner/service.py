@@ -175,7 +175,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"record_count says {request.record_count}, payload holds "
                           f"{len(records)} records")
-        stored, duplicate = lr.store.ingest(request.client_id, request.sequence, records)
+        # The dedup key includes the sender's per-start epoch: a restarted client reusing its
+        # client_id starts its sequence at 1 again (older clients send epoch 0: key unchanged).
+        key = f"{request.client_id}@{request.epoch:x}" if request.epoch else request.client_id
+        stored, duplicate = lr.store.ingest(key, request.sequence, records)
         lr.notify_ingest()
         return feedback_pb2.FeedbackAck(client_id=request.client_id, sequence=request.sequence,
                                         duplicate=duplicate, records_stored=stored)
