@@ -313,6 +313,7 @@ class Learner:
             self.hub.set(row.name, row.version, row.data, row.reason)
 
     def crash_after_commit_hook(self) -> None:
+        """Test hook (LOOPS_TEST_CRASH_AFTER_COMMIT=N): die by SIGKILL at the N-th commit."""
         if next(self._commits) >= self.crash_after_commit:
             os.kill(os.getpid(), signal.SIGKILL)
 
