@@ -22,7 +22,10 @@ overwrite the rollback seconds later; ``loops policy resume`` or a hand publish 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import signal
 import threading
 import time
 from concurrent import futures
@@ -179,6 +182,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         # client_id starts its sequence at 1 again (older clients send epoch 0: key unchanged).
         key = f"{request.client_id}@{request.epoch:x}" if request.epoch else request.client_id
         stored, duplicate = lr.store.ingest(key, request.sequence, records)
+        if lr.crash_after_commit and not duplicate:
+            lr.crash_after_commit_hook()
         lr.notify_ingest()
         return feedback_pb2.FeedbackAck(client_id=request.client_id, sequence=request.sequence,
                                         duplicate=duplicate, records_stored=stored)
@@ -305,8 +310,18 @@ class Learner:
         self._health: health.HealthServicer | None = None
         self._started_ms = 0
         self.port = 0
+        # Fault-suite hook: SIGKILL this process after the N-th new batch is committed and
+        # before it is acknowledged, so the client's re-send must be de-duplicated. Off
+        # unless the variable is set.
+        self.crash_after_commit = int(os.environ.get("LOOPS_TEST_CRASH_AFTER_COMMIT", "0") or 0)
+        self._commits = itertools.count(1)
         for row in self.store.current_policies():
             self.hub.set(row.name, row.version, row.data, row.reason)
+
+    def crash_after_commit_hook(self) -> None:
+        """Test hook (LOOPS_TEST_CRASH_AFTER_COMMIT=N): die by SIGKILL at the N-th commit."""
+        if next(self._commits) >= self.crash_after_commit:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # ----------------------------------------------------------------- lifecycle
     @property
