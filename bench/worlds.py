@@ -227,14 +227,14 @@ def crm_worlds() -> list[CrmWorld]:
         ],
         share=[0.08, 0.5, 0.2, 0.22], changed_segment=1,
         after=[8.0, 9.0, 11.0, 20.0, 9.0],    # casual players now want cashback
-        p_deposit=0.3, sigma=1.0)
+        p_deposit=0.3, sigma=1.0, confusion=0.05)
     sports = CrmWorld(
         "crm:sportsbook", ("none", "free_bet", "odds_boost", "deposit_match"),
         costs=[0.0, 5.0, 2.0, 10.0],
         deposit=[
             [20.0, 24.0, 30.0, 25.0],         # regular punters: odds boost
             [5.0, 14.0, 6.0, 9.0],            # newcomers (largest): free bet
-            [50.0, 52.0, 53.0, 75.0],         # high rollers: deposit match
+            [50.0, 52.0, 40.0, 75.0],         # high rollers: deposit match (boosts put them off)
         ],
         share=[0.3, 0.55, 0.15], changed_segment=1,
         after=[5.0, 7.0, 12.0, 9.0],          # newcomers now respond to odds boosts
