@@ -13,7 +13,9 @@ Every stream (:mod:`bench.worlds`) is played, with fixed seeds, by:
   a fraction of a second, a real ``LearningSettings`` value), and a retrain happens every
   ``retrain_every_events`` joined rows. Two configurations: ``defaults`` (every default of
   ``Policy.linear`` / ``LearningSettings`` / ``PromotionRule``; a window of 1,000 decisions)
-  and ``tuned`` (the best public settings found; see :data:`TUNED`).
+  and ``tuned`` (the best public settings found: squarecb, a window of 200 decisions, a retrain
+  every 200 joined rows, the gate on the newest 5,000 rows), and ``tuned`` with the gate's rule
+  set to ``always`` (every candidate served), which shows what the gate costs.
 * **Vowpal Wabbit** ``--cb_explore_adf`` (squarecb, softmax, epsilon), learning after every
   row (progressive validation, no delay at all);
 * **uniform** random;
@@ -185,21 +187,21 @@ class LoopsConfig:
 # Seconds of the (shortened) reward window, the learner's grace and tick: each round waits
 # for them once, so they set the bench's wall time, not its results.
 _WINDOW_S, _GRACE_S, _TICK_S = 0.05, 0.05, 0.02
+# The best squarecb gamma found per stream kind (a few values tried on shorter streams).
+TUNED_GAMMA = {"classification": 200.0, "crm": 20.0}
 
 
 def loops_configs(kind: str) -> list[LoopsConfig]:
-    """``defaults`` and ``tuned`` for a stream kind (``classification`` or ``crm``)."""
+    """``defaults``, ``tuned`` and ``tuned`` with the gate set to ``always`` (what the gate
+    costs) for a stream kind (``classification`` or ``crm``)."""
     from loops_sdk import Exploration
-    defaults = LoopsConfig("LOOPS defaults")
-    if kind == "crm":   # rewards are in currency: squarecb's gamma is per unit of reward
-        tuned = LoopsConfig("LOOPS tuned", lag=200, exploration=Exploration.squarecb(2.0),
-                            learning={"retrain_every_events": 200, "ridge_lambda": 1.0},
-                            promotion={"window_rows": 5000})
-    else:
-        tuned = LoopsConfig("LOOPS tuned", lag=200, exploration=Exploration.squarecb(50.0),
-                            learning={"retrain_every_events": 200, "ridge_lambda": 1.0},
-                            promotion={"window_rows": 5000})
-    return [defaults, tuned]
+    # squarecb's gamma is per unit of reward: rewards here are 0/1 or currency.
+    gamma = TUNED_GAMMA[kind]
+    common = dict(lag=200, exploration=Exploration.squarecb(gamma),
+                  learning={"retrain_every_events": 200})
+    return [LoopsConfig("LOOPS defaults"),
+            LoopsConfig("LOOPS tuned", promotion={"window_rows": 5000}, **common),
+            LoopsConfig("LOOPS tuned, gate off", promotion={"kind": "always"}, **common)]
 
 
 def _initial_policy(stream: Stream, cfg: LoopsConfig):
@@ -335,8 +337,8 @@ def _streams(quick: bool) -> tuple[list[Stream], list[Stream]]:
         bake = sklearn_streams(limit=2000)[:1] + synthetic_streams(4000)[:1]
         crm = [w.stream(8000, 4000, seed=21) for w in crm_worlds()[:1]]
     else:
-        bake = sklearn_streams() + synthetic_streams(20_000)
-        crm = [w.stream(40_000, 20_000, seed=21 + i) for i, w in enumerate(crm_worlds())]
+        bake = sklearn_streams() + synthetic_streams(15_000)
+        crm = [w.stream(30_000, 15_000, seed=21 + i) for i, w in enumerate(crm_worlds())]
     return bake, crm
 
 
