@@ -29,6 +29,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.0f} k"
     if unit in ("reward/dec", "net/dec"):
         return f"{value:.3f}"
+    if unit == "decisions":
+        return f"{value:,.0f}"
     if unit == "ns" and value >= 10_000:
         return f"{value / 1e3:.1f} µs"
     return f"{value:,.0f} {unit}" if unit == "ns" else f"{value:,.1f} {unit}"
