@@ -13,10 +13,13 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import decide, learner, memory, peers, service, shipping
+from . import decide, learner, learning, memory, peers, service, shipping
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
-            "learner": learner.run, "shipping": shipping.run, "service": service.run}
+            "learner": learner.run, "shipping": shipping.run, "service": service.run,
+            "learning": learning.run}
+# Minutes, not seconds, and it needs vowpalwabbit and scikit-learn: only with --only learning.
+OPT_IN = {"learning"}
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -24,6 +27,10 @@ def _fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit in ("dec/s", "rows/s", "rec/s"):
         return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.0f} k"
+    if unit in ("reward/dec", "net/dec"):
+        return f"{value:.3f}"
+    if unit == "decisions":
+        return f"{value:,.0f}"
     if unit == "ns" and value >= 10_000:
         return f"{value / 1e3:.1f} µs"
     return f"{value:,.0f} {unit}" if unit == "ns" else f"{value:,.1f} {unit}"
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from loops_sdk import IMPLEMENTATION, __version__
-    names = args.only or [s for s in SECTIONS if args.peers or s != "peers"]
+    names = args.only or [s for s in SECTIONS
+                          if (args.peers or s != "peers") and s not in OPT_IN]
     rows, raw = [], {}
     t0 = time.perf_counter()
     for name in names:

@@ -1,0 +1,432 @@
+"""Learning quality (issue 14 item 7): how well the loop learns on worlds no one tuned it for.
+
+Every stream (:mod:`bench.worlds`) is played, with fixed seeds, by:
+
+* **LOOPS through its real loop**: a :class:`~loops_sdk.learner.Learner` on 127.0.0.1 (ephemeral
+  port, SQLite in a temp dir) and a :class:`~loops_sdk.DecisionClient` connected to it. The
+  client decides in rounds of ``lag`` decisions, reports every outcome with
+  ``client.reward()``, and the policy changes only when the learner pushes one. Between rounds
+  the bench waits (bounded) until the learner has joined every reward sent and, when its
+  cadence says a retrain is due, until the candidate was judged and any promoted version
+  reached the client. Simulated time therefore runs only as fast as the configuration lets
+  it: ``lag`` is how many decisions a reward window spans (the window itself is shortened to
+  a fraction of a second, a real ``LearningSettings`` value), and a retrain happens every
+  ``retrain_every_events`` joined rows. Two configurations: ``defaults`` (every default of
+  ``Policy.linear`` / ``LearningSettings`` / ``PromotionRule``; a window of 1,000 decisions)
+  and ``tuned`` (the best public settings found: squarecb, a window of 200 decisions, a retrain
+  every 200 joined rows, the gate on the newest 5,000 rows), and ``tuned`` with the gate's rule
+  set to ``always`` (every candidate served), which shows what the gate costs.
+* **Vowpal Wabbit** ``--cb_explore_adf`` (squarecb, softmax, epsilon), learning after every
+  row (progressive validation, no delay at all);
+* **uniform** random;
+* an **A/B test**: equal split until a two-sample test at 95 % confidence and 80 % power on the
+  best two arms separates them (:func:`ab_should_stop`), then the winner for everyone.
+
+Figures: progressive reward (mean observed reward over the stream) for the bake-off streams;
+for the CRM worlds decisions to 90 % of the oracle, decisions to recover 90 % of the new
+oracle after the change, cumulative net value per decision, candidates promoted/rejected.
+Targets are printed next to them, never asserted.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .common import Row
+from .worlds import Stream, crm_worlds, sklearn_streams, synthetic_streams
+
+NAME = "learn"
+WINDOW = 1000          # rolling window of the "90 % of the oracle" figures
+ORACLE_SHARE = 0.9
+RECOVERY_TARGET = 10_000
+AB_FRACTION = 1 / 3
+Z_ALPHA, Z_POWER = 1.959963984540054, 0.8416212335729143   # 95 % two-sided, 80 % power
+
+
+# ----------------------------------------------------------------------------- A/B test
+def ab_required_n(var_a: float, var_b: float, delta: float) -> float:
+    """Per-arm sample size of a two-sample z test (95 %, two-sided) with 80 % power to detect
+    a difference ``delta`` between arms with variances ``var_a`` and ``var_b``."""
+    if delta == 0:
+        return math.inf
+    return (Z_ALPHA + Z_POWER) ** 2 * (var_a + var_b) / delta ** 2
+
+
+def ab_should_stop(counts: np.ndarray, sums: np.ndarray, sumsq: np.ndarray,
+                   min_per_arm: int = 30) -> tuple[bool, int]:
+    """The sequential A/B rule at one checkpoint: ``(stop, leading arm)``.
+
+    Take the best two arms by observed mean; stop when both have at least the per-arm sample
+    size :func:`ab_required_n` computes from their observed variances and difference (and
+    ``min_per_arm``), and the difference is significant at 95 %.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) < 2:
+        return True, 0
+    if counts.min() < max(min_per_arm, 2):
+        means = np.divide(sums, counts, out=np.zeros_like(counts), where=counts > 0)
+        return False, int(np.argmax(means))
+    means = np.asarray(sums) / counts
+    var = np.maximum(np.asarray(sumsq) / counts - means ** 2, 0.0) * counts / (counts - 1)
+    order = np.argsort(-means, kind="stable")
+    a, b = int(order[0]), int(order[1])
+    delta = means[a] - means[b]
+    need = ab_required_n(var[a], var[b], delta)
+    se = math.sqrt(var[a] / counts[a] + var[b] / counts[b])
+    significant = se == 0 and delta > 0 or se > 0 and delta / se >= Z_ALPHA
+    return bool(min(counts[a], counts[b]) >= need and significant), a
+
+
+@dataclass
+class Played:
+    """What one method did on one stream."""
+
+    method: str
+    actions: np.ndarray          # (n,) chosen action per row
+    rewards: np.ndarray          # (n,) observed reward
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def play_ab(stream: Stream, seed: int = 0, check_every: int = 500) -> Played:
+    """Equal split (uniformly random arm) until :func:`ab_should_stop` at a checkpoint every
+    ``check_every`` decisions, then the leader for everyone."""
+    rng = np.random.default_rng(seed)
+    K, n = stream.n_actions, stream.n
+    acts = np.empty(n, np.int64)
+    rew = np.empty(n)
+    counts, sums, sumsq = np.zeros(K), np.zeros(K), np.zeros(K)
+    t, stopped_at, winner = 0, None, None
+    while t < n:
+        m = min(check_every, n - t)
+        rows = np.arange(t, t + m)
+        a = rng.integers(0, K, m) if winner is None else np.full(m, winner)
+        r = stream.draw(rows, a, rng)
+        acts[rows], rew[rows] = a, r
+        if winner is None:
+            np.add.at(counts, a, 1)
+            np.add.at(sums, a, r)
+            np.add.at(sumsq, a, r * r)
+        t += m
+        if winner is None:
+            stop, lead = ab_should_stop(counts, sums, sumsq)
+            if stop:
+                winner, stopped_at = lead, t
+    return Played("A/B test", acts, rew, extra={
+        "sample_size": stopped_at, "winner": None if winner is None
+        else stream.action_ids[winner]})
+
+
+def play_uniform(stream: Stream, seed: int = 0) -> Played:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, stream.n_actions, stream.n)
+    return Played("uniform", a, stream.draw(np.arange(stream.n), a, rng))
+
+
+# ----------------------------------------------------------------------------- Vowpal Wabbit
+VW_CONFIGS = {
+    "VW squarecb": "--cb_explore_adf -q sa --squarecb",
+    "VW softmax": "--cb_explore_adf -q sa --softmax --lambda 10",
+    "VW epsilon": "--cb_explore_adf -q sa --epsilon 0.05",
+}
+
+
+def play_vw(stream: Stream, label: str, args: str, seed: int = 0) -> Played:
+    """VW's ``--cb_explore_adf``: predict a pmf, sample, learn the row at once (cost = -reward)."""
+    import vowpalwabbit
+    rng = np.random.default_rng(seed)
+    K, n = stream.n_actions, stream.n
+    ws = vowpalwabbit.Workspace(f"{args} --quiet --random_seed {seed}")
+    acts = np.empty(n, np.int64)
+    rew = np.empty(n)
+    action_lines = [f"|a a{k}" for k in range(K)]
+    t0 = time.perf_counter()
+    try:
+        for t in range(n):
+            shared = "shared |s " + " ".join(f"f{j}:{v:.5g}" for j, v in
+                                             enumerate(stream.X[t]) if v != 0.0)
+            pmf = np.asarray(ws.predict([shared] + action_lines), dtype=np.float64)
+            pmf = pmf / pmf.sum()
+            a = int(rng.choice(K, p=pmf))
+            r = float(stream.draw(np.array([t]), np.array([a]), rng)[0])
+            acts[t], rew[t] = a, r
+            lines = [shared] + [f"0:{-r:.6g}:{pmf[a]:.6g} {action_lines[k]}" if k == a
+                                else action_lines[k] for k in range(K)]
+            ws.learn(lines)
+    finally:
+        ws.finish()
+    return Played(label, acts, rew, time.perf_counter() - t0, {"args": args})
+
+
+# ----------------------------------------------------------------------------- LOOPS
+@dataclass(frozen=True)
+class LoopsConfig:
+    """How LOOPS is configured for a run (public settings only).
+
+    Attributes:
+        label: name in the table.
+        lag: decisions per round; a reward window spans one round.
+        exploration: ``None`` = the ``Policy.linear`` default.
+        learning: LearningSettings overrides (keyword -> value) on top of the defaults.
+        promotion: PromotionRule overrides.
+    """
+
+    label: str
+    lag: int = 1000
+    exploration: object = None
+    learning: dict = field(default_factory=dict)
+    promotion: dict = field(default_factory=dict)
+
+
+# Seconds of the (shortened) reward window, the learner's grace and tick: each round waits
+# for them once, so they set the bench's wall time, not its results.
+_WINDOW_S, _GRACE_S, _TICK_S = 0.05, 0.05, 0.02
+# The best squarecb gamma found per stream kind (a few values tried on shorter streams).
+TUNED_GAMMA = {"classification": 200.0, "crm": 20.0}
+
+
+def loops_configs(kind: str) -> list[LoopsConfig]:
+    """``defaults``, ``tuned`` and ``tuned`` with the gate set to ``always`` (what the gate
+    costs) for a stream kind (``classification`` or ``crm``)."""
+    from loops_sdk import Exploration
+    # squarecb's gamma is per unit of reward: rewards here are 0/1 or currency.
+    gamma = TUNED_GAMMA[kind]
+    common = dict(lag=200, exploration=Exploration.squarecb(gamma),
+                  learning={"retrain_every_events": 200})
+    return [LoopsConfig("LOOPS defaults"),
+            LoopsConfig("LOOPS tuned", promotion={"window_rows": 5000}, **common),
+            LoopsConfig("LOOPS tuned, gate off", promotion={"window_rows": 5000,
+                                                            "kind": "always"}, **common)]
+
+
+def _initial_policy(stream: Stream, cfg: LoopsConfig):
+    from loops_sdk import Action, LearningSettings, Policy, PromotionRule
+    promotion = replace(PromotionRule(), **cfg.promotion)
+    learning = replace(LearningSettings(), reward_window_seconds=_WINDOW_S,
+                       retrain_every_seconds=LearningSettings().retrain_every_seconds,
+                       promotion=promotion, **cfg.learning)
+    actions = [Action(a, float(c)) for a, c in zip(stream.action_ids, stream.costs)]
+    return Policy.linear("learn", stream.X.shape[1], actions, exploration=cfg.exploration,
+                         learning=learning)
+
+
+def _wait(predicate, timeout: float, step: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
+    """Play ``stream`` through a real learner and client (see the module docstring)."""
+    from loops_sdk import ClientConfig, DecisionClient
+    from loops_sdk.learner import Learner
+    rng = np.random.default_rng(seed)
+    n = stream.n
+    acts = np.empty(n, np.int64)
+    rew = np.empty(n)
+    policy = _initial_policy(stream, cfg)
+    cadence = policy.learning.retrain_every_events
+    stalls = 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="loops-learnbench-") as tmp:
+        learner = Learner(Path(tmp) / "learn.sqlite", tick_seconds=_TICK_S,
+                          grace_seconds=_GRACE_S).start()
+        try:
+            learner.publish(policy, "learning bench: initial policy (knows nothing)")
+            config = ClientConfig(learner=learner.address, policy_name=policy.name,
+                                  seed=seed + 1, flush_interval=0.02,
+                                  flush_records=max(cfg.lag, 100),
+                                  spool_dir=str(Path(tmp) / "spool"))
+            with DecisionClient(config) as client:
+                if not client.wait_for_initialization(10):
+                    raise RuntimeError("bench client never received the initial policy")
+                since_train = 0
+
+                def status():
+                    return learner.status().policies[0]
+
+                t = 0
+                while t < n:
+                    m = min(cfg.lag, n - t)
+                    rows = np.arange(t, t + m)
+                    batch = client.decide_batch(policy.name, stream.X[rows])
+                    a = np.asarray(batch.actions, dtype=np.int64)
+                    r = stream.draw(rows, a, rng)
+                    gross = r + stream.costs[a]         # the learner subtracts the cost
+                    for i in range(m):
+                        client.reward(batch.event_id(i), float(gross[i]))
+                    acts[rows], rew[rows] = a, r
+                    t += m
+                    versions = len(status().versions)
+                    client.flush(10)
+                    # Every reward sent is joined once its (short) window and grace passed.
+                    if not _wait(lambda: status().joined >= t, 30):
+                        stalls += 1
+                    since_train += m
+                    if since_train >= cadence:
+                        # The joiner's round trains right after joining: wait for the verdict
+                        # (a new stored version) and, when promoted, for the push.
+                        if not _wait(lambda: len(status().versions) > versions, 30):
+                            stalls += 1
+                    if len(status().versions) > versions:
+                        since_train = 0
+                    served = status().current_version
+                    if not _wait(lambda: client.policy(policy.name).version >= served, 10):
+                        stalls += 1
+                client.flush(10)
+            gate = dict(learner.gate_counts)
+            final = int(learner.status().policies[0].current_version)
+        finally:
+            learner.stop(1.0)
+    return Played(cfg.label, acts, rew, time.perf_counter() - t0,
+                  {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
+                   "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
+                   "final_version": final, "stalls": stalls,
+                   "exploration": str(policy.exploration),
+                   "retrain_every_events": cadence,
+                   "gate_window_rows": policy.learning.promotion.window_rows})
+
+
+# ----------------------------------------------------------------------------- figures
+def rolling(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of ``values[t - window + 1 : t + 1]`` for each ``t >= window - 1``."""
+    c = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    return (c[window:] - c[:-window]) / window
+
+
+def decisions_to_share(expected: np.ndarray, oracle: np.ndarray, start: int = 0,
+                       end: int | None = None, window: int = WINDOW,
+                       share: float = ORACLE_SHARE) -> int | None:
+    """Decisions after ``start`` until the rolling mean (over ``window`` decisions, all at or
+    after ``start``) of the chosen actions' expected reward first reaches ``share`` of the
+    oracle's over the same rows; ``None`` if never before ``end``."""
+    end = len(expected) if end is None else end
+    e, o = expected[start:end], oracle[start:end]
+    if len(e) < window:
+        return None
+    ok = np.nonzero(rolling(e, window) >= share * rolling(o, window))[0]
+    return int(ok[0] + window) if len(ok) else None
+
+
+def crm_figures(stream: Stream, p: Played) -> dict:
+    expected = stream.mean[np.arange(stream.n), p.actions]
+    oracle = stream.oracle()
+    c = stream.change_at or stream.n
+    return {"to_90": decisions_to_share(expected, oracle, 0, c),
+            "recover_90": decisions_to_share(expected, oracle, c) if stream.change_at else None,
+            "net_per_decision": float(expected.mean()),
+            "oracle_per_decision": float(oracle.mean()),
+            "observed_net_per_decision": float(p.rewards.mean()),
+            "last_window_share": float(expected[-WINDOW:].mean() / oracle[-WINDOW:].mean())}
+
+
+def _fmt_n(v: int | None, total: int) -> str:
+    return f"{v:,}" if v is not None else f"> {total:,}"
+
+
+def _streams(quick: bool) -> tuple[list[Stream], list[Stream]]:
+    if quick:
+        bake = sklearn_streams(limit=2000)[:1] + synthetic_streams(4000)[:1]
+        crm = [w.stream(8000, 4000, seed=21) for w in crm_worlds()[:1]]
+    else:
+        bake = sklearn_streams() + synthetic_streams(15_000)
+        crm = [w.stream(30_000, 15_000, seed=21 + i) for i, w in enumerate(crm_worlds())]
+    return bake, crm
+
+
+def run(quick: bool = False) -> tuple[list[Row], dict]:
+    import sys
+    try:
+        import vowpalwabbit  # noqa: F401
+        have_vw = True
+    except ImportError:
+        have_vw = False
+    bake, crm = _streams(quick)
+    out: list[Row] = []
+    raw: dict = {"streams": {}}
+    log = lambda s: print(f"[bench]   {s}", file=sys.stderr, flush=True)   # noqa: E731
+
+    def play_all(stream: Stream) -> list[Played]:
+        played = []
+        for cfg in loops_configs(stream.kind):
+            played.append(play_loops(stream, cfg))
+            log(f"{stream.name}: {cfg.label} {played[-1].seconds:.0f} s")
+        if have_vw:
+            for label, args in VW_CONFIGS.items():
+                played.append(play_vw(stream, label, args))
+            log(f"{stream.name}: VW done")
+        played.append(play_uniform(stream))
+        played.append(play_ab(stream))
+        return played
+
+    for stream in bake:
+        played = play_all(stream)
+        vw_best = max((p for p in played if p.method.startswith("VW")),
+                      key=lambda p: p.rewards.mean(), default=None)
+        info = {p.method: {"progressive_reward": float(p.rewards.mean()), **p.extra}
+                for p in played}
+        raw["streams"][stream.name] = {"n": stream.n, **stream.meta, "methods": info}
+        for p in played:
+            pr = float(p.rewards.mean())
+            target, met, note = "", None, ""
+            if p.method.startswith("LOOPS"):
+                if vw_best is not None:
+                    target = f">= VW best ({vw_best.method[3:]}, {vw_best.rewards.mean():.3f})"
+                    met = pr >= float(vw_best.rewards.mean())
+                note = (f"round {p.extra['lag']}, promoted {p.extra['promoted']}, rejected "
+                        f"{p.extra['rejected']}, held {p.extra['held']}")
+            elif p.method == "A/B test":
+                note = (f"stopped at {_fmt_n(p.extra['sample_size'], stream.n)}, winner "
+                        f"{p.extra['winner']}")
+            out.append(Row(NAME, f"{stream.name} (n={stream.n:,}) {p.method}", pr,
+                           "reward/dec", target, met, note))
+    for stream in crm:
+        played = play_all(stream)
+        ab = next(p for p in played if p.method == "A/B test")
+        ab_n = ab.extra["sample_size"]
+        figs = {p.method: {**crm_figures(stream, p), **p.extra} for p in played}
+        raw["streams"][stream.name] = {"n": stream.n, "change_at": stream.change_at,
+                                       **stream.meta, "methods": figs}
+        oracle = figs["uniform"]["oracle_per_decision"]
+        for p in played:
+            f = figs[p.method]
+            base = f"{stream.name} (n={stream.n:,}, change at {stream.change_at:,}) {p.method}"
+            out.append(Row(NAME, f"{base}: net/decision", f["net_per_decision"], "net/dec",
+                           note=f"oracle {oracle:.2f}; last {WINDOW:,}: "
+                                f"{f['last_window_share']:.0%} of oracle"
+                                + (f"; promoted {p.extra['promoted']}, rejected "
+                                   f"{p.extra['rejected']}, held {p.extra['held']}"
+                                   if p.method.startswith("LOOPS") else "")
+                                + (f"; stopped at {_fmt_n(ab_n, stream.n)}, winner "
+                                   f"{p.extra['winner']}" if p.method == "A/B test" else "")))
+            if p.method in ("uniform",):
+                continue
+            to90 = f["to_90"]
+            target, met = "", None
+            if p.method.startswith("LOOPS"):
+                # An A/B test that never stopped needed more than the whole stream, so the
+                # stream's length bounds its n from below.
+                bound = ab_n if ab_n is not None else stream.n
+                target = (f"<= A/B n / 3 = {bound * AB_FRACTION:,.0f}" if ab_n is not None
+                          else f"<= A/B n / 3 > {bound * AB_FRACTION:,.0f} (A/B never stopped)")
+                met = to90 is not None and to90 <= bound * AB_FRACTION
+            out.append(Row(NAME, f"{base}: decisions to 90% of oracle",
+                           None if to90 is None else float(to90), "decisions", target, met,
+                           "" if to90 is not None else f"not reached before the change"))
+            rec = f["recover_90"]
+            out.append(Row(NAME, f"{base}: decisions to recover 90% after change",
+                           None if rec is None else float(rec), "decisions",
+                           f"<= {RECOVERY_TARGET:,}" if p.method.startswith("LOOPS") else "",
+                           (rec is not None and rec <= RECOVERY_TARGET)
+                           if p.method.startswith("LOOPS") else None,
+                           "" if rec is not None else "not reached by the end"))
+    return out, raw
