@@ -497,29 +497,28 @@ class Policy:
         if not np.all(np.abs(self.weights) <= MAX_PARAMETER):
             r, c = np.argwhere(~(np.abs(self.weights) <= MAX_PARAMETER))[0]
             raise PolicyError(f"policy {self.name!r}: weight for action {self.actions[r].id!r}, "
-                              f"input {self.input_names[c]!r} is {self.weights[r, c]}: must be "
-                              f"finite and |weight| <= {MAX_PARAMETER:g}")
+                              f"input {self.input_names[c]!r} is "
+                              f"{_finite_or_bound(self.weights[r, c], MAX_PARAMETER)}")
         if not np.all(np.abs(self.bias) <= MAX_PARAMETER):
             r = int(np.argwhere(~(np.abs(self.bias) <= MAX_PARAMETER))[0][0])
             raise PolicyError(f"policy {self.name!r}: bias of action {self.actions[r].id!r} "
-                              f"is {self.bias[r]}: must be finite and |bias| <= "
-                              f"{MAX_PARAMETER:g}")
+                              f"is {_finite_or_bound(self.bias[r], MAX_PARAMETER)}")
         e = self.exploration
         if e.kind not in EXPLORATION_KINDS:
             raise PolicyError(f"policy {self.name!r}: unknown exploration kind {e.kind!r}; "
                               f"expected one of {EXPLORATION_KINDS}")
-        # Every parameter reaches the scorer (and the wire), whichever kind uses it.
-        for what, v in (("epsilon", e.epsilon), ("temperature", e.temperature),
-                        ("gamma", e.gamma)):
-            if not abs(v) <= MAX_PARAMETER:
-                raise PolicyError(f"policy {self.name!r}: exploration {what} must be finite "
-                                  f"and <= {MAX_PARAMETER:g}, got {v}")
         if e.kind == "epsilon_greedy" and not 0.0 <= e.epsilon <= 1.0:
             raise PolicyError(f"epsilon must be in [0, 1], got {e.epsilon}")
         if e.kind == "softmax" and not e.temperature > 0:
             raise PolicyError(f"softmax temperature must be > 0, got {e.temperature}")
         if e.kind == "squarecb" and not e.gamma >= 0:
             raise PolicyError(f"squarecb gamma must be >= 0, got {e.gamma}")
+        # Every parameter reaches the scorer (and the wire), whichever kind uses it.
+        for what, v in (("epsilon", e.epsilon), ("temperature", e.temperature),
+                        ("gamma", e.gamma)):
+            if not abs(v) <= MAX_PARAMETER:
+                raise PolicyError(f"policy {self.name!r}: exploration {what} must be finite "
+                                  f"and <= {MAX_PARAMETER:g}, got {v}")
         h = self.holdout
         if not 0.0 <= h.fraction <= 1.0:
             raise PolicyError(f"holdout fraction must be in [0, 1], got {h.fraction}")
@@ -773,6 +772,13 @@ def _promotion_from_pb(m: policy_pb2.PromotionRule) -> PromotionRule:
         min_samples=m.min_samples if m.HasField("min_samples") else d.min_samples,
         margin=m.margin, window_rows=m.window_rows if m.HasField("window_rows")
         else d.window_rows, window_seconds=m.window_seconds, interval=m.interval or d.interval)
+
+
+def _finite_or_bound(value: float, bound: float) -> str:
+    """How a refused number is described: ``not finite``, or its value and the bound."""
+    v = float(value)
+    return "not finite" if v != v or v in (np.inf, -np.inf) else \
+        f"{v}, out of range (|value| <= {bound:g})"
 
 
 def _params(name: str, what: str, value: Any) -> np.ndarray:
