@@ -426,7 +426,13 @@ cdef class Kernel:
         return score_overflow_error(self.name, self.version, self.action_ids, self.input_names,
                                     s[:self.n_actions], self._WT[:, :self.n_actions].T, xa, row)
 
-    cdef int check_rows(self, const double[:, ::1] x) except -1:
+    def check_row(self, x):
+        """Raise the FeatureError decide() raises for feature row ``x`` if its scores
+        overflow (for callers that check rows before deciding any, like the service)."""
+        self.check_rows(np.ascontiguousarray(x, dtype=np.float64).reshape(1, self.n_inputs),
+                        False)
+
+    cdef int check_rows(self, const double[:, ::1] x, bint numbered=True) except -1:
         """Refuse a batch holding a row whose scores would overflow, before any row is decided
         (a batch is all or nothing). One pass over the matrix proves most batches safe; only
         one with a huge norm is scored here to find the row."""
@@ -444,7 +450,7 @@ cdef class Kernel:
             loops_scores(self.WTp, self.bp, &x[i, 0] if D else NULL, D, self.k_padded,
                          self.n_actions, &sv[0])
             if not loops_scores_ok(&sv[0], self.n_actions):
-                raise self.overflow_error(x[i], i)
+                raise self.overflow_error(x[i], i if numbered else None)
         return 0
 
     cdef inline int sample(self, const uint8_t* mask, const double* p, double u) noexcept nogil:

@@ -237,7 +237,11 @@ class Kernel:
                                     np.array(s), np.array(self._W).reshape(self.n_actions, -1),
                                     np.array(xs), row)
 
-    def check_rows(self, x) -> None:
+    def check_row(self, x) -> None:
+        """See the Cython Kernel.check_row."""
+        self.check_rows(np.asarray(x, dtype=np.float64).reshape(1, self.n_inputs), False)
+
+    def check_rows(self, x, numbered=True) -> None:
         """See the Cython Kernel.check_rows: refuse a batch with an overflowing row up front."""
         n = x.shape[0]
         if n == 0:
@@ -251,7 +255,7 @@ class Kernel:
         s = [0.0] * self.n_actions
         for i in range(n):
             if not self._scores_into(x[i].tolist(), s):
-                raise self.overflow_error(x[i], i)
+                raise self.overflow_error(x[i], i if numbered else None)
 
     def sample(self, mask, p, u: float) -> int:
         acc, last = 0.0, -1

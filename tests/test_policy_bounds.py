@@ -256,3 +256,49 @@ def test_client_keeps_serving_v1_past_a_bad_v2_and_applies_v3(tmp_path):
             assert wait_until(lambda: client.policy("bonus").version == 3, 10)
             d = client.decide("bonus", np.array([1.0, 2.0]), user="u")
             assert d.policy_version == 3
+
+
+def test_decision_service_answers_overflowing_features_invalid_argument(tmp_path):
+    """Through the gRPC decision service: the FeatureError becomes INVALID_ARGUMENT naming the
+    field and the feature, for Decide and for both DecideBatch forms."""
+    from loops_sdk._proto import decision_pb2 as pb
+    from loops_sdk._proto import decision_pb2_grpc
+    from loops_sdk.service import DecisionServer
+
+    with Learner(tmp_path / "l.sqlite", train=False) as lr:
+        lr.publish(base(), "initial")
+        cfg = ClientConfig(learner=lr.address, policy_name="bonus",
+                           spool_dir=str(tmp_path / "spool"), flush_interval=0.05)
+        server = DecisionServer(cfg).start()
+        try:
+            assert server.client.wait_for_initialization(10)
+            with grpc.insecure_channel(server.address) as ch:
+                stub = decision_pb2_grpc.DecisionServiceStub(ch)
+                calls = [
+                    (stub.Decide, pb.DecideRequest(decision_point="bonus",
+                                                   features={"level": 1.0, "spend": HUGE}),
+                     "features", "feature 'spend'"),
+                    (stub.Decide, pb.DecideRequest(decision_point="bonus", vector=[HUGE, 0.0]),
+                     "vector", "feature 'level'"),
+                    (stub.DecideBatch, pb.DecideBatchRequest(
+                        decision_point="bonus", matrix=[1.0, 1.0, 1.0, -HUGE], columns=2),
+                     "matrix", "feature 'spend' in row 1"),
+                    # rows: the good first row must not be decided when the second is refused
+                    (stub.DecideBatch, pb.DecideBatchRequest(decision_point="bonus", rows=[
+                        pb.DecideRow(features={"level": 1.0, "spend": 1.0}),
+                        pb.DecideRow(features={"level": 1.0, "spend": HUGE})]),
+                     "rows[1].features", "feature 'spend' is 1.7e+308"),
+                ]
+                for method, request, field, words in calls:
+                    with pytest.raises(grpc.RpcError) as info:
+                        method(request, timeout=5)
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert field in info.value.details() and words in info.value.details(), \
+                        info.value.details()
+                ok = stub.Decide(pb.DecideRequest(decision_point="bonus",
+                                                  features={"level": 1.0, "spend": 2.0}),
+                                 timeout=5)
+                assert ok.reason == "POLICY"
+            assert server.client.stats()["decisions"] == 1   # the refused calls decided nothing
+        finally:
+            server.stop()
