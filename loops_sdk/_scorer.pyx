@@ -15,7 +15,7 @@
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport exp, isfinite, sqrt
+from libc.math cimport exp, fabs, isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT
@@ -372,18 +372,22 @@ cdef class Kernel:
         cdef int a, best = -1, m = 0
         cdef double acc, smax = 0.0, z, q
         loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
-        if not loops_scores_ok(s, K):   # K compares: the only check on the hot path
-            return FILL_OVERFLOW
+        cdef int bad = 0
         for a in range(K):
+            acc = s[a]
+            # Every action's score, eligible or not (as the batch pre-check does); NaN fails
+            # too. A flag, not a branch, tested once after the loop: the hot path's only check.
+            bad = bad | (not fabs(acc) <= LOOPS_SCORE_LIMIT)
             if mask != NULL and mask[a] == 0:
                 p[a] = 0.0
                 s[a] = 0.0
                 continue
-            acc = s[a]
             m += 1
             if best < 0 or acc > smax:   # strict: ties go to the lowest index
                 best = a
                 smax = acc
+        if bad:
+            return FILL_OVERFLOW
         if m == 0:
             return -1
         if self.kind == KIND_EPSILON:
