@@ -71,4 +71,35 @@ static int loops_all_finite(const double* p, long n) {
     return acc == 0.0;
 }
 
+/* Largest |score| the scorer serves: far above any score a valid policy gives for sane
+ * features (see loops_sdk/policy.py), and low enough that score differences times gamma or
+ * over a temperature stay free of NaN. Kept equal to SCORE_LIMIT in _scorer_py.py. */
+#define LOOPS_SCORE_LIMIT 1e300
+
+/* 1 when all K scores are within +-LOOPS_SCORE_LIMIT; a NaN fails both comparisons. */
+static inline int loops_scores_ok(const double* s, int K) {
+    int ok = 1;
+    for (int a = 0; a < K; a++)
+        ok &= (s[a] <= LOOPS_SCORE_LIMIT) & (s[a] >= -LOOPS_SCORE_LIMIT);
+    return ok;
+}
+
+/* Sum of squares of n values (an upper bound on the largest square; +inf past ~1e154),
+ * at memory speed like loops_all_finite. */
+LOOPS_CLONES
+static double loops_sum_squares(const double* p, long n) {
+    loops_v4d a0 = {0, 0, 0, 0}, a1 = {0, 0, 0, 0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        loops_v4d u = loops_load4(p + i), v = loops_load4(p + i + 4);
+        a0 = a0 + u * u;
+        a1 = a1 + v * v;
+    }
+    double acc = 0.0;
+    for (; i < n; i++)
+        acc = acc + p[i] * p[i];
+    a0 = a0 + a1;
+    return acc + a0[0] + a0[1] + a0[2] + a0[3];
+}
+
 #endif

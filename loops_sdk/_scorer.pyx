@@ -15,7 +15,7 @@
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport exp, isfinite
+from libc.math cimport exp, fabs, isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT
@@ -25,6 +25,9 @@ cdef extern from "_kernels.h" nogil:
     void loops_scores(const double* WT, const double* b, const double* x, int D, int KP,
                       int K, double* s)
     bint loops_all_finite(const double* p, long n)
+    bint loops_scores_ok(const double* s, int K)
+    double loops_sum_squares(const double* p, long n)
+    double LOOPS_SCORE_LIMIT
 
 import os
 from collections.abc import Mapping
@@ -39,6 +42,7 @@ from .records import DECISION_COLUMNS, OUTCOME_COLUMNS, decision_buffers, outcom
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
 from .errors import FeatureError, UnknownActionError
 from .rules import CAP_BIT_SHIFT, OP_CODES, attribute_error, batch_attributes, batch_baselines
+from .rules import SCORE_LIMIT, safe_norm, score_overflow_error
 
 # The recorders write every column of the record table through these C types: a column added
 # to the table, or a dtype changed there, must be handled here too (and in the twin's
@@ -88,6 +92,11 @@ cdef enum:
     R_RULE = 7
     R_APPRENTICE = 8
 
+cdef enum:
+    FILL_OVERFLOW = -2       # fill(): a score is beyond +-LOOPS_SCORE_LIMIT (or NaN)
+    R_OVERFLOW = 255         # _decide_row's verdict for that; never leaves this module
+
+assert LOOPS_SCORE_LIMIT == SCORE_LIMIT
 assert [REASONS[c] for c in (R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_CAPPED, R_RULE,
                              R_APPRENTICE)] == ["POLICY", "HOLDOUT", "NO_ELIGIBLE_ACTION",
                                                 "CAPPED", "RULE", "APPRENTICE"]
@@ -177,6 +186,15 @@ cdef inline int64_t now_ns() noexcept nogil:
 
 
 # --------------------------------------------------------------------------- policy kernel
+cdef object _row_copy(const double* xp, int D):
+    """A numpy copy of one feature row (for an error message)."""
+    out = np.empty(D)
+    cdef double[::1] o = out
+    if D:
+        memcpy(&o[0], xp, D * sizeof(double))
+    return out
+
+
 cdef class Kernel:
     """A policy compiled for scoring: folded weights, exploration, holdout, encoder tables."""
 
@@ -184,6 +202,7 @@ cdef class Kernel:
     cdef readonly uint64_t version
     cdef readonly int n_actions, n_inputs, kind, default_index, k_padded
     cdef readonly double epsilon, temperature, gamma, holdout_fraction
+    cdef readonly double x_safe     # rows with a smaller L2 norm cannot overflow a score
     cdef readonly uint64_t salt_hash, seed
     cdef readonly object action_ids, action_index, input_names, layout
     cdef object _WT, _b         # numpy arrays that own the memory below
@@ -226,6 +245,7 @@ cdef class Kernel:
         self.version = version
         self.n_actions = W.shape[0]
         self.n_inputs = W.shape[1]
+        self.x_safe = safe_norm(W, self._b[:W.shape[0]])
         self.WTp = <const double*>cnp.PyArray_DATA(self._WT)
         self.bp = <const double*>cnp.PyArray_DATA(self._b)
         self.kind = kind
@@ -365,16 +385,22 @@ cdef class Kernel:
         cdef int a, best = -1, m = 0
         cdef double acc, smax = 0.0, z, q
         loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
+        cdef int bad = 0
         for a in range(K):
+            acc = s[a]
+            # Every action's score, eligible or not (as the batch pre-check does); NaN fails
+            # too. A flag, not a branch, tested once after the loop: the hot path's only check.
+            bad = bad | (not fabs(acc) <= LOOPS_SCORE_LIMIT)
             if mask != NULL and mask[a] == 0:
                 p[a] = 0.0
                 s[a] = 0.0
                 continue
-            acc = s[a]
             m += 1
             if best < 0 or acc > smax:   # strict: ties go to the lowest index
                 best = a
                 smax = acc
+        if bad:
+            return FILL_OVERFLOW
         if m == 0:
             return -1
         if self.kind == KIND_EPSILON:
@@ -405,6 +431,44 @@ cdef class Kernel:
                     p[a] = 0.0
             p[best] = 1.0
         return best
+
+    def overflow_error(self, x, row=None):
+        """The FeatureError for a feature row ``x`` whose scores overflow (error path only)."""
+        xa = np.ascontiguousarray(x, dtype=np.float64).reshape(self.n_inputs)
+        s = np.zeros(self.k_padded)
+        cdef double[::1] sv = s
+        cdef double[::1] xv = xa
+        loops_scores(self.WTp, self.bp, &xv[0] if self.n_inputs else NULL, self.n_inputs,
+                     self.k_padded, self.n_actions, &sv[0])
+        return score_overflow_error(self.name, self.version, self.action_ids, self.input_names,
+                                    s[:self.n_actions], self._WT[:, :self.n_actions].T, xa, row)
+
+    def check_row(self, x):
+        """Raise the FeatureError decide() raises for feature row ``x`` if its scores
+        overflow (for callers that check rows before deciding any, like the service)."""
+        self.check_rows(np.ascontiguousarray(x, dtype=np.float64).reshape(1, self.n_inputs),
+                        False)
+
+    cdef int check_rows(self, const double[:, ::1] x, bint numbered=True) except -1:
+        """Refuse a batch holding a row whose scores would overflow, before any row is decided
+        (a batch is all or nothing). One pass over the matrix proves most batches safe; only
+        one with a huge norm is scored here to find the row."""
+        cdef Py_ssize_t n = x.shape[0], i
+        cdef int D = self.n_inputs
+        if n == 0:
+            return 0
+        if D == 0:
+            n = 1           # every row scores the biases alone
+        elif sqrt(loops_sum_squares(&x[0, 0], n * D)) <= self.x_safe:
+            return 0
+        s = np.zeros(self.k_padded)
+        cdef double[::1] sv = s
+        for i in range(n):
+            loops_scores(self.WTp, self.bp, &x[i, 0] if D else NULL, D, self.k_padded,
+                         self.n_actions, &sv[0])
+            if not loops_scores_ok(&sv[0], self.n_actions):
+                raise self.overflow_error(x[i], i if numbered else None)
+        return 0
 
     cdef inline int sample(self, const uint8_t* mask, const double* p, double u) noexcept nogil:
         cdef int a, last = -1
@@ -461,9 +525,15 @@ cdef class Kernel:
         probs = np.zeros(self.n_actions)
         cdef double[:, ::1] o = out
         cdef double[::1] p = probs
+        cdef Py_ssize_t bad = -1
         with nogil:
             for i in range(n):
-                self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &o[i, 0], &p[0])
+                if self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &o[i, 0],
+                             &p[0]) == FILL_OVERFLOW:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise self.overflow_error(x[bad], bad)
         return out
 
     def probabilities(self, X, eligible=None):
@@ -478,11 +548,19 @@ cdef class Kernel:
         cdef double[:, ::1] o = out
         cdef double[::1] s = scores
         cdef const uint8_t* mp
+        cdef Py_ssize_t bad = -1
+        cdef int r
         with nogil:
             for i in range(n):
                 mp = &m[i * stride, 0] if stride >= 0 else NULL
-                if self.fill(&x[i, 0] if self.n_inputs else NULL, mp, &s[0], &o[i, 0]) < 0:
+                r = self.fill(&x[i, 0] if self.n_inputs else NULL, mp, &s[0], &o[i, 0])
+                if r == FILL_OVERFLOW:
+                    bad = i
+                    break
+                if r < 0:
                     o[i, self.default_index] = 1.0
+        if bad >= 0:
+            raise self.overflow_error(x[bad], bad)
         return out
 
 
@@ -1164,8 +1242,14 @@ cdef class DecisionPoint:
                 if not mp[a]:
                     out.flags |= F_DEFAULT
             else:
-                a = k.sample(mp, self.pbuf, draw_c(hi, lo, k.seed)) \
-                    if k.fill(xp, mp, self.sbuf, self.pbuf) >= 0 else -1
+                a = k.fill(xp, mp, self.sbuf, self.pbuf)
+                if a == FILL_OVERFLOW:   # the caller raises; nothing charged or counted
+                    out.action = k.default_index
+                    out.prob = 1.0
+                    out.reason = R_OVERFLOW
+                    return
+                if a >= 0:
+                    a = k.sample(mp, self.pbuf, draw_c(hi, lo, k.seed))
                 if a >= 0:
                     prob = self.pbuf[a]
                     out.reason = R_POLICY
@@ -1294,6 +1378,8 @@ cdef class DecisionPoint:
                 self._decide_row(k, xp, mp, user is not None, uh, self.apres, self.anum,
                                  self.ahash, b, self.id_hi, lo, t + self.cap_clock_ns, self.ebuf,
                                  &row)
+                if row.reason == R_OVERFLOW:
+                    raise k.overflow_error(_row_copy(xp, k.n_inputs))
                 a = row.action
                 prob = row.prob
                 reason = row.reason
@@ -1318,8 +1404,11 @@ cdef class DecisionPoint:
                 held = True
                 self.n_holdout += 1
             else:
-                a = k.sample(mp, self.pbuf, draw_c(self.id_hi, lo, k.seed)) \
-                    if k.fill(xp, mp, self.sbuf, self.pbuf) >= 0 else -1
+                a = k.fill(xp, mp, self.sbuf, self.pbuf)
+                if a == FILL_OVERFLOW:
+                    raise k.overflow_error(_row_copy(xp, k.n_inputs))
+                if a >= 0:
+                    a = k.sample(mp, self.pbuf, draw_c(self.id_hi, lo, k.seed))
                 if a >= 0:
                     prob = self.pbuf[a]
                 else:
@@ -1404,6 +1493,7 @@ cdef class DecisionPoint:
                                               attributes, baseline)
                 x = _as_matrix(k, X)
                 m, stride = _as_masks(k, eligible_mask, n)
+            k.check_rows(x)
             hi = self.id_hi
             lo0 = self.next_lo
             self.next_lo += n
@@ -1555,6 +1645,7 @@ cdef class DecisionPoint:
         cdef int64_t tc = t + self.cap_clock_ns
         cdef Row row
         cdef Recorder rec
+        k.check_rows(x)
         hi = self.id_hi
         lo0 = self.next_lo
         self.next_lo += n

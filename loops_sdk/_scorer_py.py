@@ -21,8 +21,8 @@ from .records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED,
                       outcome_buffers)
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
 from .errors import FeatureError, UnknownActionError
-from .rules import (CAP_BIT_SHIFT, _scalar_attribute, batch_attributes, batch_baselines,
-                    in_sorted)
+from .rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, batch_attributes,
+                    batch_baselines, in_sorted, safe_norm, score_overflow_error)
 
 IMPLEMENTATION = "python"
 
@@ -32,6 +32,8 @@ R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_UNKNOWN_POINT, R_NOT_INITIALIZED = 0, 1, 2
 R_CAPPED, R_RULE, R_APPRENTICE = 5, 7, 8
 OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE = range(1, 11)
 CAP_WAYS = 8
+FILL_OVERFLOW = -2      # fill(): a score is beyond +-SCORE_LIMIT (or NaN)
+R_OVERFLOW = 255        # _decide_row's verdict for that; never leaves this module
 
 
 # --------------------------------------------------------------------------- hashing and draws
@@ -86,6 +88,7 @@ class Kernel:
         self.n_actions, self.n_inputs = int(W.shape[0]), int(W.shape[1])
         self._W = [list(map(float, row)) for row in W]
         self._b = [float(v) for v in np.ascontiguousarray(bias, dtype=np.float64)]
+        self.x_safe = safe_norm(W, np.asarray(bias, dtype=np.float64))
         self.kind = int(kind)
         self.epsilon = float(epsilon)
         self.temperature = float(temperature)
@@ -171,19 +174,30 @@ class Kernel:
         return self.holdout_fraction > 0.0 and \
             _unit(mix64(user_hash ^ self.salt_hash)) < self.holdout_fraction
 
+    def _scores_into(self, x, s) -> bool:
+        """Every action's score into s (the C kernel scores all K); False if one is out of
+        range."""
+        ok = True
+        for a in range(self.n_actions):
+            w = self._W[a]
+            acc = self._b[a]
+            for j in range(self.n_inputs):
+                acc = acc + w[j] * x[j]
+            s[a] = acc
+            ok = ok and -SCORE_LIMIT <= acc <= SCORE_LIMIT
+        return ok
+
     def fill(self, x, mask, s, p) -> int:
-        K, D = self.n_actions, self.n_inputs
+        K = self.n_actions
         best, m, smax = -1, 0, 0.0
+        if not self._scores_into(x, s):
+            return FILL_OVERFLOW
         for a in range(K):
             if mask is not None and not mask[a]:
                 p[a] = 0.0
                 s[a] = 0.0
                 continue
-            w = self._W[a]
-            acc = self._b[a]
-            for j in range(D):
-                acc = acc + w[j] * x[j]
-            s[a] = acc
+            acc = s[a]
             m += 1
             if best < 0 or acc > smax:
                 best, smax = a, acc
@@ -214,6 +228,35 @@ class Kernel:
                 p[a] = 0.0
             p[best] = 1.0
         return best
+
+    def overflow_error(self, x, row=None):
+        """The FeatureError for a feature row ``x`` whose scores overflow (error path only)."""
+        xs = np.asarray(x, dtype=np.float64).reshape(self.n_inputs).tolist()
+        s = [0.0] * self.n_actions
+        self._scores_into(xs, s)
+        return score_overflow_error(self.name, self.version, self.action_ids, self.input_names,
+                                    np.array(s), np.array(self._W).reshape(self.n_actions, -1),
+                                    np.array(xs), row)
+
+    def check_row(self, x) -> None:
+        """See the Cython Kernel.check_row."""
+        self.check_rows(np.asarray(x, dtype=np.float64).reshape(1, self.n_inputs), False)
+
+    def check_rows(self, x, numbered=True) -> None:
+        """See the Cython Kernel.check_rows: refuse a batch with an overflowing row up front."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self.n_inputs == 0:
+            n = 1
+        else:
+            with np.errstate(over="ignore"):   # an overflow to inf just means "look closer"
+                if math.sqrt(float(np.sum(x * x))) <= self.x_safe:
+                    return
+        s = [0.0] * self.n_actions
+        for i in range(n):
+            if not self._scores_into(x[i].tolist(), s):
+                raise self.overflow_error(x[i], i if numbered else None)
 
     def sample(self, mask, p, u: float) -> int:
         acc, last = 0.0, -1
@@ -263,7 +306,8 @@ class Kernel:
         p = [0.0] * self.n_actions
         for i in range(x.shape[0]):
             s = [0.0] * self.n_actions
-            self.fill(x[i].tolist(), None, s, p)
+            if self.fill(x[i].tolist(), None, s, p) == FILL_OVERFLOW:
+                raise self.overflow_error(x[i], i)
             out[i] = s
         return out
 
@@ -275,7 +319,10 @@ class Kernel:
         for i in range(x.shape[0]):
             mask = masks[i * stride].tolist() if stride >= 0 else None
             p = [0.0] * self.n_actions
-            if self.fill(x[i].tolist(), mask, s, p) < 0:
+            r = self.fill(x[i].tolist(), mask, s, p)
+            if r == FILL_OVERFLOW:
+                raise self.overflow_error(x[i], i)
+            if r < 0:
                 p[self.default_index] = 1.0
             out[i] = p
         return out
@@ -665,7 +712,12 @@ class DecisionPoint:
                     out.flags |= FLAG_DEFAULT
             else:
                 s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
-                a = k.sample(mask, p, draw(hi, lo, k.seed)) if k.fill(xs, mask, s, p) >= 0 else -1
+                a = k.fill(xs, mask, s, p)
+                if a == FILL_OVERFLOW:   # the caller raises; nothing charged or counted
+                    out.action, out.prob, out.reason = k.default_index, 1.0, R_OVERFLOW
+                    return out
+                if a >= 0:
+                    a = k.sample(mask, p, draw(hi, lo, k.seed))
                 if a >= 0:
                     prob, out.reason = p[a], R_POLICY
                 else:
@@ -748,6 +800,8 @@ class DecisionPoint:
                 t = _now_ns()
                 row = self._decide_row(k, xs, mask, user is not None, uh, present, num, hsh, b,
                                        self.id_hi, lo, t + self.cap_clock_ns)
+                if row.reason == R_OVERFLOW:
+                    raise k.overflow_error(xs)
                 flags |= row.flags
                 held = row.reason == R_HOLDOUT
                 self.n_holdout += held
@@ -768,8 +822,11 @@ class DecisionPoint:
                 self.n_holdout += 1
             else:
                 s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
-                a = k.sample(mask, p, draw(self.id_hi, lo, k.seed)) \
-                    if k.fill(xs, mask, s, p) >= 0 else -1
+                a = k.fill(xs, mask, s, p)
+                if a == FILL_OVERFLOW:
+                    raise k.overflow_error(xs)
+                if a >= 0:
+                    a = k.sample(mask, p, draw(self.id_hi, lo, k.seed))
                 if a >= 0:
                     prob = p[a]
                 else:
@@ -792,6 +849,7 @@ class DecisionPoint:
             pres, num, hsh = batch_attributes(k.constraints, attributes, n, stable_hash)
         base = batch_baselines(k.action_index, k.default_index, baseline, n) \
             if k.apprentice else None
+        k.check_rows(x)
         actions = np.empty(n, np.int32)
         probs = np.empty(n, np.float64)
         held = np.zeros(n, np.bool_)
@@ -864,6 +922,7 @@ class DecisionPoint:
                                               attributes, baseline)
                 x = _as_matrix(k, X)
                 masks, stride = _as_masks(k, eligible_mask, n)
+            k.check_rows(x)
             hi, lo0 = self.id_hi, self.next_lo
             self.next_lo += n
             s, p = [0.0] * k.n_actions, [0.0] * k.n_actions

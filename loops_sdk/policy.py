@@ -9,7 +9,6 @@ serialisation with the checksum cleared) is verified on every load.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -21,8 +20,8 @@ from google.protobuf.message import DecodeError
 
 from ._proto import policy_pb2
 from .errors import PolicyError
-from .rules import (Cap, EligibilityRule, cap_from_pb, cap_to_pb, explain_bits, rule_from_pb,
-                    rule_to_pb)
+from .rules import (MAX_AMOUNT, MAX_WINDOW_SECONDS, Cap, EligibilityRule, cap_from_pb, cap_to_pb,
+                    explain_bits, rule_from_pb, rule_to_pb)
 from .rules import validate as _validate_rules
 
 __all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "RewardDefinition",
@@ -38,6 +37,20 @@ _KIND_TO_PB = {
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 # The scorer's integer codes for exploration kinds (shared by the C and pure-Python scorers).
 KIND_CODES = {"greedy": 0, "epsilon_greedy": 1, "softmax": 2, "squarecb": 3}
+
+# Bounds on a policy's numbers, so that no finite input in a sane range can overflow. The
+# scorer folds centring and scaling into the weights (w' = w / scale, b' = b - w' . center),
+# so a score is at most |b| + D * (MAX_PARAMETER / MIN_SCALE) * (|x| + MAX_INPUT): with
+# |w|, |b| <= 1e12, |scale| >= 1e-12 and |x|, |center| <= 1e20 that is about D * 2e44, far
+# below the scorer's SCORE_LIMIT (1e300) for any D that fits in memory. Scores are checked
+# against that limit after scoring, so only absurd feature values (~1e250 and up) are refused
+# at decide time. The limit itself leaves room for the exploration arithmetic: score
+# differences (2e300) times gamma or over a temperature stay NaN-free.
+MAX_PARAMETER = 1e12     # |weights|, |bias|, reward weights, ridge lambda, temperature, gamma
+MIN_SCALE = 1e-12        # |scale| of a numeric feature (a normal number: 1/scale is finite)
+MAX_INPUT = 1e20         # |center|, |scale|, |default| of a numeric feature (ns timestamps fit)
+MAX_SECONDS = MAX_WINDOW_SECONDS   # reward / promotion windows (nanoseconds fit in int64)
+# MAX_AMOUNT (rules.py): |cost|, action value, budget limit, default reward, promotion margin.
 
 
 @dataclass(frozen=True)
@@ -215,13 +228,14 @@ class PromotionRule:
             raise PolicyError(f"promotion level must be in (0, 1), got {self.level}")
         if self.min_samples < 1:
             raise PolicyError(f"promotion min_samples must be >= 1, got {self.min_samples}")
-        if not math.isfinite(self.margin):
-            raise PolicyError(f"promotion margin must be finite, got {self.margin}")
+        if not abs(self.margin) <= MAX_AMOUNT:
+            raise PolicyError(f"promotion margin must be finite, |margin| <= {MAX_AMOUNT:g}, "
+                              f"got {self.margin}")
         if self.window_rows < 0:
             raise PolicyError(f"promotion window_rows must be >= 0, got {self.window_rows}")
-        if not (self.window_seconds >= 0 and math.isfinite(self.window_seconds)):
-            raise PolicyError(f"promotion window_seconds must be >= 0, got "
-                              f"{self.window_seconds}")
+        if not 0 <= self.window_seconds <= MAX_SECONDS:
+            raise PolicyError(f"promotion window_seconds must be in [0, {MAX_SECONDS:.0f}], "
+                              f"got {self.window_seconds}")
         if self.interval not in ("normal", "bootstrap"):
             raise PolicyError(f"promotion interval must be 'normal' or 'bootstrap', got "
                               f"{self.interval!r}")
@@ -447,8 +461,9 @@ class Policy:
             if a.id in seen:
                 raise PolicyError(f"policy {self.name!r}: duplicate action id {a.id!r}")
             seen.add(a.id)
-            if not math.isfinite(a.cost):
-                raise PolicyError(f"policy {self.name!r}: action {a.id!r} has non-finite cost")
+            if not abs(a.cost) <= MAX_AMOUNT:
+                raise PolicyError(f"policy {self.name!r}: action {a.id!r} cost must be finite "
+                                  f"and |cost| <= {MAX_AMOUNT:g}, got {a.cost}")
         names: set[str] = set()
         for f in self.features:
             if not f.name:
@@ -457,10 +472,15 @@ class Policy:
                 raise PolicyError(f"policy {self.name!r}: duplicate feature {f.name!r}")
             names.add(f.name)
             if f.kind == "numeric":
-                if not (math.isfinite(f.center) and math.isfinite(f.scale) and f.scale != 0
-                        and math.isfinite(f.default)):
-                    raise PolicyError(f"feature {f.name!r}: center, scale and default must be "
-                                      "finite and scale non-zero")
+                for what, v in (("center", f.center), ("default", f.default)):
+                    if not abs(v) <= MAX_INPUT:
+                        raise PolicyError(f"policy {self.name!r}: feature {f.name!r} {what} "
+                                          f"must be finite and |{what}| <= {MAX_INPUT:g}, "
+                                          f"got {v}")
+                if not MIN_SCALE <= abs(f.scale) <= MAX_INPUT:
+                    raise PolicyError(f"policy {self.name!r}: feature {f.name!r} scale must be "
+                                      f"finite with {MIN_SCALE:g} <= |scale| <= {MAX_INPUT:g}, "
+                                      f"got {f.scale}")
             elif f.kind == "categorical":
                 if not 1 <= f.buckets <= 1 << 20:
                     raise PolicyError(f"feature {f.name!r}: categorical needs 1..2^20 buckets")
@@ -473,24 +493,32 @@ class Policy:
         if self.bias.shape != (k,):
             raise PolicyError(f"policy {self.name!r}: bias has shape {self.bias.shape}, "
                               f"expected ({k},)")
-        if not np.all(np.isfinite(self.weights)):
-            r, c = np.argwhere(~np.isfinite(self.weights))[0]
+        # `not <=` also catches NaN.
+        if not np.all(np.abs(self.weights) <= MAX_PARAMETER):
+            r, c = np.argwhere(~(np.abs(self.weights) <= MAX_PARAMETER))[0]
             raise PolicyError(f"policy {self.name!r}: weight for action {self.actions[r].id!r}, "
-                              f"input {self.input_names[c]!r} is not finite")
-        if not np.all(np.isfinite(self.bias)):
-            r = int(np.argwhere(~np.isfinite(self.bias))[0][0])
+                              f"input {self.input_names[c]!r} is "
+                              f"{_finite_or_bound(self.weights[r, c], MAX_PARAMETER)}")
+        if not np.all(np.abs(self.bias) <= MAX_PARAMETER):
+            r = int(np.argwhere(~(np.abs(self.bias) <= MAX_PARAMETER))[0][0])
             raise PolicyError(f"policy {self.name!r}: bias of action {self.actions[r].id!r} "
-                              "is not finite")
+                              f"is {_finite_or_bound(self.bias[r], MAX_PARAMETER)}")
         e = self.exploration
         if e.kind not in EXPLORATION_KINDS:
             raise PolicyError(f"policy {self.name!r}: unknown exploration kind {e.kind!r}; "
                               f"expected one of {EXPLORATION_KINDS}")
         if e.kind == "epsilon_greedy" and not 0.0 <= e.epsilon <= 1.0:
             raise PolicyError(f"epsilon must be in [0, 1], got {e.epsilon}")
-        if e.kind == "softmax" and not (e.temperature > 0 and math.isfinite(e.temperature)):
+        if e.kind == "softmax" and not e.temperature > 0:
             raise PolicyError(f"softmax temperature must be > 0, got {e.temperature}")
-        if e.kind == "squarecb" and not (e.gamma >= 0 and math.isfinite(e.gamma)):
+        if e.kind == "squarecb" and not e.gamma >= 0:
             raise PolicyError(f"squarecb gamma must be >= 0, got {e.gamma}")
+        # Every parameter reaches the scorer (and the wire), whichever kind uses it.
+        for what, v in (("epsilon", e.epsilon), ("temperature", e.temperature),
+                        ("gamma", e.gamma)):
+            if not abs(v) <= MAX_PARAMETER:
+                raise PolicyError(f"policy {self.name!r}: exploration {what} must be finite "
+                                  f"and <= {MAX_PARAMETER:g}, got {v}")
         h = self.holdout
         if not 0.0 <= h.fraction <= 1.0:
             raise PolicyError(f"holdout fraction must be in [0, 1], got {h.fraction}")
@@ -500,13 +528,27 @@ class Policy:
         ls = self.learning
         if ls.aggregation not in _AGG_TO_PB:
             raise PolicyError(f"unknown reward aggregation {ls.aggregation!r}")
-        if not (ls.reward_window_seconds >= 0 and ls.ridge_lambda > 0):
-            raise PolicyError("reward window must be >= 0 and ridge lambda > 0")
+        if not 0 <= ls.reward_window_seconds <= MAX_SECONDS:
+            raise PolicyError(f"policy {self.name!r}: reward_window_seconds must be in [0, "
+                              f"{MAX_SECONDS:.0f}], got {ls.reward_window_seconds}")
+        if not 0 < ls.ridge_lambda <= MAX_PARAMETER:
+            raise PolicyError(f"policy {self.name!r}: ridge_lambda must be in (0, "
+                              f"{MAX_PARAMETER:g}], got {ls.ridge_lambda}")
+        if not abs(ls.default_reward) <= MAX_AMOUNT:
+            raise PolicyError(f"policy {self.name!r}: default_reward must be finite and "
+                              f"|default_reward| <= {MAX_AMOUNT:g}, got {ls.default_reward}")
+        if not 0 <= ls.retrain_every_seconds <= MAX_SECONDS:
+            raise PolicyError(f"policy {self.name!r}: retrain_every_seconds must be in [0, "
+                              f"{MAX_SECONDS:.0f}], got {ls.retrain_every_seconds}")
+        if not 0 <= ls.retrain_every_events < 1 << 63:
+            raise PolicyError(f"policy {self.name!r}: retrain_every_events must be in "
+                              f"[0, 2**63), got {ls.retrain_every_events}")
         _validate_rules(self)
         rd = ls.reward
         weights = [rd.other_weight, rd.cost_weight, *rd.outcome_weights.values()]
-        if not all(math.isfinite(w) for w in weights):
-            raise PolicyError(f"policy {self.name!r}: reward definition weights must be finite")
+        if not all(abs(w) <= MAX_PARAMETER for w in weights):
+            raise PolicyError(f"policy {self.name!r}: reward definition weights must be finite "
+                              f"and |weight| <= {MAX_PARAMETER:g}")
         try:
             ls.promotion.validate()
         except PolicyError as exc:
@@ -514,6 +556,11 @@ class Policy:
         if self.mode not in MODES:
             raise PolicyError(f"policy {self.name!r}: mode must be one of {MODES}, got "
                               f"{self.mode!r}")
+        # Validation runs what compilation runs: a policy that validates can be served by
+        # every client (compile_policy turns any failure into a PolicyError). The kernel is
+        # kept, so serving it does not compile twice.
+        from .scorer import compile_policy   # here: the scorer module imports this one
+        self._cache["kernel"] = compile_policy(self)
         return self
 
     # ----------------------------------------------------------------- serialisation
@@ -725,6 +772,13 @@ def _promotion_from_pb(m: policy_pb2.PromotionRule) -> PromotionRule:
         min_samples=m.min_samples if m.HasField("min_samples") else d.min_samples,
         margin=m.margin, window_rows=m.window_rows if m.HasField("window_rows")
         else d.window_rows, window_seconds=m.window_seconds, interval=m.interval or d.interval)
+
+
+def _finite_or_bound(value: float, bound: float) -> str:
+    """How a refused number is described: ``not finite``, or its value and the bound."""
+    v = float(value)
+    return "not finite" if v != v or v in (np.inf, -np.inf) else \
+        f"{v}, out of range (|value| <= {bound:g})"
 
 
 def _params(name: str, what: str, value: Any) -> np.ndarray:

@@ -37,14 +37,18 @@ from .errors import FeatureError, PolicyError, UnknownActionError
 
 __all__ = ["Condition", "EligibilityRule", "FrequencyCap", "BudgetCap", "Cap", "MAX_RULES",
            "MAX_CAPS", "CAP_BIT_SHIFT", "CompiledConstraints", "compile_constraints",
-           "batch_attributes", "batch_baselines", "explain_bits", "OP_CODES"]
+           "batch_attributes", "batch_baselines", "explain_bits", "OP_CODES", "MAX_AMOUNT",
+           "SCORE_LIMIT"]
 
 MAX_RULES = 48           # bits 0..47 of the logged `rules` word
 MAX_CAPS = 16            # bits 48..63
 CAP_BIT_SHIFT = 48
 MAX_CONDITIONS = 32      # per rule
 MAX_VALUES = 4096        # per IN / NOT_IN condition
-MAX_WINDOW_SECONDS = 366 * 86400.0 * 10
+MAX_WINDOW_SECONDS = 366 * 86400.0 * 10   # in nanoseconds still far inside int64
+# Money-like amounts (action costs and values, budget limits): a budget cap sums values per
+# player, and 1e15 per serving keeps any realistic sum finite and exact to the cent.
+MAX_AMOUNT = 1e15
 
 # Operator spellings in Python → the proto enum numbers (also the scorer's integer codes).
 OP_CODES = {"in": 1, "not_in": 2, "is_true": 3, "is_false": 4, "==": 5, "!=": 6, "<": 7,
@@ -213,9 +217,9 @@ def validate(policy: Any) -> None:
     known_tags = set().union(*tags_of.values()) if tags_of else set()
     numeric = {f.name for f in policy.features if f.kind == "numeric"}
     for a in policy.actions:
-        if a.value is not None and not (math.isfinite(a.value) and a.value >= 0):
-            raise PolicyError(f"policy {name!r}: action {a.id!r} value must be finite and "
-                              f">= 0, got {a.value}")
+        if a.value is not None and not 0 <= a.value <= MAX_AMOUNT:
+            raise PolicyError(f"policy {name!r}: action {a.id!r} value must be in [0, "
+                              f"{MAX_AMOUNT:g}], got {a.value}")
     if len(policy.rules) > MAX_RULES:
         raise PolicyError(f"policy {name!r}: {len(policy.rules)} eligibility rules; at most "
                           f"{MAX_RULES} (one bit each in the logged rules word)")
@@ -274,14 +278,19 @@ def validate(policy: Any) -> None:
                     or not 0 <= c.max_actions < 1 << 31:
                 raise PolicyError(f"{where}: max_actions must be an integer >= 0, "
                                   f"got {c.max_actions!r}")
-        elif not (math.isfinite(c.max_value) and c.max_value >= 0):
-            raise PolicyError(f"{where}: max_value must be finite and >= 0, got {c.max_value}")
+        elif not 0 <= c.max_value <= MAX_AMOUNT:
+            raise PolicyError(f"{where}: max_value must be in [0, {MAX_AMOUNT:g}], got "
+                              f"{c.max_value}")
         if not (math.isfinite(c.window_seconds) and 0.001 <= c.window_seconds
                 <= MAX_WINDOW_SECONDS):
             raise PolicyError(f"{where}: window_seconds must be in [0.001, "
                               f"{MAX_WINDOW_SECONDS:.0f}], got {c.window_seconds}")
-        if not math.isfinite(c.window_offset_seconds):
-            raise PolicyError(f"{where}: window_offset_seconds must be finite")
+        # Compiled to integer nanoseconds (then taken modulo the window): bounded like the
+        # window, so the conversion cannot overflow.
+        if not abs(c.window_offset_seconds) <= MAX_WINDOW_SECONDS:
+            raise PolicyError(f"{where}: window_offset_seconds must be in "
+                              f"[-{MAX_WINDOW_SECONDS:.0f}, {MAX_WINDOW_SECONDS:.0f}], got "
+                              f"{c.window_offset_seconds}")
         for t in c.tags:
             if t not in known_tags:
                 raise PolicyError(f"{where}: no action carries tag {t!r} "
@@ -618,6 +627,48 @@ def batch_baselines(action_index: Mapping[str, int], default_index: int, baselin
                                      f"the policy (actions: {list(action_index)})")
         out[i] = j
     return out
+
+
+# --------------------------------------------------------------------------- score range
+# The largest |score| the scorers serve (LOOPS_SCORE_LIMIT in _kernels.h): far above what a
+# valid policy scores for sane features (see the bounds in policy.py), low enough that score
+# differences times gamma or over a temperature stay free of NaN. Beyond it, or NaN, the
+# decision is refused with a FeatureError instead of defaulting silently.
+SCORE_LIMIT = 1e300
+
+
+def safe_norm(weights: np.ndarray, bias: np.ndarray) -> float:
+    """A feature-vector L2 norm below which no score ``W x + b`` can pass half the score limit
+    (``|score_a| <= |b_a| + ||W_a|| ||x||``; the halving absorbs rounding). 0: always check."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        return 0.0
+    bmax = float(np.max(np.abs(bias)))
+    wmax = float(np.max(np.sqrt(np.sum(w * w, axis=1))))
+    if not (math.isfinite(bmax) and math.isfinite(wmax)) or bmax >= SCORE_LIMIT / 2:
+        return 0.0
+    return (SCORE_LIMIT / 2 - bmax) / wmax if wmax > 0 else math.inf
+
+
+def score_overflow_error(policy: str, version: int, action_ids: Sequence[str],
+                         input_names: Sequence[str], scores: np.ndarray, weights: np.ndarray,
+                         x: np.ndarray, row: int | None = None) -> FeatureError:
+    """The error for a feature row whose scores left the range (found on the error path only):
+    it names the input with the largest term in the first out-of-range action's score. Shared
+    by both scorers, so they name the same feature."""
+    scores = np.asarray(scores, dtype=np.float64)
+    a = int(np.argmax(~(np.abs(scores) <= SCORE_LIMIT)))
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    where = "" if row is None else f" in row {row}"
+    what = (f"the score of action {action_ids[a]!r} is {float(scores[a])} (policy {policy!r} "
+            f"v{version}, limit +-{SCORE_LIMIT:g})")
+    if x.size:
+        with np.errstate(over="ignore", invalid="ignore"):
+            terms = np.abs(np.asarray(weights, dtype=np.float64)[a] * x)
+        j = int(np.argmax(np.where(np.isnan(terms), np.inf, terms)))
+        return FeatureError(f"feature {input_names[j]!r}{where} is {float(x[j])!r}, out of "
+                            f"range: {what}")
+    return FeatureError(f"features{where}: {what}")
 
 
 def in_sorted(values: np.ndarray, v0: int, nv: int, h: int) -> bool:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from .errors import PolicyError
 from .policy import KIND_CODES, Policy
 from .rules import compile_constraints
 
@@ -57,10 +58,20 @@ def kernel_args(policy: Policy) -> tuple:
             features.append((f.name, True, offset, f.buckets, 0.0))
         offset += f.width
     if np.any(center != 0) or np.any(scale != 1):
-        weights = policy.weights / scale
-        bias = policy.bias - weights @ center
+        with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+            weights = policy.weights / scale
+            bias = policy.bias - weights @ center
     else:
         weights, bias = policy.weights, policy.bias
+    # Policy bounds keep these finite; checked anyway, since a non-finite folded parameter
+    # would make every score NaN (and every decision a silent default).
+    if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(bias))):
+        bad = ~np.isfinite(np.column_stack([weights, bias]))
+        r, c = np.argwhere(bad)[0]
+        what = "bias" if c == policy.n_inputs else f"weight of input {policy.input_names[c]!r}"
+        raise PolicyError(f"policy {policy.name!r} v{policy.version}: the {what} of action "
+                          f"{policy.action_ids[r]!r} is not finite once centring and scaling "
+                          "are folded in")
     e = policy.exploration
     return (policy.name, policy.version, weights, bias, KIND_CODES[e.kind], e.epsilon,
             e.temperature, e.gamma, policy.default_index, policy.holdout.fraction,
@@ -69,5 +80,16 @@ def kernel_args(policy: Policy) -> tuple:
 
 
 def compile_policy(policy: Policy):
-    """Build the scorer kernel for a validated policy."""
-    return _impl.Kernel(*kernel_args(policy))
+    """Build the scorer kernel for a policy.
+
+    Raises:
+        PolicyError: the policy cannot be compiled (whatever went wrong: a client that cannot
+            apply a version must see a policy error, keep the previous one and go on).
+    """
+    try:
+        return _impl.Kernel(*kernel_args(policy))
+    except PolicyError:
+        raise
+    except Exception as exc:
+        raise PolicyError(f"policy {policy.name!r} v{policy.version} cannot be compiled: "
+                          f"{type(exc).__name__}: {exc}") from exc

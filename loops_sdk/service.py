@@ -390,7 +390,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             return x                      # every row gets the default: nothing to check
         try:
             if isinstance(x, dict):
-                policy.encode(x)
+                vec = policy.encode(x)
             elif x.shape[0] != policy.n_inputs:
                 raise FeatureError(f"policy {name!r} expects {policy.n_inputs} inputs, got "
                                    f"{x.shape[0]}")
@@ -398,6 +398,8 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 j = int(np.argmin(np.isfinite(x)))
                 raise FeatureError(f"feature {policy.input_names[j]!r} is {x[j]} (must be "
                                    "finite)")
+            # Scores out of range too, so that no row is decided when a later one is refused.
+            policy.compiled().check_row(vec if isinstance(x, dict) else x)
         except FeatureError as exc:
             raise _Invalid(f"{where}{'vector' if len(row.vector) else 'features'}",
                            str(exc)) from None

@@ -227,11 +227,11 @@ def test_other_invalid_settings(kwargs, pattern):
     (2, [], "at least one action"),
     (2, [""], "empty action id"),
     ([Feature("a"), Feature("a")], ["x"], "duplicate feature 'a'"),
-    ([Feature.numeric("a", scale=0.0)], ["x"], "scale non-zero"),
+    ([Feature.numeric("a", scale=0.0)], ["x"], "scale must be finite"),
     ([Feature.numeric("a", center=float("inf"))], ["x"], "must be finite"),
     ([Feature.categorical("c", 0)], ["x"], "1..2\\^20 buckets"),
     ([Feature("c", "ordinal")], ["x"], "unknown kind 'ordinal'"),
-    (2, [Action("x", cost=float("nan"))], "non-finite cost"),
+    (2, [Action("x", cost=float("nan"))], "cost must be finite"),
 ])
 def test_invalid_spec(features, actions, pattern):
     with pytest.raises(PolicyError, match=pattern):
