@@ -425,6 +425,7 @@ cdef class Kernel:
         """Mapping path: name → number (numeric) or → str (categorical, hashed to a bucket)."""
         cdef Py_ssize_t i, n = len(self.enc_names), found = 0
         cdef double v
+        cdef uint64_t h
         memset(out, 0, self.n_inputs * sizeof(double))
         for i in range(n):
             name = self.enc_names[i]
@@ -1311,12 +1312,13 @@ cdef class DecisionPoint:
         index = k.action_index
         if isinstance(eligible, str):
             eligible = (eligible,)
-        try:
-            ids = iter(eligible)
-        except TypeError:
-            raise argument_error("eligible", eligible, "action ids or a boolean mask over the "
-                                 "policy's actions") from None
-        for a in ids:
+        if not isinstance(eligible, (list, tuple)):   # lists and tuples keep Cython's fast loop
+            try:
+                eligible = tuple(eligible)
+            except TypeError:
+                raise argument_error("eligible", eligible, "action ids or a boolean mask over "
+                                     "the policy's actions") from None
+        for a in eligible:
             i = index.get(a, -1) if type(a) is str else _action_index(index, a)
             if i < 0:
                 raise UnknownActionError(f"eligible action {a!r} is not an action of policy "

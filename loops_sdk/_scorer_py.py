@@ -791,12 +791,13 @@ class DecisionPoint:
         mask = [0] * k.n_actions
         if isinstance(eligible, str):
             eligible = (eligible,)
-        try:
-            ids = iter(eligible)
-        except TypeError:
-            raise argument_error("eligible", eligible, "action ids or a boolean mask over the "
-                                 "policy's actions") from None
-        for a in ids:
+        if not isinstance(eligible, (list, tuple)):
+            try:
+                eligible = tuple(eligible)
+            except TypeError:
+                raise argument_error("eligible", eligible, "action ids or a boolean mask over "
+                                     "the policy's actions") from None
+        for a in eligible:
             i = k.action_index.get(a, -1) if type(a) is str else _action_index(k.action_index, a)
             if i < 0:
                 raise UnknownActionError(f"eligible action {a!r} is not an action of policy "
