@@ -10,8 +10,8 @@ from __future__ import annotations
 from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
 from .client import ClientConfig, DecisionClient
 from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
-from .errors import (BatchError, EvaluationError, FeatureError, LoopsError, PolicyError,
-                     SecurityError, UnknownActionError)
+from .errors import (ArgumentError, BatchError, EvaluationError, FeatureError, LoopsError,
+                     PolicyError, SecurityError, UnknownActionError)
 from .evaluation import (Estimate, LoggedData, baseline_targets, direct_method, doubly_robust,
                          evaluate, ips, snips, switch_dr, target_probabilities)
 from .policy import (Action, Exploration, Feature, Holdout, LearningSettings, Policy,
@@ -32,7 +32,7 @@ __all__ = [
     "LoggedData", "Estimate", "evaluate", "ips", "snips", "direct_method", "doubly_robust",
     "switch_dr", "baseline_targets", "target_probabilities",
     "LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
-    "EvaluationError",
+    "EvaluationError", "ArgumentError",
     "SecurityError", "DecisionServer", "DecisionServerPool", "ServerSecurity", "ChannelSecurity", "TokenSet",
     "open_channel", "make_dev_certs",
     "IMPLEMENTATION", "__version__",

@@ -21,6 +21,11 @@ from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
+cdef extern from "Python.h":
+    # No exception check declared: a NULL return (not valid UTF-8) is handled by the caller.
+    const char* utf8_and_size "PyUnicode_AsUTF8AndSize"(object s, Py_ssize_t* n)
+    void PyErr_Clear()
+
 cdef extern from "_kernels.h" nogil:
     void loops_scores(const double* WT, const double* b, const double* x, int D, int KP,
                       int K, double* s)
@@ -40,7 +45,7 @@ from .records import FLAG_RULE
 from .records import OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD
 from .records import DECISION_COLUMNS, OUTCOME_COLUMNS, decision_buffers, outcome_buffers
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
-from .errors import FeatureError, UnknownActionError
+from .errors import ArgumentError, FeatureError, UnknownActionError, argument_error
 from .rules import CAP_BIT_SHIFT, OP_CODES, attribute_error, batch_attributes, batch_baselines
 from .rules import SCORE_LIMIT, safe_norm, score_overflow_error
 
@@ -150,18 +155,30 @@ cdef inline double draw_c(uint64_t hi, uint64_t lo, uint64_t seed) noexcept nogi
     return unit_c(mix64_c(mix64_c(hi ^ seed) ^ lo))
 
 
-cdef uint64_t hash_str(object s) except? 0:
+cdef uint64_t hash_key(object s, object argument) except? 0:
+    """stable_hash of a key from a public call: a str's UTF-8 bytes (read in place, no copy),
+    bytes as they are, anything else as ``str(s)``. A str that is not valid UTF-8 (a lone
+    surrogate) is an ArgumentError naming ``argument``; the pure-Python twin words it alike."""
     cdef const char* data
     cdef Py_ssize_t n
     if isinstance(s, str):
-        b = (<str>s).encode("utf-8")
-    elif isinstance(s, bytes):
-        b = s
-    else:
-        b = str(s).encode("utf-8")
-    data = b
-    n = len(b)
-    return mix64_c(fnv1a_c(data, n))
+        data = utf8_and_size(s, &n)
+        if data == NULL:
+            PyErr_Clear()
+            raise argument_error(argument, s, "valid UTF-8 text (no lone surrogates)")
+        return mix64_c(fnv1a_c(data, n))
+    if isinstance(s, bytes):
+        data = <bytes>s
+        return mix64_c(fnv1a_c(data, len(<bytes>s)))
+    try:
+        t = str(s)
+    except Exception:
+        raise argument_error(argument, s, "convertible to str") from None
+    return hash_key(t, argument)
+
+
+cdef uint64_t hash_str(object s) except? 0:
+    return hash_key(s, "key")
 
 
 def mix64(uint64_t x):
@@ -485,6 +502,7 @@ cdef class Kernel:
         """Mapping path: name → number (numeric) or → str (categorical, hashed to a bucket)."""
         cdef Py_ssize_t i, n = len(self.enc_names), found = 0
         cdef double v
+        cdef uint64_t h
         memset(out, 0, self.n_inputs * sizeof(double))
         for i in range(n):
             name = self.enc_names[i]
@@ -495,7 +513,11 @@ cdef class Kernel:
                 continue
             found += 1
             if self.enc_kinds[i]:
-                out[<int>self.enc_offsets[i] + <int>(hash_str(value) % <uint64_t>self.enc_buckets[i])] = 1.0
+                try:
+                    h = hash_key(value, "value")
+                except ArgumentError as exc:
+                    raise FeatureError(f"feature {name!r}: {exc}") from None
+                out[<int>self.enc_offsets[i] + <int>(h % <uint64_t>self.enc_buckets[i])] = 1.0
             else:
                 if isinstance(value, (str, bytes)):
                     raise FeatureError(f"feature {name!r} is numeric but got {value!r}")
@@ -564,6 +586,35 @@ cdef class Kernel:
         return out
 
 
+cdef int _action_index(object index, object a):
+    """Index of an eligible entry that is not a str; -1 (so: UnknownActionError) for anything
+    that cannot be an action id, unhashable ones included."""
+    try:
+        return index.get(a, -1)
+    except TypeError:
+        return -1
+
+
+cdef double _outcome_value(object value) except? -1.0:
+    """An outcome value as a finite double (the twin's _outcome_value converts alike)."""
+    cdef double v
+    try:
+        v = value
+    except (TypeError, ValueError, OverflowError):
+        raise argument_error("value", value, "a finite number") from None
+    if not isfinite(v):
+        raise argument_error("value", value, "a finite number")
+    return v
+
+
+cdef object _outcome_kind(object kind):
+    """A kind that is not exactly a str: a str subclass passes, anything else (None, a tuple,
+    an object) is refused here, before it can reach a batch the learner cannot store."""
+    if isinstance(kind, str):
+        return kind
+    raise argument_error("kind", kind, "a str (the outcome kind, e.g. 'deposit')")
+
+
 cdef object _numeric(object x):
     """``x`` as a float64 array; strings and objects are refused, not parsed."""
     try:
@@ -586,10 +637,14 @@ def _user_hashes(users, Py_ssize_t n):
         if users.shape != (n,):
             raise FeatureError(f"users must have shape ({n},), got {users.shape}")
         return np.ascontiguousarray(users), np.ones(n, np.uint8)
+    if isinstance(users, (str, bytes)) or not hasattr(users, "__len__"):
+        raise argument_error("users", users, "a sequence of user keys (one per row) or a "
+                             "uint64 array of their stable_hash values")
     if len(users) != n:
         raise FeatureError(f"users has {len(users)} entries for {n} rows")
     has = np.fromiter((u is not None for u in users), np.uint8, n)
-    return np.fromiter((hash_str(u) if u is not None else 0 for u in users), np.uint64, n), has
+    return np.fromiter((hash_key(u, "users") if u is not None else 0 for u in users),
+                       np.uint64, n), has
 
 
 cdef object _as_matrix(Kernel k, object X):
@@ -1162,9 +1217,12 @@ cdef class DecisionPoint:
             if isinstance(value, (str, bytes)):
                 if k.attr_numeric[j]:
                     raise attribute_error(name, value, "is compared as a number by a rule")
+                try:
+                    self.ahash[j] = hash_str(value)
+                except ArgumentError:
+                    raise attribute_error(name, value, "is not valid UTF-8 text") from None
                 self.apres[j] = 1
                 self.anum[j] = 0.0
-                self.ahash[j] = hash_str(value)
                 continue
             try:
                 v = value
@@ -1337,8 +1395,14 @@ cdef class DecisionPoint:
         index = k.action_index
         if isinstance(eligible, str):
             eligible = (eligible,)
+        if not isinstance(eligible, (list, tuple)):   # lists and tuples keep Cython's fast loop
+            try:
+                eligible = tuple(eligible)
+            except TypeError:
+                raise argument_error("eligible", eligible, "action ids or a boolean mask over "
+                                     "the policy's actions") from None
         for a in eligible:
-            i = index.get(a, -1)
+            i = index.get(a, -1) if type(a) is str else _action_index(index, a)
             if i < 0:
                 raise UnknownActionError(f"eligible action {a!r} is not an action of policy "
                                          f"{k.name!r} (actions: {list(k.action_ids)})")
@@ -1362,7 +1426,7 @@ cdef class DecisionPoint:
         row.policy_action = -1
         row.policy_prob = 0.0
         if user is not None:
-            uh = hash_str(user)
+            uh = hash_key(user, "user")
         with self.lock:
             k = self.kernel
             xp = self._features(k, x)
@@ -1758,14 +1822,19 @@ cdef class OutcomeLog:
         self.kinds = {}
 
     cdef add(self, uint8_t t, uint64_t hi, uint64_t lo, uint64_t uh, double value, kind):
+        # value: checked finite by the caller (_outcome_value).
         cdef uint16_t code
-        if not isfinite(value):
-            raise ValueError(f"outcome value must be finite, got {value}")
+        if type(kind) is not str:
+            kind = _outcome_kind(kind)
         with self.lock:
             code = self.kinds.get(kind, 0xffff)
             if code == 0xffff:
+                # A new kind is checked once, when interned: it is shipped as UTF-8 text.
+                if utf8_and_size(kind, NULL) == NULL:
+                    PyErr_Clear()
+                    raise argument_error("kind", kind, "valid UTF-8 text (no lone surrogates)")
                 if len(self.kinds) >= 0xfffe:
-                    raise ValueError("too many distinct outcome kinds")
+                    raise argument_error("kind", kind, "one of at most 65534 distinct kinds")
                 code = self.kinds[kind] = len(self.kinds)
             if not self.recording:
                 return
@@ -1863,7 +1932,7 @@ cdef class Engine:
         for p in self._points.values():
             (<DecisionPoint>p).cap_clock_ns = self._cap_clock_ns
 
-    def decide(self, str name, x, user=None, eligible=None, *, default=None,
+    def decide(self, name, x, user=None, eligible=None, *, default=None,
                bint deferred=False, attributes=None, baseline=None):
         """Choose an action for ``user`` at decision point ``name``.
 
@@ -1881,8 +1950,11 @@ cdef class Engine:
             baseline: apprentice mode: the action id served in the policy's place (default:
                 the policy's default action).
         Returns:
-            Decision. Raises FeatureError / UnknownActionError for bad input only.
+            Decision. Raises FeatureError / UnknownActionError / ArgumentError for bad input
+            only.
         """
+        if not isinstance(name, str):
+            raise argument_error("name", name, "a str (the decision point)")
         cdef DecisionPoint p = self._points.get(name)
         if p is None:
             self.n_unknown_point += 1
@@ -1890,7 +1962,7 @@ cdef class Engine:
                                 else R_UNKNOWN_POINT)
         return p.decide(x, user, eligible, deferred, attributes, baseline)
 
-    def decide_batch(self, str name, X, users=None, eligible_mask=None, *, bint deferred=False,
+    def decide_batch(self, name, X, users=None, eligible_mask=None, *, bint deferred=False,
                      attributes=None, baseline=None):
         """Decide for every row of ``X`` (n, D) in one call (scoring runs without the GIL).
 
@@ -1899,20 +1971,30 @@ cdef class Engine:
         n values (None / NaN = not supplied); ``baseline``: an action id, or n ids / indexes.
         Returns a :class:`DecisionBatch`.
         """
+        if not isinstance(name, str):
+            raise argument_error("name", name, "a str (the decision point)")
         cdef DecisionPoint p = self._points.get(name)
         if p is None:
             raise KeyError(f"no policy for decision point {name!r}")
         return p.decide_batch(X, users, eligible_mask, deferred, attributes, baseline)
 
-    def reward(self, event_id, double value, kind="reward"):
-        """Attach an outcome value to one decision (by its event id)."""
-        hi, lo = parse_event_id(event_id)
-        self._outlog.add(O_REWARD, hi, lo, 0, value, kind)
+    def reward(self, event_id, value, kind="reward"):
+        """Attach an outcome value to one decision (by its event id).
 
-    def observe(self, user, double value, kind="observe"):
+        ``event_id``: ``Decision.event_id`` (32 hex digits) or its ``(hi, lo)`` pair;
+        ``value``: a finite number; ``kind``: a str naming the outcome (e.g. ``"deposit"``).
+        Raises :class:`ArgumentError` naming the bad argument; nothing is recorded then.
+        """
+        hi, lo = parse_event_id(event_id)
+        self._outlog.add(O_REWARD, hi, lo, 0, _outcome_value(value), kind)
+
+    def observe(self, user, value, kind="observe"):
         """A user-level outcome (e.g. a deposit); the learner joins it to that user's decisions
-        within each policy's reward window."""
-        self._outlog.add(O_OBSERVE, 0, 0, hash_str(user), value, kind)
+        within each policy's reward window. ``user``: the key given to ``decide`` (not None);
+        ``value`` and ``kind`` as for :meth:`reward`."""
+        if user is None:
+            raise argument_error("user", user, "the user key given to decide")
+        self._outlog.add(O_OBSERVE, 0, 0, hash_key(user, "user"), _outcome_value(value), kind)
 
     def activate(self, event_id):
         """Mark a ``deferred=True`` decision as really shown: the learner may train on it."""

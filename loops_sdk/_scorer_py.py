@@ -20,9 +20,10 @@ from .records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED,
                       DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
                       outcome_buffers)
 from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
-from .errors import FeatureError, UnknownActionError
-from .rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, batch_attributes,
-                    batch_baselines, in_sorted, safe_norm, score_overflow_error)
+from .errors import ArgumentError, FeatureError, UnknownActionError, argument_error
+from .rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, attribute_error,
+                    batch_attributes, batch_baselines, in_sorted, safe_norm,
+                    score_overflow_error)
 
 IMPLEMENTATION = "python"
 
@@ -52,15 +53,31 @@ def _fnv1a(data: bytes) -> int:
     return h
 
 
-def stable_hash(s) -> int:
-    """64-bit hash of a string's UTF-8 bytes: splitmix64(FNV-1a-64(bytes))."""
+def _hash_key(s, argument) -> int:
+    """stable_hash of a key from a public call (see the Cython hash_key: same errors)."""
     if isinstance(s, str):
-        b = s.encode("utf-8")
+        try:
+            b = s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise argument_error(argument, s, "valid UTF-8 text (no lone surrogates)") from None
     elif isinstance(s, bytes):
         b = s
     else:
-        b = str(s).encode("utf-8")
+        try:
+            t = str(s)
+        except Exception:
+            raise argument_error(argument, s, "convertible to str") from None
+        return _hash_key(t, argument)
     return mix64(_fnv1a(b))
+
+
+def stable_hash(s) -> int:
+    """64-bit hash of a string's UTF-8 bytes: splitmix64(FNV-1a-64(bytes))."""
+    return _hash_key(s, "key")
+
+
+def _hash_users_entry(u) -> int:
+    return _hash_key(u, "users")
 
 
 def _unit(h: int) -> float:
@@ -280,7 +297,11 @@ class Kernel:
                 continue
             found += 1
             if categorical:
-                out[offset + stable_hash(value) % buckets] = 1.0
+                try:
+                    h = _hash_key(value, "value")
+                except ArgumentError as exc:
+                    raise FeatureError(f"feature {name!r}: {exc}") from None
+                out[offset + h % buckets] = 1.0
             else:
                 if isinstance(value, (str, bytes)):
                     raise FeatureError(f"feature {name!r} is numeric but got {value!r}")
@@ -326,6 +347,35 @@ class Kernel:
                 p[self.default_index] = 1.0
             out[i] = p
         return out
+
+
+def _action_index(index, a) -> int:
+    """See the Cython _action_index: -1 for anything that cannot be an action id."""
+    try:
+        return index.get(a, -1)
+    except TypeError:
+        return -1
+
+
+def _outcome_value(value) -> float:
+    """As the Cython conversion to double: numbers and objects with __float__ / __index__;
+    text is refused (float() would parse it, the compiled scorer does not)."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        raise argument_error("value", value, "a finite number")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise argument_error("value", value, "a finite number") from None
+    if not math.isfinite(v):
+        raise argument_error("value", value, "a finite number")
+    return v
+
+
+def _outcome_kind(kind):
+    """See the Cython _outcome_kind."""
+    if isinstance(kind, str):
+        return kind
+    raise argument_error("kind", kind, "a str (the outcome kind, e.g. 'deposit')")
 
 
 def _numeric(x) -> np.ndarray:
@@ -380,6 +430,9 @@ def _user_hashes(users, n: int, hash_fn):
         if users.shape != (n,):
             raise FeatureError(f"users must have shape ({n},), got {users.shape}")
         return np.ascontiguousarray(users), np.ones(n, np.uint8)
+    if isinstance(users, (str, bytes)) or not hasattr(users, "__len__"):
+        raise argument_error("users", users, "a sequence of user keys (one per row) or a "
+                             "uint64 array of their stable_hash values")
     if len(users) != n:
         raise FeatureError(f"users has {len(users)} entries for {n} rows")
     has = np.fromiter((u is not None for u in users), np.uint8, n)
@@ -663,9 +716,12 @@ class DecisionPoint:
         if not isinstance(attributes, Mapping):
             raise FeatureError("attributes must be a Mapping of name -> value")
         for j, name in enumerate(k.attr_names):
-            present[j], num[j], hsh[j] = _scalar_attribute(
-                name, attributes.get(name), bool(k.attr_numeric[j]), bool(k.attr_string[j]),
-                stable_hash)
+            value = attributes.get(name)
+            try:
+                present[j], num[j], hsh[j] = _scalar_attribute(
+                    name, value, bool(k.attr_numeric[j]), bool(k.attr_string[j]), stable_hash)
+            except ArgumentError:
+                raise attribute_error(name, value, "is not valid UTF-8 text") from None
         return present, num, hsh
 
     def _baseline(self, k, baseline):
@@ -774,8 +830,14 @@ class DecisionPoint:
         mask = [0] * k.n_actions
         if isinstance(eligible, str):
             eligible = (eligible,)
+        if not isinstance(eligible, (list, tuple)):
+            try:
+                eligible = tuple(eligible)
+            except TypeError:
+                raise argument_error("eligible", eligible, "action ids or a boolean mask over "
+                                     "the policy's actions") from None
         for a in eligible:
-            i = k.action_index.get(a, -1)
+            i = k.action_index.get(a, -1) if type(a) is str else _action_index(k.action_index, a)
             if i < 0:
                 raise UnknownActionError(f"eligible action {a!r} is not an action of policy "
                                          f"{k.name!r} (actions: {list(k.action_ids)})")
@@ -784,7 +846,7 @@ class DecisionPoint:
 
     def decide(self, x, user, eligible, deferred, attributes=None, baseline=None):
         flags = FLAG_DEFERRED if deferred else 0
-        uh = stable_hash(user) if user is not None else 0
+        uh = _hash_key(user, "user") if user is not None else 0
         held = False
         reason = R_POLICY
         with self.lock:
@@ -900,7 +962,7 @@ class DecisionPoint:
         k = self.kernel
         if k.constrained:
             x = _as_matrix(k, X)
-            uh, has_user = _user_hashes(users, x.shape[0], stable_hash)
+            uh, has_user = _user_hashes(users, x.shape[0], _hash_users_entry)
             with self.lock:
                 return self._batch_locked(self.kernel, X, x if self.kernel is k else None, uh,
                                           has_user, eligible_mask, deferred, attributes,
@@ -908,7 +970,7 @@ class DecisionPoint:
         x = _as_matrix(k, X)
         n = x.shape[0]
         masks, stride = _as_masks(k, eligible_mask, n)
-        uh, has_user = _user_hashes(users, n, stable_hash)
+        uh, has_user = _user_hashes(users, n, _hash_users_entry)
         actions = np.empty(n, np.int32)
         probs = np.empty(n, np.float64)
         held = np.zeros(n, np.bool_)
@@ -983,14 +1045,19 @@ class OutcomeLog:
         self.n_outcomes = self.n_dropped = 0
 
     def add(self, t, hi, lo, uh, value, kind):
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"outcome value must be finite, got {value}")
+        # value: checked finite by the caller (_outcome_value).
+        if type(kind) is not str:
+            kind = _outcome_kind(kind)
         with self.lock:
             code = self.kinds.get(kind)
             if code is None:
+                try:
+                    kind.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise argument_error("kind", kind,
+                                         "valid UTF-8 text (no lone surrogates)") from None
                 if len(self.kinds) >= 0xFFFE:
-                    raise ValueError("too many distinct outcome kinds")
+                    raise argument_error("kind", kind, "one of at most 65534 distinct kinds")
                 code = self.kinds[kind] = len(self.kinds)
             if not self.recording:
                 return
@@ -1078,7 +1145,7 @@ class Engine:
     def decide(self, name, x, user=None, eligible=None, *, default=None, deferred=False,
                attributes=None, baseline=None):
         if not isinstance(name, str):
-            raise TypeError(f"decision point name must be str, not {type(name).__name__}")
+            raise argument_error("name", name, "a str (the decision point)")
         p = self._points.get(name)
         if p is None:
             self.n_unknown_point += 1
@@ -1088,6 +1155,8 @@ class Engine:
 
     def decide_batch(self, name, X, users=None, eligible_mask=None, *, deferred=False,
                      attributes=None, baseline=None):
+        if not isinstance(name, str):
+            raise argument_error("name", name, "a str (the decision point)")
         p = self._points.get(name)
         if p is None:
             raise KeyError(f"no policy for decision point {name!r}")
@@ -1095,10 +1164,13 @@ class Engine:
 
     def reward(self, event_id, value, kind="reward"):
         hi, lo = parse_event_id(event_id)
-        self._outlog.add(OUTCOME_REWARD, hi, lo, 0, value, kind)
+        self._outlog.add(OUTCOME_REWARD, hi, lo, 0, _outcome_value(value), kind)
 
     def observe(self, user, value, kind="observe"):
-        self._outlog.add(OUTCOME_OBSERVE, 0, 0, stable_hash(user), value, kind)
+        if user is None:
+            raise argument_error("user", user, "the user key given to decide")
+        self._outlog.add(OUTCOME_OBSERVE, 0, 0, _hash_key(user, "user"), _outcome_value(value),
+                         kind)
 
     def activate(self, event_id):
         hi, lo = parse_event_id(event_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
 from .batch import FeedbackRecords
+from .errors import ArgumentError, argument_error
 from .policy import Policy
 from .scorer import Engine, compile_policy
 
@@ -107,18 +108,20 @@ class ClientConfig:
     insecure: bool = False
 
     def __post_init__(self) -> None:
+        # ArgumentError (a TypeError and a ValueError) naming the field, never a bare int()
+        # or float() error.
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        if self.seed is not None and not 0 <= int(self.seed) < 1 << 64:
-            raise ValueError("seed must be in [0, 2**64)")
+            raise ArgumentError("tls_cert and tls_key go together")
+        if self.seed is not None and not 0 <= _setting(self, "seed", int) < 1 << 64:
+            raise ArgumentError("seed must be in [0, 2**64)")
         for name in ("buffer_rows", "max_pending_records", "flush_records",
                      "max_batch_records", "spool_max_bytes", "cap_slots"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive")
+            if _setting(self, name, int) <= 0:
+                raise ArgumentError(f"{name} must be positive")
         for name in ("flush_interval", "rpc_timeout", "backoff_initial", "backoff_max",
                      "close_timeout"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be > 0")
+            if not _setting(self, name, float) > 0:
+                raise ArgumentError(f"{name} must be > 0")
 
     def channel_security(self) -> "ChannelSecurity":
         """The learner connection's TLS and token settings (``$LOOPS_TOKEN`` when no token)."""
@@ -132,6 +135,16 @@ class ClientConfig:
         if self.policy_name and self.policy_name not in names:
             names = (self.policy_name, *names)
         return names
+
+
+def _setting(config: ClientConfig, name: str, kind: type) -> Any:
+    value = getattr(config, name)
+    if isinstance(value, (str, bytes)):   # int("5") would parse it
+        raise argument_error(name, value, "an integer" if kind is int else "a number")
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise argument_error(name, value, "an integer" if kind is int else "a number") from None
 
 
 _CLIENTS: "weakref.WeakSet[DecisionClient]" = weakref.WeakSet()
@@ -169,6 +182,8 @@ class DecisionClient(Engine):
                  sink: Any = None, learner: str | None = None) -> None:
         if config is None:
             config = ClientConfig(seed=seed, learner=learner)
+        elif not isinstance(config, ClientConfig):
+            raise argument_error("config", config, "a ClientConfig or None")
         elif seed is not None or learner is not None:
             raise TypeError("pass seed/learner inside ClientConfig when giving a config")
         self.config = config

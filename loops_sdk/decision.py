@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import ArgumentError
 
 __all__ = ["Reason", "REASONS", "DecisionBatch", "format_event_id", "parse_event_id"]
 
@@ -24,6 +27,8 @@ class Reason:
                                      # choice is in Decision.policy_action)
 
 
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+
 # Index = the integer code the scorers use; order is part of the batch format (uint8 codes).
 REASONS = (Reason.POLICY, Reason.HOLDOUT, Reason.NO_ELIGIBLE_ACTION,
            Reason.UNKNOWN_DECISION_POINT, Reason.NOT_INITIALIZED, Reason.CAPPED, Reason.ERROR,
@@ -36,18 +41,21 @@ def format_event_id(hi: int, lo: int) -> str:
 
 
 def parse_event_id(event_id: "str | tuple[int, int]") -> tuple[int, int]:
-    """Inverse of :func:`format_event_id`; also accepts a ``(hi, lo)`` pair."""
+    """Inverse of :func:`format_event_id`; also accepts a ``(hi, lo)`` pair of integers.
+
+    Raises :class:`~loops_sdk.errors.ArgumentError` (a ``ValueError``) naming ``event_id``."""
     if isinstance(event_id, tuple) and len(event_id) == 2:
-        hi, lo = int(event_id[0]), int(event_id[1])
-    elif isinstance(event_id, str) and len(event_id) == 32:
-        try:
-            hi, lo = int(event_id[:16], 16), int(event_id[16:], 16)
-        except ValueError:
-            raise ValueError(f"event id {event_id!r} is not 32 hex digits") from None
+        hi, lo = event_id
+        if not all(isinstance(v, (int, np.integer)) for v in (hi, lo)):
+            raise ArgumentError(f"event_id {event_id!r}: a (hi, lo) pair holds two integers")
+        hi, lo = int(hi), int(lo)
+    elif isinstance(event_id, str) and len(event_id) == 32 and _HEX32.fullmatch(event_id):
+        # the pattern: int(s, 16) alone would also take "0x", "+", "_" and spaces
+        hi, lo = int(event_id[:16], 16), int(event_id[16:], 16)
     else:
-        raise ValueError(f"event id {event_id!r} is not 32 hex digits or a (hi, lo) pair")
+        raise ArgumentError(f"event_id {event_id!r} is not 32 hex digits or a (hi, lo) pair")
     if not (0 <= hi < 1 << 64 and 0 <= lo < 1 << 64):
-        raise ValueError(f"event id {event_id!r} out of range")
+        raise ArgumentError(f"event_id {event_id!r} out of range")
     return hi, lo
 
 

@@ -6,12 +6,34 @@ code that already catches ``ValueError`` keeps working.
 
 from __future__ import annotations
 
-__all__ = ["LoopsError", "PolicyError", "FeatureError", "UnknownActionError", "BatchError",
-           "EvaluationError", "InsightsError", "SecurityError"]
+__all__ = ["LoopsError", "ArgumentError", "PolicyError", "FeatureError", "UnknownActionError",
+           "BatchError", "EvaluationError", "InsightsError", "SecurityError"]
 
 
 class LoopsError(Exception):
     """Base class of every error LOOPS raises on purpose."""
+
+
+class ArgumentError(LoopsError, TypeError, ValueError):
+    """An argument of a public call that cannot be used, whatever the policy: the wrong type
+    (``eligible=1``, ``reward(value=None)``, ``Policy.load(5)``), a number out of range (a
+    reward of ``2**1100``, NaN) or a string that is not valid UTF-8 (a lone surrogate in a user
+    key or an outcome kind). The message names the argument.
+
+    Both a ``TypeError`` and a ``ValueError``: the builtin errors such input raised before
+    were one or the other, so ``except`` clauses written for them keep working."""
+
+
+def argument_error(argument: str, value: object, expected: str) -> ArgumentError:
+    """``ArgumentError("<argument> must be <expected>, got <type> <value>")``; the scorers
+    and the policy build their messages here so both scorers word them alike."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = "<unprintable>"
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return ArgumentError(f"{argument} must be {expected}, got {type(value).__name__} {text}")
 
 
 class PolicyError(LoopsError, ValueError):

@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ._proto import policy_pb2
-from .errors import PolicyError
+from .errors import PolicyError, argument_error
 from .rules import (MAX_AMOUNT, MAX_WINDOW_SECONDS, Cap, EligibilityRule, cap_from_pb, cap_to_pb,
                     explain_bits, rule_from_pb, rule_to_pb)
 from .rules import validate as _validate_rules
@@ -334,11 +334,35 @@ class Policy:
                 the policy's choice is logged beside it).
         Raises:
             PolicyError: anything malformed, with a message saying what.
+            ArgumentError: an argument of the wrong type (e.g. ``exploration="squarecb"``
+                instead of ``Exploration.squarecb()``), named in the message.
         """
-        if isinstance(features, (int, np.integer)):
+        if isinstance(features, (int, np.integer)) and not isinstance(features, bool):
+            if features < 0:
+                raise argument_error("features", features, "a count >= 0, names or Features")
             features = [f"x{i}" for i in range(int(features))]
-        feats = tuple(f if isinstance(f, Feature) else Feature(str(f)) for f in features)
-        acts = tuple(a if isinstance(a, Action) else Action(str(a)) for a in actions)
+        feats = tuple(f if isinstance(f, Feature) else Feature(str(f))
+                      for f in _sequence("features", features))
+        acts = tuple(a if isinstance(a, Action) else Action(str(a))
+                     for a in _sequence("actions", actions))
+        for argument, value, kind in (("exploration", exploration, Exploration),
+                                      ("holdout", holdout, Holdout),
+                                      ("learning", learning, LearningSettings)):
+            if value is not None and not isinstance(value, kind):
+                raise argument_error(argument, value, f"{kind.__name__} or None")
+        if metadata is not None and not (
+                isinstance(metadata, Mapping)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise argument_error("metadata", metadata, "a mapping of str to str")
+        version = _integer("version", version)
+        if created_at_ms is not None:
+            created_at_ms = _integer("created_at_ms", created_at_ms)
+        _utf8("name", name)
+        for f in feats:
+            _utf8("features", f.name)
+        for a in acts:
+            _utf8("actions", a.id)
+        rules, caps = _sequence("rules", rules), _sequence("caps", caps)
         dim = sum(f.width for f in feats)
         k = len(acts)
         w = np.zeros((k, dim)) if weights is None else _params(name, "weights", weights)
@@ -644,7 +668,10 @@ class Policy:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Policy":
-        """Parse, verify the checksum, validate. Raises :class:`PolicyError`."""
+        """Parse, verify the checksum, validate. Raises :class:`PolicyError`
+        (:class:`ArgumentError` when ``data`` is not bytes-like)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise argument_error("data", data, "bytes (a policy file's content)")
         msg = policy_pb2.Policy()
         try:
             msg.ParseFromString(bytes(data))
@@ -660,9 +687,14 @@ class Policy:
 
     @classmethod
     def load(cls, source: PathOrBytes) -> "Policy":
-        """Load from a file path or from bytes (a policy file's content)."""
+        """Load from a file path or from bytes (a policy file's content).
+
+        Raises :class:`PolicyError` (unreadable or bad policy) or :class:`ArgumentError`
+        (``source`` neither a path nor bytes)."""
         if isinstance(source, (bytes, bytearray, memoryview)):
             return cls.from_bytes(source)
+        if not isinstance(source, (str, os.PathLike)):
+            raise argument_error("source", source, "a file path or bytes")
         try:
             data = Path(source).read_bytes()
         except OSError as exc:
@@ -779,6 +811,33 @@ def _finite_or_bound(value: float, bound: float) -> str:
     v = float(value)
     return "not finite" if v != v or v in (np.inf, -np.inf) else \
         f"{v}, out of range (|value| <= {bound:g})"
+
+
+def _sequence(argument: str, value: Any) -> tuple:
+    """An argument that takes several items, as a tuple; a lone str or non-iterable is an
+    ArgumentError (a str would otherwise be split into one item per character)."""
+    if isinstance(value, (str, bytes)):
+        raise argument_error(argument, value, "a sequence (wrap a single item in a list)")
+    try:
+        return tuple(value)
+    except TypeError:
+        raise argument_error(argument, value, "a sequence") from None
+
+
+def _integer(argument: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise argument_error(argument, value, "an integer")
+    return int(value)
+
+
+def _utf8(argument: str, text: Any) -> None:
+    """Names are written as UTF-8 into the policy bytes: a lone surrogate cannot be."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise argument_error(argument, text, "valid UTF-8 text (no lone surrogates)") \
+                from None
 
 
 def _params(name: str, what: str, value: Any) -> np.ndarray:

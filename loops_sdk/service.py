@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 
 from ._proto import decision_pb2, decision_pb2_grpc
 from .client import ClientConfig, DecisionClient
-from .decision import REASONS, Reason
+from .decision import REASONS, Reason, parse_event_id
 from .errors import FeatureError, UnknownActionError
 from .policy import Policy
 from .rules import batch_attributes, compile_constraints
@@ -602,7 +602,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         if len(event_id) != 32:
             raise _Invalid("event_id", f"{event_id!r} is not 32 hex digits")
         try:
-            int(event_id, 16)
+            parse_event_id(event_id)   # the client's own check: int(s, 16) would take "0x..."
         except ValueError:
             raise _Invalid("event_id", f"{event_id!r} is not 32 hex digits") from None
         return event_id

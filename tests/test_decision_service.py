@@ -382,6 +382,7 @@ def test_decide_batch_invalid_argument_names_the_field(learner, tmp_path, reques
     ("Reward", pb.RewardRequest(value=1.0), "event_id"),
     ("Reward", pb.RewardRequest(event_id="xyz", value=1.0), "event_id"),
     ("Reward", pb.RewardRequest(event_id="g" * 32, value=1.0), "event_id"),
+    ("Reward", pb.RewardRequest(event_id="0x" + "0" * 30, value=1.0), "event_id"),
     ("Reward", pb.RewardRequest(event_id="0" * 32, value=math.nan), "value"),
     ("Reward", pb.RewardRequest(event_id="0" * 32, value=1.0, kind="k" * 65), "kind"),
     ("Observe", pb.ObserveRequest(value=1.0), "user"),

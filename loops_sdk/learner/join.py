@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 _NS = 1_000_000_000
 # How long to wait before looking again at a block whose policy the learner does not know.
 _UNKNOWN_POLICY_RETRY_NS = 5 * _NS
+# A block whose join raised is set aside this long, doubling per failure up to the maximum:
+# bad data fails the same way every time and must not be retried every round, while a
+# passing fault (a full disk) heals by itself.
+_FAILED_BLOCK_RETRY_NS = 60 * _NS
+_FAILED_BLOCK_RETRY_MAX_NS = 24 * 3600 * _NS
+# SQLite integers are signed 64-bit: a larger version cannot be a stored policy version.
+_MAX_STORED_VERSION = (1 << 63) - 1
 
 # CROSS JOIN pins the key table as the outer loop (SQLite never reorders a CROSS JOIN): left
 # to itself the planner scans every outcome of a type once per key, since the temp table has
@@ -83,7 +90,7 @@ class PolicyBook:
 
     def get(self, name: str, version: int = 0) -> Policy | None:
         """That version, or the current one when it is 0 or unknown; None if no such name."""
-        if version:
+        if 0 < version <= _MAX_STORED_VERSION:
             p = self._cache.get((name, version))
             if p is not None:
                 return p
@@ -105,12 +112,14 @@ class JoinResult:
     joined: dict[str, int] = field(default_factory=dict)     # rows finalised, per policy
     trained: dict[str, int] = field(default_factory=dict)    # of which handed to the sink
     blocks: int = 0
+    failed: list[int] = field(default_factory=list)           # blocks whose join raised
 
     def add(self, other: "JoinResult") -> None:
         for mine, theirs in ((self.joined, other.joined), (self.trained, other.trained)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
         self.blocks += other.blocks
+        self.failed.extend(other.failed)
 
     @property
     def total(self) -> int:
@@ -131,6 +140,7 @@ class Joiner:
         self.store = store
         self.book = book or PolicyBook(store)
         self.grace_ns = int(grace_seconds * _NS)
+        self._failures: dict[int, int] = {}    # block id -> consecutive failed joins
 
     def run(self, now_ns: int, sink: RewardSink | None = None, *, max_blocks: int = 10_000,
             blocks_per_commit: int = 16) -> JoinResult:
@@ -144,8 +154,8 @@ class Joiner:
             with self.store.transaction() as con:
                 part = JoinResult()
                 for block_id in ids:
-                    part.add(self._join_block(con, block_id, now_ns, sink))
-                bumps = {"joined": part.total}
+                    part.add(self._join_isolated(con, block_id, now_ns, sink))
+                bumps = {"joined": part.total, "join_failed_blocks": len(part.failed)}
                 for name, n in part.joined.items():
                     bumps[f"joined:{name}"] = n
                 for name, n in part.trained.items():
@@ -157,6 +167,31 @@ class Joiner:
         return result
 
     # ----------------------------------------------------------------- one block
+    def _join_isolated(self, con: sqlite3.Connection, block_id: int, now_ns: int,
+                       sink: RewardSink | None) -> JoinResult:
+        """Join one block inside a savepoint: if it raises (a poisoned row, an unreadable
+        policy), its writes are undone, it is set aside with a growing delay, and the other
+        blocks and policies of the round go on."""
+        con.execute("SAVEPOINT join_block")
+        try:
+            result = self._join_block(con, block_id, now_ns, sink)
+        except Exception as exc:  # noqa: BLE001 - isolate whatever one block's data raises
+            con.execute("ROLLBACK TO join_block")
+            con.execute("RELEASE join_block")
+            failures = self._failures[block_id] = self._failures.get(block_id, 0) + 1
+            delay = min(_FAILED_BLOCK_RETRY_NS << min(failures - 1, 20),
+                        _FAILED_BLOCK_RETRY_MAX_NS)
+            con.execute("UPDATE blocks SET next_check_ns=? WHERE id=?",
+                        (now_ns + delay, block_id))
+            logger.error("decision block %d cannot be joined (failure %d: %s: %s); set aside "
+                         "for %d s, the other blocks go on", block_id, failures,
+                         type(exc).__name__, exc, delay // _NS,
+                         exc_info=failures == 1)
+            return JoinResult(failed=[block_id])
+        con.execute("RELEASE join_block")
+        self._failures.pop(block_id, None)
+        return result
+
     def _join_block(self, con: sqlite3.Connection, block_id: int, now_ns: int,
                     sink: RewardSink | None) -> JoinResult:
         result = JoinResult(blocks=1)
@@ -199,9 +234,6 @@ class Joiner:
             blk.n_outcomes[rows] = count
             blk.reward[rows] = value - cost[rows]
             result.joined[blk.policy] = int(rows.size)
-            train = rows[(blk.flags[rows] & FLAG_HOLDOUT) == 0]
-            if sink is not None and train.size:
-                result.trained[blk.policy] = self._to_sink(sink, blk, train)
 
         still = blk.status == STATUS_PENDING
         waiting = still & (start >= 0)
@@ -210,6 +242,12 @@ class Joiner:
                     "next_check_ns=? WHERE id=?",
                     (blk.status.tobytes(), blk.value.tobytes(), blk.n_outcomes.tobytes(),
                      blk.reward.tobytes(), int(still.sum()), next_check, block_id))
+        # Last: the sink (the trainer's in-memory statistics) cannot be rolled back with the
+        # block's savepoint, so nothing that can fail comes after it.
+        if rows.size:
+            train = rows[(blk.flags[rows] & FLAG_HOLDOUT) == 0]
+            if sink is not None and train.size:
+                result.trained[blk.policy] = self._to_sink(sink, blk, train)
         return result
 
     def _outcomes(self, con: sqlite3.Connection, blk: Block, rows: np.ndarray,

@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from concurrent import futures
@@ -45,7 +46,7 @@ from ..policy import Policy
 from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
 from .join import Joiner, JoinResult, PolicyBook
 from .promotion import Gate, GateResult
-from .store import EventStore
+from .store import EventStore, StoredPolicy
 from .train import Trainer
 
 __all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "RollbackRefused",
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "loops.v1.LearnerService"
 _MiB = 1 << 20
+# What EventStore.ingest raises for records it cannot store (rather than for a store that
+# cannot write: sqlite3.OperationalError, e.g. a full disk, stays an internal error).
+_BAD_RECORD_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                      OverflowError, TypeError, ValueError, KeyError, IndexError)
 
 
 class VersionConflict(Exception):
@@ -181,7 +186,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         # The dedup key includes the sender's per-start epoch: a restarted client reusing its
         # client_id starts its sequence at 1 again (older clients send epoch 0: key unchanged).
         key = f"{request.client_id}@{request.epoch:x}" if request.epoch else request.client_id
-        stored, duplicate = lr.store.ingest(key, request.sequence, records)
+        try:
+            stored, duplicate = lr.store.ingest(key, request.sequence, records)
+        except _BAD_RECORD_ERRORS as exc:
+            # The records decoded but cannot be stored (a value SQLite refuses, a missing
+            # text): the same batch fails the same way on every retry, so it is the sender's
+            # error, not UNKNOWN (which a client retries forever, stalling what follows).
+            closed = getattr(lr.store, "_closed", False)   # "closed database": shutting down
+            if isinstance(exc, sqlite3.ProgrammingError) and closed:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "learner is shutting down")
+            logger.warning("batch %r/%d refused: records cannot be stored (%s: %s)",
+                           request.client_id, request.sequence, type(exc).__name__, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"batch records cannot be stored: {type(exc).__name__}: {exc}")
         if lr.crash_after_commit and not duplicate:
             lr.crash_after_commit_hook()
         lr.notify_ingest()
@@ -294,6 +311,8 @@ class Learner:
         self.gate = Gate(self.store)
         # Verdicts of the promotion gate since start, by decision (promoted/rejected/held).
         self.gate_counts: dict[str, int] = {}
+        # Retraining rounds that raised, by policy (logged; the other policies go on).
+        self.train_failures: dict[str, int] = {}
         self.hub = PolicyHub()
         self.host = host
         self.max_batch_records = max_batch_records
@@ -550,34 +569,48 @@ class Learner:
         the ``(name, version)`` of each policy published.
         """
         now_ns = time.time_ns() if now_ns is None else now_ns
-        joined = self.joiner.run(now_ns, self.trainer)
+        try:
+            joined = self.joiner.run(now_ns, self.trainer)
+        except Exception:  # noqa: BLE001 - training on what was joined before still runs
+            logger.exception("join round failed")
+            joined = JoinResult()
         published = []
         for row in self.store.current_policies():
-            policy = self.book.get(row.name, row.version)
-            if policy is None or self.training_paused(row.name):
-                continue
-            if not self.trainer.due(policy, now_ns // 1_000_000):
-                continue
-            with self._publish_lock:   # version numbers are assigned in one place
-                latest = self.store.latest_version(row.name)
-                served = self.store.get_policy(row.name)
-            if served is None or served.version != row.version:
-                continue                   # a publish raced us; next round trains on it
-            candidate = self.trainer.train(policy, version=latest + 1,
-                                           now_ms=now_ns // 1_000_000)
-            verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns)
-            reason = f"retrained on {candidate.metadata['trained_on']} joined events"
-            with self._publish_lock:
-                if (self.store.latest_version(row.name) != latest
-                        or self.store.get_policy(row.name).version != row.version):
-                    continue               # a publish or rollback came in while we evaluated
-                self._store_version(candidate, reason, verdict.decision, verdict.reason,
-                                    serve=verdict.promoted, gate=verdict)
-            self.gate_counts[verdict.decision] = self.gate_counts.get(verdict.decision, 0) + 1
-            if verdict.promoted:
-                logger.info("published %s v%d (%s)", row.name, candidate.version, reason)
-                published.append((row.name, candidate.version))
+            try:
+                self._retrain(row, now_ns, published)
+            except Exception:  # noqa: BLE001 - one policy's failure must not stop the others
+                self.train_failures[row.name] = self.train_failures.get(row.name, 0) + 1
+                logger.exception("policy %r: retraining failed; the other policies go on",
+                                 row.name)
         return joined, published
+
+    def _retrain(self, row: StoredPolicy, now_ns: int,
+                 published: list[tuple[str, int]]) -> None:
+        """Retrain one served policy if due and put the candidate through the gate."""
+        policy = self.book.get(row.name, row.version)
+        if policy is None or self.training_paused(row.name):
+            return
+        if not self.trainer.due(policy, now_ns // 1_000_000):
+            return
+        with self._publish_lock:   # version numbers are assigned in one place
+            latest = self.store.latest_version(row.name)
+            served = self.store.get_policy(row.name)
+        if served is None or served.version != row.version:
+            return                   # a publish raced us; next round trains on it
+        candidate = self.trainer.train(policy, version=latest + 1,
+                                       now_ms=now_ns // 1_000_000)
+        verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns)
+        reason = f"retrained on {candidate.metadata['trained_on']} joined events"
+        with self._publish_lock:
+            if (self.store.latest_version(row.name) != latest
+                    or self.store.get_policy(row.name).version != row.version):
+                return               # a publish or rollback came in while we evaluated
+            self._store_version(candidate, reason, verdict.decision, verdict.reason,
+                                serve=verdict.promoted, gate=verdict)
+        self.gate_counts[verdict.decision] = self.gate_counts.get(verdict.decision, 0) + 1
+        if verdict.promoted:
+            logger.info("published %s v%d (%s)", row.name, candidate.version, reason)
+            published.append((row.name, candidate.version))
 
     def _run(self) -> None:
         while not self._stop.is_set():
