@@ -1,6 +1,7 @@
 """Off-policy evaluation (issue 5): estimators on hand-computed cases, every bad input, Policy
 targets against both scorers, the learner store as a source, and coverage of the intervals in
-a simulated contextual bandit whose true value is known."""
+a simulated contextual bandit whose true value is known. Issue 13: the estimator classes, the
+meta object, the package's independence from the learner and the deprecated paths."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from scipy.stats import norm
 from loops_sdk import (DecisionClient, EvaluationError, LoggedData, Policy, baseline_targets,
                        direct_method, doubly_robust, evaluate, ips, snips, switch_dr,
                        target_probabilities)
-from loops_sdk.batch import (FLAG_CAPPED, FLAG_HOLDOUT, DecisionBlock, FeedbackRecords,
-                             OutcomeBlock)
-from loops_sdk.evaluation import DEFAULT_SWITCH_TAU, ESTIMATORS, fit_reward_model
+from loops_sdk.batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT, DecisionBlock,
+                             FeedbackRecords, OutcomeBlock)
+from loops_sdk.evaluation import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, IPS, SNIPS,
+                                  DirectMethod, DoublyRobust, Estimator, OffPolicyEvaluation,
+                                  RoundInputs, SwitchDoublyRobust, fit_reward_model)
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import EventStore
+from loops_sdk.learner.window import read_logged_data
 from loops_sdk.policy import Action, Exploration, Holdout, LearningSettings
 
 from sdk_helpers import make_kernel, make_policy
 
-FLAG_APPRENTICE = 32   # CONTRACTS.md §3 (batch.FLAG_APPRENTICE once the rules branch lands)
 NS = 1_000_000_000
 Z95 = norm.ppf(0.975)
 
@@ -504,7 +507,7 @@ def test_from_store_reads_joined_rows_and_the_logging_policy_is_on_policy(filled
     store, policy, batch, x, elig = filled_store
     held = batch.holdout
     assert 0 < held.sum() < len(held)
-    data = LoggedData.from_store(store, "bonus")
+    data = read_logged_data(store, "bonus")
     keep = ~held
     assert data.n == keep.sum()
     assert data.action_ids == ACTIONS and data.input_names == policy.input_names
@@ -525,7 +528,7 @@ def test_from_store_reads_joined_rows_and_the_logging_policy_is_on_policy(filled
     res = evaluate(data, policy, estimators=("ips", "snips"))
     assert res["ips"].value == pytest.approx(data.rewards.mean(), rel=1e-12)
     assert res["ips"].ess == pytest.approx(data.n)
-    with_holdout = LoggedData.from_store(store, "bonus", include_holdout=True)
+    with_holdout = read_logged_data(store, "bonus", include_holdout=True)
     assert with_holdout.n == len(held)
     assert (with_holdout.propensities[np.isin(np.arange(len(held)), np.flatnonzero(held))]
             == 1.0).all()
@@ -542,18 +545,18 @@ def test_from_store_excludes_pending_capped_and_apprentice_rows(tmp_path):
                                   OutcomeBlock.empty())
         store.ingest("c", 1, records)
         Joiner(store, grace_seconds=0).run(20 * NS)    # second block's window still open
-        assert LoggedData.from_store(store, "bonus").n == 2
-        assert LoggedData.from_store(store, "bonus", include_capped=True).n == 3
-        assert LoggedData.from_store(store, "bonus", include_apprentice=True).n == 3
-        assert LoggedData.from_store(store, "bonus", include_capped=True,
-                                     include_apprentice=True, include_holdout=True).n == 6
+        assert read_logged_data(store, "bonus").n == 2
+        assert read_logged_data(store, "bonus", include_capped=True).n == 3
+        assert read_logged_data(store, "bonus", include_apprentice=True).n == 3
+        assert read_logged_data(store, "bonus", include_capped=True,
+                                include_apprentice=True, include_holdout=True).n == 6
         Joiner(store, grace_seconds=0).run(200 * NS)
-        data = LoggedData.from_store(store, "bonus")
+        data = read_logged_data(store, "bonus")
         assert data.n == 6
         np.testing.assert_array_equal(data.ts_ns, [0, 0] + [100 * NS] * 4)
-        assert LoggedData.from_store(store, "bonus", since_ns=50 * NS).n == 4
-        assert LoggedData.from_store(store, "bonus", limit=3).n == 3
-        np.testing.assert_array_equal(LoggedData.from_store(store, "bonus", limit=5).ts_ns,
+        assert read_logged_data(store, "bonus", since_ns=50 * NS).n == 4
+        assert read_logged_data(store, "bonus", limit=3).n == 3
+        np.testing.assert_array_equal(read_logged_data(store, "bonus", limit=5).ts_ns,
                                       [0] + [100 * NS] * 4)
 
 
@@ -565,8 +568,8 @@ def test_from_store_layouts_newest_wins_subsets_remapped_others_skipped(tmp_path
         new = block(4, ts_ns=NS, start_lo=8, seed=3)                          # newest layout
         store.ingest("c", 1, FeedbackRecords([old, other, new], OutcomeBlock.empty()))
         Joiner(store, grace_seconds=0).run(100 * NS)
-        with caplog.at_level(logging.WARNING, logger="loops_sdk.evaluation"):
-            data = LoggedData.from_store(store, "bonus")
+        with caplog.at_level(logging.WARNING, logger="loops_sdk.learner.window"):
+            data = read_logged_data(store, "bonus")
         assert "skipped 3 logged rows" in caplog.text
         assert data.n == 9 and data.action_ids == ACTIONS
         remap = np.array([2, 0])                     # old index -> new column
@@ -578,17 +581,17 @@ def test_from_store_layouts_newest_wins_subsets_remapped_others_skipped(tmp_path
 
 def test_from_store_by_path_and_missing_things(tmp_path, filled_store):
     store, *_ = filled_store
-    assert LoggedData.from_store(str(store.path), "bonus").n == \
-        LoggedData.from_store(store, "bonus").n
+    assert read_logged_data(str(store.path), "bonus").n == \
+        read_logged_data(store, "bonus").n
     with pytest.raises(EvaluationError, match="no event store at"):
-        LoggedData.from_store(tmp_path / "nope.sqlite", "bonus")
+        read_logged_data(tmp_path / "nope.sqlite", "bonus")
     with pytest.raises(EvaluationError, match="no decisions and no policy named 'other'"):
-        LoggedData.from_store(store, "other")
+        read_logged_data(store, "other")
     with pytest.raises(EvaluationError, match="limit must be a positive"):
-        LoggedData.from_store(store, "bonus", limit=0)
+        read_logged_data(store, "bonus", limit=0)
     store.add_policy("fresh", 1, make_policy("fresh", n_features=2, n_actions=2).to_bytes(),
                      "test")
-    empty = LoggedData.from_store(store, "fresh")
+    empty = read_logged_data(store, "fresh")
     assert empty.n == 0 and empty.action_ids == ("a0", "a1") and empty.x.shape == (0, 2)
     with pytest.raises(EvaluationError, match="at least 2 logged rows, got 0"):
         ips(empty, np.empty((0, 2)))
