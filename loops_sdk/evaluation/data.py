@@ -275,23 +275,24 @@ def _check_probabilities(what: str, probs: np.ndarray, data: LoggedData) -> None
                               "(logged rows, actions)")
     if n == 0:
         return
-    finite = np.isfinite(probs)
-    if not finite.all():
-        r, c = np.argwhere(~finite)[0]
-        raise EvaluationError(f"{what} are missing or not finite: row {r}, action "
-                              f"{data.action_ids[c]!r} is {probs[r, c]}")
-    if (probs < 0).any():
-        r, c = np.argwhere(probs < 0)[0]
-        raise EvaluationError(f"{what} must be >= 0: row {r}, action {data.action_ids[c]!r} "
-                              f"is {probs[r, c]}")
     sums = probs.sum(axis=1)
-    off = np.abs(sums - 1.0) > PROBABILITY_TOLERANCE
-    if off.any():
-        rows = np.flatnonzero(off)
+    # Fast path: min() propagates NaN and sees negatives, a row sum sees +inf; only when one
+    # fails do the passes below run, in order, to name the first bad entry.
+    if not (probs.min() >= 0 and (np.abs(sums - 1.0) <= PROBABILITY_TOLERANCE).all()):
+        finite = np.isfinite(probs)
+        if not finite.all():
+            r, c = np.argwhere(~finite)[0]
+            raise EvaluationError(f"{what} are missing or not finite: row {r}, action "
+                                  f"{data.action_ids[c]!r} is {probs[r, c]}")
+        if (probs < 0).any():
+            r, c = np.argwhere(probs < 0)[0]
+            raise EvaluationError(f"{what} must be >= 0: row {r}, action "
+                                  f"{data.action_ids[c]!r} is {probs[r, c]}")
+        rows = np.flatnonzero(np.abs(sums - 1.0) > PROBABILITY_TOLERANCE)
         raise EvaluationError(f"{what} must sum to 1 in every row: row {int(rows[0])} sums to "
                               f"{float(sums[rows[0]]):.10g} ({rows.size} rows off by more than "
                               f"{PROBABILITY_TOLERANCE})")
-    if data.eligible is not None:
+    if data.eligible is not None and not data.eligible.all():   # all eligible: no leak
         leak = (probs > _INELIGIBLE_TOLERANCE) & ~data.eligible
         if leak.any():
             rows = np.flatnonzero(leak.any(axis=1))

@@ -127,7 +127,7 @@ class RoundInputs:
     @cached_property
     def w(self) -> np.ndarray:
         """Importance weights of the logged actions, ``pi[i, a_i] / mu_i``."""
-        return self.pi[np.arange(self.n), self.data.actions] / self.data.propensities
+        return self.pi[self._rows, self.data.actions] / self.data.propensities
 
     @cached_property
     def wr(self) -> np.ndarray:
@@ -143,7 +143,11 @@ class RoundInputs:
     def correction(self) -> np.ndarray:
         """The doubly robust correction ``w_i (r_i - q[i, a_i])``."""
         q = self._q()
-        return self.w * (self.data.rewards - q[np.arange(self.n), self.data.actions])
+        return self.w * (self.data.rewards - q[self._rows, self.data.actions])
+
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        return np.arange(self.n)
 
     @cached_property
     def ess(self) -> float:
