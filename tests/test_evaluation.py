@@ -850,6 +850,8 @@ def test_meta_object_round_terms_make_paired_differences():
     rows = ope.round_inputs(target)
     assert ope.estimate(rows) == ea
     np.testing.assert_array_equal(ope.round_terms(rows)["dr"], a["dr"])
+    with pytest.raises(EvaluationError, match="prepared for other logged data"):
+        OffPolicyEvaluation(data.subset(slice(None)), ["ips"]).estimate(rows)
 
 
 def test_meta_object_fits_only_what_its_estimators_need():

@@ -101,14 +101,15 @@ class OffPolicyEvaluation:
         return RoundInputs(self.data, pi, self.reward_model if self.uses_reward_model else None)
 
     def round_terms(self, target: Target | RoundInputs) -> dict[str, np.ndarray]:
-        """``{estimator name: (n,) per-row terms}`` of ``target``.
+        """``{estimator name: (n,) per-row terms}`` of ``target`` (or of inputs from
+        :meth:`round_inputs`).
 
         Each estimator's terms have its estimate as their mean (SNIPS: its linearisation)
         and its normal-interval standard error as ``std(ddof=1) / sqrt(n)``; since every
         target is judged on the same rows with the same reward model, the difference of two
         targets' terms is the per-row term of the paired difference.
         """
-        rows = target if isinstance(target, RoundInputs) else self.round_inputs(target)
+        rows = self._rows(target)
         return {e.name: e.terms(rows) for e in self.estimators}
 
     def estimate(self, target: Target | RoundInputs) -> dict[str, Estimate]:
@@ -117,9 +118,17 @@ class OffPolicyEvaluation:
         Raises:
             EvaluationError: a bad target or reward model, named.
         """
-        rows = target if isinstance(target, RoundInputs) else self.round_inputs(target)
+        rows = self._rows(target)
         return estimate_all(self.estimators, rows, level=self.level, interval=self.interval,
                             n_bootstrap=self.n_bootstrap, seed=self.seed)
+
+    def _rows(self, target: Target | RoundInputs) -> RoundInputs:
+        if not isinstance(target, RoundInputs):
+            return self.round_inputs(target)
+        if target.data is not self.data:
+            raise EvaluationError("these RoundInputs were prepared for other logged data; "
+                                  "use this evaluation's round_inputs(target)")
+        return target
 
     def estimate_many(self, targets: Mapping[str, Target]
                       ) -> dict[str, dict[str, Estimate]]:
