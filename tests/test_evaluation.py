@@ -794,6 +794,8 @@ def test_a_new_estimator_is_one_method():
     (lambda: SwitchDoublyRobust(-1.0), r"tau must be a number >= 0"),
     (lambda: SwitchDoublyRobust("big"), r"tau must be a number, got 'big'"),
     (lambda: IPS(name=""), r"estimator name must be a non-empty string"),
+    (lambda: evaluate(logged(), GOOD_TARGET, estimators=[type("Anon", (IPS,), {"name": ""})()]),
+     r"has no name"),
     (lambda: evaluate(logged(), GOOD_TARGET, estimators=[IPS(), IPS()]),
      r"two estimators are named 'ips'"),
     (lambda: evaluate(logged(), GOOD_TARGET, estimators=["dr", DoublyRobust()]),

@@ -29,6 +29,7 @@ _PROPENSITY_TOLERANCE = 1e-9    # a logged propensity may exceed 1 by this (roun
 
 Target = Union[Policy, np.ndarray]
 
+
 # --------------------------------------------------------------------------- logged data
 @dataclass(frozen=True, eq=False)
 class LoggedData:

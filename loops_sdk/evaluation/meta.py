@@ -144,6 +144,10 @@ def _estimator_specs(estimators: Any) -> tuple[EstimatorSpec, ...]:
     if unknown or not items:
         raise EvaluationError(f"unknown estimator(s) {unknown}; choose from {ESTIMATORS}"
                               if unknown else "no estimator requested")
+    nameless = [e for e in items if isinstance(e, Estimator) and not e.name]
+    if nameless:
+        raise EvaluationError(f"estimator {nameless[0]!r} has no name: set the class's name "
+                              "or pass name=...")
     out: dict[str, EstimatorSpec] = {}
     for e in items:
         name = e.name if isinstance(e, Estimator) else e
