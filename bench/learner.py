@@ -174,8 +174,8 @@ def gate_evaluation(decisions: int, repeats: int) -> dict:
     """Seconds for one gate judgement (``load_window`` + ``evaluate_candidate``, default rule)
     on a store of ``decisions``; best of ``repeats``. Also one full-history read."""
     try:
-        from loops_sdk.evaluation import LoggedData
         from loops_sdk.learner.promotion import evaluate_candidate, load_window
+        from loops_sdk.learner.window import read_logged_data
     except ImportError as exc:
         return {"skipped": f"not available ({exc})"}
     now_ns = time.time_ns()
@@ -197,7 +197,7 @@ def gate_evaluation(decisions: int, repeats: int) -> dict:
                 if t2 - t0 < best:
                     best, load_best = t2 - t0, t1 - t0
             t0 = time.perf_counter()
-            everything = LoggedData.from_store(store, POLICY)
+            everything = read_logged_data(store, POLICY)
             full_s = time.perf_counter() - t0
             pending = sum(store.pending_by_policy().values())
         finally:

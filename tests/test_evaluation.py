@@ -1,6 +1,7 @@
 """Off-policy evaluation (issue 5): estimators on hand-computed cases, every bad input, Policy
 targets against both scorers, the learner store as a source, and coverage of the intervals in
-a simulated contextual bandit whose true value is known."""
+a simulated contextual bandit whose true value is known. Issue 13: the estimator classes, the
+meta object, the package's independence from the learner and the deprecated paths."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from scipy.stats import norm
 from loops_sdk import (DecisionClient, EvaluationError, LoggedData, Policy, baseline_targets,
                        direct_method, doubly_robust, evaluate, ips, snips, switch_dr,
                        target_probabilities)
-from loops_sdk.batch import (FLAG_CAPPED, FLAG_HOLDOUT, DecisionBlock, FeedbackRecords,
-                             OutcomeBlock)
-from loops_sdk.evaluation import DEFAULT_SWITCH_TAU, ESTIMATORS, fit_reward_model
+from loops_sdk.batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT, DecisionBlock,
+                             FeedbackRecords, OutcomeBlock)
+from loops_sdk.evaluation import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, IPS, SNIPS,
+                                  DirectMethod, DoublyRobust, Estimator, OffPolicyEvaluation,
+                                  RoundInputs, SwitchDoublyRobust, fit_reward_model)
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import EventStore
+from loops_sdk.learner.window import read_logged_data
 from loops_sdk.policy import Action, Exploration, Holdout, LearningSettings
 
 from sdk_helpers import make_kernel, make_policy
 
-FLAG_APPRENTICE = 32   # CONTRACTS.md §3 (batch.FLAG_APPRENTICE once the rules branch lands)
 NS = 1_000_000_000
 Z95 = norm.ppf(0.975)
 
@@ -504,7 +507,7 @@ def test_from_store_reads_joined_rows_and_the_logging_policy_is_on_policy(filled
     store, policy, batch, x, elig = filled_store
     held = batch.holdout
     assert 0 < held.sum() < len(held)
-    data = LoggedData.from_store(store, "bonus")
+    data = read_logged_data(store, "bonus")
     keep = ~held
     assert data.n == keep.sum()
     assert data.action_ids == ACTIONS and data.input_names == policy.input_names
@@ -525,7 +528,7 @@ def test_from_store_reads_joined_rows_and_the_logging_policy_is_on_policy(filled
     res = evaluate(data, policy, estimators=("ips", "snips"))
     assert res["ips"].value == pytest.approx(data.rewards.mean(), rel=1e-12)
     assert res["ips"].ess == pytest.approx(data.n)
-    with_holdout = LoggedData.from_store(store, "bonus", include_holdout=True)
+    with_holdout = read_logged_data(store, "bonus", include_holdout=True)
     assert with_holdout.n == len(held)
     assert (with_holdout.propensities[np.isin(np.arange(len(held)), np.flatnonzero(held))]
             == 1.0).all()
@@ -542,18 +545,18 @@ def test_from_store_excludes_pending_capped_and_apprentice_rows(tmp_path):
                                   OutcomeBlock.empty())
         store.ingest("c", 1, records)
         Joiner(store, grace_seconds=0).run(20 * NS)    # second block's window still open
-        assert LoggedData.from_store(store, "bonus").n == 2
-        assert LoggedData.from_store(store, "bonus", include_capped=True).n == 3
-        assert LoggedData.from_store(store, "bonus", include_apprentice=True).n == 3
-        assert LoggedData.from_store(store, "bonus", include_capped=True,
-                                     include_apprentice=True, include_holdout=True).n == 6
+        assert read_logged_data(store, "bonus").n == 2
+        assert read_logged_data(store, "bonus", include_capped=True).n == 3
+        assert read_logged_data(store, "bonus", include_apprentice=True).n == 3
+        assert read_logged_data(store, "bonus", include_capped=True,
+                                include_apprentice=True, include_holdout=True).n == 6
         Joiner(store, grace_seconds=0).run(200 * NS)
-        data = LoggedData.from_store(store, "bonus")
+        data = read_logged_data(store, "bonus")
         assert data.n == 6
         np.testing.assert_array_equal(data.ts_ns, [0, 0] + [100 * NS] * 4)
-        assert LoggedData.from_store(store, "bonus", since_ns=50 * NS).n == 4
-        assert LoggedData.from_store(store, "bonus", limit=3).n == 3
-        np.testing.assert_array_equal(LoggedData.from_store(store, "bonus", limit=5).ts_ns,
+        assert read_logged_data(store, "bonus", since_ns=50 * NS).n == 4
+        assert read_logged_data(store, "bonus", limit=3).n == 3
+        np.testing.assert_array_equal(read_logged_data(store, "bonus", limit=5).ts_ns,
                                       [0] + [100 * NS] * 4)
 
 
@@ -565,8 +568,8 @@ def test_from_store_layouts_newest_wins_subsets_remapped_others_skipped(tmp_path
         new = block(4, ts_ns=NS, start_lo=8, seed=3)                          # newest layout
         store.ingest("c", 1, FeedbackRecords([old, other, new], OutcomeBlock.empty()))
         Joiner(store, grace_seconds=0).run(100 * NS)
-        with caplog.at_level(logging.WARNING, logger="loops_sdk.evaluation"):
-            data = LoggedData.from_store(store, "bonus")
+        with caplog.at_level(logging.WARNING, logger="loops_sdk.learner.window"):
+            data = read_logged_data(store, "bonus")
         assert "skipped 3 logged rows" in caplog.text
         assert data.n == 9 and data.action_ids == ACTIONS
         remap = np.array([2, 0])                     # old index -> new column
@@ -578,17 +581,17 @@ def test_from_store_layouts_newest_wins_subsets_remapped_others_skipped(tmp_path
 
 def test_from_store_by_path_and_missing_things(tmp_path, filled_store):
     store, *_ = filled_store
-    assert LoggedData.from_store(str(store.path), "bonus").n == \
-        LoggedData.from_store(store, "bonus").n
+    assert read_logged_data(str(store.path), "bonus").n == \
+        read_logged_data(store, "bonus").n
     with pytest.raises(EvaluationError, match="no event store at"):
-        LoggedData.from_store(tmp_path / "nope.sqlite", "bonus")
+        read_logged_data(tmp_path / "nope.sqlite", "bonus")
     with pytest.raises(EvaluationError, match="no decisions and no policy named 'other'"):
-        LoggedData.from_store(store, "other")
+        read_logged_data(store, "other")
     with pytest.raises(EvaluationError, match="limit must be a positive"):
-        LoggedData.from_store(store, "bonus", limit=0)
+        read_logged_data(store, "bonus", limit=0)
     store.add_policy("fresh", 1, make_policy("fresh", n_features=2, n_actions=2).to_bytes(),
                      "test")
-    empty = LoggedData.from_store(store, "fresh")
+    empty = read_logged_data(store, "fresh")
     assert empty.n == 0 and empty.action_ids == ("a0", "a1") and empty.x.shape == (0, 2)
     with pytest.raises(EvaluationError, match="at least 2 logged rows, got 0"):
         ips(empty, np.empty((0, 2)))
@@ -694,3 +697,219 @@ def test_switch_dr_trades_bias_for_variance_when_weights_are_large(bandit):
             vals.append(switch_dr(data, bandit.target(x), tau=tau, seed=seed).value)
         spread[tau] = np.std(vals)
     assert spread[10.0] < 0.8 * spread[math.inf]
+
+
+# --------------------------------------------------------------------------- estimator classes
+def random_log(n=500, seed=21, k=3):
+    """Logged rows with eligibility masks, and a target that puts zero mass on some logged
+    actions (rows with w = 0) and large weights on others."""
+    rng = np.random.default_rng(seed)
+    elig = rng.random((n, k)) < 0.75
+    a = np.array([rng.choice(np.flatnonzero(row)) if row.any() else 0 for row in elig])
+    elig[np.arange(n), a] = True
+    data = LoggedData(x=rng.normal(size=(n, 2)), actions=a, propensities=rng.uniform(0.05, 1, n),
+                      rewards=rng.normal(size=n) + a, action_ids=("a", "b", "c")[:k],
+                      eligible=elig)
+    raw = rng.dirichlet(np.full(k, 0.3), size=n) * elig
+    raw[rng.random(n) < 0.2, :] = 0.0
+    raw[np.arange(n), np.argmax(elig, axis=1)] += 1e-3      # every row keeps some mass
+    target = raw / raw.sum(axis=1, keepdims=True)
+    return data, target, fit_reward_model(data, seed=4)
+
+
+@pytest.mark.parametrize("est", [IPS(), DirectMethod(), DoublyRobust(), SwitchDoublyRobust(),
+                                 SwitchDoublyRobust(1.5)], ids=repr)
+def test_round_terms_mean_and_spread_are_the_estimate(est):
+    data, target, q = random_log()
+    terms = est.round_terms(data, target, q)
+    got = est.estimate(data, target, q)
+    assert terms.shape == (data.n,)
+    assert got.value == terms.sum() / data.n == np.mean(terms)
+    assert got.stderr == terms.std(ddof=1) / math.sqrt(data.n)
+    # Same figures as the function of the same name.
+    assert got == evaluate(data, target, estimators=[est], reward_model=q)[est.name]
+
+
+def test_snips_round_terms_are_its_delta_method_linearisation():
+    data, target, _ = random_log()
+    terms = SNIPS().round_terms(data, target)
+    est = snips(data, target)
+    assert np.mean(terms) == pytest.approx(est.value, rel=1e-12)
+    assert terms.std(ddof=1) / math.sqrt(data.n) == pytest.approx(est.stderr, rel=1e-9)
+    # Without overlap the ratio is undefined, and so are its terms.
+    none = LoggedData(x=np.zeros((3, 0)), actions=[0, 0, 0], propensities=[0.5] * 3,
+                      rewards=[1.0, 2.0, 3.0], action_ids=("a", "b"))
+    assert np.isnan(SNIPS().round_terms(none, np.tile([0.0, 1.0], (3, 1)))).all()
+
+
+def test_switch_dr_limits_are_dr_and_dm_row_by_row():
+    data, target, q = random_log()
+    rows = RoundInputs.prepare(data, target, q)
+    assert (rows.w == 0).any() and (rows.w > 1.5).any()       # both kinds of rows present
+    dr, dm = DoublyRobust().terms(rows), DirectMethod().terms(rows)
+    np.testing.assert_array_equal(SwitchDoublyRobust(math.inf).terms(rows), dr)
+    # tau = 0 switches every row with w > 0; rows with w = 0 have no correction anyway.
+    np.testing.assert_array_equal(SwitchDoublyRobust(0.0).terms(rows), dm)
+    mid = SwitchDoublyRobust(1.5).terms(rows)
+    np.testing.assert_array_equal(mid[rows.w > 1.5], dm[rows.w > 1.5])
+    np.testing.assert_array_equal(mid[rows.w <= 1.5], dr[rows.w <= 1.5])
+
+
+def test_estimator_classes_are_the_registered_names():
+    assert tuple(ESTIMATOR_CLASSES) == ESTIMATORS
+    assert [cls.name for cls in ESTIMATOR_CLASSES.values()] == list(ESTIMATORS)
+    assert issubclass(SwitchDoublyRobust, DoublyRobust)
+    # switch-DR changes only DR's per-row correction.
+    assert "terms" not in vars(SwitchDoublyRobust) and "correction" in vars(SwitchDoublyRobust)
+
+
+def test_standalone_estimators_fit_the_model_like_the_functions():
+    data, target, _ = tiny()
+    assert DoublyRobust().estimate(data, target, seed=3) == doubly_robust(data, target, seed=3)
+    assert IPS().estimate(data, target, interval="bootstrap", n_bootstrap=50, seed=2) == \
+        ips(data, target, interval="bootstrap", n_bootstrap=50, seed=2)
+    np.testing.assert_array_equal(DirectMethod().round_terms(data, target, seed=3),
+                                  DirectMethod().round_terms(data, target,
+                                                             fit_reward_model(data, seed=3)))
+
+
+def test_a_new_estimator_is_one_method():
+    class ClippedIPS(Estimator):
+        name = "clipped_ips"
+
+        def terms(self, rows):
+            return np.minimum(rows.w, 1.0) * rows.data.rewards
+
+    data, target, q = random_log()
+    res = evaluate(data, target, estimators=["ips", ClippedIPS(), "snips"],
+                   interval="bootstrap", n_bootstrap=100)
+    assert list(res) == ["ips", "clipped_ips", "snips"]
+    w = target[np.arange(data.n), data.actions] / data.propensities
+    assert res["clipped_ips"].value == pytest.approx(np.mean(np.minimum(w, 1) * data.rewards))
+    assert res["clipped_ips"].lower < res["clipped_ips"].value < res["clipped_ips"].upper
+    assert res["ips"].value == ips(data, target).value
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: SwitchDoublyRobust(-1.0), r"tau must be a number >= 0"),
+    (lambda: SwitchDoublyRobust("big"), r"tau must be a number, got 'big'"),
+    (lambda: IPS(name=""), r"estimator name must be a non-empty string"),
+    (lambda: evaluate(logged(), GOOD_TARGET, estimators=[type("Anon", (IPS,), {"name": ""})()]),
+     r"has no name"),
+    (lambda: evaluate(logged(), GOOD_TARGET, estimators=[IPS(), IPS()]),
+     r"two estimators are named 'ips'"),
+    (lambda: evaluate(logged(), GOOD_TARGET, estimators=["dr", DoublyRobust()]),
+     r"two estimators are named 'dr'"),
+    (lambda: IPS().round_terms({"x": 1}, GOOD_TARGET), r"data must be LoggedData"),
+    (lambda: IPS().round_terms(logged(), np.full((3, 2), 0.7)), r"must sum to 1 in every row"),
+    (lambda: DoublyRobust().round_terms(logged(), GOOD_TARGET, np.zeros((3, 1))),
+     r"reward_model has shape \(3, 1\), expected \(3, 2\)"),
+    (lambda: DoublyRobust().terms(RoundInputs.prepare(logged(), GOOD_TARGET)),
+     r"needs a reward model"),
+    (lambda: IPS().estimate(logged(), GOOD_TARGET, level=2), r"level must be in \(0, 1\)"),
+    (lambda: OffPolicyEvaluation(logged(), ["ips"], interval="exact"), r"interval must be one"),
+    (lambda: OffPolicyEvaluation(logged(), "magic"), r"unknown estimator\(s\) \['magic'\]"),
+    (lambda: OffPolicyEvaluation(logged(), ["dr"], reward_model=np.ones((2, 2))).estimate(
+        GOOD_TARGET), r"reward_model has shape \(2, 2\)"),
+])
+def test_bad_estimator_arguments_are_named(call, message):
+    with pytest.raises(EvaluationError, match=message):
+        call()
+
+
+# --------------------------------------------------------------------------- the meta object
+def test_meta_object_gives_the_figures_of_evaluate_for_every_target():
+    data, target, _ = random_log()
+    targets = dict(baseline_targets(data, "a"), mixed=target)
+    for interval in ("normal", "bootstrap"):
+        ope = OffPolicyEvaluation(data, interval=interval, n_bootstrap=200, seed=6, tau=3.0)
+        got = ope.estimate_many(targets)
+        assert list(got) == list(targets)
+        for name, probs in targets.items():
+            assert got[name] == evaluate(data, probs, interval=interval, n_bootstrap=200,
+                                         seed=6, tau=3.0), (interval, name)
+    # One reward model, fitted once and shared by every target.
+    assert ope.reward_model is ope.reward_model
+    np.testing.assert_array_equal(ope.reward_model, fit_reward_model(data, seed=6))
+    assert ope.names == ESTIMATORS
+
+
+def test_meta_object_round_terms_make_paired_differences():
+    data, target, _ = random_log()
+    uniform = baseline_targets(data, "a")["uniform"]
+    ope = OffPolicyEvaluation(data, ["dr", "ips", "snips"])
+    a, b = ope.round_terms(target), ope.round_terms(uniform)
+    assert list(a) == ["dr", "ips", "snips"]
+    ea, eb = ope.estimate(target), ope.estimate(uniform)
+    for name in ("dr", "ips"):
+        diff = a[name] - b[name]
+        assert diff.mean() == pytest.approx(ea[name].value - eb[name].value, rel=1e-12)
+        # Paired: the difference's standard error reflects the shared rows (not the sum of
+        # the two variances).
+        assert diff.std(ddof=1) / math.sqrt(data.n) != pytest.approx(
+            math.hypot(ea[name].stderr, eb[name].stderr), rel=1e-3)
+    # A target's prepared inputs can be reused for both the terms and the estimate.
+    rows = ope.round_inputs(target)
+    assert ope.estimate(rows) == ea
+    np.testing.assert_array_equal(ope.round_terms(rows)["dr"], a["dr"])
+    with pytest.raises(EvaluationError, match="prepared for other logged data"):
+        OffPolicyEvaluation(data.subset(slice(None)), ["ips"]).estimate(rows)
+
+
+def test_meta_object_fits_only_what_its_estimators_need():
+    data, target, _ = random_log()
+    ope = OffPolicyEvaluation(data, ["ips", "snips"], folds=10_000)   # a fit would fail
+    assert not ope.uses_reward_model
+    assert ope.estimate(target)["ips"] == ips(data, target)
+    with pytest.raises(EvaluationError, match="with 10000 folds"):
+        OffPolicyEvaluation(data, ["dr"], folds=10_000).estimate(target)
+
+
+# --------------------------------------------------------------------------- package boundaries
+def run_python(code: str) -> str:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return out.stdout.strip()
+
+
+def test_evaluation_imports_nothing_of_the_learner_or_grpc():
+    loaded = run_python(
+        "import sys, loops_sdk.evaluation, loops_sdk.evaluation.meta\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('loops_sdk.learner', 'grpc'))))")
+    assert loaded == "[]"
+    loaded = run_python(
+        "import sys, loops_sdk\n"
+        "print(sorted(m for m in sys.modules if m.startswith('loops_sdk.learner')))")
+    assert loaded == "[]"
+
+
+def test_the_public_names_still_import():
+    import loops_sdk
+    import loops_sdk.evaluation as ev
+    for name in ("LoggedData", "Estimate", "evaluate", "ips", "snips", "direct_method",
+                 "doubly_robust", "switch_dr", "baseline_targets", "target_probabilities"):
+        assert getattr(loops_sdk, name) is getattr(ev, name), name
+    for name in ev.__all__:
+        assert getattr(ev, name) is not None, name
+    assert ev.ESTIMATORS is loops_sdk.policy.ESTIMATORS     # defined once
+    assert ev.DEFAULT_SWITCH_TAU == 20.0 and ev.INTERVALS == ("normal", "bootstrap")
+
+
+def test_from_store_is_deprecated_but_reads_the_same_rows(filled_store):
+    store, *_ = filled_store
+    with pytest.warns(DeprecationWarning, match="read_logged_data"):
+        old = LoggedData.from_store(store, "bonus", limit=50, include_holdout=True)
+    new = read_logged_data(store, "bonus", limit=50, include_holdout=True)
+    for name in ("x", "actions", "propensities", "rewards", "eligible", "ts_ns", "versions"):
+        np.testing.assert_array_equal(getattr(old, name), getattr(new, name), err_msg=name)
+    assert (old.action_ids, old.input_names) == (new.action_ids, new.input_names)
+
+
+def test_flags_through_evaluation_are_deprecated():
+    import loops_sdk.evaluation as ev
+    with pytest.warns(DeprecationWarning, match="import it from loops_sdk.batch"):
+        assert ev.FLAG_APPRENTICE == FLAG_APPRENTICE
+    with pytest.raises(AttributeError):
+        ev.no_such_name

@@ -47,8 +47,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from .. import batch as _batch
-from ..batch import FLAG_HOLDOUT
+from ..batch import FLAG_APPRENTICE, FLAG_HOLDOUT
 from ..errors import InsightsError, PolicyError
 from .join import PolicyBook
 from .store import STATUS_JOINED, EventStore
@@ -60,10 +59,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Apprentice rows (baseline served, the policy's choice only logged) are flagged by the rules
-# work (CONTRACTS.md §3); the bit is fixed there even before batch.py defines the name.
-FLAG_APPRENTICE: int = getattr(_batch, "FLAG_APPRENTICE", 32)
 
 MAX_BUCKETS = 1000
 _NS = 1_000_000_000

@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ..errors import EvaluationError
-from ..evaluation import (ESTIMATORS, Estimate, LoggedData, baseline_targets, evaluate,
-                          fit_reward_model)
+from ..evaluation import (ESTIMATORS, Estimate, LoggedData, OffPolicyEvaluation,
+                          baseline_targets)
 from ..policy import Policy, PromotionRule
 from .store import EventStore
+from .window import load_window
 
 __all__ = ["Gate", "GateResult", "PromotionRule", "evaluate_candidate", "load_window",
            "PROMOTED", "REJECTED", "HELD"]
@@ -50,7 +51,6 @@ __all__ = ["Gate", "GateResult", "PromotionRule", "evaluate_candidate", "load_wi
 logger = logging.getLogger(__name__)
 
 PROMOTED, REJECTED, HELD = "promoted", "rejected", "held"
-_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -97,17 +97,6 @@ class GateResult:
         return best
 
 
-def load_window(store: EventStore, name: str, rule: PromotionRule,
-                now_ns: int | None = None) -> LoggedData:
-    """The joined rows ``rule`` evaluates on: the newest ``window_rows`` (0 = all), only those
-    decided in the last ``window_seconds`` when that is set."""
-    since = None
-    if rule.window_seconds > 0:
-        now_ns = time.time_ns() if now_ns is None else now_ns
-        since = int(now_ns - rule.window_seconds * _NS)
-    return LoggedData.from_store(store, name, since_ns=since, limit=rule.window_rows or None)
-
-
 def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
                        rule: PromotionRule | None = None, *,
                        estimators: Sequence[str] = ESTIMATORS, seed: int = 0) -> GateResult:
@@ -137,13 +126,12 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         return held(f"{n:,} joined decisions in the evaluation window, the rule needs "
                     f"{rule.min_samples:,}")
     try:
-        q = fit_reward_model(data, ridge_lambda=deployed.learning.ridge_lambda, seed=seed)
+        # One reward model (fitted on first use) for every target: comparable DM parts.
+        ope = OffPolicyEvaluation(data, names, ridge_lambda=deployed.learning.ridge_lambda,
+                                  level=rule.level, interval=rule.interval, seed=seed)
         targets: dict[str, object] = {"candidate": candidate, "deployed": deployed}
         targets.update(baseline_targets(data, deployed.default_action))
-        estimates = {
-            target: evaluate(data, probs, estimators=names, reward_model=q, level=rule.level,
-                             interval=rule.interval, seed=seed)
-            for target, probs in targets.items()}
+        estimates = ope.estimate_many(targets)
     except EvaluationError as exc:
         return held(f"the logged data cannot judge v{cv}: {exc}")
     return _decide(rule, n, cv, dv, estimates)

@@ -13,9 +13,10 @@ from loops_sdk.demo import ACTIONS as DEMO_ACTIONS
 from loops_sdk.demo import FEATURES as DEMO_FEATURES
 from loops_sdk.demo import Simulator
 from loops_sdk.errors import PolicyError
-from loops_sdk.evaluation import LoggedData
+from loops_sdk.evaluation import LoggedData, baseline_targets, evaluate, fit_reward_model
 from loops_sdk.learner import EventStore, Learner, RollbackRefused
 from loops_sdk.learner.join import _OUTCOME_QUERY_WITH_KIND, Joiner
+from loops_sdk.learner import promotion, window
 from loops_sdk.learner.promotion import evaluate_candidate
 from loops_sdk.learner.store import SCHEMA_VERSION
 from loops_sdk.policy import (Exploration, LearningSettings, Policy, PromotionRule,
@@ -124,6 +125,30 @@ def test_rule_kinds_margin_estimator_and_level():
     other = Policy.linear("bonus", 2, ["none", "spins", "vip"])
     held = evaluate_candidate(data, other, zero)
     assert held.decision == "held" and "vip" in held.reason
+
+
+@pytest.mark.parametrize("rule", [None, PromotionRule(estimator="ips", level=0.8),
+                                  PromotionRule(interval="bootstrap", estimator="switch_dr")],
+                         ids=["default", "ips", "bootstrap"])
+def test_gate_figures_are_evaluate_with_one_shared_reward_model(rule):
+    """The gate's estimates are, target by target, those of ``evaluate`` with one reward model
+    fitted on the window (the deployed policy's ridge penalty, the candidate's seed)."""
+    data = logged(1500, seed=3)
+    zero = base_policy()
+    good = zero.with_model(GOOD_W, GOOD_B, version=2)
+    res = evaluate_candidate(data, good, zero, rule, seed=5)
+    rule = rule or zero.learning.promotion
+    q = fit_reward_model(data, ridge_lambda=zero.learning.ridge_lambda, seed=5)
+    targets = {"candidate": good, "deployed": zero,
+               **baseline_targets(data, zero.default_action)}
+    assert list(res.estimates) == list(targets)
+    for name, target in targets.items():
+        assert res.estimates[name] == evaluate(data, target, reward_model=q, level=rule.level,
+                                               interval=rule.interval, seed=5), name
+
+
+def test_the_window_read_lives_in_the_learner():
+    assert promotion.load_window is window.load_window
 
 
 def test_promotion_settings_round_trip_and_validate():

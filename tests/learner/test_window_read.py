@@ -1,15 +1,16 @@
 """Bounded reads of the newest decisions: block spans in the store, and
-``LoggedData.from_store`` loading only the blocks its ``limit`` / ``since_ns`` window needs."""
+``read_logged_data`` loading only the blocks its ``limit`` / ``since_ns`` window needs."""
 
 import sqlite3
 
 import numpy as np
 import pytest
 
-from loops_sdk.batch import FLAG_CAPPED, FLAG_DEFERRED, FLAG_HOLDOUT
-from loops_sdk.evaluation import FLAG_APPRENTICE, LoggedData
+from loops_sdk.batch import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFERRED, FLAG_HOLDOUT
+from loops_sdk.evaluation import LoggedData
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import SCHEMA_VERSION, STATUS_JOINED, STATUS_PENDING, EventStore
+from loops_sdk.learner.window import read_logged_data
 
 from helpers import ACTIONS, NS, decisions, make_policy, records
 
@@ -146,7 +147,7 @@ def filled(tmp_path, n_blocks=120, rows=40):
 
 def test_limited_read_loads_only_the_newest_blocks(tmp_path, monkeypatch):
     store = filled(tmp_path)
-    full = LoggedData.from_store(store, "bonus")
+    full = read_logged_data(store, "bonus")
     assert full.n > 3000
     limit = 500
     want = full.subset(slice(-limit, None))
@@ -167,7 +168,7 @@ def test_limited_read_loads_only_the_newest_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "load_block",
                         lambda i, **kw: light.append(i) or load_block(i, **kw))
     monkeypatch.setattr(store, "block_inputs", lambda i: heavy.append(i) or block_inputs(i))
-    got = LoggedData.from_store(store, "bonus", limit=limit)
+    got = read_logged_data(store, "bonus", limit=limit)
     assert_same(got, want)
     # Features were decoded only for blocks that gave rows; fully pending blocks not even read.
     assert len(heavy) == len(set(heavy)) and late_id not in heavy
@@ -180,8 +181,8 @@ def test_limited_read_loads_only_the_newest_blocks(tmp_path, monkeypatch):
 
     since = int(want.ts_ns[limit // 2])
     recent = full.subset(full.ts_ns >= since)
-    assert_same(LoggedData.from_store(store, "bonus", since_ns=since), recent)
-    assert_same(LoggedData.from_store(store, "bonus", since_ns=since, limit=100),
+    assert_same(read_logged_data(store, "bonus", since_ns=since), recent)
+    assert_same(read_logged_data(store, "bonus", since_ns=since, limit=100),
                 recent.subset(slice(-100, None)))
     store.close()
 
@@ -197,14 +198,14 @@ def test_limit_cut_among_equal_times_keeps_the_later_arrivals(tmp_path):
         store.ingest("c", 2, records([block(2, 3, [t, t], seed=2)]))
         store.ingest("c", 3, records([block(2, 5, [t - NS, t - NS], seed=3)]))
         Joiner(store, grace_seconds=0).run(100 * NS)
-        full = LoggedData.from_store(store, "bonus")
+        full = read_logged_data(store, "bonus")
         first, second, third = (store.block_inputs(i)[0] for i in (1, 2, 3))
         np.testing.assert_array_equal(full.x, np.concatenate([third, first[:2], second,
                                                               first[2:]]))
         for limit in range(1, 8):
-            assert_same(LoggedData.from_store(store, "bonus", limit=limit),
+            assert_same(read_logged_data(store, "bonus", limit=limit),
                         full.subset(slice(-limit, None)))
-        got = LoggedData.from_store(store, "bonus", limit=3)
+        got = read_logged_data(store, "bonus", limit=3)
         np.testing.assert_array_equal(got.x, np.concatenate([second, first[2:]]))
 
 
@@ -254,8 +255,8 @@ def test_bounded_reads_equal_reading_everything(tmp_path, late):
                         continue
                     ids, inputs, cols = old_from_store(store, "bonus", since_ns=since,
                                                        limit=limit, include_holdout=holdout)
-                    got = LoggedData.from_store(store, "bonus", since_ns=since, limit=limit,
-                                                include_holdout=holdout)
+                    got = read_logged_data(store, "bonus", since_ns=since, limit=limit,
+                                           include_holdout=holdout)
                     where = f"since={since} limit={limit} holdout={holdout}"
                     assert got.action_ids == ids and got.input_names == inputs, where
                     for name in COLUMNS:
@@ -264,13 +265,13 @@ def test_bounded_reads_equal_reading_everything(tmp_path, late):
                     checked += 1
         assert checked > 50
         assert old_from_store(store, "bonus", since_ns=2000 * NS) is None
-        assert LoggedData.from_store(store, "bonus", since_ns=2000 * NS).n == 0
+        assert read_logged_data(store, "bonus", since_ns=2000 * NS).n == 0
 
 
 def test_schema_2_store_gets_its_spans(tmp_path):
     store = filled(tmp_path, n_blocks=30, rows=20)
     spans = list(store.block_spans("bonus", order="time"))
-    want = LoggedData.from_store(store, "bonus", limit=100)
+    want = read_logged_data(store, "bonus", limit=100)
     store.close()
     con = sqlite3.connect(tmp_path / "many.sqlite")    # as a schema-2 learner left it
     with con:
@@ -282,6 +283,6 @@ def test_schema_2_store_gets_its_spans(tmp_path):
     with EventStore(tmp_path / "many.sqlite") as store:
         assert store.get_meta("schema") == str(SCHEMA_VERSION) == "3"
         assert list(store.block_spans("bonus", order="time")) == spans
-        assert_same(LoggedData.from_store(store, "bonus", limit=100), want)
+        assert_same(read_logged_data(store, "bonus", limit=100), want)
         Joiner(store, grace_seconds=0).run(100 * NS)       # the trigger is back
         assert all(s.pending == 0 for s in store.block_spans("bonus"))

@@ -1,0 +1,258 @@
+"""Several estimators over the same logged rows: :class:`OffPolicyEvaluation`, and the
+functions (:func:`evaluate`, :func:`ips`, ...) that run it for one target.
+
+The meta object validates its settings once, fits the reward model once (on first need) and
+reuses it for every target, so the direct-method parts of different targets are comparable.
+Its :meth:`OffPolicyEvaluation.round_terms` gives the per-row terms of a target: those of two
+targets on the same rows subtract into a paired difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+from ..errors import EvaluationError
+from .data import LoggedData, Target, _real, target_probabilities
+from .estimators import (DEFAULT_SWITCH_TAU, ESTIMATORS, Estimate, Estimator, RoundInputs,
+                         _require_data, _require_rows, check_interval_settings, estimate_all,
+                         make_estimator)
+from .reward_model import check_reward_model, fit_reward_model
+
+__all__ = ["OffPolicyEvaluation", "evaluate", "ips", "snips", "direct_method", "doubly_robust",
+           "switch_dr"]
+
+EstimatorSpec = Union[str, Estimator]
+
+
+class OffPolicyEvaluation:
+    """Estimators over one set of logged rows, for any number of target policies.
+
+    Args:
+        data: the logged rows (at least 2).
+        estimators: names from ``ESTIMATORS`` and/or :class:`Estimator` instances; results
+            keep this order (repeated names count once).
+        reward_model: ``(n, K)`` predicted rewards for the estimators that use one; fitted with
+            :func:`fit_reward_model` (``ridge_lambda``, ``folds``, ``seed``) on first need when
+            omitted, then reused for every target.
+        tau: switch-DR's weight threshold for ``"switch_dr"`` given by name.
+        level: confidence level of the intervals, in (0, 1).
+        interval: ``"normal"`` or ``"bootstrap"`` (percentile bootstrap over rows with
+            ``n_bootstrap`` replicates drawn from ``seed``; the reward model is not refitted
+            per replicate).
+        seed: the reward model's cross-fitting folds and the bootstrap draws.
+    Raises:
+        EvaluationError: a bad argument, named (a bad target or reward model is named when it
+            is first used).
+    """
+
+    def __init__(self, data: LoggedData, estimators: Sequence[EstimatorSpec] = ESTIMATORS, *,
+                 reward_model: Any = None, tau: float = DEFAULT_SWITCH_TAU,
+                 ridge_lambda: float = 1.0, folds: int = 2, level: float = 0.95,
+                 interval: str = "normal", n_bootstrap: int = 1000, seed: int = 0) -> None:
+        specs = _estimator_specs(estimators)
+        _require_data(data)
+        self.level, self.n_bootstrap = check_interval_settings(level, interval, n_bootstrap)
+        tau = _real("tau", tau)
+        built = [make_estimator(s, tau=tau) if isinstance(s, str) else s for s in specs]
+        _require_rows(data)
+        self.data = data
+        self.estimators: tuple[Estimator, ...] = tuple(built)
+        self.interval = interval
+        self.seed = seed
+        self._given_model = reward_model
+        self._ridge_lambda, self._folds = ridge_lambda, folds
+        self._q: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return (f"OffPolicyEvaluation({self.data!r}, estimators={list(self.names)}, "
+                f"interval={self.interval!r}, level={self.level})")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The estimators' names, in result order."""
+        return tuple(e.name for e in self.estimators)
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """Whether any estimator needs the reward model."""
+        return any(e.uses_reward_model for e in self.estimators)
+
+    @property
+    def reward_model(self) -> np.ndarray:
+        """The ``(n, K)`` predicted rewards every target shares (checked, or fitted, once).
+
+        Raises:
+            EvaluationError: the given matrix is unusable, or the fit's arguments are bad.
+        """
+        if self._q is None:
+            self._q = (fit_reward_model(self.data, ridge_lambda=self._ridge_lambda,
+                                        folds=self._folds, seed=self.seed)
+                       if self._given_model is None
+                       else check_reward_model(self._given_model, self.data))
+        return self._q
+
+    # ----------------------------------------------------------------- per target
+    def round_inputs(self, target: Target) -> RoundInputs:
+        """The validated inputs of ``target`` (a :class:`~loops_sdk.Policy` or an ``(n, K)``
+        probability matrix), with the shared reward model when an estimator needs it."""
+        pi = target_probabilities(target, self.data)
+        return RoundInputs(self.data, pi, self.reward_model if self.uses_reward_model else None)
+
+    def round_terms(self, target: Target | RoundInputs) -> dict[str, np.ndarray]:
+        """``{estimator name: (n,) per-row terms}`` of ``target`` (or of inputs from
+        :meth:`round_inputs`).
+
+        Each estimator's terms have its estimate as their mean (SNIPS: its linearisation)
+        and its normal-interval standard error as ``std(ddof=1) / sqrt(n)``; since every
+        target is judged on the same rows with the same reward model, the difference of two
+        targets' terms is the per-row term of the paired difference.
+        """
+        rows = self._rows(target)
+        return {e.name: e.terms(rows) for e in self.estimators}
+
+    def estimate(self, target: Target | RoundInputs) -> dict[str, Estimate]:
+        """``{estimator name: Estimate}`` for ``target``.
+
+        Raises:
+            EvaluationError: a bad target or reward model, named.
+        """
+        rows = self._rows(target)
+        return estimate_all(self.estimators, rows, level=self.level, interval=self.interval,
+                            n_bootstrap=self.n_bootstrap, seed=self.seed)
+
+    def _rows(self, target: Target | RoundInputs) -> RoundInputs:
+        if not isinstance(target, RoundInputs):
+            return self.round_inputs(target)
+        if target.data is not self.data:
+            raise EvaluationError("these RoundInputs were prepared for other logged data; "
+                                  "use this evaluation's round_inputs(target)")
+        return target
+
+    def estimate_many(self, targets: Mapping[str, Target]
+                      ) -> dict[str, dict[str, Estimate]]:
+        """``{target name: {estimator name: Estimate}}`` for several targets."""
+        return {name: self.estimate(target) for name, target in targets.items()}
+
+
+def _estimator_specs(estimators: Any) -> tuple[EstimatorSpec, ...]:
+    if isinstance(estimators, (str, Estimator)):
+        estimators = (estimators,)
+    items = tuple(estimators)
+    unknown = [e for e in items if not isinstance(e, Estimator) and e not in ESTIMATORS]
+    if unknown or not items:
+        raise EvaluationError(f"unknown estimator(s) {unknown}; choose from {ESTIMATORS}"
+                              if unknown else "no estimator requested")
+    nameless = [e for e in items if isinstance(e, Estimator) and not e.name]
+    if nameless:
+        raise EvaluationError(f"estimator {nameless[0]!r} has no name: set the class's name "
+                              "or pass name=...")
+    out: dict[str, EstimatorSpec] = {}
+    for e in items:
+        name = e.name if isinstance(e, Estimator) else e
+        if name in out:
+            if isinstance(e, Estimator) or isinstance(out[name], Estimator):
+                raise EvaluationError(f"two estimators are named {name!r}; give one another "
+                                      "name (Estimator(name=...))")
+            continue   # a repeated name counts once
+        out[name] = e
+    return tuple(out.values())
+
+
+# --------------------------------------------------------------------------- functions
+def evaluate(data: LoggedData, target: Target, *,
+             estimators: Sequence[EstimatorSpec] = ESTIMATORS, reward_model: Any = None,
+             tau: float = DEFAULT_SWITCH_TAU, ridge_lambda: float = 1.0, folds: int = 2,
+             level: float = 0.95, interval: str = "normal", n_bootstrap: int = 1000,
+             seed: int = 0) -> dict[str, Estimate]:
+    """Run several estimators on the same data and target, sharing the work.
+
+    The target probabilities and the reward model are computed once, and with
+    ``interval="bootstrap"`` every estimator uses the same resampled rows. For several targets
+    on the same rows, use :class:`OffPolicyEvaluation` (the reward model is fitted once).
+
+    Args:
+        data: the logged rows (at least 2).
+        target: a :class:`Policy` or an ``(n, K)`` probability matrix (see
+            :func:`target_probabilities`).
+        estimators: names from ``ESTIMATORS`` (or :class:`Estimator` instances); the result
+            keeps this order.
+        reward_model: ``(n, K)`` predicted rewards for ``dm``/``dr``/``switch_dr``; fitted with
+            :func:`fit_reward_model` (``ridge_lambda``, ``folds``, ``seed``) when omitted.
+        tau: switch-DR's weight threshold (default :data:`DEFAULT_SWITCH_TAU`).
+        level: confidence level of the intervals, in (0, 1).
+        interval: ``"normal"`` or ``"bootstrap"`` (percentile bootstrap over rows with
+            ``n_bootstrap`` replicates drawn from ``seed``; the reward model is not refitted
+            per replicate). The bootstrap costs ``n_bootstrap * n`` draws; for millions of rows
+            the normal interval is as good and far cheaper.
+    Returns:
+        ``{estimator name: Estimate}``.
+    Raises:
+        EvaluationError: bad arguments or inputs, with the problem named.
+    """
+    return OffPolicyEvaluation(data, estimators, reward_model=reward_model, tau=tau,
+                               ridge_lambda=ridge_lambda, folds=folds, level=level,
+                               interval=interval, n_bootstrap=n_bootstrap,
+                               seed=seed).estimate(target)
+
+
+def ips(data: LoggedData, target: Target, *, level: float = 0.95, interval: str = "normal",
+        n_bootstrap: int = 1000, seed: int = 0) -> Estimate:
+    """Inverse propensity scoring (:class:`~loops_sdk.evaluation.estimators.IPS`): the mean of
+    ``w_i r_i``. Unbiased whenever the logged propensities are right and the logger could
+    choose every action the target does."""
+    return evaluate(data, target, estimators=("ips",), level=level, interval=interval,
+                    n_bootstrap=n_bootstrap, seed=seed)["ips"]
+
+
+def snips(data: LoggedData, target: Target, *, level: float = 0.95, interval: str = "normal",
+          n_bootstrap: int = 1000, seed: int = 0) -> Estimate:
+    """Self-normalised IPS (:class:`~loops_sdk.evaluation.estimators.SNIPS`):
+    ``sum(w r) / sum(w)``. Consistent, invariant to a constant shift of rewards, and much
+    steadier than IPS when weights are large; normal interval by the delta method."""
+    return evaluate(data, target, estimators=("snips",), level=level, interval=interval,
+                    n_bootstrap=n_bootstrap, seed=seed)["snips"]
+
+
+def direct_method(data: LoggedData, target: Target, *, reward_model: Any = None,
+                  ridge_lambda: float = 1.0, folds: int = 2, level: float = 0.95,
+                  interval: str = "normal", n_bootstrap: int = 1000, seed: int = 0
+                  ) -> Estimate:
+    """Direct method (:class:`~loops_sdk.evaluation.estimators.DirectMethod`): the mean over
+    rows of ``sum_a pi[i, a] q[i, a]``.
+
+    ``reward_model`` is an ``(n, K)`` matrix of predicted rewards; by default
+    :func:`fit_reward_model` (cross-fitted ridge). Low variance but biased by whatever the model
+    gets wrong, and its interval covers only the sampling of contexts, not the model's error.
+    """
+    return evaluate(data, target, estimators=("dm",), reward_model=reward_model,
+                    ridge_lambda=ridge_lambda, folds=folds, level=level, interval=interval,
+                    n_bootstrap=n_bootstrap, seed=seed)["dm"]
+
+
+def doubly_robust(data: LoggedData, target: Target, *, reward_model: Any = None,
+                  ridge_lambda: float = 1.0, folds: int = 2, level: float = 0.95,
+                  interval: str = "normal", n_bootstrap: int = 1000, seed: int = 0
+                  ) -> Estimate:
+    """Doubly robust (:class:`~loops_sdk.evaluation.estimators.DoublyRobust`): the
+    direct-method term plus the importance-weighted residual of the logged action,
+    ``w_i (r_i - q[i, a_i])``. Unbiased with correct propensities whatever the reward model;
+    the better the model, the smaller the variance."""
+    return evaluate(data, target, estimators=("dr",), reward_model=reward_model,
+                    ridge_lambda=ridge_lambda, folds=folds, level=level, interval=interval,
+                    n_bootstrap=n_bootstrap, seed=seed)["dr"]
+
+
+def switch_dr(data: LoggedData, target: Target, *, tau: float = DEFAULT_SWITCH_TAU,
+              reward_model: Any = None, ridge_lambda: float = 1.0, folds: int = 2,
+              level: float = 0.95, interval: str = "normal", n_bootstrap: int = 1000,
+              seed: int = 0) -> Estimate:
+    """Switch doubly robust (:class:`~loops_sdk.evaluation.estimators.SwitchDoublyRobust`):
+    DR, but rows whose importance weight exceeds ``tau`` keep only the model term (their
+    correction would be the noisiest). ``tau=inf`` is DR; ``tau=0`` is the direct method.
+    Biased by the model's error on the switched rows, so prefer DR when the effective sample
+    size is healthy."""
+    return evaluate(data, target, estimators=("switch_dr",), reward_model=reward_model,
+                    tau=tau, ridge_lambda=ridge_lambda, folds=folds, level=level,
+                    interval=interval, n_bootstrap=n_bootstrap, seed=seed)["switch_dr"]

@@ -1,0 +1,232 @@
+"""Reading logged decisions out of the learner's event store, for the promotion gate and the
+report: :func:`read_logged_data` (a decision point's joined rows as
+:class:`~loops_sdk.evaluation.LoggedData`) and :func:`load_window` (the rows a promotion rule
+judges on).
+
+The estimators in :mod:`loops_sdk.evaluation` are pure numpy over those arrays; this module is
+the only place that knows how the store lays the rows out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..batch import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT
+from ..errors import EvaluationError
+from ..evaluation import LoggedData
+from ..policy import Policy, PromotionRule
+from .store import STATUS_JOINED, Block, BlockSpan, EventStore
+
+__all__ = ["read_logged_data", "load_window"]
+
+logger = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+
+
+def load_window(store: EventStore, name: str, rule: PromotionRule,
+                now_ns: int | None = None) -> LoggedData:
+    """The joined rows ``rule`` evaluates on: the newest ``window_rows`` (0 = all), only those
+    decided in the last ``window_seconds`` when that is set."""
+    since = None
+    if rule.window_seconds > 0:
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        since = int(now_ns - rule.window_seconds * _NS)
+    return read_logged_data(store, name, since_ns=since, limit=rule.window_rows or None)
+
+
+def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
+                     since_ns: int | None = None, limit: int | None = None,
+                     include_holdout: bool = False, include_capped: bool = False,
+                     include_apprentice: bool = False) -> LoggedData:
+    """Read a decision point's joined decisions from the learner's event store.
+
+    Only rows whose reward is final (``STATUS_JOINED``) are used. Holdout, frequency-capped
+    and apprentice rows (the default or baseline served with probability 1) are excluded
+    unless asked for: they say nothing about the other actions. Rows come back in decision
+    time order.
+
+    Layouts: a decision point's action list or inputs can change between policy versions.
+    The layout of the newest block with usable rows wins. Older blocks with the same inputs
+    whose actions are a subset of it are remapped (actions they lacked are ineligible
+    there); blocks with other inputs or actions the newest layout lacks are skipped, with a
+    warning saying how many rows.
+
+    A row whose served action is not in its recorded eligible set (the default served
+    because nothing was eligible, a holdout or capped row) gets that action marked
+    eligible: it was served, so it was available.
+
+    Cost: blocks are visited newest first by the store's block spans and the read stops
+    once ``limit`` rows are held that every remaining block is older than (or at the
+    first block wholly before ``since_ns``); blocks with no joined row are skipped unread
+    and feature columns are decoded only for blocks that give rows. A bounded read costs
+    what its window (and the blocks overlapping it in time) holds, not the history.
+
+    Args:
+        store: an open :class:`~loops_sdk.learner.store.EventStore` or its file path.
+        policy: the decision point (policy name).
+        since_ns: only decisions at or after this time (ns since the epoch).
+        limit: only the newest ``limit`` rows (after every other filter).
+        include_holdout / include_capped / include_apprentice: keep those rows.
+    Returns:
+        The rows, possibly none (then ``action_ids`` come from the stored policy).
+    Raises:
+        EvaluationError: no such store file, or nothing at all is known about ``policy``.
+    """
+    if not isinstance(policy, str) or not policy:
+        raise EvaluationError(f"policy must be a non-empty policy name, got {policy!r}")
+    if limit is not None and int(limit) <= 0:
+        raise EvaluationError(f"limit must be a positive number of rows, got {limit}")
+    if not isinstance(store, EventStore):
+        path = Path(store)
+        if not path.is_file():
+            raise EvaluationError(f"no event store at {os.fspath(path)!r}")
+        with EventStore(path) as opened:
+            return read_logged_data(opened, policy, since_ns=since_ns, limit=limit,
+                                    include_holdout=include_holdout,
+                                    include_capped=include_capped,
+                                    include_apprentice=include_apprentice)
+    excluded = ((0 if include_holdout else FLAG_HOLDOUT)
+                | (0 if include_capped else FLAG_CAPPED)
+                | (0 if include_apprentice else FLAG_APPRENTICE))
+    found = _read_newest_rows(store, policy, excluded,
+                              None if since_ns is None else int(since_ns),
+                              None if limit is None else int(limit))
+    if found is None:
+        stored = store.get_policy(policy)
+        if stored is None:
+            raise EvaluationError(f"the event store has no decisions and no policy named "
+                                  f"{policy!r}")
+        spec = Policy.from_bytes(stored.data)
+        k, d = spec.n_actions, spec.n_inputs
+        return LoggedData(x=np.empty((0, d)), actions=np.empty(0, np.int64),
+                          propensities=np.empty(0), rewards=np.empty(0),
+                          action_ids=spec.action_ids, eligible=np.empty((0, k), bool),
+                          ts_ns=np.empty(0, np.int64), versions=np.empty(0, np.int64),
+                          input_names=spec.input_names)
+    action_ids, input_names, columns = found
+    elig = columns["eligible"]
+    n = elig.shape[0]
+    served = elig[np.arange(n), columns["actions"]]
+    if not served.all():
+        elig[np.flatnonzero(~served), columns["actions"][~served]] = True
+    logger.debug("policy %r: %d logged rows for evaluation", policy, n)
+    return LoggedData(action_ids=action_ids, input_names=input_names, **columns)
+
+
+def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int | None,
+                      limit: int | None
+                      ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]] | None:
+    """The rows :func:`read_logged_data` returns, as ``(action_ids, input_names, columns)``
+    in decision time order (ties in arrival order), or None when no row is usable.
+
+    The result is that of reading every block, keeping the usable rows, dropping those of
+    incompatible layouts and taking the newest ``limit`` by ``(ts, block id, row)``; but blocks
+    are visited newest first by their stored spans (``EventStore.block_spans``) and the walk
+    stops once ``limit`` rows are held that every remaining block is older than. Blocks with no
+    joined row are never loaded, and the feature columns only of blocks that give rows. Cost:
+    the window and the blocks overlapping it in time, not the history.
+    """
+    loaded: dict[int, tuple[Block, np.ndarray]] = {}
+
+    def usable(span: BlockSpan) -> tuple[Block, np.ndarray]:
+        """The block (without x) and its usable rows, loaded once."""
+        got = loaded.get(span.id)
+        if got is None:
+            blk = store.load_block(span.id)
+            keep = (blk.status == STATUS_JOINED) & ((blk.flags & excluded) == 0)
+            if since is not None:
+                keep &= blk.ts_ns >= since
+            got = loaded[span.id] = (blk, np.flatnonzero(keep))
+        return got
+
+    # The layout: the newest block (by arrival) with a usable row decides it.
+    layout = None
+    for span in store.block_spans(policy, order="arrival", since_ns=since, joined_only=True):
+        if usable(span)[1].size:
+            layout = (span.actions, span.inputs)
+            break
+    if layout is None:
+        return None
+    action_ids, input_names = layout
+    known = set(action_ids)
+
+    # Rows, newest decision time first. `held` maps block id -> (block, rows); past `limit`
+    # rows only the newest `limit` are kept and `bound` is the key (ts, block, row) of the
+    # oldest of them: a block whose (max_ts, id) is below it has nothing newer.
+    held: dict[int, tuple[Block, np.ndarray]] = {}
+    count, skipped = 0, 0
+    bound: tuple[int, int, int] | None = None
+    for span in store.block_spans(policy, order="time", since_ns=since, joined_only=True):
+        if bound is not None and (span.max_ts_ns, span.id) < bound[:2]:
+            break
+        blk, rows = usable(span)
+        if rows.size == 0:
+            continue
+        if span.inputs != input_names or not known.issuperset(span.actions):
+            skipped += rows.size
+            continue
+        held[span.id] = (blk, rows)
+        count += rows.size
+        if limit is not None and count >= limit:
+            bound = _keep_newest(held, limit)
+            count = limit
+    if skipped:
+        logger.warning("policy %r: skipped %d logged rows recorded with another layout (inputs "
+                       "or actions differ from the newest: %d actions, %d inputs)", policy,
+                       skipped, len(action_ids), len(input_names))
+
+    if not held:        # cannot happen (the layout's block has usable rows); be safe
+        return None
+    index = {a: i for i, a in enumerate(action_ids)}
+    k = len(action_ids)
+    parts: list[dict[str, np.ndarray]] = []
+    for block_id, (blk, rows) in sorted(held.items()):
+        x, eligible = store.block_inputs(block_id)
+        actions = blk.action[rows].astype(np.int64)
+        elig = eligible[rows] != 0
+        if tuple(blk.actions) != action_ids:      # an older subset layout: remap columns
+            remap = np.array([index[a] for a in blk.actions], dtype=np.int64)
+            actions = remap[actions]
+            wide = np.zeros((rows.size, k), dtype=bool)
+            wide[:, remap] = elig
+            elig = wide
+        parts.append({
+            "x": x[rows], "eligible": elig, "actions": actions, "propensities": blk.prob[rows],
+            "rewards": blk.reward[rows], "ts_ns": blk.ts_ns[rows],
+            "versions": blk.version[rows].astype(np.int64),
+            "_block": np.full(rows.size, block_id, np.int64), "_row": rows})
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    order = np.lexsort((columns.pop("_row"), columns.pop("_block"), columns["ts_ns"]))
+    if not np.array_equal(order, np.arange(order.size)):
+        columns = {name: col[order] for name, col in columns.items()}
+    return action_ids, input_names, columns
+
+
+def _keep_newest(held: dict[int, tuple[Block, np.ndarray]], limit: int
+                 ) -> tuple[int, int, int]:
+    """Trim ``held`` to its newest ``limit`` rows by ``(ts, block, row)``; returns the key of
+    the oldest row kept."""
+    ids = np.fromiter(held, np.int64, len(held))
+    ts = np.concatenate([held[b][0].ts_ns[held[b][1]] for b in ids.tolist()])
+    block = np.repeat(ids, [held[b][1].size for b in ids.tolist()])
+    row = np.concatenate([held[b][1] for b in ids.tolist()])
+    newest = np.lexsort((row, block, ts))[-limit:]
+    first = newest[0]
+    keep = np.zeros(ts.size, bool)
+    keep[newest] = True
+    offset = 0
+    for b in ids.tolist():
+        blk, rows = held[b]
+        mine = keep[offset:offset + rows.size]
+        offset += rows.size
+        if not mine.any():
+            del held[b]
+        elif not mine.all():
+            held[b] = (blk, rows[mine])
+    return int(ts[first]), int(block[first]), int(row[first])
