@@ -1443,6 +1443,7 @@ cdef class DecisionPoint:
                                  self.ahash, b, self.id_hi, lo, t + self.cap_clock_ns, self.ebuf,
                                  &row)
                 if row.reason == R_OVERFLOW:
+                    self.next_lo -= 1   # a refused decision takes no event id
                     raise k.overflow_error(_row_copy(xp, k.n_inputs))
                 a = row.action
                 prob = row.prob
@@ -1470,6 +1471,7 @@ cdef class DecisionPoint:
             else:
                 a = k.fill(xp, mp, self.sbuf, self.pbuf)
                 if a == FILL_OVERFLOW:
+                    self.next_lo -= 1   # a refused decision takes no event id
                     raise k.overflow_error(_row_copy(xp, k.n_inputs))
                 if a >= 0:
                     a = k.sample(mp, self.pbuf, draw_c(self.id_hi, lo, k.seed))

@@ -863,6 +863,7 @@ class DecisionPoint:
                 row = self._decide_row(k, xs, mask, user is not None, uh, present, num, hsh, b,
                                        self.id_hi, lo, t + self.cap_clock_ns)
                 if row.reason == R_OVERFLOW:
+                    self.next_lo -= 1   # a refused decision takes no event id
                     raise k.overflow_error(xs)
                 flags |= row.flags
                 held = row.reason == R_HOLDOUT
@@ -886,6 +887,7 @@ class DecisionPoint:
                 s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
                 a = k.fill(xs, mask, s, p)
                 if a == FILL_OVERFLOW:
+                    self.next_lo -= 1   # a refused decision takes no event id
                     raise k.overflow_error(xs)
                 if a >= 0:
                     a = k.sample(mask, p, draw(self.id_hi, lo, k.seed))

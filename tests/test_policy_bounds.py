@@ -158,6 +158,10 @@ def test_overflowing_scores_are_a_feature_error_naming_the_feature(impl, caps):
     assert stats["decisions"] == 0 and stats["pending"] == 0   # nothing decided or recorded
     d = eng.decide("bonus", np.array([1.0, 2.0]), user="u1")   # the next good call is served
     assert d.reason == "POLICY"
+    # ... with the event id the first decision takes: a refused call takes none, as the
+    # decision service's pre-checked rows take none (same input, same answer).
+    first = make_engine(impl, [p]).decide("bonus", np.array([1.0, 2.0]), user="u1")
+    assert d.event_id == first.event_id
     if caps and d.action != "none":    # the refused calls charged nothing: the cap blocks now
         assert eng.decide("bonus", np.array([1.0, 2.0]), user="u1").action == "none"
 
