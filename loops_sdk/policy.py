@@ -385,6 +385,16 @@ class Policy:
         object.__setattr__(self, "caps", tuple(self.caps))
         object.__setattr__(self, "_cache", {})
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The cache holds the compiled kernel (C pointers, not picklable): a pickled policy
+        # (e.g. a fallback handed to spawned pool workers) compiles again where it lands.
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def with_model(self, weights: Any, bias: Any, *, version: int,
                    metadata: Mapping[str, str] | None = None) -> "Policy":
         """The same spec with new parameters and a new version (validated)."""

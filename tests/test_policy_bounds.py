@@ -134,6 +134,18 @@ def test_folded_parameters_must_be_finite():
         compile_policy(bad)
 
 
+def test_a_validated_policy_pickles_without_its_kernel():
+    # Spawned pool workers receive the fallback policy pickled; the cached kernel must not go.
+    import pickle
+    p = base()
+    p.compiled()
+    q = pickle.loads(pickle.dumps(p))
+    assert q.to_bytes() == p.to_bytes()
+    assert q.compiled() is not p.compiled()
+    x = np.array([1.0, 2.0])
+    assert np.array_equal(q.compiled().probabilities(x[None]), p.compiled().probabilities(x[None]))
+
+
 def test_validation_compiles_and_keeps_the_kernel():
     p = base()
     assert p._cache.get("kernel") is not None        # built by validate()
