@@ -69,7 +69,7 @@ class RewardSink(Protocol):
     """Receives trainable rows inside the joiner's transaction (the trainer)."""
 
     def observe(self, policy: Policy, x: np.ndarray, actions: np.ndarray,
-                rewards: np.ndarray) -> None: ...
+                rewards: np.ndarray, ts_ns: np.ndarray | None = None) -> None: ...
 
     def save(self, con: sqlite3.Connection) -> None: ...
 
@@ -273,7 +273,7 @@ class Joiner:
         if not keep.all():
             rows, actions = rows[keep], actions[keep]
         try:
-            sink.observe(current, blk.x[rows], actions, blk.reward[rows])
+            sink.observe(current, blk.x[rows], actions, blk.reward[rows], blk.ts_ns[rows])
         except PolicyError:
             logger.exception("policy %r: cannot train on block %d", blk.policy, blk.id)
             return 0
