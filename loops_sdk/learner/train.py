@@ -103,7 +103,7 @@ class RidgeStats:
 
     def effective_factor(self) -> float:
         """What the stored sums are multiplied by to weigh the newest row 1."""
-        if self.half_life <= 0 or not np.isfinite(self.newest):
+        if self.half_life <= 0 or not np.isfinite(self.newest) or np.isnan(self.ref):
             return 1.0
         return float(2.0 ** ((self.ref - self.newest) / self.half_life))
 
@@ -114,13 +114,17 @@ class RidgeStats:
         f = self.effective_factor()
         if f != 1.0:
             self._scale(f)
+        known = self.clock == clock and np.isfinite(self.newest)
         self.half_life, self.clock = float(half_life), clock
-        self.ref = float(self.newest) if np.isfinite(self.newest) else 0.0
         if clock == "rows":
             self.newest = self.rows_clock - 1 if self.rows_clock else -np.inf
-            self.ref = max(self.newest, 0.0)
-        elif clock == "seconds" and not np.isfinite(self.newest):
-            self.ref = 0.0
+            self.ref = max(float(self.newest), 0.0)
+        elif known:
+            self.ref = float(self.newest)
+        else:
+            # The newest decision time is unknown (older statistics, or counted in rows): the
+            # past weighs as of the next row, which anchors the reference.
+            self.newest, self.ref = -np.inf, float("nan")
 
     def forget(self, action: int, factor: float) -> None:
         """Multiply one action's past by ``factor`` (a one-off extra discount, e.g. after a
@@ -198,6 +202,8 @@ class RidgeStats:
             c = self.clocks(ts_ns, n)
         if n:
             top = float(c.max())
+            if np.isnan(self.ref):
+                self.ref = top
             if self.half_life > 0 and (not np.isfinite(self.newest) and self.n == 0
                                        or (top - self.ref) / self.half_life > _REBASE):
                 self._rebase(top)
@@ -225,6 +231,9 @@ class RidgeStats:
         if (other.half_life, other.clock) != (self.half_life, self.clock):
             raise PolicyError("cannot merge ridge statistics with different half-lives")
         f = 1.0
+        if np.isnan(self.ref) or np.isnan(other.ref):
+            raise PolicyError("cannot merge ridge statistics before their decision times are "
+                              "known (add a row to each first)")
         if self.half_life > 0:
             if other.n and other.ref > self.ref:
                 self._rebase(other.ref)

@@ -115,8 +115,15 @@ def test_format_1_statistics_still_load_undecayed():
     back = RidgeStats.from_bytes(s.to_bytes())
     np.testing.assert_array_equal(back.zz, zz)
     # A policy now asking for a half-life keeps the old rows (weight 1 each) and decays on.
-    s.set_decay(100.0, "rows")
-    np.testing.assert_allclose(s.weight, zz[:, -1, -1])
+    by_rows, by_time = s.copy(), s.copy()
+    by_rows.set_decay(100.0, "rows")
+    np.testing.assert_allclose(by_rows.weight, zz[:, -1, -1])
+    # By decision time: the old rows weigh as of the first new row (not 2^-(1.7e9 / h)).
+    by_time.set_decay(100.0, "seconds")
+    by_time.add(np.zeros((1, 1)), [0], [0.0], [1_700_000_000 * NS])
+    np.testing.assert_allclose(by_time.weight, zz[:, -1, -1] + [1, 0])
+    by_time.add(np.zeros((1, 1)), [1], [0.0], [1_700_000_100 * NS])
+    np.testing.assert_allclose(by_time.weight, (zz[:, -1, -1] + [1, 0]) / 2 + [0, 1])
 
 
 def test_remove_gives_the_statistics_without_those_rows():
