@@ -548,8 +548,11 @@ class Trainer:
         """A candidate fitted to the statistics without some rows, touching nothing stored.
 
         ``exclude = (x, actions, rewards, ts_ns)``: rows already observed (e.g. the newest
-        slice the paired gate judges on), subtracted exactly. With decay by rows their clocks
-        are not recoverable from ``ts_ns``; they are then taken as the newest positions.
+        slice the paired gate judges on: a :class:`~loops_sdk.evaluation.LoggedData`'s
+        ``x, actions, rewards, ts_ns`` restricted to rows the trainer was given, i.e. not
+        holdout and in the current layout), subtracted exactly. With decay by rows their
+        clocks are not recoverable from ``ts_ns``; they are taken as the newest positions
+        (exact when they are the newest rows, as a time split's are).
         """
         s = self.stats(policy).copy()
         if exclude is not None:
