@@ -119,6 +119,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
                    if p.last_train_unix_ms else "never")
         print(f"  {p.name:<20} {p.current_version:>7} {len(p.versions):>8} {p.decisions:>10,} "
               f"{p.joined:>10,} {p.pending:>9,}  {trained}")
+        if p.last_train_unix_ms:
+            print(f"    lag decision -> training row {p.decision_to_row_ms / 1000:,.1f} s, "
+                  f"training row -> served version {p.row_to_served_ms / 1000:,.1f} s; "
+                  f"effective rows {p.effective_rows:,.0f}")
+        if p.changes_detected:
+            when = time.strftime("%Y-%m-%d %H:%M:%S",
+                                 time.localtime(p.last_change_unix_ms / 1000))
+            print(f"    changes detected {p.changes_detected}, last in action "
+                  f"{p.last_change_action!r} at {when}")
     return 0
 
 

@@ -248,20 +248,50 @@ class LearningSettings:
 
     ``reward`` says how outcomes and cost combine into the reward; ``promotion`` when a
     retrained version is served (see :class:`RewardDefinition`, :class:`PromotionRule`).
+
+    ``aggregation``: ``sum`` of the window's outcomes, the value of the ``earliest`` (after
+    the window closed), or ``first``: the first outcome closes the window at once, so the
+    row trains without waiting out ``reward_window_seconds``.
+
+    Forgetting: a training row's weight halves every ``half_life_seconds`` of decision time
+    (exact and mergeable across shards), or, when that is 0, every ``half_life_rows`` newer
+    rows; both 0 = never forget. ``detect_changes`` watches each action's residuals and, on a
+    shift, forgets that action's past at once and explores more for a while.
+    ``standardize_inputs`` / ``center_rewards``: the trainer fits on standardised inputs and
+    rewards minus their mean (so rarely played actions shrink towards the mean reward, not 0);
+    exported weights stay in raw units. ``gamma_scale``: for SquareCB the trainer sets
+    ``gamma = gamma_scale * sqrt(n_eff) / sd(reward)``; 0 (the default: on the learning bench's
+    streams this schedule explored more than a tuned fixed gamma and earned less) keeps the
+    policy's fixed gamma.
+    Cadence: the first retrain comes after ``first_retrain_events`` rows and the threshold
+    doubles with the data up to ``retrain_every_events`` (0 = always the latter).
     """
 
     reward_window_seconds: float = 600.0
-    aggregation: str = "sum"          # "sum" or "earliest"
+    aggregation: str = "sum"          # "sum", "earliest" or "first"
     default_reward: float = 0.0
     ridge_lambda: float = 1.0
     retrain_every_events: int = 1000
     retrain_every_seconds: float = 5.0
     reward: RewardDefinition = field(default_factory=RewardDefinition)
     promotion: PromotionRule = field(default_factory=PromotionRule)
+    half_life_seconds: float = 0.0
+    half_life_rows: int = 20_000
+    detect_changes: bool = True
+    standardize_inputs: bool = True
+    center_rewards: bool = True
+    gamma_scale: float = 0.0
+    first_retrain_events: int = 50
 
 
 _AGG_TO_PB = {"sum": policy_pb2.LearningSettings.SUM,
-              "earliest": policy_pb2.LearningSettings.EARLIEST}
+              "earliest": policy_pb2.LearningSettings.EARLIEST,
+              "first": policy_pb2.LearningSettings.FIRST}
+# LearningSettings fields with presence: written only when they differ from the default (a
+# policy that does not use them keeps its bytes); unset reads as the default.
+_LEARNING_OPTIONAL = ("half_life_seconds", "half_life_rows", "detect_changes",
+                      "standardize_inputs", "center_rewards", "gamma_scale",
+                      "first_retrain_events")
 _PB_TO_AGG = {v: k for k, v in _AGG_TO_PB.items()}
 _PB_TO_AGG[policy_pb2.LearningSettings.AGGREGATION_UNSPECIFIED] = "sum"
 _RULE_TO_PB = {"lower_bound_over_estimate": policy_pb2.PromotionRule.LOWER_BOUND_OVER_ESTIMATE,
@@ -577,6 +607,16 @@ class Policy:
         if not 0 <= ls.retrain_every_events < 1 << 63:
             raise PolicyError(f"policy {self.name!r}: retrain_every_events must be in "
                               f"[0, 2**63), got {ls.retrain_every_events}")
+        for what, lim in (("half_life_seconds", MAX_SECONDS), ("gamma_scale", MAX_PARAMETER)):
+            v = getattr(ls, what)
+            if not 0 <= v <= lim:
+                raise PolicyError(f"policy {self.name!r}: {what} must be in [0, {lim:g}], "
+                                  f"got {v}")
+        for what in ("half_life_rows", "first_retrain_events"):
+            v = getattr(ls, what)
+            if not (isinstance(v, (int, np.integer)) and 0 <= v < 1 << 32):
+                raise PolicyError(f"policy {self.name!r}: {what} must be an integer in "
+                                  f"[0, 2**32), got {v!r}")
         _validate_rules(self)
         rd = ls.reward
         weights = [rd.other_weight, rd.cost_weight, *rd.outcome_weights.values()]
@@ -633,6 +673,10 @@ class Policy:
         msg.learning.ridge_lambda = ls.ridge_lambda
         msg.learning.retrain_every_events = ls.retrain_every_events
         msg.learning.retrain_every_seconds = ls.retrain_every_seconds
+        dls = LearningSettings()
+        for what in _LEARNING_OPTIONAL:
+            if getattr(ls, what) != getattr(dls, what):
+                setattr(msg.learning, what, getattr(ls, what))
         # Written only when they differ from the defaults, so a policy that does not use them
         # keeps exactly the bytes (and checksum) it had before they existed.
         rd = ls.reward
@@ -752,7 +796,9 @@ class Policy:
                                       "sum"), ls.default_reward, ls.ridge_lambda,
                                       ls.retrain_every_events, ls.retrain_every_seconds,
                                       reward=_reward_from_pb(ls.reward),
-                                      promotion=_promotion_from_pb(ls.promotion)),
+                                      promotion=_promotion_from_pb(ls.promotion),
+                                      **{f: getattr(ls, f) for f in _LEARNING_OPTIONAL
+                                         if ls.HasField(f)}),
             created_at_ms=msg.created_at_unix_ms, metadata=dict(msg.metadata),
             rules=tuple(rule_from_pb(r, msg.name) for r in msg.rules),
             caps=tuple(cap_from_pb(c, msg.name) for c in msg.caps),

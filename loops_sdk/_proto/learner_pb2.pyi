@@ -118,16 +118,34 @@ class VersionRecord(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., mode: _Optional[_Union[_policy_pb2.Policy.Mode, str]] = ..., gate_estimator: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., decision_reason: _Optional[str] = ...) -> None: ...
 
 class PolicyHistory(_message.Message):
-    __slots__ = ("name", "serving_version", "training_paused", "versions")
+    __slots__ = ("name", "serving_version", "training_paused", "versions", "changes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_PAUSED_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     serving_version: int
     training_paused: bool
     versions: _containers.RepeatedCompositeFieldContainer[VersionRecord]
-    def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[int] = ..., training_paused: _Optional[bool] = ..., versions: _Optional[_Iterable[_Union[VersionRecord, _Mapping]]] = ...) -> None: ...
+    changes: _containers.RepeatedCompositeFieldContainer[DetectedChange]
+    def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[int] = ..., training_paused: _Optional[bool] = ..., versions: _Optional[_Iterable[_Union[VersionRecord, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[DetectedChange, _Mapping]]] = ...) -> None: ...
+
+class DetectedChange(_message.Message):
+    __slots__ = ("created_unix_ms", "action", "direction", "statistic", "rows", "detail")
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    created_unix_ms: int
+    action: str
+    direction: str
+    statistic: float
+    rows: int
+    detail: str
+    def __init__(self, created_unix_ms: _Optional[int] = ..., action: _Optional[str] = ..., direction: _Optional[str] = ..., statistic: _Optional[float] = ..., rows: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class SetModeRequest(_message.Message):
     __slots__ = ("name", "mode", "reason")
@@ -160,7 +178,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PolicyStatus(_message.Message):
-    __slots__ = ("name", "current_version", "versions", "decisions", "joined", "pending", "outcomes", "last_train_unix_ms")
+    __slots__ = ("name", "current_version", "versions", "decisions", "joined", "pending", "outcomes", "last_train_unix_ms", "changes_detected", "last_change_unix_ms", "last_change_action", "decision_to_row_ms", "row_to_served_ms", "effective_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +187,12 @@ class PolicyStatus(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     LAST_TRAIN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_DETECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_ACTION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_TO_ROW_MS_FIELD_NUMBER: _ClassVar[int]
+    ROW_TO_SERVED_MS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     current_version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -177,7 +201,13 @@ class PolicyStatus(_message.Message):
     pending: int
     outcomes: int
     last_train_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., decisions: _Optional[int] = ..., joined: _Optional[int] = ..., pending: _Optional[int] = ..., outcomes: _Optional[int] = ..., last_train_unix_ms: _Optional[int] = ...) -> None: ...
+    changes_detected: int
+    last_change_unix_ms: int
+    last_change_action: str
+    decision_to_row_ms: float
+    row_to_served_ms: float
+    effective_rows: float
+    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., decisions: _Optional[int] = ..., joined: _Optional[int] = ..., pending: _Optional[int] = ..., outcomes: _Optional[int] = ..., last_train_unix_ms: _Optional[int] = ..., changes_detected: _Optional[int] = ..., last_change_unix_ms: _Optional[int] = ..., last_change_action: _Optional[str] = ..., decision_to_row_ms: _Optional[float] = ..., row_to_served_ms: _Optional[float] = ..., effective_rows: _Optional[float] = ...) -> None: ...
 
 class LearnerStatus(_message.Message):
     __slots__ = ("batches", "decisions", "outcomes", "joined", "pending", "policies", "started_unix_ms")

@@ -11,6 +11,11 @@ Rules (the policy's :class:`~loops_sdk.policy.LearningSettings` at the decision'
   ``OUTCOME_OBSERVE`` for its user with ``start <= ts <= close``. Several aggregate by
   ``aggregation``: ``sum`` of values, or the value of the ``earliest``. None: ``default_reward``.
   Outcomes arriving after a decision was finalised are not counted (late).
+* ``first``: the first outcome to reach the learner closes the window at once (its value is
+  the reward), so the row trains without waiting out the window. The joiner looks for it at
+  the first visit after ingest and then at doubling ages (``_FIRST_POLL_NS``, 2x, 4x ...
+  since the window opened): a bounded number of visits per block, and a row joins within
+  about twice its outcome's delay. A row with none gets ``default_reward`` at the close.
 * ``reward = value - cost`` of the chosen action (cost from the decision's policy version; the
   current version when that one is unknown here), by default. The version's
   :class:`~loops_sdk.policy.RewardDefinition` can weight outcomes by kind (each outcome's value
@@ -53,6 +58,8 @@ _FAILED_BLOCK_RETRY_NS = 60 * _NS
 _FAILED_BLOCK_RETRY_MAX_NS = 24 * 3600 * _NS
 # SQLite integers are signed 64-bit: a larger version cannot be a stored policy version.
 _MAX_STORED_VERSION = (1 << 63) - 1
+# Shortest wait before looking again for the first outcome of a "first"-aggregated row.
+_FIRST_POLL_NS = _NS // 5
 
 # CROSS JOIN pins the key table as the outer loop (SQLite never reorders a CROSS JOIN): left
 # to itself the planner scans every outcome of a type once per key, since the temp table has
@@ -76,7 +83,8 @@ class RewardSink(Protocol):
     """Receives trainable rows inside the joiner's transaction (the trainer)."""
 
     def observe(self, policy: Policy, x: np.ndarray, actions: np.ndarray,
-                rewards: np.ndarray) -> None: ...
+                rewards: np.ndarray, ts_ns: np.ndarray | None = None,
+                now_ms: int | None = None) -> None: ...
 
     def save(self, con: sqlite3.Connection) -> None: ...
 
@@ -207,7 +215,9 @@ class Joiner:
         window = np.array([p.learning.reward_window_seconds for p in policies])[vidx]
         window_ns = (window * _NS).astype(np.int64)
         default = np.array([p.learning.default_reward for p in policies])[vidx]
+        first = np.array([p.learning.aggregation == "first" for p in policies])[vidx]
         earliest = np.array([p.learning.aggregation == "earliest" for p in policies])[vidx]
+        earliest |= first
         costs = np.array([[{a.id: a.cost for a in p.actions}.get(aid, 0.0)
                            for aid in blk.actions] for p in policies])  # (versions, K)
         definitions = [p.learning.reward for p in policies]
@@ -223,11 +233,17 @@ class Joiner:
         close = start + window_ns
         pending = blk.status == STATUS_PENDING
         due = pending & (start >= 0) & (close + self.grace_ns <= now_ns)
-        rows = np.flatnonzero(due)
+        # "first" rows whose window is still open join as soon as an outcome is there.
+        early = pending & (start >= 0) & first & ~due
+        rows = np.flatnonzero(due | early)
 
         if rows.size:
             value, count = self._outcomes(con, blk, rows, start, close, earliest,
                                           definitions if weighted else None, vidx)
+            if early.any():
+                keep = due[rows] | (count > 0)
+                rows, value, count = rows[keep], value[keep], count[keep]
+        if rows.size:
             value = np.where(count > 0, value, default[rows])
             blk.status[rows] = STATUS_JOINED
             blk.value[rows] = value
@@ -238,6 +254,10 @@ class Joiner:
         still = blk.status == STATUS_PENDING
         waiting = still & (start >= 0)
         next_check = int((close[waiting] + self.grace_ns).min()) if waiting.any() else None
+        polled = waiting & first
+        if polled.any():
+            poll = now_ns + np.maximum(_FIRST_POLL_NS, now_ns - start[polled])
+            next_check = min(next_check, int(poll.min()))
         con.execute("UPDATE blocks SET status=?, value=?, n_outcomes=?, reward=?, pending=?, "
                     "next_check_ns=? WHERE id=?",
                     (blk.status.tobytes(), blk.value.tobytes(), blk.n_outcomes.tobytes(),
@@ -247,7 +267,7 @@ class Joiner:
         if rows.size:
             train = rows[(blk.flags[rows] & FLAG_HOLDOUT) == 0]
             if sink is not None and train.size:
-                result.trained[blk.policy] = self._to_sink(sink, blk, train)
+                result.trained[blk.policy] = self._to_sink(sink, blk, train, now_ns)
         return result
 
     def _outcomes(self, con: sqlite3.Connection, blk: Block, rows: np.ndarray,
@@ -294,7 +314,7 @@ class Joiner:
         first[i[firsts]] = v[firsts]
         return np.where(earliest[rows], first, total), count
 
-    def _to_sink(self, sink: RewardSink, blk: Block, rows: np.ndarray) -> int:
+    def _to_sink(self, sink: RewardSink, blk: Block, rows: np.ndarray, now_ns: int) -> int:
         """Give trainable rows to the sink in the current policy's layout; returns the count."""
         current = self.book.get(blk.policy)
         if current is None:
@@ -311,7 +331,8 @@ class Joiner:
         if not keep.all():
             rows, actions = rows[keep], actions[keep]
         try:
-            sink.observe(current, blk.x[rows], actions, blk.reward[rows])
+            sink.observe(current, blk.x[rows], actions, blk.reward[rows], blk.ts_ns[rows],
+                         now_ms=now_ns // 1_000_000)
         except PolicyError:
             logger.exception("policy %r: cannot train on block %d", blk.policy, blk.id)
             return 0

@@ -111,6 +111,9 @@ def policy_history(store: EventStore, name: str, *,
             rec.evaluations.add(target=e.target, estimator=e.estimator, value=e.value,
                                 lower=e.lower, upper=e.upper, stderr=e.stderr, ess=e.ess,
                                 n=e.n, level=e.level, interval=e.interval)
+    for c in store.changes(name):
+        out.changes.add(created_unix_ms=c[0], action=c[1], direction=c[2], statistic=c[3],
+                        rows=c[4], detail=c[5])
     return out
 
 
@@ -601,6 +604,10 @@ class Learner:
                                        now_ms=now_ns // 1_000_000)
         verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns)
         reason = f"retrained on {candidate.metadata['trained_on']} joined events"
+        if candidate.metadata.get("exploring_after_change"):
+            info = self.trainer.info(row.name).get("last_change") or ["", "?", "?"]
+            reason += (f"; exploring more after a change in action {info[1]!r} "
+                       f"(rewards {info[2]})")
         with self._publish_lock:
             if (self.store.latest_version(row.name) != latest
                     or self.store.get_policy(row.name).version != row.version):
@@ -609,6 +616,7 @@ class Learner:
                                 serve=verdict.promoted, gate=verdict)
         self.gate_counts[verdict.decision] = self.gate_counts.get(verdict.decision, 0) + 1
         if verdict.promoted:
+            self.trainer.served(row.name, now_ns // 1_000_000)
             logger.info("published %s v%d (%s)", row.name, candidate.version, reason)
             published.append((row.name, candidate.version))
 
@@ -622,6 +630,16 @@ class Learner:
             self._wake.clear()
 
     # ----------------------------------------------------------------- status
+    def _training_status(self, name: str) -> dict:
+        info = self.trainer.info(name)
+        change = info.get("last_change") or [0, "", ""]
+        return dict(last_train_unix_ms=int(info.get("last_train_ms", 0)),
+                    changes_detected=int(info.get("changes", 0)),
+                    last_change_unix_ms=int(change[0]), last_change_action=str(change[1]),
+                    decision_to_row_ms=float(info.get("row_lag_ms", 0.0)),
+                    row_to_served_ms=float(info.get("served_lag_ms", 0.0)),
+                    effective_rows=float(info.get("effective_rows", 0.0)))
+
     def status(self) -> learner_pb2.LearnerStatus:
         counters = self.store.counters()
         pending = self.store.pending_by_policy()
@@ -638,5 +656,5 @@ class Learner:
                 name=name, current_version=served.version if served else 0, versions=versions,
                 decisions=counters.get(f"decisions:{name}", 0),
                 joined=counters.get(f"joined:{name}", 0), pending=pending.get(name, 0),
-                last_train_unix_ms=self.trainer.last_train_ms(name))
+                **self._training_status(name))
         return out

@@ -117,6 +117,11 @@ CREATE TABLE IF NOT EXISTS evaluations (
     PRIMARY KEY (name, version, target, estimator));
 CREATE TABLE IF NOT EXISTS stats (
     name TEXT PRIMARY KEY, data BLOB NOT NULL, updated_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (
+    name TEXT NOT NULL, created_ms INTEGER NOT NULL, action TEXT NOT NULL,
+    direction TEXT NOT NULL, statistic REAL NOT NULL, rows INTEGER NOT NULL,
+    detail TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS changes_name ON changes (name, created_ms);
 """
 
 # Statements with inner semicolons (_split cannot cut them): block_spans follows its block.
@@ -730,6 +735,23 @@ class EventStore:
 
     def save_stats(self, con: sqlite3.Connection, name: str, data: bytes) -> None:
         con.execute("INSERT OR REPLACE INTO stats VALUES (?,?,?)", (name, data, _now_ms()))
+
+    # ----------------------------------------------------------------- detected changes
+    def add_change(self, con: sqlite3.Connection, name: str, created_ms: int, action: str,
+                   direction: str, statistic: float, rows: int, detail: str = "") -> None:
+        """Record a detected shift of an action's rewards (the trainer's change detector)."""
+        con.execute("INSERT INTO changes VALUES (?,?,?,?,?,?,?)",
+                    (name, created_ms, action, direction, statistic, rows, detail))
+
+    def changes(self, name: str, limit: int = 100) -> list[tuple]:
+        """The newest ``limit`` detected changes of a policy, oldest first:
+        ``(created_ms, action, direction, statistic, rows, detail)``."""
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT created_ms, action, direction, statistic, rows, detail FROM changes "
+                "WHERE name=? ORDER BY created_ms DESC, rowid DESC LIMIT ?",
+                (name, limit)).fetchall()
+        return rows[::-1]
 
 
 class _Transaction:

@@ -15,47 +15,69 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from dataclasses import replace
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from ..errors import PolicyError
-from ..policy import Policy
+from ..policy import Exploration, Policy
 from .store import EventStore
 
-__all__ = ["RidgeStats", "Trainer"]
+__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2
+_NS = 1_000_000_000
+# Rebase the reference once a new row's weight exceeds 2**_REBASE (far from overflow).
+_REBASE = 64.0
 
 
 class RidgeStats:
-    """Sufficient statistics of per-action ridge regression for one action set and inputs.
+    """Sufficient statistics of per-action ridge regression for one action set and inputs,
+    optionally decayed (forgetting).
+
+    A row with clock ``c`` (its decision time in seconds, or its position among the rows in
+    decision-time order) carries the weight ``2 ** ((c - c_now) / half_life)`` where ``c_now``
+    is the newest row's clock. The arrays hold each row's ``2 ** ((c - ref) / half_life)``
+    against a fixed reference ``ref`` (rebased, by one exact scaling, when the exponent grows),
+    so adding is incremental and order-free, and two shards merge by aligning references and
+    summing. ``half_life = 0``: every weight is 1 (the plain sums).
 
     Args:
         action_ids: the actions, in the policy's order.
         input_names: the model inputs, in the policy's order.
+        half_life: in clock units; 0 = never forget.
+        clock: ``"seconds"`` (decision time) or ``"rows"``.
     """
 
     def __init__(self, action_ids: tuple[str, ...] | list[str],
-                 input_names: tuple[str, ...] | list[str]) -> None:
+                 input_names: tuple[str, ...] | list[str], half_life: float = 0.0,
+                 clock: str = "seconds") -> None:
         self.action_ids = tuple(action_ids)
         self.input_names = tuple(input_names)
         k, d1 = len(self.action_ids), len(self.input_names) + 1
-        self.zz = np.zeros((k, d1, d1))     # sum z z^T per action
-        self.zr = np.zeros((k, d1))         # sum r z per action
-        self.count = np.zeros(k, np.int64)
-        self.reward_sum = np.zeros(k)
-        self.reward_sq = np.zeros(k)
+        self.zz = np.zeros((k, d1, d1))     # sum w z z^T per action (zz[k, D, D] = sum w)
+        self.zr = np.zeros((k, d1))         # sum w r z per action
+        self.count = np.zeros(k, np.int64)  # rows, undecayed
+        self.reward_sum = np.zeros(k)       # sum w r
+        self.reward_sq = np.zeros(k)        # sum w r^2
+        self.half_life = float(half_life)
+        self.clock = clock
+        self.ref = 0.0                      # reference clock of the stored weights
+        self.newest = -np.inf               # newest row's clock
+        self.rows_clock = 0.0               # next row position (clock "rows")
         # Cadence bookkeeping, persisted with the statistics.
         self.since_train = 0
         self.last_train_ms = 0
+        self.extra: dict = {}
 
     @classmethod
     def for_policy(cls, policy: Policy) -> "RidgeStats":
-        return cls(policy.action_ids, policy.input_names)
+        half_life, clock = decay_of(policy)
+        return cls(policy.action_ids, policy.input_names, half_life, clock)
 
     def matches(self, policy: Policy) -> bool:
         return self.action_ids == policy.action_ids and self.input_names == policy.input_names
@@ -64,11 +86,74 @@ class RidgeStats:
     def n(self) -> int:
         return int(self.count.sum())
 
-    def add(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
-        """Accumulate rows: ``x`` ``(n, D)``, ``actions`` int indexes, ``rewards`` ``(n,)``."""
+    def copy(self) -> "RidgeStats":
+        return RidgeStats.from_bytes(self.to_bytes())
+
+    # ----------------------------------------------------------------- decay
+    def _scale(self, factor: float | np.ndarray, actions: Any = slice(None)) -> None:
+        self.zz[actions] *= np.asarray(factor)[..., None, None] if np.ndim(factor) else factor
+        self.zr[actions] *= np.asarray(factor)[..., None] if np.ndim(factor) else factor
+        self.reward_sum[actions] *= factor
+        self.reward_sq[actions] *= factor
+
+    def _rebase(self, ref: float) -> None:
+        if self.half_life > 0 and ref != self.ref:
+            self._scale(2.0 ** ((self.ref - ref) / self.half_life))
+        self.ref = ref
+
+    def effective_factor(self) -> float:
+        """What the stored sums are multiplied by to weigh the newest row 1."""
+        if self.half_life <= 0 or not np.isfinite(self.newest) or np.isnan(self.ref):
+            return 1.0
+        return float(2.0 ** ((self.ref - self.newest) / self.half_life))
+
+    def set_decay(self, half_life: float, clock: str) -> None:
+        """Switch half-life: past rows keep their current effective weights (the newest 1)."""
+        if (half_life, clock) == (self.half_life, self.clock):
+            return
+        f = self.effective_factor()
+        if f != 1.0:
+            self._scale(f)
+        known = self.clock == clock and np.isfinite(self.newest)
+        self.half_life, self.clock = float(half_life), clock
+        if clock == "rows":
+            self.newest = self.rows_clock - 1 if self.rows_clock else -np.inf
+            self.ref = max(float(self.newest), 0.0)
+        elif known:
+            self.ref = float(self.newest)
+        else:
+            # The newest decision time is unknown (older statistics, or counted in rows): the
+            # past weighs as of the next row, which anchors the reference.
+            self.newest, self.ref = -np.inf, float("nan")
+
+    def forget(self, action: int, factor: float) -> None:
+        """Multiply one action's past by ``factor`` (a one-off extra discount, e.g. after a
+        detected change); the raw row count is kept."""
+        self._scale(factor, action)
+
+    def clocks(self, ts_ns: np.ndarray | None, n: int) -> np.ndarray:
+        """Each new row's clock: decision time in seconds, or the next positions in
+        decision-time order (clock ``rows``); consumes the positions."""
+        if self.clock == "rows":
+            if ts_ns is None:
+                c = self.rows_clock + np.arange(n, dtype=np.float64)
+            else:
+                c = np.empty(n)
+                c[np.argsort(ts_ns, kind="stable")] = self.rows_clock + np.arange(n)
+            self.rows_clock += n
+            return c
+        if ts_ns is None:
+            raise PolicyError("ridge statistics: decay by decision time needs each row's time")
+        return np.asarray(ts_ns, dtype=np.float64) / _NS
+
+    # ----------------------------------------------------------------- add / remove
+    def _check(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = np.asarray(x, dtype=np.float64)
         actions = np.asarray(actions, dtype=np.int64)
         rewards = np.asarray(rewards, dtype=np.float64)
+        if x.ndim != 2:
+            raise PolicyError(f"ridge statistics: x must be 2-D, got shape {x.shape}")
         n, dim = x.shape
         if dim != len(self.input_names) or actions.shape != (n,) or rewards.shape != (n,):
             raise PolicyError(f"ridge statistics: got x {x.shape}, actions {actions.shape}, "
@@ -77,37 +162,147 @@ class RidgeStats:
             raise PolicyError("ridge statistics: action index out of range")
         if not (np.isfinite(x).all() and np.isfinite(rewards).all()):
             raise PolicyError("ridge statistics: non-finite features or rewards")
+        return x, actions, rewards
+
+    def _accumulate(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                    w: np.ndarray | None, sign: float) -> None:
+        n, dim = x.shape
         z = np.empty((n, dim + 1))
         z[:, :dim] = x
         z[:, dim] = 1.0
         for k in np.unique(actions):   # loop over actions present, never over rows
             sel = actions == k
             zk, rk = z[sel], rewards[sel]
-            self.zz[k] += zk.T @ zk
-            self.zr[k] += zk.T @ rk
-            self.count[k] += zk.shape[0]
-            self.reward_sum[k] += rk.sum()
-            self.reward_sq[k] += rk @ rk
+            wk = np.ones(zk.shape[0]) if w is None else w[sel]
+            zw = zk * wk[:, None]
+            self.zz[k] += sign * (zw.T @ zk)
+            self.zr[k] += sign * (zw.T @ rk)
+            self.count[k] += int(sign) * zk.shape[0]
+            self.reward_sum[k] += sign * (wk @ rk)
+            self.reward_sq[k] += sign * (wk @ (rk * rk))
+
+    def _weights(self, c: np.ndarray) -> np.ndarray | None:
+        if self.half_life <= 0:
+            return None
+        return 2.0 ** ((c - self.ref) / self.half_life)
+
+    def add(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+            ts_ns: np.ndarray | None = None) -> np.ndarray:
+        """Accumulate rows: ``x`` ``(n, D)``, ``actions`` int indexes, ``rewards`` ``(n,)``,
+        ``ts_ns`` their decision times (needed to forget by time). Returns the rows' clocks."""
+        x, actions, rewards = self._check(x, actions, rewards)
+        n = x.shape[0]
+        if ts_ns is not None:
+            ts_ns = np.asarray(ts_ns, dtype=np.int64)
+            if ts_ns.shape != (n,):
+                raise PolicyError(f"ridge statistics: ts_ns {ts_ns.shape} for {n} rows")
+        if self.half_life <= 0 and self.clock == "seconds":
+            c = (np.zeros(n) if ts_ns is None else ts_ns.astype(np.float64) / _NS)
+        else:
+            c = self.clocks(ts_ns, n)
+        if n:
+            top = float(c.max())
+            if np.isnan(self.ref):
+                self.ref = top
+            if self.half_life > 0 and (not np.isfinite(self.newest) and self.n == 0
+                                       or (top - self.ref) / self.half_life > _REBASE):
+                self._rebase(top)
+            self.newest = max(self.newest, top)
+            self._accumulate(x, actions, rewards, self._weights(c), 1.0)
         self.since_train += n
+        return c
+
+    def remove(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+               clocks: np.ndarray) -> None:
+        """Subtract rows added earlier (with the clocks :meth:`add` returned): exact up to
+        rounding, e.g. to hold out the newest rows from a candidate (see
+        :meth:`Trainer.candidate`) or to slide a window."""
+        x, actions, rewards = self._check(x, actions, rewards)
+        if x.shape[0]:
+            self._accumulate(x, actions, rewards,
+                             self._weights(np.asarray(clocks, dtype=np.float64)), -1.0)
 
     def merge(self, other: "RidgeStats") -> "RidgeStats":
-        """Add another shard's statistics into these (same actions and inputs); returns self."""
+        """Add another shard's statistics into these (same actions, inputs and decay by decision
+        time); returns self. References are aligned first, so the sum is the statistics of the
+        union of both shards' rows."""
         if (other.action_ids, other.input_names) != (self.action_ids, self.input_names):
             raise PolicyError("cannot merge ridge statistics of different layouts")
-        self.zz += other.zz
-        self.zr += other.zr
+        if (other.half_life, other.clock) != (self.half_life, self.clock):
+            raise PolicyError("cannot merge ridge statistics with different half-lives")
+        f = 1.0
+        if np.isnan(self.ref) or np.isnan(other.ref):
+            raise PolicyError("cannot merge ridge statistics before their decision times are "
+                              "known (add a row to each first)")
+        if self.half_life > 0:
+            if other.n and other.ref > self.ref:
+                self._rebase(other.ref)
+            f = 2.0 ** ((other.ref - self.ref) / self.half_life)
+        self.zz += f * other.zz
+        self.zr += f * other.zr
         self.count += other.count
-        self.reward_sum += other.reward_sum
-        self.reward_sq += other.reward_sq
+        self.reward_sum += f * other.reward_sum
+        self.reward_sq += f * other.reward_sq
+        self.newest = max(self.newest, other.newest)
+        self.rows_clock += other.rows_clock
         self.since_train += other.since_train
         return self
 
-    def solve(self, ridge_lambda: float) -> tuple[np.ndarray, np.ndarray]:
-        """``(weights (K, D), bias (K,))`` of the ridge solution (zeros for unseen actions)."""
-        d1 = self.zz.shape[1]
-        a = self.zz + ridge_lambda * np.eye(d1)
-        theta = np.linalg.solve(a, self.zr[..., None])[..., 0]
-        return theta[:, :-1].copy(), theta[:, -1].copy()
+    # ----------------------------------------------------------------- solving
+    @property
+    def weight(self) -> np.ndarray:
+        """Effective (decayed) rows per action, the newest weighing 1."""
+        return self.zz[:, -1, -1] * self.effective_factor()
+
+    def _effective(self) -> tuple[np.ndarray, np.ndarray]:
+        f = self.effective_factor()
+        return self.zz * f, self.zr * f
+
+    def solve(self, ridge_lambda: float, *, standardize: bool = False,
+              center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(weights (K, D), bias (K,))`` of the ridge solution on the effective (decayed)
+        statistics (zeros for unseen actions).
+
+        ``standardize``: fit on inputs standardised by the pooled (weighted) mean and sd;
+        ``center``: fit rewards minus their pooled mean, so the penalty shrinks towards the
+        mean reward rather than 0. Both are exact linear transforms of the statistics, and
+        the result is mapped back to raw input units.
+        """
+        zz, zr = self._effective()
+        d1 = zz.shape[1]
+        dim = d1 - 1
+        total = zz[:, dim, dim].sum()
+        t = np.eye(d1)
+        if standardize and total > 0:
+            mu = zz[:, :dim, dim].sum(axis=0) / total
+            var = np.diagonal(zz[:, :dim, :dim].sum(axis=0)) / total - mu * mu
+            sd = np.where(var > 1e-12 * np.maximum(1.0, mu * mu), np.sqrt(np.abs(var)), 1.0)
+            t[:dim, :dim] = np.diag(1.0 / sd)
+            t[:dim, dim] = -mu / sd
+        m = zr[:, dim].sum() / total if center and total > 0 else 0.0
+        # z' = T z, r' = r - m: A' = T A T^T, b' = T (b - m * sum w z).
+        a = t @ zz @ t.T + ridge_lambda * np.eye(d1)
+        b = (zr - m * zz[:, :, dim]) @ t.T
+        theta = np.linalg.solve(a, b[..., None])[..., 0]
+        # score = theta' . T z + m  =>  raw theta = T^T theta' (+ m on the intercept)
+        raw = theta @ t
+        raw[:, dim] += m
+        unseen = self.count == 0
+        raw[unseen] = 0.0
+        return raw[:, :-1].copy(), raw[:, -1].copy()
+
+    def predict(self, x: np.ndarray, actions: np.ndarray, weights: np.ndarray,
+                bias: np.ndarray) -> np.ndarray:
+        return np.einsum("nd,nd->n", x, weights[actions]) + bias[actions]
+
+    def residual_sd(self, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """Per action, the (weighted) root-mean-square residual of the fit ``(weights, bias)``
+        on the statistics: ``sum w (r - z.theta)^2 = sum w r^2 - 2 theta.b + theta' A theta``."""
+        theta = np.concatenate([weights, bias[:, None]], axis=1)
+        w = np.maximum(self.zz[:, -1, -1], 1e-300)
+        rss = (self.reward_sq - 2 * np.einsum("kd,kd->k", theta, self.zr)
+               + np.einsum("kd,kde,ke->k", theta, self.zz, theta))
+        return np.sqrt(np.maximum(rss / w, 0.0))
 
     # ----------------------------------------------------------------- serialisation
     def to_bytes(self) -> bytes:
@@ -118,14 +313,20 @@ class RidgeStats:
             "reward_sum": self.reward_sum.astype("<f8").tobytes(),
             "reward_sq": self.reward_sq.astype("<f8").tobytes(),
             "since_train": self.since_train, "last_train_ms": self.last_train_ms,
+            "half_life": self.half_life, "clock": self.clock, "ref": self.ref,
+            "newest": float(self.newest) if np.isfinite(self.newest) else None,
+            "rows_clock": self.rows_clock, "extra": self.extra,
         }, use_bin_type=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RidgeStats":
+        """Statistics from :meth:`to_bytes` (format 1, before forgetting, loads undecayed)."""
         doc: dict[str, Any] = msgpack.unpackb(data, raw=False)
-        if doc.get("format") != _FORMAT:
-            raise PolicyError(f"unknown ridge statistics format {doc.get('format')!r}")
-        s = cls(doc["actions"], doc["inputs"])
+        fmt = doc.get("format")
+        if fmt not in (1, _FORMAT):
+            raise PolicyError(f"unknown ridge statistics format {fmt!r}")
+        s = cls(doc["actions"], doc["inputs"], float(doc.get("half_life", 0.0)),
+                str(doc.get("clock", "seconds")))
         k, d1 = s.zr.shape
         s.zz = np.frombuffer(doc["zz"], "<f8").reshape(k, d1, d1).copy()
         s.zr = np.frombuffer(doc["zr"], "<f8").reshape(k, d1).copy()
@@ -134,23 +335,72 @@ class RidgeStats:
         s.reward_sq = np.frombuffer(doc["reward_sq"], "<f8").copy()
         s.since_train = int(doc["since_train"])
         s.last_train_ms = int(doc["last_train_ms"])
+        s.ref = float(doc.get("ref", 0.0))
+        newest = doc.get("newest")
+        s.newest = -np.inf if newest is None else float(newest)
+        s.rows_clock = float(doc.get("rows_clock", s.n))
+        s.extra = dict(doc.get("extra") or {})
         return s
+
+
+def decay_of(policy: Policy) -> tuple[float, str]:
+    """``(half_life, clock)`` of a policy's forgetting settings."""
+    ls = policy.learning
+    if ls.half_life_seconds > 0:
+        return float(ls.half_life_seconds), "seconds"
+    if ls.half_life_rows > 0:
+        return float(ls.half_life_rows), "rows"
+    return 0.0, "seconds"
+
+
+# Change detection: a two-sided CUSUM (Page 1954) per action on the standardised, clipped
+# prequential residuals (each row against the fit before it), measured from a slow running
+# baseline of those residuals (as Page-Hinkley measures from the running mean): under adaptive
+# play the residuals of the rows an action is chosen on are biased (it is chosen where it was
+# over-estimated) and a misspecified model leaves context-dependent bias, so the test looks
+# for a *change* of the residuals' level, not for a non-zero level. Drift allowance k and
+# threshold h: with k = 0.25, h = 20 the in-control run length of a unit-variance residual is
+# ~3 * 10^5 rows per side (Siegmund's approximation) while a 0.5 sd shift is found in ~85 of
+# that action's rows. Clipping at 4 sd keeps one heavy-tailed reward from firing it.
+CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.25, 20.0, 4.0
+# The baseline forgets with this many rows' time constant (slow against the detection delay).
+BASELINE_ROWS = 250
+# An action is watched once its fit rests on this many effective rows (and 5 per input).
+CUSUM_MIN_ROWS = 100
+# On a change: the action's past is multiplied by this (three half-lives at once), and the
+# exported policies explore more until this many more rows were trained on.
+CHANGE_DISCOUNT = 0.125
+BOOST_ROWS = 2_000
+
+
+def explore_more(e: Exploration) -> Exploration:
+    """More exploration for a while after a detected change."""
+    if e.kind == "epsilon_greedy":
+        return replace(e, epsilon=min(0.5, max(2 * e.epsilon, 0.05)))
+    if e.kind == "squarecb":
+        return replace(e, gamma=e.gamma / 4)
+    if e.kind == "softmax":
+        return replace(e, temperature=2 * e.temperature)
+    return e
 
 
 class Trainer:
     """Holds each policy's statistics, receives joined rows, decides when to retrain.
 
     It is the joiner's :class:`~loops_sdk.learner.join.RewardSink`: ``observe`` adds rows and
-    ``save`` writes the changed statistics inside the joiner's transaction.
+    ``save`` writes the changed statistics (and detected changes) inside the joiner's
+    transaction.
     """
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self._stats: dict[str, RidgeStats] = {}
         self._dirty: set[str] = set()
+        self._changes: list[tuple] = []      # detected, not yet written
 
     def stats(self, policy: Policy) -> RidgeStats:
-        """The statistics for this policy's layout (restarted when the layout changed)."""
+        """The statistics for this policy's layout (restarted when the layout changed; the
+        half-life follows the policy's settings)."""
         s = self._stats.get(policy.name)
         if s is None:
             data = self.store.load_stats(policy.name)
@@ -166,59 +416,210 @@ class Trainer:
                                policy.name)
             s = RidgeStats.for_policy(policy)
             self._dirty.add(policy.name)
+        else:
+            half_life, clock = decay_of(policy)
+            if (half_life, clock) != (s.half_life, s.clock):
+                s.set_decay(half_life, clock)
+                self._dirty.add(policy.name)
         self._stats[policy.name] = s
         return s
 
     def observe(self, policy: Policy, x: np.ndarray, actions: np.ndarray,
-                rewards: np.ndarray) -> None:
-        self.stats(policy).add(x, actions, rewards)
+                rewards: np.ndarray, ts_ns: np.ndarray | None = None,
+                now_ms: int | None = None) -> None:
+        """Add joined rows (``ts_ns``: their decision times, for forgetting by time and the
+        decision-to-row lag), after testing them for a change against the current fit."""
+        s = self.stats(policy)
+        x, actions, rewards = s._check(x, actions, rewards)
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if policy.learning.detect_changes and x.shape[0]:
+            self._detect(policy, s, x, actions, rewards, ts_ns, now_ms)
+        s.add(x, actions, rewards, ts_ns)
+        if x.shape[0]:
+            e = s.extra
+            if ts_ns is not None and len(ts_ns):
+                lag = now_ms - float(np.median(np.asarray(ts_ns, np.int64) // 1_000_000))
+                e["row_lag_ms"] = max(0.0, lag)
+            e.setdefault("unserved_since_ms", now_ms)
         self._dirty.add(policy.name)
+
+    # ----------------------------------------------------------------- change detection
+    def _detect(self, policy: Policy, s: RidgeStats, x: np.ndarray, actions: np.ndarray,
+                rewards: np.ndarray, ts_ns: np.ndarray | None, now_ms: int) -> None:
+        ls = policy.learning
+        weights, bias = s.solve(ls.ridge_lambda, standardize=ls.standardize_inputs,
+                                center=ls.center_rewards)
+        sd = s.residual_sd(weights, bias)
+        eff = s.weight
+        order = np.argsort(ts_ns, kind="stable") if ts_ns is not None else slice(None)
+        xa, aa, ra = x[order], actions[order], rewards[order]
+        resid = ra - s.predict(xa, aa, weights, bias)
+        cusum = s.extra.setdefault("cusum", [[0.0, 0.0] for _ in s.action_ids])
+        baseline = s.extra.setdefault("baseline", [None for _ in s.action_ids])
+        min_rows = max(CUSUM_MIN_ROWS, 5 * (len(s.input_names) + 1))
+        for k in np.unique(aa):     # per action present; the recursion itself is vectorised
+            if eff[k] < min_rows or not sd[k] > 0:
+                continue
+            u = np.clip(resid[aa == k] / sd[k], -CUSUM_CLIP, CUSUM_CLIP)
+            base = baseline[k]
+            if base is None:            # a prequential residual's level starts at 0
+                base = 0.0
+            # The batch is tested against the level before it, then the level follows it.
+            baseline[k] = base + (1 - (1 - 1 / BASELINE_ROWS) ** u.size) * (u.mean() - base)
+            u = u - base
+            hit = None
+            for side, sign in ((0, 1.0), (1, -1.0)):
+                # g_t = max(0, g_{t-1} + y_t) == S_t - min(-g_0, min_{s<=t} S_s)
+                cs = np.cumsum(sign * u - CUSUM_K)
+                g = cs - np.minimum(np.minimum.accumulate(cs), -cusum[k][side])
+                g = np.maximum(g, 0.0)
+                over = np.flatnonzero(g > CUSUM_H)
+                if over.size and (hit is None or over[0] < hit[0]):
+                    hit = (int(over[0]), side, float(g[over[0]]))
+                cusum[k][side] = float(g[-1])
+            if hit is not None:
+                at, side, stat = hit
+                direction = "up" if side == 0 else "down"
+                cusum[k], baseline[k] = [0.0, 0.0], None
+                s.forget(int(k), CHANGE_DISCOUNT)
+                s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
+                s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
+                s.extra["last_change"] = [now_ms, s.action_ids[k], direction]
+                detail = (f"cusum {stat:.1f} > {CUSUM_H:g} after {at + 1} rows of the batch; "
+                          f"residual sd {sd[k]:.4g}")
+                self._changes.append((policy.name, now_ms, s.action_ids[k], direction, stat,
+                                      s.n, detail))
+                logger.info("policy %r: rewards of action %r shifted %s (%s)", policy.name,
+                            s.action_ids[k], direction, detail)
 
     def save(self, con: sqlite3.Connection) -> None:
         for name in sorted(self._dirty):
             self.store.save_stats(con, name, self._stats[name].to_bytes())
         self._dirty.clear()
+        for c in self._changes:
+            self.store.add_change(con, *c)
+        self._changes.clear()
+
+    # ----------------------------------------------------------------- cadence
+    @staticmethod
+    def threshold(policy: Policy, trained_rows: int) -> int:
+        """Rows between retrains: ``first_retrain_events`` at first, then doubling with the
+        data (``max(first, rows already trained on)``) up to ``retrain_every_events``."""
+        ls = policy.learning
+        if not ls.first_retrain_events or not ls.retrain_every_events:
+            return ls.retrain_every_events
+        return int(min(ls.retrain_every_events, max(ls.first_retrain_events, trained_rows)))
 
     def due(self, policy: Policy, now_ms: int | None = None) -> bool:
-        """True when ``retrain_every_events`` new rows arrived, or ``retrain_every_seconds``
-        passed since the last training and at least one new row arrived."""
+        """True when :meth:`threshold` new rows arrived, or ``retrain_every_seconds`` passed
+        since the last training and at least one new row arrived."""
         s = self.stats(policy)
         if s.since_train <= 0:
             return False
         ls = policy.learning
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        if ls.retrain_every_events and s.since_train >= ls.retrain_every_events:
+        every = self.threshold(policy, s.n - s.since_train)
+        if every and s.since_train >= every:
             return True
         return now_ms - s.last_train_ms >= ls.retrain_every_seconds * 1000
 
+    # ----------------------------------------------------------------- candidates
+    def fit(self, policy: Policy, s: RidgeStats, version: int) -> Policy:
+        """A new version of ``policy`` fitted to ``s`` (see :meth:`train`)."""
+        ls = policy.learning
+        weights, bias = s.solve(ls.ridge_lambda, standardize=ls.standardize_inputs,
+                                center=ls.center_rewards)
+        unseen = s.count <= 0
+        weights[unseen] = policy.weights[unseen]
+        bias[unseen] = policy.bias[unseen]
+        exploration = policy.exploration
+        n_eff = float(s.weight.sum())
+        if exploration.kind == "squarecb" and ls.gamma_scale > 0 and n_eff > 0:
+            # SquareCB / FALCON (Foster & Rakhlin 2020; Simchi-Levi & Xu 2020): the learning
+            # rate grows like sqrt(n); dividing by the reward sd makes it unit-free.
+            mean = s.reward_sum.sum() * s.effective_factor() / n_eff
+            var = s.reward_sq.sum() * s.effective_factor() / n_eff - mean * mean
+            sd = float(np.sqrt(var)) if var > 1e-18 else 1.0
+            gamma = ls.gamma_scale * np.sqrt(n_eff) / sd
+            exploration = replace(exploration, gamma=float(min(max(gamma, 1.0), 1e6)))
+        metadata = dict(policy.metadata)
+        boosted = s.n < int(s.extra.get("boost_until", 0))
+        if boosted:
+            exploration = explore_more(exploration)
+        metadata.update({"trained_on": str(s.n), "trained_from_version": str(policy.version),
+                         "effective_rows": f"{n_eff:.1f}"})
+        if boosted:
+            metadata["exploring_after_change"] = "1"
+        else:
+            metadata.pop("exploring_after_change", None)
+        base = policy if exploration == policy.exploration else replace(
+            policy, exploration=exploration)
+        return base.with_model(weights, bias, version=version, metadata=metadata)
+
+    def candidate(self, policy: Policy, version: int, *, exclude: tuple | None = None
+                  ) -> Policy:
+        """A candidate fitted to the statistics without some rows, touching nothing stored.
+
+        ``exclude = (x, actions, rewards, ts_ns)``: rows already observed (e.g. the newest
+        slice the paired gate judges on: a :class:`~loops_sdk.evaluation.LoggedData`'s
+        ``x, actions, rewards, ts_ns`` restricted to rows the trainer was given, i.e. not
+        holdout and in the current layout), subtracted exactly. With decay by rows their
+        clocks are not recoverable from ``ts_ns``; they are taken as the newest positions
+        (exact when they are the newest rows, as a time split's are).
+        """
+        s = self.stats(policy).copy()
+        if exclude is not None:
+            x, actions, rewards, ts_ns = exclude
+            ts_ns = np.asarray(ts_ns, dtype=np.int64)
+            if s.half_life > 0 and s.clock == "rows":
+                c = np.empty(len(ts_ns))
+                c[np.argsort(ts_ns, kind="stable")] = (s.rows_clock - len(ts_ns)
+                                                       + np.arange(len(ts_ns)))
+            else:
+                c = ts_ns.astype(np.float64) / _NS
+            s.remove(x, actions, rewards, c)
+            s.count = np.maximum(s.count, 0)
+        return self.fit(policy, s, version)
+
     def train(self, policy: Policy, version: int, now_ms: int | None = None) -> Policy:
-        """A new version of ``policy`` fitted to all statistics (exploration etc. kept).
+        """A new version of ``policy`` fitted to all statistics (exploration kept, except a
+        SquareCB gamma set by the schedule and more exploration after a detected change).
 
         Actions never observed keep their current parameters. The caller publishes it; the
         statistics' cadence counters are reset and saved here.
         """
         s = self.stats(policy)
-        weights, bias = s.solve(policy.learning.ridge_lambda)
-        unseen = s.count == 0
-        weights[unseen] = policy.weights[unseen]
-        bias[unseen] = policy.bias[unseen]
-        metadata = dict(policy.metadata)
-        metadata.update({"trained_on": str(s.n), "trained_from_version": str(policy.version)})
-        new = policy.with_model(weights, bias, version=version, metadata=metadata)
+        new = self.fit(policy, s, version)
         s.since_train = 0
         s.last_train_ms = int(time.time() * 1000) if now_ms is None else now_ms
         with self.store.transaction() as con:
             self.store.save_stats(con, policy.name, s.to_bytes())
         return new
 
-    def last_train_ms(self, name: str) -> int:
+    def served(self, name: str, now_ms: int | None = None) -> None:
+        """A version trained on the rows so far is served: record the row-to-served lag."""
+        s = self._stats.get(name)
+        if s is None:
+            return
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        since = s.extra.pop("unserved_since_ms", None)
+        if since is not None:
+            s.extra["served_lag_ms"] = max(0.0, float(now_ms - since))
+            self._dirty.add(name)
+
+    def info(self, name: str) -> dict:
+        """Persisted detector and lag figures of a policy (empty when never trained)."""
         s = self._stats.get(name)
         if s is None:
             data = self.store.load_stats(name)
             if data is None:
-                return 0
+                return {}
             try:
-                return RidgeStats.from_bytes(data).last_train_ms
+                s = RidgeStats.from_bytes(data)
             except (PolicyError, ValueError, KeyError):
-                return 0
-        return s.last_train_ms
+                return {}
+        return {**s.extra, "effective_rows": float(s.weight.sum()), "rows": s.n,
+                "last_train_ms": s.last_train_ms}
+
+    def last_train_ms(self, name: str) -> int:
+        return int(self.info(name).get("last_train_ms", 0))

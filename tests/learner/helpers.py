@@ -13,14 +13,14 @@ ACTIONS = ("none", "spins", "match")
 
 def make_policy(name="bonus", d=3, *, window=10.0, aggregation="sum", default_reward=0.0,
                 costs=(0.0, 1.0, 2.0), every_events=1000, every_seconds=5.0, version=1,
-                ridge_lambda=1.0) -> Policy:
+                ridge_lambda=1.0, **learning) -> Policy:
     return Policy.linear(
         name, d, [Action(a, c) for a, c in zip(ACTIONS, costs)], version=version,
         exploration=Exploration.epsilon_greedy(0.2),
         learning=LearningSettings(reward_window_seconds=window, aggregation=aggregation,
                                   default_reward=default_reward, ridge_lambda=ridge_lambda,
                                   retrain_every_events=every_events,
-                                  retrain_every_seconds=every_seconds))
+                                  retrain_every_seconds=every_seconds, **learning))
 
 
 def decisions(n, *, policy="bonus", d=3, k=3, start_lo=0, hi=7, ts_ns=None, users=None,

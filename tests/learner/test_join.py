@@ -119,3 +119,40 @@ def test_outcome_lookup_uses_indexes(store):
     assert sum("SCAN k" in p for p in plan) == 2
     assert any("outcomes_event" in p and "event_lo=?" in p for p in plan)
     assert any("outcomes_user" in p and "user_hash=?" in p for p in plan)
+
+
+def test_first_aggregation_joins_on_arrival_without_waiting_out_the_window(store):
+    # A 600 s window: with "sum" or "earliest" nothing could join for ten minutes.
+    publish(store, make_policy(window=600, aggregation="first", default_reward=-1.0,
+                               costs=(0, 0, 0)))
+    store.ingest("c", 1, records([decisions(3, ts_ns=[0, 0, 0], users=[1, 2, 3])]))
+    j = Joiner(store, grace_seconds=2)
+    trainer = Trainer(store)
+    assert j.run(1 * NS, trainer).total == 0              # no outcome yet: still pending
+    store.ingest("c", 2, records([], [(OUTCOME_REWARD, 7, 0, 0, 2 * NS, 4.0),
+                                      (OUTCOME_OBSERVE, 0, 0, 2, 3 * NS, 6.0)]))
+    # The block is looked at again within a bounded time (the poll doubles with age).
+    blk_next = store._con.execute("SELECT next_check_ns FROM blocks").fetchone()[0]
+    assert blk_next <= 3 * NS
+    res = j.run(blk_next, trainer)
+    assert res.joined == {"bonus": 2} and res.trained == {"bonus": 2}
+    status, value, _, count = joined(store)
+    assert status == [1, 1, 0] and value[:2] == [4.0, 6.0] and count[:2] == [1, 1]
+    # A later outcome does not change a closed row; the row without one gets the default
+    # reward when its window closes.
+    store.ingest("c", 3, records([], [(OUTCOME_REWARD, 7, 0, 0, 5 * NS, 100.0)]))
+    assert j.run(10 * NS, trainer).total == 0
+    assert j.run(602 * NS, trainer).joined == {"bonus": 1}
+    status, value, _, _ = joined(store)
+    assert status == [1, 1, 1] and value == [4.0, 6.0, -1.0]
+    assert trainer.stats(make_policy()).n == 3
+
+
+def test_trainer_gets_decision_times_and_lag(store):
+    publish(store, make_policy(window=10, costs=(0, 0, 0)))
+    store.ingest("c", 1, records([decisions(4, ts_ns=[0, NS, 2 * NS, 3 * NS])]))
+    trainer = Trainer(store)
+    Joiner(store, grace_seconds=0).run(20 * NS, trainer)
+    s = trainer.stats(make_policy())
+    assert s.n == 4 and s.rows_clock == 4            # rows clock advanced in time order
+    assert s.extra["row_lag_ms"] == 18_500           # joined at 20 s; median decision 1.5 s

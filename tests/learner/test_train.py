@@ -47,7 +47,7 @@ def test_ridge_matches_closed_form_and_merges():
 
 
 def test_trainer_cadence_persistence_and_new_version(tmp_path):
-    policy = make_policy(d=2, every_events=100, every_seconds=5.0)
+    policy = make_policy(d=2, every_events=100, every_seconds=5.0, first_retrain_events=0)
     store = EventStore(tmp_path / "t.sqlite")
     trainer = Trainer(store)
     rng = np.random.default_rng(2)

@@ -1,0 +1,99 @@
+"""Change detection: a shift of one action's rewards is found, acted on and recorded."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from loops_sdk.learner.store import EventStore
+from loops_sdk.learner.train import BOOST_ROWS, Trainer
+
+from helpers import make_policy
+
+NS = 1_000_000_000
+CHANGE, N, BATCH = 3000, 6000, 100
+
+
+def play(tmp_path, seed, *, shift=-1.0, n=N, detect=True):
+    """Uniform logging over 3 actions, unit-variance noise; from row CHANGE the best action
+    ("none", index 0) loses ``shift`` (in noise sds): then "spins" is the best."""
+    rng = np.random.default_rng(seed)
+    store = EventStore(tmp_path / f"c{seed}.sqlite")
+    trainer = Trainer(store)
+    policy = make_policy(d=2, half_life_rows=0, detect_changes=detect)
+    w, b = rng.normal(size=(3, 2)), np.array([1.0, 0.5, 0.0])
+    alarms = []
+    for t in range(0, n, BATCH):
+        x = rng.normal(size=(BATCH, 2))
+        a = rng.integers(0, 3, BATCH)
+        idx = np.arange(t, t + BATCH)
+        mean = np.einsum("nd,nd->n", x, w[a]) + b[a] + np.where((a == 0) & (idx >= CHANGE),
+                                                                 shift, 0.0)
+        before = len(trainer._changes)
+        trainer.observe(policy, x, a, mean + rng.normal(size=BATCH), idx * (NS // 100),
+                        now_ms=t)
+        alarms += [(t, c[2]) for c in trainer._changes[before:]]
+        with store.transaction() as con:
+            trainer.save(con)
+    return store, trainer, policy, alarms
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    logging.disable(logging.INFO)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def test_detector_fires_soon_after_the_change_and_not_before(tmp_path):
+    # Stated false-alarm rate: the CUSUM's in-control run length is ~3 * 10^5 rows per side
+    # and action, so over these 8 x 3,000 stationary rows (x 3 actions) an alarm before the
+    # change has probability ~0.1; the seeds are fixed, so the result is deterministic.
+    for seed in range(8):
+        store, _, _, alarms = play(tmp_path, seed)
+        early = [a for a in alarms if a[0] < CHANGE]
+        late = [a for a in alarms if a[0] >= CHANGE]
+        assert not early, f"seed {seed}: false alarm {early}"
+        assert late and late[0][1] == "none", f"seed {seed}: no alarm for 'none' {alarms}"
+        # Bounded delay: a one-sd shift is found within 600 rows (~200 of the action's).
+        assert late[0][0] - CHANGE <= 600, f"seed {seed}: found after {late[0][0] - CHANGE}"
+        stored = store.changes("bonus")
+        assert stored and stored[0][1] == "none" and stored[0][2] == "down"
+        store.close()
+
+
+def test_no_alarm_on_a_stationary_world(tmp_path):
+    for seed in range(3):
+        store, _, _, alarms = play(tmp_path, 100 + seed, shift=0.0)
+        assert alarms == []
+        store.close()
+
+
+def test_after_a_change_it_forgets_that_action_and_explores_more(tmp_path):
+    store, trainer, policy, alarms = play(tmp_path, 1, n=CHANGE + 1000)
+    assert alarms
+    s = trainer.stats(policy)
+    # The changed action's past was discounted: its effective rows are well below its count.
+    assert s.weight[0] < 0.5 * s.count[0]
+    assert s.weight[1] == pytest.approx(s.count[1])
+    new = trainer.train(policy, version=2)
+    assert new.exploration.epsilon == pytest.approx(2 * policy.exploration.epsilon)
+    assert new.metadata["exploring_after_change"] == "1"
+    # The fit follows the new world: "spins" is now the best on average.
+    assert new.bias[0] < new.bias[1]
+    # After BOOST_ROWS more rows, exploration is back to the policy's own.
+    rng = np.random.default_rng(0)
+    m = BOOST_ROWS + 100
+    quiet_policy = make_policy(d=2, half_life_rows=0, detect_changes=False)
+    trainer.observe(quiet_policy, rng.normal(size=(m, 2)), rng.integers(1, 3, m),
+                    rng.normal(size=m), np.arange(m, dtype=np.int64) + 10**12)
+    assert trainer.train(policy, version=3).exploration == policy.exploration
+    info = trainer.info("bonus")
+    assert info["changes"] >= 1 and info["last_change"][1] == "none"
+    store.close()
+
+
+def test_detection_off_records_nothing(tmp_path):
+    store, trainer, policy, alarms = play(tmp_path, 1, detect=False)
+    assert alarms == [] and store.changes("bonus") == []
+    store.close()
