@@ -45,8 +45,8 @@ from ..errors import BatchError, LoopsError, PolicyError
 from ..policy import Policy
 from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
 from .join import Joiner, JoinResult, PolicyBook
-from .retention import Retention
 from .promotion import Gate, GateResult
+from .retention import Retention
 from .store import EventStore, StoredPolicy
 from .train import Trainer
 

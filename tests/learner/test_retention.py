@@ -186,3 +186,42 @@ def test_bad_settings_are_named(tmp_path, kwargs):
         args = {"retain_days": 1, **kwargs}
         with pytest.raises(ArgumentError, match=next(iter(kwargs))):
             Retention(store, **args)
+
+
+def test_retention_interleaves_with_ingest_and_loses_nothing(tmp_path):
+    """Ingest on one thread while join + retention rounds run on another: every batch is
+    stored once, and every stored decision is either still there or counted as deleted."""
+    import threading
+
+    with EventStore(tmp_path / "c.sqlite") as store:
+        publish(store, make_policy(window=10))
+        t0 = time.time_ns()
+        errors = []
+
+        def ingest():
+            try:
+                for seq in range(60):
+                    blk = decisions(200, start_lo=seq * 200, ts_ns=np.full(200, t0), seed=seq)
+                    assert store.ingest("c", seq, records([blk])) == (200, False)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+        thread = threading.Thread(target=ingest)
+        joiner = Joiner(store, grace_seconds=0)
+        retention = Retention(store, retain_days=1, dedup_days=30, every_seconds=0,
+                              blocks_per_commit=2)
+        thread.start()
+        for _ in range(10_000):                 # bounded; ends when ingest has ended
+            joiner.run(t0 + 2 * DAY)
+            retention.run(t0 + 2 * DAY)
+            if not thread.is_alive():
+                break
+        thread.join(timeout=30)
+        joiner.run(t0 + 2 * DAY)
+        retention.run(t0 + 2 * DAY)
+        assert not errors and not thread.is_alive()
+        counters = store.counters()
+        assert counters["decisions"] == 60 * 200
+        assert counters["retention:decisions"] + stored_decisions(store) == 60 * 200
+        assert stored_decisions(store) == 0
+        # Batch ids are inside their horizon: a re-send is still recognised.
+        assert store.ingest("c", 5, records([decisions(200, start_lo=1000)])) == (200, True)
