@@ -163,3 +163,22 @@ def test_bad_arguments_and_missing_pyarrow(store, tmp_path, monkeypatch):
         export_parquet(store, tmp_path / "o3")
     with pytest.raises(ImportError, match=r"loops-sdk\[parquet\]"):
         LoggedData.from_parquet(tmp_path / "o2", "bonus")
+
+
+def test_rules_word_is_exported_with_the_names_of_its_caps(tmp_path):
+    from loops_sdk.batch import FLAG_CAPPED
+    from loops_sdk.rules import CAP_BIT_SHIFT, FrequencyCap
+
+    with EventStore(tmp_path / "c.sqlite") as s:
+        p = make_policy("capped", window=10).with_rules(caps=[FrequencyCap("3-per-day", 3,
+                                                                           86_400.0)])
+        publish(s, p)
+        blk = decisions(4, policy="capped", ts_ns=np.full(4, DAY1), flags=[FLAG_CAPPED, 0, 0, 0])
+        blk.rules = np.array([1 << CAP_BIT_SHIFT, 0, 0, 0], np.uint64)
+        s.ingest("c", 1, records([blk]))
+        Joiner(s, grace_seconds=0).run(DAY1 + 60 * NS)
+        out = tmp_path / "export"
+        export_parquet(s, out)
+    rows = sql(f"select rules, rule_names, capped from {scan(out)} order by row")
+    assert rows == [(1 << CAP_BIT_SHIFT, ["3-per-day"], True), (0, [], False), (0, [], False),
+                    (0, [], False)]
