@@ -30,6 +30,11 @@ What is stored, and why in this shape:
 * ``stats``: the trainer's serialised sufficient statistics per policy.
 * ``counters``: running totals for status (no ``COUNT(*)`` over millions of rows).
 
+Retention (:mod:`loops_sdk.learner.retention`) deletes old blocks, outcomes and batch ids
+through the primitives in the "retention" section below (``batches_received`` and the partial
+``block_spans_pending`` index keep them off full scans); files are created with incremental
+auto-vacuum so the pages it frees can be given back.
+
 Durability: ``synchronous=NORMAL`` in WAL mode (the default here) makes each commit a write into
 the WAL file without an fsync; the data is in the operating system's page cache the moment
 ``COMMIT`` returns, so it survives ``kill -9`` of the learner process. Only a power loss or
