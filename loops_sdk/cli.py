@@ -56,19 +56,24 @@ def _add_learner(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retain-days", type=float, default=30.0, metavar="N",
                    help="delete joined decisions older than N days, outcomes and batch ids "
                    "past that horizon (default 30; 0 keeps everything)")
+    p.add_argument("--retention-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between retention rounds (default 60)")
     _add_server_security(p)
     p.set_defaults(func=_cmd_learner)
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
     from .learner import Learner
-    if not args.retain_days >= 0:
-        print(f"loops: --retain-days must be >= 0, not {args.retain_days}", file=sys.stderr)
-        return 2
+    for flag, value in (("--retain-days", args.retain_days),
+                        ("--retention-interval", args.retention_interval)):
+        if not value >= 0:
+            print(f"loops: {flag} must be >= 0, not {value}", file=sys.stderr)
+            return 2
     learner = Learner(args.db, args.host, args.port, grace_seconds=args.grace,
                       max_workers=args.max_workers, durability=args.durability,
                       security=_server_security(args),
-                      retain_days=args.retain_days if args.retain_days > 0 else None)
+                      retain_days=args.retain_days if args.retain_days > 0 else None,
+                      retention_every_seconds=args.retention_interval)
     return _run_until_signal(learner, lambda: f"loops learner listening on {learner.address} "
                                               f"(db {args.db})")
 

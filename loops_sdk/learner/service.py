@@ -299,6 +299,7 @@ class Learner:
         retain_days: delete joined decisions (and old outcomes, batch ids) after this many
             days, in small transactions after join rounds (see
             :mod:`~loops_sdk.learner.retention`); None keeps everything.
+        retention_every_seconds: at most one retention round this often.
     """
 
     def __init__(self, db: str | Path, host: str = "127.0.0.1", port: int = 0, *,
@@ -306,7 +307,8 @@ class Learner:
                  max_batch_records: int = 100_000, max_batch_bytes: int = 32 * _MiB,
                  max_workers: int = 64, durability: str = "normal",
                  security: ServerSecurity | None = None,
-                 retain_days: float | None = None) -> None:
+                 retain_days: float | None = None,
+                 retention_every_seconds: float = 60.0) -> None:
         self.security = security if security is not None else ServerSecurity()
         self.security.check_bind(host)   # refuse an insecure public bind before opening the db
         self.store = EventStore(db, durability=durability)
@@ -315,7 +317,8 @@ class Learner:
         self.trainer = Trainer(self.store)
         self.gate = Gate(self.store)
         self.retention = (None if retain_days is None
-                          else Retention(self.store, retain_days))
+                          else Retention(self.store, retain_days,
+                                         every_seconds=retention_every_seconds))
         # Verdicts of the promotion gate since start, by decision (promoted/rejected/held).
         self.gate_counts: dict[str, int] = {}
         # Retraining rounds that raised, by policy (logged; the other policies go on).

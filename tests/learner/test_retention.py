@@ -225,3 +225,52 @@ def test_retention_interleaves_with_ingest_and_loses_nothing(tmp_path):
         assert stored_decisions(store) == 0
         # Batch ids are inside their horizon: a re-send is still recognised.
         assert store.ingest("c", 5, records([decisions(200, start_lo=1000)])) == (200, True)
+
+
+def test_loops_learner_retain_days_deletes_old_joined_decisions(tmp_path):
+    """The real command: `loops learner --retain-days 1` (a process, gRPC on an ephemeral
+    port) deletes decisions older than a day once they are joined; newer ones stay."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import grpc
+
+    from loops_sdk._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
+    from loops_sdk.batch import encode_records
+
+    from sdk_helpers import wait_until
+
+    root = Path(__file__).resolve().parents[2]
+    db = tmp_path / "cli.sqlite"
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "loops_sdk.cli", "learner", "--db", str(db),
+                             "--port", "0", "--grace", "0", "--retain-days", "1",
+                             "--retention-interval", "0.2", "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        m = re.search(r"listening on (\S+)", proc.stdout.readline())
+        assert m, "learner did not start"
+        now = time.time_ns()
+        with grpc.insecure_channel(m.group(1)) as channel:
+            stub = learner_pb2_grpc.LearnerServiceStub(channel)
+            stub.PublishPolicy(learner_pb2.PublishRequest(
+                policy=make_policy(window=1).to_bytes()), timeout=10)
+            for seq, (ts, lo) in enumerate(((now - 3 * DAY, 0), (now - 2 * NS, 100)), 1):
+                payload = encode_records(records([decisions(50, start_lo=lo,
+                                                            ts_ns=np.full(50, ts))]))
+                stub.ReportFeedback(feedback_pb2.FeedbackBatch(
+                    client_id="c", sequence=seq, record_count=50, payload_format=1,
+                    payload=payload), timeout=10)
+        with EventStore(db) as store:
+            def settled():
+                c = store.counters()
+                return c.get("retention:decisions") == 50 and c.get("joined") == 100
+            assert wait_until(settled, timeout=30)
+            assert [int(b.event_lo[0]) for b in store.iter_blocks()] == [100]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
