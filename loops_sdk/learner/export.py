@@ -150,7 +150,11 @@ def export_parquet(store: EventStore | str | os.PathLike[str], out: str | os.Pat
     _remove_unrecorded(out_dir, run)
     book = PolicyBook(store)
     result = ExportResult()
-    names = [policy] if policy else sorted({store.layout(lid)[0] for lid in _layout_ids(store)})
+    known = sorted({store.layout(lid)[0] for lid in _layout_ids(store)})
+    if policy is not None and policy not in known:
+        raise ArgumentError(f"policy: no decisions of policy {policy!r} in {store.path} "
+                            f"(policies with decisions: {', '.join(known) or 'none'})")
+    names = [policy] if policy else known
     for name in names:
         state = mark["policies"].setdefault(name, {"through": 0, "done": []})
         writer = _PartitionWriter(pa, pq, out_dir, name, run, rows_per_file, result)

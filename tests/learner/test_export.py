@@ -144,13 +144,18 @@ def test_from_parquet_gives_the_store_read(store, tmp_path):
     assert len(LoggedData.from_parquet(one, "offer")) == 10
 
 
-def test_bad_arguments_and_missing_pyarrow(store, tmp_path, monkeypatch):
+def test_bad_arguments_and_missing_pyarrow(store, tmp_path, monkeypatch, capsys):
     with pytest.raises(EvaluationError, match="path"):
         LoggedData.from_parquet(tmp_path / "nothing", "bonus")
     with pytest.raises(EvaluationError, match="policy"):
         LoggedData.from_parquet(tmp_path, "")
     with pytest.raises(ArgumentError, match="db"):
         export_parquet(tmp_path / "missing.sqlite", tmp_path / "o")
+    with pytest.raises(ArgumentError, match="policy: no decisions of policy 'nope'"):
+        export_parquet(store, tmp_path / "o", policy="nope")
+    assert main(["export", "--db", str(store.path), "--out", str(tmp_path / "o"), "--since",
+                 "x"]) == 1
+    assert "since must be an ISO date" in capsys.readouterr().err
     with pytest.raises(ArgumentError, match="rows_per_file"):
         export_parquet(store, tmp_path / "o", rows_per_file=0)
     with EventStore(tmp_path / "other.sqlite") as other:
