@@ -9,7 +9,9 @@
   default rule: newest 20,000 joined rows, five estimators, twelve targets) on a store holding
   1M decisions (24 features × 8 actions; 100k with ``--quick``), the newest 10 minutes still
   pending; next to it, reading the whole history, which is what the gate's read cost grew
-  with before it walked blocks newest first.
+  with before it walked blocks newest first;
+* retention and export: ms per retention round deleting the older half of such a store, and
+  Parquet export rows/s (``loops export`` of every row).
 """
 
 from __future__ import annotations
@@ -209,6 +211,40 @@ def gate_evaluation(decisions: int, repeats: int) -> dict:
             "fill_s": fill_s, "window_rows": rule.window_rows, "repeats": repeats}
 
 
+def retention_export(decisions: int) -> dict:
+    """Parquet export throughput (rows/s, every row of a fresh store) and retention's cost per
+    round (ms; default round size) deleting the older half of the same store."""
+    try:
+        import pyarrow.compute  # noqa: F401  (imported before the clock starts)
+        import pyarrow.parquet  # noqa: F401
+        from loops_sdk.learner.export import export_parquet
+        from loops_sdk.learner.retention import Retention
+    except ImportError as exc:
+        return {"skipped": f"not available ({exc})"}
+    now_ns = time.time_ns()
+    with tempfile.TemporaryDirectory() as tmp:
+        store, _ = _fill_store(Path(tmp) / "r.sqlite", decisions, now_ns)
+        try:
+            t0 = time.perf_counter()
+            res = export_parquet(store, Path(tmp) / "export")
+            export_s = time.perf_counter() - t0
+            retention = Retention(store, retain_days=1.5 / 24, every_seconds=0)
+            store.ensure_incremental_vacuum()     # a no-op on a new file
+            rounds, deleted, t0 = 0, 0, time.perf_counter()
+            while rounds < 1000:
+                r = retention.run(now_ns)
+                rounds, deleted = rounds + 1, deleted + r.decisions
+                if r.done:
+                    break
+            retention_s = time.perf_counter() - t0
+        finally:
+            store.close()
+    return {"export_rows": res.rows, "export_s": export_s,
+            "export_rows_per_s": res.rows / export_s if export_s else 0.0,
+            "retention_rounds": rounds, "retention_deleted": deleted,
+            "retention_ms_per_round": retention_s * 1e3 / rounds}
+
+
 def run(quick: bool = False) -> tuple[list[Row], dict]:
     out: list[Row] = []
     ing = ingest(30 if quick else 200)
@@ -245,4 +281,14 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                        gate["full_read_s"] * 1e3, "ms", "", None,
                        f"{gate['joined']:,} rows: what one gate read cost before the "
                        "newest-first walk", gate))
-    return out, {"ingest": ing, "publish_applied": pub, "gate": gate}
+    life = retention_export(100_000 if quick else 1_000_000)
+    if "skipped" in life:
+        out.append(Row("learner", "retention / Parquet export", None, "", note="skipped: "
+                       + life["skipped"]))
+    else:
+        out.append(Row("learner", "retention cost per round", life["retention_ms_per_round"],
+                       "ms", "", None, f"{life['retention_deleted']:,} decisions deleted in "
+                       f"{life['retention_rounds']} rounds", life))
+        out.append(Row("learner", "Parquet export throughput", life["export_rows_per_s"],
+                       "rows/s", "", None, f"{life['export_rows']:,} rows", life))
+    return out, {"ingest": ing, "publish_applied": pub, "gate": gate, "retention": life}

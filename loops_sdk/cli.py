@@ -53,15 +53,27 @@ def _add_learner(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for late outcomes after a reward window closes")
     p.add_argument("--max-workers", type=int, default=64,
                    help="server threads (each open policy watch holds one)")
+    p.add_argument("--retain-days", type=float, default=30.0, metavar="N",
+                   help="delete joined decisions older than N days, outcomes and batch ids "
+                   "past that horizon (default 30; 0 keeps everything)")
+    p.add_argument("--retention-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between retention rounds (default 60)")
     _add_server_security(p)
     p.set_defaults(func=_cmd_learner)
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
     from .learner import Learner
+    for flag, value in (("--retain-days", args.retain_days),
+                        ("--retention-interval", args.retention_interval)):
+        if not value >= 0:
+            print(f"loops: {flag} must be >= 0, not {value}", file=sys.stderr)
+            return 2
     learner = Learner(args.db, args.host, args.port, grace_seconds=args.grace,
                       max_workers=args.max_workers, durability=args.durability,
-                      security=_server_security(args))
+                      security=_server_security(args),
+                      retain_days=args.retain_days if args.retain_days > 0 else None,
+                      retention_every_seconds=args.retention_interval)
     return _run_until_signal(learner, lambda: f"loops learner listening on {learner.address} "
                                               f"(db {args.db})")
 
@@ -360,6 +372,17 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
                    help="fixed-width UTC buckets instead (3600 = hourly, 86400 = daily)")
     p.add_argument("--level", type=float, default=0.95,
                    help="confidence level of every interval (default 0.95)")
+    p.add_argument("--days", type=float, default=30.0,
+                   help="only the last N days before each policy's newest decision (default "
+                   "30; 0 = the whole history)")
+    p.add_argument("--since", metavar="T", help="only decisions from T on (ISO date/time or "
+                   "Unix seconds; overrides --days)")
+
+
+def _window_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from .learner.export import parse_time
+    return {"since_ns": parse_time(args.since) if args.since else None,
+            "window_days": None if args.days == 0 else args.days}
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -372,12 +395,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .errors import InsightsError
+    from .errors import ArgumentError, InsightsError
     from .report import write_report
     try:
         out = write_report(args.db, args.out, policy=args.policy, buckets=args.buckets,
-                           bucket_seconds=args.bucket_seconds, level=args.level)
-    except InsightsError as exc:
+                           bucket_seconds=args.bucket_seconds, level=args.level,
+                           **_window_kwargs(args))
+    except (InsightsError, ArgumentError) as exc:
         print(f"loops: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -397,14 +421,15 @@ def _add_lift(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_lift(args: argparse.Namespace) -> int:
-    from .errors import InsightsError
+    from .errors import ArgumentError, InsightsError
     from .learner.insights import policy_insights, policy_names
     try:
         names = [args.policy] if args.policy else policy_names(args.db)
         results = [policy_insights(args.db, n, buckets=args.buckets,
-                                   bucket_seconds=args.bucket_seconds, level=args.level)
+                                   bucket_seconds=args.bucket_seconds, level=args.level,
+                                   **_window_kwargs(args))
                    for n in names]
-    except InsightsError as exc:
+    except (InsightsError, ArgumentError) as exc:
         print(f"loops: {exc}", file=sys.stderr)
         return 1
     ci = f"{args.level * 100:g}% CI"
@@ -430,6 +455,33 @@ def _cmd_lift(args: argparse.Namespace) -> int:
         if ins.pending:
             print(f"  ({ins.pending:,} decisions still in their reward window not counted)")
     return 0 if results else 1
+
+
+# --------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write decisions joined with their rewards as Parquet "
+                                      "(partitioned by policy and day; only what is new)")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    p.add_argument("--out", required=True, metavar="DIR", help="export directory")
+    p.add_argument("--policy", help="only this policy (default: every policy)")
+    p.add_argument("--since", metavar="T", help="leave out decisions before T (ISO date/time, "
+                   "UTC unless it says otherwise, or Unix seconds)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import LoopsError
+    try:
+        from .learner.export import export_parquet, parse_time
+        since = parse_time(args.since) if args.since else None
+        res = export_parquet(args.db, args.out, policy=args.policy, since_ns=since)
+    except (LoopsError, ImportError, OSError) as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 1
+    rate = res.rows / res.seconds if res.seconds > 0 else 0.0
+    print(f"exported {res.rows:,} decisions in {len(res.files)} files to {args.out} "
+          f"({rate:,.0f} rows/s)")
+    return 0
 
 
 # --------------------------------------------------------------------------- security flags
@@ -578,7 +630,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift,
+    _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift, _add_export,
     _add_serve, _add_dev_certs, _add_spool,
 ]
 

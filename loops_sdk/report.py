@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 from .charts import (PALETTE, BarSeries, IntervalRow, Series, bar_chart, format_time,
                      interval_chart, xy_chart)
-from .learner.insights import PolicyInsights, _opened, policy_insights, policy_names
+from .learner.insights import (DEFAULT_WINDOW_DAYS, PolicyInsights, _opened, policy_insights,
+                               policy_names)
 from .learner.store import EventStore, StoredEvaluation, StoredPolicy
 
 __all__ = ["render_report", "write_report", "MAX_VERSION_ROWS", "MAX_OPE_VERSIONS"]
@@ -49,14 +50,17 @@ _TREATED, _HOLDOUT = PALETTE[0], PALETTE[3]
 # --------------------------------------------------------------------------- public API
 def render_report(store: EventStore | str | Path, *, policy: str | None = None,
                   buckets: int = 12, bucket_seconds: float | None = None,
-                  level: float = 0.95, title: str = "LOOPS learner report") -> str:
+                  level: float = 0.95, title: str = "LOOPS learner report",
+                  since_ns: int | None = None,
+                  window_days: float | None = DEFAULT_WINDOW_DAYS) -> str:
     """The report as one HTML string.
 
     Args:
         store: an open store or the learner's SQLite file.
         policy: only this policy (default: every policy in the store).
-        buckets, bucket_seconds, level: as in
-            :func:`~loops_sdk.learner.insights.policy_insights`.
+        buckets, bucket_seconds, level, since_ns, window_days: as in
+            :func:`~loops_sdk.learner.insights.policy_insights` (by default the last 30 days
+            before each policy's newest decision: a bounded read).
         title: the page title.
 
     Raises:
@@ -68,7 +72,7 @@ def render_report(store: EventStore | str | Path, *, policy: str | None = None,
         sections = []
         for i, name in enumerate(names):
             ins = policy_insights(st, name, buckets=buckets, bucket_seconds=bucket_seconds,
-                                  level=level)
+                                  level=level, since_ns=since_ns, window_days=window_days)
             sections.append(_policy_section(f"p{i}", ins, st.get_policy(name),
                                             st.policy_history(name), _evaluations(st, name)))
         db = str(st.path)

@@ -196,6 +196,26 @@ class LoggedData:
                        versions=pick(self.versions))
 
 
+    @classmethod
+    def from_parquet(cls, path: "str | os.PathLike[str]", policy: str, *,
+                     since_ns: int | None = None, include_holdout: bool = False,
+                     include_capped: bool = False, include_apprentice: bool = False
+                     ) -> "LoggedData":
+        """A policy's joined decisions from ``loops export`` Parquet (a file or the export
+        directory), the same rows and order as
+        :func:`loops_sdk.learner.window.read_logged_data` gives on the store they came from.
+
+        Needs pyarrow (the ``parquet`` extra; ImportError naming it otherwise).
+
+        Raises:
+            EvaluationError: no such path, or no joined decision of ``policy`` in it.
+        """
+        from .parquet import read_parquet
+
+        return read_parquet(path, policy, since_ns=since_ns, include_holdout=include_holdout,
+                            include_capped=include_capped,
+                            include_apprentice=include_apprentice)
+
     # ----------------------------------------------------------------- deprecated
     @classmethod
     def from_store(cls, store: "EventStore | str | os.PathLike[str]", policy: str, *,

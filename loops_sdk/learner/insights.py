@@ -55,12 +55,15 @@ from .store import STATUS_JOINED, EventStore
 __all__ = [
     "MeanEstimate", "Difference", "GroupSummary", "Lift", "LiftBucket", "CurveBucket",
     "VersionSummary", "LearningCurve", "PolicyInsights", "policy_names", "policy_insights",
-    "holdout_lift", "learning_curve", "MAX_BUCKETS",
+    "holdout_lift", "learning_curve", "MAX_BUCKETS", "DEFAULT_WINDOW_DAYS",
 ]
 
 logger = logging.getLogger(__name__)
 
 MAX_BUCKETS = 1000
+# The read-outs cover the last 30 days before the policy's newest decision unless told
+# otherwise: a bounded read however long the history (None = the whole history).
+DEFAULT_WINDOW_DAYS = 30.0
 _NS = 1_000_000_000
 _NAN = float("nan")
 
@@ -201,7 +204,8 @@ def policy_names(store: EventStore | str | Path) -> list[str]:
 
 def policy_insights(store: EventStore | str | Path, policy: str, *, buckets: int = 12,
                     bucket_seconds: float | None = None, since_ns: int | None = None,
-                    until_ns: int | None = None, level: float = 0.95) -> PolicyInsights:
+                    until_ns: int | None = None, level: float = 0.95,
+                    window_days: float | None = DEFAULT_WINDOW_DAYS) -> PolicyInsights:
     """Holdout lift (overall and per time bucket), spend and learning curve of one policy.
 
     Args:
@@ -212,6 +216,9 @@ def policy_insights(store: EventStore | str | Path, policy: str, *, buckets: int
             hours, 86400: UTC days). Takes precedence over ``buckets``.
         since_ns, until_ns: only decisions with ``since_ns <= ts_ns < until_ns``.
         level: confidence level of every interval, in (0, 1).
+        window_days: without ``since_ns``, only the decisions of the last ``window_days``
+            before the policy's newest one (default 30); None reads the whole history. The
+            read visits only the blocks overlapping the window (the store's block spans).
 
     Raises:
         InsightsError: bad arguments, an unknown policy, or ``store`` is a path with no
@@ -226,11 +233,20 @@ def policy_insights(store: EventStore | str | Path, policy: str, *, buckets: int
     elif not (isinstance(bucket_seconds, (int, float)) and math.isfinite(bucket_seconds)
               and bucket_seconds > 0):
         raise InsightsError(f"bucket_seconds must be a positive number, not {bucket_seconds!r}")
+    if window_days is not None and not (
+            isinstance(window_days, (int, float)) and not isinstance(window_days, bool)
+            and math.isfinite(window_days) and window_days > 0):
+        raise InsightsError(f"window_days must be a positive number of days or None, not "
+                            f"{window_days!r}")
     with _opened(store) as st:
         known = policy_names(st)
         if policy not in known:
             raise InsightsError(f"no policy {policy!r} in {st.path} (policies: "
                                 f"{', '.join(known) or 'none'})")
+        if since_ns is None and window_days is not None:
+            newest = next(iter(st.block_spans(policy, order="time", page=1)), None)
+            if newest is not None:
+                since_ns = newest.max_ts_ns - int(window_days * 86_400 * _NS)
         rows = _Rows.load(st, policy, since_ns, until_ns)
     edges = _edges(rows.ts[rows.joined], buckets, bucket_seconds)
     return _insights(policy, rows, edges, z, level)
@@ -300,7 +316,10 @@ class _Rows:
         book = PolicyBook(store)
         costs: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
         parts: list[tuple[np.ndarray, ...]] = []
-        for blk in store.iter_blocks(policy=policy):
+        # Only the blocks overlapping the range (block spans by time), in arrival order.
+        ids = sorted(s.id for s in store.block_spans(policy, order="time", since_ns=since_ns)
+                     if until_ns is None or s.min_ts_ns < until_ns)
+        for blk in (store.load_block(i) for i in ids):
             ts = np.asarray(blk.ts_ns, np.int64)
             keep = np.ones(len(blk), bool)
             if since_ns is not None:

@@ -46,6 +46,7 @@ from ..policy import Policy
 from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
 from .join import Joiner, JoinResult, PolicyBook
 from .promotion import Gate, GateResult
+from .retention import Retention
 from .store import EventStore, StoredPolicy
 from .train import Trainer
 
@@ -298,13 +299,19 @@ class Learner:
         durability: ``"normal"`` or ``"full"``, see :class:`~loops_sdk.learner.store.EventStore`.
         security: TLS and bearer tokens (:class:`~loops_sdk.security.ServerSecurity`); the
             default serves plaintext without tokens and only on a loopback ``host``.
+        retain_days: delete joined decisions (and old outcomes, batch ids) after this many
+            days, in small transactions after join rounds (see
+            :mod:`~loops_sdk.learner.retention`); None keeps everything.
+        retention_every_seconds: at most one retention round this often.
     """
 
     def __init__(self, db: str | Path, host: str = "127.0.0.1", port: int = 0, *,
                  train: bool = True, tick_seconds: float = 0.25, grace_seconds: float = 2.0,
                  max_batch_records: int = 100_000, max_batch_bytes: int = 32 * _MiB,
                  max_workers: int = 64, durability: str = "normal",
-                 security: ServerSecurity | None = None) -> None:
+                 security: ServerSecurity | None = None,
+                 retain_days: float | None = None,
+                 retention_every_seconds: float = 60.0) -> None:
         self.security = security if security is not None else ServerSecurity()
         self.security.check_bind(host)   # refuse an insecure public bind before opening the db
         self.store = EventStore(db, durability=durability)
@@ -312,6 +319,9 @@ class Learner:
         self.joiner = Joiner(self.store, self.book, grace_seconds=grace_seconds)
         self.trainer = Trainer(self.store)
         self.gate = Gate(self.store)
+        self.retention = (None if retain_days is None
+                          else Retention(self.store, retain_days,
+                                         every_seconds=retention_every_seconds))
         # Verdicts of the promotion gate since start, by decision (promoted/rejected/held).
         self.gate_counts: dict[str, int] = {}
         # Retraining rounds that raised, by policy (logged; the other policies go on).
@@ -577,6 +587,11 @@ class Learner:
         except Exception:  # noqa: BLE001 - training on what was joined before still runs
             logger.exception("join round failed")
             joined = JoinResult()
+        if self.retention is not None:
+            try:
+                self.retention.maybe_run(now_ns)
+            except Exception:  # noqa: BLE001 - a failed clean-up must not stop training
+                logger.exception("retention round failed")
         published = []
         for row in self.store.current_policies():
             try:

@@ -30,6 +30,11 @@ What is stored, and why in this shape:
 * ``stats``: the trainer's serialised sufficient statistics per policy.
 * ``counters``: running totals for status (no ``COUNT(*)`` over millions of rows).
 
+Retention (:mod:`loops_sdk.learner.retention`) deletes old blocks, outcomes and batch ids
+through the primitives in the "retention" section below (``batches_received`` and the partial
+``block_spans_pending`` index keep them off full scans); files are created with incremental
+auto-vacuum so the pages it frees can be given back.
+
 Durability: ``synchronous=NORMAL`` in WAL mode (the default here) makes each commit a write into
 the WAL file without an fsync; the data is in the operating system's page cache the moment
 ``COMMIT`` returns, so it survives ``kill -9`` of the learner process. Only a power loss or
@@ -122,6 +127,9 @@ CREATE TABLE IF NOT EXISTS changes (
     direction TEXT NOT NULL, statistic REAL NOT NULL, rows INTEGER NOT NULL,
     detail TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS changes_name ON changes (name, created_ms);
+-- Retention (loops_sdk.learner.retention): batch ids by age, the oldest still-pending block.
+CREATE INDEX IF NOT EXISTS batches_received ON batches (received_ms);
+CREATE INDEX IF NOT EXISTS block_spans_pending ON block_spans (min_ts_ns) WHERE pending > 0;
 """
 
 # Statements with inner semicolons (_split cannot cut them): block_spans follows its block.
@@ -314,6 +322,10 @@ class EventStore:
         # Large pages: a block of 1,000 decisions is ~250 kB of blobs; 64 kiB pages write it
         # with far fewer overflow-page hops (only takes effect when the file is created).
         con.execute("PRAGMA page_size=65536")
+        # Retention frees pages; incremental auto-vacuum lets it give them back to the file
+        # system. Only takes effect on a new file (before its first table); an older file is
+        # switched by one VACUUM when retention starts (ensure_incremental_vacuum).
+        con.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: cannot switch to WAL journal mode (got {mode})")
@@ -752,6 +764,116 @@ class EventStore:
                 "WHERE name=? ORDER BY created_ms DESC, rowid DESC LIMIT ?",
                 (name, limit)).fetchall()
         return rows[::-1]
+
+    # ----------------------------------------------------------------- retention
+    # Primitives of loops_sdk.learner.retention: each deletes at most `limit` rows in one short
+    # transaction, so ingest (which takes the same lock) interleaves with a long clean-up.
+    def expired_blocks(self, policy: str, before_ns: int, limit: int) -> list[tuple[int, int]]:
+        """``(block id, rows)`` of up to ``limit`` blocks of ``policy`` whose every decision is
+        before ``before_ns`` and nothing the joiner still needs: every row joined, or the only
+        pending rows are deferred ones never activated (``next_check_ns`` NULL)."""
+        with self._lock:
+            lids = [lid for lid, row in self._layout_rows.items() if row[0] == policy]
+            out: list[tuple[int, int]] = []
+            for lid in lids:
+                out += self._con.execute(
+                    "SELECT s.block, s.n FROM block_spans s WHERE s.layout=? AND s.max_ts_ns < ?"
+                    " AND (s.pending = 0 OR (SELECT b.next_check_ns FROM blocks b WHERE "
+                    "b.id = s.block) IS NULL) LIMIT ?",
+                    (lid, int(before_ns), int(limit) - len(out))).fetchall()
+                if len(out) >= limit:
+                    break
+        return out
+
+    def delete_blocks(self, blocks: list[int], before_ns: int) -> tuple[int, int]:
+        """Delete those blocks (and their deferred rows) in one transaction, re-checking inside
+        it that each is still expired (an activation may have woken one meanwhile). Returns
+        ``(blocks, decisions)`` deleted."""
+        done = rows = 0
+        with self.transaction() as con:
+            for block in blocks:
+                row = con.execute(
+                    "SELECT b.n FROM blocks b JOIN block_spans s ON s.block = b.id WHERE "
+                    "b.id=? AND s.max_ts_ns < ? AND (s.pending = 0 OR b.next_check_ns IS NULL)",
+                    (int(block), int(before_ns))).fetchone()
+                if row is None:
+                    continue
+                con.execute("DELETE FROM deferred WHERE block=?", (int(block),))
+                con.execute("DELETE FROM blocks WHERE id=?", (int(block),))  # trigger: span
+                done += 1
+                rows += int(row[0])
+            self.bump(con, {"retention:blocks": done, "retention:decisions": rows})
+        return done, rows
+
+    def oldest_pending_ns(self) -> int | None:
+        """Earliest decision time of a block with pending rows (None: nothing pending)."""
+        with self._lock:
+            row = self._con.execute("SELECT MIN(min_ts_ns) FROM block_spans WHERE "
+                                    "pending > 0").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def max_outcome_id(self) -> int:
+        with self._lock:
+            return int(self._con.execute("SELECT COALESCE(MAX(id), 0) FROM outcomes"
+                                         ).fetchone()[0])
+
+    def delete_outcomes(self, through_id: int, before_ns: int | None, limit: int) -> int:
+        """Delete up to ``limit`` outcomes with id <= ``through_id`` (arrival order) and, when
+        ``before_ns`` is given, a timestamp before it (a pending decision may still join the
+        later ones). Returns how many."""
+        ts = _INT64_MAX if before_ns is None else int(before_ns)
+        with self.transaction() as con:
+            n = con.execute("DELETE FROM outcomes WHERE id IN (SELECT id FROM outcomes WHERE "
+                            "id <= ? AND ts_ns < ? ORDER BY id LIMIT ?)",
+                            (int(through_id), ts, int(limit))).rowcount
+            self.bump(con, {"retention:outcomes": n})
+        return n
+
+    def delete_batch_ids(self, received_before_ms: int, limit: int) -> int:
+        """Forget up to ``limit`` batch ids received before ``received_before_ms``: a re-send
+        of one of those would be stored again, so this horizon must exceed how long a client
+        may hold a batch (its spool)."""
+        with self.transaction() as con:
+            n = con.execute("DELETE FROM batches WHERE (client_id, sequence) IN (SELECT "
+                            "client_id, sequence FROM batches WHERE received_ms < ? LIMIT ?)",
+                            (int(received_before_ms), int(limit))).rowcount
+            self.bump(con, {"retention:batches": n})
+        return n
+
+    def page_counts(self) -> tuple[int, int]:
+        """``(pages in the file, of which free)``: the file's logical size."""
+        with self._lock:
+            return (int(self._con.execute("PRAGMA page_count").fetchone()[0]),
+                    int(self._con.execute("PRAGMA freelist_count").fetchone()[0]))
+
+    def auto_vacuum_mode(self) -> str:
+        with self._lock:
+            mode = int(self._con.execute("PRAGMA auto_vacuum").fetchone()[0])
+        return {0: "none", 1: "full", 2: "incremental"}.get(mode, str(mode))
+
+    def ensure_incremental_vacuum(self) -> bool:
+        """Switch a file created without incremental auto-vacuum to it (one full VACUUM: it
+        rewrites the file, so it takes time and free disk space about the file's size).
+        Returns True when it did."""
+        if self.auto_vacuum_mode() == "incremental":
+            return False
+        with self._lock:
+            logger.warning("%s: one-time VACUUM to turn on incremental auto-vacuum (rewrites "
+                           "the file)", self.path)
+            self._con.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._con.execute("VACUUM")
+        return self.auto_vacuum_mode() == "incremental"
+
+    def incremental_vacuum(self, keep_free: int, max_pages: int) -> int:
+        """Give free pages back to the file system, keeping ``keep_free`` of them for the next
+        inserts, at most ``max_pages`` per call. Returns pages released."""
+        pages, free = self.page_counts()
+        release = min(free - int(keep_free), int(max_pages))
+        if release <= 0:
+            return 0
+        with self._lock:
+            self._con.execute(f"PRAGMA incremental_vacuum({int(release)})").fetchall()
+        return pages - self.page_counts()[0]
 
 
 class _Transaction:
