@@ -145,7 +145,8 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         judged: the policy whose probabilities stand for the candidate (its twin fitted
             without ``data``'s rows); defaults to ``candidate``.
         held_out: say in the result that ``data`` was held out of ``judged``'s training.
-        window_n: the rows of the window ``data`` was held out of (for the reason).
+        window_n: the rows of the window ``data`` was held out of (``min_samples`` counts
+            these).
     Returns:
         The :class:`GateResult`; never raises for data that cannot judge the candidate (that
         is a ``held`` result naming the problem), and an undefined estimate only rejects.
@@ -158,10 +159,12 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
     def held(why: str) -> GateResult:
         return GateResult(HELD, f"held: {why}", rule, n, cv, dv, held_out=held_out)
 
-    if n < max(rule.min_samples, 2):
-        where = (f"held-out joined decisions (the newest of {window_n:,} in the evaluation "
-                 f"window)" if held_out else "joined decisions in the evaluation window")
-        return held(f"{n:,} {where}, the rule needs {rule.min_samples:,}")
+    # min_samples counts the window, not the held-out share of it: holding out must not
+    # double the data a small stream needs before its first promotion.
+    window = n if window_n is None else window_n
+    if window < max(rule.min_samples, 2) or n < 2:
+        return held(f"{window:,} joined decisions in the evaluation window, the rule needs "
+                    f"{max(rule.min_samples, 2):,}")
     try:
         # One reward model (fitted on first use) for every target: comparable DM parts, and
         # the paired difference's model terms cancel where the two policies agree.
