@@ -261,7 +261,8 @@ class Gate:
         out: the candidate's twin is refitted from ``stats`` minus those rows and judged on
         them (see the module docstring). When the rows cannot be taken out exactly (the
         statistics restarted after the window began, another layout) the candidate is judged
-        in sample on the whole window, and the reason says so.
+        in sample on the whole window (logged as a warning; the reason then counts "logged",
+        not "held-out", decisions).
 
         In apprentice mode players get the baseline whatever the policy says, so a candidate
         risks nothing: it is promoted (the policy keeps learning in the shadow) with whatever
@@ -281,6 +282,10 @@ class Gate:
                     split = held_out_twin(candidate, deployed, stats, data)
                     if split is not None:
                         data, judged, held_out = split[0], split[1], True
+                    else:
+                        logger.warning("policy %r v%d: the statistics do not hold the window's "
+                                       "rows; judged in sample", candidate.name,
+                                       candidate.version)
                 result = evaluate_candidate(data, candidate, deployed, rule,
                                             estimators=self.estimators, seed=candidate.version,
                                             judged=judged, held_out=held_out,
