@@ -31,10 +31,11 @@ the gap its switching opens to DR is bounded and subtracted from the lower bound
 ``bias_bound`` of the stored difference).
 
 Rows the candidate was not trained on (:meth:`Gate.evaluate` with the trainer's statistics):
-the newest slice of the window (half of it, at most the whole window) is held out; the
+the newest half of the window's rows that the deployed version served is held out (the
+deployed version was trained before it served them, so they are out of sample for both). The
 candidate's *twin* is fitted exactly as the trainer fits, on the statistics with that slice's
-rows taken out (sufficient statistics subtract), and judged with the deployed policy on the
-slice. The candidate itself, trained on every row, is what is served. Without statistics
+rows taken out (sufficient statistics subtract), so it still has more data than the deployed
+version, and is judged with the deployed policy on the slice. The candidate itself, trained on every row, is what is served. Without statistics
 (:func:`evaluate_candidate` called directly) the candidate is judged on all the rows given.
 
 Every estimate is stored (``EventStore.add_evaluation``) with the decision and a reason that
@@ -257,12 +258,12 @@ class Gate:
         """Load the deployed policy's rule window and judge ``candidate`` against it.
 
         With ``stats`` (the :class:`~loops_sdk.learner.train.RidgeStats` the candidate was
-        fitted from, rows of the window included), the newest share of the window is held
-        out: the candidate's twin is refitted from ``stats`` minus those rows and judged on
-        them (see the module docstring). When the rows cannot be taken out exactly (the
-        statistics restarted after the window began, another layout) the candidate is judged
-        in sample on the whole window (logged as a warning; the reason then counts "logged",
-        not "held-out", decisions).
+        fitted from, rows of the window included), the newest half of the window's rows the
+        deployed version served is held out: the candidate's twin is refitted from ``stats``
+        minus those rows and judged on them (see the module docstring). With fewer than 3
+        such rows, or when the rows cannot be taken out exactly (the statistics restarted
+        after the window began, another layout), the candidate is judged in sample on the
+        whole window (the reason then counts "logged", not "held-out", decisions).
 
         In apprentice mode players get the baseline whatever the policy says, so a candidate
         risks nothing: it is promoted (the policy keeps learning in the shadow) with whatever
@@ -283,9 +284,10 @@ class Gate:
                     if split is not None:
                         data, judged, held_out = split[0], split[1], True
                     else:
-                        logger.warning("policy %r v%d: the statistics do not hold the window's "
-                                       "rows; judged in sample", candidate.name,
-                                       candidate.version)
+                        logger.debug("policy %r v%d: no held-out slice (too few rows served "
+                                     "by v%d, or the statistics do not hold them); judged in "
+                                     "sample", candidate.name, candidate.version,
+                                     deployed.version)
                 result = evaluate_candidate(data, candidate, deployed, rule,
                                             estimators=self.estimators, seed=candidate.version,
                                             judged=judged, held_out=held_out,
@@ -336,8 +338,9 @@ def _storable(est: Estimate) -> Estimate:
 
 def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedData
                   ) -> tuple[LoggedData, Policy] | None:
-    """``(slice, twin)``: the newest share of ``data`` and ``candidate`` refitted the way the
-    trainer fits it, from ``stats`` with that slice's rows subtracted. None when the rows
+    """``(slice, twin)``: the newest half of the rows of ``data`` that ``deployed`` served
+    (all rows when ``data`` has no versions), and ``candidate`` refitted the way the trainer
+    fits it, from ``stats`` with that slice's rows subtracted. None when the rows
     cannot be subtracted exactly (layouts differ, or an action would be left with fewer than
     0 rows: the statistics do not hold the slice).
 
@@ -346,7 +349,14 @@ def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedD
     row is subtracted with its weight.
     """
     n = data.n
-    h = min(n, int(math.ceil(n * _HELD_OUT_SHARE)))
+    # Only rows the deployed version served: it was trained before it served them, so the
+    # slice is out of sample for both sides, and the twin (fitted on every other row) still
+    # has more data than the deployed version, as the candidate has. Holding out older rows
+    # instead would pit a twin staler than the deployed version against it.
+    own = (np.ones(n, bool) if data.versions is None
+           else data.versions == deployed.version)
+    rows = np.flatnonzero(own)
+    h = int(math.ceil(rows.size * _HELD_OUT_SHARE))
     if h < 2 or tuple(stats.input_names) != tuple(candidate.input_names):
         return None
     if tuple(stats.action_ids) != tuple(candidate.action_ids):
@@ -354,7 +364,7 @@ def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedD
     index = {a: i for i, a in enumerate(stats.action_ids)}
     if any(a not in index for a in data.action_ids):
         return None
-    part = data.subset(slice(n - h, n))
+    part = data.subset(rows[rows.size - h:])
     remap = np.array([index[a] for a in data.action_ids], dtype=np.int64)
     actions = remap[part.actions]
     d = part.x.shape[1]

@@ -249,7 +249,8 @@ def test_step_gates_candidates_and_history_lists_them(learner, client, capsys):
     evs = store.evaluations("bonus", 4)
     assert {e.target for e in evs} >= {"candidate", "deployed", "uniform", "holdout_default"}
     cand = next(e for e in evs if e.target == "candidate" and e.estimator == "dr")
-    assert cand.n == 1500 and cand.lower < cand.value < cand.upper     # held out of 3,000
+    # v3 served none of these rows (all logged as v1): judged in sample, on all 3,000.
+    assert cand.n == 3000 and cand.lower < cand.value < cand.upper
     assert f"{cand.lower:.4g}" in v4.decision_reason
     assert learner.gate_counts == {"promoted": 1, "rejected": 1}
 
@@ -703,3 +704,27 @@ def test_held_out_twin_is_the_fit_without_the_newest_rows():
     few = RidgeStats.for_policy(deployed)
     few.add(data.x[:10], data.actions[:10], data.rewards[:10])
     assert held_out_twin(cand, deployed, few, data) is None
+
+
+def test_held_out_slice_is_rows_the_deployed_version_served():
+    """The deployed version never saw the rows it served: half of those (the newest) are the
+    slice, so the twin keeps every row the deployed version was trained on, and more."""
+    from loops_sdk.learner.promotion import held_out_twin
+    from loops_sdk.learner.train import RidgeStats
+    base = logged(2000, seed=10)
+    versions = np.r_[np.full(1400, 1), np.full(600, 2)]
+    data = LoggedData(x=base.x, actions=base.actions, propensities=base.propensities,
+                      rewards=base.rewards, action_ids=base.action_ids, versions=versions,
+                      ts_ns=np.arange(2000, dtype=np.int64))
+    deployed = base_policy().with_version(2)
+    stats = RidgeStats.for_policy(deployed)
+    stats.add(data.x, data.actions, data.rewards)
+    cand = deployed.with_model(*stats.solve(1.0), version=3)
+    part, twin = held_out_twin(cand, deployed, stats, data)
+    assert part.n == 300 and (part.versions == 2).all()
+    assert np.array_equal(part.ts_ns, np.arange(1700, 2000))
+    older = RidgeStats.for_policy(deployed)
+    older.add(data.x[:1700], data.actions[:1700], data.rewards[:1700])
+    np.testing.assert_allclose(twin.weights, older.solve(1.0)[0], atol=1e-9)
+    # A version that served too few rows yet: no slice (judged in sample).
+    assert held_out_twin(cand, deployed.with_version(3), stats, data) is None
