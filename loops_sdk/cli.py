@@ -354,7 +354,7 @@ def _print_history(hist, all_estimates: bool = False) -> None:
             evals = [e for e in evals if e.estimator == v.gate_estimator]
             fixed = [e for e in evals if e.target.startswith("fixed:")]
             best = max(fixed, key=lambda e: e.value) if fixed else None
-            keep = ("candidate", "deployed", "uniform", "holdout_default")
+            keep = ("candidate", "deployed", "candidate-deployed", "uniform", "holdout_default")
             evals = ([e for t in keep for e in evals if e.target == t]
                      + ([best] if best is not None else []))
         for e in evals:

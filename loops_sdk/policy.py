@@ -186,7 +186,10 @@ class RewardDefinition:
 
 
 ESTIMATORS = ("ips", "snips", "dm", "dr", "switch_dr")
-PROMOTION_KINDS = ("lower_bound_over_estimate", "lower_bound_over_upper_bound", "always")
+PROMOTION_KINDS = ("superiority", "non_inferiority", "lower_bound_over_estimate",
+                   "lower_bound_over_upper_bound", "always")
+# Paired kinds judge one interval on the per-row difference candidate - deployed.
+PAIRED_KINDS = ("superiority", "non_inferiority")
 
 
 @dataclass(frozen=True)
@@ -197,17 +200,26 @@ class PromotionRule:
     intervals at ``level``) on the newest ``window_rows`` joined decisions (only those of the
     last ``window_seconds`` when that is set; holdout rows excluded). Then:
 
-    - ``lower_bound_over_estimate`` (default): promote when the candidate's lower bound is
-      above the deployed policy's estimate plus ``margin``;
-    - ``lower_bound_over_upper_bound``: stricter, above the deployed policy's upper bound plus
+    - ``superiority`` (default): a *paired* comparison. The per-row influence terms of
+      candidate and deployed policy on the same rows are subtracted and one interval is put on
+      their mean; promote when its lower bound is above ``margin`` (``>= 0``). Rows where the
+      two policies agree cancel, so this separates policies that two unpaired intervals
+      cannot (e.g. under near-greedy logging).
+    - ``non_inferiority``: paired too, for routine refreshes: promote when the lower bound of
+      the difference is above ``-margin`` (the candidate is at most ``margin`` worse, with
+      confidence ``level``).
+    - ``lower_bound_over_estimate``: the older unpaired rule, candidate's lower bound above the
+      deployed policy's estimate plus ``margin``;
+    - ``lower_bound_over_upper_bound``: unpaired, above the deployed upper bound plus
       ``margin``;
     - ``always``: evaluate and record, promote every candidate (the pre-gate behaviour).
 
     Fewer than ``min_samples`` rows in the window: the candidate is held (stored, not served).
-    ``margin`` is in reward units per decision; a negative margin tolerates a small loss.
+    ``margin`` is in reward units per decision; for the unpaired kinds a negative margin
+    tolerates a small loss.
     """
 
-    kind: str = "lower_bound_over_estimate"
+    kind: str = "superiority"
     estimator: str = "dr"
     level: float = 0.95
     min_samples: int = 250
@@ -231,6 +243,9 @@ class PromotionRule:
         if not abs(self.margin) <= MAX_AMOUNT:
             raise PolicyError(f"promotion margin must be finite, |margin| <= {MAX_AMOUNT:g}, "
                               f"got {self.margin}")
+        if self.kind in PAIRED_KINDS and self.margin < 0:
+            raise PolicyError(f"promotion margin must be >= 0 for the {self.kind} rule (the "
+                              f"rule says which way it applies), got {self.margin}")
         if self.window_rows < 0:
             raise PolicyError(f"promotion window_rows must be >= 0, got {self.window_rows}")
         if not 0 <= self.window_seconds <= MAX_SECONDS:
@@ -297,9 +312,13 @@ _PB_TO_AGG[policy_pb2.LearningSettings.AGGREGATION_UNSPECIFIED] = "sum"
 _RULE_TO_PB = {"lower_bound_over_estimate": policy_pb2.PromotionRule.LOWER_BOUND_OVER_ESTIMATE,
                "lower_bound_over_upper_bound":
                    policy_pb2.PromotionRule.LOWER_BOUND_OVER_UPPER_BOUND,
-               "always": policy_pb2.PromotionRule.ALWAYS}
+               "always": policy_pb2.PromotionRule.ALWAYS,
+               "superiority": policy_pb2.PromotionRule.SUPERIORITY,
+               "non_inferiority": policy_pb2.PromotionRule.NON_INFERIORITY}
 _PB_TO_RULE = {v: k for k, v in _RULE_TO_PB.items()}
-_PB_TO_RULE[policy_pb2.PromotionRule.KIND_UNSPECIFIED] = "lower_bound_over_estimate"
+# Older writers always set the kind (1..3), so these load as the rules they were; unset means
+# the current default.
+_PB_TO_RULE[policy_pb2.PromotionRule.KIND_UNSPECIFIED] = "superiority"
 MODES = ("online", "apprentice")
 _MODE_TO_PB = {"online": policy_pb2.Policy.ONLINE, "apprentice": policy_pb2.Policy.APPRENTICE}
 _PB_TO_MODE = {v: k for k, v in _MODE_TO_PB.items()}

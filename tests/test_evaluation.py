@@ -913,3 +913,61 @@ def test_flags_through_evaluation_are_deprecated():
         assert ev.FLAG_APPRENTICE == FLAG_APPRENTICE
     with pytest.raises(AttributeError):
         ev.no_such_name
+
+
+# --------------------------------------------------------------------------- paired difference
+def test_difference_is_one_interval_on_the_paired_terms():
+    data, target, q = tiny()
+    other = np.array([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8], [0.5, 0.5]])
+    ope = OffPolicyEvaluation(data, ("ips", "dr", "snips"), reward_model=q)
+    diff = ope.difference(target, other)
+    ta, tb = ope.round_terms(target), ope.round_terms(other)
+    for name in ("ips", "dr", "snips"):
+        d = ta[name] - tb[name]
+        check(diff[name], name, d.mean(), sample_se(d))
+        assert diff[name].bias_bound == 0.0
+    # The point of DR and IPS is exactly the difference of the two estimates.
+    a, b = ope.estimate(target), ope.estimate(other)
+    assert diff["dr"].value == pytest.approx(a["dr"].value - b["dr"].value, abs=1e-12)
+    # A target against itself: exactly 0 with no spread.
+    same = ope.difference(target, target)["dr"]
+    assert (same.value, same.lower, same.upper, same.stderr) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_switch_difference_widens_by_its_bias_bound():
+    data, target, q = tiny()
+    other = np.array([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8], [0.5, 0.5]])
+    ope = OffPolicyEvaluation(data, (SwitchDoublyRobust(1.5), DoublyRobust()), reward_model=q)
+    diff = ope.difference(target, other)
+    sw, dr = diff["switch_dr"], diff["dr"]
+    ra, rb = ope.round_inputs(target), ope.round_inputs(other)
+    full = (ra.model_term + ra.correction) - (rb.model_term + rb.correction)
+    terms = ope.round_terms(ra)["switch_dr"] - ope.round_terms(rb)["switch_dr"]
+    bound = float(np.abs(full - terms).mean())
+    assert sw.bias_bound == pytest.approx(bound) and bound > 0
+    assert abs(sw.value - dr.value) <= bound + 1e-12   # the bound covers the switch's gap
+    se = sample_se(terms)
+    assert sw.lower == pytest.approx(terms.mean() - Z95 * se - bound)
+    assert sw.upper == pytest.approx(terms.mean() + Z95 * se + bound)
+
+
+def test_undefined_difference_is_nan_not_an_error():
+    data = LoggedData(x=np.zeros((3, 0)), actions=[0, 0, 0], propensities=[0.5] * 3,
+                      rewards=[1.0, 2.0, 3.0], action_ids=("a", "b"))
+    never = np.tile([0.0, 1.0], (3, 1))
+    ope = OffPolicyEvaluation(data, ("snips", "ips"))
+    diff = ope.difference(never, np.tile([1.0, 0.0], (3, 1)))
+    assert math.isnan(diff["snips"].value) and math.isnan(diff["snips"].lower)
+    assert diff["ips"].value == pytest.approx(-2.0 * 2.0)
+
+
+def test_bootstrap_difference_is_seeded():
+    data = policy_data(n=400, seed=3)
+    elig = data.eligible.astype(float)
+    uniform = elig / elig.sum(axis=1, keepdims=True)
+    first = np.zeros_like(uniform)
+    first[np.arange(data.n), data.eligible.argmax(axis=1)] = 1.0
+    runs = [OffPolicyEvaluation(data, ("dr",), interval="bootstrap", n_bootstrap=200, seed=4)
+            .difference(uniform, first) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0]["dr"].interval == "bootstrap"
+    assert runs[0]["dr"].lower < runs[0]["dr"].value < runs[0]["dr"].upper

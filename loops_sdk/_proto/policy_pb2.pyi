@@ -204,10 +204,14 @@ class PromotionRule(_message.Message):
         LOWER_BOUND_OVER_ESTIMATE: _ClassVar[PromotionRule.Kind]
         LOWER_BOUND_OVER_UPPER_BOUND: _ClassVar[PromotionRule.Kind]
         ALWAYS: _ClassVar[PromotionRule.Kind]
+        SUPERIORITY: _ClassVar[PromotionRule.Kind]
+        NON_INFERIORITY: _ClassVar[PromotionRule.Kind]
     KIND_UNSPECIFIED: PromotionRule.Kind
     LOWER_BOUND_OVER_ESTIMATE: PromotionRule.Kind
     LOWER_BOUND_OVER_UPPER_BOUND: PromotionRule.Kind
     ALWAYS: PromotionRule.Kind
+    SUPERIORITY: PromotionRule.Kind
+    NON_INFERIORITY: PromotionRule.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]

@@ -71,6 +71,9 @@ class Estimate:
         n: logged rows used.
         level: confidence level of the interval, e.g. 0.95.
         interval: ``"normal"`` or ``"bootstrap"``.
+        bias_bound: a bound on the estimator's bias already included in the interval (the
+            switch-DR gap of a paired difference, see
+            :meth:`~loops_sdk.evaluation.OffPolicyEvaluation.difference`); 0 otherwise.
     """
 
     estimator: str
@@ -82,6 +85,7 @@ class Estimate:
     n: int
     level: float
     interval: str
+    bias_bound: float = 0.0
 
     def __str__(self) -> str:
         return (f"{self.estimator}: {self.value:.6g} [{self.lower:.6g}, {self.upper:.6g}] "

@@ -49,9 +49,12 @@ def fit_reward_model(data: LoggedData, *, ridge_lambda: float = 1.0, folds: int 
     # Per (fold, action): Z'Z and Z'r with Z = [standardised x, 1].
     zz = np.zeros((folds, k, d1, d1))
     zr = np.zeros((folds, k, d1))
+    z_once = None        # a window that fits in one chunk is standardised once, not twice
     for start in range(0, n, _ROWS_PER_CHUNK):
         stop = min(n, start + _ROWS_PER_CHUNK)
         z = _design(x[start:stop], mean, scale)
+        if n <= _ROWS_PER_CHUNK:
+            z_once = z
         group = fold[start:stop] * k + a[start:stop]
         for g in np.unique(group):
             sel = group == g
@@ -76,7 +79,7 @@ def fit_reward_model(data: LoggedData, *, ridge_lambda: float = 1.0, folds: int 
     out = np.empty((n, k))
     for start in range(0, n, _ROWS_PER_CHUNK):
         stop = min(n, start + _ROWS_PER_CHUNK)
-        z = _design(x[start:stop], mean, scale)
+        z = z_once if z_once is not None else _design(x[start:stop], mean, scale)
         fs = fold[start:stop]
         for f in range(folds):
             sel = fs == f if folds > 1 else slice(None)

@@ -617,7 +617,9 @@ class Learner:
             return                   # a publish raced us; next round trains on it
         candidate = self.trainer.train(policy, version=latest + 1,
                                        now_ms=now_ns // 1_000_000)
-        verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns)
+        # The statistics let the gate judge the candidate's twin on rows it was not fitted on.
+        verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns,
+                                     stats=self.trainer.stats(policy))
         reason = f"retrained on {candidate.metadata['trained_on']} joined events"
         if candidate.metadata.get("exploring_after_change"):
             info = self.trainer.info(row.name).get("last_change") or ["", "?", "?"]

@@ -13,7 +13,8 @@ from loops_sdk.demo import ACTIONS as DEMO_ACTIONS
 from loops_sdk.demo import FEATURES as DEMO_FEATURES
 from loops_sdk.demo import Simulator
 from loops_sdk.errors import PolicyError
-from loops_sdk.evaluation import LoggedData, baseline_targets, evaluate, fit_reward_model
+from loops_sdk.evaluation import (ESTIMATORS, LoggedData, OffPolicyEvaluation,
+                                  baseline_targets, evaluate, fit_reward_model)
 from loops_sdk.learner import EventStore, Learner, RollbackRefused
 from loops_sdk.learner.join import _OUTCOME_QUERY_WITH_KIND, Joiner
 from loops_sdk.learner import promotion, window
@@ -82,12 +83,14 @@ def test_gate_promotes_better_rejects_worse_holds_small_sample():
     assert f"{cand.lower:.4g}" in up.reason and f"{dep.value:.4g}" in up.reason
     assert "3,000 logged decisions" in up.reason
     assert set(up.estimates) == {"candidate", "deployed", "uniform", "holdout_default",
-                                 "fixed:none", "fixed:spins", "fixed:match"}
+                                 "fixed:none", "fixed:spins", "fixed:match",
+                                 "candidate-deployed"}
+    assert up.difference().lower > 0 and f"{up.difference().lower:.4g}" in up.reason
     assert set(up.estimates["uniform"]) == {"ips", "snips", "dm", "dr", "switch_dr"}
     assert up.best_baseline()[0] == "fixed:spins"
 
     down = evaluate_candidate(data, bad, good)
-    assert down.decision == "rejected" and "rejected: lower bound" in down.reason
+    assert down.decision == "rejected" and "rejected: paired lower bound" in down.reason
     # A candidate no different from the deployed policy is not promoted either.
     assert evaluate_candidate(data, good.with_version(4), good).decision == "rejected"
 
@@ -102,7 +105,7 @@ def test_rule_kinds_margin_estimator_and_level():
     good = zero.with_model(GOOD_W, GOOD_B, version=2)
     bad = zero.with_model(-GOOD_W, -GOOD_B, version=3)
     gain = evaluate_candidate(data, good, zero)
-    lift = gain.key("candidate").lower - gain.key("deployed").value
+    lift = gain.difference().lower            # paired: the margin applies to the difference
     assert lift > 0
     # A margin above the observed lift blocks the promotion, one below lets it through.
     assert evaluate_candidate(data, good, zero,
@@ -141,10 +144,13 @@ def test_gate_figures_are_evaluate_with_one_shared_reward_model(rule):
     q = fit_reward_model(data, ridge_lambda=zero.learning.ridge_lambda, seed=5)
     targets = {"candidate": good, "deployed": zero,
                **baseline_targets(data, zero.default_action)}
-    assert list(res.estimates) == list(targets)
+    assert list(res.estimates) == [*targets, "candidate-deployed"]
     for name, target in targets.items():
         assert res.estimates[name] == evaluate(data, target, reward_model=q, level=rule.level,
                                                interval=rule.interval, seed=5), name
+    ope = OffPolicyEvaluation(data, ESTIMATORS, reward_model=q, level=rule.level,
+                              interval=rule.interval, seed=5)
+    assert res.estimates["candidate-deployed"] == ope.difference(good, zero)
 
 
 def test_the_window_read_lives_in_the_learner():
@@ -226,7 +232,8 @@ def test_step_gates_candidates_and_history_lists_them(learner, client, capsys):
     assert p2.weights[1, 0] == pytest.approx(2.0, abs=0.2)
     v2 = store.get_policy("bonus", 2)
     assert (v2.state, v2.decision) == ("deployed", "promoted")
-    assert v2.decision_reason.startswith("promoted: lower bound")
+    assert v2.decision_reason.startswith("promoted: paired lower bound")
+    assert "750 held-out logged decisions" in v2.decision_reason    # newest half of 1,500
     # The best model is now served by hand; the next candidate is no better: stored, not served.
     learner.publish(p2.with_model(GOOD_W, GOOD_B, version=0), "true model", manual=True)
     wait_version(client, 3)
@@ -242,6 +249,7 @@ def test_step_gates_candidates_and_history_lists_them(learner, client, capsys):
     evs = store.evaluations("bonus", 4)
     assert {e.target for e in evs} >= {"candidate", "deployed", "uniform", "holdout_default"}
     cand = next(e for e in evs if e.target == "candidate" and e.estimator == "dr")
+    # v3 served none of these rows (all logged as v1): judged in sample, on all 3,000.
     assert cand.n == 3000 and cand.lower < cand.value < cand.upper
     assert f"{cand.lower:.4g}" in v4.decision_reason
     assert learner.gate_counts == {"promoted": 1, "rejected": 1}
@@ -353,7 +361,7 @@ def test_mode_switch_is_published(learner, client, capsys):
     assert learner.step(T0 + NS)[1] == [("bonus", 5)]
     assert wait_version(client, 5).mode == "apprentice"
     reason = learner.store.get_policy("bonus", 5).decision_reason
-    assert reason.startswith("promoted (apprentice mode") and "rejected: lower bound" in reason
+    assert reason.startswith("promoted (apprentice mode") and "rejected: paired lower bound" in reason
     code, out, _ = run_cli(capsys, "policy", "history", "bonus", "--learner", learner.address)
     assert "apprentice" in out and reason in out
 
@@ -541,3 +549,182 @@ def test_gate_never_promotes_a_clearly_worse_candidate_in_the_demo_world():
         promoted_better += res.promoted
     assert judged == len(seeds) * len(worse)
     assert promoted_better >= 0.9 * len(seeds)
+
+
+# --------------------------------------------------------------------------- the paired gate
+def test_an_undefined_baseline_estimate_does_not_lose_the_round(learner, client):
+    """'match' is never logged: the fixed:match baseline's SNIPS is NaN (no logged row has
+    weight). The round used to fail on ``evaluations.value NOT NULL`` and lose the candidate;
+    now the estimate is skipped with a reason and the verdict stands."""
+    rng = np.random.default_rng(11)
+    n = 1500
+    x = rng.normal(size=(n, 2))
+    a = rng.integers(0, 2, n)                       # none or spins, never match
+    r = true_reward(x, a) + rng.normal(0, 0.5, n)
+    blk = decisions(n, d=2, x=x, actions=a, ts_ns=np.full(n, T0),
+                    users=np.arange(n) + 10_000)
+    outs = [(OUTCOME_REWARD, 7, i, 0, T0, float(r[i])) for i in range(n)]
+    learner.store.ingest("c", 1, records([blk], outs))
+    _, published = learner.step(T0 + NS)
+    assert learner.train_failures == {}
+    v2 = learner.store.get_policy("bonus", 2)
+    assert v2 is not None and v2.decision in ("promoted", "rejected")
+    assert "fixed:match snips" in v2.decision_reason and "undefined" in v2.decision_reason
+    stored = {(e.target, e.estimator) for e in learner.store.evaluations("bonus", 2)}
+    assert ("fixed:match", "snips") not in stored
+    assert ("fixed:match", "dr") in stored and ("candidate-deployed", "dr") in stored
+    assert published == ([("bonus", 2)] if v2.decision == "promoted" else [])
+
+
+def test_record_stores_undefined_bounds_as_unbounded(tmp_path):
+    from loops_sdk.evaluation import Estimate
+    from loops_sdk.learner.promotion import Gate, GateResult
+    nan = float("nan")
+    with EventStore(tmp_path / "e.sqlite") as store:
+        ests = {"uniform": {"snips": Estimate("snips", 0.5, nan, nan, nan, nan, 10, 0.95,
+                                              "bootstrap"),
+                            "ips": Estimate("ips", nan, nan, nan, nan, 0.0, 10, 0.95,
+                                            "normal")}}
+        res = GateResult("rejected", "r", PromotionRule(), 10, 2, 1, ests)
+        with store.transaction() as con:
+            Gate(store).record(con, "bonus", res, created_ms=1)
+        (e,) = store.evaluations("bonus", 2)
+        assert (e.target, e.estimator, e.value) == ("uniform", "snips", 0.5)
+        assert e.lower == -np.inf and e.upper == np.inf and e.ess == 0.0
+
+
+def base_value_world(n, seed, policy):
+    """Rows logged by ``policy`` in a world where most of the reward is the player's own
+    value (``10 x1``, the same whatever the action), as deposits are."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2))
+    probs = policy.probabilities(x)
+    a = (probs.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    r = true_reward(x, a) + 10.0 * x[:, 1] + rng.normal(0, 0.5, n)
+    return LoggedData(x=x, actions=a, propensities=probs[np.arange(n), a], rewards=r,
+                      action_ids=("none", "spins", "match"))
+
+
+def threshold_policy(c, version):
+    """'spins' where x0 > c, else 'none'; 5 % exploration (near-greedy logging)."""
+    w = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    b = np.array([0.5, 0.5 - c, -1.0])
+    return Policy.linear("bonus", 2, ["none", "spins", "match"], w, b, version=version,
+                         exploration=Exploration.epsilon_greedy(0.05))
+
+
+def test_paired_gate_keeps_promoting_improving_candidates_where_the_unpaired_froze():
+    """A sequence of candidates, each a little better than the last, judged on rows logged
+    near-greedily by the version served then. The paired rule (default) promotes every step;
+    the older unpaired rule rejects them (the player-value variance is in both intervals but
+    cancels in the difference). Neither promotes a step backwards."""
+    steps = (1.5, 1.0, 0.6, 0.3, 0.0)
+    unpaired = PromotionRule(kind="lower_bound_over_estimate")
+    paired_promoted, unpaired_promoted = 0, 0
+    deployed = threshold_policy(2.5, 1)
+    for i, c in enumerate(steps):
+        data = base_value_world(4000, seed=100 + i, policy=deployed)
+        cand = threshold_policy(c, deployed.version + 1)
+        res = evaluate_candidate(data, cand, deployed, seed=i)
+        old = evaluate_candidate(data, cand, deployed, unpaired, seed=i)
+        assert res.rule.kind == "superiority"
+        diff = res.difference()
+        assert diff is not None and res.estimates["candidate-deployed"]["dr"] is diff
+        # One interval on the difference is much tighter than the two separate ones.
+        assert diff.upper - diff.lower < 0.5 * (res.key("candidate").upper
+                                                - res.key("candidate").lower)
+        assert res.promoted, res.reason
+        assert "paired lower bound" in res.reason
+        paired_promoted += res.promoted
+        unpaired_promoted += old.promoted
+        back = evaluate_candidate(data, deployed.with_version(cand.version + 1), cand, seed=i)
+        assert not back.promoted
+        deployed = cand
+    assert paired_promoted == len(steps) and unpaired_promoted <= 1
+
+
+def test_non_inferiority_promotes_a_refresh_within_the_margin():
+    data = base_value_world(4000, seed=7, policy=threshold_policy(0.0, 1))
+    same = threshold_policy(0.0, 2)
+    sup = evaluate_candidate(data, same, threshold_policy(0.0, 1))
+    assert sup.decision == "rejected"       # no gain: superiority says no
+    refresh = PromotionRule(kind="non_inferiority", margin=0.05)
+    ni = evaluate_candidate(data, same, threshold_policy(0.0, 1), refresh)
+    assert ni.promoted and "non-inferiority" in ni.reason
+    worse = evaluate_candidate(data, threshold_policy(1.5, 2), threshold_policy(0.0, 1),
+                               refresh)
+    assert worse.decision == "rejected"
+    with pytest.raises(PolicyError, match="margin"):
+        PromotionRule(kind="superiority", margin=-0.1).validate()
+
+
+def test_old_rule_kinds_still_load_and_default_rule_bytes_are_unchanged():
+    from loops_sdk._proto import policy_pb2
+    for kind in ("lower_bound_over_estimate", "lower_bound_over_upper_bound", "always"):
+        p = Policy.linear("p", 2, ["a", "b"], learning=LearningSettings(
+            promotion=PromotionRule(kind=kind, margin=-0.5)))
+        assert Policy.from_bytes(p.to_bytes()).learning.promotion.kind == kind
+    # A message an older writer produced with kind 1 (its default) loads as that rule.
+    msg = policy_pb2.Policy()
+    msg.ParseFromString(Policy.linear("p", 2, ["a", "b"], learning=LearningSettings(
+        promotion=PromotionRule(margin=0.25))).to_bytes())
+    assert msg.learning.promotion.kind == policy_pb2.PromotionRule.SUPERIORITY
+    msg.learning.promotion.kind = policy_pb2.PromotionRule.LOWER_BOUND_OVER_ESTIMATE
+    from loops_sdk.policy import _promotion_from_pb
+    assert _promotion_from_pb(msg.learning.promotion).kind == "lower_bound_over_estimate"
+    msg.learning.promotion.kind = policy_pb2.PromotionRule.KIND_UNSPECIFIED
+    assert _promotion_from_pb(msg.learning.promotion).kind == "superiority"
+    for kind in ("superiority", "non_inferiority"):
+        p = Policy.linear("p", 2, ["a", "b"], learning=LearningSettings(
+            promotion=PromotionRule(kind=kind, margin=0.1)))
+        assert Policy.from_bytes(p.to_bytes()).learning.promotion.kind == kind
+
+
+def test_held_out_twin_is_the_fit_without_the_newest_rows():
+    from loops_sdk.learner.promotion import held_out_twin
+    from loops_sdk.learner.train import RidgeStats
+    data = logged(2000, seed=9)
+    data = LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
+                      rewards=data.rewards, action_ids=data.action_ids,
+                      ts_ns=np.arange(2000, dtype=np.int64))
+    deployed = base_policy()
+    stats = RidgeStats.for_policy(deployed)
+    stats.add(data.x, data.actions, data.rewards)
+    cand = deployed.with_model(*stats.solve(1.0), version=2)
+    part, twin = held_out_twin(cand, deployed, stats, data)
+    assert part.n == 1000 and np.array_equal(part.ts_ns, np.arange(1000, 2000))
+    older = RidgeStats.for_policy(deployed)
+    older.add(data.x[:1000], data.actions[:1000], data.rewards[:1000])
+    w, b = older.solve(1.0)
+    np.testing.assert_allclose(twin.weights, w, atol=1e-9)
+    np.testing.assert_allclose(twin.bias, b, atol=1e-9)
+    assert twin.version == 2 and stats.n == 2000            # the statistics are untouched
+    assert held_out_twin(cand, deployed, older, data.subset(slice(0, 1000))) is not None
+    # Rows the statistics do not hold cannot be taken out: no twin.
+    few = RidgeStats.for_policy(deployed)
+    few.add(data.x[:10], data.actions[:10], data.rewards[:10])
+    assert held_out_twin(cand, deployed, few, data) is None
+
+
+def test_held_out_slice_is_rows_the_deployed_version_served():
+    """The deployed version never saw the rows it served: half of those (the newest) are the
+    slice, so the twin keeps every row the deployed version was trained on, and more."""
+    from loops_sdk.learner.promotion import held_out_twin
+    from loops_sdk.learner.train import RidgeStats
+    base = logged(2000, seed=10)
+    versions = np.r_[np.full(1400, 1), np.full(600, 2)]
+    data = LoggedData(x=base.x, actions=base.actions, propensities=base.propensities,
+                      rewards=base.rewards, action_ids=base.action_ids, versions=versions,
+                      ts_ns=np.arange(2000, dtype=np.int64))
+    deployed = base_policy().with_version(2)
+    stats = RidgeStats.for_policy(deployed)
+    stats.add(data.x, data.actions, data.rewards)
+    cand = deployed.with_model(*stats.solve(1.0), version=3)
+    part, twin = held_out_twin(cand, deployed, stats, data)
+    assert part.n == 300 and (part.versions == 2).all()
+    assert np.array_equal(part.ts_ns, np.arange(1700, 2000))
+    older = RidgeStats.for_policy(deployed)
+    older.add(data.x[:1700], data.actions[:1700], data.rewards[:1700])
+    np.testing.assert_allclose(twin.weights, older.solve(1.0)[0], atol=1e-9)
+    # A version that served too few rows yet: no slice (judged in sample).
+    assert held_out_twin(cand, deployed.with_version(3), stats, data) is None
