@@ -46,13 +46,12 @@ the reason says so.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -254,7 +253,8 @@ class Gate:
         self.estimators = tuple(estimators)
 
     def evaluate(self, candidate: Policy, deployed: Policy, *,
-                 now_ns: int | None = None, stats: Any = None) -> GateResult:
+                 now_ns: int | None = None, stats: Any = None,
+                 fit: Callable[[Any], Policy] | None = None) -> GateResult:
         """Load the deployed policy's rule window and judge ``candidate`` against it.
 
         With ``stats`` (the :class:`~loops_sdk.learner.train.RidgeStats` the candidate was
@@ -280,7 +280,7 @@ class Gate:
             try:
                 judged, held_out, window_n = None, False, data.n
                 if stats is not None and rule.kind != "always":
-                    split = held_out_twin(candidate, deployed, stats, data)
+                    split = held_out_twin(candidate, deployed, stats, data, fit)
                     if split is not None:
                         data, judged, held_out = split[0], split[1], True
                     else:
@@ -336,7 +336,8 @@ def _storable(est: Estimate) -> Estimate:
                     est.interval, est.bias_bound)
 
 
-def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedData
+def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedData,
+                  fit: Callable[[Any], Policy] | None = None
                   ) -> tuple[LoggedData, Policy] | None:
     """``(slice, twin)``: the newest half of the rows of ``data`` that ``deployed`` served
     (all rows when ``data`` has no versions), and ``candidate`` refitted the way the trainer
@@ -344,9 +345,10 @@ def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedD
     cannot be subtracted exactly (layouts differ, or an action would be left with fewer than
     0 rows: the statistics do not hold the slice).
 
-    ``stats`` needs ``action_ids``, ``input_names``, ``zz``, ``zr``, ``count`` and
-    ``solve(ridge_lambda)``; if it has ``row_weights(ts_ns)`` (decayed statistics), each
-    row is subtracted with its weight.
+    ``stats`` is a :class:`~loops_sdk.learner.train.RidgeStats` (decayed or not): the slice
+    leaves it through ``stats.without`` (by decision time), and ``fit`` turns what is left
+    into the twin the way the trainer fits a candidate (the learner passes its
+    ``Trainer.fit``); without ``fit``, a plain ridge solve with the deployed policy's lambda.
     """
     n = data.n
     # Only rows the deployed version served: it was trained before it served them, so the
@@ -367,26 +369,18 @@ def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedD
     part = data.subset(rows[rows.size - h:])
     remap = np.array([index[a] for a in data.action_ids], dtype=np.int64)
     actions = remap[part.actions]
-    d = part.x.shape[1]
-    z = np.empty((h, d + 1))
-    z[:, :d] = part.x
-    z[:, d] = 1.0
-    weigh = getattr(stats, "row_weights", None)
-    w = (np.asarray(weigh(part.ts_ns), dtype=np.float64) if callable(weigh)
-         and part.ts_ns is not None else np.ones(h))
-    twin = copy.copy(stats)
-    twin.zz, twin.zr = stats.zz.copy(), stats.zr.copy()
-    twin.count = stats.count.copy()
-    for k in np.unique(actions):       # a loop over actions present, never over rows
-        sel = actions == k
-        zk, wk = z[sel], w[sel]
-        twin.zz[k] -= (zk * wk[:, None]).T @ zk
-        twin.zr[k] -= zk.T @ (wk * part.rewards[sel])
-        twin.count[k] -= int(sel.sum())
-    if (twin.count < 0).any():
+    # Rows the statistics do not hold (they restarted after the window began) cannot be
+    # taken out.
+    if (np.bincount(actions, minlength=len(stats.action_ids)) > stats.count).any():
         return None
-    weights, bias = twin.solve(deployed.learning.ridge_lambda)
-    unseen = twin.count == 0           # as the trainer does: unseen actions keep their params
+    ts = part.ts_ns if part.ts_ns is not None else np.arange(h, dtype=np.int64)
+    rest = stats.without(part.x, actions, part.rewards, ts)
+    if fit is not None:
+        twin = fit(rest)
+        return part, twin.with_model(twin.weights, twin.bias, version=candidate.version,
+                                     metadata=dict(candidate.metadata))
+    weights, bias = rest.solve(deployed.learning.ridge_lambda)
+    unseen = rest.count == 0           # as the trainer does: unseen actions keep their params
     weights[unseen] = deployed.weights[unseen]
     bias[unseen] = deployed.bias[unseen]
     return part, candidate.with_model(weights, bias, version=candidate.version,

@@ -618,8 +618,9 @@ class Learner:
         candidate = self.trainer.train(policy, version=latest + 1,
                                        now_ms=now_ns // 1_000_000)
         # The statistics let the gate judge the candidate's twin on rows it was not fitted on.
-        verdict = self.gate.evaluate(candidate, policy, now_ns=now_ns,
-                                     stats=self.trainer.stats(policy))
+        verdict = self.gate.evaluate(
+            candidate, policy, now_ns=now_ns, stats=self.trainer.stats(policy),
+            fit=lambda rest: self.trainer.fit(policy, rest, candidate.version))
         reason = f"retrained on {candidate.metadata['trained_on']} joined events"
         if candidate.metadata.get("exploring_after_change"):
             info = self.trainer.info(row.name).get("last_change") or ["", "?", "?"]

@@ -222,6 +222,23 @@ class RidgeStats:
             self._accumulate(x, actions, rewards,
                              self._weights(np.asarray(clocks, dtype=np.float64)), -1.0)
 
+    def without(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                ts_ns: np.ndarray) -> "RidgeStats":
+        """A copy without rows added earlier, given by decision time (``ts_ns``). With decay
+        by rows their clocks are not recoverable from ``ts_ns``: they are taken as the
+        newest positions (exact when they are the newest rows, as a time split's are)."""
+        s = self.copy()
+        ts_ns = np.asarray(ts_ns, dtype=np.int64)
+        if s.half_life > 0 and s.clock == "rows":
+            c = np.empty(len(ts_ns))
+            c[np.argsort(ts_ns, kind="stable")] = (s.rows_clock - len(ts_ns)
+                                                   + np.arange(len(ts_ns)))
+        else:
+            c = ts_ns.astype(np.float64) / _NS
+        s.remove(x, actions, rewards, c)
+        s.count = np.maximum(s.count, 0)
+        return s
+
     def merge(self, other: "RidgeStats") -> "RidgeStats":
         """Add another shard's statistics into these (same actions, inputs and decay by decision
         time); returns self. References are aligned first, so the sum is the statistics of the
@@ -567,18 +584,9 @@ class Trainer:
         clocks are not recoverable from ``ts_ns``; they are taken as the newest positions
         (exact when they are the newest rows, as a time split's are).
         """
-        s = self.stats(policy).copy()
+        s = self.stats(policy)
         if exclude is not None:
-            x, actions, rewards, ts_ns = exclude
-            ts_ns = np.asarray(ts_ns, dtype=np.int64)
-            if s.half_life > 0 and s.clock == "rows":
-                c = np.empty(len(ts_ns))
-                c[np.argsort(ts_ns, kind="stable")] = (s.rows_clock - len(ts_ns)
-                                                       + np.arange(len(ts_ns)))
-            else:
-                c = ts_ns.astype(np.float64) / _NS
-            s.remove(x, actions, rewards, c)
-            s.count = np.maximum(s.count, 0)
+            s = s.without(*exclude)
         return self.fit(policy, s, version)
 
     def train(self, policy: Policy, version: int, now_ms: int | None = None) -> Policy:

@@ -688,12 +688,12 @@ def test_held_out_twin_is_the_fit_without_the_newest_rows():
                       rewards=data.rewards, action_ids=data.action_ids,
                       ts_ns=np.arange(2000, dtype=np.int64))
     deployed = base_policy()
-    stats = RidgeStats.for_policy(deployed)
+    stats = RidgeStats(deployed.action_ids, deployed.input_names)
     stats.add(data.x, data.actions, data.rewards)
     cand = deployed.with_model(*stats.solve(1.0), version=2)
     part, twin = held_out_twin(cand, deployed, stats, data)
     assert part.n == 1000 and np.array_equal(part.ts_ns, np.arange(1000, 2000))
-    older = RidgeStats.for_policy(deployed)
+    older = RidgeStats(deployed.action_ids, deployed.input_names)
     older.add(data.x[:1000], data.actions[:1000], data.rewards[:1000])
     w, b = older.solve(1.0)
     np.testing.assert_allclose(twin.weights, w, atol=1e-9)
@@ -701,9 +701,34 @@ def test_held_out_twin_is_the_fit_without_the_newest_rows():
     assert twin.version == 2 and stats.n == 2000            # the statistics are untouched
     assert held_out_twin(cand, deployed, older, data.subset(slice(0, 1000))) is not None
     # Rows the statistics do not hold cannot be taken out: no twin.
-    few = RidgeStats.for_policy(deployed)
+    few = RidgeStats(deployed.action_ids, deployed.input_names)
     few.add(data.x[:10], data.actions[:10], data.rewards[:10])
     assert held_out_twin(cand, deployed, few, data) is None
+
+
+def test_held_out_twin_of_decayed_statistics_is_the_trainers_fit_without_the_slice():
+    """Decayed statistics (the default half-life by rows): the twin is what the trainer fits
+    once the slice's rows are taken out, and differs from the full fit."""
+    from loops_sdk.learner.promotion import held_out_twin
+    from loops_sdk.learner.train import RidgeStats
+    data = logged(2000, seed=11)
+    data = LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
+                      rewards=data.rewards, action_ids=data.action_ids,
+                      ts_ns=np.arange(2000, dtype=np.int64))
+    deployed = base_policy()
+    stats = RidgeStats.for_policy(deployed)
+    assert stats.half_life > 0
+    stats.add(data.x, data.actions, data.rewards, np.arange(2000, dtype=np.int64))
+    full = deployed.with_model(*stats.solve(1.0), version=2)
+    part, twin = held_out_twin(full, deployed, stats, data)
+    rest = stats.without(part.x, part.actions, part.rewards, part.ts_ns)
+    np.testing.assert_allclose(twin.weights, rest.solve(1.0)[0], atol=1e-9)
+    assert rest.n == 1000 and stats.n == 2000
+    assert not np.allclose(twin.weights, full.weights)
+    fitted = []
+    _, by_fit = held_out_twin(full, deployed, stats, data,
+                              fit=lambda s: fitted.append(s.n) or full.with_version(9))
+    assert fitted == [1000] and by_fit.version == 2     # the candidate's version, fit's params
 
 
 def test_held_out_slice_is_rows_the_deployed_version_served():
@@ -717,13 +742,13 @@ def test_held_out_slice_is_rows_the_deployed_version_served():
                       rewards=base.rewards, action_ids=base.action_ids, versions=versions,
                       ts_ns=np.arange(2000, dtype=np.int64))
     deployed = base_policy().with_version(2)
-    stats = RidgeStats.for_policy(deployed)
+    stats = RidgeStats(deployed.action_ids, deployed.input_names)
     stats.add(data.x, data.actions, data.rewards)
     cand = deployed.with_model(*stats.solve(1.0), version=3)
     part, twin = held_out_twin(cand, deployed, stats, data)
     assert part.n == 300 and (part.versions == 2).all()
     assert np.array_equal(part.ts_ns, np.arange(1700, 2000))
-    older = RidgeStats.for_policy(deployed)
+    older = RidgeStats(deployed.action_ids, deployed.input_names)
     older.add(data.x[:1700], data.actions[:1700], data.rewards[:1700])
     np.testing.assert_allclose(twin.weights, older.solve(1.0)[0], atol=1e-9)
     # A version that served too few rows yet: no slice (judged in sample).
