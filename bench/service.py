@@ -13,6 +13,11 @@ of one pinned process per CPU (``loops serve --processes N --pin-cpus``), and, f
 public API) could replace the loop (gRPC's private Cython layer): one process serving
 ``Decide`` and ``DecideBatch`` at 8 callers three ways, the loop (the "1 process" runs), the
 thread pool and ``grpc.aio`` (bench/service_aio.py: the same servicer on an aio server).
+Three interleaved rounds on a two-core VM shared with other work (so rates and latencies
+varied by 2x between rounds): a Decide cost the service 240-370 µs of CPU on the loop,
+370-610 µs on the thread pool and 500-545 µs on aio; a DecideBatch(100) 620-810, 870-980 and
+890-1020 µs. The loop stays the default, behind the grpcio range it is tested with
+(pyproject.toml), and the thread pool stays its fallback.
 
 The load generator is ``h2load`` (nghttp2's compiled HTTP/2 load tester: pre-framed gRPC
 request bodies, per-request times in its log) when it is installed, so the measuring side
