@@ -167,12 +167,12 @@ def test_fork_child_has_its_own_connection_and_ids(learner, tmp_path):
         if pid == 0:   # child
             try:
                 d = client.decide("bonus", np.zeros(3))
-                ok = client.flush(5)
+                ok = client.flush(30)   # a new connection first; generous on a busy machine
                 os.write(w, f"{d.event_id} {int(ok)}".encode())
             finally:
                 os._exit(0)
         os.close(w)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
