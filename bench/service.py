@@ -9,7 +9,15 @@ sends its next call when the last one returns), it measures decisions/s and per-
 latency over a fixed window after a warm-up. It does so for one service process and for a pool
 of one pinned process per CPU (``loops serve --processes N --pin-cpus``), and, for comparison,
 ``Decide`` at 8 callers on that pool with the decision methods in gRPC's thread pool
-(``--thread-pool``) instead of the single-thread loop.
+(``--thread-pool``) instead of the single-thread loop. Issue 13 asked whether ``grpc.aio`` (a
+public API) could replace the loop (gRPC's private Cython layer): one process serving
+``Decide`` and ``DecideBatch`` at 8 callers three ways, the loop (the "1 process" runs), the
+thread pool and ``grpc.aio`` (bench/service_aio.py: the same servicer on an aio server).
+Three interleaved rounds on a two-core VM shared with other work (so rates and latencies
+varied by 2x between rounds): a Decide cost the service 240-370 µs of CPU on the loop,
+370-610 µs on the thread pool and 500-545 µs on aio; a DecideBatch(100) 620-810, 870-980 and
+890-1020 µs. The loop stays the default, behind the grpcio range it is tested with
+(pyproject.toml), and the thread pool stays its fallback.
 
 The load generator is ``h2load`` (nghttp2's compiled HTTP/2 load tester: pre-framed gRPC
 request bodies, per-request times in its log) when it is installed, so the measuring side
@@ -59,11 +67,25 @@ def _env() -> dict:
     return env
 
 
+AIO = "--aio"   # in a shape's flags: serve with bench/service_aio.py instead of `loops serve`
+_AIO_SERVER = Path(__file__).resolve().with_name("service_aio.py")
+
+
 def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    """Run ``loops ARGS``; return the process and the address it printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "loops_sdk.cli", *args,
-                             "--log-level", "WARNING"], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    """Run ``loops ARGS`` (or the aio stand-in for ``serve ... --aio``); return the process
+    and the address it printed."""
+    if AIO in args:   # a file, not -m: it imports the same loops_sdk as this process
+        rest, argv = args[1:], [sys.executable, str(_AIO_SERVER)]
+        while rest:   # one process, no worker threads: drop those flags and their values
+            flag, rest = rest[0], rest[1:]
+            if flag in ("--processes", "--max-workers"):
+                rest = rest[1:]
+            elif flag != AIO:
+                argv.append(flag)
+    else:
+        argv = [sys.executable, "-m", "loops_sdk.cli", *args]
+    proc = subprocess.Popen([*argv, "--log-level", "WARNING"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if " listening on " not in line:
         proc.kill()
@@ -281,7 +303,9 @@ def _run_load(loadgen: str, target: str, kind: str, callers: int, warmup: float,
     out = {"kind": kind, "callers": callers, "calls": r["calls"],
            "decisions_per_s": r["calls"] * rows / seconds, "calls_per_s": r["calls"] / seconds,
            "p50_ns": float(np.percentile(lat, 50)), "p99_ns": float(np.percentile(lat, 99)),
-           "server_cores": r["server_cores"], "load_cores": r["load_cores"]}
+           "server_cores": r["server_cores"], "load_cores": r["load_cores"],
+           # what a call costs the service, whatever CPU share it got (a shared machine)
+           "server_cpu_us_per_call": r["server_cores"] / max(r["calls"] / seconds, 1e-9) * 1e6}
     if kind != "Check":
         # Every answered call must have logged its decisions and shipped them to the learner
         # (h2load cannot see a gRPC error status; this catches one).
@@ -329,9 +353,12 @@ def measure(quick: bool) -> dict:
     cpus = len(os.sched_getaffinity(0))
     pool = f"{cpus} processes, pinned"
     # (shape, processes, extra flags, what to run: None = every kind and caller count)
+    one_vs = [("Decide", 8), ("DecideBatch", 8)]   # against the "1 process" (loop) runs
     shapes = [("1 process", 1, [], None), (pool, cpus, ["--pin-cpus"], None),
               (f"{pool}, thread pool", cpus, ["--pin-cpus", "--thread-pool"],
-               [("Decide", 8)])]
+               [("Decide", 8)]),
+              ("1 process, thread pool", 1, ["--thread-pool"], one_vs),
+              ("1 process, grpc.aio", 1, [AIO], one_vs)]
     out: dict = {"runs": [], "noop_runs": [], "window_s": seconds, "server_workers": SERVER_WORKERS,
                  "loadgen": "python asyncio" if loadgen == "python" else Path(loadgen).name,
                  "shapes": [name for name, _, _, only in shapes if only is None],
@@ -382,7 +409,8 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                         r["decisions_per_s"], "dec/s",
                         note=f"per call p50 {r['p50_ns'] / 1e3:,.0f} µs, p99 "
                              f"{r['p99_ns'] / 1e3:,.0f} µs; cores used: service "
-                             f"{r['server_cores']:.2f}, load {r['load_cores']:.2f}{checked}",
+                             f"{r['server_cores']:.2f} ({r['server_cpu_us_per_call']:,.0f} µs "
+                             f"CPU per call), load {r['load_cores']:.2f}{checked}",
                         extra=r))
     for f in data["noop_runs"]:
         rows.append(Row("service", f"no-op health Check, 8 callers ({f['shape']})",

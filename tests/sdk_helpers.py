@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from loops_sdk import _scorer_py
+from loops_sdk.scorer import IMPLEMENTATION
 from loops_sdk.policy import Action, Exploration, Holdout, Policy
 from loops_sdk.scorer import kernel_args
 
@@ -25,7 +26,19 @@ try:
 except ImportError:  # pragma: no cover - the extension must be built for the suite
     _scorer_c = None
 
-ROOT = Path(__file__).resolve().parent.parent
+from procs import child_env, neutral_cwd  # tests/faults, on the path (see conftest.py)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# The suite runs twice, on the compiled scorer and on its pure-Python twin (LOOPS_PURE_PYTHON=1).
+TWIN = IMPLEMENTATION == "python"
+
+
+def load_size(n: int, twin: int) -> int:
+    """``n`` on the compiled scorer, ``twin`` on the pure-Python twin: for sizes that only add
+    load. The twin's arithmetic is the compiled scorer's, bit for bit, so the smaller run is
+    a prefix of the one the compiled run checks in full."""
+    return twin if TWIN else n
 
 IMPLS = [pytest.param(_scorer_c, id="cython",
                       marks=pytest.mark.skipif(_scorer_c is None,
@@ -69,13 +82,16 @@ def make_engine(impl, policies, seed=7, capacity=4096):
 
 
 def run_python(code: str, *, env: dict | None = None, timeout: float = 60.0) -> str:
-    """Run ``code`` in a fresh interpreter (repo on the path); return its stdout."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("LOOPS_PURE_PYTHON", "PYTHONHASHSEED")}
+    """Run ``code`` in a fresh interpreter on the installed package (the parent's scorer
+    choice unless ``env`` sets LOOPS_PURE_PYTHON; a fresh hash seed); return its stdout."""
+    full_env = child_env(env)
+    if "PYTHONHASHSEED" not in (env or {}):
+        full_env.pop("PYTHONHASHSEED", None)
+    # The test helpers (this folder and faults/) may be imported, never the source tree.
     full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=str(ROOT),
+        [str(HERE), str(HERE / "faults")] + [p for p in full_env.get("PYTHONPATH", "")
+                                             .split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=neutral_cwd(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr}"
     return proc.stdout
@@ -93,7 +109,7 @@ def replay_sample(p: np.ndarray, mask: np.ndarray, u: float) -> int:
     return last
 
 
-__all__ = ["IMPLS", "IMPL_MODULES", "KINDS", "ROOT", "Action", "exploration", "make_policy", "make_kernel",
+__all__ = ["IMPLS", "IMPL_MODULES", "KINDS", "ROOT", "TWIN", "load_size", "Action", "exploration", "make_policy", "make_kernel",
            "make_engine", "run_python", "replay_sample"]
 
 

@@ -314,7 +314,6 @@ def test_seeded_clients_are_reproducible_unseeded_are_not():
 # --------------------------------------------------------------------------- agreement (whole client)
 CLIENT_DIGEST = r"""
 import hashlib, sys, numpy as np
-sys.path.insert(0, 'tests')
 import loops_sdk
 from loops_sdk import DecisionClient
 from loops_sdk.policy import Holdout

@@ -4,12 +4,9 @@ every record exactly once."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +16,8 @@ import numpy as np
 from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSettings, Policy
 from loops_sdk._proto import learner_pb2, learner_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
+import procs
+
 TOTAL, CHUNK = 100_000, 1000
 
 
@@ -30,13 +28,7 @@ def free_port() -> int:
 
 
 def start_learner(db: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "loops_sdk.cli", "learner", "--db", str(db),
-                             "--port", str(port), "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    assert re.search(r"listening on", line), f"learner did not start: {line!r}"
-    return proc
+    return procs.start_learner(db, port).proc    # on the installed package
 
 
 def stored_decisions(address: str) -> int:

@@ -24,6 +24,7 @@ from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
 from loops_sdk.service import SERVICE_NAME, DecisionServer
 
+import procs
 from sdk_helpers import ROOT, run_concurrently
 
 SEED = 11
@@ -509,7 +510,7 @@ def test_example_backend_client_runs(server):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "backend_client.py"),
                            "--target", server.address, "--decisions", "5"],
                           capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          env=procs.child_env(), cwd=procs.neutral_cwd())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("reward sent") == 5
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSettings, Policy
 from loops_sdk.learner.service import Learner
 from loops_sdk.spool import Spool
+import procs
 from sdk_helpers import wait_until
 
 ACTIONS = ["none", "spins", "match"]
@@ -167,12 +167,12 @@ def test_fork_child_has_its_own_connection_and_ids(learner, tmp_path):
         if pid == 0:   # child
             try:
                 d = client.decide("bonus", np.zeros(3))
-                ok = client.flush(5)
+                ok = client.flush(30)   # a new connection first; generous on a busy machine
                 os.write(w, f"{d.event_id} {int(ok)}".encode())
             finally:
                 os._exit(0)
         os.close(w)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -188,9 +188,10 @@ def test_fork_child_has_its_own_connection_and_ids(learner, tmp_path):
 
 
 def test_loops_demo_small_beats_uniform():
-    out = subprocess.run([sys.executable, "-m", "loops_sdk.cli", "demo", "--decisions",
-                          "20000", "--rate", "4000", "--log-level", "WARNING"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(procs.loops_command("demo", "--decisions", "20000", "--rate", "4000",
+                                             "--log-level", "WARNING"),
+                         capture_output=True, text=True, timeout=120, env=procs.child_env(),
+                         cwd=procs.neutral_cwd())
     assert out.returncode == 0, out.stderr[-2000:]
     lines = {line.split("  ")[0].strip(): line for line in out.stdout.splitlines()}
     loops_last = float(lines["LOOPS (last 25% of players)"].split()[-1])

@@ -247,7 +247,6 @@ def test_holdout_extremes(impl):
 
 HOLDOUT_SCRIPT = """
 import sys, hashlib, numpy as np
-sys.path.insert(0, 'tests')
 from sdk_helpers import make_policy, make_engine, IMPL_MODULES
 from loops_sdk.policy import Holdout
 users = [f"player-{i}" for i in range(5000)]

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -24,7 +23,8 @@ from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
 from loops_sdk.serve_pool import DecisionServerPool, worker_config
 
-from sdk_helpers import ROOT, make_policy, wait_until
+import procs
+from sdk_helpers import make_policy, wait_until
 
 N_FEATURES = 4
 
@@ -155,11 +155,11 @@ def test_a_worker_that_cannot_start_fails_the_pool_with_its_reason(tmp_path):
 
 def test_cli_serve_processes(learner, tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loops_sdk.cli", "serve", "--policy-name", "bonus",
-         "--learner", learner.address, "--port", "0", "--processes", "2",
-         "--spool-dir", str(tmp_path / "spool"), "--log-level", "WARNING"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        procs.loops_command("serve", "--policy-name", "bonus", "--learner", learner.address,
+                            "--port", "0", "--processes", "2", "--spool-dir",
+                            str(tmp_path / "spool"), "--log-level", "WARNING"),
+        cwd=procs.neutral_cwd(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=procs.child_env())
     try:
         banner = proc.stdout.readline()
         assert "listening on 127.0.0.1:" in banner and "2 processes" in banner, \

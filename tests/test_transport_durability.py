@@ -30,7 +30,8 @@ from loops_sdk.batch import PAYLOAD_FORMAT, encode_records
 from loops_sdk.learner.service import Learner
 from loops_sdk.spool import Spool, append_frame, read_frames, spool_dirs
 
-from sdk_helpers import ROOT, wait_until
+import procs
+from sdk_helpers import wait_until
 
 ACTIONS = ["none", "spins", "match"]
 
@@ -200,10 +201,10 @@ _SPOOLING_CLIENT = textwrap.dedent("""
 
 def start_client(address, spool, n, flush_interval=0.05, backoff=0.05,
                  rpc_timeout=1.0) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-c", _SPOOLING_CLIENT, address, str(spool),
                              str(n), str(flush_interval), str(backoff), str(rpc_timeout)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True, env=procs.child_env(),
+                            cwd=procs.neutral_cwd())
 
 
 def kill(proc: subprocess.Popen) -> None:

@@ -294,3 +294,26 @@ def test_a_call_that_arrived_before_stop_is_still_answered(served):
     assert first.result() == b"slow"
     assert queued.result() == b"queued"
     assert stopped.wait(5)
+
+
+@pytest.mark.parametrize("missing", ["server._cy_server", "cygrpc.ReceiveMessageOperation",
+                                     "core"])
+def test_a_grpc_without_a_piece_the_loop_needs_is_detected(monkeypatch, missing):
+    """grpcio is capped to the releases this private path is tested with (pyproject.toml); a
+    gRPC beyond them that drops a piece must be detected so servers fall back to the pool."""
+    from loops_sdk import unary_loop
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    try:
+        assert supported(server)
+        if missing == "core":   # a core server without register_method & co.
+            monkeypatch.setattr(server, "_cy_server", object())
+        else:
+            where, name = missing.split(".")
+            monkeypatch.delattr(server if where == "server" else unary_loop.cygrpc, name)
+        assert not supported(server)
+        with pytest.raises(RuntimeError, match="does not offer"):
+            UnaryLoop(server, {ECHO: _raw(_echo)})
+    finally:
+        monkeypatch.undo()
+        server.stop(None)

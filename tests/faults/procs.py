@@ -3,17 +3,25 @@
 Both run ``sys.executable`` against the *installed* package: no PYTHONPATH is forced and the
 working directory is a temporary one, so the suite also checks a non-editable install.
 Every wait here is bounded; nothing relies on sleeping long enough.
+
+This is the one place the whole suite starts Python children from (``child_env``,
+``loops_command``, ``neutral_cwd``; tests/conftest.py puts this folder on ``sys.path``).
+Children inherit the parent's environment, ``LOOPS_PURE_PYTHON`` included, so a run under the
+pure-Python twin tests the twin in its children too; ``LOOPS_TEST_*`` hooks are dropped unless
+a test passes one explicitly.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,10 +50,31 @@ def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
     return bool(predicate())
 
 
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: the parent's (implementation choice included), no
+    ``LOOPS_TEST_*`` hooks, then ``extra``. Never a PYTHONPATH to the source tree: that would
+    import an unbuilt copy instead of the installed package."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPS_TEST_")}
     env.update(extra or {})
     return env
+
+
+_env = child_env
+
+_neutral: list[str] = []
+
+
+def neutral_cwd() -> str:
+    """An empty directory to start children in: ``python -m``/``-c`` put the working
+    directory first on ``sys.path``, so starting in the source tree would import it."""
+    if not _neutral:
+        _neutral.append(tempfile.mkdtemp(prefix="loops-tests-"))
+    return _neutral[0]
+
+
+def loops_command(*args: str) -> list[str]:
+    """``loops ARGS`` as the installed package runs it, with this interpreter."""
+    return [sys.executable, "-m", "loops_sdk.cli", *args]
 
 
 class _Lines:
@@ -69,20 +98,24 @@ class _Lines:
 
 
 class LearnerProcess:
-    """``loops learner`` on 127.0.0.1:``port`` over the SQLite file ``db``."""
+    """``loops learner`` on 127.0.0.1:``port`` (0: any free port, read from its banner) over
+    the SQLite file ``db``."""
 
-    def __init__(self, db: Path, port: int, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.db, self.port = Path(db), port
-        self.address = f"127.0.0.1:{port}"
+    def __init__(self, db: Path, port: int, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.db = Path(db)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loops_sdk.cli", "learner", "--db", str(db), "--port",
-             str(port), "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True, cwd=str(cwd), env=_env(env))
+            loops_command("learner", "--db", str(db), "--port", str(port), "--log-level",
+                          "WARNING"),
+            stdout=subprocess.PIPE, text=True, cwd=str(cwd or neutral_cwd()), env=_env(env))
         line = _Lines(self.proc.stdout).next(60)
-        if not line or "listening on" not in line:
+        m = re.search(r"listening on (\S+):(\d+)", line or "")
+        if not m:
             self.proc.kill()
             self.proc.wait(10)
             raise RuntimeError(f"learner did not start: {line!r}")
+        self.port = int(m.group(2))
+        self.address = f"{m.group(1)}:{self.port}"
 
     def sigkill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -104,8 +137,8 @@ class LearnerProcess:
             return stub.GetStatus(learner_pb2.StatusRequest(), timeout=5)
 
 
-def start_learner(db: Path, port: int, cwd: Path, env: dict[str, str] | None = None,
-                  attempts: int = 3) -> LearnerProcess:
+def start_learner(db: Path, port: int = 0, cwd: Path | None = None,
+                  env: dict[str, str] | None = None, attempts: int = 3) -> LearnerProcess:
     """Start a learner, retrying a few times if the port is briefly still held."""
     for i in range(attempts):
         try:

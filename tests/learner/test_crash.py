@@ -1,11 +1,8 @@
 """The learner process is SIGKILLed while a client streams 100k records, then restarted on the
 same database: every record is stored exactly once."""
 
-import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,21 +14,15 @@ from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
 from loops_sdk.batch import encode_records
 from loops_sdk.learner.store import EventStore
 
+import procs
 from helpers import decisions, records
 
-ROOT = Path(__file__).resolve().parents[2]
 N_BATCHES, PER_BATCH = 100, 1000
 
 
 def start_learner(db: Path) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "loops_sdk.cli", "learner", "--db", str(db),
-                             "--port", "0", "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    m = re.search(r"listening on (\S+)", line)
-    assert m, f"learner did not start: {line!r}"
-    return proc, m.group(1)
+    learner = procs.start_learner(db)    # on the installed package, any free port
+    return learner.proc, learner.address
 
 
 class Sender:

@@ -23,6 +23,7 @@ from loops_sdk.learner.store import SCHEMA_VERSION
 from loops_sdk.policy import (Exploration, LearningSettings, Policy, PromotionRule,
                               RewardDefinition)
 
+from sdk_helpers import load_size
 from helpers import NS, decisions, make_policy, records
 
 T0 = 1_700_000_000 * NS          # decision time of the generated data
@@ -523,7 +524,7 @@ def test_gate_never_promotes_a_clearly_worse_candidate_in_the_demo_world():
         "cashback for all (~1.6)": segment_policy((3, 3, 3, 3), epsilon=0.1),
     }
     promoted_better, judged = 0, 0
-    seeds = range(30)
+    seeds = range(load_size(30, twin=4))   # the twin's 4 seeds are the compiled run's first 4
     for seed in seeds:
         sim = Simulator(seed)
         players = sim.players(2500)

@@ -1,10 +1,7 @@
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,6 +13,7 @@ from loops_sdk.batch import OUTCOME_REWARD, encode_records
 from loops_sdk.learner import Learner
 from loops_sdk.policy import Policy
 
+import procs
 from helpers import NS, decisions, make_policy, records
 
 
@@ -166,12 +164,10 @@ def test_loop_trains_and_pushes_new_version(tmp_path):
 
 
 def _cli_learner(db, port, **kw):
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "loops_sdk.cli", "learner", "--db", str(db),
-                             "--port", str(port), "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kw)
+    return subprocess.Popen(procs.loops_command("learner", "--db", str(db), "--port", str(port),
+                                                "--log-level", "WARNING"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=procs.child_env(), cwd=procs.neutral_cwd(), **kw)
 
 
 def test_a_second_learner_on_a_port_in_use_is_refused(learner, tmp_path):
