@@ -1,9 +1,9 @@
 """Shared fixtures for the SDK test suite (issue 3).
 
 The scorer is chosen at import time by ``LOOPS_PURE_PYTHON``; the scorer tests do not rely on
-that switch. They import both implementations directly (``loops_sdk._scorer``, the compiled
-one, and ``loops_sdk._scorer_py``, its pure-Python twin) and run against each through the
-``impl`` fixture. Whole-client agreement is proved in subprocesses (see test_agreement.py).
+that switch. They import both implementations directly (``loops_sdk._scorer.core``, the
+compiled one, and ``loops_sdk._scorer.twin``, its pure-Python twin) and run against each
+through the ``impl`` fixture. Whole-client agreement is proved in subprocesses (see test_agreement.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pure-Python twin of ``loops_sdk/_scorer.pyx`` (selected with ``LOOPS_PURE_PYTHON=1``).
+"""Pure-Python twin of the compiled core, ``core.pyx`` and the .pxi files it includes
+(selected with ``LOOPS_PURE_PYTHON=1``).
 
 Same arithmetic in the same order, so for the same inputs it returns the same actions,
 probabilities and event ids as the compiled scorer, bit for bit. Keep the two in step: every
@@ -15,20 +16,22 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
-                      FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
-                      DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
-                      outcome_buffers)
-from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
-from .errors import ArgumentError, FeatureError, UnknownActionError, argument_error
-from .rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, attribute_error,
-                    batch_attributes, batch_baselines, in_sorted, safe_norm,
-                    score_overflow_error)
+from ..records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
+                       FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
+                       DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
+                       outcome_buffers)
+from ..decision import REASONS, DecisionBatch, format_event_id, parse_event_id
+from ..errors import ArgumentError, FeatureError, UnknownActionError, argument_error
+from ..rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, attribute_error,
+                     batch_attributes, batch_baselines, in_sorted, safe_norm,
+                     score_overflow_error)
+from .codes import KIND_CODES
 
 IMPLEMENTATION = "python"
 
 _M64 = (1 << 64) - 1
-KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB = 0, 1, 2, 3
+KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB = (
+    KIND_CODES[k] for k in ("greedy", "epsilon_greedy", "softmax", "squarecb"))
 R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_UNKNOWN_POINT, R_NOT_INITIALIZED = 0, 1, 2, 3, 4
 R_CAPPED, R_RULE, R_APPRENTICE = 5, 7, 8
 OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE = range(1, 11)
