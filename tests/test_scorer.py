@@ -3,12 +3,17 @@ frequencies, holdout, replay, and bit-for-bit agreement of the compiled scorer w
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sstats
 
+import loops_sdk
 from loops_sdk import Reason
 from loops_sdk.batch import FLAG_DEFAULT, FLAG_HOLDOUT
 from loops_sdk.policy import Exploration, Holdout, Policy
@@ -38,6 +43,38 @@ def test_both_implementations_are_importable():
     assert _scorer_c is not None, "build the extension: python setup.py build_ext --inplace"
     assert _scorer_c.IMPLEMENTATION == "cython"
     assert _scorer_py.IMPLEMENTATION == "python"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules a Python file imports when run (``if TYPE_CHECKING:`` blocks left out), as
+    written (``.policy``, ``..records``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for sub in child.orelse:
+                    visit(sub)
+                continue
+            if isinstance(child, ast.ImportFrom):
+                names.add("." * child.level + (child.module or ""))
+            elif isinstance(child, ast.Import):
+                names.update(a.name for a in child.names)
+            visit(child)
+    visit(tree)
+    return names
+
+
+def test_the_scorer_does_not_import_the_policy_module():
+    """Imports point one way (policy -> scorer): the policy model calls compile_policy, so
+    neither the selector nor either implementation may import loops_sdk.policy."""
+    pkg = Path(loops_sdk.__file__).parent
+    for f in [pkg / "scorer.py", *sorted((pkg / "_scorer").glob("*.py"))]:
+        imported = _runtime_imports(f)
+        assert not {m for m in imported if m.endswith("policy")}, (f.name, imported)
+    for f in sorted((pkg / "_scorer").glob("*.p[yx][xi]")):    # core.pyx and its .pxi files
+        assert not re.search(r"^\s*(from|import)\s+\.+policy\b", f.read_text(), re.M), f.name
 
 
 @given(st.text(max_size=40))

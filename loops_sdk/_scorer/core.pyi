@@ -176,11 +176,13 @@ class Engine:
                      baseline: str | Sequence[Any] | npt.NDArray[Any] | None = ...
                      ) -> DecisionBatch:
         """Decide for every row of ``X`` (n, D) in one call."""
-    def reward(self, event_id: EventId, value: float, kind: str = ...) -> None:
+    # event_id may be None (``Decision.event_id`` of a decision that was not logged): that
+    # raises ArgumentError at run time, and typing it out would make every caller check first.
+    def reward(self, event_id: EventId | None, value: float, kind: str = ...) -> None:
         """Attach an outcome value to one decision (by its event id)."""
     def observe(self, user: UserKey, value: float, kind: str = ...) -> None:
         """A user-level outcome, joined to that user's decisions by the learner."""
-    def activate(self, event_id: EventId) -> None:
+    def activate(self, event_id: EventId | None) -> None:
         """Mark a ``deferred=True`` decision as really shown."""
     def _drain_records(self) -> FeedbackRecords: ...
     def _engine_stats(self) -> dict[str, Any]: ...
