@@ -46,7 +46,7 @@ cdef class OutcomeLog:
                 outs.append(self.out)
                 self.out = OutcomeRecorder(self.capacity)
             self.full = []
-            kinds = [k for k, _ in sorted(self.kinds.items(), key=lambda kv: kv[1])]
+            kinds = kinds_in_order(self.kinds)
         return [FeedbackRecords([], (<OutcomeRecorder>o).block(kinds)) for o in outs]
 
     def pending(self):
@@ -186,17 +186,7 @@ cdef class Engine:
         self._outlog.add(O_ACTIVATE, hi, lo, 0, 0.0, "activate")
 
     def _drain_records(self):
-        blocks = []
-        for p in list(self._points.values()):
-            blocks.extend((<DecisionPoint>p).drain())
-        return FeedbackRecords.merge([FeedbackRecords(blocks)] + self._outlog.drain())
+        return drain_records(self._points.values(), self._outlog)
 
     def _engine_stats(self):
-        points = {name: (<DecisionPoint>p).stats() for name, p in self._points.items()}
-        return {"decisions": sum(s["decisions"] for s in points.values()),
-                "unknown_decision_point": self.n_unknown_point,
-                "outcomes": self._outlog.n_outcomes,
-                "pending": sum(s["pending"] for s in points.values()) + self._outlog.pending(),
-                "recorded_dropped": sum(s["dropped"] for s in points.values())
-                + self._outlog.n_dropped,
-                "points": points}
+        return engine_stats(self._points, self.n_unknown_point, self._outlog)

@@ -242,6 +242,7 @@ cdef class CapTable:
     cdef Py_ssize_t insert(self, uint64_t key) noexcept nogil
 
 
+@cython.final     # its cdef methods are called directly, not through a vtable
 cdef class DecisionPoint:
     cdef readonly object name
     cdef readonly Kernel kernel
@@ -270,10 +271,10 @@ cdef class DecisionPoint:
     cdef readonly uint64_t n_rule_limited, n_capped, n_apprentice
     cdef void _close_recorder(self)
     cdef Recorder _new_recorder(self, Kernel k)
-    cdef inline void _record(self, Kernel k, uint64_t lo, uint64_t uh, const double* x,
-                             const uint8_t* mask, int action, double prob, uint8_t flags)
     cdef int _attributes(self, Kernel k, object attributes) except -1
     cdef int _baseline(self, Kernel k, object baseline) except -2
+    cdef inline int _choose(self, Kernel k, const double* xp, const uint8_t* mp, uint64_t hi,
+                            uint64_t lo, double* prob) noexcept nogil
     cdef void _decide_row(self, Kernel k, const double* xp, const uint8_t* mp, bint has_user,
                           uint64_t uh, const uint8_t* apres, const double* anum,
                           const uint64_t* ahash, int baseline, uint64_t hi, uint64_t lo,

@@ -43,6 +43,7 @@ from ..errors import ArgumentError, FeatureError, UnknownActionError, argument_e
 from ..rules import CAP_BIT_SHIFT, OP_CODES, attribute_error, batch_attributes, batch_baselines
 from ..rules import SCORE_LIMIT, safe_norm, score_overflow_error
 from .codes import KIND_CODES
+from .shared import drain_records, engine_stats, kinds_in_order, point_stats
 
 # The recorders write every column of the record table through these C types: a column added
 # to the table, or a dtype changed there, must be handled here too (and in the twin's
