@@ -428,3 +428,28 @@ def test_compiled_and_pure_agree_on_random_policies(c, seed):
                     b.actions.tolist(), b.probabilities.tolist(),
                     make_kernel(impl, pol).scores(np.atleast_2d(x)).tobytes()))
     assert out[0] == out[1]
+
+
+def test_both_implementations_count_alike():
+    """decide / decide_batch (holdout, nothing eligible, unknown point) and the shared stats
+    and drain give the same counters and rows in the compiled core and the twin."""
+    policy = make_policy(holdout=Holdout(0.3, "salt"))
+    X = np.random.default_rng(3).normal(size=(50, 4))
+    seen = []
+    for impl in IMPL_MODULES:
+        e = make_engine(impl, [policy])
+        for i in range(30):
+            e.decide("bonus", X[i], user=f"u{i}", eligible=[] if i % 7 == 0 else None)
+        e.decide("nope", X[0])
+        e.decide_batch("bonus", X, users=[f"v{i}" for i in range(50)])
+        e.reward((1, 2), 1.0, "deposit")
+        stats = e._engine_stats()
+        records = e._drain_records()
+        seen.append((stats, records.n_decisions, e._engine_stats()["pending"]))
+    assert len(seen) == 2, "both implementations must be importable"
+    (c_stats, c_rows, c_left), (p_stats, p_rows, p_left) = seen
+    assert c_stats == p_stats
+    assert c_stats["points"]["bonus"]["holdout"] > 0
+    assert c_stats["points"]["bonus"]["no_eligible"] > 0
+    assert c_stats["unknown_decision_point"] == 1
+    assert c_rows == p_rows == 80 and c_left == p_left == 0
