@@ -4,6 +4,7 @@ Compiler directives are set here, in one place. ``LOOPS_DEBUG_BUILD=1`` turns bo
 wraparound and initialisation checks back on (and drops -O3) for a debug build.
 """
 
+import glob
 import os
 
 import numpy as np
@@ -29,10 +30,12 @@ if DEBUG:
 
 extensions = [
     Extension(
-        "loops_sdk._scorer",
-        ["loops_sdk/_scorer.pyx"],
-        depends=["loops_sdk/_kernels.h"],
-        include_dirs=[np.get_include()],
+        # One compiled module built from core.pyx and the .pxi files it includes.
+        "loops_sdk._scorer.core",
+        ["loops_sdk/_scorer/core.pyx"],
+        depends=["loops_sdk/_scorer/_kernels.h", "loops_sdk/_scorer/core.pxd",
+                 *sorted(glob.glob("loops_sdk/_scorer/*.pxi"))],
+        include_dirs=["loops_sdk/_scorer", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
     ),

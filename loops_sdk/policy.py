@@ -36,7 +36,7 @@ _KIND_TO_PB = {
 }
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 # The scorer's integer codes for exploration kinds (shared by the C and pure-Python scorers).
-KIND_CODES = {"greedy": 0, "epsilon_greedy": 1, "softmax": 2, "squarecb": 3}
+from ._scorer.codes import KIND_CODES  # noqa: E402  (the kernels' numbering; kept here by name)
 
 # Bounds on a policy's numbers, so that no finite input in a sane range can overflow. The
 # scorer folds centring and scaling into the weights (w' = w / scale, b' = b - w' . center),
@@ -652,7 +652,7 @@ class Policy:
         # Validation runs what compilation runs: a policy that validates can be served by
         # every client (compile_policy turns any failure into a PolicyError). The kernel is
         # kept, so serving it does not compile twice.
-        from .scorer import compile_policy   # here: the scorer module imports this one
+        from .scorer import compile_policy   # lazily: the policy model works without a built core
         self._cache["kernel"] = compile_policy(self)
         return self
 

@@ -1,27 +1,34 @@
 """Selects the scorer implementation and compiles policies for it.
 
-The compiled Cython module (``loops_sdk._scorer``) is the default. Setting the environment
-variable ``LOOPS_PURE_PYTHON=1`` before import selects the pure-Python twin
-(``loops_sdk._scorer_py``), which gives bit-identical actions, probabilities and event ids and
-exists for debugging, for platforms without a compiler, and so the test suite can prove the two
-agree.
+The compiled core (``loops_sdk._scorer.core``, built from ``loops_sdk/_scorer/core.pyx``) is the
+default. Setting the environment variable ``LOOPS_PURE_PYTHON=1`` before import selects the
+pure-Python twin (``loops_sdk._scorer.twin``), which gives bit-identical actions, probabilities
+and event ids and exists for debugging, for platforms without a compiler, and so the test suite
+can prove the two agree. Type checkers see the compiled core's stub (``core.pyi``) either way.
+
+Imports point one way: ``loops_sdk.policy`` uses this module (``compile_policy``); this module
+needs nothing of it at run time (the exploration codes live in ``_scorer.codes``).
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._scorer.codes import KIND_CODES
 from .errors import PolicyError
-from .policy import KIND_CODES, Policy
 from .rules import compile_constraints
 
-if os.environ.get("LOOPS_PURE_PYTHON", "") not in ("", "0"):
-    from . import _scorer_py as _impl
+if TYPE_CHECKING:
+    from ._scorer import core as _impl
+    from .policy import Policy
+elif os.environ.get("LOOPS_PURE_PYTHON", "") not in ("", "0"):
+    from ._scorer import twin as _impl
 else:
     try:
-        from . import _scorer as _impl  # type: ignore[attr-defined]
+        from ._scorer import core as _impl
     except ImportError as exc:  # pragma: no cover - only without a built extension
         raise ImportError(
             "loops_sdk's compiled scorer is not built. Install the package with `pip install .` "
@@ -40,7 +47,7 @@ __all__ = ["IMPLEMENTATION", "Engine", "Kernel", "Decision", "compile_policy", "
            "mix64", "draw", "kernel_args"]
 
 
-def kernel_args(policy: Policy) -> tuple:
+def kernel_args(policy: Policy) -> tuple[Any, ...]:
     """Arguments for ``Kernel(...)``: centring and scaling are folded into the weights here,
     once, so the hot loop is a plain dot product (score = W' x + b'). Rules and caps are
     compiled to flat arrays (``loops_sdk.rules.CompiledConstraints``); feature conditions read
@@ -79,7 +86,7 @@ def kernel_args(policy: Policy) -> tuple:
             features, compile_constraints(policy, _impl.stable_hash), policy.apprentice)
 
 
-def compile_policy(policy: Policy):
+def compile_policy(policy: Policy) -> Kernel:
     """Build the scorer kernel for a policy.
 
     Raises:

@@ -2,9 +2,10 @@
 
 The scorer is chosen at import time by ``LOOPS_PURE_PYTHON``, and the whole suite runs once
 on each (.ci/run); children started through tests/faults/procs.py inherit the choice. The scorer
-tests do not rely on that switch. They import both implementations directly (``loops_sdk._scorer``, the compiled
-one, and ``loops_sdk._scorer_py``, its pure-Python twin) and run against each through the
-``impl`` fixture. Whole-client agreement is proved in subprocesses (see test_agreement.py).
+tests do not rely on that switch. They import both implementations directly
+(``loops_sdk._scorer.core``, the compiled one, and ``loops_sdk._scorer.twin``, its pure-Python
+twin) and run against each through the ``impl`` fixture. Whole-client agreement is proved in
+subprocesses (see test_agreement.py).
 """
 
 from __future__ import annotations

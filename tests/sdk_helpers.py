@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loops_sdk import _scorer_py
+from loops_sdk._scorer import twin as _scorer_py
 from loops_sdk.scorer import IMPLEMENTATION
 from loops_sdk.policy import Action, Exploration, Holdout, Policy
 from loops_sdk.scorer import kernel_args
 
 try:
-    from loops_sdk import _scorer as _scorer_c
+    from loops_sdk._scorer import core as _scorer_c
 except ImportError:  # pragma: no cover - the extension must be built for the suite
     _scorer_c = None
 

@@ -17,7 +17,7 @@ import pytest
 from loops_sdk import (Action, BudgetCap, Condition, DecisionClient, EligibilityRule, Exploration,
                        Feature, FeatureError, FrequencyCap, Holdout, Policy, PolicyError,
                        UnknownActionError, decode_records, encode_records)
-from loops_sdk import _scorer_py
+from loops_sdk._scorer import twin as _scorer_py
 from loops_sdk._proto import policy_pb2
 from loops_sdk.batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_HOLDOUT,
                              FLAG_RULE, DecisionBlock, FeedbackRecords)

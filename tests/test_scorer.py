@@ -3,12 +3,17 @@ frequencies, holdout, replay, and bit-for-bit agreement of the compiled scorer w
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sstats
 
+import loops_sdk
 from loops_sdk import Reason
 from loops_sdk.batch import FLAG_DEFAULT, FLAG_HOLDOUT
 from loops_sdk.policy import Exploration, Holdout, Policy
@@ -38,6 +43,38 @@ def test_both_implementations_are_importable():
     assert _scorer_c is not None, "build the extension: python setup.py build_ext --inplace"
     assert _scorer_c.IMPLEMENTATION == "cython"
     assert _scorer_py.IMPLEMENTATION == "python"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules a Python file imports when run (``if TYPE_CHECKING:`` blocks left out), as
+    written (``.policy``, ``..records``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for sub in child.orelse:
+                    visit(sub)
+                continue
+            if isinstance(child, ast.ImportFrom):
+                names.add("." * child.level + (child.module or ""))
+            elif isinstance(child, ast.Import):
+                names.update(a.name for a in child.names)
+            visit(child)
+    visit(tree)
+    return names
+
+
+def test_the_scorer_does_not_import_the_policy_module():
+    """Imports point one way (policy -> scorer): the policy model calls compile_policy, so
+    neither the selector nor either implementation may import loops_sdk.policy."""
+    pkg = Path(loops_sdk.__file__).parent
+    for f in [pkg / "scorer.py", *sorted((pkg / "_scorer").glob("*.py"))]:
+        imported = _runtime_imports(f)
+        assert not {m for m in imported if m.endswith("policy")}, (f.name, imported)
+    for f in sorted((pkg / "_scorer").glob("*.p[yx][xi]")):    # core.pyx and its .pxi files
+        assert not re.search(r"^\s*(from|import)\s+\.+policy\b", f.read_text(), re.M), f.name
 
 
 @given(st.text(max_size=40))
@@ -390,3 +427,28 @@ def test_compiled_and_pure_agree_on_random_policies(c, seed):
                     b.actions.tolist(), b.probabilities.tolist(),
                     make_kernel(impl, pol).scores(np.atleast_2d(x)).tobytes()))
     assert out[0] == out[1]
+
+
+def test_both_implementations_count_alike():
+    """decide / decide_batch (holdout, nothing eligible, unknown point) and the shared stats
+    and drain give the same counters and rows in the compiled core and the twin."""
+    policy = make_policy(holdout=Holdout(0.3, "salt"))
+    X = np.random.default_rng(3).normal(size=(50, 4))
+    seen = []
+    for impl in IMPL_MODULES:
+        e = make_engine(impl, [policy])
+        for i in range(30):
+            e.decide("bonus", X[i], user=f"u{i}", eligible=[] if i % 7 == 0 else None)
+        e.decide("nope", X[0])
+        e.decide_batch("bonus", X, users=[f"v{i}" for i in range(50)])
+        e.reward((1, 2), 1.0, "deposit")
+        stats = e._engine_stats()
+        records = e._drain_records()
+        seen.append((stats, records.n_decisions, e._engine_stats()["pending"]))
+    assert len(seen) == 2, "both implementations must be importable"
+    (c_stats, c_rows, c_left), (p_stats, p_rows, p_left) = seen
+    assert c_stats == p_stats
+    assert c_stats["points"]["bonus"]["holdout"] > 0
+    assert c_stats["points"]["bonus"]["no_eligible"] > 0
+    assert c_stats["unknown_decision_point"] == 1
+    assert c_rows == p_rows == 80 and c_left == p_left == 0

@@ -1,4 +1,4 @@
-/* Dense score kernel of the scorer (included by _scorer.pyx).
+/* Dense score kernel of the scorer (declared in core.pxd, used by core.pyx).
  *
  * Eight action scores advance together over the features: the weights are stored transposed
  * and padded to a multiple of 8 actions, so for each feature j one 8-wide row of weights is
@@ -73,7 +73,7 @@ static int loops_all_finite(const double* p, long n) {
 
 /* Largest |score| the scorer serves: far above any score a valid policy gives for sane
  * features (see loops_sdk/policy.py), and low enough that score differences times gamma or
- * over a temperature stay free of NaN. Kept equal to SCORE_LIMIT in _scorer_py.py. */
+ * over a temperature stay free of NaN. Kept equal to SCORE_LIMIT in loops_sdk/rules.py. */
 #define LOOPS_SCORE_LIMIT 1e300
 
 /* 1 when all K scores are within +-LOOPS_SCORE_LIMIT; a NaN fails both comparisons. */

@@ -1,4 +1,5 @@
-"""Pure-Python twin of ``loops_sdk/_scorer.pyx`` (selected with ``LOOPS_PURE_PYTHON=1``).
+"""Pure-Python twin of the compiled core, ``core.pyx`` and the .pxi files it includes
+(selected with ``LOOPS_PURE_PYTHON=1``).
 
 Same arithmetic in the same order, so for the same inputs it returns the same actions,
 probabilities and event ids as the compiled scorer, bit for bit. Keep the two in step: every
@@ -15,20 +16,23 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
-                      FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
-                      DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
-                      outcome_buffers)
-from .decision import REASONS, DecisionBatch, format_event_id, parse_event_id
-from .errors import ArgumentError, FeatureError, UnknownActionError, argument_error
-from .rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, attribute_error,
-                    batch_attributes, batch_baselines, in_sorted, safe_norm,
-                    score_overflow_error)
+from ..records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
+                       FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
+                       DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
+                       outcome_buffers)
+from ..decision import REASONS, DecisionBatch, format_event_id, parse_event_id
+from ..errors import ArgumentError, FeatureError, UnknownActionError, argument_error
+from ..rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, attribute_error,
+                     batch_attributes, batch_baselines, in_sorted, safe_norm,
+                     score_overflow_error)
+from .codes import KIND_CODES
+from .shared import drain_records, engine_stats, kinds_in_order, point_stats
 
 IMPLEMENTATION = "python"
 
 _M64 = (1 << 64) - 1
-KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB = 0, 1, 2, 3
+KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB = (
+    KIND_CODES[k] for k in ("greedy", "epsilon_greedy", "softmax", "squarecb"))
 R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_UNKNOWN_POINT, R_NOT_INITIALIZED = 0, 1, 2, 3, 4
 R_CAPPED, R_RULE, R_APPRENTICE = 5, 7, 8
 OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE = range(1, 11)
@@ -733,6 +737,18 @@ class DecisionPoint:
                                      f"{k.name!r} (actions: {list(k.action_ids)})")
         return i
 
+    def _choose(self, k, xs, mask, hi, lo):
+        """(action, probability) of the policy's own choice over ``mask``; the action is
+        negative when none is eligible, FILL_OVERFLOW when a score overflows (see the
+        Cython DecisionPoint._choose)."""
+        s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
+        a = k.fill(xs, mask, s, p)
+        if a >= 0:
+            a = k.sample(mask, p, draw(hi, lo, k.seed))
+            if a >= 0:
+                return a, p[a]
+        return a, 1.0
+
     def _decide_row(self, k, xs, mask, has_user, uh, present, num, hsh, baseline, hi, lo, t):
         """See the Cython DecisionPoint._decide_row (same order, same arithmetic)."""
         out = Row()
@@ -767,15 +783,12 @@ class DecisionPoint:
                 if not mask[a]:
                     out.flags |= FLAG_DEFAULT
             else:
-                s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
-                a = k.fill(xs, mask, s, p)
+                a, prob = self._choose(k, xs, mask, hi, lo)
                 if a == FILL_OVERFLOW:   # the caller raises; nothing charged or counted
                     out.action, out.prob, out.reason = k.default_index, 1.0, R_OVERFLOW
                     return out
                 if a >= 0:
-                    a = k.sample(mask, p, draw(hi, lo, k.seed))
-                if a >= 0:
-                    prob, out.reason = p[a], R_POLICY
+                    out.reason = R_POLICY
                 else:
                     a, prob, out.reason = k.default_index, 1.0, R_NO_ELIGIBLE
                     out.flags |= FLAG_DEFAULT
@@ -847,61 +860,36 @@ class DecisionPoint:
     def decide(self, x, user, eligible, deferred, attributes=None, baseline=None):
         flags = FLAG_DEFERRED if deferred else 0
         uh = _hash_key(user, "user") if user is not None else 0
-        held = False
-        reason = R_POLICY
         with self.lock:
             k = self.kernel
             xs = self._features(k, x)
             mask = self._mask(k, eligible)
+            present = num = hsh = ()
+            b = k.default_index
             if k.constrained:
-                present, num, hsh = self._attributes(k, attributes) if k.n_slots else \
-                    ((), (), ())
+                if k.n_slots:
+                    present, num, hsh = self._attributes(k, attributes)
                 b = self._baseline(k, baseline)
-                lo = self.next_lo
-                self.next_lo += 1
-                t = _now_ns()
-                row = self._decide_row(k, xs, mask, user is not None, uh, present, num, hsh, b,
-                                       self.id_hi, lo, t + self.cap_clock_ns)
-                if row.reason == R_OVERFLOW:
-                    self.next_lo -= 1   # a refused decision takes no event id
-                    raise k.overflow_error(xs)
-                flags |= row.flags
-                held = row.reason == R_HOLDOUT
-                self.n_holdout += held
-                self.n_no_eligible += row.reason == R_NO_ELIGIBLE
-                self.n_decisions += 1
-                hi = self.id_hi
-                if self.recording:
-                    self._record_row(k, hi, lo, t, uh, xs, row, flags)
-                return _make(k.action_ids[row.action], row.action, row.prob, self.name,
-                             k.version, held, row.reason, hi, lo, True, row.bits,
-                             bool(flags & FLAG_APPRENTICE), row.policy_action, row.policy_prob,
-                             k.action_ids)
             lo = self.next_lo
             self.next_lo += 1
-            if user is not None and k.in_holdout(uh):
-                a, prob, reason, held = k.default_index, 1.0, R_HOLDOUT, True
-                flags |= FLAG_HOLDOUT
-                self.n_holdout += 1
-            else:
-                s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
-                a = k.fill(xs, mask, s, p)
-                if a == FILL_OVERFLOW:
-                    self.next_lo -= 1   # a refused decision takes no event id
-                    raise k.overflow_error(xs)
-                if a >= 0:
-                    a = k.sample(mask, p, draw(self.id_hi, lo, k.seed))
-                if a >= 0:
-                    prob = p[a]
-                else:
-                    a, prob, reason = k.default_index, 1.0, R_NO_ELIGIBLE
-                    flags |= FLAG_DEFAULT
-                    self.n_no_eligible += 1
+            t = _now_ns() if self.recording or k.n_caps else 0
+            # One per-row routine for every path, as in the compiled core.
+            row = self._decide_row(k, xs, mask, user is not None, uh, present, num, hsh, b,
+                                   self.id_hi, lo, t + self.cap_clock_ns)
+            if row.reason == R_OVERFLOW:
+                self.next_lo -= 1   # a refused decision takes no event id
+                raise k.overflow_error(xs)
+            flags |= row.flags
+            held = row.reason == R_HOLDOUT
+            self.n_holdout += held
+            self.n_no_eligible += row.reason == R_NO_ELIGIBLE
             self.n_decisions += 1
-            self._record(k, lo, uh, xs, mask, a, prob, flags)
             hi = self.id_hi
-        return _make(k.action_ids[a], a, prob, self.name, k.version, held, reason, hi, lo, True,
-                     action_ids=k.action_ids)
+            if self.recording:
+                self._record_row(k, hi, lo, t, uh, xs, row, flags)
+        return _make(k.action_ids[row.action], row.action, row.prob, self.name, k.version, held,
+                     row.reason, hi, lo, True, row.bits, bool(flags & FLAG_APPRENTICE),
+                     row.policy_action, row.policy_prob, k.action_ids)
 
     def _batch_locked(self, k, X, x_checked, uh, has_user, eligible_mask, deferred, attributes,
                       baseline):
@@ -989,19 +977,17 @@ class DecisionPoint:
             k.check_rows(x)
             hi, lo0 = self.id_hi, self.next_lo
             self.next_lo += n
-            s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
             for i in range(n):
                 mask = masks[i * stride].tolist() if stride >= 0 else None
                 u = int(uh[i])
+                # _decide_row's steps for a plain policy, as the compiled loop runs them.
                 if has_user[i] and k.in_holdout(u):
                     actions[i], probs[i], held[i], reasons[i] = k.default_index, 1.0, True, R_HOLDOUT
                     flags = base | FLAG_HOLDOUT
                 else:
-                    a = -1
-                    if k.fill(x[i].tolist(), mask, s, p) >= 0:
-                        a = k.sample(mask, p, draw(hi, lo0 + i, k.seed))
+                    a, prob = self._choose(k, x[i].tolist(), mask, hi, lo0 + i)  # no overflow
                     if a >= 0:
-                        actions[i], probs[i] = a, p[a]
+                        actions[i], probs[i] = a, prob
                         flags = base
                     else:
                         actions[i], probs[i], reasons[i] = k.default_index, 1.0, R_NO_ELIGIBLE
@@ -1023,15 +1009,7 @@ class DecisionPoint:
         return [r.block() for r in full]
 
     def stats(self):
-        return {"decisions": self.n_decisions, "holdout": self.n_holdout,
-                "no_eligible": self.n_no_eligible, "unknown_features": self.n_unknown_features,
-                "recorded": self.n_recorded, "dropped": self.n_dropped,
-                "pending": self.pending + (self.rec.count if self.rec is not None else 0),
-                "policy_version": int(self.kernel.version) if self.kernel is not None else 0,
-                "rule_limited": self.n_rule_limited, "capped": self.n_capped,
-                "apprentice": self.n_apprentice,
-                "cap_evictions": self.caps.evictions if self.caps is not None else 0,
-                "cap_players": self.caps.players() if self.caps is not None else 0}
+        return point_stats(self, self.pending + (self.rec.count if self.rec is not None else 0))
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -1078,7 +1056,7 @@ class OutcomeLog:
                 outs.append(self.out)
                 self.out = OutcomeRecorder(self.capacity)
             self.full = []
-            kinds = [k for k, _ in sorted(self.kinds.items(), key=lambda kv: kv[1])]
+            kinds = kinds_in_order(self.kinds)
         return [FeedbackRecords([], o.block(kinds)) for o in outs]
 
     def pending(self):
@@ -1179,17 +1157,7 @@ class Engine:
         self._outlog.add(OUTCOME_ACTIVATE, hi, lo, 0, 0.0, "activate")
 
     def _drain_records(self):
-        blocks = []
-        for p in list(self._points.values()):
-            blocks.extend(p.drain())
-        return FeedbackRecords.merge([FeedbackRecords(blocks)] + self._outlog.drain())
+        return drain_records(self._points.values(), self._outlog)
 
     def _engine_stats(self):
-        points = {name: p.stats() for name, p in self._points.items()}
-        return {"decisions": sum(s["decisions"] for s in points.values()),
-                "unknown_decision_point": self.n_unknown_point,
-                "outcomes": self._outlog.n_outcomes,
-                "pending": sum(s["pending"] for s in points.values()) + self._outlog.pending(),
-                "recorded_dropped": sum(s["dropped"] for s in points.values())
-                + self._outlog.n_dropped,
-                "points": points}
+        return engine_stats(self._points, self.n_unknown_point, self._outlog)

@@ -1,0 +1,446 @@
+# Part of the compiled core, included by core.pyx:
+# Kernel (a compiled policy) and the batch input checks.
+# Fields and cdef signatures are declared in core.pxd; the twin's namesakes are in twin.py.
+
+# --------------------------------------------------------------------------- policy kernel
+cdef object _row_copy(const double* xp, int D):
+    """A numpy copy of one feature row (for an error message)."""
+    out = np.empty(D)
+    cdef double[::1] o = out
+    if D:
+        memcpy(&o[0], xp, D * sizeof(double))
+    return out
+
+
+cdef class Kernel:
+    """A policy compiled for scoring: folded weights, exploration, holdout, encoder tables."""
+
+    def __init__(self, name, version, weights, bias, int kind, double epsilon,
+                 double temperature, double gamma, int default_index, double holdout_fraction,
+                 uint64_t salt_hash, action_ids, input_names, features, constraints=None,
+                 bint apprentice=False):
+        W = np.asarray(weights, dtype=np.float64)
+        self.k_padded = (W.shape[0] + 7) // 8 * 8
+        self._WT = np.zeros((W.shape[1], self.k_padded))
+        self._WT[:, :W.shape[0]] = W.T
+        self._b = np.zeros(self.k_padded)
+        self._b[:W.shape[0]] = np.asarray(bias, dtype=np.float64)
+        self.name = name
+        self.version = version
+        self.n_actions = W.shape[0]
+        self.n_inputs = W.shape[1]
+        self.x_safe = safe_norm(W, self._b[:W.shape[0]])
+        self.WTp = <const double*>cnp.PyArray_DATA(self._WT)
+        self.bp = <const double*>cnp.PyArray_DATA(self._b)
+        self.kind = kind
+        self.epsilon = epsilon
+        self.temperature = temperature
+        self.gamma = gamma
+        self.default_index = default_index
+        self.holdout_fraction = holdout_fraction
+        self.salt_hash = salt_hash
+        self.seed = mix64_c(hash_str(name) ^ mix64_c(version))
+        self.action_ids = tuple(action_ids)
+        self.action_index = {a: i for i, a in enumerate(self.action_ids)}
+        self.input_names = tuple(input_names)
+        self.layout = (name, self.action_ids, self.input_names)
+        # features: sequence of (name, is_categorical, offset, buckets, default)
+        self.enc_names = tuple(f[0] for f in features)
+        self.enc_kinds = tuple(bool(f[1]) for f in features)
+        self.enc_offsets = tuple(int(f[2]) for f in features)
+        self.enc_buckets = tuple(int(f[3]) for f in features)
+        self.enc_defaults = tuple(float(f[4]) for f in features)
+        self.constraints = constraints
+        self.apprentice = apprentice
+        self.attr_names = ()
+        if constraints is not None:
+            c = constraints
+            self.n_rules = c.n_rules
+            self.n_caps = c.n_caps
+            self.attr_names = tuple(c.attributes)
+            self.n_slots = len(self.attr_names)
+            self.attr_numeric = <const uint8_t*>cnp.PyArray_DATA(c.attr_numeric)
+            self.attr_string = <const uint8_t*>cnp.PyArray_DATA(c.attr_string)
+            self.cond_src = <const int32_t*>cnp.PyArray_DATA(c.cond_src)
+            self.cond_op = <const int32_t*>cnp.PyArray_DATA(c.cond_op)
+            self.cond_num = <const double*>cnp.PyArray_DATA(c.cond_num)
+            self.cond_v0 = <const int32_t*>cnp.PyArray_DATA(c.cond_v0)
+            self.cond_nv = <const int32_t*>cnp.PyArray_DATA(c.cond_nv)
+            self.cond_missing = <const uint8_t*>cnp.PyArray_DATA(c.cond_missing)
+            self.values = <const uint64_t*>cnp.PyArray_DATA(c.values)
+            self.rule_c0 = <const int32_t*>cnp.PyArray_DATA(c.rule_c0)
+            self.rule_nc = <const int32_t*>cnp.PyArray_DATA(c.rule_nc)
+            self.rule_block = <const uint8_t*>cnp.PyArray_DATA(c.rule_block)
+            self.cap_amount = <const double*>cnp.PyArray_DATA(c.cap_amount)
+            self.cap_limit = <const double*>cnp.PyArray_DATA(c.cap_limit)
+            self.cap_window_ns = <const int64_t*>cnp.PyArray_DATA(c.cap_window_ns)
+            self.cap_offset_ns = <const int64_t*>cnp.PyArray_DATA(c.cap_offset_ns)
+        self.constrained = self.n_rules > 0 or self.n_caps > 0 or apprentice
+
+    cdef bint holds(self, int c, const double* x, const uint8_t* present, const double* num,
+                    const uint64_t* hsh) noexcept nogil:
+        """Condition c for one player: attribute slots from (present, num, hsh), features
+        straight from the model inputs x."""
+        cdef int src = self.cond_src[c], op = self.cond_op[c]
+        cdef int lo, hi, mid
+        cdef double v
+        cdef uint64_t h
+        if src < 0:
+            v = x[-src - 1]
+        else:
+            if not present[src]:
+                return self.cond_missing[c] != 0
+            v = num[src]
+            if op == OP_IN or op == OP_NOT_IN:
+                h = hsh[src]
+                lo = self.cond_v0[c]   # binary search in the condition's sorted hashes
+                hi = lo + self.cond_nv[c]
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if self.values[mid] < h:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < self.cond_v0[c] + self.cond_nv[c] and self.values[lo] == h:
+                    return op == OP_IN
+                return op == OP_NOT_IN
+        if op == OP_IS_TRUE:
+            return v != 0.0
+        if op == OP_IS_FALSE:
+            return v == 0.0
+        if op == OP_EQ:
+            return v == self.cond_num[c]
+        if op == OP_NE:
+            return v != self.cond_num[c]
+        if op == OP_LT:
+            return v < self.cond_num[c]
+        if op == OP_LE:
+            return v <= self.cond_num[c]
+        if op == OP_GT:
+            return v > self.cond_num[c]
+        return v >= self.cond_num[c]   # OP_GE (validated)
+
+    cdef uint64_t match_rules(self, const double* x, const uint8_t* present, const double* num,
+                              const uint64_t* hsh) noexcept nogil:
+        """Bit r set for each rule whose conditions all hold (no conditions: always)."""
+        cdef uint64_t bits = 0
+        cdef int r, c
+        cdef bint ok
+        for r in range(self.n_rules):
+            ok = True
+            for c in range(self.rule_c0[r], self.rule_c0[r] + self.rule_nc[r]):
+                if not self.holds(c, x, present, num, hsh):
+                    ok = False
+                    break
+            if ok:
+                bits |= (<uint64_t>1) << r
+        return bits
+
+    cdef bint apply_rules(self, uint64_t bits, uint8_t* mask) noexcept nogil:
+        """Remove what the matched rules block; True when an eligible action was removed."""
+        cdef int r, a, K = self.n_actions
+        cdef bint removed = False
+        cdef const uint8_t* block
+        for r in range(self.n_rules):
+            if bits >> r & 1:
+                block = self.rule_block + r * K
+                for a in range(K):
+                    if block[a] and mask[a]:
+                        mask[a] = 0
+                        removed = True
+        return removed
+
+    cdef bint only_default(self, const uint8_t* mask) noexcept nogil:
+        """No action but (possibly) the default one is eligible."""
+        cdef int a
+        for a in range(self.n_actions):
+            if mask[a] and a != self.default_index:
+                return False
+        return True
+
+    cdef inline bint in_holdout(self, uint64_t user_hash) noexcept nogil:
+        return self.holdout_fraction > 0.0 and \
+            unit_c(mix64_c(user_hash ^ self.salt_hash)) < self.holdout_fraction
+
+    cdef int fill(self, const double* x, const uint8_t* mask, double* s, double* p) noexcept nogil:
+        """Scores and exploration probabilities over eligible actions; returns the greedy
+        action or -1 when none is eligible. Ineligible actions get probability 0."""
+        cdef int K = self.n_actions, D = self.n_inputs, KP = self.k_padded
+        cdef int a, best = -1, m = 0
+        cdef double acc, smax = 0.0, z, q
+        loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
+        cdef int bad = 0
+        for a in range(K):
+            acc = s[a]
+            # Every action's score, eligible or not (as the batch pre-check does); NaN fails
+            # too. A flag, not a branch, tested once after the loop: the hot path's only check.
+            bad = bad | (not fabs(acc) <= LOOPS_SCORE_LIMIT)
+            if mask != NULL and mask[a] == 0:
+                p[a] = 0.0
+                s[a] = 0.0
+                continue
+            m += 1
+            if best < 0 or acc > smax:   # strict: ties go to the lowest index
+                best = a
+                smax = acc
+        if bad:
+            return FILL_OVERFLOW
+        if m == 0:
+            return -1
+        if self.kind == KIND_EPSILON:
+            q = self.epsilon / m
+            for a in range(K):
+                if mask == NULL or mask[a] != 0:
+                    p[a] = q
+            p[best] = q + (1.0 - self.epsilon)
+        elif self.kind == KIND_SOFTMAX:
+            z = 0.0
+            for a in range(K):
+                if mask == NULL or mask[a] != 0:
+                    p[a] = exp((s[a] - smax) / self.temperature)
+                    z = z + p[a]
+            for a in range(K):
+                if mask == NULL or mask[a] != 0:
+                    p[a] = p[a] / z
+        elif self.kind == KIND_SQUARECB:
+            z = 0.0
+            for a in range(K):
+                if (mask == NULL or mask[a] != 0) and a != best:
+                    p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
+                    z = z + p[a]
+            p[best] = 1.0 - z
+        else:  # greedy
+            for a in range(K):
+                if mask == NULL or mask[a] != 0:
+                    p[a] = 0.0
+            p[best] = 1.0
+        return best
+
+    def overflow_error(self, x, row=None):
+        """The FeatureError for a feature row ``x`` whose scores overflow (error path only)."""
+        xa = np.ascontiguousarray(x, dtype=np.float64).reshape(self.n_inputs)
+        s = np.zeros(self.k_padded)
+        cdef double[::1] sv = s
+        cdef double[::1] xv = xa
+        loops_scores(self.WTp, self.bp, &xv[0] if self.n_inputs else NULL, self.n_inputs,
+                     self.k_padded, self.n_actions, &sv[0])
+        return score_overflow_error(self.name, self.version, self.action_ids, self.input_names,
+                                    s[:self.n_actions], self._WT[:, :self.n_actions].T, xa, row)
+
+    def check_row(self, x):
+        """Raise the FeatureError decide() raises for feature row ``x`` if its scores
+        overflow (for callers that check rows before deciding any, like the service)."""
+        self.check_rows(np.ascontiguousarray(x, dtype=np.float64).reshape(1, self.n_inputs),
+                        False)
+
+    cdef int check_rows(self, const double[:, ::1] x, bint numbered=True) except -1:
+        """Refuse a batch holding a row whose scores would overflow, before any row is decided
+        (a batch is all or nothing). One pass over the matrix proves most batches safe; only
+        one with a huge norm is scored here to find the row."""
+        cdef Py_ssize_t n = x.shape[0], i
+        cdef int D = self.n_inputs
+        if n == 0:
+            return 0
+        if D == 0:
+            n = 1           # every row scores the biases alone
+        elif sqrt(loops_sum_squares(&x[0, 0], n * D)) <= self.x_safe:
+            return 0
+        s = np.zeros(self.k_padded)
+        cdef double[::1] sv = s
+        for i in range(n):
+            loops_scores(self.WTp, self.bp, &x[i, 0] if D else NULL, D, self.k_padded,
+                         self.n_actions, &sv[0])
+            if not loops_scores_ok(&sv[0], self.n_actions):
+                raise self.overflow_error(x[i], i if numbered else None)
+        return 0
+
+    cdef inline int sample(self, const uint8_t* mask, const double* p, double u) noexcept nogil:
+        cdef int a, last = -1
+        cdef double acc = 0.0
+        for a in range(self.n_actions):
+            if (mask == NULL or mask[a] != 0) and p[a] > 0.0:
+                acc = acc + p[a]
+                last = a
+                if u < acc:
+                    return a
+        return last   # u landed in the rounding gap above the sum: the last positive action
+
+    cdef int encode_into(self, object features, double* out) except -1:
+        """Mapping path: name → number (numeric) or → str (categorical, hashed to a bucket)."""
+        cdef Py_ssize_t i, n = len(self.enc_names), found = 0
+        cdef double v
+        cdef uint64_t h
+        memset(out, 0, self.n_inputs * sizeof(double))
+        for i in range(n):
+            name = self.enc_names[i]
+            value = features.get(name, None)
+            if value is None:
+                if not self.enc_kinds[i]:
+                    out[<int>self.enc_offsets[i]] = <double>self.enc_defaults[i]
+                continue
+            found += 1
+            if self.enc_kinds[i]:
+                try:
+                    h = hash_key(value, "value")
+                except ArgumentError as exc:
+                    raise FeatureError(f"feature {name!r}: {exc}") from None
+                out[<int>self.enc_offsets[i] + <int>(h % <uint64_t>self.enc_buckets[i])] = 1.0
+            else:
+                if isinstance(value, (str, bytes)):
+                    raise FeatureError(f"feature {name!r} is numeric but got {value!r}")
+                try:
+                    v = value
+                except (TypeError, ValueError, OverflowError):
+                    raise FeatureError(f"feature {name!r} is numeric but got {value!r}") from None
+                if not isfinite(v):
+                    raise FeatureError(f"feature {name!r} is {value!r} (must be finite)")
+                out[<int>self.enc_offsets[i]] = v
+        return <int>(len(features) - found)   # names present but not in the spec
+
+    def encode(self, features):
+        """Encode a Mapping into a new float64 model-input vector."""
+        if not isinstance(features, Mapping):
+            raise FeatureError("features must be a Mapping of name -> value")
+        out = np.zeros(self.n_inputs, dtype=np.float64)
+        cdef double[::1] o = out
+        if self.n_inputs:
+            self.encode_into(features, &o[0])
+        return out
+
+    def scores(self, X):
+        cdef double[:, ::1] x = _as_matrix(self, X)
+        cdef Py_ssize_t n = x.shape[0], i
+        out = np.zeros((n, self.n_actions))
+        probs = np.zeros(self.n_actions)
+        cdef double[:, ::1] o = out
+        cdef double[::1] p = probs
+        cdef Py_ssize_t bad = -1
+        with nogil:
+            for i in range(n):
+                if self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &o[i, 0],
+                             &p[0]) == FILL_OVERFLOW:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise self.overflow_error(x[bad], bad)
+        return out
+
+    def probabilities(self, X, eligible=None):
+        """Exploration probabilities (n, K) under eligibility (n, K) or (K,); rows with no
+        eligible action put probability 1 on the default action."""
+        cdef double[:, ::1] x = _as_matrix(self, X)
+        cdef Py_ssize_t n = x.shape[0], i, stride
+        cdef const uint8_t[:, ::1] m
+        m, stride = _as_masks(self, eligible, n)
+        out = np.zeros((n, self.n_actions))
+        scores = np.zeros(self.n_actions)
+        cdef double[:, ::1] o = out
+        cdef double[::1] s = scores
+        cdef const uint8_t* mp
+        cdef Py_ssize_t bad = -1
+        cdef int r
+        with nogil:
+            for i in range(n):
+                mp = &m[i * stride, 0] if stride >= 0 else NULL
+                r = self.fill(&x[i, 0] if self.n_inputs else NULL, mp, &s[0], &o[i, 0])
+                if r == FILL_OVERFLOW:
+                    bad = i
+                    break
+                if r < 0:
+                    o[i, self.default_index] = 1.0
+        if bad >= 0:
+            raise self.overflow_error(x[bad], bad)
+        return out
+
+
+cdef int _action_index(object index, object a):
+    """Index of an eligible entry that is not a str; -1 (so: UnknownActionError) for anything
+    that cannot be an action id, unhashable ones included."""
+    try:
+        return index.get(a, -1)
+    except TypeError:
+        return -1
+
+
+cdef double _outcome_value(object value) except? -1.0:
+    """An outcome value as a finite double (the twin's _outcome_value converts alike)."""
+    cdef double v
+    try:
+        v = value
+    except (TypeError, ValueError, OverflowError):
+        raise argument_error("value", value, "a finite number") from None
+    if not isfinite(v):
+        raise argument_error("value", value, "a finite number")
+    return v
+
+
+cdef object _outcome_kind(object kind):
+    """A kind that is not exactly a str: a str subclass passes, anything else (None, a tuple,
+    an object) is refused here, before it can reach a batch the learner cannot store."""
+    if isinstance(kind, str):
+        return kind
+    raise argument_error("kind", kind, "a str (the outcome kind, e.g. 'deposit')")
+
+
+cdef object _numeric(object x):
+    """``x`` as a float64 array; strings and objects are refused, not parsed."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "fiub":
+        raise FeatureError("features must be a numeric array, a sequence of numbers or a "
+                           f"Mapping of name -> value (got {type(x).__name__}"
+                           f"{'' if arr is None else ' of dtype ' + str(arr.dtype)})")
+    return arr.astype(np.float64, copy=False)
+
+
+def _user_hashes(users, Py_ssize_t n):
+    """(uint64 hashes, uint8 has-user flags) for a batch; ``None`` entries mean no user (hash 0,
+    never held out), exactly as ``decide(user=None)``."""
+    if users is None:
+        return np.zeros(n, np.uint64), np.zeros(n, np.uint8)
+    if isinstance(users, np.ndarray) and users.dtype == np.uint64:
+        if users.shape != (n,):
+            raise FeatureError(f"users must have shape ({n},), got {users.shape}")
+        return np.ascontiguousarray(users), np.ones(n, np.uint8)
+    if isinstance(users, (str, bytes)) or not hasattr(users, "__len__"):
+        raise argument_error("users", users, "a sequence of user keys (one per row) or a "
+                             "uint64 array of their stable_hash values")
+    if len(users) != n:
+        raise FeatureError(f"users has {len(users)} entries for {n} rows")
+    has = np.fromiter((u is not None for u in users), np.uint8, n)
+    return np.fromiter((hash_key(u, "users") if u is not None else 0 for u in users),
+                       np.uint64, n), has
+
+
+cdef object _as_matrix(Kernel k, object X):
+    arr = _numeric(X)
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != k.n_inputs:
+        raise FeatureError(f"expected a (n, {k.n_inputs}) feature matrix for policy "
+                           f"{k.name!r}, got shape {np.shape(X)}")
+    arr = np.ascontiguousarray(arr)
+    if not loops_all_finite(<const double*>cnp.PyArray_DATA(arr), arr.size):
+        finite = np.isfinite(arr)
+        row, col = np.argwhere(~finite)[0]
+        raise FeatureError(f"feature {k.input_names[col]!r} is {arr[row, col]} in row {row} "
+                           "(must be finite)")
+    return arr
+
+
+cdef tuple _as_masks(Kernel k, object eligible, Py_ssize_t n):
+    """(mask matrix, row stride): stride 1 = per-row masks, 0 = one mask for all, -1 = none."""
+    if eligible is None:
+        return np.ones((1, max(k.n_actions, 1)), dtype=np.uint8), -1
+    m = np.asarray(eligible)
+    if m.dtype != np.bool_ and not np.issubdtype(m.dtype, np.integer):
+        raise FeatureError("eligible mask must be boolean or integer")
+    m = np.ascontiguousarray(m != 0, dtype=np.uint8)
+    if m.ndim == 1 and m.shape[0] == k.n_actions:
+        return m.reshape(1, -1), 0
+    if m.ndim == 2 and m.shape[0] == n and m.shape[1] == k.n_actions:
+        return m, 1
+    raise FeatureError(f"eligible mask must have shape ({k.n_actions},) or ({n}, "
+                       f"{k.n_actions}), got {m.shape}")
