@@ -301,3 +301,16 @@ def test_the_deprecation_is_shown_to_the_importing_script(tmp_path):
     for old in ("loops_sdk.transport", "loops_sdk.batch", "loops_sdk.security"):
         assert f"DeprecationWarning: {old} is deprecated" in out.stderr, out.stderr
     assert "old_user.py:" in out.stderr
+
+
+def test_every_package_is_listed_for_a_regular_install():
+    # setuptools installs only the listed packages: a folder missing here is left out of a
+    # regular (non-editable) install while an editable one still finds it.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = PACKAGE_DIR.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("not a source checkout")
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p.parent / "__init__.py") for p in PACKAGE_DIR.rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found == listed
