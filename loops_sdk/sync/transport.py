@@ -46,6 +46,7 @@ from ..policy import Policy
 from ..net.channel import open_channel
 from .spool import DEAD_LETTER, Spool, SpoolLocked, append_frame, open_lane, orphan_dirs
 
+
 class TransportConfig(Protocol):
     """The settings the transport reads (``ClientConfig`` provides them; the transport does not
     import the client, which sits above it)."""
@@ -65,6 +66,7 @@ class TransportConfig(Protocol):
     close_timeout: float
 
     def channel_security(self) -> Any: ...
+
 
 __all__ = ["LearnerTransport", "split_records"]
 
