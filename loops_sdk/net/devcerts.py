@@ -6,11 +6,12 @@ local use; it needs the optional ``cryptography`` package.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import SecurityError
 
