@@ -3,6 +3,10 @@
 Public API::
 
     from loops_sdk import DecisionClient, ClientConfig, Policy
+
+This imports the embedded SDK only (what runs in a game server's process); the servers and
+security classes named in ``__all__`` load on first use, the learner and the ``loops`` command
+live in :mod:`loops_sdk.learner` and :mod:`loops_sdk.cli` (README "Architecture").
 """
 
 from __future__ import annotations
