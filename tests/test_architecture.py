@@ -108,9 +108,14 @@ def _imports(name: str, path: Path) -> set[str]:
     """Every loops_sdk module ``name`` imports (its own ancestors' __init__ excepted, which
     Python has already started running; the root facade, which runs before anything)."""
     text = path.read_text()
-    if path.suffix == ".pyx":   # Cython: keep the plain Python import lines
-        text = "\n".join(line for line in text.splitlines()
-                         if line.startswith(("import ", "from ")) and " cimport " not in line)
+    if path.suffix == ".pyx":   # Cython: keep the plain Python import statements
+        kept, open_parens = [], 0
+        for line in text.splitlines():
+            if open_parens or (line.startswith(("import ", "from "))
+                               and " cimport " not in line and not line.startswith("cimport")):
+                kept.append(line)
+                open_parens += line.count("(") - line.count(")")
+        text = "\n".join(kept)
     targets: set[str] = set()
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
