@@ -3,11 +3,16 @@
 Public API::
 
     from loops_sdk import DecisionClient, ClientConfig, Policy
+
+This imports the embedded SDK only (what runs in a game server's process); the servers and
+security classes named in ``__all__`` load on first use, the learner and the ``loops`` command
+live in :mod:`loops_sdk.learner` and :mod:`loops_sdk.cli` (README "Architecture").
 """
 
 from __future__ import annotations
 
-from .batch import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
+from .records import DecisionBlock, FeedbackRecords, OutcomeBlock, decode_records, encode_records
+from . import _moved
 from .client import ClientConfig, DecisionClient
 from .decision import DecisionBatch, Reason, format_event_id, parse_event_id
 from .errors import (ArgumentError, BatchError, EvaluationError, FeatureError, LoopsError,
@@ -21,6 +26,9 @@ from .scorer import IMPLEMENTATION, Decision, stable_hash
 from .sink import FileSink, read_feedback_file
 
 __version__ = "0.1.0"
+
+# Moved modules keep their old import paths for one release (loops_sdk.transport, ...).
+_moved.install(__name__)
 
 __all__ = [
     "DecisionClient", "ClientConfig", "Decision", "DecisionBatch", "Reason",
@@ -39,10 +47,10 @@ __all__ = [
 ]
 
 # gRPC-based parts load on first use, so `import loops_sdk` stays free of grpc for offline use.
-_LAZY = {"DecisionServer": "service", "DecisionServerPool": "serve_pool",
-         "ServerSecurity": "security",
-         "ChannelSecurity": "security", "TokenSet": "security", "open_channel": "security",
-         "make_dev_certs": "security"}
+_LAZY = {"DecisionServer": "serve.service", "DecisionServerPool": "serve.pool",
+         "ServerSecurity": "net.auth",
+         "ChannelSecurity": "net.channel", "TokenSet": "net.auth", "open_channel": "net.channel",
+         "make_dev_certs": "net.devcerts"}
 
 
 def __getattr__(name: str):

@@ -1,10 +1,12 @@
-"""Columnar feedback records and their msgpack encoding (``FeedbackBatch.payload``, format 1).
+"""Deprecated alias of :mod:`loops_sdk.records` (the one column table and the blocks,
+encoding, decoding and slicing derived from it); this name goes in the next release."""
 
-Kept for existing imports: everything lives in :mod:`loops_sdk.records` (the one column table
-and the blocks, encoding, decoding and slicing derived from it) and is re-exported here.
-"""
+import importlib as _importlib
+import sys as _sys
 
-from __future__ import annotations
+from . import _moved
 
-from .records import *  # noqa: F401,F403
-from .records import __all__  # noqa: F401
+_moved.warn("loops_sdk.batch is deprecated and will be removed in the next release; "
+            "import loops_sdk.records")
+# The alias *is* the records module, so every name (and monkeypatching) keeps working.
+_sys.modules[__name__] = _importlib.import_module("loops_sdk.records")

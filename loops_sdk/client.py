@@ -15,13 +15,13 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
-from .batch import FeedbackRecords
+from .records import FeedbackRecords
 from .errors import ArgumentError, argument_error
 from .policy import Policy
 from .scorer import Engine, compile_policy
 
 if TYPE_CHECKING:
-    from .security import ChannelSecurity
+    from .net.channel import ChannelSecurity
 
 __all__ = ["ClientConfig", "DecisionClient"]
 
@@ -125,7 +125,7 @@ class ClientConfig:
 
     def channel_security(self) -> "ChannelSecurity":
         """The learner connection's TLS and token settings (``$LOOPS_TOKEN`` when no token)."""
-        from .security import ChannelSecurity
+        from .net.channel import ChannelSecurity
         return ChannelSecurity(token=self.token, tls_ca=self.tls_ca, tls_cert=self.tls_cert,
                                tls_key=self.tls_key, insecure=self.insecure).with_env_token()
 
@@ -346,8 +346,10 @@ class DecisionClient(Engine):
                 self._start_transport()
 
     def _start_transport(self) -> None:
-        from .transport import LearnerTransport  # grpc is imported only when a learner is used
-        self._transport = LearnerTransport(self)
+        from .sync.transport import LearnerTransport  # grpc is imported only when a learner is used
+        self._transport = LearnerTransport(
+            self.config, drain=self._drain_records, set_policy=self.set_policy,
+            pending_rows=lambda: int(self._engine_stats()["pending"]))
 
     def __repr__(self) -> str:
         return (f"DecisionClient(points={self._point_names()}, learner={self.config.learner!r}, "

@@ -1,4 +1,12 @@
-"""What a decision returns: reason codes and the batch result (shared by both scorers)."""
+"""What a decision returns: reason codes, the batch result and event ids (shared by both
+scorers).
+
+This module stays the home of :class:`DecisionBatch`, :class:`Reason`, ``REASONS`` and the
+event-id helpers (they are results, not record columns, so they are not in
+:mod:`loops_sdk.records`). The single-row ``Decision`` is a compiled class of the scorer
+(:mod:`loops_sdk.scorer`), which imports this module; ``from loops_sdk import Decision``
+gives it.
+"""
 
 from __future__ import annotations
 

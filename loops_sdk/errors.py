@@ -11,7 +11,26 @@ __all__ = ["LoopsError", "ArgumentError", "PolicyError", "FeatureError", "Unknow
 
 
 class LoopsError(Exception):
-    """Base class of every error LOOPS raises on purpose."""
+    """Base class of every error LOOPS raises on purpose.
+
+    ``field`` names the argument or request field the error is about when the code raising
+    it knows (``"baseline"``, ``"attributes"``, ``"eligible"``, ...), else None. Servers map
+    errors to the offending request field with it, never by parsing the message.
+    """
+
+    field: str | None = None
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        if field is not None:
+            self.field = field
+
+    def __reduce__(self):  # keep ``field`` across pickling (process pools, multiprocessing)
+        return (_rebuild, (type(self), self.args, self.field))
+
+
+def _rebuild(cls: type, args: tuple, field: str | None) -> "LoopsError":
+    return cls(*args, field=field)
 
 
 class ArgumentError(LoopsError, TypeError, ValueError):
@@ -33,7 +52,8 @@ def argument_error(argument: str, value: object, expected: str) -> ArgumentError
         text = "<unprintable>"
     if len(text) > 80:
         text = text[:77] + "..."
-    return ArgumentError(f"{argument} must be {expected}, got {type(value).__name__} {text}")
+    return ArgumentError(f"{argument} must be {expected}, got {type(value).__name__} {text}",
+                         field=argument)
 
 
 class PolicyError(LoopsError, ValueError):

@@ -522,7 +522,7 @@ def compile_constraints(policy: Any, hash_fn: Callable[[str], int]) -> CompiledC
 
 # --------------------------------------------------------------------------- decide-time inputs
 def attribute_error(name: str, value: Any, why: str) -> FeatureError:
-    return FeatureError(f"attribute {name!r} {why}, got {value!r}")
+    return FeatureError(f"attribute {name!r} {why}, got {value!r}", field="attributes")
 
 
 def batch_attributes(cc: CompiledConstraints, attributes: Mapping[str, Any] | None, n: int,
@@ -537,7 +537,8 @@ def batch_attributes(cc: CompiledConstraints, attributes: Mapping[str, Any] | No
     if attributes is None or s == 0:
         return present, number, hashes
     if not isinstance(attributes, Mapping):
-        raise FeatureError("attributes must be a Mapping of name -> value or column")
+        raise FeatureError("attributes must be a Mapping of name -> value or column",
+                           field="attributes")
     for j, name in enumerate(cc.attributes):
         col = attributes.get(name)
         if col is None:
@@ -549,7 +550,8 @@ def batch_attributes(cc: CompiledConstraints, attributes: Mapping[str, Any] | No
             continue
         arr = np.asarray(col)
         if arr.shape != (n,):
-            raise FeatureError(f"attribute {name!r} has shape {arr.shape} for {n} rows")
+            raise FeatureError(f"attribute {name!r} has shape {arr.shape} for {n} rows",
+                               field="attributes")
         if arr.dtype.kind in "biuf":
             num = arr.astype(np.float64)
             ok = ~np.isnan(num)
@@ -609,22 +611,24 @@ def batch_baselines(action_index: Mapping[str, int], default_index: int, baselin
         i = action_index.get(baseline, -1)
         if i < 0:
             raise UnknownActionError(f"baseline action {baseline!r} is not an action of the "
-                                     f"policy (actions: {list(action_index)})")
+                                     f"policy (actions: {list(action_index)})",
+                                     field="baseline")
         return np.full(n, i, np.int32)
     arr = np.asarray(baseline)
     if arr.shape != (n,):
         raise FeatureError(f"baseline must be an action id or {n} of them, got shape "
-                           f"{arr.shape}")
+                           f"{arr.shape}", field="baseline")
     if arr.dtype.kind in "iu":
         if n and (arr.min() < 0 or arr.max() >= len(action_index)):
-            raise UnknownActionError("baseline action index out of range")
+            raise UnknownActionError("baseline action index out of range", field="baseline")
         return arr.astype(np.int32)
     out = np.empty(n, np.int32)
     for i, a in enumerate(arr.tolist()):
         j = default_index if a is None else action_index.get(a, -1)
         if j < 0:
             raise UnknownActionError(f"baseline action {a!r} (row {i}) is not an action of "
-                                     f"the policy (actions: {list(action_index)})")
+                                     f"the policy (actions: {list(action_index)})",
+                                     field="baseline")
         out[i] = j
     return out
 

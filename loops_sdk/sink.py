@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from .batch import FeedbackRecords, decode_records, encode_records
+from .records import FeedbackRecords, decode_records, encode_records
 from .errors import BatchError
 
 __all__ = ["FeedbackSink", "FileSink", "read_feedback_file"]

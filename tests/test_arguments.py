@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from loops_sdk import (ArgumentError, ClientConfig, DecisionClient, Exploration, FeatureError,
                        Holdout, LoopsError, Policy, PolicyError, UnknownActionError)
-from loops_sdk.batch import decode_records, encode_records
+from loops_sdk.records import decode_records, encode_records
 from loops_sdk.policy import Feature
 from sdk_helpers import IMPL_MODULES, make_engine, make_policy
 

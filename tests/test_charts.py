@@ -1,10 +1,10 @@
-"""The report's SVG charts (loops_sdk.charts): marks, tooltips, empty and one-point data,
+"""The report's SVG charts (loops_sdk.learner.report.charts): marks, tooltips, empty and one-point data,
 gaps, escaping, and well-formed XML."""
 
 import math
 import xml.etree.ElementTree as ET
 
-from loops_sdk.charts import (BarSeries, IntervalRow, Series, bar_chart, format_number,
+from loops_sdk.learner.report.charts import (BarSeries, IntervalRow, Series, bar_chart, format_number,
                               interval_chart, xy_chart)
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -22,7 +22,7 @@ from loops_sdk import (ClientConfig, Condition, DecisionClient, EligibilityRule,
 from loops_sdk._proto import decision_pb2 as pb
 from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
-from loops_sdk.service import SERVICE_NAME, DecisionServer
+from loops_sdk.serve.service import SERVICE_NAME, DecisionServer
 
 import procs
 from sdk_helpers import ROOT, run_concurrently
@@ -519,7 +519,7 @@ def test_deadline_check_refuses_an_expired_call():
     """The race gRPC cannot close for us: a handler picked up with no time left (the call not
     yet cancelled by the core) must not decide. A stand-in context, since a real server only
     reaches this state by chance."""
-    from loops_sdk.service import _check_deadline
+    from loops_sdk.serve.service import _check_deadline
 
     class Context:
         def __init__(self, remaining, active=True):
@@ -578,7 +578,7 @@ def test_readme_grpcurl_payloads_work(tmp_path):
 def test_grpc_without_the_loops_needs_falls_back_to_the_pool(learner, tmp_path, monkeypatch,
                                                              caplog):
     """A gRPC release that changes the Cython layer the loop uses must not break serving."""
-    from loops_sdk import unary_loop
+    from loops_sdk.serve import unary_loop
     monkeypatch.setattr(unary_loop, "supported", lambda server: False)
     server = serve(learner, tmp_path)
     try:

@@ -16,7 +16,7 @@ from scipy.stats import norm
 from loops_sdk import (DecisionClient, EvaluationError, LoggedData, Policy, baseline_targets,
                        direct_method, doubly_robust, evaluate, ips, snips, switch_dr,
                        target_probabilities)
-from loops_sdk.batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT, DecisionBlock,
+from loops_sdk.records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT, DecisionBlock,
                              FeedbackRecords, OutcomeBlock)
 from loops_sdk.evaluation import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, IPS, SNIPS,
                                   DirectMethod, DoublyRobust, Estimator, OffPolicyEvaluation,
@@ -909,7 +909,7 @@ def test_from_store_is_deprecated_but_reads_the_same_rows(filled_store):
 
 def test_flags_through_evaluation_are_deprecated():
     import loops_sdk.evaluation as ev
-    with pytest.warns(DeprecationWarning, match="import it from loops_sdk.batch"):
+    with pytest.warns(DeprecationWarning, match="import it from loops_sdk.records"):
         assert ev.FLAG_APPRENTICE == FLAG_APPRENTICE
     with pytest.raises(AttributeError):
         ev.no_such_name

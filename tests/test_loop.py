@@ -12,7 +12,7 @@ import pytest
 
 from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSettings, Policy
 from loops_sdk.learner.service import Learner
-from loops_sdk.spool import Spool
+from loops_sdk.sync.spool import Spool
 import procs
 from sdk_helpers import wait_until
 

@@ -279,7 +279,7 @@ def test_decision_service_answers_overflowing_features_invalid_argument(tmp_path
     field and the feature, for Decide and for both DecideBatch forms."""
     from loops_sdk._proto import decision_pb2 as pb
     from loops_sdk._proto import decision_pb2_grpc
-    from loops_sdk.service import DecisionServer
+    from loops_sdk.serve.service import DecisionServer
 
     with Learner(tmp_path / "l.sqlite", train=False) as lr:
         lr.publish(base(), "initial")

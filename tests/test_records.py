@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from loops_sdk import (BatchError, DecisionClient, FeedbackRecords, FileSink, decode_records,
                        encode_records, parse_event_id, read_feedback_file)
-from loops_sdk.batch import (FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_ACTIVATE,
+from loops_sdk.records import (FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_ACTIVATE,
                              OUTCOME_OBSERVE, OUTCOME_REWARD)
 from loops_sdk.decision import format_event_id
 from loops_sdk.records import DECISION_COLUMNS, OUTCOME_COLUMNS

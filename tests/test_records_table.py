@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from loops_sdk import batch, records
+from loops_sdk import records
 from loops_sdk.errors import BatchError
 from loops_sdk.records import (DECISION_COLUMNS, MAX_TS_NS, OUTCOME_COLUMNS, DecisionBlock,
                                FeedbackRecords, OutcomeBlock, decode_records, encode_records,
@@ -61,12 +61,6 @@ def assert_same(a: FeedbackRecords, b: FeedbackRecords) -> None:
 def test_block_dataclasses_carry_exactly_the_table_columns():
     assert [f.name for f in fields(DecisionBlock)][3:] == [c.name for c in DECISION_COLUMNS]
     assert [f.name for f in fields(OutcomeBlock)][:-1] == [c.name for c in OUTCOME_COLUMNS]
-
-
-def test_batch_module_re_exports_records():
-    for name in ("DecisionBlock", "OutcomeBlock", "FeedbackRecords", "encode_records",
-                 "decode_records", "FLAG_APPRENTICE", "OUTCOME_ACTIVATE", "PAYLOAD_FORMAT"):
-        assert getattr(batch, name) is getattr(records, name)
 
 
 # --------------------------------------------------------------------------- slicing

@@ -315,7 +315,7 @@ def test_report_renders_in_chromium(loop_db, tmp_path):
 
 
 def test_demo_writes_report(tmp_path):
-    from loops_sdk.demo import run_demo
+    from loops_sdk.cli.demo import run_demo
     out = tmp_path / "demo.html"
     run_demo(decisions=1500, seed=3, rate=3000, db=str(tmp_path / "demo.sqlite"),
              echo=lambda *a: None, report=str(out))

@@ -19,7 +19,7 @@ from loops_sdk import (Action, BudgetCap, Condition, DecisionClient, Eligibility
                        UnknownActionError, decode_records, encode_records)
 from loops_sdk._scorer import twin as _scorer_py
 from loops_sdk._proto import policy_pb2
-from loops_sdk.batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_HOLDOUT,
+from loops_sdk.records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_HOLDOUT,
                              FLAG_RULE, DecisionBlock, FeedbackRecords)
 from loops_sdk.learner.store import EventStore
 from loops_sdk.rules import CAP_BIT_SHIFT, MAX_CAPS, MAX_RULES
@@ -691,7 +691,7 @@ def test_client_decides_with_attributes_and_reports_rule_stats():
 
 
 def test_demo_policy_never_offers_a_deposit_match_in_restricted_jurisdictions():
-    from loops_sdk.demo import ACTIONS as DEMO_ACTIONS, Simulator, initial_policy
+    from loops_sdk.cli.demo import ACTIONS as DEMO_ACTIONS, Simulator, initial_policy
     sim = Simulator(seed=1)
     players = sim.players(2000)
     with DecisionClient(policies=[initial_policy()], seed=1) as client:

@@ -15,7 +15,7 @@ from scipy import stats as sstats
 
 import loops_sdk
 from loops_sdk import Reason
-from loops_sdk.batch import FLAG_DEFAULT, FLAG_HOLDOUT
+from loops_sdk.records import FLAG_DEFAULT, FLAG_HOLDOUT
 from loops_sdk.policy import Exploration, Holdout, Policy
 from sdk_helpers import (IMPL_MODULES, KINDS, _scorer_c, _scorer_py, make_engine, make_kernel,
                          make_policy, replay_sample, run_python)

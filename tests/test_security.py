@@ -14,13 +14,14 @@ from loops_sdk import ClientConfig, DecisionClient, Policy
 from loops_sdk._proto import (decision_pb2, decision_pb2_grpc, feedback_pb2, learner_pb2,
                               policy_pb2)
 from loops_sdk._proto import learner_pb2_grpc
-from loops_sdk.batch import PAYLOAD_FORMAT, encode_records
+from loops_sdk.records import PAYLOAD_FORMAT, encode_records
 from loops_sdk.cli import main as cli_main
 from loops_sdk.errors import SecurityError
 from loops_sdk.learner import Learner
-from loops_sdk.security import (ChannelSecurity, ServerSecurity, TokenSet, is_loopback,
-                                make_dev_certs, open_channel, target_host)
-from loops_sdk.service import DecisionServer
+from loops_sdk.net.auth import ServerSecurity, TokenSet
+from loops_sdk.net.channel import ChannelSecurity, is_loopback, open_channel, target_host
+from loops_sdk.net.devcerts import make_dev_certs
+from loops_sdk.serve.service import DecisionServer
 
 ADMIN = "admin-token-0123456789abcdef"
 CLIENT = "client-token-0123456789abcdef"

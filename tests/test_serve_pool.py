@@ -21,7 +21,7 @@ from loops_sdk import ClientConfig
 from loops_sdk._proto import decision_pb2 as pb
 from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
-from loops_sdk.serve_pool import DecisionServerPool, worker_config
+from loops_sdk.serve.pool import DecisionServerPool, worker_config
 
 import procs
 from sdk_helpers import make_policy, wait_until

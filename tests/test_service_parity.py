@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from loops_sdk import DecisionClient, Exploration, Feature, FeatureError, Holdout, Policy
 from loops_sdk._proto import decision_pb2 as pb
 from loops_sdk._proto import decision_pb2_grpc
-from loops_sdk.service import DecisionServer
+from loops_sdk.serve.service import DecisionServer
 
 SEED = 23
 ACTIONS = ["none", "spins", "cashback", "match"]

@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 
 from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSettings, Policy
-from loops_sdk import cli, transport
+from loops_sdk import cli
+from loops_sdk.sync import transport
 from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
-from loops_sdk.batch import PAYLOAD_FORMAT, encode_records
+from loops_sdk.records import PAYLOAD_FORMAT, encode_records
 from loops_sdk.learner.service import Learner
-from loops_sdk.spool import Spool, append_frame, read_frames, spool_dirs
+from loops_sdk.sync.spool import Spool, append_frame, read_frames, spool_dirs
 
 import procs
 from sdk_helpers import wait_until

@@ -1,4 +1,4 @@
-"""The single-thread unary loop (loops_sdk.unary_loop) on a real gRPC server on 127.0.0.1:
+"""The single-thread unary loop (loops_sdk.serve.unary_loop) on a real gRPC server on 127.0.0.1:
 what a caller sees must match gRPC's own thread-pool server."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from loops_sdk.unary_loop import UnaryLoop, UnaryMethod, supported
+from loops_sdk.serve.unary_loop import UnaryLoop, UnaryMethod, supported
 
 from sdk_helpers import run_concurrently, wait_until
 

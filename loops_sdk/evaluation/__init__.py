@@ -71,8 +71,8 @@ __all__ = [
 ]
 
 # Names this module used to carry that belong elsewhere: kept for one release, with a warning.
-_MOVED = {"FLAG_APPRENTICE": "loops_sdk.batch", "FLAG_CAPPED": "loops_sdk.batch",
-          "FLAG_HOLDOUT": "loops_sdk.batch"}
+_MOVED = {"FLAG_APPRENTICE": "loops_sdk.records", "FLAG_CAPPED": "loops_sdk.records",
+          "FLAG_HOLDOUT": "loops_sdk.records"}
 
 
 def __getattr__(name: str):

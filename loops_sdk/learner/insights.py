@@ -47,7 +47,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..batch import FLAG_APPRENTICE, FLAG_HOLDOUT
+from ..records import FLAG_APPRENTICE, FLAG_HOLDOUT
 from ..errors import InsightsError, PolicyError
 from .join import PolicyBook
 from .store import STATUS_JOINED, EventStore

@@ -39,7 +39,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..batch import FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_OBSERVE, OUTCOME_REWARD
+from ..records import FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_OBSERVE, OUTCOME_REWARD
 from ..errors import PolicyError
 from ..policy import Policy, RewardDefinition
 from .store import STATUS_JOINED, STATUS_PENDING, Block, EventStore

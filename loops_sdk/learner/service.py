@@ -29,21 +29,20 @@ import signal
 import sqlite3
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc, policy_pb2
-from ..batch import PAYLOAD_FORMAT, decode_records
+from ..records import PAYLOAD_FORMAT, decode_records
 from ..records import MAX_INT64
 from ..errors import BatchError, LoopsError, PolicyError
 from ..policy import Policy
-from ..security import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
+from ..net.auth import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
+from ..net.server import add_health_and_reflection, bind, new_server
 from .join import Joiner, JoinResult, PolicyBook
 from .promotion import Gate, GateResult
 from .retention import Retention
@@ -297,7 +296,7 @@ class Learner:
         max_batch_records, max_batch_bytes: larger batches are rejected (INVALID_ARGUMENT).
         max_workers: server threads; each open ``WatchPolicy`` stream holds one.
         durability: ``"normal"`` or ``"full"``, see :class:`~loops_sdk.learner.store.EventStore`.
-        security: TLS and bearer tokens (:class:`~loops_sdk.security.ServerSecurity`); the
+        security: TLS and bearer tokens (:class:`~loops_sdk.net.auth.ServerSecurity`); the
             default serves plaintext without tokens and only on a loopback ``host``.
         retain_days: delete joined decisions (and old outcomes, batch ids) after this many
             days, in small transactions after join rounds (see
@@ -364,25 +363,17 @@ class Learner:
         """Bind, serve, start the trainer thread; returns self."""
         # The gRPC limit sits above ours so an oversize batch gets our INVALID_ARGUMENT.
         limit = self.max_batch_bytes + 4 * _MiB
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers,
-                                       thread_name_prefix="loops-learner-rpc"),
-            options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", 64 * _MiB),
-                     # gRPC turns SO_REUSEPORT on by default on Linux: a second learner on
-                     # the port would bind and split clients and publishes over two stores.
-                     ("grpc.so_reuseport", 0)],
-            interceptors=self.security.interceptors(LEARNER_METHOD_ROLES))
+        # No SO_REUSEPORT: a second learner on the port would split clients and publishes
+        # over two stores.
+        server = new_server(self.security, LEARNER_METHOD_ROLES, max_workers=self._max_workers,
+                            thread_name_prefix="loops-learner-rpc", max_receive_bytes=limit,
+                            max_send_bytes=64 * _MiB)
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
-        self._health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
-                                             reflection.SERVICE_NAME), server)
-        try:
-            self.port = self.security.add_port(server, self.host, self._requested_port)
-        except OSError as exc:
-            raise OSError(f"{exc} (is another learner on that port? Learners never share one: "
-                          "clients and publishes would be split between two stores)") from None
+        self._health = add_health_and_reflection(server, SERVICE_NAME)
+        self.port = bind(server, self.security, self.host, self._requested_port,
+                         busy_hint="is another learner on that port? Learners never share "
+                                   "one: clients and publishes would be split between two "
+                                   "stores")
         server.start()
         self._server = server
         self._started_ms = int(time.time() * 1000)

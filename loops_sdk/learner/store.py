@@ -199,7 +199,7 @@ _BUMP = ("INSERT INTO counters (key, value) VALUES (?, ?) "
 
 @dataclass
 class Block:
-    """One stored decision block, columns decoded to numpy (see ``loops_sdk.batch``)."""
+    """One stored decision block, columns decoded to numpy (see ``loops_sdk.records``)."""
 
     id: int
     policy: str

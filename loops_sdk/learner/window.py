@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT
+from ..records import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_HOLDOUT
 from ..errors import EvaluationError
 from ..evaluation import LoggedData
 from ..policy import Policy, PromotionRule

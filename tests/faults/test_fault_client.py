@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSettings, Policy
-from loops_sdk.spool import Spool
+from loops_sdk.sync.spool import Spool
 
 from procs import ClientProcess, free_port, start_learner, stored_ids, wait_until
 

@@ -21,7 +21,7 @@ from loops_sdk import (ClientConfig, DecisionClient, DecisionServer, Eligibility
                        decode_records, encode_records)
 from loops_sdk._proto import (decision_pb2, decision_pb2_grpc, feedback_pb2, learner_pb2,
                               learner_pb2_grpc)
-from loops_sdk.batch import PAYLOAD_FORMAT
+from loops_sdk.records import PAYLOAD_FORMAT
 from loops_sdk.learner import Learner
 
 from procs import wait_until

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loops_sdk.batch import DecisionBlock, FeedbackRecords, OutcomeBlock
+from loops_sdk.records import DecisionBlock, FeedbackRecords, OutcomeBlock
 from loops_sdk.policy import Action, Exploration, LearningSettings, Policy
 
 NS = 1_000_000_000

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
-from loops_sdk.batch import encode_records
+from loops_sdk.records import encode_records
 from loops_sdk.learner.store import EventStore
 
 import procs

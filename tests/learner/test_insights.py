@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 
-from loops_sdk.batch import FLAG_HOLDOUT, OUTCOME_REWARD
+from loops_sdk.records import FLAG_HOLDOUT, OUTCOME_REWARD
 from loops_sdk.cli import main
 from loops_sdk.errors import InsightsError
 from loops_sdk.learner.insights import (FLAG_APPRENTICE, holdout_lift, learning_curve,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from loops_sdk.batch import (FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_ACTIVATE, OUTCOME_OBSERVE,
+from loops_sdk.records import (FLAG_DEFERRED, FLAG_HOLDOUT, OUTCOME_ACTIVATE, OUTCOME_OBSERVE,
                              OUTCOME_REWARD)
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import EventStore

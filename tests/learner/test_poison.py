@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from loops_sdk._proto import feedback_pb2, learner_pb2_grpc
-from loops_sdk.batch import OUTCOME_REWARD, FeedbackRecords, OutcomeBlock, encode_records
+from loops_sdk.records import OUTCOME_REWARD, FeedbackRecords, OutcomeBlock, encode_records
 from loops_sdk.learner import Learner
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import EventStore

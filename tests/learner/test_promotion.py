@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from loops_sdk import cli
-from loops_sdk.batch import OUTCOME_OBSERVE, OUTCOME_REWARD, FeedbackRecords, OutcomeBlock
+from loops_sdk.records import OUTCOME_OBSERVE, OUTCOME_REWARD, FeedbackRecords, OutcomeBlock
 from loops_sdk.client import ClientConfig, DecisionClient
-from loops_sdk.demo import ACTIONS as DEMO_ACTIONS
-from loops_sdk.demo import FEATURES as DEMO_FEATURES
-from loops_sdk.demo import Simulator
+from loops_sdk.cli.demo import ACTIONS as DEMO_ACTIONS
+from loops_sdk.cli.demo import FEATURES as DEMO_FEATURES
+from loops_sdk.cli.demo import Simulator
 from loops_sdk.errors import PolicyError
 from loops_sdk.evaluation import (ESTIMATORS, LoggedData, OffPolicyEvaluation,
                                   baseline_targets, evaluate, fit_reward_model)

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loops_sdk._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-from loops_sdk.batch import OUTCOME_REWARD, encode_records
+from loops_sdk.records import OUTCOME_REWARD, encode_records
 from loops_sdk.learner import Learner
 from loops_sdk.policy import Policy
 

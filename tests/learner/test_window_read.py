@@ -6,7 +6,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from loops_sdk.batch import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFERRED, FLAG_HOLDOUT
+from loops_sdk.records import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFERRED, FLAG_HOLDOUT
 from loops_sdk.evaluation import LoggedData
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import SCHEMA_VERSION, STATUS_JOINED, STATUS_PENDING, EventStore

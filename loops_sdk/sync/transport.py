@@ -35,19 +35,38 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol, Sequence
 
 import grpc
 
-from ._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-from .records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
-from .errors import PolicyError
-from .policy import Policy
-from .security import open_channel
+from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
+from ..records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
+from ..errors import PolicyError
+from ..policy import Policy
+from ..net.channel import open_channel
 from .spool import DEAD_LETTER, Spool, SpoolLocked, append_frame, open_lane, orphan_dirs
 
-if TYPE_CHECKING:
-    from .client import DecisionClient
+
+class TransportConfig(Protocol):
+    """The settings the transport reads (``ClientConfig`` provides them; the transport does not
+    import the client, which sits above it)."""
+
+    learner: str | None
+    client_id: str
+    metadata: Sequence[tuple[str, str]]
+    watched_names: tuple[str, ...]
+    spool_dir: str | None
+    spool_max_bytes: int
+    flush_interval: float
+    flush_records: int
+    max_batch_records: int
+    backoff_initial: float
+    backoff_max: float
+    rpc_timeout: float
+    close_timeout: float
+
+    def channel_security(self) -> Any: ...
+
 
 __all__ = ["LearnerTransport", "split_records"]
 
@@ -91,11 +110,20 @@ def new_epoch() -> int:
 
 
 class LearnerTransport:
-    """Owns the channel, the spool and the two threads of one DecisionClient."""
+    """Owns the channel, the spool and the two threads of one DecisionClient.
 
-    def __init__(self, client: "DecisionClient") -> None:
-        cfg = client.config
-        self._client = client
+    It is given callables, never the client: ``drain`` takes every record logged so far,
+    ``pending_rows`` counts them without taking them, ``set_policy`` installs a policy
+    update (raising PolicyError to refuse it).
+    """
+
+    def __init__(self, config: TransportConfig, *, drain: Callable[[], FeedbackRecords],
+                 pending_rows: Callable[[], int],
+                 set_policy: Callable[[Policy], object]) -> None:
+        cfg = config
+        self._drain = drain
+        self._pending = pending_rows
+        self._set_policy = set_policy
         self._cfg = cfg
         self.client_id = cfg.client_id or os.urandom(8).hex()
         # (client_id, epoch, sequence) is the learner's dedup key. A fixed client_id with
@@ -144,7 +172,7 @@ class LearnerTransport:
 
     # ------------------------------------------------------------------ shipping
     def _pending_rows(self) -> int:
-        return int(self._client._engine_stats()["pending"])
+        return int(self._pending())
 
     def _ship_loop(self) -> None:
         while True:
@@ -209,7 +237,7 @@ class LearnerTransport:
             self._encode_pending()
 
     def _encode_pending(self) -> None:
-        records = self._client._drain_records()
+        records = self._drain()
         if not len(records):
             return
         for part in split_records(records, self._cfg.max_batch_records):
@@ -459,7 +487,7 @@ class LearnerTransport:
                          update.version, exc)
             return
         try:
-            self._client.set_policy(policy)
+            self._set_policy(policy)
         except PolicyError as exc:
             self._counters["policy_updates_invalid"] += 1
             logger.error("loops: ignoring invalid policy update %s v%d: %s", update.name,

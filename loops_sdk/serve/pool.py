@@ -2,7 +2,7 @@
 
 One Python process serves gRPC on about one core: every call passes between gRPC's threads
 under one GIL. To use more cores, :class:`DecisionServerPool` starts N worker processes, each a
-complete :class:`~loops_sdk.service.DecisionServer` (its own DecisionClient, decision log, disk
+complete :class:`~loops_sdk.serve.service.DecisionServer` (its own DecisionClient, decision log, disk
 spool and policy sync), all listening on the same port with ``SO_REUSEPORT``; the kernel
 spreads new connections over them. A backend keeps a connection on one worker, so the load
 spreads when there are several connections (several backends, or a channel pool).
@@ -35,8 +35,8 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .client import ClientConfig
-from .security import ServerSecurity, join_host_port
+from ..client import ClientConfig
+from ..net.auth import ServerSecurity, join_host_port
 
 __all__ = ["DecisionServerPool", "worker_config"]
 
@@ -124,7 +124,7 @@ class DecisionServerPool:
         pin_cpus: bind worker K to the K-th CPU this process may use (modulo their number).
         security: TLS and tokens, the same for every worker.
         max_workers, max_batch_rows, max_message_bytes, unary_loop: per worker, as for
-            :class:`~loops_sdk.service.DecisionServer`.
+            :class:`~loops_sdk.serve.service.DecisionServer`.
         restart: start a worker again when it dies unexpectedly.
         start_timeout: seconds :meth:`start` waits for every worker to listen.
     """

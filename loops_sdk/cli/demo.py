@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import ClientConfig, DecisionClient
-from .policy import Action, Exploration, Holdout, LearningSettings, Policy
-from .rules import Condition, EligibilityRule
+from ..client import ClientConfig, DecisionClient
+from ..policy import Action, Exploration, Holdout, LearningSettings, Policy
+from ..rules import Condition, EligibilityRule
 
 __all__ = ["Simulator", "run_demo", "DemoResult", "ACTIONS"]
 
@@ -157,9 +157,9 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
 
     ``rate`` paces decisions per second so the learner's joins and retrains happen while the
     game runs (as in production); the default run takes about half a minute. ``report``: write
-    the learner's HTML report (:mod:`loops_sdk.report`) there once the last rewards joined.
+    the learner's HTML report (:mod:`loops_sdk.learner.report`) there once the last rewards joined.
     """
-    from .learner.service import Learner   # the learner's dependencies load only for the demo
+    from ..learner.service import Learner   # the learner's dependencies load only for the demo
 
     sim = Simulator(seed)
     tmp = tempfile.TemporaryDirectory(prefix="loops-demo-")
@@ -190,7 +190,7 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
 
 
 def _write_report(learner, path: str, echo) -> None:
-    from .report import write_report
+    from ..learner.report.report import write_report
     # The last decisions join once their reward window (0.5 s) and grace (0.3 s) have passed.
     deadline = time.monotonic() + 5.0
     while learner.store.pending_by_policy() and time.monotonic() < deadline:

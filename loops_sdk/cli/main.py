@@ -27,12 +27,12 @@ _CLIENT_SECURITY = None
 
 
 def _channel(address: str):
-    from .security import open_channel
+    from ..net.channel import open_channel
     return open_channel(address, _CLIENT_SECURITY)
 
 
 def _stub(channel):
-    from ._proto import learner_pb2_grpc
+    from .._proto import learner_pb2_grpc
     return learner_pb2_grpc.LearnerServiceStub(channel)
 
 
@@ -63,7 +63,7 @@ def _add_learner(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
-    from .learner import Learner
+    from ..learner import Learner
     for flag, value in (("--retain-days", args.retain_days),
                         ("--retention-interval", args.retention_interval)):
         if not value >= 0:
@@ -113,7 +113,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import grpc
-    from ._proto import learner_pb2
+    from .._proto import learner_pb2
     with _channel(args.learner) as ch:
         try:
             st = _stub(ch).GetStatus(learner_pb2.StatusRequest(), timeout=args.timeout)
@@ -163,7 +163,7 @@ def _add_spool(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_spool(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from .spool import spool_dirs
+    from ..sync.spool import spool_dirs
     root = Path(args.dir)
     if not root.is_dir():
         print(f"loops: --dir {args.dir}: no such directory", file=sys.stderr)
@@ -175,8 +175,8 @@ def _cmd_spool(args: argparse.Namespace) -> int:
 
 
 def _spool_list(dirs) -> int:
-    from ._proto import feedback_pb2
-    from .spool import read_frames
+    from .._proto import feedback_pb2
+    from ..sync.spool import read_frames
     total = {"pending": [0, 0], "dead-letter": [0, 0]}
     for d in dirs:
         kind = "dead-letter" if d.name == "dead-letter" else "pending"
@@ -200,8 +200,8 @@ def _spool_list(dirs) -> int:
 
 def _spool_resend(dirs, args: argparse.Namespace) -> int:
     import grpc
-    from ._proto import feedback_pb2
-    from .spool import Spool, SpoolLocked
+    from .._proto import feedback_pb2
+    from ..sync.spool import Spool, SpoolLocked
     sent = failed = 0
     with _channel(args.learner) as ch:
         stub = _stub(ch)
@@ -278,13 +278,13 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_policy(args: argparse.Namespace) -> int:
     import grpc
-    from ._proto import learner_pb2, policy_pb2
-    from .errors import PolicyError
-    from .policy import Policy
+    from .._proto import learner_pb2, policy_pb2
+    from ..errors import PolicyError
+    from ..policy import Policy
     cmd = args.policy_command
     if cmd in ("history", "list") and args.db:
-        from .learner.service import policy_history
-        from .learner.store import EventStore
+        from ..learner.service import policy_history
+        from ..learner.store import EventStore
         with EventStore(args.db) as store:
             try:
                 hist = policy_history(store, args.name)
@@ -341,7 +341,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 def _print_history(hist, all_estimates: bool = False) -> None:
     """Versions, oldest first: state, decision, mode, time, reason, key estimates."""
-    from ._proto import policy_pb2
+    from .._proto import policy_pb2
     print(f"policy {hist.name}: serving v{hist.serving_version}; automatic retraining "
           f"{'PAUSED' if hist.training_paused else 'on'}")
     for v in hist.versions:
@@ -380,7 +380,7 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
 
 
 def _window_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from .learner.export import parse_time
+    from ..learner.export import parse_time
     return {"since_ns": parse_time(args.since) if args.since else None,
             "window_days": None if args.days == 0 else args.days}
 
@@ -395,8 +395,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .errors import ArgumentError, InsightsError
-    from .report import write_report
+    from ..errors import ArgumentError, InsightsError
+    from ..learner.report.report import write_report
     try:
         out = write_report(args.db, args.out, policy=args.policy, buckets=args.buckets,
                            bucket_seconds=args.bucket_seconds, level=args.level,
@@ -421,8 +421,8 @@ def _add_lift(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_lift(args: argparse.Namespace) -> int:
-    from .errors import ArgumentError, InsightsError
-    from .learner.insights import policy_insights, policy_names
+    from ..errors import ArgumentError, InsightsError
+    from ..learner.insights import policy_insights, policy_names
     try:
         names = [args.policy] if args.policy else policy_names(args.db)
         results = [policy_insights(args.db, n, buckets=args.buckets,
@@ -470,9 +470,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .errors import LoopsError
+    from ..errors import LoopsError
     try:
-        from .learner.export import export_parquet, parse_time
+        from ..learner.export import export_parquet, parse_time
         since = parse_time(args.since) if args.since else None
         res = export_parquet(args.db, args.out, policy=args.policy, since_ns=since)
     except (LoopsError, ImportError, OSError) as exc:
@@ -499,7 +499,7 @@ def _add_server_security(p: argparse.ArgumentParser) -> None:
 
 
 def _server_security(args: argparse.Namespace):
-    from .security import ServerSecurity, TokenSet
+    from ..net.auth import ServerSecurity, TokenSet
     return ServerSecurity(tls_cert=args.tls_cert, tls_key=args.tls_key,
                           tls_client_ca=args.tls_client_ca,
                           tokens=TokenSet.from_file(args.tokens) if args.tokens else None,
@@ -520,7 +520,7 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
 
 
 def _client_security(args: argparse.Namespace):
-    from .security import ChannelSecurity
+    from ..net.channel import ChannelSecurity
     return ChannelSecurity(token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_client_cert,
                            tls_key=args.tls_client_key,
                            insecure=args.insecure).with_env_token()
@@ -560,8 +560,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .client import ClientConfig
-    from .service import DecisionServer
+    from ..client import ClientConfig
+    from ..serve.service import DecisionServer
     sec = _client_security(args)
     config = ClientConfig(learner=args.learner, policy_names=tuple(args.policy_name),
                           fallback_policies=tuple(args.fallback_policy), seed=args.seed,
@@ -577,7 +577,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                      security=_server_security(args), **limits)
         shape = ""
     else:
-        from .serve_pool import DecisionServerPool
+        from ..serve.pool import DecisionServerPool
         server = DecisionServerPool(config, args.host, args.port, processes=args.processes,
                                     pin_cpus=args.pin_cpus, security=_server_security(args),
                                     **limits)
@@ -601,7 +601,7 @@ def _add_dev_certs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_dev_certs(args: argparse.Namespace) -> int:
-    from .security import DEV_HOSTS, make_dev_certs
+    from ..net.devcerts import DEV_HOSTS, make_dev_certs
     try:
         certs = make_dev_certs(args.dir, hosts=tuple(args.hosts or DEV_HOSTS), days=args.days,
                                force=args.force)
@@ -669,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level or default_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     global _CLIENT_SECURITY
-    from .errors import SecurityError
+    from ..errors import SecurityError
     try:
         if hasattr(args, "tls_ca"):
             _CLIENT_SECURITY = _client_security(args)

@@ -17,7 +17,7 @@ translates messages and errors:
 Health checking (``grpc.health.v1``) reports the server ``SERVING`` once started and
 ``loops.v1.DecisionService`` ``SERVING`` once every watched decision point has a policy;
 server reflection lets ``grpcurl`` list and call the service. Security (TLS, tokens) comes from
-:class:`~loops_sdk.security.ServerSecurity`.
+:class:`~loops_sdk.net.auth.ServerSecurity`.
 """
 
 from __future__ import annotations
@@ -26,25 +26,24 @@ import functools
 import logging
 import math
 import threading
-from concurrent import futures
 from typing import Any, Callable, NoReturn
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from ._proto import decision_pb2, decision_pb2_grpc
-from .client import ClientConfig, DecisionClient
-from .decision import REASONS, Reason, parse_event_id
-from .errors import FeatureError, UnknownActionError
-from .policy import Policy
-from .rules import batch_attributes, compile_constraints
-from .scorer import stable_hash
+from .._proto import decision_pb2, decision_pb2_grpc
+from ..client import ClientConfig, DecisionClient
+from ..decision import REASONS, Reason, parse_event_id
+from ..errors import FeatureError, UnknownActionError
+from ..policy import Policy
+from ..rules import batch_attributes, compile_constraints
+from ..scorer import stable_hash
 from . import unary_loop
-from .security import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
+from ..net.auth import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
+from ..net.server import add_health_and_reflection, bind, new_server
 
 __all__ = ["DecisionServer", "DecisionServicer", "SERVICE_NAME"]
 
@@ -299,15 +298,26 @@ def _attribute_columns(columns: Any, n: int) -> dict[str, Any] | None:
     return out
 
 
-def _input_error(exc: FeatureError, where: str, features_field: str) -> _Invalid:
-    # The scorer reports attribute problems as FeatureErrors too (rules.attribute_error).
-    field = "attributes" if str(exc).startswith("attribute ") else features_field
-    return _Invalid(f"{where}{field}", str(exc))
+def _request_field(exc: FeatureError | UnknownActionError, baseline_field: str,
+                   default: str) -> str:
+    """The request field an SDK error is about, from the field the error carries."""
+    field = exc.field
+    if field is None and isinstance(exc, UnknownActionError) and \
+            str(exc).startswith("baseline"):
+        # Transitional: the scorers' own baseline check does not name its field yet.
+        field = "baseline"
+    if field == "baseline":
+        return baseline_field
+    return field if field in ("attributes", "eligible") else default
+
+
+def _input_error(exc: FeatureError, where: str, features_field: str,
+                 baseline_field: str = "baseline") -> _Invalid:
+    return _Invalid(f"{where}{_request_field(exc, baseline_field, features_field)}", str(exc))
 
 
 def _action_error(exc: UnknownActionError, where: str, baseline_field: str) -> _Invalid:
-    field = baseline_field if str(exc).startswith("baseline") else "eligible"
-    return _Invalid(f"{where}{field}", str(exc))
+    return _Invalid(f"{where}{_request_field(exc, baseline_field, 'eligible')}", str(exc))
 
 
 @functools.lru_cache(maxsize=64)
@@ -382,24 +392,29 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         return x
 
     def _row_input(self, name: str, row: Any, where: str) -> Any:
-        """A row's features, checked against the current policy the way decide() would
-        check them (same encoder), so a bad row is refused before anything is decided."""
+        """A row's model-input vector, checked the way decide() checks it, so a bad row is
+        refused before anything is decided. Dict rows are encoded here by the scorer's own
+        encoder, once: decide() then takes the vector."""
         x = self._input(name, row, where)
         policy = self._client.policy(name)
         if policy is None:
             return x                      # every row gets the default: nothing to check
         try:
             if isinstance(x, dict):
-                vec = policy.encode(x)
-            elif x.shape[0] != policy.n_inputs:
-                raise FeatureError(f"policy {name!r} expects {policy.n_inputs} inputs, got "
-                                   f"{x.shape[0]}")
-            elif not np.isfinite(x).all():
-                j = int(np.argmin(np.isfinite(x)))
-                raise FeatureError(f"feature {policy.input_names[j]!r} is {x[j]} (must be "
-                                   "finite)")
+                vec = policy.encode(x)    # validates names, types and finiteness itself
+            else:
+                # The scorer has no public shape/finiteness check for one vector (decide()
+                # does it inline), so these two mirror decide()'s messages.
+                if x.shape[0] != policy.n_inputs:
+                    raise FeatureError(f"policy {name!r} expects {policy.n_inputs} inputs, "
+                                       f"got {x.shape[0]}")
+                if not np.isfinite(x).all():
+                    j = int(np.argmin(np.isfinite(x)))
+                    raise FeatureError(f"feature {policy.input_names[j]!r} is {x[j]} (must "
+                                       "be finite)")
+                vec = x
             # Scores out of range too, so that no row is decided when a later one is refused.
-            policy.compiled().check_row(vec if isinstance(x, dict) else x)
+            policy.compiled().check_row(vec)
         except FeatureError as exc:
             raise _Invalid(f"{where}{'vector' if len(row.vector) else 'features'}",
                            str(exc)) from None
@@ -416,7 +431,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 batch_attributes(cc, _attributes(row.attributes), 1, stable_hash)
             except FeatureError as exc:
                 raise _Invalid(f"{where}attributes", str(exc)) from None
-        return x
+        return vec
 
     @staticmethod
     def _check_categories(policy: Policy, categories: Any, where: str) -> None:
@@ -529,9 +544,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             b = self._client.decide_batch(name, x, users, mask, deferred=request.deferred,
                                           attributes=attributes, baseline=baseline)
         except FeatureError as exc:
-            raise _input_error(exc, "", "matrix") from None
+            raise _input_error(exc, "", "matrix", "baselines") from None
         except UnknownActionError as exc:
-            raise _Invalid("baselines", str(exc)) from None
+            raise _action_error(exc, "", "baselines") from None
         except KeyError:   # no policy any more (cannot happen today: policies are never removed)
             return self._batch_default(request, n)
         ids = b.action_ids
@@ -632,10 +647,10 @@ class DecisionServer:
         max_message_bytes: largest request or response message.
         reuse_port: share ``port`` with other processes that also set it (``SO_REUSEPORT``:
             the kernel spreads new connections over them); see
-            :class:`~loops_sdk.serve_pool.DecisionServerPool`. Off by default, so a second
+            :class:`~loops_sdk.serve.pool.DecisionServerPool`. Off by default, so a second
             server on a port in use fails to bind instead of silently sharing it.
         unary_loop: serve the DecisionService methods from one thread on gRPC's completion
-            queue (:mod:`loops_sdk.unary_loop`: about 60% of the CPU per call, so lower
+            queue (:mod:`loops_sdk.serve.unary_loop`: about 60% of the CPU per call, so lower
             latency under load); health and reflection keep the thread pool. False serves
             everything from the pool, as does a gRPC build without what the loop needs.
     """
@@ -671,14 +686,9 @@ class DecisionServer:
     def start(self) -> "DecisionServer":
         """Bind and serve; returns self."""
         limit = self._max_message_bytes
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers,
-                                       thread_name_prefix="loops-decide-rpc"),
-            options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit),
-                     # gRPC turns SO_REUSEPORT on by default on Linux; only a pool wants it.
-                     ("grpc.so_reuseport", int(self._reuse_port))],
-            interceptors=self.security.interceptors(DECISION_METHOD_ROLES))
+        server = new_server(self.security, DECISION_METHOD_ROLES, max_workers=self._max_workers,
+                            thread_name_prefix="loops-decide-rpc", max_receive_bytes=limit,
+                            max_send_bytes=limit, reuse_port=self._reuse_port)
         methods = _service_methods(DecisionServicer(self.client,
                                                     max_batch_rows=self._max_batch_rows))
         self._loop = self._unary_loop(server, methods)
@@ -692,12 +702,9 @@ class DecisionServer:
                 (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
             if hasattr(server, "add_registered_method_handlers"):   # newer gRPC: faster lookup
                 server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        self._health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
-                                             reflection.SERVICE_NAME), server)
+        self._health = add_health_and_reflection(server, SERVICE_NAME)
         try:
-            self.port = self.security.add_port(server, self.host, self._requested_port)
+            self.port = bind(server, self.security, self.host, self._requested_port)
         except BaseException:
             self._close_client()
             raise

@@ -7,7 +7,7 @@ version, the off-policy estimates stored for each version against the baselines,
 version history with each promotion decision and its reason.
 
 The file has no external assets and no scripts: charts are inline SVG drawn by
-:mod:`loops_sdk.charts`, tooltips are SVG ``<title>`` elements, styles are inline. It opens in
+:mod:`loops_sdk.learner.report.charts`, tooltips are SVG ``<title>`` elements, styles are inline. It opens in
 any browser, can be mailed as an attachment and archived as is. Every piece of text that comes
 from the database (policy names, reasons, action ids) is escaped.
 
@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 from .charts import (PALETTE, BarSeries, IntervalRow, Series, bar_chart, format_time,
                      interval_chart, xy_chart)
-from .learner.insights import (DEFAULT_WINDOW_DAYS, PolicyInsights, _opened, policy_insights,
-                               policy_names)
-from .learner.store import EventStore, StoredEvaluation, StoredPolicy
+from ..insights import (DEFAULT_WINDOW_DAYS, PolicyInsights, _opened, policy_insights,
+                       policy_names)
+from ..store import EventStore, StoredEvaluation, StoredPolicy
 
 __all__ = ["render_report", "write_report", "MAX_VERSION_ROWS", "MAX_OPE_VERSIONS"]
 
