@@ -4,7 +4,7 @@
   SQLite file), ``FeedbackBatch`` of 1,000 decisions (24 features × 8 actions) sent by a
   separate process (as game servers would) over 4 concurrent streams of unary calls;
 * publish→applied: time from ``Learner.publish`` to a ``DecisionClient`` subscribed through
-  ``WatchPolicy`` deciding with the new version (needs ``loops_sdk.transport``);
+  ``WatchPolicy`` deciding with the new version (needs ``loops_sdk.sync.transport``);
 * gate evaluation: one safe-promotion judgement (``load_window`` + ``evaluate_candidate``,
   default rule: newest 20,000 joined rows, five estimators, twelve targets) on a store holding
   1M decisions (24 features × 8 actions; 100k with ``--quick``), the newest 10 minutes still
@@ -29,7 +29,7 @@ BATCH = 1000
 
 
 def _payloads(count: int, client: int) -> list[bytes]:
-    from loops_sdk.batch import DecisionBlock, FeedbackRecords, encode_records
+    from loops_sdk.records import DecisionBlock, FeedbackRecords, encode_records
     rng = np.random.default_rng(client)
     D, K = D_DEFAULT, K_DEFAULT
     out = []
@@ -98,7 +98,7 @@ def ingest(batches: int, streams: int = 4) -> dict:
 def publish_applied(rounds: int) -> dict:
     """p50/p99 seconds from ``Learner.publish`` to the client using the new version."""
     try:
-        import loops_sdk.transport  # noqa: F401  (the shipper / policy sync of issue 4)
+        import loops_sdk.sync.transport  # noqa: F401  (the shipper / policy sync of issue 4)
         from loops_sdk import ClientConfig, DecisionClient
         from loops_sdk.learner import Learner
     except ImportError as exc:
@@ -134,7 +134,7 @@ def _fill_store(path: Path, decisions: int, now_ns: int):
     """A store of ``decisions`` decisions of the bench policy over the last three hours, in
     blocks of 1,000 as clients send them, 30 % rewarded by event id; joined up to ``now_ns``
     (the policy's 10-minute reward window keeps the newest pending)."""
-    from loops_sdk.batch import OUTCOME_REWARD, DecisionBlock, FeedbackRecords, OutcomeBlock
+    from loops_sdk.records import OUTCOME_REWARD, DecisionBlock, FeedbackRecords, OutcomeBlock
     from loops_sdk.learner.join import Joiner
     from loops_sdk.learner.store import EventStore
 

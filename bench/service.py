@@ -321,7 +321,7 @@ def _wait_serving(addr: str) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from loops_sdk.service import SERVICE_NAME
+    from loops_sdk.serve.service import SERVICE_NAME
     with grpc.insecure_channel(addr) as ch:   # ready = its policy has arrived
         for h in health_pb2_grpc.HealthStub(ch).Watch(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30):

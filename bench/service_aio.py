@@ -1,6 +1,6 @@
 """The decision service on ``grpc.aio``, for bench/service.py to compare with the single-thread
 unary loop and gRPC's thread pool (issue 13): the same servicer, request reader and
-serializer as ``loops serve`` (``loops_sdk.service``), the same message limits, a
+serializer as ``loops serve`` (``loops_sdk.serve.service``), the same message limits, a
 DecisionClient that logs every decision and ships it to the learner. The handlers run inline
 on the event loop (they take microseconds and hold the GIL: a thread hand-off would only add
 cost). Plaintext on loopback, no tokens: a measuring stand-in, not a second server.
@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from loops_sdk.client import ClientConfig, DecisionClient
-from loops_sdk.service import SERVICE_NAME, DecisionServicer, _service_methods
+from loops_sdk.serve.service import SERVICE_NAME, DecisionServicer, _service_methods
 
 _MiB = 1 << 20
 

@@ -13,7 +13,7 @@ from .common import (D_DEFAULT, POLICY, TARGETS, Row, features, make_policy, per
 
 def decide_with_shipping(calls: int) -> dict:
     try:
-        import loops_sdk.transport  # noqa: F401
+        import loops_sdk.sync.transport  # noqa: F401
         from loops_sdk import ClientConfig, DecisionClient
         from loops_sdk.learner import Learner
     except ImportError as exc:

@@ -29,8 +29,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("loops_sdk.errors",),
     ("loops_sdk.records", "loops_sdk.decision"),  # the column table; what a decision returns
     ("loops_sdk.rules",),
-    ("loops_sdk.policy",),
-    ("loops_sdk.scorer", "loops_sdk._scorer", "loops_sdk._scorer_py"),   # the hot path
+    ("loops_sdk.scorer", "loops_sdk._scorer"),    # the hot path: compiles what it is given
+    ("loops_sdk.policy",),                        # validates by compiling (policy -> scorer)
     ("loops_sdk.sink",),
     ("loops_sdk.net",),                           # channels, server auth, the server set-up
     ("loops_sdk.sync",),                          # shipper + policy watcher, spool
@@ -59,9 +59,9 @@ SECURITY_SHIM = "loops_sdk.security"   # split three ways: re-exports instead of
 
 # (importer, imported): upward imports that exist on purpose, each inside a function.
 ALLOWED_UP = {
-    # Policy.compiled(): the scorer compiles policies and imports policy; the core's
-    # policy <-> scorer split is being reworked separately.
-    ("loops_sdk.policy", "loops_sdk.scorer"),
+    # Annotations only (under TYPE_CHECKING): the scorer compiles any policy-shaped object and
+    # imports nothing of policy at run time.
+    ("loops_sdk.scorer", "loops_sdk.policy"),
     # LoggedData.from_store, deprecated for one release: reading the store is the learner's
     # (loops_sdk.learner.window.read_logged_data).
     ("loops_sdk.evaluation.data", "loops_sdk.learner.window"),

@@ -16,7 +16,7 @@ from loops_sdk import Exploration, Policy
 from loops_sdk._proto import decision_pb2 as pb
 from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk.learner import Learner
-from loops_sdk.service import SERVICE_NAME
+from loops_sdk.serve.service import SERVICE_NAME
 
 import procs
 from sdk_helpers import ROOT, wait_until

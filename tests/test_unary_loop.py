@@ -301,7 +301,7 @@ def test_a_call_that_arrived_before_stop_is_still_answered(served):
 def test_a_grpc_without_a_piece_the_loop_needs_is_detected(monkeypatch, missing):
     """grpcio is capped to the releases this private path is tested with (pyproject.toml); a
     gRPC beyond them that drops a piece must be detected so servers fall back to the pool."""
-    from loops_sdk import unary_loop
+    from loops_sdk.serve import unary_loop
 
     server = grpc.server(futures.ThreadPoolExecutor(1))
     try:

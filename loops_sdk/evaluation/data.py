@@ -210,11 +210,12 @@ class LoggedData:
         Raises:
             EvaluationError: no such path, or no joined decision of ``policy`` in it.
         """
-        from .parquet import read_parquet
+        from .parquet import read_parquet_columns
 
-        return read_parquet(path, policy, since_ns=since_ns, include_holdout=include_holdout,
-                            include_capped=include_capped,
-                            include_apprentice=include_apprentice)
+        return cls(**read_parquet_columns(path, policy, since_ns=since_ns,
+                                          include_holdout=include_holdout,
+                                          include_capped=include_capped,
+                                          include_apprentice=include_apprentice))
 
     # ----------------------------------------------------------------- deprecated
     @classmethod

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import EvaluationError
 
-__all__ = ["read_parquet"]
+__all__ = ["read_parquet_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,13 @@ def _files(path: Path, policy: str) -> list[Path]:
     return sorted(f for f in root.rglob("*.parquet") if not f.name.startswith((".", "_")))
 
 
-def read_parquet(path: str | os.PathLike[str], policy: str, *, since_ns: int | None = None,
-                 include_holdout: bool = False, include_capped: bool = False,
-                 include_apprentice: bool = False) -> Any:
-    """See :meth:`loops_sdk.evaluation.LoggedData.from_parquet`."""
-    from .data import LoggedData
-
+def read_parquet_columns(path: str | os.PathLike[str], policy: str, *,
+                         since_ns: int | None = None, include_holdout: bool = False,
+                         include_capped: bool = False, include_apprentice: bool = False
+                         ) -> dict[str, Any]:
+    """The keyword arguments of :class:`~loops_sdk.evaluation.LoggedData` for the exported
+    rows (see :meth:`loops_sdk.evaluation.LoggedData.from_parquet`, which builds it: this
+    module imports nothing of ``data``, so imports point one way)."""
     if not isinstance(policy, str) or not policy:
         raise EvaluationError(f"policy must be a non-empty policy name, got {policy!r}")
     pq = _pyarrow_parquet()
@@ -114,4 +115,4 @@ def read_parquet(path: str | os.PathLike[str], policy: str, *, since_ns: int | N
     served = elig[np.arange(acts.size), acts]
     if not served.all():       # the served action was available (as the store read does)
         elig[np.flatnonzero(~served), acts[~served]] = True
-    return LoggedData(action_ids=action_ids, input_names=input_names, **columns)
+    return dict(action_ids=action_ids, input_names=input_names, **columns)

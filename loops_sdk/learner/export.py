@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
+from ..records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
                      FLAG_RULE)
 from ..errors import ArgumentError
 from .join import PolicyBook

@@ -10,7 +10,7 @@ import pytest
 duckdb = pytest.importorskip("duckdb")
 pytest.importorskip("pyarrow")
 
-from loops_sdk.batch import FLAG_HOLDOUT, OUTCOME_REWARD  # noqa: E402
+from loops_sdk.records import FLAG_HOLDOUT, OUTCOME_REWARD  # noqa: E402
 from loops_sdk.cli import main  # noqa: E402
 from loops_sdk.errors import ArgumentError, EvaluationError  # noqa: E402
 from loops_sdk.evaluation import LoggedData  # noqa: E402
@@ -171,7 +171,7 @@ def test_bad_arguments_and_missing_pyarrow(store, tmp_path, monkeypatch, capsys)
 
 
 def test_rules_word_is_exported_with_the_names_of_its_caps(tmp_path):
-    from loops_sdk.batch import FLAG_CAPPED
+    from loops_sdk.records import FLAG_CAPPED
     from loops_sdk.rules import CAP_BIT_SHIFT, FrequencyCap
 
     with EventStore(tmp_path / "c.sqlite") as s:

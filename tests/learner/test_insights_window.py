@@ -8,7 +8,7 @@ from loops_sdk.errors import InsightsError
 from loops_sdk.learner.insights import DEFAULT_WINDOW_DAYS, policy_insights
 from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import EventStore
-from loops_sdk.report import render_report
+from loops_sdk.learner.report.report import render_report
 
 from helpers import NS, decisions, make_policy, records
 

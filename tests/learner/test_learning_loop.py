@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loops_sdk._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-from loops_sdk.batch import OUTCOME_REWARD, encode_records
+from loops_sdk.records import OUTCOME_REWARD, encode_records
 from loops_sdk.cli import main as cli_main
 from loops_sdk.learner import Learner
 

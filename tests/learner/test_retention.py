@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from loops_sdk.batch import FLAG_DEFERRED, OUTCOME_ACTIVATE, OUTCOME_REWARD
+from loops_sdk.records import FLAG_DEFERRED, OUTCOME_ACTIVATE, OUTCOME_REWARD
 from loops_sdk.errors import ArgumentError
 from loops_sdk.learner import Learner
 from loops_sdk.learner.join import Joiner
@@ -240,7 +240,7 @@ def test_loops_learner_retain_days_deletes_old_joined_decisions(tmp_path):
     import grpc
 
     from loops_sdk._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
-    from loops_sdk.batch import encode_records
+    from loops_sdk.records import encode_records
 
     from sdk_helpers import wait_until
 
