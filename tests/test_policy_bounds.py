@@ -318,3 +318,19 @@ def test_decision_service_answers_overflowing_features_invalid_argument(tmp_path
             assert server.client.stats()["decisions"] == 1   # the refused calls decided nothing
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("version", [2**63, 2**64 - 1])
+def test_publish_refuses_a_version_the_store_cannot_hold(tmp_path, version):
+    # uint64 on the wire, signed 64-bit in SQLite: such a publish failed inside the store as
+    # UNKNOWN; it is the sender's error, by name.
+    with Learner(tmp_path / "l.sqlite", train=False) as lr:
+        with grpc.insecure_channel(lr.address) as ch:
+            stub = learner_pb2_grpc.LearnerServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.PublishPolicy(learner_pb2.PublishRequest(
+                    policy=base().with_version(version).to_bytes()), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "policy.version" in info.value.details()
+            stub.PublishPolicy(learner_pb2.PublishRequest(policy=base().to_bytes()), timeout=5)
+        assert lr.store.get_policy("bonus") is not None

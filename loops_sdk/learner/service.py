@@ -235,6 +235,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             policy = Policy.from_bytes(request.policy)
         except PolicyError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # The store keeps versions as SQLite (signed 64-bit) integers, and decisions logged
+        # under a larger one would be refused at ingest: refuse it here, by name.
+        if policy.version > MAX_INT64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"policy.version: {policy.version} is past the learner's largest "
+                          f"version {MAX_INT64} (2**63 - 1)")
         try:
             version = self._learner.publish(policy, request.reason or "published by hand",
                                             manual=True)
