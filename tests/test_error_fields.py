@@ -13,6 +13,8 @@ from loops_sdk.errors import (ArgumentError, FeatureError, LoopsError, UnknownAc
 from loops_sdk.rules import attribute_error, batch_baselines
 from loops_sdk.serve.service import _action_error, _input_error
 
+from sdk_helpers import IMPL_MODULES, make_engine, make_policy
+
 
 def test_field_defaults_to_none_and_is_kept_when_given():
     assert LoopsError("x").field is None
@@ -53,3 +55,19 @@ def test_service_routes_by_field_not_by_wording(message):
     assert str(got) == f"eligible: {message}"
     # no field: the request's own default for that kind of error
     assert str(_input_error(FeatureError(message), "", "vector")) == f"vector: {message}"
+
+
+@pytest.mark.parametrize("impl", IMPL_MODULES, ids=lambda m: m.IMPLEMENTATION)
+def test_scorer_action_errors_name_their_field(impl):
+    # Both scorers say which argument an unknown action came in (the decision service routes
+    # by it; before, the baseline's was found by the message's first word).
+    p = make_policy("bonus", 2, 3, actions=["none", "spins", "match"]).with_mode("apprentice")
+    eng = make_engine(impl, [p])
+    x = np.zeros(2)
+    with pytest.raises(UnknownActionError) as info:
+        eng.decide("bonus", x, user="u", baseline="zzz")
+    assert info.value.field == "baseline"
+    for eligible in (["zzz"], np.ones(5, dtype=bool)):
+        with pytest.raises(UnknownActionError) as info:
+            eng.decide("bonus", x, user="u", eligible=eligible)
+        assert info.value.field == "eligible"

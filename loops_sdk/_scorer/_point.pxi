@@ -176,7 +176,8 @@ cdef class DecisionPoint:
         i = k.action_index.get(baseline, -1)
         if i < 0:
             raise UnknownActionError(f"baseline action {baseline!r} is not an action of policy "
-                                     f"{k.name!r} (actions: {list(k.action_ids)})")
+                                     f"{k.name!r} (actions: {list(k.action_ids)})",
+                                     field="baseline")
         return i
 
     cdef inline int _choose(self, Kernel k, const double* xp, const uint8_t* mp, uint64_t hi,
@@ -328,7 +329,8 @@ cdef class DecisionPoint:
             arr = <cnp.ndarray>eligible
             if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIMS(arr)[0] != k.n_actions:
                 raise UnknownActionError(f"eligible mask must have {k.n_actions} entries "
-                                         f"(one per action), got shape {eligible.shape}")
+                                         f"(one per action), got shape {eligible.shape}",
+                                         field="eligible")
             if (cnp.PyArray_TYPE(arr) == cnp.NPY_BOOL or cnp.PyArray_TYPE(arr) == cnp.NPY_UINT8) \
                     and cnp.PyArray_IS_C_CONTIGUOUS(arr):
                 memcpy(self.mbuf, cnp.PyArray_DATA(arr), k.n_actions)
@@ -351,7 +353,8 @@ cdef class DecisionPoint:
             i = index.get(a, -1) if type(a) is str else _action_index(index, a)
             if i < 0:
                 raise UnknownActionError(f"eligible action {a!r} is not an action of policy "
-                                         f"{k.name!r} (actions: {list(k.action_ids)})")
+                                         f"{k.name!r} (actions: {list(k.action_ids)})",
+                                         field="eligible")
             self.mbuf[i] = 1
         return self.mbuf
 

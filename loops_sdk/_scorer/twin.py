@@ -734,7 +734,8 @@ class DecisionPoint:
         i = k.action_index.get(baseline, -1)
         if i < 0:
             raise UnknownActionError(f"baseline action {baseline!r} is not an action of policy "
-                                     f"{k.name!r} (actions: {list(k.action_ids)})")
+                                     f"{k.name!r} (actions: {list(k.action_ids)})",
+                                     field="baseline")
         return i
 
     def _choose(self, k, xs, mask, hi, lo):
@@ -838,7 +839,8 @@ class DecisionPoint:
         if isinstance(eligible, np.ndarray):
             if eligible.ndim != 1 or eligible.shape[0] != k.n_actions:
                 raise UnknownActionError(f"eligible mask must have {k.n_actions} entries "
-                                         f"(one per action), got shape {eligible.shape}")
+                                         f"(one per action), got shape {eligible.shape}",
+                                         field="eligible")
             return [1 if v else 0 for v in (eligible != 0).tolist()]
         mask = [0] * k.n_actions
         if isinstance(eligible, str):
@@ -853,7 +855,8 @@ class DecisionPoint:
             i = k.action_index.get(a, -1) if type(a) is str else _action_index(k.action_index, a)
             if i < 0:
                 raise UnknownActionError(f"eligible action {a!r} is not an action of policy "
-                                         f"{k.name!r} (actions: {list(k.action_ids)})")
+                                         f"{k.name!r} (actions: {list(k.action_ids)})",
+                                         field="eligible")
             mask[i] = 1
         return mask
 

@@ -302,10 +302,6 @@ def _request_field(exc: FeatureError | UnknownActionError, baseline_field: str,
                    default: str) -> str:
     """The request field an SDK error is about, from the field the error carries."""
     field = exc.field
-    if field is None and isinstance(exc, UnknownActionError) and \
-            str(exc).startswith("baseline"):
-        # Transitional: the scorers' own baseline check does not name its field yet.
-        field = "baseline"
     if field == "baseline":
         return baseline_field
     return field if field in ("attributes", "eligible") else default
