@@ -36,8 +36,10 @@ def pytest_report_header(config):
 
 def pytest_configure(config):
     if os.environ.get(INSTALLED_ENV) == "1":
-        here = os.path.dirname(HERE)
-        if os.path.abspath(loops_sdk.__file__).startswith(here + os.sep):
+        # The tree's own package folder, exactly: a venv kept inside the tree (CI's .ci/venv)
+        # holds the install under the same root.
+        source = os.path.join(os.path.dirname(HERE), "loops_sdk")
+        if os.path.dirname(os.path.abspath(loops_sdk.__file__)) == source:
             raise pytest.UsageError(f"{INSTALLED_ENV}=1 but loops_sdk was imported from the "
                                     f"source tree ({loops_sdk.__file__}), not the install")
 
