@@ -482,7 +482,6 @@ cdef class DecisionPoint:
                                               attributes, baseline)
                 x = _as_matrix(k, X)
                 m, stride = _as_masks(k, eligible_mask, n)
-            k.check_rows(x)
             hi = self.id_hi
             lo0 = self.next_lo
             self.next_lo += n
@@ -633,7 +632,6 @@ cdef class DecisionPoint:
         cdef int64_t tc = t + self.cap_clock_ns
         cdef Row row
         cdef Recorder rec
-        k.check_rows(x)
         hi = self.id_hi
         lo0 = self.next_lo
         self.next_lo += n

@@ -407,7 +407,9 @@ def _as_matrix(k: Kernel, X) -> np.ndarray:
         row, col = np.argwhere(~finite)[0]
         raise FeatureError(f"feature {k.input_names[col]!r} is {arr[row, col]} in row {row} "
                            "(must be finite)")
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr)
+    k.check_rows(arr)     # as the compiled core: a batch with an overflowing row is refused
+    return arr
 
 
 def _as_masks(k: Kernel, eligible, n: int):
@@ -904,7 +906,6 @@ class DecisionPoint:
             pres, num, hsh = batch_attributes(k.constraints, attributes, n, stable_hash)
         base = batch_baselines(k.action_index, k.default_index, baseline, n) \
             if k.apprentice else None
-        k.check_rows(x)
         actions = np.empty(n, np.int32)
         probs = np.empty(n, np.float64)
         held = np.zeros(n, np.bool_)
@@ -977,7 +978,6 @@ class DecisionPoint:
                                               attributes, baseline)
                 x = _as_matrix(k, X)
                 masks, stride = _as_masks(k, eligible_mask, n)
-            k.check_rows(x)
             hi, lo0 = self.id_hi, self.next_lo
             self.next_lo += n
             for i in range(n):
