@@ -175,7 +175,10 @@ def test_concurrent_decide_during_policy_swaps():
             p = versions[v].probabilities(blk.x[i])[0]
             assert blk.prob[i] == p[blk.action[i]]
     assert len(seen_versions) > 2
-    assert records.n_decisions == client.stats()["decisions"]
+    # Every decision is either drained or counted as dropped (past max_pending_records: a
+    # slow scheduler lets the deciders run past a million rows before the swapper ends).
+    stats = client.stats()
+    assert records.n_decisions + stats["recorded_dropped"] == stats["decisions"]
     client.close()
 
 
