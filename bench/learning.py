@@ -30,13 +30,18 @@ Targets are printed next to them, never asserted.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+# The A/B protocol and the oracle-share figures live in the package, so `loops demo` compares
+# with the same ones.
+from loops_sdk.evaluation.ab_test import (Z_ALPHA, Z_POWER, ab_required_n,  # noqa: F401
+                                          ab_should_stop, decisions_to_share, rolling,
+                                          run_ab_test)
 
 from .common import Row
 from .worlds import Stream, crm_worlds, sklearn_streams, synthetic_streams
@@ -46,43 +51,9 @@ WINDOW = 1000          # rolling window of the "90 % of the oracle" figures
 ORACLE_SHARE = 0.9
 RECOVERY_TARGET = 10_000
 AB_FRACTION = 1 / 3
-Z_ALPHA, Z_POWER = 1.959963984540054, 0.8416212335729143   # 95 % two-sided, 80 % power
 
 
 # ----------------------------------------------------------------------------- A/B test
-def ab_required_n(var_a: float, var_b: float, delta: float) -> float:
-    """Per-arm sample size of a two-sample z test (95 %, two-sided) with 80 % power to detect
-    a difference ``delta`` between arms with variances ``var_a`` and ``var_b``."""
-    if delta == 0:
-        return math.inf
-    return (Z_ALPHA + Z_POWER) ** 2 * (var_a + var_b) / delta ** 2
-
-
-def ab_should_stop(counts: np.ndarray, sums: np.ndarray, sumsq: np.ndarray,
-                   min_per_arm: int = 30) -> tuple[bool, int]:
-    """The sequential A/B rule at one checkpoint: ``(stop, leading arm)``.
-
-    Take the best two arms by observed mean; stop when both have at least the per-arm sample
-    size :func:`ab_required_n` computes from their observed variances and difference (and
-    ``min_per_arm``), and the difference is significant at 95 %.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    if len(counts) < 2:
-        return True, 0
-    if counts.min() < max(min_per_arm, 2):
-        means = np.divide(sums, counts, out=np.zeros_like(counts), where=counts > 0)
-        return False, int(np.argmax(means))
-    means = np.asarray(sums) / counts
-    var = np.maximum(np.asarray(sumsq) / counts - means ** 2, 0.0) * counts / (counts - 1)
-    order = np.argsort(-means, kind="stable")
-    a, b = int(order[0]), int(order[1])
-    delta = means[a] - means[b]
-    need = ab_required_n(var[a], var[b], delta)
-    se = math.sqrt(var[a] / counts[a] + var[b] / counts[b])
-    significant = se == 0 and delta > 0 or se > 0 and delta / se >= Z_ALPHA
-    return bool(min(counts[a], counts[b]) >= need and significant), a
-
-
 @dataclass
 class Played:
     """What one method did on one stream."""
@@ -98,26 +69,9 @@ def play_ab(stream: Stream, seed: int = 0, check_every: int = 500) -> Played:
     """Equal split (uniformly random arm) until :func:`ab_should_stop` at a checkpoint every
     ``check_every`` decisions, then the leader for everyone."""
     rng = np.random.default_rng(seed)
-    K, n = stream.n_actions, stream.n
-    acts = np.empty(n, np.int64)
-    rew = np.empty(n)
-    counts, sums, sumsq = np.zeros(K), np.zeros(K), np.zeros(K)
-    t, stopped_at, winner = 0, None, None
-    while t < n:
-        m = min(check_every, n - t)
-        rows = np.arange(t, t + m)
-        a = rng.integers(0, K, m) if winner is None else np.full(m, winner)
-        r = stream.draw(rows, a, rng)
-        acts[rows], rew[rows] = a, r
-        if winner is None:
-            np.add.at(counts, a, 1)
-            np.add.at(sums, a, r)
-            np.add.at(sumsq, a, r * r)
-        t += m
-        if winner is None:
-            stop, lead = ab_should_stop(counts, sums, sumsq)
-            if stop:
-                winner, stopped_at = lead, t
+    ab = run_ab_test(stream.n, stream.n_actions, lambda rows, a: stream.draw(rows, a, rng),
+                     rng, check_every)
+    acts, rew, stopped_at, winner = ab.arms, ab.rewards, ab.stopped_at, ab.winner
     return Played("A/B test", acts, rew, extra={
         "sample_size": stopped_at, "winner": None if winner is None
         else stream.action_ids[winner]})
@@ -297,26 +251,6 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
 
 
 # ----------------------------------------------------------------------------- figures
-def rolling(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of ``values[t - window + 1 : t + 1]`` for each ``t >= window - 1``."""
-    c = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
-    return (c[window:] - c[:-window]) / window
-
-
-def decisions_to_share(expected: np.ndarray, oracle: np.ndarray, start: int = 0,
-                       end: int | None = None, window: int = WINDOW,
-                       share: float = ORACLE_SHARE) -> int | None:
-    """Decisions after ``start`` until the rolling mean (over ``window`` decisions, all at or
-    after ``start``) of the chosen actions' expected reward first reaches ``share`` of the
-    oracle's over the same rows; ``None`` if never before ``end``."""
-    end = len(expected) if end is None else end
-    e, o = expected[start:end], oracle[start:end]
-    if len(e) < window:
-        return None
-    ok = np.nonzero(rolling(e, window) >= share * rolling(o, window))[0]
-    return int(ok[0] + window) if len(ok) else None
-
-
 def crm_figures(stream: Stream, p: Played) -> dict:
     expected = stream.mean[np.arange(stream.n), p.actions]
     oracle = stream.oracle()
