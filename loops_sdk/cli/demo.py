@@ -537,7 +537,7 @@ def _plot(result: DemoResult, path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install 'loops-sdk[plot]'") from None
     xs = [c[0] for c in result.curve]
     ys = [c[1] for c in result.curve]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     if result.oracle_curve:
         ax.plot(xs, result.oracle_curve, color="black", linewidth=1,
                 label="oracle (best bonus per player)")
@@ -550,7 +550,7 @@ def _plot(result: DemoResult, path: str) -> None:
     ax.axhline(result.best_fixed_net, color="tab:orange", linestyle=":",
                label=f"best fixed in hindsight ({result.best_fixed_action})")
     for i, (at, version) in enumerate(result.promotions):
-        ax.axvline(at, color="tab:blue", alpha=0.25, linewidth=1,
+        ax.axvline(at, color="tab:blue", alpha=0.35, linewidth=1,
                    label="version promoted" if i == 0 else None)
         ax.annotate(f"v{version}", (at, 1.0), xycoords=("data", "axes fraction"),
                     fontsize=7, color="tab:blue", ha="center", va="bottom")
@@ -560,7 +560,9 @@ def _plot(result: DemoResult, path: str) -> None:
     ax.set_xlabel("decisions")
     ax.set_ylabel("expected net value per decision")
     ax.set_title("LOOPS learning curve (loops demo)", pad=14)
-    ax.legend(fontsize=7, loc="lower right")
+    # Below the axes: inside, it would hide the curves it explains.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
