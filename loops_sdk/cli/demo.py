@@ -30,7 +30,8 @@ from ..evaluation.ab_test import decisions_to_share, run_ab_test
 from ..policy import Action, Exploration, Holdout, LearningSettings, Policy
 from ..rules import Condition, EligibilityRule
 
-__all__ = ["Simulator", "run_demo", "DemoResult", "ACTIONS"]
+__all__ = ["Simulator", "run_demo", "DemoResult", "GateSummary", "Strategy", "verdict_cause",
+           "ACTIONS", "DRIFT_TEXT"]
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class DemoResult:
             heads.append("recover after change")
         width = max(len(s.name) for s in self.strategies)
         cols = [max(len(h), 12) for h in heads]
-        before = self.change_at if drift else self.decisions
+        before = self.decisions if self.change_at is None else self.change_at
         after = self.decisions - (self.change_at or 0)
 
         def count(v: int | None, limit: int, measured: bool) -> str:
@@ -517,9 +518,10 @@ def _play(sim: Simulator, client: DecisionClient, decisions: int, rate: float,
     ab_curve = [float(ab_value[a:b].mean()) for a, b in zip(edges, edges[1:])]
     return DemoResult(
         decisions=N, loops_net=loops.net, loops_net_last=loops_last.net,
-        loops_spend=loops.spend, uniform_net=uniform.net, uniform_spend=uniform.spend,
-        best_fixed_action=ACTIONS[best_a].id, best_fixed_net=best.net,
-        best_fixed_spend=best.spend, holdout_net=holdout.net,
+        loops_spend=float(spend[treated].mean()), uniform_net=uniform.net,
+        uniform_spend=float(uniform_cost.mean()), best_fixed_action=ACTIONS[best_a].id,
+        best_fixed_net=best.net, best_fixed_spend=float(costs[best_act].mean()),
+        holdout_net=holdout.net,
         final_version=int(client.policy("bonus").version), curve=curve,
         rule_limited=int(client.stats()["points"]["bonus"]["rule_limited"]),
         oracle_net=float(oracle.mean()), change_at=drift_at, strategies=strategies,
