@@ -169,4 +169,4 @@ def test_bad_arguments_are_typed_errors(kwargs, field):
 def test_cli_rejects_a_drift_point_outside_the_run(capsys):
     with pytest.raises(SystemExit) as err:
         main(["demo", "--decisions", "100", "--drift-at", "500"])
-    assert "drift_at" in str(err.value)
+    assert "--drift-at" in str(err.value) and "drift_at" in str(err.value)

@@ -595,7 +595,8 @@ def _cmd_demo(args) -> int:
         result = run_demo(args.decisions, args.seed, args.rate, args.plot, args.db,
                           report=args.report, drift=args.drift, drift_at=args.drift_at)
     except ArgumentError as exc:
-        raise SystemExit(f"loops demo: {exc}") from None
+        flag = f"--{exc.field.replace('_', '-')}: " if exc.field else ""
+        raise SystemExit(f"loops demo: {flag}{exc}") from None
     print()
     print(result.table())
     print()
