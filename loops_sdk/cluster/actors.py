@@ -56,7 +56,8 @@ class _ShardActor:
     def __init__(self, index: int, data_dir: str, host: str, port: int,
                  options: dict) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.shard = Shard(index, data_dir, host, port, **options)
+        node = _ray().get_runtime_context().get_node_id()
+        self.shard = Shard(index, data_dir, host, port, announce={"node": node}, **options)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.shard, method)(*args)
@@ -74,8 +75,9 @@ class _CoordinatorActor:
         self._ray = ray
         self._names = [f"loops-shard-{i}" for i in range(shards)]
         self._handles: list[Any] = [None] * shards
-        self.coordinator = Coordinator(data_dir, self._call, self._each,
-                                       tick_seconds=tick_seconds).start()
+        self.coordinator = Coordinator(
+            data_dir, self._call, self._each, tick_seconds=tick_seconds,
+            announce={"node": ray.get_runtime_context().get_node_id()}).start()
 
     def _handle(self, i: int) -> Any:
         if self._handles[i] is None:

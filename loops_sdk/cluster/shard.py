@@ -83,11 +83,13 @@ class Shard:
         tick_seconds: how often due rows are joined.
         grace_seconds, durability, retain_days: as for
             :class:`~loops_sdk.learner.service.Learner`.
+        announce: more facts for ``shard-<index>.json`` (the Ray actor adds its node).
     """
 
     def __init__(self, index: int, data_dir: str | os.PathLike[str], host: str = "127.0.0.1",
                  port: int = 0, *, tick_seconds: float = 0.25, grace_seconds: float = 2.0,
-                 durability: str = "normal", retain_days: float | None = None) -> None:
+                 durability: str = "normal", retain_days: float | None = None,
+                 announce: dict | None = None) -> None:
         self.index = int(index)
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -115,8 +117,8 @@ class Shard:
                                         daemon=True)
         self._thread.start()
         _announce(self.data_dir / f"shard-{self.index}.json",
-                  {"index": self.index, "address": learner.address, "pid": os.getpid(),
-                   "started_unix_ms": int(time.time() * 1000)})
+                  {**(announce or {}), "index": self.index, "address": learner.address,
+                   "pid": os.getpid(), "started_unix_ms": int(time.time() * 1000)})
         logger.info("shard %d serving %s (partition %s)", self.index, learner.address, path)
 
     def _run(self) -> None:
@@ -200,7 +202,8 @@ class _MergedTrainer(Trainer):
 
 
 #: ``call(method, *args)`` -> one result per shard, raising if any shard does not answer;
-#: ``each(method, *args)`` -> one result per shard, None for a shard that does not answer.
+#: ``each(method, *args, only=None)`` -> one result per shard, None for a shard that does not
+#: answer (or is not the ``only`` one asked).
 Calls = Callable[..., list]
 
 
@@ -215,7 +218,7 @@ class Coordinator:
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], call: Calls, each: Calls, *,
-                 tick_seconds: float = 1.0) -> None:
+                 tick_seconds: float = 1.0, announce: dict | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = EventStore(self.data_dir / "coordinator.sqlite")
@@ -230,13 +233,15 @@ class Coordinator:
         self.rounds = 0
         self.skipped = 0        # training rounds skipped because a shard did not answer
         self.gate_counts: dict[str, int] = {}
+        self._announce = dict(announce or {})
 
     def start(self) -> "Coordinator":
         self._thread = threading.Thread(target=self._run, name="loops-coordinator",
                                         daemon=True)
         self._thread.start()
         _announce(self.data_dir / "coordinator.json",
-                  {"pid": os.getpid(), "started_unix_ms": int(time.time() * 1000)})
+                  {**self._announce, "pid": os.getpid(),
+                   "started_unix_ms": int(time.time() * 1000)})
         return self
 
     def stop(self) -> None:
@@ -377,8 +382,7 @@ class Coordinator:
         verdict = self.gate.evaluate(
             candidate, policy, now_ns=now_ns, stats=merged, data=window,
             fit=lambda rest: self.trainer.fit(policy, rest, candidate.version))
-        reason = (f"retrained on {candidate.metadata['trained_on']} joined events from "
-                  f"{len(self._each('info'))} shards")
+        reason = f"retrained on {candidate.metadata['trained_on']} joined events of every shard"
         with self._lock:
             if self.store.latest_version(name) != latest:
                 return           # a publish came in while we evaluated
