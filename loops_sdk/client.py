@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 from .records import FeedbackRecords
 from .errors import ArgumentError, argument_error
@@ -84,7 +84,7 @@ class ClientConfig:
         insecure: allow sending the token in plaintext to a non-loopback learner.
     """
 
-    learner: str | tuple[str, ...] | None = None
+    learner: str | Sequence[str] | None = None   # a list is kept as a tuple
     policy_name: str | None = None
     policy_names: tuple[str, ...] = ()
     fallback_policy: PolicySource | None = None
@@ -154,9 +154,9 @@ def _learner_addresses(value: Any) -> str | tuple[str, ...]:
     out = tuple(value)
     if not out or not all(isinstance(a, str) and a.strip() for a in out):
         raise argument_error("learner", value, "a non-empty list of \"host:port\" strings")
+    out = tuple(a.strip() for a in out)
     if len(set(out)) != len(out):
         raise ArgumentError("learner: an address is listed twice", field="learner")
-    out = tuple(a.strip() for a in out)
     return out[0] if len(out) == 1 else out
 
 

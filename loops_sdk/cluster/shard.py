@@ -16,7 +16,8 @@ on the promotion window drawn from every shard, and (3) publishes a promoted ver
 every shard. Its own SQLite file holds versions, candidates, estimates and the merged
 statistics at the last training (the cadence), so a restarted coordinator carries on.
 Training skips a round while any shard is unreachable: a candidate fitted on part of the
-data would look like a loss of rows.
+data would look like a loss of rows. Forgetting by decision time (``half_life_seconds``)
+merges exactly; with ``half_life_rows`` each shard counts its own rows.
 """
 
 from __future__ import annotations
