@@ -117,6 +117,15 @@ def test_client_config_takes_a_list_of_learners():
         assert e.value.field == "learner"
 
 
+def test_cluster_command_refuses_bad_arguments_by_name(tmp_path, capsys):
+    pytest.importorskip("ray", reason="without Ray the command only says it needs Ray")
+    from loops_sdk.cli.main import main
+    assert main(["cluster", "--shards", "0", "--data", str(tmp_path)]) == 2
+    assert "shards must be a positive integer" in capsys.readouterr().err
+    assert main(["cluster", "--shards", "2", "--ports", "7000", "--data", str(tmp_path)]) == 2
+    assert "ports: 1 ports for 2 shards" in capsys.readouterr().err
+
+
 def _status(address: str) -> learner_pb2.LearnerStatus:
     with grpc.insecure_channel(address) as ch:
         return learner_pb2_grpc.LearnerServiceStub(ch).GetStatus(learner_pb2.StatusRequest(),
@@ -233,7 +242,9 @@ class RayCluster:
         self.procs: list[subprocess.Popen] = []
         # Ray's sockets live under its temp dir, whose path must stay short.
         self.temp = tempfile.mkdtemp(prefix="lr", dir="/tmp")
-        self.env = child_env({"RAY_USAGE_STATS_ENABLED": "0"})
+        # Auth mode explicit: a token left in ~/.ray by any earlier local ray.init() would
+        # otherwise switch this cluster's head to token auth and lock out its drivers.
+        self.env = child_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
         self.addresses: list[str] = []
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:

@@ -667,9 +667,13 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
     class _Run:
         def start(self) -> None:
-            cluster.start()
-            for policy in policies:
-                cluster.publish(policy, "published at cluster start")
+            from ..errors import LoopsError
+            try:
+                cluster.start()
+                for policy in policies:
+                    cluster.publish(policy, "published at cluster start")
+            except LoopsError as exc:     # too few nodes, a version conflict: one line
+                raise RuntimeError(str(exc)) from None
 
         def stop(self, grace: float) -> None:  # noqa: ARG002 - shards stop gracefully
             cluster.stop()

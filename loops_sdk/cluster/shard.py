@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import PolicyError
+from ..errors import EvaluationError, PolicyError
 from ..evaluation import LoggedData
 from ..learner.join import PolicyBook
 from ..learner.promotion import Gate
@@ -154,7 +154,12 @@ class Shard:
         policy = self.learner.book.get(name)
         if policy is None:
             return None
-        return load_window(self.learner.store, name, policy.learning.promotion, now_ns)
+        try:
+            return load_window(self.learner.store, name, policy.learning.promotion, now_ns)
+        except EvaluationError as exc:     # this shard's rows left out, the others judge
+            logger.warning("shard %d: cannot read the gate window of %r: %s", self.index,
+                           name, exc)
+            return None
 
     def counters(self) -> dict[str, int]:
         return self.learner.store.counters()
