@@ -199,6 +199,64 @@ def test_coordinator_round_over_in_process_shards(tmp_path):
             s.stop()
 
 
+def test_shard_restart_keeps_its_port_or_announces_a_new_one(tmp_path):
+    first = Shard(0, tmp_path, tick_seconds=0.05)
+    port = first.learner.port
+    first.stop()
+    again = Shard(0, tmp_path, tick_seconds=0.05)       # port 0: the remembered one
+    try:
+        assert again.learner.port == port
+        assert read_announcement(tmp_path, "shard-0")["address"] == again.learner.address
+    finally:
+        again.stop()
+    with socket.socket() as busy:                        # someone took the port meanwhile
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        moved = Shard(0, tmp_path, tick_seconds=0.05)
+        try:
+            assert moved.learner.port != port
+            assert read_announcement(tmp_path, "shard-0")["address"] == moved.learner.address
+        finally:
+            moved.stop()
+
+
+def test_coordinator_waits_to_train_while_a_shard_does_not_answer(tmp_path):
+    shards = [Shard(i, tmp_path, tick_seconds=0.05, grace_seconds=0.0) for i in range(2)]
+    down = {1}
+
+    def call(method, *args):
+        if down:
+            raise TimeoutError("shard 1 does not answer")
+        return [getattr(s, method)(*args) for s in shards]
+
+    def each(method, *args, only=None):
+        return [getattr(s, method)(*args) if only in (None, i) and i not in down else None
+                for i, s in enumerate(shards)]
+
+    coord = Coordinator(tmp_path, call, each)
+    try:
+        coord.publish(make_policy().to_bytes(), "initial")     # reaches shard 0 only
+        addresses = [s.learner.address for s in shards]
+        assert _status(addresses[0]).policies[0].current_version == 1
+        assert not _status(addresses[1]).policies
+        rng = np.random.default_rng(5)
+        cid = _client_ids(addresses, 1, "wait")[0]             # a client of shard 0
+        with DecisionClient(_config(addresses, cid, tmp_path / "spool")) as c:
+            assert c.wait_for_initialization(10)
+            _play(c, 150, rng)
+            assert c.flush(10)
+        assert wait_until(lambda: _status(addresses[0]).joined == 150, 20)
+        assert coord.step() == [] and coord.skipped == 1       # no fit on half the shards
+        assert coord.store.latest_version("bonus") == 1
+        down.clear()                                           # back: catches up, trains
+        assert coord.step() == [("bonus", 2)]
+        assert [_status(a).policies[0].current_version for a in addresses] == [2, 2]
+    finally:
+        coord.stop()
+        for s in shards:
+            s.stop()
+
+
 # --------------------------------------------------------------------------- a Ray cluster
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
