@@ -254,8 +254,10 @@ class Gate:
 
     def evaluate(self, candidate: Policy, deployed: Policy, *,
                  now_ns: int | None = None, stats: Any = None,
-                 fit: Callable[[Any], Policy] | None = None) -> GateResult:
-        """Load the deployed policy's rule window and judge ``candidate`` against it.
+                 fit: Callable[[Any], Policy] | None = None,
+                 data: LoggedData | None = None) -> GateResult:
+        """Load the deployed policy's rule window and judge ``candidate`` against it
+        (``data``: that window already read, e.g. drawn from every shard of a cluster).
 
         With ``stats`` (the :class:`~loops_sdk.learner.train.RidgeStats` the candidate was
         fitted from, rows of the window included), the newest half of the window's rows the
@@ -272,7 +274,8 @@ class Gate:
         """
         rule = deployed.learning.promotion
         try:
-            data = load_window(self.store, deployed.name, rule, now_ns)
+            if data is None:
+                data = load_window(self.store, deployed.name, rule, now_ns)
         except EvaluationError as exc:
             result = GateResult(HELD, f"held: cannot read logged data: {exc}", rule, 0,
                                 candidate.version, deployed.version)
