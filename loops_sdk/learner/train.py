@@ -8,6 +8,11 @@ For each action ``k`` with inputs ``z = [x, 1]`` (an intercept column appended):
 every other coefficient). The statistics ``sum z z^T``, ``sum r z`` and counts are exact,
 grow incrementally, add up across shards (:meth:`RidgeStats.merge`), and serialise to bytes
 that the joiner writes in the same SQLite transaction as the rows they came from.
+
+A shared policy (:meth:`Policy.shared`) is one ridge regression over every row: its inputs are
+the row's context crossed with the chosen action's attributes (:func:`shared_inputs`), held in
+the same statistics with a single pseudo-action (:data:`SHARED_ROW`); the solution maps back to
+the policy's shared weights (:func:`shared_from_solution`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from ..errors import PolicyError
 from ..policy import Exploration, Policy
 from .store import EventStore
 
-__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more"]
+__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
+           "shared_from_solution", "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +83,10 @@ class RidgeStats:
     @classmethod
     def for_policy(cls, policy: Policy) -> "RidgeStats":
         half_life, clock = decay_of(policy)
-        return cls(policy.action_ids, policy.input_names, half_life, clock)
+        return cls(*layout_of(policy), half_life, clock)
 
     def matches(self, policy: Policy) -> bool:
-        return self.action_ids == policy.action_ids and self.input_names == policy.input_names
+        return (self.action_ids, self.input_names) == layout_of(policy)
 
     @property
     def n(self) -> int:
@@ -360,6 +366,102 @@ class RidgeStats:
         return s
 
 
+# The one pseudo-action of a shared policy's statistics (every row regresses on one model).
+SHARED_ROW = "(shared)"
+_BIAS_PREFIX = "action="
+
+
+def layout_of(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(action_ids, input_names)`` of a policy's statistics. Linear: the policy's own.
+    Shared: one pseudo-action over the inputs :func:`shared_inputs` builds, named
+    ``x`` (context main effects), ``@attr`` (attribute main effects), ``x*attr``
+    (interactions) and, with a per-action bias, ``action=<id>``."""
+    sm = policy.shared_model
+    if sm is None:
+        return policy.action_ids, policy.input_names
+    names = [*policy.input_names, *(f"@{a}" for a in sm.attributes),
+             *(f"{i}*{a}" for i in policy.input_names for a in sm.attributes)]
+    if sm.per_action_bias:
+        names.extend(_BIAS_PREFIX + a for a in policy.action_ids)
+    return (SHARED_ROW,), tuple(names)
+
+
+def shared_inputs(policy: Policy, x: np.ndarray, actions: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A shared policy's regression rows: ``(inputs (n, P), zeros (n,))`` from contexts ``x``
+    ``(n, D)`` and chosen action indexes, in the order of :func:`layout_of` (the intercept,
+    ``1 x 1``, is the statistics' own column)."""
+    sm = policy.shared_model
+    x = np.asarray(x, dtype=np.float64)
+    actions = np.asarray(actions, dtype=np.int64)
+    dim, k = policy.n_inputs, policy.n_actions
+    if x.ndim != 2 or x.shape[1] != dim or actions.shape != (x.shape[0],):
+        raise PolicyError(f"policy {policy.name!r}: got x {x.shape}, actions {actions.shape} "
+                          f"for {dim} inputs")
+    n = x.shape[0]
+    if n and (actions.min() < 0 or actions.max() >= k):
+        raise PolicyError(f"policy {policy.name!r}: action index out of range")
+    attrs = sm.attribute_matrix(policy.name, policy.actions)[actions, 1:]   # (n, A)
+    parts = [x, attrs, (x[:, :, None] * attrs[:, None, :]).reshape(n, -1)]
+    if sm.per_action_bias:
+        parts.append(np.eye(k)[actions])
+    return np.concatenate(parts, axis=1), np.zeros(n, np.int64)
+
+
+def shared_from_solution(policy: Policy, weights: np.ndarray, bias: np.ndarray
+                         ) -> tuple[np.ndarray, dict[str, float]]:
+    """``(W (D + 1, A + 1), action_bias)`` of a shared policy from the statistics' solution
+    ``(weights (1, P), bias (1,))`` (the inverse of :func:`shared_inputs`' layout)."""
+    sm = policy.shared_model
+    dim, na = policy.n_inputs, len(sm.attributes)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    out = np.empty((dim + 1, na + 1))
+    out[:dim, 0] = w[:dim]
+    out[dim, 1:] = w[dim:dim + na]
+    out[:dim, 1:] = w[dim + na:dim + na + dim * na].reshape(dim, na)
+    out[dim, 0] = float(np.asarray(bias).reshape(-1)[0])
+    action_bias: dict[str, float] = {}
+    if sm.per_action_bias:
+        tail = w[dim + na + dim * na:]
+        action_bias = {a: float(v) for a, v in zip(policy.action_ids, tail) if v != 0.0}
+    return out, action_bias
+
+
+def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
+    """``s`` in the policy's layout when that only adds columns every past row had 0 in (a
+    linear policy's new actions; a shared policy's new per-action bias columns): exact, the
+    statistics of the same rows. None when the layout changed otherwise."""
+    actions, inputs = layout_of(policy)
+    if policy.shared_model is None:
+        ok = inputs == s.input_names and set(s.action_ids) <= set(actions)
+    else:
+        def core(names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(n for n in names if not n.startswith(_BIAS_PREFIX))
+        ok = (actions == s.action_ids and core(inputs) == core(s.input_names)
+              and set(s.input_names) <= set(inputs))
+    if not ok or (actions, inputs) == (s.action_ids, s.input_names):
+        return None
+    g = RidgeStats(actions, inputs, s.half_life, s.clock)
+    ai = np.array([actions.index(a) for a in s.action_ids], dtype=np.int64)
+    ii = np.array([inputs.index(n) for n in s.input_names] + [len(inputs)], dtype=np.int64)
+    g.zz[np.ix_(ai, ii, ii)] = s.zz
+    g.zr[np.ix_(ai, ii)] = s.zr
+    g.count[ai] = s.count
+    g.reward_sum[ai] = s.reward_sum
+    g.reward_sq[ai] = s.reward_sq
+    g.ref, g.newest, g.rows_clock = s.ref, s.newest, s.rows_clock
+    g.since_train, g.last_train_ms = s.since_train, s.last_train_ms
+    g.extra = dict(s.extra)
+    for key, empty in (("cusum", [0.0, 0.0]), ("baseline", None)):   # per-action detector
+        if key in g.extra:
+            old = g.extra[key]
+            new = [list(empty) if isinstance(empty, list) else empty for _ in actions]
+            for i, j in enumerate(ai):
+                new[j] = old[i]
+            g.extra[key] = new
+    return g
+
+
 def decay_of(policy: Policy) -> tuple[float, str]:
     """``(half_life, clock)`` of a policy's forgetting settings."""
     ls = policy.learning
@@ -427,6 +529,12 @@ class Trainer:
                 except (PolicyError, ValueError, KeyError) as exc:
                     logger.error("policy %r: stored statistics unreadable (%s); starting over",
                                  policy.name, exc)
+        if s is not None and not s.matches(policy):
+            grown = _grown(s, policy)
+            if grown is not None:
+                logger.info("policy %r: actions added; statistics kept", policy.name)
+                s = grown
+                self._dirty.add(policy.name)
         if s is None or not s.matches(policy):
             if s is not None:
                 logger.warning("policy %r: actions or inputs changed; statistics start over",
@@ -447,6 +555,8 @@ class Trainer:
         """Add joined rows (``ts_ns``: their decision times, for forgetting by time and the
         decision-to-row lag), after testing them for a change against the current fit."""
         s = self.stats(policy)
+        if policy.shared_model is not None:
+            x, actions = shared_inputs(policy, x, actions)
         x, actions, rewards = s._check(x, actions, rewards)
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if policy.learning.detect_changes and x.shape[0]:
@@ -547,8 +657,13 @@ class Trainer:
         weights, bias = s.solve(ls.ridge_lambda, standardize=ls.standardize_inputs,
                                 center=ls.center_rewards)
         unseen = s.count <= 0
-        weights[unseen] = policy.weights[unseen]
-        bias[unseen] = policy.bias[unseen]
+        shared = None
+        if policy.shared_model is not None:
+            shared = ((policy.shared_model.weights, None) if unseen.all()
+                      else shared_from_solution(policy, weights, bias))
+        else:
+            weights[unseen] = policy.weights[unseen]
+            bias[unseen] = policy.bias[unseen]
         exploration = policy.exploration
         n_eff = float(s.weight.sum())
         if exploration.kind == "squarecb" and ls.gamma_scale > 0 and n_eff > 0:
@@ -571,6 +686,8 @@ class Trainer:
             metadata.pop("exploring_after_change", None)
         base = policy if exploration == policy.exploration else replace(
             policy, exploration=exploration)
+        if shared is not None:
+            return base.with_shared(shared[0], shared[1], version=version, metadata=metadata)
         return base.with_model(weights, bias, version=version, metadata=metadata)
 
     def candidate(self, policy: Policy, version: int, *, exclude: tuple | None = None
@@ -586,6 +703,9 @@ class Trainer:
         """
         s = self.stats(policy)
         if exclude is not None:
+            if policy.shared_model is not None:
+                x, actions = shared_inputs(policy, exclude[0], exclude[1])
+                exclude = (x, actions, *exclude[2:])
             s = s.without(*exclude)
         return self.fit(policy, s, version)
 
