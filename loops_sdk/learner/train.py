@@ -17,10 +17,11 @@ the policy's shared weights (:func:`shared_from_solution`).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import msgpack
@@ -490,6 +491,8 @@ CUSUM_MIN_ROWS = 100
 # exported policies explore more until this many more rows were trained on.
 CHANGE_DISCOUNT = 0.125
 BOOST_ROWS = 2_000
+# Metadata of a boosted version: the exploration it had before the boost (JSON).
+_BEFORE_CHANGE = "exploration_before_change"
 
 
 def explore_more(e: Exploration) -> Exploration:
@@ -665,6 +668,15 @@ class Trainer:
             weights[unseen] = policy.weights[unseen]
             bias[unseen] = policy.bias[unseen]
         exploration = policy.exploration
+        before = policy.metadata.get(_BEFORE_CHANGE)
+        if before:
+            # The deployed version explores more after a change: boost (or restore) from what
+            # it explored before, never from the boosted value (boosts would compound).
+            try:
+                exploration = Exploration(**json.loads(before))
+            except (TypeError, ValueError):
+                logger.warning("policy %r: unreadable %s metadata; kept the exploration",
+                               policy.name, _BEFORE_CHANGE)
         n_eff = float(s.weight.sum())
         if exploration.kind == "squarecb" and ls.gamma_scale > 0 and n_eff > 0:
             # SquareCB / FALCON (Foster & Rakhlin 2020; Simchi-Levi & Xu 2020): the learning
@@ -676,14 +688,17 @@ class Trainer:
             exploration = replace(exploration, gamma=float(min(max(gamma, 1.0), 1e6)))
         metadata = dict(policy.metadata)
         boosted = s.n < int(s.extra.get("boost_until", 0))
+        unboosted = exploration
         if boosted:
             exploration = explore_more(exploration)
         metadata.update({"trained_on": str(s.n), "trained_from_version": str(policy.version),
                          "effective_rows": f"{n_eff:.1f}"})
         if boosted:
             metadata["exploring_after_change"] = "1"
+            metadata[_BEFORE_CHANGE] = json.dumps(asdict(unboosted), sort_keys=True)
         else:
             metadata.pop("exploring_after_change", None)
+            metadata.pop(_BEFORE_CHANGE, None)
         base = policy if exploration == policy.exploration else replace(
             policy, exploration=exploration)
         if shared is not None:
