@@ -32,7 +32,7 @@ from ..policy import Exploration, Policy
 from .store import EventStore
 
 __all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
-           "shared_from_solution", "SHARED_ROW"]
+           "shared_from_solution", "SharedGateView", "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -428,6 +428,24 @@ def shared_from_solution(policy: Policy, weights: np.ndarray, bias: np.ndarray
     return out, action_bias
 
 
+class SharedGateView:
+    """A shared policy's statistics as the gate's held-out split sees them: in the policy's
+    own layout (its actions and inputs, each action's raw row count), with ``without`` taking
+    rows out in the statistics' layout (:func:`shared_inputs`). What ``without`` returns is
+    the statistics minus those rows, which :meth:`Trainer.fit` fits."""
+
+    def __init__(self, policy: Policy, stats: RidgeStats) -> None:
+        self.policy, self.stats = policy, stats
+        self.action_ids, self.input_names = policy.action_ids, policy.input_names
+        counts = stats.extra.get("action_counts") or {}
+        self.count = np.array([int(counts.get(a, 0)) for a in policy.action_ids], np.int64)
+
+    def without(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                ts_ns: np.ndarray) -> RidgeStats:
+        phi, zeros = shared_inputs(self.policy, x, actions)
+        return self.stats.without(phi, zeros, rewards, ts_ns)
+
+
 def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
     """``s`` in the policy's layout when that only adds columns every past row had 0 in (a
     linear policy's new actions; a shared policy's new per-action bias columns): exact, the
@@ -559,7 +577,13 @@ class Trainer:
         decision-to-row lag), after testing them for a change against the current fit."""
         s = self.stats(policy)
         if policy.shared_model is not None:
+            raw = np.asarray(actions, dtype=np.int64)
             x, actions = shared_inputs(policy, x, actions)
+            # Raw rows per action (the shared statistics pool them), for the gate's split.
+            counts = s.extra.setdefault("action_counts", {})
+            for k, c in zip(*np.unique(raw, return_counts=True)):
+                aid = policy.action_ids[int(k)]
+                counts[aid] = int(counts.get(aid, 0)) + int(c)
         x, actions, rewards = s._check(x, actions, rewards)
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if policy.learning.detect_changes and x.shape[0]:
@@ -639,6 +663,12 @@ class Trainer:
         if not ls.first_retrain_events or not ls.retrain_every_events:
             return ls.retrain_every_events
         return int(min(ls.retrain_every_events, max(ls.first_retrain_events, trained_rows)))
+
+    def gate_stats(self, policy: Policy) -> RidgeStats | SharedGateView:
+        """The statistics the gate's held-out split takes rows out of (a shared policy's
+        through :class:`SharedGateView`)."""
+        s = self.stats(policy)
+        return s if policy.shared_model is None else SharedGateView(policy, s)
 
     def due(self, policy: Policy, now_ms: int | None = None) -> bool:
         """True when :meth:`threshold` new rows arrived, or ``retrain_every_seconds`` passed

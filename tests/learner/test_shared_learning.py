@@ -155,6 +155,9 @@ def test_a_learner_trains_a_shared_policy_through_an_added_action(tmp_path):
         history = lr.store.policy_history("bonus")
         assert any(v.decision == "promoted" for v in history[1:]), \
             [(v.version, v.decision, v.decision_reason) for v in history]
+        # Judged on rows its twin was not fitted on (the shared statistics minus the newest
+        # rows of v1, taken out in their context x attributes layout).
+        assert "held-out" in history[1].decision_reason, history[1].decision_reason
         served = Policy.from_bytes(lr.store.get_policy("bonus").data)
         assert served.shared_model is not None and served.version > 1
         # Add the new bonus: it scores from the shared weights at once.
