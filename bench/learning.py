@@ -344,12 +344,13 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
                 client.flush(10)
             gate = dict(learner.gate_counts)
             final = int(learner.status().policies[0].current_version)
+            changes = int(learner.status().policies[0].changes_detected)
         finally:
             learner.stop(1.0)
     return Played(cfg.label, acts, rew, time.perf_counter() - t0,
                   {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
                    "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
-                   "final_version": final, "stalls": stalls,
+                   "final_version": final, "stalls": stalls, "changes_detected": changes,
                    "exploration": str(policy.exploration),
                    "retrain_every_events": cadence,
                    "gate_window_rows": policy.learning.promotion.window_rows})
@@ -464,7 +465,8 @@ def run_new_bonus(quick: bool = False, have_vw: bool = True, log=None) -> tuple[
         note = (f"oracle after {f['oracle_after']:.2f}; players it is best for got it "
                 + ("-" if f["new_share_first_2000"] is None
                    else f"{f['new_share_first_2000']:.0%}") + " of the time in the first 2,000"
-                + (f"; promoted {p.extra['promoted']}, rejected {p.extra['rejected']}"
+                + (f"; promoted {p.extra['promoted']}, rejected {p.extra['rejected']}, "
+                   f"changes detected {p.extra['changes_detected']}"
                    if label.startswith("LOOPS") else ""))
         out.append(Row(NAME, f"{base} {label}: net/decision after", f["net_after"], "net/dec",
                        note=note))
