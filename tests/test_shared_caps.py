@@ -267,8 +267,6 @@ def test_pool_workers_share_one_table_that_is_removed_at_stop(tmp_path):
         directory = p.shared_caps
         assert directory is not None and os.path.isdir(directory)
     assert not os.path.exists(directory)
-    with DecisionServerPool(config, processes=1, share_caps=False) as p:
-        assert p.shared_caps is None
 
 
 def test_caps_hold_exactly_across_the_workers_of_loops_serve(pool):

@@ -19,6 +19,45 @@ cdef CapTable new_cap_table(Py_ssize_t slots, Kernel k, object shared_dir, objec
                                 LOCK_ATOMIC))
 
 
+cdef object cap_entries(CapTable table, Kernel k, object users, int64_t t, object win,
+                        object used):
+    """DecisionPoint._cap_entries under the point's lock: read (``win`` None) or load the
+    entries of ``users`` (an external store, loops_sdk.redis_caps, holds the authoritative
+    counts and lends them for one decision)."""
+    cdef Py_ssize_t i, c, s, n = len(users)
+    cdef cnp.ndarray uh_a = np.array([hash_key(u, "users") for u in users], np.uint64)
+    cdef const uint64_t[::1] uh = uh_a
+    cdef int64_t[:, ::1] wv
+    cdef double[:, ::1] uv
+    if table is None:
+        raise ArgumentError(f"policy {k.name!r} has no caps", field="name")
+    table.now(k, t)
+    if win is None:
+        w = np.full((n, table.n_caps), -1, np.int64)
+        v = np.zeros((n, table.n_caps))
+        wv, uv = w, v
+        for i in range(n):
+            s = table.enter(uh[i])
+            if s >= 0:
+                for c in range(table.n_caps):
+                    wv[i, c] = table.win(s)[c]
+                    uv[i, c] = table.used(s)[c]
+            table.leave()
+        return w, v
+    wv = np.ascontiguousarray(win, np.int64).reshape(n, table.n_caps)
+    uv = np.ascontiguousarray(used, np.float64).reshape(n, table.n_caps)
+    for i in range(n):
+        s = table.enter(uh[i])
+        if s < 0:
+            s = table.insert(uh[i] if uh[i] != 0 else 1)
+        for c in range(table.n_caps):
+            table.win(s)[c] = wv[i, c]
+            table.used(s)[c] = uv[i, c]
+        table.last(s)[0] = t
+        table.leave()
+    return None
+
+
 # --------------------------------------------------------------------------- per-player caps
 cdef class CapTable:
     """Per-player cap state of one decision point, in bounded memory.

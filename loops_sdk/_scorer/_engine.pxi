@@ -193,3 +193,7 @@ cdef class Engine:
 
     def _engine_stats(self):
         return engine_stats(self._points, self.n_unknown_point, self._outlog)
+
+    def _cap_point(self, name):
+        """The DecisionPoint ``name`` (None if unknown), for an external cap store."""
+        return self._points.get(name)

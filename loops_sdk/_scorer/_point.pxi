@@ -688,6 +688,13 @@ cdef class DecisionPoint:
                              policy_actions=pact if k.apprentice else None,
                              policy_probabilities=pprob if k.apprentice else None)
 
+    def _cap_entries(self, users, win=None, used=None):
+        """The cap windows and amounts of ``users`` ((n, caps) int64 and float64; window -1:
+        not in the table), or with ``win``/``used``: set them (loops_sdk.redis_caps)."""
+        with self.lock:
+            return cap_entries(self.caps, self.kernel, users, now_ns() + self.cap_clock_ns,
+                               win, used)
+
     def _inherit_caps(self, DecisionPoint parent):
         """After fork: carry the parent's cap counts (same players, same windows)."""
         if parent.caps is not None and self.caps is not None \

@@ -1030,6 +1030,37 @@ class DecisionPoint:
                              policy_actions=pact if k.apprentice else None,
                              policy_probabilities=pprob if k.apprentice else None)
 
+    def _cap_entries(self, users, win=None, used=None):
+        """See the Cython DecisionPoint._cap_entries."""
+        uh = [_hash_key(u, "users") for u in users]
+        with self.lock:
+            table, k = self.caps, self.kernel
+            if table is None:
+                raise ArgumentError(f"policy {k.name!r} has no caps", field="name")
+            t = _now_ns() + self.cap_clock_ns
+            table.now(k, t)
+            nc, n = table.n_caps, len(uh)
+            if win is None:
+                w, v = np.full((n, nc), -1, np.int64), np.zeros((n, nc))
+                for i, h in enumerate(uh):
+                    s = table.enter(h)
+                    if s >= 0:
+                        for c in range(nc):
+                            w[i, c], v[i, c] = table.win[s * nc + c], table.used[s * nc + c]
+                    table.leave()
+                return w, v
+            w = np.asarray(win, np.int64).reshape(n, nc).tolist()
+            v = np.asarray(used, np.float64).reshape(n, nc).tolist()
+            for i, h in enumerate(uh):
+                s = table.enter(h)
+                if s < 0:
+                    s = table.insert(h if h != 0 else 1)
+                for c in range(nc):
+                    table.win[s * nc + c], table.used[s * nc + c] = w[i][c], v[i][c]
+                table.last[s] = t
+                table.leave()
+            return None
+
     def _inherit_caps(self, parent):
         if parent.caps is not None and self.caps is not None \
                 and parent.caps.signature == self.caps.signature:
@@ -1252,3 +1283,6 @@ class Engine:
 
     def _engine_stats(self):
         return engine_stats(self._points, self.n_unknown_point, self._outlog)
+
+    def _cap_point(self, name):
+        return self._points.get(name)
