@@ -13,11 +13,11 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import decide, learner, learning, memory, peers, service, shipping
+from . import caps, decide, learner, learning, memory, peers, service, shipping
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
             "learner": learner.run, "shipping": shipping.run, "service": service.run,
-            "learning": learning.run}
+            "learning": learning.run, "caps": caps.run}
 # Minutes, not seconds, and it needs vowpalwabbit and scikit-learn: only with --only learning.
 OPT_IN = {"learning"}
 

@@ -23,8 +23,8 @@ were exhausted, so only uncounted actions (the default) are served, reason ``CAP
 counted in :meth:`stats`. A charge whose write-back fails (Redis lost between the two
 scripts, or the lock expired after ``lock_ttl``) is counted in ``stats()["lost_charges"]`` and
 logged: that player may get those actions again. Keys are ``<prefix>:<point>:<caps digest>:
-<str(user)>`` (a hash, expiring after the longest cap window) and ``...:lock``; one Redis
-instance (not a cluster: a call's keys must live on one node).
+<str(user)>`` (a 16 x caps byte string, expiring after the longest cap window) and
+``...:lock``; one Redis instance (not a cluster: a call's keys must live on one node).
 
 Decide capped decision points only through the wrapper (the client's own ``decide`` would
 count on the local table only). The ``redis`` package is the ``redis`` extra.
@@ -47,6 +47,8 @@ __all__ = ["RedisCaps"]
 
 logger = logging.getLogger(__name__)
 
+# A player's counts are one string: n_caps int64 windows then n_caps float64 amounts, little
+# endian (one value per player keeps the replies small: parsing them is most of the cost).
 _ACQUIRE = """
 local token, ttl = ARGV[1], tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
@@ -56,26 +58,17 @@ for i, key in ipairs(KEYS) do
   end
 end
 local out = {1}
-for i, key in ipairs(KEYS) do out[#out + 1] = redis.call('HGETALL', key) end
+for i, key in ipairs(KEYS) do out[#out + 1] = redis.call('GET', key) end
 return out
 """
 
 _COMMIT = """
-local token, expire_at, nc = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local token, expire_at = ARGV[1], ARGV[2]
 local lost = 0
 for i, key in ipairs(KEYS) do
   local lock = key .. ':lock'
   if redis.call('GET', lock) == token then
-    local base = 3 + (i - 1) * 2 * nc
-    local args = {}
-    for c = 1, nc do
-      args[#args + 1] = 'w' .. (c - 1)
-      args[#args + 1] = ARGV[base + c]
-      args[#args + 1] = 'u' .. (c - 1)
-      args[#args + 1] = ARGV[base + nc + c]
-    end
-    redis.call('HSET', key, unpack(args))
-    redis.call('PEXPIREAT', key, expire_at)
+    redis.call('SET', key, ARGV[2 + i], 'PXAT', expire_at)
     redis.call('DEL', lock)
   else
     lost = lost + 1
@@ -195,13 +188,12 @@ class RedisCaps:
         nc = len(k.cap_ids)
         win = np.full((len(users), nc), -1, np.int64)
         used = np.zeros((len(users), nc))
-        for i, fields in enumerate(counts):
-            values = dict(zip(fields[::2], fields[1::2]))
-            for c in range(nc):
-                w = values.get(f"w{c}".encode())
-                if w is not None:
-                    win[i, c] = int(w)
-                    used[i, c] = float(values[f"u{c}".encode()])
+        width = 16 * nc
+        for i, value in enumerate(counts):
+            if value and len(value) == width:
+                row = np.frombuffer(value, "<i8")
+                win[i] = row[:nc]
+                used[i] = row[nc:].view("<f8")
         try:
             with self._local:
                 before = point.caps.evictions
@@ -255,10 +247,10 @@ class RedisCaps:
                 for w, o in zip(k.cap_window_ns[:len(k.cap_ids)],
                                 k.cap_offset_ns[:len(k.cap_ids)])]
         expire_at_ms = (max(ends) - point.cap_clock_ns) // 1_000_000 + 1000
-        args: list[Any] = [token, expire_at_ms, len(k.cap_ids)]
-        for i in range(len(keys)):
-            args.extend(str(int(v)) for v in win[i])
-            args.extend(repr(float(v)) for v in used[i])
+        rows = np.hstack([win.astype("<i8"), used.astype("<f8").view("<i8")]).tobytes()
+        width = len(rows) // max(len(keys), 1)
+        args: list[Any] = [token, expire_at_ms]
+        args.extend(rows[i * width:(i + 1) * width] for i in range(len(keys)))
         try:
             lost = int(self._commit(keys=keys, args=args))
         except self._errors as exc:
