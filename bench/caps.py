@@ -102,6 +102,12 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
             rows.append(Row("caps", f"decide_batch, {label}", rate, "dec/s",
                             note=f"batches of {batch_n} distinct players; "
                                  f"{1e9 / rate:,.0f} ns per decision"))
+        if r is not None:   # the floor under the Redis figures: one round trip, no work
+            ping = percentiles(per_call_latency(r.ping, [()] * 2000, warmup=200))
+            raw["redis ping"] = ping
+            rows.append(Row("caps", "Redis PING round trip p50 (reference)", ping["p50_ns"],
+                            "ns", note=f"p99 {ping['p99_ns'] / 1e3:.1f} µs; a capped decision "
+                                       f"takes two round trips (lock+read, write+unlock)"))
         if r is None:
             rows.append(Row("caps", "caps in Redis", None, "ns", note=f"skipped: {why}"))
     finally:
