@@ -24,7 +24,8 @@ counted in :meth:`stats`. A charge whose write-back fails (Redis lost between th
 scripts, or the lock expired after ``lock_ttl``) is counted in ``stats()["lost_charges"]`` and
 logged: that player may get those actions again. Keys are ``<prefix>:<point>:<caps digest>:
 <str(user)>`` (a 16 x caps byte string, expiring after the longest cap window) and
-``...:lock``; one Redis instance (not a cluster: a call's keys must live on one node).
+``...:lock``; one Redis instance, 6.2 or later (not a cluster: a call's keys must live on
+one node).
 
 Decide capped decision points only through the wrapper (the client's own ``decide`` would
 count on the local table only). The ``redis`` package is the ``redis`` extra.
