@@ -311,3 +311,37 @@ def test_caps_hold_exactly_across_the_workers_of_loops_serve(pool):
     assert run_concurrently(work, 4, timeout=240) == []
     assert both.is_set(), served_by
     _check_exact(grants, players)
+
+
+def test_a_restarted_worker_keeps_counting_where_the_table_is(pool):
+    """SIGKILL one worker: the pool starts it again on the same table, so the players it had
+    served stay capped on both workers."""
+    players = [f"restart-{i}" for i in range(4)]
+
+    def decide_all(i):
+        with _connection(pool.address, 10_000 + i) as ch:
+            stub = decision_pb2_grpc.DecisionServiceStub(ch)
+            b = stub.DecideBatch(pb.DecideBatchRequest(
+                decision_point="bonus", matrix=np.tile(X, 6 * len(players)).tolist(),
+                columns=2, users=players * 6), timeout=30)
+            return b.event_ids[0][:16], list(b.actions)
+
+    _, first = decide_all(0)
+    grants = {p: Counter() for p in players}
+    for p, a in zip(players * 6, first):
+        if a != "none":
+            grants[p][a] += 1
+    _check_exact(grants, players)
+    victim = pool.pids[0]
+    restarts = pool.restarts
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: pool.restarts == restarts + 1 and len(pool.pids) == 2
+                      and victim not in pool.pids, 60)
+    seen = set()
+    for i in range(1, 41):                         # bounded: until both workers answered
+        prefix, actions = decide_all(i)
+        assert actions == ["none"] * len(actions), (prefix, actions)
+        seen.add(prefix)
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2
