@@ -77,6 +77,13 @@ class ClientConfig:
             for policies with caps; ~16 + 16 x caps bytes each). Past that, the least recently
             charged player of a full hash bucket is forgotten (``stats()["points"][name]
             ["cap_evictions"]``); size it to the players active within a cap window.
+        shared_caps: a directory for cap tables shared by the processes of this host (best on
+            tmpfs, e.g. ``/dev/shm/loops-caps``): every client given the same directory counts
+            each player's frequency and budget caps in one table per decision point, so the
+            caps hold exactly across those processes (``loops serve --processes N`` sets
+            one). The first process creates a table with its ``cap_slots``; every process
+            must run the same scorer (compiled, or ``LOOPS_PURE_PYTHON=1``). None: caps are
+            counted in this process only.
         metadata: extra gRPC metadata ``(key, value)`` pairs sent with every call to the learner.
         token: bearer token for the learner (role ``client``); None = ``$LOOPS_TOKEN`` if set.
         tls_ca: PEM CA that signed the learner's certificate; setting it turns TLS on.
@@ -105,6 +112,7 @@ class ClientConfig:
     client_id: str = ""
     metadata: tuple[tuple[str, str], ...] = field(default=())
     cap_slots: int = 65536
+    shared_caps: str | None = None
     token: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -124,6 +132,8 @@ class ClientConfig:
                      "max_batch_records", "spool_max_bytes", "cap_slots"):
             if _setting(self, name, int) <= 0:
                 raise ArgumentError(f"{name} must be positive")
+        if self.shared_caps is not None and not isinstance(self.shared_caps, (str, os.PathLike)):
+            raise argument_error("shared_caps", self.shared_caps, "a directory path or None")
         for name in ("flush_interval", "rpc_timeout", "backoff_initial", "backoff_max",
                      "close_timeout"):
             if not _setting(self, name, float) > 0:
@@ -211,7 +221,7 @@ class DecisionClient(Engine):
             raise TypeError("pass seed/learner inside ClientConfig when giving a config")
         self.config = config
         self._engine_init(config.seed, config.buffer_rows, config.max_pending_records,
-                          config.record, config.cap_slots)
+                          config.record, config.cap_slots, config.shared_caps)
         self._sink = sink
         self._policies: dict[str, Policy] = {}
         self._install_lock = threading.Lock()

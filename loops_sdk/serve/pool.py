@@ -9,8 +9,10 @@ spreads when there are several connections (several backends, or a channel pool)
 
 What differs from one process:
 
-- frequency and budget caps are counted per worker, so a player's calls must reach the same
-  worker (one connection per player shard) for a cap to hold exactly;
+- frequency and budget caps are counted in one table shared by the workers (a file per
+  decision point in a directory on tmpfs, see ``loops_sdk/_scorer/shared_caps.py``), so they
+  hold exactly whichever worker a player's calls reach; ``share_caps=False`` counts them per
+  worker instead (then a player's calls must reach one worker for a cap to hold);
 - each worker has its own client id and spool directory (``<spool_dir>/worker-K``), so the
   learner deduplicates each worker's batches separately and a restarted worker replays what
   its predecessor spooled;
@@ -29,7 +31,9 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection, wait
@@ -126,6 +130,9 @@ class DecisionServerPool:
         max_workers, max_batch_rows, max_message_bytes, unary_loop: per worker, as for
             :class:`~loops_sdk.serve.service.DecisionServer`.
         restart: start a worker again when it dies unexpectedly.
+        share_caps: count caps in one table shared by the workers (the default): the
+            directory ``config.shared_caps`` if set, else a private one on tmpfs made at
+            start and removed at stop (a restarted worker keeps the counts).
         start_timeout: seconds :meth:`start` waits for every worker to listen.
     """
 
@@ -133,7 +140,7 @@ class DecisionServerPool:
                  processes: int = 2, pin_cpus: bool = False,
                  security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 << 20,
-                 unary_loop: bool = True, restart: bool = True,
+                 unary_loop: bool = True, restart: bool = True, share_caps: bool = True,
                  start_timeout: float = _START_TIMEOUT) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
@@ -145,6 +152,8 @@ class DecisionServerPool:
         self.processes = int(processes)
         self.restart = restart
         self.restarts = 0
+        self.share_caps = bool(share_caps)
+        self._caps_dir: str | None = None   # made by this pool (removed at stop)
         self._requested_port = int(port)
         self._options = {"max_workers": max_workers, "max_batch_rows": max_batch_rows,
                          "max_message_bytes": max_message_bytes, "unary_loop": unary_loop}
@@ -183,7 +192,14 @@ class DecisionServerPool:
         """
         self._reservation = self._reserve_port()
         self.port = self._reservation.getsockname()[1]
-        self._spec = _WorkerSpec(self.config, self.host, self.port, self.security,
+        config = self.config
+        if self.share_caps and config.shared_caps is None:
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            self._caps_dir = tempfile.mkdtemp(prefix="loops-caps-", dir=shm)
+            config = dataclasses.replace(config, shared_caps=self._caps_dir)
+        elif not self.share_caps and config.shared_caps is not None:
+            config = dataclasses.replace(config, shared_caps=None)
+        self._spec = _WorkerSpec(config, self.host, self.port, self.security,
                                  self._options, logging.getLogger().getEffectiveLevel())
         try:
             pending = [self._spawn(k) for k in range(self.processes)]
@@ -192,6 +208,7 @@ class DecisionServerPool:
         except BaseException:
             self._stop_workers(grace=1.0)
             self._release_port()
+            self._remove_caps_dir()
             raise
         self._supervisor = threading.Thread(target=self._supervise, name="loops-pool",
                                             daemon=True)
@@ -221,6 +238,16 @@ class DecisionServerPool:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
         return sock
+
+    @property
+    def shared_caps(self) -> str | None:
+        """The directory of the workers' shared cap tables (None: caps per worker)."""
+        return self._spec.config.shared_caps if self._spec is not None else None
+
+    def _remove_caps_dir(self) -> None:
+        if self._caps_dir is not None:
+            shutil.rmtree(self._caps_dir, ignore_errors=True)
+            self._caps_dir = None
 
     def _release_port(self) -> None:
         if self._reservation is not None:
@@ -299,6 +326,7 @@ class DecisionServerPool:
             self._supervisor.join(5)
         self._stop_workers(grace if grace is not None else 2.0)
         self._release_port()
+        self._remove_caps_dir()
         logger.info("decision service pool stopped (%d restarts)", self.restarts)
 
     close = stop
