@@ -252,32 +252,94 @@ def test_older_releases_private_spool_is_replayed(tmp_path):
             assert client.stats()["spools_adopted"] == 1
 
 
-@pytest.mark.skip(reason="forking while gRPC's threads run crashed the child inside gRPC "
-                         "(SIGSEGV, about 1 run in 8); open work: fork support in the client")
-def test_forked_worker_spool_is_adopted_by_the_parent(tmp_path, monkeypatch):
-    monkeypatch.setattr(transport, "ADOPT_INTERVAL", 0.2, raising=False)
+def _fork(child) -> int:
+    """Run ``child()`` in a forked process (it must return an exit code, 0 = passed); the
+    child never returns into pytest. Returns its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -999   # hung
+
+
+def test_forked_worker_ships_through_the_parent_and_follows_new_policies(learner, tmp_path):
+    """The worker never touches gRPC: its records reach the learner through the parent's
+    live shipper, and a version the learner publishes after the fork reaches it."""
+    spool = tmp_path / "spool"
+    with DecisionClient(config(learner.address, spool)) as client:
+        assert client.wait_for_initialization(5)
+        client.decide_batch("bonus", np.zeros((100, 3)))     # in memory at the fork
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+
+        def worker() -> int:
+            os.close(ready_r)
+            os.close(go_w)
+            d = client.decide("bonus", np.zeros(3))
+            if d.reason != "POLICY" or client.stats().get("forked") is not True:
+                return 2
+            client.decide_batch("bonus", np.zeros((199, 3)))
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)                          # the learner published v2 meanwhile
+            if not wait_until(lambda: client.policy("bonus").version == 2, 10):
+                return 3
+            if client.decide("bonus", np.zeros(3)).policy_version != 2:
+                return 4
+            return 0 if client.flush(10) else 5       # delivered by the parent's shipper
+
+        pid_status = []
+        import threading
+        t = threading.Thread(target=lambda: pid_status.append(_fork(worker)))
+        t.start()
+        os.close(ready_w)
+        os.close(go_r)
+        assert os.read(ready_r, 1) == b"r"
+        learner.publish(make_policy(version=2), "after the fork")
+        os.write(go_w, b"g")
+        t.join(90)
+        os.close(ready_r)
+        os.close(go_w)
+        assert pid_status == [0]
+        assert wait_until(lambda: learner.status().decisions == 301, 10)
+        assert client.flush(10)
+        assert client.stats()["records_relayed"] == 201
+    assert learner.status().decisions == 301                  # the parent's 100 once
+
+
+def test_forked_worker_records_are_sent_by_a_later_client(tmp_path, monkeypatch):
+    """Learner away: the worker's records wait on disk after it and its parent are gone, and
+    the next client on the base sends them once."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     spool = tmp_path / "spool"
-    with DecisionClient(config(address, spool), policies=[make_policy()]) as client:
-        pid = os.fork()
-        if pid == 0:   # the worker: spools on its own lane, then dies without closing
-            code = 1
-            try:
-                client.decide_batch("bonus", np.zeros((200, 3)))
-                if wait_until(lambda: client.stats()["spool_records"] == 200, 10):
-                    code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        client.decide_batch("bonus", np.zeros((100, 3)))
-        assert wait_until(lambda: on_disk(tmp_path) == 300, 10)
-        assert len(spool_dirs(tmp_path)) == 2                # the worker had its own
-        with Learner(tmp_path / "l.sqlite", "127.0.0.1", port, train=False) as srv:
+    client = DecisionClient(config(address, spool, close_timeout=0.3), policies=[make_policy()])
+
+    def worker() -> int:
+        client.decide_batch("bonus", np.zeros((200, 3)))
+        client.flush(0)                                       # on disk; nobody to send it
+        return 0 if client.stats()["spool_records"] == 200 else 1
+
+    assert _fork(worker) == 0
+    client.decide_batch("bonus", np.zeros((100, 3)))
+    client.close()
+    assert on_disk(tmp_path) == 100 and len(list((spool / "outbox").glob("*.batch"))) == 1
+    with Learner(tmp_path / "l.sqlite", "127.0.0.1", port, train=False) as srv:
+        with DecisionClient(config(address, spool), policies=[make_policy()]) as later:
             assert wait_until(lambda: srv.status().decisions == 300, 10)
-            assert client.flush(10)
-            assert client.stats()["spools_adopted"] == 1
+            assert later.flush(10)
+            assert later.stats()["records_relayed"] == 200
+    assert not list((spool / "outbox").glob("*.batch")) and on_disk(tmp_path) == 0
 
 
 # ------------------------------------------------------------------ item 5: crash window
