@@ -57,10 +57,24 @@ class ClientConfig:
         max_batch_records: largest batch sent in one ``ReportFeedback``.
         spool_dir: base directory for the disk spool (``None``: one under the system temp dir
             derived from the learner address and policy names); spool_max_bytes bounds each
-            process's spool; only past that are records dropped. Several processes (or forked
-            workers) on one base each get their own lane (``lane-N``) in it; a client adopts
-            and replays lanes left by processes that died. Batches the learner refuses go to
+            process's spool; only past that are records dropped. Several processes on one
+            base each get their own lane (``lane-N``) in it; a client adopts and replays
+            lanes left by processes that died. Batches the learner refuses go to
             ``<spool>/dead-letter`` (``loops spool list|resend --dir``).
+
+    Fork (pre-fork servers, ``multiprocessing``): a client may be created before ``fork()``
+    with its learner connection live. The parent goes on unchanged. The child never touches
+    gRPC (whose core does not survive a fork while its threads run): its client decides at
+    once with the policies it inherited, gets a new event-id prefix and epoch, and writes its
+    records every ``flush_interval`` as fsync'd batch files to ``<spool>/outbox``, which every
+    live client on that spool base (the parent, or the next client started there) sends and
+    deletes once acknowledged; the parent also leaves each new policy version in
+    ``<spool>/policies`` for the children. Records decided in the parent before the fork
+    stay with the parent (the child starts with empty buffers), so none is sent twice. In a
+    child, ``flush(timeout)`` writes everything to the outbox and waits up to ``timeout``
+    for a live client to deliver it; what a killed child can lose is bounded as for any
+    client (its last ``flush_interval``). No ``postfork()`` call is needed where Python's
+    fork hooks run (``os.fork``, ``multiprocessing``, gunicorn, uWSGI with Python forks).
         rpc_timeout: deadline of each unary call to the learner.
         backoff_initial / backoff_max: exponential retry backoff bounds (full jitter), for the
             shipper, the policy watch and the gRPC channel's own reconnects: after an outage
@@ -208,7 +222,8 @@ class DecisionClient(Engine):
     ``decide`` never raises for operational reasons (learner down, no policy yet): it returns the
     caller's ``default`` with ``Decision.reason`` saying why. Bad *input* raises
     :class:`~loops_sdk.FeatureError` or :class:`~loops_sdk.UnknownActionError`.
-    Thread-safe; fork-safe (a child gets fresh locks, event ids and connections).
+    Thread-safe; fork-safe (a forked child gets fresh locks and event ids and never uses the
+    parent's gRPC channel or threads: see :class:`ClientConfig`, "Fork").
     """
 
     def __init__(self, config: ClientConfig | None = None, *,

@@ -11,7 +11,8 @@ Two daemon threads share one gRPC channel:
   only a full spool drops records, oldest first. A batch the
   learner refuses (INVALID_ARGUMENT, ...) goes to the dead-letter spool beside the spool
   (``loops spool list|resend``), never away. Spools left by dead processes on the same base
-  directory are adopted and replayed.
+  directory are adopted and replayed, and so are the batch files forked children leave in
+  ``<base>/outbox`` (a forked child never uses gRPC: :mod:`.forked`).
 - the **watcher** keeps a ``WatchPolicy`` stream open, applies each version atomically
   (older ones are ignored by ``DecisionClient.set_policy``) and reconnects with backoff.
 
