@@ -342,6 +342,33 @@ def test_forked_worker_records_are_sent_by_a_later_client(tmp_path, monkeypatch)
     assert not list((spool / "outbox").glob("*.batch")) and on_disk(tmp_path) == 0
 
 
+def test_forked_workers_outbox_is_bounded_oldest_first(tmp_path):
+    """A worker whose batches nobody sends keeps at most spool_max_bytes of them: the oldest
+    go first, counted; the newest stay."""
+    from loops_sdk.sync.forked import ForkedTransport, outbox_files
+    offline = DecisionClient(policies=[make_policy()], seed=3)
+    batches = []
+    for _ in range(6):
+        offline.decide_batch("bonus", np.zeros((50, 3)))
+        batches.append(offline.drain())
+    empty = offline.drain()
+    offline.close()
+    one = len(encode_records(batches[0]))
+    cfg = config("127.0.0.1:1", tmp_path, spool_max_bytes=3 * one + 3 * 200, flush_interval=30)
+    fork = ForkedTransport(cfg, tmp_path, epoch=5, pending_rows=lambda: 0,
+                           drain=lambda: batches.pop(0) if batches else empty,
+                           set_policy=lambda p: False)
+    try:
+        for _ in range(6):
+            fork.flush(0)                                    # one batch file each
+        st = fork.stats()
+        assert st["records_dropped_spool"] == 150 and st["spool_records"] == 150
+        assert [p.name.split("-")[1] for p in outbox_files(tmp_path)] == \
+            ["000000000004.batch", "000000000005.batch", "000000000006.batch"]
+    finally:
+        fork.close()
+
+
 # ------------------------------------------------------------------ item 5: crash window
 def test_kill_9_during_outage_loses_nothing_older_than_flush_interval(tmp_path):
     """The learner is down and the client is in a long backoff (600 s): records decided
