@@ -61,6 +61,24 @@ class ClientConfig:
             base each get their own lane (``lane-N``) in it; a client adopts and replays
             lanes left by processes that died. Batches the learner refuses go to
             ``<spool>/dead-letter`` (``loops spool list|resend --dir``).
+        rpc_timeout: deadline of each unary call to the learner.
+        backoff_initial / backoff_max: exponential retry backoff bounds (full jitter), for the
+            shipper, the policy watch and the gRPC channel's own reconnects: after an outage
+            the first batch goes through within about twice ``backoff_max`` (the channel's
+            next connect, then the shipper's next try) after the learner is back.
+        close_timeout: how long ``close()`` waits to deliver what is buffered.
+        client_id: identifies this client's batches (any text); random when empty. A fixed
+            id may be reused across restarts: each start also draws a random epoch, and the
+            learner deduplicates on (client id, epoch, sequence).
+        cap_slots: players whose frequency/budget cap counts each decision point keeps (only
+            for policies with caps; ~16 + 16 x caps bytes each). Past that, the least recently
+            charged player of a full hash bucket is forgotten (``stats()["points"][name]
+            ["cap_evictions"]``); size it to the players active within a cap window.
+        metadata: extra gRPC metadata ``(key, value)`` pairs sent with every call to the learner.
+        token: bearer token for the learner (role ``client``); None = ``$LOOPS_TOKEN`` if set.
+        tls_ca: PEM CA that signed the learner's certificate; setting it turns TLS on.
+        tls_cert / tls_key: PEM client certificate and key, for a learner requiring mutual TLS.
+        insecure: allow sending the token in plaintext to a non-loopback learner.
 
     Fork (pre-fork servers, ``multiprocessing``): a client may be created before ``fork()``
     with its learner connection live. The parent goes on unchanged. The child never touches
@@ -75,24 +93,6 @@ class ClientConfig:
     for a live client to deliver it; what a killed child can lose is bounded as for any
     client (its last ``flush_interval``). No ``postfork()`` call is needed where Python's
     fork hooks run (``os.fork``, ``multiprocessing``, gunicorn, uWSGI with Python forks).
-        rpc_timeout: deadline of each unary call to the learner.
-        backoff_initial / backoff_max: exponential retry backoff bounds (full jitter), for the
-            shipper, the policy watch and the gRPC channel's own reconnects: after an outage
-            the first batch goes through within about twice ``backoff_max`` (the channel's
-            next connect, then the shipper's next try) after the learner is back.
-        close_timeout: how long ``close()`` waits to deliver what is buffered.
-        client_id: identifies this client's batches; random when empty. A fixed id may be
-            reused across restarts: each start also draws a random epoch, and the learner
-            deduplicates on (client id, epoch, sequence).
-        cap_slots: players whose frequency/budget cap counts each decision point keeps (only
-            for policies with caps; ~16 + 16 x caps bytes each). Past that, the least recently
-            charged player of a full hash bucket is forgotten (``stats()["points"][name]
-            ["cap_evictions"]``); size it to the players active within a cap window.
-        metadata: extra gRPC metadata ``(key, value)`` pairs sent with every call to the learner.
-        token: bearer token for the learner (role ``client``); None = ``$LOOPS_TOKEN`` if set.
-        tls_ca: PEM CA that signed the learner's certificate; setting it turns TLS on.
-        tls_cert / tls_key: PEM client certificate and key, for a learner requiring mutual TLS.
-        insecure: allow sending the token in plaintext to a non-loopback learner.
     """
 
     learner: str | None = None

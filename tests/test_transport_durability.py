@@ -1,8 +1,9 @@
 """The shipper and the spool never lose data (issue 12): refused batches are kept (dead
 letter), a restarted client with a fixed client_id is not mistaken for a re-send, every spool on
 a base directory is replayed by some later client, an outage never keeps records in memory
-through a backoff, recovery follows the client's backoff, and neither background thread dies
-on an unexpected exception.
+through a backoff, recovery follows the client's backoff, neither background thread dies
+on an unexpected exception, and a worker forked with the learner connection live ships through
+its parent (or a later client) and follows new policies without touching gRPC.
 
 Real learners on 127.0.0.1 (in-process or subprocess), real SQLite files, real client
 subprocesses killed with SIGKILL."""
