@@ -100,6 +100,7 @@ class ForkedTransport:
         self._seq = 0
         self._files: collections.deque[tuple[Path, int, int]] = collections.deque()
         self._bytes = 0
+        self._books = threading.Lock()   # _files/_bytes: the thread writes, stats() reads
         self._counters: collections.Counter[str] = collections.Counter()
         self._policy_seen: dict[str, float] = {}
         self._cond = threading.Condition()
@@ -156,11 +157,12 @@ class ForkedTransport:
             self._seq += 1
             path = self.outbox / f"{self.epoch:016x}-{self._seq:012d}{SUFFIX}"
             _atomic_write(path, data, sync=True)
-            self._files.append((path, len(data), len(part)))
-            self._bytes += len(data)
-            self._counters["records_spooled"] += len(part)
-            self._counters["records_enqueued"] += len(part)
-            self._enforce_bound()
+            with self._books:
+                self._files.append((path, len(data), len(part)))
+                self._bytes += len(data)
+                self._counters["records_spooled"] += len(part)
+                self._counters["records_enqueued"] += len(part)
+                self._enforce_bound()
 
     def _encode(self, part: FeedbackRecords) -> bytes:
         msg = feedback_pb2.FeedbackBatch(
@@ -170,7 +172,8 @@ class ForkedTransport:
         return msg.SerializeToString()
 
     def _forget_delivered(self) -> None:
-        """Drop from our books the files a live client has sent (and deleted) meanwhile."""
+        """Drop from our books the files a live client has sent (and deleted) meanwhile
+        (holding ``_books``)."""
         kept: collections.deque[tuple[Path, int, int]] = collections.deque()
         for path, size, count in self._files:
             if path.exists():
@@ -180,7 +183,7 @@ class ForkedTransport:
                 self._counters["records_relayed"] += count
         self._files = kept
 
-    def _enforce_bound(self) -> None:
+    def _enforce_bound(self) -> None:   # holding _books
         if self._bytes <= self._cfg.spool_max_bytes:
             return
         self._forget_delivered()
@@ -234,15 +237,19 @@ class ForkedTransport:
                                 not self._thread.is_alive(),
                                 max(timeout, self._cfg.close_timeout))
         while True:
-            self._forget_delivered()
-            if not self._files:
+            with self._books:
+                self._forget_delivered()
+                left = len(self._files)
+            if not left:
                 return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
     def stats(self) -> dict[str, Any]:
-        self._forget_delivered()
+        with self._books:
+            self._forget_delivered()
+            spooled = sum(n for _, _, n in self._files)
         c = self._counters
         return {
             "forked": True,
@@ -251,7 +258,7 @@ class ForkedTransport:
             "records_spooled": c["records_spooled"],
             "records_dropped_spool": c["records_dropped_spool"],
             "records_unencodable": c["records_unencodable"],
-            "spool_records": sum(n for _, _, n in self._files),
+            "spool_records": spooled,
             "spool_dir": str(self.outbox),
             "shipper_errors": c["shipper_errors"],
             "policy_updates_invalid": c["policy_updates_invalid"],
