@@ -370,6 +370,28 @@ def test_forked_workers_outbox_is_bounded_oldest_first(tmp_path):
         fork.close()
 
 
+def test_a_batch_file_a_dead_worker_did_not_rename_is_recovered_or_removed(tmp_path):
+    """A worker killed between writing a batch file and renaming it into the outbox: a whole
+    batch is recovered (sent like the others), a torn one removed; a live writer's is left."""
+    from loops_sdk.sync.forked import outbox_files
+    offline = DecisionClient(policies=[make_policy()], seed=4)
+    offline.decide_batch("bonus", np.zeros((8, 3)))
+    data = feedback_pb2.FeedbackBatch(client_id="w", sequence=1, epoch=3, record_count=8,
+                                      payload_format=PAYLOAD_FORMAT,
+                                      payload=encode_records(offline.drain())).SerializeToString()
+    offline.close()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / f".a.batch.{dead.pid}.tmp").write_bytes(data)
+    (outbox / f".b.batch.{dead.pid}.tmp").write_bytes(data[:-20])     # cut in the payload
+    (outbox / f".c.batch.{os.getpid()}.tmp").write_bytes(data)        # still being written
+    assert [p.name for p in outbox_files(tmp_path)] == ["a.batch"]
+    assert (outbox / "a.batch").read_bytes() == data
+    assert sorted(p.name for p in outbox.iterdir()) == [f".c.batch.{os.getpid()}.tmp", "a.batch"]
+
+
 # ------------------------------------------------------------------ item 5: crash window
 def test_kill_9_during_outage_loses_nothing_older_than_flush_interval(tmp_path):
     """The learner is down and the client is in a long backoff (600 s): records decided

@@ -27,6 +27,7 @@ import collections
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -53,13 +54,56 @@ def new_epoch() -> int:
     return (int.from_bytes(os.urandom(8), "little") >> 1) or 1
 
 
+_TMP = re.compile(r"^\.(.+\.batch)\.(\d+)\.tmp$")
+
+
 def outbox_files(base: Path) -> list[Path]:
-    """The complete batch files waiting in ``base``'s outbox, oldest name first."""
+    """The complete batch files waiting in ``base``'s outbox, oldest name first. A temporary
+    file whose writer died (killed between its write and its rename) is renamed into place
+    when it holds a whole batch (a cut inside the payload does not parse) and removed
+    otherwise."""
+    outbox = base / OUTBOX
     try:
-        names = os.listdir(base / OUTBOX)
+        names = os.listdir(outbox)
     except FileNotFoundError:
         return []
-    return [base / OUTBOX / n for n in sorted(names) if n.endswith(SUFFIX)]
+    for name in names:
+        m = _TMP.match(name)
+        if m and not _alive(int(m.group(2))):
+            _recover(outbox / name, outbox / m.group(1))
+            names.append(m.group(1))
+    return [outbox / n for n in sorted(set(names)) if n.endswith(SUFFIX)
+            and (outbox / n).exists()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # someone else's process
+        return True
+    return True
+
+
+def _recover(tmp: Path, final: Path) -> None:
+    try:
+        data = tmp.read_bytes()
+        whole = bool(feedback_pb2.FeedbackBatch.FromString(data).payload)
+    except FileNotFoundError:   # another client got there first
+        return
+    except Exception:   # noqa: BLE001 - torn: the protobuf decoder refuses it
+        whole = False
+    try:
+        if whole:
+            os.replace(tmp, final)
+            logger.info("loops: recovered batch %s left by a forked worker that died", final)
+        else:
+            tmp.unlink()
+            logger.warning("loops: removed %s, a batch a forked worker was writing when it "
+                           "died", tmp)
+    except FileNotFoundError:
+        pass
 
 
 def _atomic_write(path: Path, data: bytes, *, sync: bool) -> None:
