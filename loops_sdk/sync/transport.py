@@ -85,6 +85,7 @@ _AUTH_FAILURES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DE
 # How often the shipper looks for spools left by dead processes on its base directory (also
 # once at start): a crashed sibling's frames are replayed even if it never comes back.
 ADOPT_INTERVAL = 5.0
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def default_spool_dir(learner: str, names: tuple[str, ...]) -> str:
@@ -138,6 +139,11 @@ class LearnerTransport:
             *reconnect_options(cfg.backoff_initial, cfg.backoff_max),
         ], metadata=cfg.metadata)
         self._stub = learner_pb2_grpc.LearnerServiceStub(self._channel)
+        if os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "").strip().lower() in _TRUE:
+            logger.warning("loops: GRPC_ENABLE_FORK_SUPPORT is set: gRPC's own after-fork "
+                           "handler can hang a forked child (it takes a lock a parent thread "
+                           "may hold at the fork). The client is fork safe without it (a "
+                           "child never uses gRPC): unset it.")
         self.spool_base = Path(cfg.spool_dir or default_spool_dir(cfg.learner or "",
                                                                   cfg.watched_names))
         self._spool = open_lane(self.spool_base, cfg.spool_max_bytes)
