@@ -93,6 +93,9 @@ class ClientConfig:
     for a live client to deliver it; what a killed child can lose is bounded as for any
     client (its last ``flush_interval``). No ``postfork()`` call is needed where Python's
     fork hooks run (``os.fork``, ``multiprocessing``, gunicorn, uWSGI with Python forks).
+    gRPC's own fork handlers are turned off (``GRPC_ENABLE_FORK_SUPPORT=0``, set before the
+    client imports gRPC unless already set): they crashed children now and then. A program
+    that imports ``grpc`` before the client starts should set it itself.
     """
 
     learner: str | None = None

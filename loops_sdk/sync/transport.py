@@ -38,7 +38,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-import grpc
+# gRPC's core runs fork handlers of its own unless told not to (read once, when grpc is first
+# imported): they reset its state and restart its threads in a forked child, and a child so
+# restarted crashed inside gRPC now and then (SIGSEGV) even though it never used gRPC. A
+# client's forked children never use gRPC (see .forked), so they need none of it: off, unless
+# the host chose otherwise (or imported grpc before us; then set it yourself).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import grpc  # noqa: E402
 
 from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
 from ..records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
