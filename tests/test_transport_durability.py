@@ -384,12 +384,13 @@ def test_a_batch_file_a_dead_worker_did_not_rename_is_recovered_or_removed(tmp_p
     dead.wait()
     outbox = tmp_path / "outbox"
     outbox.mkdir()
-    (outbox / f".a.batch.{dead.pid}.tmp").write_bytes(data)
-    (outbox / f".b.batch.{dead.pid}.tmp").write_bytes(data[:-20])     # cut in the payload
-    (outbox / f".c.batch.{os.getpid()}.tmp").write_bytes(data)        # still being written
+    (outbox / f".a.batch.{dead.pid}.0a1b.tmp").write_bytes(data)
+    (outbox / f".b.batch.{dead.pid}.2c3d.tmp").write_bytes(data[:-20])   # cut in the payload
+    (outbox / f".c.batch.{os.getpid()}.4e5f.tmp").write_bytes(data)      # still being written
     assert [p.name for p in outbox_files(tmp_path)] == ["a.batch"]
     assert (outbox / "a.batch").read_bytes() == data
-    assert sorted(p.name for p in outbox.iterdir()) == [f".c.batch.{os.getpid()}.tmp", "a.batch"]
+    assert sorted(p.name for p in outbox.iterdir()) == [f".c.batch.{os.getpid()}.4e5f.tmp",
+                                                        "a.batch"]
 
 
 # ------------------------------------------------------------------ item 5: crash window

@@ -54,7 +54,7 @@ def new_epoch() -> int:
     return (int.from_bytes(os.urandom(8), "little") >> 1) or 1
 
 
-_TMP = re.compile(r"^\.(.+\.batch)\.(\d+)\.tmp$")
+_TMP = re.compile(r"^\.(.+\.batch)\.(\d+)\.[0-9a-f]+\.tmp$")   # .<name>.<pid>.<random>.tmp
 
 
 def outbox_files(base: Path) -> list[Path]:
@@ -107,7 +107,8 @@ def _recover(tmp: Path, final: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes, *, sync: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # never matches *.batch
+    # unique per writer (two threads may write one policy file), never matching *.batch
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     with open(tmp, "wb", buffering=0) as f:
         view = memoryview(data)
         while view:
