@@ -46,7 +46,7 @@ from ..net.server import add_health_and_reflection, bind, new_server
 from .join import Joiner, JoinResult, PolicyBook
 from .promotion import Gate, GateResult
 from .retention import Retention
-from .store import EventStore, StoredPolicy
+from .store import EventStore, StoredPolicy, batch_key
 from .train import Trainer
 
 __all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "RollbackRefused",
@@ -188,7 +188,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                           f"{len(records)} records")
         # The dedup key includes the sender's per-start epoch: a restarted client reusing its
         # client_id starts its sequence at 1 again (older clients send epoch 0: key unchanged).
-        key = f"{request.client_id}@{request.epoch:x}" if request.epoch else request.client_id
+        key = batch_key(request.client_id, request.epoch)
         try:
             stored, duplicate = lr.store.ingest(key, request.sequence, records)
         except _BAD_RECORD_ERRORS as exc:

@@ -15,7 +15,9 @@ What differs from one process:
   worker instead (then a player's calls must reach one worker for a cap to hold);
 - each worker has its own client id and spool directory (``<spool_dir>/worker-K``), so the
   learner deduplicates each worker's batches separately and a restarted worker replays what
-  its predecessor spooled;
+  its predecessor spooled; a pool started with fewer processes than before first moves the
+  spools of the workers it no longer has into the remaining workers' directories, whose
+  clients replay them (:func:`fold_removed_workers`);
 - with a seed, worker K uses a seed derived from it, so event ids stay unique.
 
 The pool supervises: a worker that dies is started again (with backoff, counted in
@@ -27,9 +29,11 @@ hand-offs between gRPC's threads cost much less when they never cross CPUs.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import shutil
 import socket
@@ -37,12 +41,13 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from ..client import ClientConfig
 from ..net.auth import ServerSecurity, join_host_port
 
-__all__ = ["DecisionServerPool", "worker_config"]
+__all__ = ["DecisionServerPool", "worker_config", "fold_removed_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,61 @@ def worker_config(config: ClientConfig, index: int) -> ClientConfig:
     if config.seed is not None:
         changes["seed"] = (int(config.seed) + index * _GOLDEN) % (1 << 64)
     return dataclasses.replace(config, **changes)
+
+
+def _free_name(parent: Path, name: str) -> Path:
+    path, n = parent / name, 1
+    while path.exists():
+        path, n = parent / f"{name}-{n}", n + 1
+    return path
+
+
+def _move_unlocked(src: Path, dst: Path) -> bool:
+    """Rename the spool directory ``src`` to ``dst`` unless a live process holds its lock."""
+    with open(src / "LOCK", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("loops: spool %s is in use; left where it is", src)
+            return False
+        try:
+            os.rename(src, dst)   # the lock stays on the file, which moves with it
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return True
+
+
+def fold_removed_workers(spool_dir: str | os.PathLike | None, processes: int) -> list[Path]:
+    """Move the spools of workers ``K >= processes`` (left by a pool that had more) to where
+    the pool's workers replay them: ``worker-K`` and its lanes become lanes
+    ``lane-wK...`` of ``worker-(K mod processes)``, whose client adopts every unlocked
+    ``lane-*`` holding frames; their forked workers' outbox files join that worker's outbox.
+    Returns the new paths. Without this, shrinking ``--processes`` stranded those records."""
+    if not spool_dir:
+        return []
+    base, moved = Path(spool_dir), []
+    for d in sorted(base.glob("worker-*")):
+        m = re.fullmatch(r"worker-(\d+)", d.name)
+        if not m or not d.is_dir() or int(m.group(1)) < processes:
+            continue
+        k = int(m.group(1))
+        target = base / f"worker-{k % processes}"
+        target.mkdir(parents=True, exist_ok=True)
+        for lane in sorted(p for p in d.glob("lane-*") if p.is_dir()):
+            dst = _free_name(target, f"lane-w{k}-{lane.name[len('lane-'):]}")
+            if _move_unlocked(lane, dst):
+                moved.append(dst)
+        outbox = d / "outbox"
+        if outbox.is_dir():
+            (target / "outbox").mkdir(exist_ok=True)
+            for f in outbox.glob("*.batch"):   # names hold the sender's epoch: no clash
+                os.replace(f, target / "outbox" / f.name)
+        dst = _free_name(target, f"lane-w{k}")
+        if _move_unlocked(d, dst):
+            moved.append(dst)
+            logger.info("loops: the pool has %d workers; worker %d's spool moved to %s",
+                        processes, k, dst)
+    return moved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +252,7 @@ class DecisionServerPool:
         """
         self._reservation = self._reserve_port()
         self.port = self._reservation.getsockname()[1]
+        fold_removed_workers(self.config.spool_dir, self.processes)
         config = self.config
         if self.share_caps and config.shared_caps is None:
             shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
