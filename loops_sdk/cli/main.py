@@ -521,19 +521,24 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
                     help="exit 0 even when some lines were bad (they are still reported)")
     ds.add_argument("--drop-action-features", action="store_true",
                     help="ignore the per-action (_multi) features; keep shared ones only")
+    ds.add_argument("--no-learn", action="store_true",
+                    help="only store the events (default: then run one learner round: join, "
+                         "train, gate)")
     ds.set_defaults(func=_cmd_import)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from ..errors import LoopsError
-    from ..learner.dsjson import import_dsjson
+    from ..learner.dsjson import import_dsjson, learn_once
     try:
         res = import_dsjson(args.files, args.db, args.policy,
                             action_features=not args.drop_action_features)
+        print(res.format())
+        if res.imported and not args.no_learn:
+            print(learn_once(args.db))
     except (LoopsError, OSError) as exc:
         print(f"loops: {exc}", file=sys.stderr)
         return 2
-    print(res.format())
     return 1 if res.bad and not args.allow_bad else 0
 
 

@@ -69,7 +69,7 @@ from ..records import (FLAG_DEFERRED, OUTCOME_REWARD, DecisionBlock, FeedbackRec
 from .store import EventStore
 
 __all__ = ["BadLine", "ImportResult", "DsjsonError", "import_dsjson", "parse_event",
-           "flatten_features"]
+           "flatten_features", "learn_once"]
 
 CHUNK = 5000              # events per stored batch
 REWARD_KIND = "reward"    # outcome kind of the imported rewards
@@ -461,3 +461,22 @@ def _records(policy: str, actions: tuple[str, ...], inputs: tuple[str, ...],
         value=np.array([o[3] for o in out], np.float64), kind=np.zeros(m, np.uint16),
         kinds=[REWARD_KIND])
     return FeedbackRecords([block] if n else [], outcomes)
+
+
+def learn_once(db: str | Path) -> str:
+    """One learner round on the store (what ``loops learner`` does every tick): join every
+    row whose reward is final (imported rows are: their windows are long past), retrain the
+    policies that are due and put each candidate through the promotion gate. Returns a line
+    saying what it did. ``loops import dsjson`` runs it unless ``--no-learn``."""
+    from .service import Learner
+    learner = Learner(db)
+    try:
+        joined, published = learner.step()
+        versions = {r.name: r.version for r in learner.store.current_policies()}
+        latest = {name: learner.store.latest_version(name) for name in versions}
+    finally:
+        learner.stop()
+    trained = ", ".join(f"{n} v{v}" for n, v in latest.items() if v > 1) or "none yet"
+    return (f"learner round: joined {joined.total:,} rows; published "
+            f"{', '.join(f'{n} v{v}' for n, v in published) or 'nothing'}; trained "
+            f"versions stored: {trained}")

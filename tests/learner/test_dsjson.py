@@ -35,6 +35,10 @@ def test_personalizer_log_is_stored_with_named_inputs_and_rewards(tmp_path, caps
     out = capsys.readouterr().out
     assert "imported 16 decisions" in out and "15 with a reward" in out
     assert "1 without" in out and "_skipLearn" in out and "_original_label_cost" in out
+    assert "learner round: joined 15 rows" in out
+    # joined at once: every row but the never-activated one is ready for evaluation
+    data = read_logged_data(db, "coffee")
+    assert len(data.rewards) == 15 and data.rewards.max() == 1.0
     with EventStore(db) as st:
         pol = Policy.from_bytes(st.get_policy("coffee").data)
         assert pol.action_ids == ("Cappucino", "Cold brew", "Iced mocha", "Latte")

@@ -35,7 +35,7 @@ NO_RETRAIN = LearningSettings(reward_window_seconds=3600.0, first_retrain_events
 
 
 def policy(name: str, kind: str = "epsilon_greedy", **kw) -> Policy:
-    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    rng = np.random.default_rng(sum(map(ord, name)))
     explore = {"epsilon_greedy": Exploration.epsilon_greedy(0.3),
                "softmax": Exploration.softmax(0.7), "squarecb": Exploration.squarecb(4.0),
                "greedy": Exploration.greedy()}[kind]
@@ -103,8 +103,10 @@ def test_every_stored_decision_replays_exactly(logged, case):
     for d in made[case]:
         res = replay_event(srv.store, d.event_id)
         assert res.matches, (d, res.format())
-        assert res.action == (d.policy_action if d.apprentice and d.reason == "APPRENTICE"
-                              else d.action) or res.path == "apprentice"
+        assert res.action == d.action and res.probability == d.probability
+        if d.apprentice:
+            assert res.policy_action == d.policy_action
+            assert res.policy_probability == d.policy_probability
         assert res.logged_action == d.action and res.logged_probability == d.probability
         paths[res.path] = paths.get(res.path, 0) + 1
         if res.path == "policy":
@@ -192,18 +194,20 @@ def test_a_tampered_row_is_a_mismatch(logged, tmp_path, capsys):
     _tamper(copy, d3.event_id, "flags", 0)
     res = replay_event(copy, d3.event_id)
     assert not res.matches and any("holdout" in m for m in res.mismatches)
-    # Features edited after the fact: the recomputed draw picks from other probabilities.
-    row = find_decision(copy, d.event_id)
     assert replay_event(srv.store, d.event_id).matches       # the original is untouched
 
 
 def test_explain_refuses_another_policy_version(logged):
     srv, _, made = logged
-    row = find_decision(srv.store, made["linear_eps"][0].event_id)
+    d = next(d for d in made["linear_softmax"] if d.reason == "POLICY")
+    row = find_decision(srv.store, d.event_id)
     with pytest.raises(ArgumentError):
-        explain(CASES["linear_eps"].with_version(2), row)
-    edited = LoggedDecision(**{**row.__dict__, "x": row.x + 10.0})
-    assert isinstance(explain(CASES["linear_eps"], edited).matches, bool)
+        explain(CASES["linear_softmax"].with_version(2), row)
+    assert explain(CASES["linear_softmax"], row).matches
+    # Features edited after the fact: softmax probabilities move with every input.
+    edited = LoggedDecision(**{**row.__dict__, "x": row.x + 1.0})
+    res = explain(CASES["linear_softmax"], edited)
+    assert not res.matches and any("action" in m for m in res.mismatches)
 
 
 def test_documented_formulas_are_both_scorers_own():
