@@ -64,7 +64,7 @@ import numpy as np
 
 from ..errors import ArgumentError, LoopsError
 from ..policy import Action, Exploration, LearningSettings, Policy
-from ..records import (FLAG_DEFERRED, OUTCOME_REWARD, DecisionBlock, FeedbackRecords,
+from ..records import (FLAG_DEFERRED, MAX_TS_NS, OUTCOME_REWARD, DecisionBlock, FeedbackRecords,
                        OutcomeBlock)
 from .store import EventStore
 
@@ -215,8 +215,8 @@ def _timestamp_ns(text: Any) -> int:
         zz = zone[1:].replace(":", "")
         secs -= sign * (int(zz[:2]) * 3600 + int(zz[2:]) * 60)
     ns = secs * 1_000_000_000 + int((frac + "000000000")[:9])
-    if ns < 0:
-        raise DsjsonError(f"Timestamp {text!r} is before 1970")
+    if not 0 <= ns <= MAX_TS_NS:
+        raise DsjsonError(f"Timestamp {text!r} is outside 1970..2200")
     return ns
 
 

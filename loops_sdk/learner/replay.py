@@ -370,26 +370,28 @@ def explain(policy: Policy, row: LoggedDecision) -> Replay:
                 mism.append("nothing is eligible but FLAG_DEFAULT is not set")
         else:
             path, p = "policy", float(probs[a])
-        if policy.apprentice or flags & FLAG_APPRENTICE:
-            if not policy.apprentice or not flags & FLAG_APPRENTICE:
-                mism.append("apprentice: the policy's mode and the row's FLAG_APPRENTICE "
-                            "disagree")
-            pol_a, pol_p = a, p
-            if row.policy_action != pol_a or row.policy_prob != pol_p:
-                mism.append(f"apprentice: the policy's own choice recomputes as "
-                            f"{ids[pol_a]} p={pol_p!r}, logged "
-                            f"{_name(ids, row.policy_action)} p={row.policy_prob!r}")
-            if path == "policy":
-                path = "apprentice"
-                as_logged.append("the apprentice baseline (not logged): the served action "
-                                 "must be eligible or the default, with probability 1")
-                ok = row.prob == 1.0 and (row.action == d or
-                                          (0 <= row.action < K and mask[row.action]))
-                if not ok:
-                    mism.append(f"apprentice: served {_name(ids, row.action)} "
-                                f"p={row.prob!r} is neither an eligible baseline nor the "
-                                "default with probability 1")
-                a, p = row.action, 1.0
+    # Apprentice rows log the policy's own choice (whatever path it took) beside the served
+    # baseline; holdout rows consult no policy.
+    if path != "holdout" and (policy.apprentice or flags & FLAG_APPRENTICE):
+        if not policy.apprentice or not flags & FLAG_APPRENTICE:
+            mism.append("apprentice: the policy's mode and the row's FLAG_APPRENTICE "
+                        "disagree")
+        pol_a, pol_p = a, p
+        if row.policy_action != pol_a or row.policy_prob != pol_p:
+            mism.append(f"apprentice: the policy's own choice recomputes as "
+                        f"{ids[pol_a]} p={pol_p!r}, logged "
+                        f"{_name(ids, row.policy_action)} p={row.policy_prob!r}")
+        if path == "policy":
+            path = "apprentice"
+            as_logged.append("the apprentice baseline (not logged): the served action "
+                             "must be eligible or the default, with probability 1")
+            ok = row.prob == 1.0 and (row.action == d or
+                                      (0 <= row.action < K and mask[row.action]))
+            if not ok:
+                mism.append(f"apprentice: served {_name(ids, row.action)} "
+                            f"p={row.prob!r} is neither an eligible baseline nor the "
+                            "default with probability 1")
+            a, p = row.action, 1.0
     if path != "apprentice" and (a != row.action or p != row.prob):
         mism.append(f"action: recomputed {ids[a]} p={p!r}, logged "
                     f"{_name(ids, row.action)} p={row.prob!r}")

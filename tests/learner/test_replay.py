@@ -5,7 +5,6 @@ rules, caps, holdout, apprentice), on either scorer; an altered row is reported.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,9 +23,8 @@ from loops_sdk.learner.service import Learner
 from loops_sdk.learner.store import EventStore
 from loops_sdk.scorer import IMPLEMENTATION
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-from sdk_helpers import IMPL_MODULES, make_kernel, wait_until  # noqa: E402
-from procs import child_env, neutral_cwd  # noqa: E402
+from procs import child_env, neutral_cwd
+from sdk_helpers import IMPL_MODULES, make_kernel, wait_until
 
 ACTIONS = [Action("none"), Action("spins", 1.0, ("spins",)),
            Action("match", 4.0, ("deposit_bonus",)), Action("cashback", 2.0)]
