@@ -192,6 +192,11 @@ def test_a_tampered_row_is_a_mismatch(logged, tmp_path, capsys):
     _tamper(copy, d3.event_id, "flags", 0)
     res = replay_event(copy, d3.event_id)
     assert not res.matches and any("holdout" in m for m in res.mismatches)
+    # A feature rule's logged bit cleared: recomputed from the stored inputs, it differs.
+    d4 = next(d for d in made["rules"] if d.rules & 0b100 and not d.holdout)
+    _tamper(copy, d4.event_id, "rules", d4.rules & ~0b100)
+    res = replay_event(copy, d4.event_id)
+    assert not res.matches and any("high-level-no-spins" in m for m in res.mismatches)
     assert replay_event(srv.store, d.event_id).matches       # the original is untouched
 
 
