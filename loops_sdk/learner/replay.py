@@ -443,8 +443,7 @@ def find_decision(store: EventStore | str | Path, event_id: str | tuple[int, int
 
     Raises :class:`ReplayError` when no stored decision has that id."""
     hi, lo = parse_event_id(event_id)
-    own = not isinstance(store, EventStore)
-    st = EventStore(store) if own else store
+    st, own = _open(store)
     try:
         with st._lock:    # block ids only: one small index walk
             ids = [r[0] for r in st._con.execute("SELECT id FROM blocks ORDER BY id DESC")]
@@ -461,11 +460,21 @@ def find_decision(store: EventStore | str | Path, event_id: str | tuple[int, int
                       "(never shipped, or deleted by retention)")
 
 
+def _open(store: EventStore | str | Path) -> tuple[EventStore, bool]:
+    """The store, and whether we opened it (a path must name an existing file: opening would
+    create an empty one)."""
+    if isinstance(store, EventStore):
+        return store, False
+    if not Path(store).is_file():
+        raise ReplayError(f"db: no learner store at {str(store)!r}")
+    return EventStore(store), True
+
+
 def replay_event(store: EventStore | str | Path, event_id: str | tuple[int, int]) -> Replay:
     """Find ``event_id`` in the store, load the policy version it names and :func:`explain`
-    it. Raises :class:`ReplayError` when the event or that version is not stored."""
-    own = not isinstance(store, EventStore)
-    st = EventStore(store) if own else store
+    it. Raises :class:`ReplayError` when the store, the event or that version is missing."""
+    parse_event_id(event_id)      # a bad id is refused before the store is opened
+    st, own = _open(store)
     try:
         row = find_decision(st, event_id)
         stored = st.get_policy(row.policy, row.version) if row.version else None

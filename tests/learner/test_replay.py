@@ -149,6 +149,9 @@ def test_unknown_event_and_bad_id_are_reported(logged, capsys):
     assert "event_id" in capsys.readouterr().err
     with pytest.raises(ReplayError):
         find_decision(db, "f" * 32)
+    missing = db.parent / "typo.sqlite"
+    assert main(["replay", "--db", str(missing), "0" * 32]) == 2
+    assert "no learner store" in capsys.readouterr().err and not missing.exists()
 
 
 def _tamper(db_copy, event_id: str, column: str, value) -> None:
