@@ -72,6 +72,7 @@ __all__ = ["BadLine", "ImportResult", "DsjsonError", "import_dsjson", "parse_eve
            "flatten_features", "learn_once"]
 
 CHUNK = 5000              # events per stored batch
+IMPORTED_REASON = "imported from DSJSON logs"   # the created policy's reason (replay reads it)
 REWARD_KIND = "reward"    # outcome kind of the imported rewards
 _TS = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
                  r"(Z|[+-]\d\d:?\d\d)?$")
@@ -415,7 +416,7 @@ def _ensure_policy(store: EventStore, name: str, actions: tuple[str, ...],
     pol = Policy.linear(name, list(inputs), [Action(a) for a in actions], version=1,
                         exploration=Exploration.epsilon_greedy(0.1),
                         learning=LearningSettings(aggregation="first"))
-    store.add_policy(name, 1, pol.to_bytes(), "imported from DSJSON logs", "deployed",
+    store.add_policy(name, 1, pol.to_bytes(), IMPORTED_REASON, "deployed",
                      decision="initial")
     return True
 

@@ -45,6 +45,7 @@ from ..records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED
                        FLAG_RULE)
 from ..rules import CAP_BIT_SHIFT
 from ..scorer import IMPLEMENTATION, draw, mix64, stable_hash
+from .dsjson import IMPORTED_REASON
 from .store import EventStore
 
 __all__ = ["LoggedDecision", "Replay", "RuleCheck", "ActionExplanation", "ReplayError",
@@ -481,6 +482,10 @@ def replay_event(store: EventStore | str | Path, event_id: str | tuple[int, int]
         if stored is None:
             raise ReplayError(f"event_id {row.event_id}: policy {row.policy!r} v{row.version} "
                               "is not in the store")
+        if stored.reason == IMPORTED_REASON:
+            raise ReplayError(f"event_id {row.event_id}: imported from another system's log "
+                              f"(policy {row.policy!r} v{row.version}): LOOPS did not make "
+                              "this decision, so there is nothing to replay")
         return explain(Policy.from_bytes(stored.data), row)
     finally:
         if own:

@@ -74,6 +74,10 @@ def test_personalizer_log_is_stored_with_named_inputs_and_rewards(tmp_path, caps
             else:
                 assert key not in by_id
         assert b.flags[15] != 0 and b.flags[:15].tolist() == [0] * 15   # _skipLearn: deferred
+    # an imported decision was not made by LOOPS: replay says so instead of a mismatch
+    eid = "%016x%016x" % _event_id("ev-3")
+    assert main(["replay", "--db", str(db), eid]) == 2
+    assert "imported from another system" in capsys.readouterr().err
     # the same file again: nothing stored twice
     res = import_dsjson([COFFEE], db, "coffee")
     assert res.imported == 0 and res.already_stored == 16 and not res.bad
