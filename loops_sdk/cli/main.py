@@ -484,6 +484,64 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- replay and import
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="recompute a logged decision (probabilities, draw, "
+                                      "rules, scores) and say whether it matches the log")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    p.add_argument("event_id", metavar="EVENT_ID", help="32 hex digits (Decision.event_id)")
+    p.add_argument("--json", action="store_true", help="print the replay as JSON")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Exit 0: the decision replays exactly; 1: it does not (the log was altered, or a
+    scorer changed); 2: no such event or policy version, or a bad argument."""
+    from ..errors import LoopsError
+    from ..learner.replay import replay_event, to_json
+    try:
+        res = replay_event(args.db, args.event_id)
+    except LoopsError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
+    print(to_json(res) if args.json else res.format())
+    return 0 if res.matches else 1
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="load decision logs of other systems into the store")
+    isub = p.add_subparsers(dest="import_format", required=True)
+    ds = isub.add_parser("dsjson", help="Vowpal Wabbit / Personalizer DSJSON logs "
+                                        "(one JSON event per line); reward = -cost")
+    ds.add_argument("files", nargs="+", metavar="FILE")
+    ds.add_argument("--db", required=True, help="the learner's SQLite file (created if missing)")
+    ds.add_argument("--policy", required=True, metavar="NAME",
+                    help="decision point name the events are stored under")
+    ds.add_argument("--allow-bad", action="store_true",
+                    help="exit 0 even when some lines were bad (they are still reported)")
+    ds.add_argument("--drop-action-features", action="store_true",
+                    help="ignore the per-action (_multi) features; keep shared ones only")
+    ds.add_argument("--no-learn", action="store_true",
+                    help="only store the events (default: then run one learner round: join, "
+                         "train, gate)")
+    ds.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from ..errors import LoopsError
+    from ..learner.dsjson import import_dsjson, learn_once
+    try:
+        res = import_dsjson(args.files, args.db, args.policy,
+                            action_features=not args.drop_action_features)
+        print(res.format())
+        if res.imported and not args.no_learn:
+            print(learn_once(args.db))
+    except (LoopsError, OSError) as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
+    return 1 if res.bad and not args.allow_bad else 0
+
+
 # --------------------------------------------------------------------------- security flags
 def _add_server_security(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security (TLS and tokens; see `loops dev-certs`)")
@@ -693,6 +751,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift, _add_export,
     _add_serve, _add_dev_certs, _add_spool, _add_cluster,
 ]
+_COMMANDS += [_add_replay, _add_import]   # audit and migration
 
 
 def build_parser() -> argparse.ArgumentParser:
