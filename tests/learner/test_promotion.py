@@ -2,6 +2,7 @@
 
 import sqlite3
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -234,7 +235,8 @@ def test_step_gates_candidates_and_history_lists_them(learner, client, capsys):
     v2 = store.get_policy("bonus", 2)
     assert (v2.state, v2.decision) == ("deployed", "promoted")
     assert v2.decision_reason.startswith("promoted: paired lower bound")
-    assert "750 held-out logged decisions" in v2.decision_reason    # newest half of 1,500
+    # Every row v1 served, each judged by a twin fitted without its fold.
+    assert "1,500 held-out logged decisions" in v2.decision_reason
     # The best model is now served by hand; the next candidate is no better: stored, not served.
     learner.publish(p2.with_model(GOOD_W, GOOD_B, version=0), "true model", manual=True)
     wait_version(client, 3)
@@ -681,76 +683,107 @@ def test_old_rule_kinds_still_load_and_default_rule_bytes_are_unchanged():
         assert Policy.from_bytes(p.to_bytes()).learning.promotion.kind == kind
 
 
-def test_held_out_twin_is_the_fit_without_the_newest_rows():
-    from loops_sdk.learner.promotion import held_out_twin
+def _timed(data, versions=None):
+    return LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
+                      rewards=data.rewards, action_ids=data.action_ids, versions=versions,
+                      ts_ns=np.arange(data.n, dtype=np.int64))
+
+
+def test_held_out_twins_are_the_fits_without_each_fold():
+    """Every row is judged by a twin fitted without it: fold f (every other row by decision
+    time) is scored by the fit on the statistics minus fold f, and the twins' predictions
+    are the reward model on those rows."""
+    from loops_sdk.learner.promotion import held_out_twins
     from loops_sdk.learner.train import RidgeStats
-    data = logged(2000, seed=9)
-    data = LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
-                      rewards=data.rewards, action_ids=data.action_ids,
-                      ts_ns=np.arange(2000, dtype=np.int64))
+    data = _timed(logged(2000, seed=9))
     deployed = base_policy()
     stats = RidgeStats(deployed.action_ids, deployed.input_names)
     stats.add(data.x, data.actions, data.rewards)
     cand = deployed.with_model(*stats.solve(1.0), version=2)
-    part, twin = held_out_twin(cand, deployed, stats, data)
-    assert part.n == 1000 and np.array_equal(part.ts_ns, np.arange(1000, 2000))
-    older = RidgeStats(deployed.action_ids, deployed.input_names)
-    older.add(data.x[:1000], data.actions[:1000], data.rewards[:1000])
-    w, b = older.solve(1.0)
-    np.testing.assert_allclose(twin.weights, w, atol=1e-9)
-    np.testing.assert_allclose(twin.bias, b, atol=1e-9)
-    assert twin.version == 2 and stats.n == 2000            # the statistics are untouched
-    assert held_out_twin(cand, deployed, older, data.subset(slice(0, 1000))) is not None
-    # Rows the statistics do not hold cannot be taken out: no twin.
+    ho = held_out_twins(cand, deployed, stats, data)
+    assert ho.data.n == 2000 and len(ho.twins) == 2
+    for f, twin in enumerate(ho.twins):
+        other = np.arange(2000) % 2 != f
+        alone = RidgeStats(deployed.action_ids, deployed.input_names)
+        alone.add(data.x[other], data.actions[other], data.rewards[other])
+        w, b = alone.solve(1.0)
+        np.testing.assert_allclose(twin.weights, w, atol=1e-9)
+        np.testing.assert_allclose(twin.bias, b, atol=1e-9)
+        rows = ~other
+        np.testing.assert_allclose(ho.judged[rows], twin.probabilities(data.x[rows]))
+        np.testing.assert_allclose(ho.reward_model[rows], data.x[rows] @ w.T + b, atol=1e-9)
+        assert twin.version == 2
+    assert stats.n == 2000                                   # the statistics are untouched
+    # Rows the statistics do not hold cannot be taken out: no twins.
     few = RidgeStats(deployed.action_ids, deployed.input_names)
     few.add(data.x[:10], data.actions[:10], data.rewards[:10])
-    assert held_out_twin(cand, deployed, few, data) is None
+    assert held_out_twins(cand, deployed, few, data) is None
 
 
-def test_held_out_twin_of_decayed_statistics_is_the_trainers_fit_without_the_slice():
-    """Decayed statistics (the default half-life by rows): the twin is what the trainer fits
-    once the slice's rows are taken out, and differs from the full fit."""
-    from loops_sdk.learner.promotion import held_out_twin
+def test_held_out_twins_of_decayed_statistics_are_the_trainers_fit_without_the_fold():
+    """Decayed by rows (the default half-life): the fold's rows leave the statistics at the
+    clocks they were added with (the window ends with the newest rows), and ``fit`` (the
+    trainer's) makes the twin."""
+    from loops_sdk.learner.promotion import held_out_twins
     from loops_sdk.learner.train import RidgeStats
-    data = logged(2000, seed=11)
-    data = LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
-                      rewards=data.rewards, action_ids=data.action_ids,
-                      ts_ns=np.arange(2000, dtype=np.int64))
+    data = _timed(logged(2000, seed=11))
     deployed = base_policy()
     stats = RidgeStats.for_policy(deployed)
-    assert stats.half_life > 0
-    stats.add(data.x, data.actions, data.rewards, np.arange(2000, dtype=np.int64))
+    assert stats.half_life > 0 and stats.clock == "rows"
+    clocks = stats.add(data.x, data.actions, data.rewards, np.arange(2000, dtype=np.int64))
     full = deployed.with_model(*stats.solve(1.0), version=2)
-    part, twin = held_out_twin(full, deployed, stats, data)
-    rest = stats.without(part.x, part.actions, part.rewards, part.ts_ns)
-    np.testing.assert_allclose(twin.weights, rest.solve(1.0)[0], atol=1e-9)
-    assert rest.n == 1000 and stats.n == 2000
-    assert not np.allclose(twin.weights, full.weights)
+    ho = held_out_twins(full, deployed, stats, data)
+    fold0 = np.arange(2000) % 2 == 0
+    rest = stats.copy()
+    rest.remove(data.x[fold0], data.actions[fold0], data.rewards[fold0], clocks[fold0])
+    np.testing.assert_allclose(ho.twins[0].weights, rest.solve(1.0)[0], atol=1e-9)
+    assert rest.n == 1000 and stats.n == 2000 and rest.weight.sum() < stats.weight.sum()
+    assert not np.allclose(ho.twins[0].weights, full.weights)
     fitted = []
-    _, by_fit = held_out_twin(full, deployed, stats, data,
-                              fit=lambda s: fitted.append(s.n) or full.with_version(9))
-    assert fitted == [1000] and by_fit.version == 2     # the candidate's version, fit's params
+    by_fit = held_out_twins(full, deployed, stats, data,
+                            fit=lambda s: fitted.append(s.weight.sum()) or full.with_version(9))
+    assert len(fitted) == 2 and fitted[0] < stats.weight.sum()
+    assert by_fit.twins[0].version == 2                # the candidate's version, fit's params
 
 
-def test_held_out_slice_is_rows_the_deployed_version_served():
-    """The deployed version never saw the rows it served: half of those (the newest) are the
-    slice, so the twin keeps every row the deployed version was trained on, and more."""
-    from loops_sdk.learner.promotion import held_out_twin
+def test_held_out_rows_are_the_rows_the_deployed_version_served():
+    """The deployed version never saw the rows it served: those are judged, so each twin
+    keeps every row the deployed version was trained on, and more."""
+    from loops_sdk.learner.promotion import held_out_twins
     from loops_sdk.learner.train import RidgeStats
-    base = logged(2000, seed=10)
     versions = np.r_[np.full(1400, 1), np.full(600, 2)]
-    data = LoggedData(x=base.x, actions=base.actions, propensities=base.propensities,
-                      rewards=base.rewards, action_ids=base.action_ids, versions=versions,
-                      ts_ns=np.arange(2000, dtype=np.int64))
+    data = _timed(logged(2000, seed=10), versions)
     deployed = base_policy().with_version(2)
     stats = RidgeStats(deployed.action_ids, deployed.input_names)
     stats.add(data.x, data.actions, data.rewards)
     cand = deployed.with_model(*stats.solve(1.0), version=3)
-    part, twin = held_out_twin(cand, deployed, stats, data)
-    assert part.n == 300 and (part.versions == 2).all()
-    assert np.array_equal(part.ts_ns, np.arange(1700, 2000))
+    ho = held_out_twins(cand, deployed, stats, data)
+    assert ho.data.n == 600 and (ho.data.versions == 2).all()
+    assert np.array_equal(ho.data.ts_ns, np.arange(1400, 2000))
+    keep = np.r_[np.ones(1400, bool), np.arange(600) % 2 == 1]      # without fold 0
     older = RidgeStats(deployed.action_ids, deployed.input_names)
-    older.add(data.x[:1700], data.actions[:1700], data.rewards[:1700])
-    np.testing.assert_allclose(twin.weights, older.solve(1.0)[0], atol=1e-9)
-    # A version that served too few rows yet: no slice (judged in sample).
-    assert held_out_twin(cand, deployed.with_version(3), stats, data) is None
+    older.add(data.x[keep], data.actions[keep], data.rewards[keep])
+    np.testing.assert_allclose(ho.twins[0].weights, older.solve(1.0)[0], atol=1e-9)
+    # A version that served too few rows yet: no twins (judged in sample).
+    assert held_out_twins(cand, deployed.with_version(3), stats, data) is None
+
+
+def test_a_candidate_exploring_after_a_change_is_judged_with_the_deployed_exploration():
+    """After a detected change the trainer explores more for a while; judged as served, the
+    extra exploration always loses to the greedier deployed policy in the short run and the
+    gate rejected every candidate until the boost ended (measured on the casino world). The
+    twins carry the deployed exploration, so the gate judges what the candidate learned."""
+    from loops_sdk.learner.promotion import held_out_twins
+    from loops_sdk.learner.train import RidgeStats
+    data = _timed(logged(1000, seed=12))
+    deployed = base_policy()
+    stats = RidgeStats(deployed.action_ids, deployed.input_names)
+    stats.add(data.x, data.actions, data.rewards)
+    wide = Exploration.epsilon_greedy(0.5)
+    boosted = replace(deployed, exploration=wide).with_model(
+        *stats.solve(1.0), version=2, metadata={"exploring_after_change": "1"})
+    ho = held_out_twins(boosted, deployed, stats, data)
+    assert all(t.exploration == deployed.exploration for t in ho.twins)
+    plain = replace(deployed, exploration=wide).with_model(*stats.solve(1.0), version=2)
+    assert all(t.exploration == wide for t in held_out_twins(plain, deployed, stats,
+                                                              data).twins)
