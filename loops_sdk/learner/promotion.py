@@ -18,25 +18,40 @@ difference of the two policies' influence terms on the same rows with one interv
 :class:`~loops_sdk.policy.PromotionRule`):
 
 * ``promoted``: by default (``superiority``) when the lower bound of the difference is above
-  the margin; ``non_inferiority`` when it is above ``-margin``;
+  the margin; a routine refresh (:func:`is_refresh`: retrained from the promoted version it
+  would replace, on more rows) when it is above ``-REFRESH_MARGIN_SD`` standard deviations of
+  the judged rewards (non-inferiority); ``non_inferiority`` when it is above ``-margin``;
 * ``rejected``: otherwise, or when the difference is undefined; the candidate is stored with
   its numbers but never sent to clients;
 * ``held``: fewer joined rows than ``min_samples`` in the window, or the data cannot judge it
   (e.g. its actions were never logged).
 
 Why paired: under near-greedy logging two separate intervals are each wide (few rows carry
-weight), while the difference only varies where the two policies disagree. Estimator choice:
-DR (the default) is unbiased with correct propensities and needs no clipping; for switch-DR
+weight), while the difference only varies where the two policies disagree. Why
+non-inferiority for refreshes: measured on heavy-tailed worlds (most players deposit
+nothing, a few a lot), one refresh's gain over the last is far inside its interval, so
+superiority froze the policy after one or two promotions while the loop kept improving;
+a refresh is the same model with more data, and the gate's job there is to stop a clearly
+worse one (a bad fit, poisoned rows), which the 30-seed test checks. Estimator choice: DR
+(the default) is unbiased with correct propensities and needs no clipping; for switch-DR
 the gap its switching opens to DR is bounded and subtracted from the lower bound (the
 ``bias_bound`` of the stored difference).
 
-Rows the candidate was not trained on (:meth:`Gate.evaluate` with the trainer's statistics):
-the newest half of the window's rows that the deployed version served is held out (the
-deployed version was trained before it served them, so they are out of sample for both). The
-candidate's *twin* is fitted exactly as the trainer fits, on the statistics with that slice's
-rows taken out (sufficient statistics subtract), so it still has more data than the deployed
-version, and is judged with the deployed policy on the slice. The candidate itself, trained on every row, is what is served. Without statistics
-(:func:`evaluate_candidate` called directly) the candidate is judged on all the rows given.
+Rows the candidate was not trained on (:meth:`Gate.evaluate` with the trainer's statistics,
+:func:`held_out_twins`): every row of the window that the deployed version served (it was
+trained before it served them, so they are out of sample for both) is dealt into two
+interleaved folds; the candidate's *twin* for a fold is fitted exactly as the trainer fits,
+on the statistics with that fold's rows taken out (sufficient statistics subtract), and
+scores that fold, so every such row is judged and each twin still has more data than the
+deployed version. The twins' predicted rewards are the DR reward model (out of sample for
+every row, fitted on the whole decayed history: no per-window fit). The candidate itself,
+trained on every row, is what is served. Without statistics (:func:`evaluate_candidate`
+called directly) the candidate is judged on all the rows given with a reward model
+cross-fitted on them.
+
+Cost: the window's decoded blocks are cached between rounds (only new or newly joined
+blocks are read), baselines are built valid and not re-checked, and no reward model is
+fitted per candidate.
 
 Every estimate is stored (``EventStore.add_evaluation``) with the decision and a reason that
 states the numbers, so ``loops policy history`` can show why each version is or is not served;

@@ -390,6 +390,11 @@ CHANGE_DISCOUNT = 0.125
 BOOST_ROWS = 2_000
 
 
+def _score(u: np.ndarray) -> np.ndarray:
+    """The CUSUM's input from standardised residuals."""
+    return np.clip(u, -CUSUM_CLIP, CUSUM_CLIP)
+
+
 def explore_more(e: Exploration) -> Exploration:
     """More exploration for a while after a detected change."""
     if e.kind == "epsilon_greedy":
@@ -477,7 +482,7 @@ class Trainer:
         for k in np.unique(aa):     # per action present; the recursion itself is vectorised
             if eff[k] < min_rows or not sd[k] > 0:
                 continue
-            u = np.clip(resid[aa == k] / sd[k], -CUSUM_CLIP, CUSUM_CLIP)
+            u = _score(resid[aa == k] / sd[k])
             base = baseline[k]
             if base is None:            # a prequential residual's level starts at 0
                 base = 0.0
