@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import msgpack
@@ -25,7 +25,7 @@ from ..errors import PolicyError
 from ..policy import Exploration, Policy
 from .store import EventStore
 
-__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more"]
+__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "own_exploration"]
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +394,25 @@ CHANGE_DISCOUNT = 0.125
 BOOST_ROWS = 2_000
 
 
+def own_exploration(policy: Policy, s: "RidgeStats") -> Exploration:
+    """``policy``'s exploration without the boost after a change.
+
+    A version served while exploring more (metadata ``exploring_after_change``) carries the
+    boosted settings; the statistics remember the settings from before the alarm, so the
+    next versions boost those once (not the boosted ones again, which compounded: SquareCB's
+    gamma fell 4x per retrain until the policy was near uniform) and return to them when
+    the boost ends.
+    """
+    own = s.extra.get("own_exploration")
+    if policy.metadata.get("exploring_after_change") and isinstance(own, dict):
+        try:
+            return replace(policy.exploration, **own)
+        except (TypeError, ValueError):
+            logger.warning("policy %r: stored exploration %r unusable; keeping %s",
+                           policy.name, own, policy.exploration)
+    return policy.exploration
+
+
 def explore_more(e: Exploration) -> Exploration:
     """More exploration for a while after a detected change."""
     if e.kind == "epsilon_greedy":
@@ -496,6 +515,8 @@ class Trainer:
                 at, side, stat = hit
                 direction = "up" if side == 0 else "down"
                 cusum[k] = [0.0, 0.0]
+                if not policy.metadata.get("exploring_after_change"):
+                    s.extra["own_exploration"] = asdict(policy.exploration)
                 s.forget(int(k), CHANGE_DISCOUNT)
                 s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
                 s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
@@ -547,7 +568,7 @@ class Trainer:
         unseen = s.count <= 0
         weights[unseen] = policy.weights[unseen]
         bias[unseen] = policy.bias[unseen]
-        exploration = policy.exploration
+        exploration = own_exploration(policy, s)
         n_eff = float(s.weight.sum())
         if exploration.kind == "squarecb" and ls.gamma_scale > 0 and n_eff > 0:
             # SquareCB / FALCON (Foster & Rakhlin 2020; Simchi-Levi & Xu 2020): the learning
