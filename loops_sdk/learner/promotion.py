@@ -78,7 +78,7 @@ from .store import EventStore
 from .window import WindowCache, load_window
 
 __all__ = ["Gate", "GateResult", "HeldOut", "PromotionRule", "evaluate_candidate",
-           "held_out_twins", "is_refresh", "load_window", "PROMOTED", "REJECTED", "HELD",
+           "held_out_twins", "is_refresh", "knows_nothing", "load_window", "PROMOTED", "REJECTED", "HELD",
            "DIFFERENCE", "HELD_OUT_FOLDS", "REFRESH_MARGIN_SD"]
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,9 @@ def is_refresh(candidate: Policy, deployed: Policy, deployed_decision: str = PRO
     learner from the same statistics (metadata ``trained_on``), the candidate from the
     deployed version (``trained_from_version``) on at least as many rows, and the deployed
     version itself came through the gate (``deployed_decision`` ``"promoted"``, not a hand
-    publish, a rollback or the initial policy: those were not fitted to these statistics).
+    publish or a rollback: those were not fitted to these statistics). A deployed policy
+    that knows nothing (:func:`knows_nothing`, e.g. the initial ``Policy.linear``) was fitted
+    to no data, so any candidate trained from it is a refresh too.
 
     Under the default ``superiority`` rule a refresh is judged *non-inferior* instead: its
     paired lower bound must clear ``-REFRESH_MARGIN_SD`` standard deviations of the judged
@@ -229,14 +231,22 @@ def is_refresh(candidate: Policy, deployed: Policy, deployed_decision: str = PRO
     interval), while a clearly worse candidate (a bad fit, poisoned rows) still fails.
     """
     cm, dm = candidate.metadata, deployed.metadata
+    same = (cm.get("trained_from_version") == str(deployed.version)
+            and candidate.action_ids == deployed.action_ids
+            and candidate.input_names == deployed.input_names and "trained_on" in cm)
+    if same and knows_nothing(deployed):
+        return True             # fitted to no data: every candidate has a superset of it
     try:
         more = int(cm["trained_on"]) >= int(dm["trained_on"])
     except (KeyError, ValueError):
         return False
-    return (more and deployed_decision == PROMOTED
-            and cm.get("trained_from_version") == str(deployed.version)
-            and candidate.action_ids == deployed.action_ids
-            and candidate.input_names == deployed.input_names)
+    return same and more and deployed_decision == PROMOTED
+
+
+def knows_nothing(policy: Policy) -> bool:
+    """Whether ``policy``'s model is all zeros (``Policy.linear``'s default: it was fitted to
+    no data and encodes no one's judgement, unlike a hand-set model)."""
+    return not (np.any(policy.weights) or np.any(policy.bias))
 
 
 def _decide(rule: PromotionRule, n: int, cv: int, dv: int,
