@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 from .records import FeedbackRecords
 from .errors import ArgumentError, argument_error
@@ -37,6 +37,10 @@ class ClientConfig:
     Attributes:
         learner: ``"host:port"`` of the central learner; ``None`` runs offline (policies come
             from ``fallback_policy``/``policies`` and records go to ``sink`` or ``drain()``).
+            A list (or a comma-separated string) of shard addresses of a sharded learner
+            (``loops cluster``): the client talks to one of them, chosen by a stable hash of
+            ``client_id`` (give a fixed ``client_id`` to keep a client on its shard across
+            restarts); while it is down, batches are spooled and retried on that same shard.
         policy_name: the decision point to subscribe to (shorthand for one ``policy_names``).
         policy_names: every decision point to subscribe to; empty with a learner = all.
         fallback_policy: a policy (file path, bytes or :class:`Policy`) used until the learner
@@ -80,7 +84,7 @@ class ClientConfig:
         insecure: allow sending the token in plaintext to a non-loopback learner.
     """
 
-    learner: str | None = None
+    learner: str | Sequence[str] | None = None   # a list is kept as a tuple
     policy_name: str | None = None
     policy_names: tuple[str, ...] = ()
     fallback_policy: PolicySource | None = None
@@ -112,6 +116,8 @@ class ClientConfig:
         # or float() error.
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ArgumentError("tls_cert and tls_key go together")
+        if self.learner is not None:
+            object.__setattr__(self, "learner", _learner_addresses(self.learner))
         if self.seed is not None and not 0 <= _setting(self, "seed", int) < 1 << 64:
             raise ArgumentError("seed must be in [0, 2**64)")
         for name in ("buffer_rows", "max_pending_records", "flush_records",
@@ -135,6 +141,23 @@ class ClientConfig:
         if self.policy_name and self.policy_name not in names:
             names = (self.policy_name, *names)
         return names
+
+
+def _learner_addresses(value: Any) -> str | tuple[str, ...]:
+    """One address as given, or a shard list as a tuple (order matters: it is the routing)."""
+    if isinstance(value, str):
+        if "," not in value:
+            return value
+        value = value.split(",")
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise argument_error("learner", value, '"host:port" or a list of them')
+    out = tuple(value)
+    if not out or not all(isinstance(a, str) and a.strip() for a in out):
+        raise argument_error("learner", value, "a non-empty list of \"host:port\" strings")
+    out = tuple(a.strip() for a in out)
+    if len(set(out)) != len(out):
+        raise ArgumentError("learner: an address is listed twice", field="learner")
+    return out[0] if len(out) == 1 else out
 
 
 def _setting(config: ClientConfig, name: str, kind: type) -> Any:

@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loops_sdk.evaluation",),                    # pure numpy off-policy estimators
     ("loops_sdk.serve",),                         # the gRPC decision server
     ("loops_sdk.learner",),                       # store, join, train, gate, report, service
+    ("loops_sdk.cluster",),                       # the sharded learner on Ray
     ("loops_sdk.cli",),                           # the `loops` command and the demo
     ("loops_sdk",),                               # the facade (__init__) and the old aliases
 ]

@@ -622,6 +622,66 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cluster
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="run a sharded learner on Ray: N shards and a "
+                                       "coordinator (until SIGINT/SIGTERM)")
+    p.add_argument("--shards", type=int, required=True, metavar="N",
+                   help="learner shards, each with its own partition and gRPC endpoint")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="partitions (shard-<i>.sqlite), coordinator.sqlite and the shards' "
+                   "announced addresses (shard-<i>.json); shared by every node running shards")
+    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--host", default="127.0.0.1", help="interface the shards listen on")
+    p.add_argument("--ports", default="", metavar="P1,P2,...",
+                   help="one port per shard (default: the one each partition remembers, "
+                   "ephemeral the first time)")
+    p.add_argument("--policy", action="append", default=[], metavar="FILE",
+                   help="publish this policy file to every shard at start (repeatable)")
+    p.add_argument("--tick", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between coordinator rounds (default 1)")
+    p.add_argument("--retain-days", type=float, default=30.0, metavar="N",
+                   help="as for `loops learner` (default 30; 0 keeps everything)")
+    p.add_argument("--min-nodes", type=int, default=1, metavar="N",
+                   help="wait until the Ray cluster has N nodes before placing the shards")
+    p.set_defaults(func=_cmd_cluster)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from ..cluster import LearnerCluster, ray_available
+    from ..policy import Policy
+    if not ray_available():
+        print("loops: `loops cluster` needs Ray: pip install 'loops-sdk[ray]'", file=sys.stderr)
+        return 1
+    try:
+        ports = tuple(int(p) for p in args.ports.split(",") if p.strip())
+        policies = [Policy.load(f) for f in args.policy]
+        cluster = LearnerCluster(
+            args.shards, args.data, address=args.address, host=args.host, ports=ports,
+            tick_seconds=args.tick, min_nodes=args.min_nodes,
+            shard_options={"retain_days": args.retain_days if args.retain_days > 0 else None})
+    except (ValueError, OSError) as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
+
+    class _Run:
+        def start(self) -> None:
+            from ..errors import LoopsError
+            try:
+                cluster.start()
+                for policy in policies:
+                    cluster.publish(policy, "published at cluster start")
+            except LoopsError as exc:     # too few nodes, a version conflict: one line
+                raise RuntimeError(str(exc)) from None
+
+        def stop(self, grace: float) -> None:  # noqa: ARG002 - shards stop gracefully
+            cluster.stop()
+
+    return _run_until_signal(_Run(), lambda: f"loops cluster: {args.shards} shards, learner="
+                                             f"{','.join(cluster.addresses)} (data {args.data})")
+
+
 # --------------------------------------------------------------------------- registry
 # One function per subcommand; `demo` is added by listing its `_add_demo` here.
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -631,7 +691,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift, _add_export,
-    _add_serve, _add_dev_certs, _add_spool,
+    _add_serve, _add_dev_certs, _add_spool, _add_cluster,
 ]
 
 

@@ -328,8 +328,10 @@ class Gate:
 
     def evaluate(self, candidate: Policy, deployed: Policy, *,
                  now_ns: int | None = None, stats: Any = None,
-                 fit: Callable[[Any], Policy] | None = None) -> GateResult:
-        """Load the deployed policy's rule window and judge ``candidate`` against it.
+                 fit: Callable[[Any], Policy] | None = None,
+                 data: LoggedData | None = None) -> GateResult:
+        """Load the deployed policy's rule window and judge ``candidate`` against it
+        (``data``: that window already read, e.g. drawn from every shard of a cluster).
 
         With ``stats`` (the :class:`~loops_sdk.learner.train.RidgeStats` the candidate was
         fitted from, rows of the window included), every row of the window the deployed
@@ -349,7 +351,8 @@ class Gate:
         """
         rule = deployed.learning.promotion
         try:
-            data = load_window(self.store, deployed.name, rule, now_ns, cache=self.cache)
+            if data is None:
+                data = load_window(self.store, deployed.name, rule, now_ns, cache=self.cache)
         except EvaluationError as exc:
             result = GateResult(HELD, f"held: cannot read logged data: {exc}", rule, 0,
                                 candidate.version, deployed.version)
@@ -490,7 +493,10 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
         return None        # rows the statistics do not hold (they restarted in the window)
     part = data.subset(rows)
     ts = part.ts_ns if part.ts_ns is not None else np.arange(part.n, dtype=np.int64)
-    by_rows = stats.half_life > 0 and stats.clock == "rows"
+    # A RidgeStats is copied and the fold's rows removed at their clocks; another view of the
+    # statistics (a shared policy's SharedGateView) takes rows out by decision time itself.
+    subtracts = hasattr(stats, "remove") and hasattr(stats, "copy")
+    by_rows = subtracts and stats.half_life > 0 and stats.clock == "rows"
     if by_rows:
         # Positions: the window's rows are the newest trained on, in decision-time order.
         pos = np.empty(n)
@@ -509,9 +515,12 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     for f in range(folds):
         sel = np.flatnonzero(fold == f)
         fx, fa, fr = part.x[sel], remap[part.actions[sel]], part.rewards[sel]
-        rest = stats.copy()
-        rest.remove(fx, fa, fr, clocks[sel])
-        rest.count = np.maximum(rest.count, 0)
+        if subtracts:
+            rest = stats.copy()
+            rest.remove(fx, fa, fr, clocks[sel])
+            rest.count = np.maximum(rest.count, 0)
+        else:
+            rest = stats.without(fx, fa, fr, ts[sel])
         if fit is not None:
             twin = fit(rest)
             twin = twin.with_model(twin.weights, twin.bias, version=candidate.version,

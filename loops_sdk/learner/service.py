@@ -616,7 +616,7 @@ class Learner:
                                        now_ms=now_ns // 1_000_000)
         # The statistics let the gate judge the candidate's twin on rows it was not fitted on.
         verdict = self.gate.evaluate(
-            candidate, policy, now_ns=now_ns, stats=self.trainer.stats(policy),
+            candidate, policy, now_ns=now_ns, stats=self.trainer.gate_stats(policy),
             fit=lambda rest: self.trainer.fit(policy, rest, candidate.version))
         reason = f"retrained on {candidate.metadata['trained_on']} joined events"
         if candidate.metadata.get("exploring_after_change"):

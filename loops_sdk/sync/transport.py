@@ -51,7 +51,7 @@ class TransportConfig(Protocol):
     """The settings the transport reads (``ClientConfig`` provides them; the transport does not
     import the client, which sits above it)."""
 
-    learner: str | None
+    learner: str | tuple[str, ...] | None
     client_id: str
     metadata: Sequence[tuple[str, str]]
     watched_names: tuple[str, ...]
@@ -88,6 +88,28 @@ ADOPT_INTERVAL = 5.0
 def default_spool_dir(learner: str, names: tuple[str, ...]) -> str:
     key = hashlib.sha256(f"{learner}|{','.join(sorted(names))}".encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "loops-spool", key)
+
+
+def route_learner(learner: str | Sequence[str], client_id: str) -> tuple[str, int, int]:
+    """``(address, index, shards)``: the one learner of an address list (a sharded learner,
+    ``loops cluster``) this client's batches all go to, by a stable hash of ``client_id``.
+
+    Every batch of a client id goes to the same shard, so its de-duplication (keyed on client
+    id, epoch and sequence) is that shard's alone, and a batch retried after an outage goes
+    back to the shard that may have committed it. Jump consistent hashing (Lamping & Veach
+    2014): growing the list from N to N+1 moves only 1/(N+1) of the client ids.
+    """
+    addresses = (learner,) if isinstance(learner, str) else tuple(learner)
+    n = len(addresses)
+    if n == 1:
+        return addresses[0], 0, 1
+    key = int.from_bytes(hashlib.blake2b(client_id.encode(), digest_size=8).digest(), "little")
+    b, j = -1, 0
+    while j < n:
+        b = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return addresses[b], b, n
 
 
 def reconnect_options(backoff_initial: float, backoff_max: float) -> list[tuple[str, int]]:
@@ -134,15 +156,20 @@ class LearnerTransport:
         # deduplicated against themselves and never collides with this run's.
         self.epoch = new_epoch()
         self._seq = 0
-        self._channel = open_channel(cfg.learner, cfg.channel_security(), options=[
+        self.learner, shard, shards = route_learner(cfg.learner or "", self.client_id)
+        self._channel = open_channel(self.learner, cfg.channel_security(), options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.enable_retries", 0),       # we retry ourselves, with our own bookkeeping
             *reconnect_options(cfg.backoff_initial, cfg.backoff_max),
         ], metadata=cfg.metadata)
         self._stub = learner_pb2_grpc.LearnerServiceStub(self._channel)
-        self.spool_base = Path(cfg.spool_dir or default_spool_dir(cfg.learner or "",
+        self.spool_base = Path(cfg.spool_dir or default_spool_dir(self.learner,
                                                                   cfg.watched_names))
+        if cfg.spool_dir and shards > 1:
+            # A lane adopted from a dead process is replayed to this client's shard: only
+            # spools of clients routed to the same shard may share a base.
+            self.spool_base = self.spool_base / f"shard-{shard}-of-{shards}"
         self._spool = open_lane(self.spool_base, cfg.spool_max_bytes)
         if self._spool.dir != self.spool_base:
             logger.info("loops: spool %s in use; spooling to %s", self.spool_base,
@@ -530,6 +557,7 @@ class LearnerTransport:
             "last_sync": self.last_sync,
             "client_id": self.client_id,
             "epoch": self.epoch,
+            "learner": self.learner,
         }
 
     def close(self) -> None:

@@ -133,36 +133,3 @@ def test_a_small_shift_of_heavy_tailed_rewards_is_found(tmp_path):
         assert alarms and all(t >= 6_000 for t, _ in alarms), (seed, alarms)
         assert alarms[0][1] == "none" and alarms[0][0] - 6_000 <= 6_000, (seed, alarms)
         assert play_heavy(tmp_path, 50 + seed, change=False) == [], seed
-
-
-def test_the_boost_after_a_change_does_not_compound_over_served_versions(tmp_path):
-    """In the loop each version is trained from the one served, which after an alarm carries
-    the boosted exploration. The boost used to apply to it again at every retrain (SquareCB
-    gamma / 4 each time: near uniform within a few versions, and it never came back, which
-    sank the casino world to uniform's value once the detector fired). Now every boosted
-    version explores exactly one boost more than the policy's own settings, and the own
-    settings return when the boost ends."""
-    from dataclasses import replace
-    from loops_sdk.policy import Exploration
-    store, trainer, policy, alarms = play(tmp_path, 1, n=CHANGE + 1000)
-    assert alarms
-    own = Exploration.squarecb(40.0)
-    served = replace(policy, exploration=own)
-    # The alarm recorded the settings of the policy served then (epsilon-greedy 0.2 here);
-    # replay the same with squarecb, whose boost divides gamma.
-    recorded = trainer.stats(policy).extra["own_exploration"]
-    assert (recorded["kind"], recorded["epsilon"]) == ("epsilon_greedy", 0.2)
-    trainer.stats(policy).extra["own_exploration"] = {"kind": "squarecb", "epsilon": 0.1,
-                                                      "temperature": 1.0, "gamma": 40.0}
-    for v in range(2, 6):
-        served = trainer.train(served, version=v)
-        assert served.metadata["exploring_after_change"] == "1"
-        assert served.exploration.gamma == pytest.approx(10.0), v   # 40 / 4, once
-    rng = np.random.default_rng(0)
-    m = BOOST_ROWS + 100
-    quiet_policy = make_policy(d=2, half_life_rows=0, detect_changes=False)
-    trainer.observe(quiet_policy, rng.normal(size=(m, 2)), rng.integers(1, 3, m),
-                    rng.normal(size=m), np.arange(m, dtype=np.int64) + 10**12)
-    back = trainer.train(served, version=6)
-    assert back.exploration == own and "exploring_after_change" not in back.metadata
-    store.close()
