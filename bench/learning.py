@@ -297,14 +297,18 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
                         stalls += 1
                 client.flush(10)
             gate = dict(learner.gate_counts)
-            final = int(learner.status().policies[0].current_version)
-            changes = int(learner.status().policies[0].changes_detected)
+            st = learner.status().policies[0]
+            final = int(st.current_version)
+            changes = int(st.changes_detected)
+            # Where in the stream each alarm came (rows trained on when it fired).
+            alarm_rows = [int(c[4]) for c in learner.store.changes(policy.name)]
         finally:
             learner.stop(1.0)
     return Played(cfg.label, acts, rew, time.perf_counter() - t0,
                   {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
                    "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
-                   "final_version": final, "stalls": stalls, "changes_detected": changes,
+                   "final_version": final, "stalls": stalls,
+                   "changes_detected": changes, "change_alarm_rows": alarm_rows,
                    "exploration": str(policy.exploration),
                    "retrain_every_events": cadence,
                    "gate_window_rows": policy.learning.promotion.window_rows})
@@ -470,7 +474,8 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                     target = f">= VW best ({vw_best.method[3:]}, {vw_best.rewards.mean():.3f})"
                     met = pr >= float(vw_best.rewards.mean())
                 note = (f"round {p.extra['lag']}, promoted {p.extra['promoted']}, rejected "
-                        f"{p.extra['rejected']}, held {p.extra['held']}")
+                        f"{p.extra['rejected']}, held {p.extra['held']}; changes detected "
+                        f"{p.extra['changes_detected']} (stationary stream)")
             elif p.method == "A/B test":
                 note = (f"stopped at {_fmt_n(p.extra['sample_size'], stream.n)}, winner "
                         f"{p.extra['winner']}")
@@ -491,7 +496,9 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                            note=f"oracle {oracle:.2f}; last {WINDOW:,}: "
                                 f"{f['last_window_share']:.0%} of oracle"
                                 + (f"; promoted {p.extra['promoted']}, rejected "
-                                   f"{p.extra['rejected']}, held {p.extra['held']}"
+                                   f"{p.extra['rejected']}, held {p.extra['held']}; changes "
+                                   f"detected {p.extra['changes_detected']} at rows "
+                                   f"{p.extra['change_alarm_rows']}"
                                    if p.method.startswith("LOOPS") else "")
                                 + (f"; stopped at {_fmt_n(ab_n, stream.n)}, winner "
                                    f"{p.extra['winner']}" if p.method == "A/B test" else "")))
