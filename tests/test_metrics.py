@@ -312,3 +312,24 @@ def test_loops_learner_and_loops_serve_processes_export_metrics(tmp_path):
         if sproc is not None:
             _stop(sproc)
         _stop(lproc)
+
+
+@pytest.mark.parametrize("unary_loop", [True, False], ids=["loop", "pool"])
+def test_calls_refused_for_their_token_are_counted(learner, tmp_path, unary_loop):
+    from loops_sdk.net.auth import ServerSecurity, TokenSet
+    token = "client-token-0123456789abcdef"
+    cfg = ClientConfig(learner=learner.address, policy_name="bonus",
+                       spool_dir=str(tmp_path / "spool"))
+    sec = ServerSecurity(tokens=TokenSet([("client", token)]))
+    with DecisionServer(cfg, metrics_port=0, unary_loop=unary_loop, security=sec) as s:
+        assert s.client.wait_for_initialization(10)
+        with grpc.insecure_channel(s.address) as ch:
+            stub = decision_pb2_grpc.DecisionServiceStub(ch)
+            request = pb.DecideRequest(decision_point="bonus", features=FEATURES)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Decide(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            stub.Decide(request, timeout=10, metadata=[("authorization", f"Bearer {token}")])
+        m = scrape(s.metrics_port)
+    assert m[("loops_rpc_handled_total", (("code", "UNAUTHENTICATED"), ("method", DECIDE)))] == 1
+    assert m[("loops_rpc_handled_total", (("code", "OK"), ("method", DECIDE)))] == 1
