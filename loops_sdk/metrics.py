@@ -19,16 +19,21 @@ RPC method and status code, gate verdict, worker index).
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import threading
 import time
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 try:
     import prometheus_client
-    from prometheus_client import CollectorRegistry, Counter, Histogram
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily, Metric)
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.registry import Collector
+    from prometheus_client.utils import floatToGoString
 except ImportError as exc:   # pragma: no cover - the extra is installed in tests
     raise ImportError("loops_sdk.metrics needs prometheus-client: pip install "
                       "\"loops-sdk[metrics]\"") from exc
@@ -42,6 +47,7 @@ __all__ = ["ClientCollector", "LearnerCollector", "RpcMetrics", "WorkerScraper",
 DURATION_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 120.0, float("inf"))
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
                float("inf"))
+_RPC_BOUNDS = RPC_BUCKETS[:-1]
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
@@ -203,21 +209,41 @@ class LearnerCollector(Collector):
 
 
 # --------------------------------------------------------------------------- RPCs
-class RpcMetrics:
-    """RPC counts and latencies by method and status code, for one server.
+class RpcMetrics(Collector):
+    """RPC counts and latencies by method and status code, for one server (registered into
+    ``registry``): ``loops_rpc_handled_total`` and the histogram ``loops_rpc_duration_seconds``.
 
     ``interceptor()`` instruments everything gRPC's thread pool serves (put it first, so
     calls the security interceptors refuse are counted too); ``wrap()`` instruments a
-    handler served elsewhere (the decision service's single-thread loop).
+    handler served elsewhere (the decision service's single-thread loop). A call costs one
+    short lock and a bisect; the series are built at scrape time.
     """
 
     def __init__(self, registry: CollectorRegistry, methods: Iterable[str] = ()) -> None:
-        self.handled = Counter("loops_rpc_handled", "RPCs answered, by method and status code",
-                               ["method", "code"], registry=registry)
-        self.seconds = Histogram("loops_rpc_duration_seconds", "time to answer an RPC, by "
-                                 "method and status code", ["method", "code"],
-                                 registry=registry, buckets=RPC_BUCKETS)
         self._known = set(methods)
+        self._lock = threading.Lock()
+        # (method, code name) -> [sum of seconds, count per bucket..., count above the last]
+        self._stats: dict[tuple[str, str], list[float]] = {}
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = {key: list(row) for key, row in self._stats.items()}
+        handled = _counter("loops_rpc_handled", "RPCs answered, by method and status code",
+                           ["method", "code"])
+        seconds = HistogramMetricFamily("loops_rpc_duration_seconds", "time to answer an RPC, "
+                                        "by method and status code", labels=["method", "code"])
+        for key, row in sorted(snapshot.items()):
+            counts = list(itertools.accumulate(row[1:]))
+            buckets = [(floatToGoString(b), c) for b, c in zip(_RPC_BOUNDS, counts)]
+            buckets.append(("+Inf", counts[-1]))
+            handled.add_metric(list(key), counts[-1])
+            seconds.add_metric(list(key), buckets, sum_value=row[0])
+        yield handled
+        yield seconds
 
     def method_label(self, full_method: str) -> str:
         """``/pkg.Service/Method`` as ``pkg.Service/Method``; any method the server does
@@ -225,9 +251,14 @@ class RpcMetrics:
         return full_method[1:] if full_method in self._known else "other"
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        name = code.name
-        self.handled.labels(method, name).inc()
-        self.seconds.labels(method, name).observe(seconds)
+        slot = bisect.bisect_left(_RPC_BOUNDS, seconds) + 1   # "le": value <= bound
+        key = (method, code.name)
+        with self._lock:
+            row = self._stats.get(key)
+            if row is None:
+                row = self._stats[key] = [0.0] * (len(_RPC_BOUNDS) + 2)
+            row[0] += seconds
+            row[slot] += 1
 
     def wrap(self, full_method: str, behavior: Callable[[Any, Any], Any]
              ) -> Callable[[Any, Any], Any]:
