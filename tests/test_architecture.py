@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loops_sdk.net",),                           # channels, server auth, the server set-up
     ("loops_sdk.sync",),                          # shipper + policy watcher, spool
     ("loops_sdk.client", "loops_sdk.redis_caps"), # DecisionClient; its capped decisions via Redis
+    ("loops_sdk.metrics",),                       # Prometheus collectors (reads stats, imports none)
     ("loops_sdk.evaluation",),                    # pure numpy off-policy estimators
     ("loops_sdk.serve",),                         # the gRPC decision server
     ("loops_sdk.learner",),                       # store, join, train, gate, report, service

@@ -58,8 +58,25 @@ def _add_learner(sub: argparse._SubParsersAction) -> None:
                    "past that horizon (default 30; 0 keeps everything)")
     p.add_argument("--retention-interval", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between retention rounds (default 60)")
+    _add_metrics(p)
     _add_server_security(p)
     p.set_defaults(func=_cmd_learner)
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics at http://METRICS_HOST:N/metrics (0 = any "
+                   "free port, printed at start; needs the 'metrics' extra)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="where the metrics endpoint listens (default 127.0.0.1; it has no "
+                   "authentication)")
+
+
+def _metrics_banner(server: Any, args: argparse.Namespace) -> str:
+    if args.metrics_port is None:
+        return ""
+    host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
+    return f"\nloops metrics at http://{host}:{server.metrics_port}/metrics"
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
@@ -73,9 +90,10 @@ def _cmd_learner(args: argparse.Namespace) -> int:
                       max_workers=args.max_workers, durability=args.durability,
                       security=_server_security(args),
                       retain_days=args.retain_days if args.retain_days > 0 else None,
-                      retention_every_seconds=args.retention_interval)
+                      retention_every_seconds=args.retention_interval,
+                      metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return _run_until_signal(learner, lambda: f"loops learner listening on {learner.address} "
-                                              f"(db {args.db})")
+                                              f"(db {args.db})" + _metrics_banner(learner, args))
 
 
 def _run_until_signal(server: Any, banner: Callable[[], str]) -> int:
@@ -613,6 +631,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pin-cpus", action="store_true",
                    help="bind each worker process to one CPU (fewer cross-CPU thread "
                    "hand-offs; best when the machine is dedicated to the service)")
+    _add_metrics(p)
     _add_server_security(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -627,7 +646,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           tls_cert=sec.tls_cert, tls_key=sec.tls_key, insecure=sec.insecure)
     limits = dict(max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
                   max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                  unary_loop=not args.thread_pool)
+                  unary_loop=not args.thread_pool, metrics_port=args.metrics_port,
+                  metrics_host=args.metrics_host)
     if args.processes < 1:
         raise SystemExit("loops serve: --processes must be >= 1")
     if args.processes == 1 and not args.pin_cpus:
@@ -642,7 +662,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shape = f"{args.processes} processes{', pinned' if args.pin_cpus else ''}; "
     return _run_until_signal(server, lambda: (
         f"loops decision service listening on {server.address} "
-        f"({shape}decision points {', '.join(args.policy_name)}; learner {args.learner})"))
+        f"({shape}decision points {', '.join(args.policy_name)}; learner {args.learner})"
+        + _metrics_banner(server, args)))
 
 
 # --------------------------------------------------------------------------- dev-certs

@@ -155,7 +155,7 @@ def _worker_main(spec: _WorkerSpec, index: int, cpu: int | None, conn: Connectio
     except BaseException as exc:  # report why, so the pool can say it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", server.port))
+    conn.send(("ready", (server.port, server.metrics_port)))
 
     grace = [2.0]
 
@@ -194,6 +194,11 @@ class DecisionServerPool:
             directory ``config.shared_caps`` if set, else a private one on tmpfs made at
             start and removed at stop (a restarted worker keeps the counts).
         start_timeout: seconds :meth:`start` waits for every worker to listen.
+        metrics_port, metrics_host: one Prometheus endpoint for the pool (0 = any free port,
+            read :attr:`metrics_port`; None = none). Each worker serves its own metrics on an
+            ephemeral loopback port; a scrape of the pool's endpoint reads every running
+            worker's and returns their series with a ``worker`` label (see
+            :class:`~loops_sdk.metrics.WorkerScraper`).
     """
 
     def __init__(self, config: ClientConfig, host: str = "127.0.0.1", port: int = 0, *,
@@ -201,7 +206,8 @@ class DecisionServerPool:
                  security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 << 20,
                  unary_loop: bool = True, restart: bool = True, share_caps: bool = True,
-                 start_timeout: float = _START_TIMEOUT) -> None:
+                 start_timeout: float = _START_TIMEOUT, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1") -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
         self.security = security if security is not None else ServerSecurity()
@@ -226,6 +232,12 @@ class DecisionServerPool:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._metrics_request = (metrics_host, metrics_port)
+        if metrics_port is not None:   # every worker on its own loopback port
+            self._options.update(metrics_port=0, metrics_host="127.0.0.1")
+        self._metrics_ports: dict[int, int] = {}
+        self._metrics: Any = None
+        self.metrics_port = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -266,6 +278,12 @@ class DecisionServerPool:
             pending = [self._spawn(k) for k in range(self.processes)]
             for k, conn in pending:
                 self._await_ready(k, conn)
+            if self._metrics_request[1] is not None:
+                from ..metrics import MetricsEndpoint, WorkerScraper, new_registry
+                scraper = WorkerScraper(lambda: dict(self._metrics_ports))
+                self._metrics = MetricsEndpoint(new_registry([scraper]),
+                                                *self._metrics_request)
+                self.metrics_port = self._metrics.port
         except BaseException:
             self._stop_workers(grace=1.0)
             self._release_port()
@@ -341,6 +359,8 @@ class DecisionServerPool:
             kind, detail = "error", f"exited with code {proc.join(5) or proc.exitcode}"
         if kind != "ready":
             raise RuntimeError(f"decision service worker {index} failed to start: {detail}")
+        if detail[1]:
+            self._metrics_ports[index] = int(detail[1])
 
     def _supervise(self) -> None:
         """Start again every worker that dies while the pool runs (backoff per worker)."""
@@ -361,6 +381,7 @@ class DecisionServerPool:
                 with self._lock:
                     self._workers[k][1].close()
                     self._workers[k] = None
+                self._metrics_ports.pop(k, None)
                 if not self.restart:
                     continue
                 if self._stopping.wait(backoff[k]):
@@ -386,6 +407,8 @@ class DecisionServerPool:
         if self._supervisor is not None:
             self._supervisor.join(5)
         self._stop_workers(grace if grace is not None else 2.0)
+        if self._metrics is not None:
+            self._metrics.close()
         self._release_port()
         self._remove_caps_dir()
         logger.info("decision service pool stopped (%d restarts)", self.restarts)

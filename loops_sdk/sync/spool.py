@@ -108,6 +108,12 @@ class Spool:
         with self._lock:
             return sum(f[3] for f in self._frames)
 
+    @property
+    def bytes(self) -> int:
+        """Undelivered bytes (frames with their headers)."""
+        with self._lock:
+            return sum(f[2] for f in self._frames) + len(self._frames) * _HEAD.size
+
     def append(self, payload: bytes, records: int) -> None:
         """Add a frame at the tail (fsync'd: a spooled batch survives a host crash)."""
         with self._lock:

@@ -597,6 +597,7 @@ class LearnerTransport:
             "records_spooled": c["records_spooled"],
             "records_dropped_spool": self._spool.records_dropped,
             "spool_records": self._spool.records + sum(s.records for s in list(self._adopted)),
+            "spool_bytes": self._spool.bytes + sum(s.bytes for s in list(self._adopted)),
             "records_dead_lettered": c["records_dead_lettered"],
             "records_dropped_dead_letter": c["records_dropped_dead_letter"],
             "records_unencodable": c["records_unencodable"],
