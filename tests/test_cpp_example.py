@@ -6,6 +6,8 @@ are generated from ``proto/loops/v1/decision.proto`` there). It must answer exac
 embedded Python ``DecisionClient`` with the same policy and seed answers for the same calls
 (same event ids, actions, probabilities, reasons: the README's "same decisions as an embedded
 game server"), its rewards must reach the learner, and any failed call must exit non-zero.
+A `loops serve --processes 2` pool shows why the example opens its channels with distinct
+arguments: channels built alike share one connection, so one worker answers every call.
 Without the toolchain (g++, make, protoc, grpc_cpp_plugin, ``pkg-config grpc++ protobuf``) the
 tests are skipped, unless ``LOOPS_REQUIRE_CPP=1`` (set by CI, which installs it), where they fail.
 """
@@ -57,7 +59,9 @@ def binary(tmp_path_factory) -> Path:
         pytest.skip(f"C++ gRPC toolchain not installed (missing: {missing}; Debian: apt-get "
                     "install g++ make pkg-config libgrpc++-dev libprotobuf-dev "
                     "protobuf-compiler-grpc); LOOPS_REQUIRE_CPP=1 turns this skip into a failure")
-    build = tmp_path_factory.mktemp("cpp-build")
+    # LOOPS_CPP_BUILD_DIR: a build directory kept across sessions (CI runs the suite three
+    # times; make then only checks that the binary is newer than its sources)
+    build = Path(os.environ.get("LOOPS_CPP_BUILD_DIR") or tmp_path_factory.mktemp("cpp-build"))
     done = subprocess.run(["make", "-C", str(EXAMPLE), f"BUILD={build}", "-j2"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -184,3 +188,37 @@ def test_cpp_client_exits_non_zero_on_every_failed_call(binary, service):
     assert done.returncode == 2 and "--channels" in done.stderr, done.stderr
     done = _run(binary, service["address"], lines=["player-1 level"])
     assert done.returncode == 2 and "stdin line 1" in done.stderr, done.stderr
+
+
+def test_distinct_channel_arguments_spread_calls_over_serve_processes(binary, tmp_path):
+    with Learner(tmp_path / "l.sqlite", train=False) as learner:
+        policy = _policy().with_version(learner.publish(_policy(), "test"))
+        policy.save(tmp_path / "bonus.policy")
+        proc = subprocess.Popen(
+            procs.loops_command("serve", "--policy-name", "bonus", "--learner", learner.address,
+                                "--fallback-policy", str(tmp_path / "bonus.policy"),
+                                "--port", "0", "--processes", "2", "--seed", str(SEED),
+                                "--spool-dir", str(tmp_path / "spool"), "--log-level", "WARNING"),
+            cwd=procs.neutral_cwd(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=procs.child_env())
+        try:
+            banner = proc.stdout.readline()
+            assert "2 processes" in banner, banner + proc.stderr.read()
+            address = banner.split(" listening on ")[1].split()[0]
+            lines = [f"player-{i} level={i} spend=1 country=DE" for i in range(32)]
+
+            def workers(*flags: str) -> set[str]:
+                done = _run(binary, address, "--channels", "16", *flags, token=None, lines=lines)
+                assert done.returncode == 0, done.stderr
+                events = [row["event"] for row in _parse(done.stdout)["decide"]]
+                assert len(events) == len(lines) and all(events)
+                return {e[:16] for e in events}     # each worker has its own event-id prefix
+
+            # 16 channels with identical arguments: one shared connection, one worker
+            assert len(workers("--identical-channels")) == 1
+            # 16 with distinct arguments: 16 connections, which the kernel spreads over both
+            # (all 16 on one worker: probability 2**-15)
+            assert len(workers()) == 2
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0

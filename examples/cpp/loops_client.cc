@@ -12,6 +12,9 @@
 // command lines) and sent as `authorization: Bearer ...`; it is only sent to a loopback target,
 // as this example speaks plaintext (use grpc::SslCredentials beyond loopback).
 //
+// `--channels N` spreads the Decide calls round robin over N channels, each with a connection of
+// its own (see Connect); `--identical-channels` builds them alike, to show they then share one.
+//
 // One line per result on stdout, `key=value` fields (probabilities printed exactly, %.17g);
 // any failed call prints `loops_client: <call> failed: <CODE>: <message>` on stderr and exits 1,
 // bad arguments or input exit 2.
@@ -43,6 +46,7 @@ struct Options {
   std::string kind = "deposit";
   bool batch = false;
   int channels = 1;
+  bool identical_channels = false;  // to show that identical channels share one connection
   int deadline_ms = 5000;
 };
 
@@ -79,7 +83,7 @@ const char* CodeName(grpc::StatusCode code) {
   std::cerr << "loops_client: " << why << "\n"
             << "usage: loops_client [--target HOST:PORT] [--decision-point NAME]"
                " [--default-action ID] [--reward VALUE] [--kind KIND] [--batch]"
-               " [--channels N] [--deadline-ms MS] < requests\n";
+               " [--channels N [--identical-channels]] [--deadline-ms MS] < requests\n";
   std::exit(2);
 }
 
@@ -106,6 +110,7 @@ Options ParseOptions(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     if (flag == "--batch") { o.batch = true; continue; }
+    if (flag == "--identical-channels") { o.identical_channels = true; continue; }
     if (flag == "-h" || flag == "--help") Usage("calls Decide (and Reward, DecideBatch)");
     if (i + 1 >= argc) Usage(flag + ": missing value (or unknown flag)");
     std::string value = argv[++i];
@@ -165,7 +170,7 @@ std::vector<std::unique_ptr<loops::v1::DecisionService::Stub>> Connect(const Opt
   std::vector<std::unique_ptr<loops::v1::DecisionService::Stub>> stubs;
   for (int i = 0; i < o.channels; ++i) {
     grpc::ChannelArguments args;
-    args.SetInt("loops.channel_index", i);
+    if (!o.identical_channels) args.SetInt("loops.channel_index", i);
     auto channel = grpc::CreateCustomChannel(o.target, grpc::InsecureChannelCredentials(), args);
     stubs.push_back(loops::v1::DecisionService::NewStub(channel));
   }
