@@ -88,8 +88,8 @@ def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpp-service")
     (tmp / "tokens.txt").write_text(f"client {TOKEN}\n")
     with Learner(tmp / "l.sqlite", train=False) as learner:
-        version = learner.publish(_policy(), "test")
-        policy = _policy().with_version(version)
+        policy = _policy()
+        policy = policy.with_version(learner.publish(policy, "test"))
         policy.save(tmp / "bonus.policy")       # served before the learner's copy arrives too
         proc = subprocess.Popen(
             procs.loops_command("serve", "--policy-name", "bonus", "--learner", learner.address,
@@ -192,7 +192,8 @@ def test_cpp_client_exits_non_zero_on_every_failed_call(binary, service):
 
 def test_distinct_channel_arguments_spread_calls_over_serve_processes(binary, tmp_path):
     with Learner(tmp_path / "l.sqlite", train=False) as learner:
-        policy = _policy().with_version(learner.publish(_policy(), "test"))
+        policy = _policy()
+        policy = policy.with_version(learner.publish(policy, "test"))
         policy.save(tmp_path / "bonus.policy")
         proc = subprocess.Popen(
             procs.loops_command("serve", "--policy-name", "bonus", "--learner", learner.address,
