@@ -18,9 +18,9 @@ from loops_sdk import ClientConfig, DecisionClient
 from loops_sdk._proto import learner_pb2, learner_pb2_grpc
 from loops_sdk.errors import FeatureError, PolicyError
 from loops_sdk.learner import Learner
-from loops_sdk.policy import (Action, Exploration, Feature, LearningSettings, Policy,
-                              PromotionRule, RewardDefinition)
-from loops_sdk.rules import BudgetCap, FrequencyCap
+from loops_sdk.policy import (Action, Exploration, Feature, Holdout, LearningSettings,
+                              Policy, PromotionRule, RewardDefinition)
+from loops_sdk.rules import BudgetCap, Condition, EligibilityRule, FrequencyCap
 from loops_sdk.scorer import compile_policy
 from sdk_helpers import IMPL_MODULES, make_engine, make_kernel, wait_until
 
@@ -233,6 +233,111 @@ def test_large_but_sane_features_are_served(impl):
     X = np.full((4, 2), 1e280)     # above the cheap bound, scores 2e292: fine
     assert (eng.decide_batch("bonus", X).reason_codes == 0).all()
     assert eng.decide("bonus", X[0]).reason == "POLICY"
+
+
+def _held_out_user(impl, policy) -> str:
+    eng = make_engine(impl, [policy])
+    for i in range(200):
+        if eng.decide("bonus", np.array([1.0, 2.0]), user=f"u{i}").holdout:
+            return f"u{i}"
+    raise AssertionError("no held-out user in 200")
+
+
+@pytest.mark.parametrize("impl", IMPL_MODULES, ids=lambda m: m.IMPLEMENTATION)
+def test_decide_refuses_an_overflowing_row_on_every_path(impl):
+    """A held-out player, or one whose rules leave only the default, used to be served a row
+    that decide_batch and the decision service refuse (decide scored only rows it explored
+    on): the row check now runs first, on every path, as the batch check does."""
+    held = base(holdout=Holdout(0.5, "s", "none"))
+    user = _held_out_user(impl, held)
+    ruled = base(rules=(EligibilityRule("excluded", "default_only",
+                                        Condition("self_excluded", "is_true")),))
+    x = np.array([1.0, HUGE])
+    for policy, kw in ((held, {"user": user}), (ruled, {"attributes": {"self_excluded": True}})):
+        eng = make_engine(impl, [policy])
+        good = eng.decide("bonus", np.array([1.0, 2.0]), **kw)
+        assert good.reason in ("HOLDOUT", "RULE") and good.is_default   # the default's path
+        with pytest.raises(FeatureError, match=r"feature 'spend' is 1\.7e\+308, out of range"):
+            eng.decide("bonus", x, **kw)
+        batch_kw = {"users": [kw["user"]]} if "user" in kw else \
+            {"attributes": {"self_excluded": [True]}}
+        with pytest.raises(FeatureError, match="feature 'spend' in row 0"):
+            eng.decide_batch("bonus", x[None], **batch_kw)
+        with pytest.raises(FeatureError, match=r"feature 'spend' is 1\.7e\+308, out of range"):
+            make_kernel(impl, policy).check_row(x)
+        assert eng._engine_stats()["points"]["bonus"]["decisions"] == 1
+
+
+@pytest.mark.parametrize("impl", IMPL_MODULES, ids=lambda m: m.IMPLEMENTATION)
+def test_a_policy_with_zero_weights_refuses_infinite_features(impl):
+    """All weights zero (a policy before any training) makes the safe norm infinite; the
+    compiled batch check took a row holding inf as proven safe (inf <= inf) and decided on
+    NaN scores."""
+    p = base(weights=np.zeros((3, 2)))
+    eng = make_engine(impl, [p])
+    X = np.array([[1.0, 2.0], [np.inf, 0.0]])
+    with pytest.raises(FeatureError, match="feature 'level' is inf in row 1"):
+        eng.decide_batch("bonus", X)
+    for fn in (make_kernel(impl, p).probabilities, make_kernel(impl, p).scores):
+        with pytest.raises(FeatureError, match="feature 'level' is inf in row 1"):
+            fn(X)
+    with pytest.raises(FeatureError, match=r"feature 'level' is inf \(must be finite\)"):
+        eng.decide("bonus", X[1])
+    assert eng._engine_stats()["points"]["bonus"]["decisions"] == 0
+    assert (eng.decide_batch("bonus", X[:1]).probabilities > 0).all()
+
+
+# Rows as decide() takes them: each accepted or refused by Kernel.check_row exactly as decide
+# refuses it (same error type, same words); an accepted row comes back as its model inputs.
+CHECK_ROWS = [
+    np.array([1.0, 2.0]), [1, 2], (True, False), np.array([1, 2], np.int32),
+    np.array([1.0, 2.0, 3.0])[::2], np.array([1.0, 2.0]).astype(">f8"),
+    {"level": 3.0, "spend": 1.0}, {"level": 3.0, "other": "x"}, {},
+    np.array([1.0, 2.0, 3.0]), np.array([[1.0, 2.0]]), [1.0], np.array(["a", "b"]), "ab",
+    None, object(), np.array([1.0, np.nan]), [np.inf, 0.0], {"spend": np.inf},
+    {"spend": "high"}, np.array([1.0, HUGE]), {"level": -HUGE}, np.array([6e299, 0.0]),
+    np.array([1e280, 1e280]),
+]
+
+
+def _outcome(call):
+    try:
+        return call()
+    except Exception as exc:   # noqa: BLE001 - the exception itself is compared
+        return (type(exc), str(exc), getattr(exc, "field", None))
+
+
+@pytest.mark.parametrize("impl", IMPL_MODULES, ids=lambda m: m.IMPLEMENTATION)
+def test_check_row_accepts_and_refuses_exactly_what_decide_does(impl):
+    p = base(weights=[[0.0, 0.0], [1e12, 1e12], [1.0, -1.0]])
+    kernel = make_kernel(impl, p)
+    refused = 0
+    for x in CHECK_ROWS:
+        eng = make_engine(impl, [p])
+        got, want = _outcome(lambda: kernel.check_row(x)), _outcome(lambda: eng.decide("bonus", x))
+        if isinstance(want, tuple):
+            assert got == want, x
+            refused += 1
+        else:
+            assert isinstance(got, np.ndarray) and got.dtype == np.float64, (x, got)
+            expect = kernel.encode(x) if isinstance(x, dict) else \
+                np.asarray(x, dtype=np.float64)
+            assert np.array_equal(got, expect), x
+            # the decision recorded the same inputs
+            block = eng._drain_records().decisions[0]
+            assert np.array_equal(block.x[0], got), x
+    assert refused == 14
+
+
+def test_both_scorers_check_rows_alike():
+    """Same rows, same verdicts, same messages in the compiled core and the twin."""
+    p = base(weights=[[0.0, 0.0], [1e12, 1e12], [1.0, -1.0]])
+    verdicts = []
+    for impl in IMPL_MODULES:
+        k = make_kernel(impl, p)
+        verdicts.append([(lambda o: o if isinstance(o, tuple) else o.tolist())(
+            _outcome(lambda: k.check_row(x))) for x in CHECK_ROWS])
+    assert all(v == verdicts[0] for v in verdicts), verdicts
 
 
 # --------------------------------------------------------------------------- learner and client

@@ -168,13 +168,10 @@ cdef class Kernel:
         cdef int K = self.n_actions, D = self.n_inputs, KP = self.k_padded
         cdef int a, best = -1, m = 0
         cdef double acc, smax = 0.0, z, q
+        # No score check here: every caller's input passed check_vector / check_rows first.
         loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
-        cdef int bad = 0
         for a in range(K):
             acc = s[a]
-            # Every action's score, eligible or not (as the batch pre-check does); NaN fails
-            # too. A flag, not a branch, tested once after the loop: the hot path's only check.
-            bad = bad | (not fabs(acc) <= LOOPS_SCORE_LIMIT)
             if mask != NULL and mask[a] == 0:
                 p[a] = 0.0
                 s[a] = 0.0
@@ -183,8 +180,6 @@ cdef class Kernel:
             if best < 0 or acc > smax:   # strict: ties go to the lowest index
                 best = a
                 smax = acc
-        if bad:
-            return FILL_OVERFLOW
         if m == 0:
             return -1
         if self.kind == KIND_EPSILON:
@@ -228,10 +223,74 @@ cdef class Kernel:
                                     s[:self.n_actions], self._WT[:, :self.n_actions].T, xa, row)
 
     def check_row(self, x):
-        """Raise the FeatureError decide() raises for feature row ``x`` if its scores
-        overflow (for callers that check rows before deciding any, like the service)."""
-        self.check_rows(np.ascontiguousarray(x, dtype=np.float64).reshape(1, self.n_inputs),
-                        False)
+        """Check one feature row exactly as decide() checks it and return it as a new float64
+        model-input vector. ``x``: what decide() takes (a numeric vector, or a Mapping, encoded
+        by the feature spec). Raises decide()'s FeatureError for a wrong shape or type, a
+        non-finite value or scores out of range: for callers that check every row before
+        deciding any (the decision service's DecideBatch)."""
+        cdef Py_ssize_t unknown = 0
+        out = np.zeros(max(self.n_inputs, 1))
+        cdef double* o = <double*>cnp.PyArray_DATA(out)
+        cdef const double* xp = self.row_input(x, o, out, &unknown)
+        if xp != o:
+            memcpy(o, xp, self.n_inputs * sizeof(double))
+        return out[:self.n_inputs]
+
+    cdef const double* row_input(self, object x, double* buf, object buf_array,
+                                 Py_ssize_t* unknown) except NULL:
+        """decide()'s check of one feature row (shared with check_row): a pointer to its D
+        finite float64 values whose scores are in range. That is ``x``'s own data when it is
+        a C-contiguous native float64 vector, else ``buf`` (D doubles; ``buf_array`` the numpy
+        array over it), which receives a conversion or a Mapping's encoding (names not in the
+        spec are added to ``unknown``)."""
+        cdef cnp.ndarray arr
+        cdef const double* xp
+        cdef Py_ssize_t D = self.n_inputs
+        if cnp.PyArray_Check(x):
+            arr = <cnp.ndarray>x
+            if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIMS(arr)[0] != D:
+                raise FeatureError(f"policy {self.name!r} expects {D} features "
+                                   f"{list(self.input_names)[:8]}{'...' if D > 8 else ''}, "
+                                   f"got array of shape {x.shape}")
+            if cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE and cnp.PyArray_IS_C_CONTIGUOUS(arr) \
+                    and cnp.PyArray_ISNOTSWAPPED(arr) and D:
+                xp = <const double*>cnp.PyArray_DATA(arr)
+            else:
+                if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+                        or arr.dtype == np.bool_):
+                    raise FeatureError(f"features must be a numeric array, got dtype {arr.dtype}")
+                buf_array[:D] = arr
+                xp = buf
+        elif isinstance(x, Mapping):
+            unknown[0] += self.encode_into(x, buf)   # checks each value's type and finiteness
+            xp = buf
+        else:
+            arr = _numeric(x)
+            if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIMS(arr)[0] != D:
+                raise FeatureError(f"policy {self.name!r} expects {D} features, got shape "
+                                   f"{(<object>arr).shape}")
+            buf_array[:D] = arr
+            xp = buf
+        self.check_vector(xp)
+        return xp
+
+    cdef int check_vector(self, const double* xp) except -1:
+        """Refuse a row that is not finite or whose scores leave +-LOOPS_SCORE_LIMIT, as the
+        batch check does: a sum of squares below the safe norm proves both at once (strictly
+        below: an infinite safe norm, all weights zero, must not pass an infinite row); only
+        a row that fails it is looked at feature by feature and then scored."""
+        cdef Py_ssize_t j, D = self.n_inputs
+        if sqrt(loops_sum_squares(xp, D)) < self.x_safe:
+            return 0
+        for j in range(D):
+            if not isfinite(xp[j]):
+                raise FeatureError(f"feature {self.input_names[j]!r} is {xp[j]} (must be finite)")
+        s = np.zeros(self.k_padded)
+        cdef double* sp = <double*>cnp.PyArray_DATA(s)
+        loops_scores(self.WTp, self.bp, xp, D, self.k_padded, self.n_actions, sp)
+        if not loops_scores_ok(sp, self.n_actions):
+            raise self.overflow_error(_row_copy(xp, D))
+        return 0
 
     cdef int check_rows(self, const double[:, ::1] x, bint numbered=True) except -1:
         """Refuse a batch holding a row whose scores would overflow, before any row is decided
@@ -243,7 +302,7 @@ cdef class Kernel:
             return 0
         if D == 0:
             n = 1           # every row scores the biases alone
-        elif sqrt(loops_sum_squares(&x[0, 0], n * D)) <= self.x_safe:
+        elif sqrt(loops_sum_squares(&x[0, 0], n * D)) < self.x_safe:
             return 0
         s = np.zeros(self.k_padded)
         cdef double[::1] sv = s
@@ -314,15 +373,9 @@ cdef class Kernel:
         probs = np.zeros(self.n_actions)
         cdef double[:, ::1] o = out
         cdef double[::1] p = probs
-        cdef Py_ssize_t bad = -1
-        with nogil:
+        with nogil:     # _as_matrix refused any row whose scores leave the range
             for i in range(n):
-                if self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &o[i, 0],
-                             &p[0]) == FILL_OVERFLOW:
-                    bad = i
-                    break
-        if bad >= 0:
-            raise self.overflow_error(x[bad], bad)
+                self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &o[i, 0], &p[0])
         return out
 
     def probabilities(self, X, eligible=None):
@@ -337,19 +390,11 @@ cdef class Kernel:
         cdef double[:, ::1] o = out
         cdef double[::1] s = scores
         cdef const uint8_t* mp
-        cdef Py_ssize_t bad = -1
-        cdef int r
-        with nogil:
+        with nogil:     # _as_matrix refused any row whose scores leave the range
             for i in range(n):
                 mp = &m[i * stride, 0] if stride >= 0 else NULL
-                r = self.fill(&x[i, 0] if self.n_inputs else NULL, mp, &s[0], &o[i, 0])
-                if r == FILL_OVERFLOW:
-                    bad = i
-                    break
-                if r < 0:
+                if self.fill(&x[i, 0] if self.n_inputs else NULL, mp, &s[0], &o[i, 0]) < 0:
                     o[i, self.default_index] = 1.0
-        if bad >= 0:
-            raise self.overflow_error(x[bad], bad)
         return out
 
 
@@ -427,7 +472,9 @@ cdef object _as_matrix(Kernel k, object X):
     # One pass over the matrix proves most batches finite and free of score overflow: a sum
     # of squares that is finite and within the policy's safe norm can hold no inf or NaN. Only
     # a batch that fails it is looked at again (finiteness first, then each row's scores).
-    if size and sqrt(loops_sum_squares(p, size)) <= k.x_safe:
+    # Strictly below: with all weights zero the safe norm is infinite, and so is the sum of
+    # squares of a row holding an inf.
+    if size and sqrt(loops_sum_squares(p, size)) < k.x_safe:
         return arr
     if not loops_all_finite(p, size):
         finite = np.isfinite(arr)

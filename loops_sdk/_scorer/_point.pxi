@@ -183,8 +183,8 @@ cdef class DecisionPoint:
     cdef inline int _choose(self, Kernel k, const double* xp, const uint8_t* mp, uint64_t hi,
                             uint64_t lo, double* prob) noexcept nogil:
         """The policy's own choice over the eligible set ``mp`` (NULL: every action): scores,
-        exploration, the replayable draw. Returns the action (its probability in ``prob``),
-        a negative number when none is eligible, or FILL_OVERFLOW."""
+        exploration, the replayable draw. Returns the action (its probability in ``prob``)
+        or a negative number when none is eligible. ``xp`` passed the row checks."""
         cdef int a = k.fill(xp, mp, self.sbuf, self.pbuf)
         if a >= 0:
             a = k.sample(mp, self.pbuf, draw_c(hi, lo, k.seed))
@@ -251,13 +251,6 @@ cdef class DecisionPoint:
                     out.flags |= F_DEFAULT
             else:
                 a = self._choose(k, xp, mp, hi, lo, &prob)
-                if a == FILL_OVERFLOW:   # the caller raises; nothing charged or counted
-                    out.action = k.default_index
-                    out.prob = 1.0
-                    out.reason = R_OVERFLOW
-                    if use_caps:
-                        self.caps.leave()
-                    return
                 if a >= 0:
                     out.reason = R_POLICY
                 else:
@@ -286,40 +279,11 @@ cdef class DecisionPoint:
             self.n_apprentice += 1
 
     cdef const double* _features(self, Kernel k, object x) except NULL:
-        """Validate x once and return a pointer to D finite float64 values."""
-        cdef cnp.ndarray arr
-        cdef const double* xp
-        cdef Py_ssize_t j, D = k.n_inputs
-        if cnp.PyArray_Check(x):
-            arr = <cnp.ndarray>x
-            if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIMS(arr)[0] != D:
-                raise FeatureError(f"policy {k.name!r} expects {D} features "
-                                   f"{list(k.input_names)[:8]}{'...' if D > 8 else ''}, "
-                                   f"got array of shape {x.shape}")
-            if cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE and cnp.PyArray_IS_C_CONTIGUOUS(arr) \
-                    and cnp.PyArray_ISNOTSWAPPED(arr):
-                xp = <const double*>cnp.PyArray_DATA(arr)
-            else:
-                if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-                        or arr.dtype == np.bool_):
-                    raise FeatureError(f"features must be a numeric array, got dtype {arr.dtype}")
-                (<object>self._scratch[0])[:D] = arr
-                xp = self.xbuf
-        elif isinstance(x, Mapping):
-            self.n_unknown_features += k.encode_into(x, self.xbuf)
-            return self.xbuf
-        else:
-            arr = _numeric(x)
-            if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIMS(arr)[0] != D:
-                raise FeatureError(f"policy {k.name!r} expects {D} features, got shape "
-                                   f"{(<object>arr).shape}")
-            (<object>self._scratch[0])[:D] = arr
-            xp = self.xbuf
-        for j in range(D):
-            if not isfinite(xp[j]):
-                raise FeatureError(f"feature {k.input_names[j]!r} is {xp[j]} (must be finite)")
-        if D == 0:
-            return self.xbuf
+        """Validate x once (Kernel.row_input: shape, type, finiteness, score range) and return
+        a pointer to its D float64 values."""
+        cdef Py_ssize_t unknown = 0
+        cdef const double* xp = k.row_input(x, self.xbuf, <object>self._scratch[0], &unknown)
+        self.n_unknown_features += unknown
         return xp
 
     cdef const uint8_t* _mask(self, Kernel k, object eligible) except? NULL:
@@ -393,9 +357,6 @@ cdef class DecisionPoint:
             # narrowing there, so this costs it a call, not a second copy of the logic.
             self._decide_row(k, xp, mp, user is not None, uh, self.apres, self.anum, self.ahash,
                              b, self.id_hi, lo, t + self.cap_clock_ns, self.ebuf, &row)
-            if row.reason == R_OVERFLOW:
-                self.next_lo -= 1   # a refused decision takes no event id
-                raise k.overflow_error(_row_copy(xp, k.n_inputs))
             a = row.action
             prob = row.prob
             reason = row.reason
@@ -551,14 +512,14 @@ cdef class DecisionPoint:
                             c_uh[i] = uh[i]
                             if D:
                                 memcpy(c_x + i * D, xp, D * sizeof(double))
-                            if mp != NULL:
+                            if mp != NULL:      # no masks: set for the chunk below
                                 memcpy(c_el + i * K, mp, K)
-                            else:
-                                memset(c_el + i * K, 1, K)
                             c_act[i] = a
                             c_prob[i] = prob
                             c_fl[i] = f
                 if recording:
+                    if stride < 0:      # every action eligible in every row: one pass
+                        memset(rec.elig + rec.count * K, 1, take * K)
                     if rec.extended:    # a recorder of an earlier policy with rules
                         rec.fill_why(rec.count, rec.count + take)
                     rec.count += take

@@ -51,10 +51,6 @@ cdef enum:
     R_RULE = 7
     R_APPRENTICE = 8
 
-cdef enum:
-    FILL_OVERFLOW = -2       # fill(): a score is beyond +-LOOPS_SCORE_LIMIT (or NaN)
-    R_OVERFLOW = 255         # _decide_row's verdict for that; never leaves this module
-
 # Condition operators (the proto enum numbers; loops_sdk.rules.OP_CODES).
 cdef enum:
     OP_IN = 1
@@ -156,6 +152,9 @@ cdef class Kernel:
     cdef inline bint in_holdout(self, uint64_t user_hash) noexcept nogil
     cdef int fill(self, const double* x, const uint8_t* mask, double* s, double* p) noexcept nogil
     cdef int check_rows(self, const double[:, ::1] x, bint numbered=*) except -1
+    cdef const double* row_input(self, object x, double* buf, object buf_array,
+                                 Py_ssize_t* unknown) except NULL
+    cdef int check_vector(self, const double* xp) except -1
     cdef inline int sample(self, const uint8_t* mask, const double* p, double u) noexcept nogil
     cdef int encode_into(self, object features, double* out) except -1
 

@@ -39,8 +39,6 @@ R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_UNKNOWN_POINT, R_NOT_INITIALIZED = 0, 1, 2
 R_CAPPED, R_RULE, R_APPRENTICE = 5, 7, 8
 OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE = range(1, 11)
 CAP_WAYS = 8
-FILL_OVERFLOW = -2      # fill(): a score is beyond +-SCORE_LIMIT (or NaN)
-R_OVERFLOW = 255        # _decide_row's verdict for that; never leaves this module
 
 
 # --------------------------------------------------------------------------- hashing and draws
@@ -213,8 +211,7 @@ class Kernel:
     def fill(self, x, mask, s, p) -> int:
         K = self.n_actions
         best, m, smax = -1, 0, 0.0
-        if not self._scores_into(x, s):
-            return FILL_OVERFLOW
+        self._scores_into(x, s)   # no score check: x passed check_vector / check_rows
         for a in range(K):
             if mask is not None and not mask[a]:
                 p[a] = 0.0
@@ -261,9 +258,45 @@ class Kernel:
                                     np.array(s), np.array(self._W).reshape(self.n_actions, -1),
                                     np.array(xs), row)
 
-    def check_row(self, x) -> None:
-        """See the Cython Kernel.check_row."""
-        self.check_rows(np.asarray(x, dtype=np.float64).reshape(1, self.n_inputs), False)
+    def check_row(self, x) -> np.ndarray:
+        """See the Cython Kernel.check_row: decide()'s check of one row; the row as a float64
+        model-input vector."""
+        xs, _ = self.row_input(x)
+        return np.array(xs, dtype=np.float64).reshape(self.n_inputs)
+
+    def row_input(self, x):
+        """(D floats, count of unknown names): see the Cython Kernel.row_input."""
+        D, unknown = self.n_inputs, 0
+        if isinstance(x, np.ndarray):
+            if x.ndim != 1 or x.shape[0] != D:
+                raise FeatureError(f"policy {self.name!r} expects {D} features "
+                                   f"{list(self.input_names)[:8]}{'...' if D > 8 else ''}, "
+                                   f"got array of shape {x.shape}")
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+                    or x.dtype == np.bool_):
+                raise FeatureError(f"features must be a numeric array, got dtype {x.dtype}")
+            xs = x.astype(np.float64).tolist()
+        elif isinstance(x, Mapping):
+            xs = [0.0] * D
+            unknown = self.encode_into(x, xs)
+        else:
+            arr = _numeric(x)
+            if arr.ndim != 1 or arr.shape[0] != D:
+                raise FeatureError(f"policy {self.name!r} expects {D} features, got shape "
+                                   f"{arr.shape}")
+            xs = arr.tolist()
+        self.check_vector(xs)
+        return xs, unknown
+
+    def check_vector(self, xs) -> None:
+        """See the Cython Kernel.check_vector (its safe-norm shortcut only skips work: a row
+        passes both exactly when it is finite and every score is within the limit)."""
+        for j in range(self.n_inputs):
+            if not math.isfinite(xs[j]):
+                raise FeatureError(f"feature {self.input_names[j]!r} is {xs[j]} (must be "
+                                   "finite)")
+        if not self._scores_into(xs, [0.0] * self.n_actions):
+            raise self.overflow_error(xs)
 
     def check_rows(self, x, numbered=True) -> None:
         """See the Cython Kernel.check_rows: refuse a batch with an overflowing row up front."""
@@ -274,7 +307,7 @@ class Kernel:
             n = 1
         else:
             with np.errstate(over="ignore"):   # an overflow to inf just means "look closer"
-                if math.sqrt(float(np.sum(x * x))) <= self.x_safe:
+                if math.sqrt(float(np.sum(x * x))) < self.x_safe:
                     return
         s = [0.0] * self.n_actions
         for i in range(n):
@@ -333,8 +366,7 @@ class Kernel:
         p = [0.0] * self.n_actions
         for i in range(x.shape[0]):
             s = [0.0] * self.n_actions
-            if self.fill(x[i].tolist(), None, s, p) == FILL_OVERFLOW:
-                raise self.overflow_error(x[i], i)
+            self.fill(x[i].tolist(), None, s, p)   # _as_matrix refused out-of-range rows
             out[i] = s
         return out
 
@@ -346,10 +378,7 @@ class Kernel:
         for i in range(x.shape[0]):
             mask = masks[i * stride].tolist() if stride >= 0 else None
             p = [0.0] * self.n_actions
-            r = self.fill(x[i].tolist(), mask, s, p)
-            if r == FILL_OVERFLOW:
-                raise self.overflow_error(x[i], i)
-            if r < 0:
+            if self.fill(x[i].tolist(), mask, s, p) < 0:   # rows checked by _as_matrix
                 p[self.default_index] = 1.0
             out[i] = p
         return out
@@ -824,8 +853,7 @@ class DecisionPoint:
 
     def _choose(self, k, xs, mask, hi, lo):
         """(action, probability) of the policy's own choice over ``mask``; the action is
-        negative when none is eligible, FILL_OVERFLOW when a score overflows (see the
-        Cython DecisionPoint._choose)."""
+        negative when none is eligible (see the Cython DecisionPoint._choose)."""
         s, p = [0.0] * k.n_actions, [0.0] * k.n_actions
         a = k.fill(xs, mask, s, p)
         if a >= 0:
@@ -869,11 +897,6 @@ class DecisionPoint:
                     out.flags |= FLAG_DEFAULT
             else:
                 a, prob = self._choose(k, xs, mask, hi, lo)
-                if a == FILL_OVERFLOW:   # the caller raises; nothing charged or counted
-                    out.action, out.prob, out.reason = k.default_index, 1.0, R_OVERFLOW
-                    if use_caps:
-                        self.caps.leave()
-                    return out
                 if a >= 0:
                     out.reason = R_POLICY
                 else:
@@ -895,29 +918,8 @@ class DecisionPoint:
         return out
 
     def _features(self, k: Kernel, x):
-        D = k.n_inputs
-        if isinstance(x, np.ndarray):
-            if x.ndim != 1 or x.shape[0] != D:
-                raise FeatureError(f"policy {k.name!r} expects {D} features "
-                                   f"{list(k.input_names)[:8]}{'...' if D > 8 else ''}, "
-                                   f"got array of shape {x.shape}")
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
-                    or x.dtype == np.bool_):
-                raise FeatureError(f"features must be a numeric array, got dtype {x.dtype}")
-            xs = x.astype(np.float64).tolist()
-        elif isinstance(x, Mapping):
-            xs = [0.0] * D
-            self.n_unknown_features += k.encode_into(x, xs)
-            return xs
-        else:
-            arr = _numeric(x)
-            if arr.ndim != 1 or arr.shape[0] != D:
-                raise FeatureError(f"policy {k.name!r} expects {D} features, got shape "
-                                   f"{arr.shape}")
-            xs = arr.tolist()
-        for j in range(D):
-            if not math.isfinite(xs[j]):
-                raise FeatureError(f"feature {k.input_names[j]!r} is {xs[j]} (must be finite)")
+        xs, unknown = k.row_input(x)
+        self.n_unknown_features += unknown
         return xs
 
     def _mask(self, k: Kernel, eligible):
@@ -966,9 +968,6 @@ class DecisionPoint:
             # One per-row routine for every path, as in the compiled core.
             row = self._decide_row(k, xs, mask, user is not None, uh, present, num, hsh, b,
                                    self.id_hi, lo, t + self.cap_clock_ns)
-            if row.reason == R_OVERFLOW:
-                self.next_lo -= 1   # a refused decision takes no event id
-                raise k.overflow_error(xs)
             flags |= row.flags
             held = row.reason == R_HOLDOUT
             self.n_holdout += held

@@ -397,21 +397,10 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         if policy is None:
             return x                      # every row gets the default: nothing to check
         try:
-            if isinstance(x, dict):
-                vec = policy.encode(x)    # validates names, types and finiteness itself
-            else:
-                # The scorer has no public shape/finiteness check for one vector (decide()
-                # does it inline), so these two mirror decide()'s messages.
-                if x.shape[0] != policy.n_inputs:
-                    raise FeatureError(f"policy {name!r} expects {policy.n_inputs} inputs, "
-                                       f"got {x.shape[0]}")
-                if not np.isfinite(x).all():
-                    j = int(np.argmin(np.isfinite(x)))
-                    raise FeatureError(f"feature {policy.input_names[j]!r} is {x[j]} (must "
-                                       "be finite)")
-                vec = x
-            # Scores out of range too, so that no row is decided when a later one is refused.
-            policy.compiled().check_row(vec)
+            # The scorer's own check of one row, the one decide() runs (shape, type,
+            # finiteness, scores in range), so that no row is decided when a later one is
+            # refused and every row is accepted or refused exactly as decide() would.
+            vec = policy.compiled().check_row(x)
         except FeatureError as exc:
             raise _Invalid(f"{where}{'vector' if len(row.vector) else 'features'}",
                            str(exc)) from None
