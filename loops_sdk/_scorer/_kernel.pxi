@@ -185,7 +185,9 @@ cdef class Kernel:
         action or -1 when none is eligible. Ineligible actions get probability 0."""
         cdef int K = self.n_actions, D = self.n_inputs, KP = self.k_padded
         cdef int a, best = -1, m = 0, nt = 0, j, jb, jn, S
-        cdef double acc, smax = 0.0, z, q, g, jmax
+        # -inf: every finite score beats it, so the scan needs no "first eligible" test (an
+        # eligible NaN leaves best at -1, but it also sets `bad`, tested before best is used).
+        cdef double acc, smax = -INFINITY, z, q, g, jmax
         cdef double* t
         loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
         cdef int bad = 0
@@ -199,7 +201,7 @@ cdef class Kernel:
                 s[a] = 0.0
                 continue
             m += 1
-            if best < 0 or acc > smax:
+            if acc > smax:
                 best = a
                 smax = acc
                 nt = 1
@@ -232,13 +234,17 @@ cdef class Kernel:
                     p[a] = p[a] / z
         elif self.kind == KIND_SQUARECB:
             z = 0.0
-            for a in range(K):
-                if (mask == NULL or mask[a] != 0) and s[a] != smax:
-                    p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
-                    z = z + p[a]
-            if nt == 1:
+            if nt == 1:     # the common case; the same numbers as the loop below would give
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and a != best:
+                        p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
+                        z = z + p[a]
                 p[best] = 1.0 - z
             else:   # the tied best actions share the rest
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and s[a] != smax:
+                        p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
+                        z = z + p[a]
                 g = (1.0 - z) / nt
                 for a in range(K):
                     if (mask == NULL or mask[a] != 0) and s[a] == smax:

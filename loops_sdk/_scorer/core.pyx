@@ -23,7 +23,7 @@
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport exp, fabs, isfinite, sqrt
+from libc.math cimport INFINITY, exp, fabs, isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT

@@ -233,7 +233,7 @@ class Kernel:
 
     def fill(self, x, mask, s, p) -> int:
         K = self.n_actions
-        best, m, smax, nt = -1, 0, 0.0, 0
+        best, m, smax, nt = -1, 0, -math.inf, 0
         if not self._scores_into(x, s):
             return FILL_OVERFLOW
         for a in range(K):
@@ -243,7 +243,7 @@ class Kernel:
                 continue
             acc = s[a]
             m += 1
-            if best < 0 or acc > smax:
+            if acc > smax:
                 best, smax, nt = a, acc, 1
             elif acc == smax:       # exactly equal: a tie, shared below
                 nt += 1
