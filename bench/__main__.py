@@ -13,13 +13,14 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import decide, learner, learning, memory, peers, service, shipping
+from . import caps, cluster, decide, learner, learning, memory, peers, service, shipping
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
             "learner": learner.run, "shipping": shipping.run, "service": service.run,
-            "learning": learning.run}
+            "learning": learning.run, "cluster": cluster.run, "caps": caps.run}
 # Minutes, not seconds, and it needs vowpalwabbit and scikit-learn: only with --only learning.
-OPT_IN = {"learning"}
+# The cluster section starts Ray several times and needs the `ray` extra: --only cluster.
+OPT_IN = {"learning", "cluster"}
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -27,17 +27,30 @@ Figures: progressive reward (mean observed reward over the stream) for the bake-
 for the CRM worlds decisions to 90 % of the oracle, decisions to recover 90 % of the new
 oracle after the change, cumulative net value per decision, candidates promoted/rejected.
 Targets are printed next to them, never asserted.
+
+The **new-bonus world** (:func:`bench.worlds.new_bonus_stream`, :func:`run_new_bonus`) adds a
+bonus mid-run whose attributes lie between the others'. LOOPS's shared policy
+(``Policy.shared`` over the attributes) and linear policy (per-action weights) get it through
+``Policy.with_actions`` published on the learner; VW ``--cb_explore_adf -q sa`` sees it as a new
+action line, described by its attributes or by its id only. Figures: decisions after the
+introduction until 90 % of the new oracle, and until the players it is best for get it
+(80 % of them over a rolling window). ``python -m bench.learning`` runs only this world.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+# The A/B protocol and the oracle-share figures live in the package, so `loops demo` compares
+# with the same ones.
+from loops_sdk.evaluation.ab_test import (Z_ALPHA, Z_POWER, ab_required_n,  # noqa: F401
+                                          ab_should_stop, decisions_to_share, rolling,
+                                          run_ab_test)
 
 from .common import Row
 from .worlds import Stream, crm_worlds, sklearn_streams, synthetic_streams
@@ -47,43 +60,9 @@ WINDOW = 1000          # rolling window of the "90 % of the oracle" figures
 ORACLE_SHARE = 0.9
 RECOVERY_TARGET = 10_000
 AB_FRACTION = 1 / 3
-Z_ALPHA, Z_POWER = 1.959963984540054, 0.8416212335729143   # 95 % two-sided, 80 % power
 
 
 # ----------------------------------------------------------------------------- A/B test
-def ab_required_n(var_a: float, var_b: float, delta: float) -> float:
-    """Per-arm sample size of a two-sample z test (95 %, two-sided) with 80 % power to detect
-    a difference ``delta`` between arms with variances ``var_a`` and ``var_b``."""
-    if delta == 0:
-        return math.inf
-    return (Z_ALPHA + Z_POWER) ** 2 * (var_a + var_b) / delta ** 2
-
-
-def ab_should_stop(counts: np.ndarray, sums: np.ndarray, sumsq: np.ndarray,
-                   min_per_arm: int = 30) -> tuple[bool, int]:
-    """The sequential A/B rule at one checkpoint: ``(stop, leading arm)``.
-
-    Take the best two arms by observed mean; stop when both have at least the per-arm sample
-    size :func:`ab_required_n` computes from their observed variances and difference (and
-    ``min_per_arm``), and the difference is significant at 95 %.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    if len(counts) < 2:
-        return True, 0
-    if counts.min() < max(min_per_arm, 2):
-        means = np.divide(sums, counts, out=np.zeros_like(counts), where=counts > 0)
-        return False, int(np.argmax(means))
-    means = np.asarray(sums) / counts
-    var = np.maximum(np.asarray(sumsq) / counts - means ** 2, 0.0) * counts / (counts - 1)
-    order = np.argsort(-means, kind="stable")
-    a, b = int(order[0]), int(order[1])
-    delta = means[a] - means[b]
-    need = ab_required_n(var[a], var[b], delta)
-    se = math.sqrt(var[a] / counts[a] + var[b] / counts[b])
-    significant = se == 0 and delta > 0 or se > 0 and delta / se >= Z_ALPHA
-    return bool(min(counts[a], counts[b]) >= need and significant), a
-
-
 @dataclass
 class Played:
     """What one method did on one stream."""
@@ -99,26 +78,9 @@ def play_ab(stream: Stream, seed: int = 0, check_every: int = 500) -> Played:
     """Equal split (uniformly random arm) until :func:`ab_should_stop` at a checkpoint every
     ``check_every`` decisions, then the leader for everyone."""
     rng = np.random.default_rng(seed)
-    K, n = stream.n_actions, stream.n
-    acts = np.empty(n, np.int64)
-    rew = np.empty(n)
-    counts, sums, sumsq = np.zeros(K), np.zeros(K), np.zeros(K)
-    t, stopped_at, winner = 0, None, None
-    while t < n:
-        m = min(check_every, n - t)
-        rows = np.arange(t, t + m)
-        a = rng.integers(0, K, m) if winner is None else np.full(m, winner)
-        r = stream.draw(rows, a, rng)
-        acts[rows], rew[rows] = a, r
-        if winner is None:
-            np.add.at(counts, a, 1)
-            np.add.at(sums, a, r)
-            np.add.at(sumsq, a, r * r)
-        t += m
-        if winner is None:
-            stop, lead = ab_should_stop(counts, sums, sumsq)
-            if stop:
-                winner, stopped_at = lead, t
+    ab = run_ab_test(stream.n, stream.n_actions, lambda rows, a: stream.draw(rows, a, rng),
+                     rng, check_every)
+    acts, rew, stopped_at, winner = ab.arms, ab.rewards, ab.stopped_at, ab.winner
     return Played("A/B test", acts, rew, extra={
         "sample_size": stopped_at, "winner": None if winner is None
         else stream.action_ids[winner]})
@@ -138,27 +100,43 @@ VW_CONFIGS = {
 }
 
 
-def play_vw(stream: Stream, label: str, args: str, seed: int = 0) -> Played:
-    """VW's ``--cb_explore_adf``: predict a pmf, sample, learn the row at once (cost = -reward)."""
+def play_vw(stream: Stream, label: str, args: str, seed: int = 0, *,
+            attributes: bool = False) -> Played:
+    """VW's ``--cb_explore_adf``: predict a pmf, sample, learn the row at once (cost = -reward).
+
+    Action lines carry the action's id (``|a a3``), or with ``attributes`` its numeric
+    attributes from ``stream.meta["attributes"]`` (``|a value:30 wagering:5``), so ``-q sa``
+    crosses the context with them. Only the actions ``stream.eligible`` allows at a row are
+    offered (an action introduced mid-run is a new action line from then on)."""
     import vowpalwabbit
     rng = np.random.default_rng(seed)
     K, n = stream.n_actions, stream.n
     ws = vowpalwabbit.Workspace(f"{args} --quiet --random_seed {seed}")
     acts = np.empty(n, np.int64)
     rew = np.empty(n)
-    action_lines = [f"|a a{k}" for k in range(K)]
+    if attributes:
+        table = stream.meta["attributes"]
+        action_lines = ["|a " + " ".join(f"{k}:{v:.6g}" for k, v in table[a].items())
+                        for a in stream.action_ids]
+    else:
+        action_lines = [f"|a a{k}" for k in range(K)]
+    everything = np.arange(K)
     t0 = time.perf_counter()
     try:
         for t in range(n):
+            offered = everything if stream.eligible is None else np.flatnonzero(
+                stream.eligible[t])
+            lines_t = [action_lines[k] for k in offered]
             shared = "shared |s " + " ".join(f"f{j}:{v:.5g}" for j, v in
                                              enumerate(stream.X[t]) if v != 0.0)
-            pmf = np.asarray(ws.predict([shared] + action_lines), dtype=np.float64)
+            pmf = np.asarray(ws.predict([shared] + lines_t), dtype=np.float64)
             pmf = pmf / pmf.sum()
-            a = int(rng.choice(K, p=pmf))
+            i = int(rng.choice(len(offered), p=pmf))
+            a = int(offered[i])
             r = float(stream.draw(np.array([t]), np.array([a]), rng)[0])
             acts[t], rew[t] = a, r
-            lines = [shared] + [f"0:{-r:.6g}:{pmf[a]:.6g} {action_lines[k]}" if k == a
-                                else action_lines[k] for k in range(K)]
+            lines = [shared] + [f"0:{-r:.6g}:{pmf[i]:.6g} {line}" if j == i else line
+                                for j, line in enumerate(lines_t)]
             ws.learn(lines)
     finally:
         ws.finish()
@@ -176,6 +154,8 @@ class LoopsConfig:
         exploration: ``None`` = the ``Policy.linear`` default.
         learning: LearningSettings overrides (keyword -> value) on top of the defaults.
         promotion: PromotionRule overrides.
+        kind: ``"linear"`` (``Policy.linear``) or ``"shared"`` (``Policy.shared`` over the
+            stream's action attributes).
     """
 
     label: str
@@ -183,6 +163,7 @@ class LoopsConfig:
     exploration: object = None
     learning: dict = field(default_factory=dict)
     promotion: dict = field(default_factory=dict)
+    kind: str = "linear"
 
 
 # Seconds of the (shortened) reward window, the learner's grace and tick: each round waits
@@ -217,9 +198,34 @@ def _initial_policy(stream: Stream, cfg: LoopsConfig):
     learning = replace(LearningSettings(), reward_window_seconds=_WINDOW_S,
                        retrain_every_seconds=LearningSettings().retrain_every_seconds,
                        promotion=promotion, **cfg.learning)
-    actions = [Action(a, float(c)) for a, c in zip(stream.action_ids, stream.costs)]
+    table = stream.meta.get("attributes", {})
+    actions = [Action(a, float(c), attributes=table.get(a, {}))
+               for a, c in zip(stream.action_ids, stream.costs)]
+    if stream.eligible is not None:     # actions introduced later are added by with_actions
+        actions = [a for a, ok in zip(actions, stream.eligible[0]) if ok]
+    if cfg.kind == "shared":
+        return Policy.shared("learn", stream.X.shape[1], actions,
+                             list(next(iter(table.values()))), exploration=cfg.exploration,
+                             learning=learning)
     return Policy.linear("learn", stream.X.shape[1], actions, exploration=cfg.exploration,
                          learning=learning)
+
+
+def _introduce(stream: Stream, learner, policy, t: int) -> bool:
+    """Publish the served policy with every action eligible at row ``t`` (``with_actions``:
+    a new action keeps what the model knows, e.g. a shared policy's weights). True when the
+    action set changed."""
+    from loops_sdk import Action, Policy
+    want = [stream.action_ids[k] for k in np.flatnonzero(stream.eligible[t])]
+    served = Policy.from_bytes(learner.store.get_policy(policy.name).data)
+    if list(served.action_ids) == want:
+        return False
+    table = stream.meta.get("attributes", {})
+    full = {a: Action(a, float(c), attributes=table.get(a, {}))
+            for a, c in zip(stream.action_ids, stream.costs)}
+    learner.publish(served.with_actions([full[a] for a in want], version=0),
+                    f"learning bench: action set at row {t:,}")
+    return True
 
 
 def _wait(predicate, timeout: float, step: float = 0.005) -> bool:
@@ -263,9 +269,16 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
                 t = 0
                 while t < n:
                     m = min(cfg.lag, n - t)
+                    if stream.eligible is not None and _introduce(stream, learner, policy, t):
+                        served = status().current_version
+                        if not _wait(lambda: client.policy(policy.name).version >= served, 10):
+                            stalls += 1
                     rows = np.arange(t, t + m)
                     batch = client.decide_batch(policy.name, stream.X[rows])
+                    # The policy's actions are the stream's eligible ones, in stream order.
                     a = np.asarray(batch.actions, dtype=np.int64)
+                    if stream.eligible is not None:
+                        a = np.flatnonzero(stream.eligible[t])[a]
                     r = stream.draw(rows, a, rng)
                     gross = r + stream.costs[a]         # the learner subtracts the cost
                     for i in range(m):
@@ -290,39 +303,24 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
                         stalls += 1
                 client.flush(10)
             gate = dict(learner.gate_counts)
-            final = int(learner.status().policies[0].current_version)
+            st = learner.status().policies[0]
+            final = int(st.current_version)
+            changes = int(st.changes_detected)
+            # Where in the stream each alarm came (rows trained on when it fired).
+            alarm_rows = [int(c[4]) for c in learner.store.changes(policy.name)]
         finally:
             learner.stop(1.0)
     return Played(cfg.label, acts, rew, time.perf_counter() - t0,
                   {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
                    "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
                    "final_version": final, "stalls": stalls,
+                   "changes_detected": changes, "change_alarm_rows": alarm_rows,
                    "exploration": str(policy.exploration),
                    "retrain_every_events": cadence,
                    "gate_window_rows": policy.learning.promotion.window_rows})
 
 
 # ----------------------------------------------------------------------------- figures
-def rolling(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of ``values[t - window + 1 : t + 1]`` for each ``t >= window - 1``."""
-    c = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
-    return (c[window:] - c[:-window]) / window
-
-
-def decisions_to_share(expected: np.ndarray, oracle: np.ndarray, start: int = 0,
-                       end: int | None = None, window: int = WINDOW,
-                       share: float = ORACLE_SHARE) -> int | None:
-    """Decisions after ``start`` until the rolling mean (over ``window`` decisions, all at or
-    after ``start``) of the chosen actions' expected reward first reaches ``share`` of the
-    oracle's over the same rows; ``None`` if never before ``end``."""
-    end = len(expected) if end is None else end
-    e, o = expected[start:end], oracle[start:end]
-    if len(e) < window:
-        return None
-    ok = np.nonzero(rolling(e, window) >= share * rolling(o, window))[0]
-    return int(ok[0] + window) if len(ok) else None
-
-
 def crm_figures(stream: Stream, p: Played) -> dict:
     expected = stream.mean[np.arange(stream.n), p.actions]
     oracle = stream.oracle()
@@ -333,6 +331,99 @@ def crm_figures(stream: Stream, p: Played) -> dict:
             "oracle_per_decision": float(oracle.mean()),
             "observed_net_per_decision": float(p.rewards.mean()),
             "last_window_share": float(expected[-WINDOW:].mean() / oracle[-WINDOW:].mean())}
+
+
+NEW_USED_SHARE, NEW_USED_WINDOW = 0.8, 500
+
+
+def new_bonus_figures(stream: Stream, p: Played) -> dict:
+    """After the new action's introduction: decisions until 90 % of the new oracle (rolling
+    :data:`WINDOW`), until the players it is best for get it (:data:`NEW_USED_SHARE` of them
+    over a rolling :data:`NEW_USED_WINDOW` of such players; counted in all decisions), the
+    share of those players given it in the first 2,000 decisions, and net value per decision
+    after the introduction."""
+    at = stream.meta["introduced"]["at"]
+    new = stream.action_ids.index(stream.meta["introduced"]["action"])
+    expected = stream.mean[np.arange(stream.n), p.actions]
+    oracle = stream.oracle()
+    best_new = np.flatnonzero(stream.oracle_actions() == new)
+    best_new = best_new[best_new >= at]
+    got = (p.actions[best_new] == new).astype(np.float64)
+    used_at = None
+    if got.size >= NEW_USED_WINDOW:
+        ok = np.flatnonzero(rolling(got, NEW_USED_WINDOW) >= NEW_USED_SHARE)
+        if ok.size:
+            used_at = int(best_new[ok[0] + NEW_USED_WINDOW - 1] - at + 1)
+    early = best_new < at + 2000
+    return {"to_90_after": decisions_to_share(expected, oracle, at),
+            "new_used_at": used_at,
+            "new_share_first_2000": float(got[early].mean()) if early.any() else None,
+            "net_after": float(expected[at:].mean()),
+            "oracle_after": float(oracle[at:].mean()),
+            "net_per_decision": float(expected.mean())}
+
+
+def new_bonus_methods(have_vw: bool) -> list:
+    """(label, how to play) of every method compared on the new-bonus world."""
+    from loops_sdk import Exploration
+    common = dict(lag=200, exploration=Exploration.squarecb(TUNED_GAMMA["crm"]),
+                  learning={"retrain_every_events": 200}, promotion={"window_rows": 5000})
+    off = dict(common, promotion={"window_rows": 5000, "kind": "always"})
+    out = [(c.label, lambda s, c=c: play_loops(s, c)) for c in (
+        LoopsConfig("LOOPS shared, tuned", kind="shared", **common),
+        LoopsConfig("LOOPS linear, tuned", **common),
+        LoopsConfig("LOOPS shared, tuned, gate off", kind="shared", **off),
+        LoopsConfig("LOOPS linear, tuned, gate off", **off))]
+    if have_vw:
+        out += [("VW squarecb, attributes", lambda s: play_vw(
+                    s, "VW squarecb, attributes", VW_CONFIGS["VW squarecb"], attributes=True)),
+                ("VW squarecb, action ids", lambda s: play_vw(
+                    s, "VW squarecb, action ids", VW_CONFIGS["VW squarecb"]))]
+    out.append(("uniform", lambda s: _play_uniform_eligible(s)))
+    return out
+
+
+def _play_uniform_eligible(stream: Stream, seed: int = 0) -> Played:
+    rng = np.random.default_rng(seed)
+    u = rng.random((stream.n, stream.n_actions)) * stream.eligible
+    a = u.argmax(axis=1)
+    return Played("uniform", a, stream.draw(np.arange(stream.n), a, rng))
+
+
+def run_new_bonus(quick: bool = False, have_vw: bool = True, log=None) -> tuple[list[Row], dict]:
+    """The new-bonus world for every method of :func:`new_bonus_methods`."""
+    from .worlds import new_bonus_stream
+    stream = (new_bonus_stream(8000, 4000, seed=31) if quick
+              else new_bonus_stream(30_000, 10_000, seed=31))
+    at = stream.meta["introduced"]["at"]
+    new = stream.meta["introduced"]["action"]
+    out: list[Row] = []
+    raw: dict = {}
+    base = f"{stream.name} (n={stream.n:,}, {new} added at {at:,})"
+    for label, play in new_bonus_methods(have_vw):
+        p = play(stream)
+        if log is not None:
+            log(f"{stream.name}: {label} {p.seconds:.0f} s")
+        f = {**new_bonus_figures(stream, p), **p.extra}
+        raw[label] = f
+        note = (f"oracle after {f['oracle_after']:.2f}; players it is best for got it "
+                + ("-" if f["new_share_first_2000"] is None
+                   else f"{f['new_share_first_2000']:.0%}") + " of the time in the first 2,000"
+                + (f"; promoted {p.extra['promoted']}, rejected {p.extra['rejected']}, "
+                   f"changes detected {p.extra['changes_detected']}"
+                   if label.startswith("LOOPS") else ""))
+        out.append(Row(NAME, f"{base} {label}: net/decision after", f["net_after"], "net/dec",
+                       note=note))
+        if label == "uniform":
+            continue
+        for key, what in (("to_90_after", "decisions to 90% of oracle after adding"),
+                          ("new_used_at", f"decisions until its players get it "
+                                          f"({NEW_USED_SHARE:.0%})")):
+            v = f[key]
+            out.append(Row(NAME, f"{base} {label}: {what}", None if v is None else float(v),
+                           "decisions", note="" if v is not None else "not reached by the end"))
+    return out, {stream.name: {"n": stream.n, "introduced": stream.meta["introduced"],
+                               "methods": raw}}
 
 
 def _fmt_n(v: int | None, total: int) -> str:
@@ -389,7 +480,8 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                     target = f">= VW best ({vw_best.method[3:]}, {vw_best.rewards.mean():.3f})"
                     met = pr >= float(vw_best.rewards.mean())
                 note = (f"round {p.extra['lag']}, promoted {p.extra['promoted']}, rejected "
-                        f"{p.extra['rejected']}, held {p.extra['held']}")
+                        f"{p.extra['rejected']}, held {p.extra['held']}; changes detected "
+                        f"{p.extra['changes_detected']} (stationary stream)")
             elif p.method == "A/B test":
                 note = (f"stopped at {_fmt_n(p.extra['sample_size'], stream.n)}, winner "
                         f"{p.extra['winner']}")
@@ -410,7 +502,9 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                            note=f"oracle {oracle:.2f}; last {WINDOW:,}: "
                                 f"{f['last_window_share']:.0%} of oracle"
                                 + (f"; promoted {p.extra['promoted']}, rejected "
-                                   f"{p.extra['rejected']}, held {p.extra['held']}"
+                                   f"{p.extra['rejected']}, held {p.extra['held']}; changes "
+                                   f"detected {p.extra['changes_detected']} at rows "
+                                   f"{p.extra['change_alarm_rows']}"
                                    if p.method.startswith("LOOPS") else "")
                                 + (f"; stopped at {_fmt_n(ab_n, stream.n)}, winner "
                                    f"{p.extra['winner']}" if p.method == "A/B test" else "")))
@@ -435,4 +529,15 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                            (rec is not None and rec <= RECOVERY_TARGET)
                            if p.method.startswith("LOOPS") else None,
                            "" if rec is not None else "not reached by the end"))
+    rows, data = run_new_bonus(quick, have_vw, log)
+    out.extend(rows)
+    raw["streams"].update(data)
     return out, raw
+
+
+if __name__ == "__main__":   # python -m bench.learning: the new-bonus world alone
+    import sys as _sys
+    from .__main__ import print_table
+    _rows, _ = run_new_bonus("--quick" in _sys.argv,
+                             log=lambda s: print(f"[bench]   {s}", file=_sys.stderr, flush=True))
+    print_table(_rows)

@@ -32,9 +32,9 @@ _MiB = 1 << 20
 class _Abort(Exception):
     """``abort`` inside a synchronous handler: the wrapper awaits the real one."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.trailing = code, details, tuple(trailing)
 
 
 class _SyncContext:
@@ -48,6 +48,9 @@ class _SyncContext:
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise _Abort(code, details)
+
+    def abort_with_status(self, status: Any) -> NoReturn:   # errors with google.rpc details
+        raise _Abort(status.code, status.details, status.trailing_metadata)
 
     def time_remaining(self) -> float | None:
         return self._ctx.time_remaining()
@@ -73,7 +76,7 @@ def _aio_handler(behavior: Any) -> Any:
         try:
             return behavior(request, _SyncContext(context))
         except _Abort as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, exc.details, exc.trailing)
 
     return handle
 

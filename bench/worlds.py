@@ -9,6 +9,10 @@ Two kinds, both with fixed seeds and bounded sizes:
 * :class:`CrmWorld`: simulated players in hidden segments, bonuses that cost money, deposits
   that are zero-inflated and log-normal (heavy-tailed), and at ``change_at`` the best bonus of
   the largest segment changes. Expected net values are known, so the oracle is exact.
+* :func:`new_bonus_stream`: a CRM world whose bonuses are described by numeric attributes
+  (face value, wagering requirement) and whose response is linear in them; a new bonus with
+  attributes between the existing ones is introduced mid-run and is the best for the largest
+  segment. It measures how fast a method uses a bonus it has never seen.
 
 Every stream exposes the same surface: ``X`` (n, d) float features, ``n_actions``,
 ``action_ids``, ``costs``, ``expected(t)`` (the expected reward of every action at row ``t``)
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Stream", "classification_stream", "sklearn_streams", "synthetic_streams",
-           "CrmWorld", "crm_worlds"]
+           "CrmWorld", "crm_worlds", "new_bonus_stream"]
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Stream:
             ``(rows, actions, rng) -> observed reward``.
         change_at: row where the world changes (``None``: stationary).
         segment: ``(n,)`` hidden segment of each row (CRM worlds), for the report only.
+        eligible: ``(n, K)`` which actions exist at each row (``None``: all); an action
+            introduced mid-run is ineligible before. The oracle picks among eligible ones.
     """
 
     name: str
@@ -51,6 +57,7 @@ class Stream:
     segment: np.ndarray | None = None
     kind: str = "classification"
     meta: dict = field(default_factory=dict)
+    eligible: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -62,10 +69,14 @@ class Stream:
 
     def oracle(self) -> np.ndarray:
         """``(n,)`` the best expected reward at each row (what an all-knowing policy gets)."""
-        return self.mean.max(axis=1)
+        return self._available().max(axis=1)
 
     def oracle_actions(self) -> np.ndarray:
-        return self.mean.argmax(axis=1)
+        return self._available().argmax(axis=1)
+
+    def _available(self) -> np.ndarray:
+        return self.mean if self.eligible is None else np.where(self.eligible, self.mean,
+                                                                 -np.inf)
 
     def draw(self, rows: np.ndarray, actions: np.ndarray, rng: np.random.Generator
              ) -> np.ndarray:
@@ -240,3 +251,42 @@ def crm_worlds() -> list[CrmWorld]:
         after=[5.0, 7.0, 12.0, 9.0],          # newcomers now respond to odds boosts
         p_deposit=0.2, sigma=1.3)
     return [casino, sports]
+
+
+# The new-bonus world: bonuses described by (face value, wagering requirement x).
+NEW_BONUS_ACTIONS = {"no_bonus": (0.0, 0.0), "spins_10": (10.0, 0.0),
+                     "match_25": (25.0, 40.0), "match_50": (50.0, 40.0),
+                     # introduced mid-run: a low-wagering match, its value between the others'
+                     "lowwager_30": (30.0, 5.0)}
+# Per segment: expected deposit = base + per_value * value - per_wagering * wagering.
+NEW_BONUS_SEGMENTS = {  # share, base, per_value, per_wagering
+    "casual": (0.5, 8.0, 0.9, 0.35),       # dislikes wagering: the new bonus is its best
+    "bonus_hunter": (0.3, 6.0, 0.45, 0.02),  # no bonus pays for itself
+    "whale": (0.2, 40.0, 1.2, 0.05),       # the biggest bonus stays best
+}
+COST_PER_VALUE = 0.5   # what a bonus costs the operator per unit of face value
+
+
+def new_bonus_stream(n: int = 30_000, introduce_at: int = 10_000, seed: int = 31) -> Stream:
+    """A CRM stream (heavy-tailed deposits, noisy segment features) whose last action,
+    ``lowwager_30``, exists only from row ``introduce_at`` on. Expected deposits are linear in
+    the bonuses' attributes per segment, so a model over context x attributes can score the
+    new bonus before it is ever played; a per-action model cannot. ``meta["attributes"]``
+    holds each action's attributes, ``meta["introduced"]`` the new action and its row."""
+    ids = tuple(NEW_BONUS_ACTIONS)
+    attrs = np.array(list(NEW_BONUS_ACTIONS.values()))            # (K, 2)
+    seg = np.array(list(NEW_BONUS_SEGMENTS.values()))             # (S, 4)
+    deposit = seg[:, 1:2] + seg[:, 2:3] * attrs[:, 0] - seg[:, 3:4] * attrs[:, 1]
+    world = CrmWorld("crm:new-bonus", ids, costs=COST_PER_VALUE * attrs[:, 0],
+                     deposit=deposit, share=seg[:, 0], changed_segment=0,
+                     after=deposit[0], p_deposit=0.3, sigma=1.0, confusion=0.05)
+    s = world.stream(n, None, seed=seed)
+    eligible = np.ones((n, len(ids)), dtype=bool)
+    eligible[:introduce_at, -1] = False
+    s.eligible, s.change_at = eligible, introduce_at
+    s.kind = "crm"
+    s.meta.update(attributes={a: {"value": v, "wagering": w}
+                              for a, (v, w) in NEW_BONUS_ACTIONS.items()},
+                  introduced={"action": ids[-1], "at": introduce_at},
+                  segments=list(NEW_BONUS_SEGMENTS))
+    return s

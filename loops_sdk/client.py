@@ -8,12 +8,13 @@ configuration, policy installation, draining to sinks, the learner connection, f
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 from .records import FeedbackRecords
 from .errors import ArgumentError, argument_error
@@ -37,6 +38,10 @@ class ClientConfig:
     Attributes:
         learner: ``"host:port"`` of the central learner; ``None`` runs offline (policies come
             from ``fallback_policy``/``policies`` and records go to ``sink`` or ``drain()``).
+            A list (or a comma-separated string) of shard addresses of a sharded learner
+            (``loops cluster``): the client talks to one of them, chosen by a stable hash of
+            ``client_id`` (give a fixed ``client_id`` to keep a client on its shard across
+            restarts); while it is down, batches are spooled and retried on that same shard.
         policy_name: the decision point to subscribe to (shorthand for one ``policy_names``).
         policy_names: every decision point to subscribe to; empty with a learner = all.
         fallback_policy: a policy (file path, bytes or :class:`Policy`) used until the learner
@@ -56,9 +61,9 @@ class ClientConfig:
         max_batch_records: largest batch sent in one ``ReportFeedback``.
         spool_dir: base directory for the disk spool (``None``: one under the system temp dir
             derived from the learner address and policy names); spool_max_bytes bounds each
-            process's spool; only past that are records dropped. Several processes (or forked
-            workers) on one base each get their own lane (``lane-N``) in it; a client adopts
-            and replays lanes left by processes that died. Batches the learner refuses go to
+            process's spool; only past that are records dropped. Several processes on one
+            base each get their own lane (``lane-N``) in it; a client adopts and replays
+            lanes left by processes that died. Batches the learner refuses go to
             ``<spool>/dead-letter`` (``loops spool list|resend --dir``).
         rpc_timeout: deadline of each unary call to the learner.
         backoff_initial / backoff_max: exponential retry backoff bounds (full jitter), for the
@@ -66,21 +71,45 @@ class ClientConfig:
             the first batch goes through within about twice ``backoff_max`` (the channel's
             next connect, then the shipper's next try) after the learner is back.
         close_timeout: how long ``close()`` waits to deliver what is buffered.
-        client_id: identifies this client's batches; random when empty. A fixed id may be
-            reused across restarts: each start also draws a random epoch, and the learner
-            deduplicates on (client id, epoch, sequence).
+        client_id: identifies this client's batches (any text); random when empty. A fixed
+            id may be reused across restarts: each start also draws a random epoch, and the
+            learner deduplicates on (client id, epoch, sequence).
         cap_slots: players whose frequency/budget cap counts each decision point keeps (only
             for policies with caps; ~16 + 16 x caps bytes each). Past that, the least recently
             charged player of a full hash bucket is forgotten (``stats()["points"][name]
             ["cap_evictions"]``); size it to the players active within a cap window.
+        shared_caps: a directory for cap tables shared by the processes of this host (best on
+            tmpfs, e.g. ``/dev/shm/loops-caps``): every client given the same directory counts
+            each player's frequency and budget caps in one table per decision point, so the
+            caps hold exactly across those processes (``loops serve --processes N`` sets
+            one). The first process creates a table with its ``cap_slots``; every process
+            must run the same scorer (compiled, or ``LOOPS_PURE_PYTHON=1``). None: caps are
+            counted in this process only.
         metadata: extra gRPC metadata ``(key, value)`` pairs sent with every call to the learner.
         token: bearer token for the learner (role ``client``); None = ``$LOOPS_TOKEN`` if set.
         tls_ca: PEM CA that signed the learner's certificate; setting it turns TLS on.
         tls_cert / tls_key: PEM client certificate and key, for a learner requiring mutual TLS.
         insecure: allow sending the token in plaintext to a non-loopback learner.
+
+    Fork (pre-fork servers, ``multiprocessing``): a client may be created before ``fork()``
+    with its learner connection live. The parent goes on unchanged. The child never touches
+    gRPC (whose core does not survive a fork while its threads run): its client decides at
+    once with the policies it inherited, gets a new event-id prefix and epoch, and writes its
+    records every ``flush_interval`` as fsync'd batch files to ``<spool>/outbox``, which every
+    live client on that spool base (the parent, or the next client started there) sends and
+    deletes once acknowledged; the parent also leaves each new policy version in
+    ``<spool>/policies`` for the children. Records decided in the parent before the fork
+    stay with the parent (the child starts with empty buffers), so none is sent twice. In a
+    child, ``flush(timeout)`` writes everything to the outbox and waits up to ``timeout``
+    for a live client to deliver it; what a killed child can lose is bounded as for any
+    client (its last ``flush_interval``). No ``postfork()`` call is needed where Python's
+    fork hooks run (``os.fork``, ``multiprocessing``, gunicorn, uWSGI with Python forks).
+    gRPC's own fork handlers are turned off (``GRPC_ENABLE_FORK_SUPPORT=0``, set before the
+    client imports gRPC unless already set): they crashed children now and then. A program
+    that imports ``grpc`` before the client starts should set it itself.
     """
 
-    learner: str | None = None
+    learner: str | Sequence[str] | None = None   # a list is kept as a tuple
     policy_name: str | None = None
     policy_names: tuple[str, ...] = ()
     fallback_policy: PolicySource | None = None
@@ -101,6 +130,7 @@ class ClientConfig:
     client_id: str = ""
     metadata: tuple[tuple[str, str], ...] = field(default=())
     cap_slots: int = 65536
+    shared_caps: str | None = None
     token: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -112,16 +142,25 @@ class ClientConfig:
         # or float() error.
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ArgumentError("tls_cert and tls_key go together")
+        if self.learner is not None:
+            object.__setattr__(self, "learner", _learner_addresses(self.learner))
         if self.seed is not None and not 0 <= _setting(self, "seed", int) < 1 << 64:
             raise ArgumentError("seed must be in [0, 2**64)")
-        for name in ("buffer_rows", "max_pending_records", "flush_records",
-                     "max_batch_records", "spool_max_bytes", "cap_slots"):
-            if _setting(self, name, int) <= 0:
-                raise ArgumentError(f"{name} must be positive")
+        # Upper bounds too: the compiled engine takes sizes as C integers (2**70 raised a
+        # bare OverflowError there) and a huge one would be a huge allocation.
+        for name, top in _INT_LIMITS.items():
+            value = _setting(self, name, int)
+            if not 0 < value <= top:
+                raise ArgumentError(f"{name} must be in [1, {top:,}], got {value!r}",
+                                    field=name)
+        if self.shared_caps is not None and not isinstance(self.shared_caps, (str, os.PathLike)):
+            raise argument_error("shared_caps", self.shared_caps, "a directory path or None")
         for name in ("flush_interval", "rpc_timeout", "backoff_initial", "backoff_max",
                      "close_timeout"):
-            if not _setting(self, name, float) > 0:
-                raise ArgumentError(f"{name} must be > 0")
+            value = _setting(self, name, float)
+            if not (math.isfinite(value) and 0 < value <= _MAX_SECONDS):
+                raise ArgumentError(f"{name} must be a number of seconds in (0, "
+                                    f"{_MAX_SECONDS:,}], got {value!r}", field=name)
 
     def channel_security(self) -> "ChannelSecurity":
         """The learner connection's TLS and token settings (``$LOOPS_TOKEN`` when no token)."""
@@ -137,6 +176,29 @@ class ClientConfig:
         return names
 
 
+def _learner_addresses(value: Any) -> str | tuple[str, ...]:
+    """One address as given, or a shard list as a tuple (order matters: it is the routing)."""
+    if isinstance(value, str):
+        if "," not in value:
+            return value
+        value = value.split(",")
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise argument_error("learner", value, '"host:port" or a list of them')
+    out = tuple(value)
+    if not out or not all(isinstance(a, str) and a.strip() for a in out):
+        raise argument_error("learner", value, "a non-empty list of \"host:port\" strings")
+    out = tuple(a.strip() for a in out)
+    if len(set(out)) != len(out):
+        raise ArgumentError("learner: an address is listed twice", field="learner")
+    return out[0] if len(out) == 1 else out
+
+
+# The largest value of each integer setting (far above any real use, far below overflow).
+_INT_LIMITS = {"buffer_rows": 1 << 24, "max_pending_records": 1 << 40, "flush_records": 1 << 40,
+               "max_batch_records": 1 << 31, "spool_max_bytes": 1 << 50, "cap_slots": 1 << 32}
+_MAX_SECONDS = 365 * 86400.0   # threading's waits overflow near 2**63 ns; inf never ends
+
+
 def _setting(config: ClientConfig, name: str, kind: type) -> Any:
     value = getattr(config, name)
     if isinstance(value, (str, bytes)):   # int("5") would parse it
@@ -148,6 +210,27 @@ def _setting(config: ClientConfig, name: str, kind: type) -> Any:
 
 
 _CLIENTS: "weakref.WeakSet[DecisionClient]" = weakref.WeakSet()
+# In a forked child, the parent's learner connections: referenced for ever, so that their gRPC
+# objects are never finalized there (finalizers call into gRPC's core, whose threads and
+# polling state were not copied: that is how a child crashes inside gRPC).
+_ABANDONED: list[Any] = []
+
+
+def _keep_forever(obj: Any) -> None:
+    _ABANDONED.append(obj)
+    try:   # one reference more than any owner: not even interpreter shutdown frees it
+        import ctypes
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    except Exception:  # noqa: BLE001 - not CPython: the list above still holds it
+        pass
+
+
+def _after_fork_in_parent() -> None:
+    for client in list(_CLIENTS):
+        try:
+            client._after_fork_in_parent()
+        except Exception:  # never break the host's fork because of us
+            logger.exception("loops: preparing a client's forked workers failed")
 
 
 def _after_fork_in_child() -> None:
@@ -159,7 +242,8 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class DecisionClient(Engine):
@@ -174,7 +258,8 @@ class DecisionClient(Engine):
     ``decide`` never raises for operational reasons (learner down, no policy yet): it returns the
     caller's ``default`` with ``Decision.reason`` saying why. Bad *input* raises
     :class:`~loops_sdk.FeatureError` or :class:`~loops_sdk.UnknownActionError`.
-    Thread-safe; fork-safe (a child gets fresh locks, event ids and connections).
+    Thread-safe; fork-safe (a forked child gets fresh locks and event ids and never uses the
+    parent's gRPC channel or threads: see :class:`ClientConfig`, "Fork").
     """
 
     def __init__(self, config: ClientConfig | None = None, *,
@@ -188,7 +273,7 @@ class DecisionClient(Engine):
             raise TypeError("pass seed/learner inside ClientConfig when giving a config")
         self.config = config
         self._engine_init(config.seed, config.buffer_rows, config.max_pending_records,
-                          config.record, config.cap_slots)
+                          config.record, config.cap_slots, config.shared_caps)
         self._sink = sink
         self._policies: dict[str, Policy] = {}
         self._install_lock = threading.Lock()
@@ -331,19 +416,37 @@ class DecisionClient(Engine):
         self.close()
 
     def postfork(self) -> None:
-        """Reset after ``fork()``: done automatically through ``os.register_at_fork``; call it
-        yourself only if your platform forks without running those hooks."""
+        """Reset after ``fork()``: done automatically through ``os.register_at_fork`` (as
+        Python's ``os.fork``, ``multiprocessing`` and pre-fork servers do); call it yourself,
+        first thing in the child, only if your platform forks without running those hooks."""
         self._after_fork_in_child()
 
+    def _after_fork_in_parent(self) -> None:
+        transport = self._transport
+        if transport is not None and not self._closed:
+            # children never use gRPC: from now on the parent leaves new policies on disk
+            transport.relay_policies(list(self._policies.values()))
+
     def _after_fork_in_child(self) -> None:
+        # Fresh locks and events: another thread of the parent may have held one at the fork.
         self._install_lock = threading.Lock()
         self._counters_lock = threading.Lock()
+        initialized, self._initialized = self._initialized.is_set(), threading.Event()
+        if initialized:
+            self._initialized.set()
         self._engine_after_fork(None)   # new event-id prefix even with a seed: ids stay unique
-        if self._transport is not None:
-            self._transport.abandon()   # the parent's threads and channel do not exist here
-            self._transport = None
+        old, self._transport = self._transport, None
+        if old is not None:
+            # The parent's threads are gone and its channel, spool and queued batches stay
+            # the parent's (it ships them: nothing decided before the fork is sent twice).
+            old.abandon()
+            _keep_forever(old)
             if not self._closed:
-                self._start_transport()
+                from .sync.forked import ForkedTransport, new_epoch
+                self._transport = ForkedTransport(
+                    self.config, old.spool_base, epoch=new_epoch(), drain=self._drain_records,
+                    set_policy=self.set_policy,
+                    pending_rows=lambda: int(self._engine_stats()["pending"]))
 
     def _start_transport(self) -> None:
         from .sync.transport import LearnerTransport  # grpc is imported only when a learner is used

@@ -1,6 +1,7 @@
 """The exported decision policy: spec, parameters, exploration, holdout, and its file format.
 
-A :class:`Policy` is immutable. Build one in Python with :meth:`Policy.linear`, load one with
+A :class:`Policy` is immutable. Build one in Python with :meth:`Policy.linear` (per-action
+weights) or :meth:`Policy.shared` (weights shared over action attributes), load one with
 :meth:`Policy.load`, derive a new version with :meth:`Policy.with_model`. On disk and on the wire
 it is a ``loops.v1.Policy`` protobuf message whose ``checksum`` (SHA-256 of the deterministic
 serialisation with the checksum cleared) is verified on every load.
@@ -24,7 +25,7 @@ from .rules import (MAX_AMOUNT, MAX_WINDOW_SECONDS, Cap, EligibilityRule, cap_fr
                     explain_bits, rule_from_pb, rule_to_pb)
 from .rules import validate as _validate_rules
 
-__all__ = ["Feature", "Action", "Exploration", "Holdout", "LearningSettings", "RewardDefinition",
+__all__ = ["Feature", "Action", "SharedModel", "Exploration", "Holdout", "LearningSettings", "RewardDefinition",
            "PromotionRule", "Policy", "MODES", "ESTIMATORS", "PROMOTION_KINDS"]
 
 EXPLORATION_KINDS = ("greedy", "epsilon_greedy", "softmax", "squarecb", "thompson")
@@ -84,23 +85,111 @@ class Feature:
 @dataclass(frozen=True)
 class Action:
     """An action the policy can choose: id, cost (subtracted from rewards), tags (for rules
-    and caps) and value (what the player receives, summed by budget caps; None = ``cost``)."""
+    and caps), value (what the player receives, summed by budget caps; None = ``cost``) and
+    numeric ``attributes`` (e.g. ``{"value": 20.0, "wagering": 35.0}``) that a shared
+    policy (:meth:`Policy.shared`) scores, so a new action starts from what similar ones
+    taught."""
 
     id: str
     cost: float = 0.0
     tags: tuple[str, ...] = ()
     value: float | None = None
+    attributes: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.tags, str):
             object.__setattr__(self, "tags", (self.tags,))
         else:
             object.__setattr__(self, "tags", tuple(self.tags))
+        if not isinstance(self.attributes, Mapping):
+            raise argument_error("attributes", self.attributes,
+                                 "a mapping of attribute name to number")
+        attrs = {}
+        for k, v in self.attributes.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(
+                    v, (int, float, np.integer, np.floating)):
+                raise argument_error("attributes", self.attributes,
+                                     "a mapping of attribute name (str) to number")
+            attrs[k] = float(v)
+        object.__setattr__(self, "attributes", attrs)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.cost, self.tags, self.value,
+                     tuple(sorted(self.attributes.items()))))
 
     @property
     def served_value(self) -> float:
         """The value a budget cap counts: ``value``, or ``cost`` when no value is set."""
         return self.cost if self.value is None else float(self.value)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedModel:
+    """Weights shared by every action over its attributes (the ``shared`` model kind).
+
+    With ``x' = [x, 1]`` (the model inputs and a constant) and ``a' = [1, a_1 .. a_A]`` (the
+    constant and the action's values of ``attributes``, in order)::
+
+        score(x, a) = x'^T weights a' + action_bias.get(a.id, 0)
+
+    ``weights`` is ``(D + 1, A + 1)``: row ``D`` against column 0 is the intercept, column 0
+    the context's main effects, row ``D`` the attributes' main effects and the rest the
+    context x attribute interactions (Vowpal Wabbit's ``-q ua``). ``action_bias`` holds the
+    per-action intercepts the trainer fits when ``per_action_bias`` is set (an action without
+    an entry, e.g. one just added, has 0: its score comes from the shared weights alone).
+    """
+
+    attributes: tuple[str, ...]
+    weights: np.ndarray
+    action_bias: Mapping[str, float] = field(default_factory=dict)
+    per_action_bias: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "weights", _readonly(np.asarray(self.weights, np.float64)))
+        object.__setattr__(self, "action_bias",
+                           {str(k): float(v) for k, v in dict(self.action_bias).items()})
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, SharedModel) and self.attributes == other.attributes
+                and self.per_action_bias == other.per_action_bias
+                and self.action_bias == other.action_bias
+                and np.array_equal(self.weights, other.weights))
+
+    __hash__ = None  # type: ignore[assignment]  # holds arrays
+
+    def attribute_matrix(self, name: str, actions: Sequence["Action"]) -> np.ndarray:
+        """``(K, A + 1)``: each action's ``[1, attributes...]``; PolicyError naming the action
+        and the attribute when one is missing or out of range."""
+        out = np.ones((len(actions), len(self.attributes) + 1))
+        for k, a in enumerate(actions):
+            for j, attr in enumerate(self.attributes):
+                if attr not in a.attributes:
+                    raise PolicyError(f"policy {name!r}: action {a.id!r} has no attribute "
+                                      f"{attr!r} (a shared policy needs every declared "
+                                      f"attribute {list(self.attributes)} on every action)")
+                v = a.attributes[attr]
+                if not abs(v) <= MAX_INPUT:
+                    raise PolicyError(f"policy {name!r}: action {a.id!r} attribute {attr!r} "
+                                      f"is {_finite_or_bound(v, MAX_INPUT)}")
+                out[k, j + 1] = v
+        return out
+
+    def expand(self, name: str, actions: Sequence["Action"], n_inputs: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The per-action linear ``(weights (K, D), bias (K,))`` this model scores with
+        (what the scorer evaluates; exact, one matrix product)."""
+        d, a = n_inputs, len(self.attributes)
+        if self.weights.shape != (d + 1, a + 1):
+            raise PolicyError(f"policy {name!r}: shared weights have shape "
+                              f"{self.weights.shape}, expected ({d + 1}, {a + 1}) = (model "
+                              f"inputs + 1, attributes + 1)")
+        attrs = self.attribute_matrix(name, actions)
+        with np.errstate(over="ignore", invalid="ignore"):   # bounds checked by validate
+            weights = attrs @ self.weights[:d].T
+            bias = attrs @ self.weights[d] + np.array(
+                [self.action_bias.get(x.id, 0.0) for x in actions], dtype=np.float64)
+        return weights, bias
 
 
 @dataclass(frozen=True, eq=False)
@@ -396,6 +485,9 @@ class Policy:
     rules: tuple[EligibilityRule, ...] = ()
     caps: tuple[Cap, ...] = ()
     mode: str = "online"       # "online" or "apprentice" (see MODES)
+    # The shared model kind: when set, ``weights`` and ``bias`` are its expansion over the
+    # actions' attributes (derived here, never given; see :class:`SharedModel`).
+    shared_model: SharedModel | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -465,7 +557,64 @@ class Policy:
         policy.validate()
         return policy
 
+    @classmethod
+    def shared(cls, name: str, features: Sequence[FeatureLike] | int,
+               actions: Sequence[ActionLike], attributes: Sequence[str],
+               weights: Any = None, action_bias: Mapping[str, float] | None = None, *,
+               per_action_bias: bool = False, **options: Any) -> "Policy":
+        """Build a policy whose weights are shared over action attributes, and validate it.
+
+        Every action carries the numeric ``attributes`` named here (``Action("b20",
+        attributes={"value": 20.0})``); scores are ``[x, 1]^T W [1, attributes]`` plus an
+        optional per-action bias (see :class:`SharedModel`), so an action added later (see
+        :meth:`with_actions`) scores from what the others taught instead of from zero. The
+        learner fits ``W`` by ridge on the joined rows' context x chosen action's attributes,
+        with the same decayed statistics, standardisation and gate as :meth:`linear`.
+        Deciding costs what a linear policy with the same inputs and actions costs: the model
+        is expanded into per-action linear weights once, when the policy is compiled.
+
+        Args:
+            attributes: the attribute names the model uses, in order (``A`` of them).
+            weights: ``(D + 1, A + 1)``; zeros when omitted.
+            action_bias: per-action intercepts by action id (missing: 0).
+            per_action_bias: let the trainer fit a per-action intercept besides the shared
+                weights (an unplayed or new action's stays 0).
+            options: as for :meth:`linear` (``exploration``, ``holdout``, ``learning``,
+                ``version``, ``metadata``, ``created_at_ms``, ``rules``, ``caps``, ``mode``).
+        Raises:
+            PolicyError: anything malformed, naming the field (e.g. an action without a
+                declared attribute).
+            ArgumentError: an argument of the wrong type, named in the message.
+        """
+        attrs = _sequence("attributes", attributes)
+        for a in attrs:
+            if not isinstance(a, str) or not a:
+                raise argument_error("attributes", attributes, "a sequence of non-empty names")
+            _utf8("attributes", a)
+        if len(set(attrs)) != len(attrs):
+            raise argument_error("attributes", attributes, "names without duplicates")
+        if action_bias is not None and not isinstance(action_bias, Mapping):
+            raise argument_error("action_bias", action_bias, "a mapping of action id to number")
+        if not isinstance(per_action_bias, bool):
+            raise argument_error("per_action_bias", per_action_bias, "a bool")
+        base = cls.linear(name, features, actions, None, None, **options)
+        w = (np.zeros((base.n_inputs + 1, len(attrs) + 1)) if weights is None
+             else _params(name, "shared weights", weights))
+        try:
+            bias = {str(k): float(v) for k, v in dict(action_bias or {}).items()}
+        except (TypeError, ValueError):
+            raise argument_error("action_bias", action_bias,
+                                 "a mapping of action id to number") from None
+        policy = replace(base, shared_model=SharedModel(attrs, w, bias, per_action_bias))
+        policy.validate()
+        return policy
+
     def __post_init__(self) -> None:
+        if self.shared_model is not None:
+            dim = sum(f.width for f in self.features)
+            weights, bias = self.shared_model.expand(self.name, self.actions, dim)
+            object.__setattr__(self, "weights", weights)
+            object.__setattr__(self, "bias", bias)
         object.__setattr__(self, "weights", _readonly(np.asarray(self.weights, dtype=np.float64)))
         object.__setattr__(self, "bias", _readonly(np.asarray(self.bias, dtype=np.float64)))
         object.__setattr__(self, "metadata", dict(self.metadata))
@@ -487,7 +636,21 @@ class Policy:
                    metadata: Mapping[str, str] | None = None, draws: Any = None) -> "Policy":
         """The same spec with new parameters and a new version (validated). ``draws``: a
         Thompson policy's posterior draws for the new parameters (``(samples, K, D + 1)``);
-        the old draws never carry over (without new ones it plays the mean)."""
+        the old draws never carry over (without new ones it plays the mean).
+
+        A shared policy's per-action weights are derived from its shared model: they can only
+        be given back unchanged (e.g. a rollback re-serving a version); new ones go through
+        :meth:`with_shared`."""
+        if self.shared_model is not None:
+            w = _params(self.name, "weights", weights)
+            b = _params(self.name, "bias", bias)
+            if not (np.array_equal(w, self.weights) and np.array_equal(b, self.bias)):
+                raise PolicyError(f"policy {self.name!r}: weights of a shared policy come from "
+                                  "its shared model; use with_shared to change them")
+            policy = replace(self, version=int(version), created_at_ms=int(time.time() * 1000),
+                             metadata=dict(self.metadata if metadata is None else metadata))
+            policy.validate()
+            return policy
         exploration = self.exploration
         if draws is not None or exploration.draws is not None:
             exploration = replace(exploration, draws=None if draws is None
@@ -498,6 +661,48 @@ class Policy:
                          metadata=dict(self.metadata if metadata is None else metadata))
         policy.validate()
         return policy
+
+    def with_shared(self, weights: Any, action_bias: Mapping[str, float] | None = None, *,
+                    version: int, metadata: Mapping[str, str] | None = None) -> "Policy":
+        """A shared policy with new shared weights ``(D + 1, A + 1)`` and per-action biases
+        (None keeps the current ones) and a new version (validated)."""
+        if self.shared_model is None:
+            raise PolicyError(f"policy {self.name!r} is not a shared policy (with_model sets "
+                              "a linear policy's weights)")
+        model = replace(self.shared_model, weights=_params(self.name, "shared weights", weights),
+                        action_bias=self.shared_model.action_bias if action_bias is None
+                        else action_bias)
+        policy = replace(self, shared_model=model, version=int(version),
+                         created_at_ms=int(time.time() * 1000),
+                         metadata=dict(self.metadata if metadata is None else metadata))
+        policy.validate()
+        return policy
+
+    def with_actions(self, actions: Sequence[ActionLike], *,
+                     version: int | None = None) -> "Policy":
+        """The same policy over another action set (e.g. a new bonus added), validated.
+
+        Parameters follow the actions by id. A shared policy keeps its shared weights, so a
+        new action with attributes is scored from them at once (its per-action bias is 0);
+        a linear policy gives a new action zero weights. The version is kept unless given
+        (0 = let the learner assign the next one)."""
+        acts = tuple(a if isinstance(a, Action) else Action(str(a))
+                     for a in _sequence("actions", actions))
+        for a in acts:
+            _utf8("actions", a.id)
+        changes: dict[str, Any] = {"actions": acts, "created_at_ms": int(time.time() * 1000)}
+        ids = {a.id for a in acts}
+        if self.shared_model is not None:
+            changes["shared_model"] = replace(self.shared_model, action_bias={
+                k: v for k, v in self.shared_model.action_bias.items() if k in ids})
+        else:
+            old = {a: i for i, a in enumerate(self.action_ids)}
+            w, b = np.zeros((len(acts), self.n_inputs)), np.zeros(len(acts))
+            for k, a in enumerate(acts):
+                if a.id in old:
+                    w[k], b[k] = self.weights[old[a.id]], self.bias[old[a.id]]
+            changes.update(weights=w, bias=b)
+        return self.with_version(self.version if version is None else version, **changes)
 
     def with_mode(self, mode: str, *, version: int | None = None) -> "Policy":
         """The same policy in another mode: ``"online"`` serves the policy's choice,
@@ -615,6 +820,17 @@ class Policy:
             else:
                 raise PolicyError(f"feature {f.name!r}: unknown kind {f.kind!r}")
         k, dim = len(self.actions), sum(f.width for f in self.features)
+        for a in self.actions:
+            for attr, v in a.attributes.items():
+                if not attr:
+                    raise PolicyError(f"policy {self.name!r}: action {a.id!r} has an empty "
+                                      "attribute name")
+                _utf8("attributes", attr)
+                if not abs(v) <= MAX_INPUT:
+                    raise PolicyError(f"policy {self.name!r}: action {a.id!r} attribute "
+                                      f"{attr!r} is {_finite_or_bound(v, MAX_INPUT)}")
+        if self.shared_model is not None:
+            self._validate_shared(dim)
         if self.weights.shape != (k, dim):
             raise PolicyError(f"policy {self.name!r}: weights have shape {self.weights.shape}, "
                               f"expected ({k}, {dim}) = (actions, model inputs)")
@@ -702,6 +918,44 @@ class Policy:
         self._cache["kernel"] = compile_policy(self)
         return self
 
+    def _validate_shared(self, dim: int) -> None:
+        sm = self.shared_model
+        if not all(isinstance(a, str) and a for a in sm.attributes):
+            raise PolicyError(f"policy {self.name!r}: shared attributes must be non-empty "
+                              f"names, got {list(sm.attributes)}")
+        if len(set(sm.attributes)) != len(sm.attributes):
+            raise PolicyError(f"policy {self.name!r}: duplicate shared attribute in "
+                              f"{list(sm.attributes)}")
+        if sm.weights.shape != (dim + 1, len(sm.attributes) + 1):
+            raise PolicyError(f"policy {self.name!r}: shared weights have shape "
+                              f"{sm.weights.shape}, expected ({dim + 1}, "
+                              f"{len(sm.attributes) + 1}) = (model inputs + 1, attributes + 1)")
+        if not np.all(np.abs(sm.weights) <= MAX_PARAMETER):
+            r, c = np.argwhere(~(np.abs(sm.weights) <= MAX_PARAMETER))[0]
+            rows = (*self.input_names, "1")
+            cols = ("1", *sm.attributes)
+            raise PolicyError(f"policy {self.name!r}: shared weight of input {rows[r]!r} x "
+                              f"attribute {cols[c]!r} is "
+                              f"{_finite_or_bound(sm.weights[r, c], MAX_PARAMETER)}")
+        ids = set(self.action_ids)
+        for aid, v in sm.action_bias.items():
+            if aid not in ids:
+                raise PolicyError(f"policy {self.name!r}: shared action_bias names "
+                                  f"{aid!r}, not an action of the policy")
+            if not abs(v) <= MAX_PARAMETER:
+                raise PolicyError(f"policy {self.name!r}: shared action_bias of {aid!r} is "
+                                  f"{_finite_or_bound(v, MAX_PARAMETER)}")
+        if not sm.per_action_bias and sm.action_bias:
+            raise PolicyError(f"policy {self.name!r}: shared action_bias is set but "
+                              "per_action_bias is off")
+        # The expansion's weights are checked against the scorer's bounds by the generic
+        # checks that follow; name the cause when it is the attributes' scale.
+        if not (np.all(np.abs(self.weights) <= MAX_PARAMETER)
+                and np.all(np.abs(self.bias) <= MAX_PARAMETER)):
+            raise PolicyError(f"policy {self.name!r}: the shared model expands to per-action "
+                              f"weights beyond {MAX_PARAMETER:g} (attributes x shared "
+                              "weights); rescale the attributes")
+
     # ----------------------------------------------------------------- serialisation
     def _message(self) -> tuple[policy_pb2.Policy, bytes]:
         cached = self._cache.get("msg")
@@ -719,10 +973,21 @@ class Policy:
             act = msg.actions.add(id=a.id, cost=a.cost, tags=list(a.tags))
             if a.value is not None:
                 act.value = a.value
-        msg.linear.n_actions = self.n_actions
-        msg.linear.n_inputs = self.n_inputs
-        msg.linear.weights.extend(self.weights.ravel().tolist())
-        msg.linear.bias.extend(self.bias.tolist())
+            if a.attributes:
+                act.attributes.update(a.attributes)
+        if self.shared_model is not None:
+            sm = self.shared_model
+            msg.shared.SetInParent()   # set even when every field holds its default
+            msg.shared.attributes.extend(sm.attributes)
+            msg.shared.n_inputs = self.n_inputs
+            msg.shared.weights.extend(sm.weights.ravel().tolist())
+            msg.shared.action_bias.update(sm.action_bias)
+            msg.shared.per_action_bias = sm.per_action_bias
+        else:
+            msg.linear.n_actions = self.n_actions
+            msg.linear.n_inputs = self.n_inputs
+            msg.linear.weights.extend(self.weights.ravel().tolist())
+            msg.linear.bias.extend(self.bias.tolist())
         e = self.exploration
         msg.exploration.kind = _KIND_TO_PB[e.kind]
         msg.exploration.epsilon = e.epsilon
@@ -827,9 +1092,10 @@ class Policy:
 
     @classmethod
     def _from_message(cls, msg: policy_pb2.Policy) -> "Policy":
-        if msg.WhichOneof("model") != "linear":
+        kind = msg.WhichOneof("model")
+        if kind not in ("linear", "shared"):
             raise PolicyError(f"policy {msg.name!r}: unsupported or missing model kind "
-                              f"{msg.WhichOneof('model')!r}")
+                              f"{kind!r}")
         feats = []
         for f in msg.features:
             if f.kind == policy_pb2.FeatureSpec.NUMERIC:
@@ -842,22 +1108,38 @@ class Policy:
         if msg.exploration.kind not in _PB_TO_KIND:
             raise PolicyError(f"policy {msg.name!r}: unknown exploration kind "
                               f"{msg.exploration.kind}")
-        lin = msg.linear
-        k, dim = lin.n_actions, lin.n_inputs
-        if len(lin.weights) != k * dim or len(lin.bias) != k:
-            raise PolicyError(f"policy {msg.name!r}: linear model holds {len(lin.weights)} "
-                              f"weights and {len(lin.bias)} biases for {k} actions x "
-                              f"{dim} inputs")
+        shared = None
+        if kind == "shared":
+            sm = msg.shared
+            k, dim = len(msg.actions), sm.n_inputs
+            rows, cols = dim + 1, len(sm.attributes) + 1
+            if len(sm.weights) != rows * cols:
+                raise PolicyError(f"policy {msg.name!r}: shared model holds "
+                                  f"{len(sm.weights)} weights for ({dim} inputs + 1) x "
+                                  f"({len(sm.attributes)} attributes + 1)")
+            shared = SharedModel(tuple(sm.attributes),
+                                 np.array(sm.weights, dtype=np.float64).reshape(rows, cols),
+                                 dict(sm.action_bias), sm.per_action_bias)
+            weights, bias = np.zeros((k, dim)), np.zeros(k)   # derived from `shared`
+        else:
+            lin = msg.linear
+            k, dim = lin.n_actions, lin.n_inputs
+            if len(lin.weights) != k * dim or len(lin.bias) != k:
+                raise PolicyError(f"policy {msg.name!r}: linear model holds "
+                                  f"{len(lin.weights)} weights and {len(lin.bias)} biases for "
+                                  f"{k} actions x {dim} inputs")
+            weights = np.array(lin.weights, dtype=np.float64).reshape(k, dim)
+            bias = np.array(lin.bias, dtype=np.float64)
         ls = msg.learning
         if msg.mode not in _PB_TO_MODE:
             raise PolicyError(f"policy {msg.name!r}: unknown mode {msg.mode}")
         policy = cls(
             name=msg.name, version=msg.version, features=tuple(feats),
             actions=tuple(Action(a.id, a.cost, tuple(a.tags),
-                                 a.value if a.HasField("value") else None)
+                                 a.value if a.HasField("value") else None,
+                                 dict(a.attributes))
                           for a in msg.actions),
-            weights=np.array(lin.weights, dtype=np.float64).reshape(k, dim),
-            bias=np.array(lin.bias, dtype=np.float64),
+            weights=weights, bias=bias, shared_model=shared,
             exploration=_exploration_from_pb(msg.exploration, msg.name, k, dim),
             holdout=Holdout(msg.holdout.fraction, msg.holdout.salt,
                             msg.holdout.default_action),
@@ -872,6 +1154,9 @@ class Policy:
             rules=tuple(rule_from_pb(r, msg.name) for r in msg.rules),
             caps=tuple(cap_from_pb(c, msg.name) for c in msg.caps),
             mode=_PB_TO_MODE[msg.mode])
+        if shared is not None and dim != policy.n_inputs:
+            raise PolicyError(f"policy {msg.name!r}: shared model n_inputs {dim} does not "
+                              f"match the features' {policy.n_inputs} model inputs")
         policy.validate()
         return policy
 
@@ -903,6 +1188,8 @@ class Policy:
         extra = "".join([f", rules={len(self.rules)}" if self.rules else "",
                          f", caps={len(self.caps)}" if self.caps else "",
                          ", mode=apprentice" if self.apprentice else ""])
+        if self.shared_model is not None:
+            extra += f", shared over {list(self.shared_model.attributes)}"
         return (f"Policy(name={self.name!r}, version={self.version}, inputs={self.n_inputs}, "
                 f"actions={list(self.action_ids)!r}, exploration={self.exploration.kind}{extra})")
 

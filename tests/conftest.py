@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-from hypothesis import HealthCheck, settings
+# As loops_sdk.sync.transport does for a host importing it before grpc: the test modules
+# import grpc first, and gRPC's own fork handlers crash forked children now and then.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

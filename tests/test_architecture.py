@@ -34,10 +34,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("loops_sdk.sink",),
     ("loops_sdk.net",),                           # channels, server auth, the server set-up
     ("loops_sdk.sync",),                          # shipper + policy watcher, spool
-    ("loops_sdk.client",),                        # DecisionClient: scorer + sink + sync
+    ("loops_sdk.client", "loops_sdk.redis_caps"), # DecisionClient; its capped decisions via Redis
+    ("loops_sdk.metrics",),                       # Prometheus collectors (reads stats, imports none)
     ("loops_sdk.evaluation",),                    # pure numpy off-policy estimators
     ("loops_sdk.serve",),                         # the gRPC decision server
     ("loops_sdk.learner",),                       # store, join, train, gate, report, service
+    ("loops_sdk.cluster",),                       # the sharded learner on Ray
     ("loops_sdk.cli",),                           # the `loops` command and the demo
     ("loops_sdk",),                               # the facade (__init__) and the old aliases
 ]

@@ -142,10 +142,10 @@ def test_decide_batch_matrix_matches_embedded_decide_batch(stub):
     assert list(resp.actions) == [b.action_id(i) for i in range(100)]
     assert list(resp.probabilities) == b.probabilities.tolist()
     assert list(resp.event_ids) == [b.event_id(i) for i in range(100)]
-    assert list(resp.holdout) == b.holdout.tolist()
+    assert list(resp.holdouts) == b.holdout.tolist()
     assert list(resp.reasons) == b.reasons()
     assert resp.policy_version == 1 and resp.policy_name == "bonus"
-    assert any(resp.holdout) and "none" in resp.actions    # held-out users get the default
+    assert any(resp.holdouts) and "none" in resp.actions    # held-out users get the default
     embedded.close()
 
 

@@ -193,7 +193,12 @@ def test_loops_demo_small_beats_uniform():
                          capture_output=True, text=True, timeout=120, env=procs.child_env(),
                          cwd=procs.neutral_cwd())
     assert out.returncode == 0, out.stderr[-2000:]
+    # The first column after a strategy's name is its net value per decision.
     lines = {line.split("  ")[0].strip(): line for line in out.stdout.splitlines()}
-    loops_last = float(lines["LOOPS (last 25% of players)"].split()[-1])
-    uniform = float(lines["uniform random bonus"].split()[-2])
+
+    def net(name: str) -> float:
+        return float(lines[name][len(name):].split()[0])
+
+    loops_last = net("LOOPS (last 25% of players)")
+    uniform = net("uniform random bonus")
     assert loops_last > uniform, out.stdout

@@ -105,8 +105,9 @@ def test_a_dead_worker_is_replaced_while_the_other_keeps_serving(learner, tmp_pa
 def test_pinned_workers_each_run_on_one_cpu(learner, tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     # (the workers also serve from gRPC's thread pool here: server options reach them)
-    with DecisionServerPool(_config(learner, tmp_path), processes=2, pin_cpus=True,
-                            unary_loop=False) as pool:
+    # The learner's v1 as the fallback too, as above: the call below must not race the watch.
+    config = _config(learner, tmp_path, fallback_policy=make_policy("bonus", N_FEATURES))
+    with DecisionServerPool(config, processes=2, pin_cpus=True, unary_loop=False) as pool:
         for k, pid in enumerate(pool.pids):
             assert os.sched_getaffinity(pid) == {cpus[k % len(cpus)]}
             assert pool.cpu_of(k) == cpus[k % len(cpus)]
@@ -165,8 +166,17 @@ def test_cli_serve_processes(learner, tmp_path):
         assert "listening on 127.0.0.1:" in banner and "2 processes" in banner, \
             banner + proc.stderr.read()
         address = banner.split(" listening on ")[1].split()[0]
-        assert _decide_on_fresh_connections(address, 3)[0].reason == "POLICY"
+        # The workers answer as soon as they listen; the learner's policy reaches each one
+        # moments later (its watch), so ask until it has (bounded).
+        reasons: list[str] = []
+
+        def served_by_policy() -> bool:
+            reasons.append(_decide_on_fresh_connections(address, 1)[0].reason)
+            return reasons[-1] == "POLICY"
+        assert wait_until(served_by_policy, 30), reasons
+        _decide_on_fresh_connections(address, 2)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+    # every decision the policy made reaches the learner (a caller's default is not logged)
     assert wait_until(lambda: learner.store.counters().get("decisions", 0) == 3, 10)

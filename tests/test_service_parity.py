@@ -114,7 +114,7 @@ class Pair:
         try:
             b = self.stub.DecideBatch(pb.DecideBatchRequest(
                 decision_point="bonus", rows=[pb.DecideRow(**fields)]), timeout=10)
-            got = (b.actions[0], b.probabilities[0], b.event_ids[0], b.holdout[0],
+            got = (b.actions[0], b.probabilities[0], b.event_ids[0], b.holdouts[0],
                    b.reasons[0])
         except grpc.RpcError as err:
             got = err
@@ -200,14 +200,14 @@ def test_matrix_users_tell_no_user_from_the_empty_key(pair):
     assert list(r.actions) == [b.action_id(i) for i in range(40)]
     assert list(r.probabilities) == b.probabilities.tolist()
     assert list(r.event_ids) == [b.event_id(i) for i in range(40)]
-    assert list(r.holdout) == b.holdout.tolist() and list(r.reasons) == b.reasons()
-    assert all(r.holdout[1::3]) and not any(r.holdout[0::3])   # "" held out, None never
+    assert list(r.holdouts) == b.holdout.tolist() and list(r.reasons) == b.reasons()
+    assert all(r.holdouts[1::3]) and not any(r.holdouts[0::3])   # "" held out, None never
     # Without has_user, "" still means no user (as before the flags existed).
     r = pair.stub.DecideBatch(pb.DecideBatchRequest(
         decision_point="bonus", matrix=X[:2].ravel().tolist(), columns=policy.n_inputs,
         users=["", ""]), timeout=10)
     b = pair.embedded.decide_batch("bonus", X[:2], [None, None])
-    assert list(r.event_ids) == [b.event_id(i) for i in range(2)] and not any(r.holdout)
+    assert list(r.event_ids) == [b.event_id(i) for i in range(2)] and not any(r.holdouts)
 
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)

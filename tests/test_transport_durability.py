@@ -1,8 +1,9 @@
 """The shipper and the spool never lose data (issue 12): refused batches are kept (dead
 letter), a restarted client with a fixed client_id is not mistaken for a re-send, every spool on
 a base directory is replayed by some later client, an outage never keeps records in memory
-through a backoff, recovery follows the client's backoff, and neither background thread dies
-on an unexpected exception.
+through a backoff, recovery follows the client's backoff, neither background thread dies
+on an unexpected exception, and a worker forked with the learner connection live ships through
+its parent (or a later client) and follows new policies without touching gRPC.
 
 Real learners on 127.0.0.1 (in-process or subprocess), real SQLite files, real client
 subprocesses killed with SIGKILL."""
@@ -252,32 +253,144 @@ def test_older_releases_private_spool_is_replayed(tmp_path):
             assert client.stats()["spools_adopted"] == 1
 
 
-@pytest.mark.skip(reason="forking while gRPC's threads run crashed the child inside gRPC "
-                         "(SIGSEGV, about 1 run in 8); open work: fork support in the client")
-def test_forked_worker_spool_is_adopted_by_the_parent(tmp_path, monkeypatch):
-    monkeypatch.setattr(transport, "ADOPT_INTERVAL", 0.2, raising=False)
+def _fork(child) -> int:
+    """Run ``child()`` in a forked process (it must return an exit code, 0 = passed); the
+    child never returns into pytest. Returns its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -999   # hung
+
+
+def test_forked_worker_ships_through_the_parent_and_follows_new_policies(learner, tmp_path):
+    """The worker never touches gRPC: its records reach the learner through the parent's
+    live shipper, and a version the learner publishes after the fork reaches it."""
+    spool = tmp_path / "spool"
+    with DecisionClient(config(learner.address, spool)) as client:
+        assert client.wait_for_initialization(5)
+        client.decide_batch("bonus", np.zeros((100, 3)))     # in memory at the fork
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+
+        def worker() -> int:
+            os.close(ready_r)
+            os.close(go_w)
+            d = client.decide("bonus", np.zeros(3))
+            if d.reason != "POLICY" or client.stats().get("forked") is not True:
+                return 2
+            client.decide_batch("bonus", np.zeros((199, 3)))
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)                          # the learner published v2 meanwhile
+            if not wait_until(lambda: client.policy("bonus").version == 2, 10):
+                return 3
+            if client.decide("bonus", np.zeros(3)).policy_version != 2:
+                return 4
+            return 0 if client.flush(10) else 5       # delivered by the parent's shipper
+
+        pid_status = []
+        import threading
+        t = threading.Thread(target=lambda: pid_status.append(_fork(worker)))
+        t.start()
+        os.close(ready_w)
+        os.close(go_r)
+        assert os.read(ready_r, 1) == b"r"
+        learner.publish(make_policy(version=2), "after the fork")
+        os.write(go_w, b"g")
+        t.join(90)
+        os.close(ready_r)
+        os.close(go_w)
+        assert pid_status == [0]
+        assert wait_until(lambda: learner.status().decisions == 301, 10)
+        assert client.flush(10)
+        assert client.stats()["records_relayed"] == 201
+    assert learner.status().decisions == 301                  # the parent's 100 once
+
+
+def test_forked_worker_records_are_sent_by_a_later_client(tmp_path, monkeypatch):
+    """Learner away: the worker's records wait on disk after it and its parent are gone, and
+    the next client on the base sends them once."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     spool = tmp_path / "spool"
-    with DecisionClient(config(address, spool), policies=[make_policy()]) as client:
-        pid = os.fork()
-        if pid == 0:   # the worker: spools on its own lane, then dies without closing
-            code = 1
-            try:
-                client.decide_batch("bonus", np.zeros((200, 3)))
-                if wait_until(lambda: client.stats()["spool_records"] == 200, 10):
-                    code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        client.decide_batch("bonus", np.zeros((100, 3)))
-        assert wait_until(lambda: on_disk(tmp_path) == 300, 10)
-        assert len(spool_dirs(tmp_path)) == 2                # the worker had its own
-        with Learner(tmp_path / "l.sqlite", "127.0.0.1", port, train=False) as srv:
+    client = DecisionClient(config(address, spool, close_timeout=0.3), policies=[make_policy()])
+
+    def worker() -> int:
+        client.decide_batch("bonus", np.zeros((200, 3)))
+        client.flush(0)                                       # on disk; nobody to send it
+        return 0 if client.stats()["spool_records"] == 200 else 1
+
+    assert _fork(worker) == 0
+    client.decide_batch("bonus", np.zeros((100, 3)))
+    client.close()
+    assert on_disk(tmp_path) == 100 and len(list((spool / "outbox").glob("*.batch"))) == 1
+    with Learner(tmp_path / "l.sqlite", "127.0.0.1", port, train=False) as srv:
+        with DecisionClient(config(address, spool), policies=[make_policy()]) as later:
             assert wait_until(lambda: srv.status().decisions == 300, 10)
-            assert client.flush(10)
-            assert client.stats()["spools_adopted"] == 1
+            assert later.flush(10)
+            assert later.stats()["records_relayed"] == 200
+    assert not list((spool / "outbox").glob("*.batch")) and on_disk(tmp_path) == 0
+
+
+def test_forked_workers_outbox_is_bounded_oldest_first(tmp_path):
+    """A worker whose batches nobody sends keeps at most spool_max_bytes of them: the oldest
+    go first, counted; the newest stay."""
+    from loops_sdk.sync.forked import ForkedTransport, outbox_files
+    offline = DecisionClient(policies=[make_policy()], seed=3)
+    batches = []
+    for _ in range(6):
+        offline.decide_batch("bonus", np.zeros((50, 3)))
+        batches.append(offline.drain())
+    empty = offline.drain()
+    offline.close()
+    one = len(encode_records(batches[0]))
+    cfg = config("127.0.0.1:1", tmp_path, spool_max_bytes=3 * one + 3 * 200, flush_interval=30)
+    fork = ForkedTransport(cfg, tmp_path, epoch=5, pending_rows=lambda: 0,
+                           drain=lambda: batches.pop(0) if batches else empty,
+                           set_policy=lambda p: False)
+    try:
+        for _ in range(6):
+            fork.flush(0)                                    # one batch file each
+        st = fork.stats()
+        assert st["records_dropped_spool"] == 150 and st["spool_records"] == 150
+        assert [p.name.split("-")[1] for p in outbox_files(tmp_path)] == \
+            ["000000000004.batch", "000000000005.batch", "000000000006.batch"]
+    finally:
+        fork.close()
+
+
+def test_a_batch_file_a_dead_worker_did_not_rename_is_recovered_or_removed(tmp_path):
+    """A worker killed between writing a batch file and renaming it into the outbox: a whole
+    batch is recovered (sent like the others), a torn one removed; a live writer's is left."""
+    from loops_sdk.sync.forked import outbox_files
+    offline = DecisionClient(policies=[make_policy()], seed=4)
+    offline.decide_batch("bonus", np.zeros((8, 3)))
+    data = feedback_pb2.FeedbackBatch(client_id="w", sequence=1, epoch=3, record_count=8,
+                                      payload_format=PAYLOAD_FORMAT,
+                                      payload=encode_records(offline.drain())).SerializeToString()
+    offline.close()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / f".a.batch.{dead.pid}.0a1b.tmp").write_bytes(data)
+    (outbox / f".b.batch.{dead.pid}.2c3d.tmp").write_bytes(data[:-20])   # cut in the payload
+    (outbox / f".c.batch.{os.getpid()}.4e5f.tmp").write_bytes(data)      # still being written
+    assert [p.name for p in outbox_files(tmp_path)] == ["a.batch"]
+    assert (outbox / "a.batch").read_bytes() == data
+    assert sorted(p.name for p in outbox.iterdir()) == [f".c.batch.{os.getpid()}.4e5f.tmp",
+                                                        "a.batch"]
 
 
 # ------------------------------------------------------------------ item 5: crash window

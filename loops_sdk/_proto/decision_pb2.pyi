@@ -173,11 +173,11 @@ class DecideBatchRequest(_message.Message):
     def __init__(self, decision_point: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[DecideRow, _Mapping]]] = ..., matrix: _Optional[_Iterable[float]] = ..., columns: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ..., eligible: _Optional[_Iterable[str]] = ..., default_action: _Optional[str] = ..., deferred: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, AttributeColumn]] = ..., baselines: _Optional[_Iterable[str]] = ..., has_user: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class DecideBatchResponse(_message.Message):
-    __slots__ = ("actions", "probabilities", "event_ids", "holdout", "reasons", "policy_name", "policy_version", "policy_actions", "policy_probabilities", "rules")
+    __slots__ = ("actions", "probabilities", "event_ids", "holdouts", "reasons", "policy_name", "policy_version", "policy_actions", "policy_probabilities", "rules")
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
-    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUTS_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -187,14 +187,14 @@ class DecideBatchResponse(_message.Message):
     actions: _containers.RepeatedScalarFieldContainer[str]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     event_ids: _containers.RepeatedScalarFieldContainer[str]
-    holdout: _containers.RepeatedScalarFieldContainer[bool]
+    holdouts: _containers.RepeatedScalarFieldContainer[bool]
     reasons: _containers.RepeatedScalarFieldContainer[str]
     policy_name: str
     policy_version: int
     policy_actions: _containers.RepeatedScalarFieldContainer[str]
     policy_probabilities: _containers.RepeatedScalarFieldContainer[float]
     rules: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, actions: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., holdout: _Optional[_Iterable[bool]] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_actions: _Optional[_Iterable[str]] = ..., policy_probabilities: _Optional[_Iterable[float]] = ..., rules: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, actions: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., holdouts: _Optional[_Iterable[bool]] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_actions: _Optional[_Iterable[str]] = ..., policy_probabilities: _Optional[_Iterable[float]] = ..., rules: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RewardRequest(_message.Message):
     __slots__ = ("event_id", "value", "kind")

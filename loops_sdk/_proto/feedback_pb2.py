@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loops/v1/feedback.proto\x12\x08loops.v1\"\x9b\x01\n\rFeedbackBatch\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x16\n\x0epayload_format\x18\x04 \x01(\r\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\"]\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x16\n\x0erecords_stored\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loops/v1/feedback.proto\x12\x08loops.v1\"\x9b\x01\n\rFeedbackBatch\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0crecord_count\x18\x03 \x01(\r\x12\x16\n\x0epayload_format\x18\x04 \x01(\r\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x17\n\x0fsent_at_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\"]\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x16\n\x0erecords_stored\x18\x04 \x01(\rBN\n\x0bio.loops.v1P\x01Z2github.com/loops-sdk/loops/gen/go/loops/v1;loopsv1\xaa\x02\x08Loops.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loops.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\013io.loops.v1P\001Z2github.com/loops-sdk/loops/gen/go/loops/v1;loopsv1\252\002\010Loops.V1'
   _globals['_FEEDBACKBATCH']._serialized_start=38
   _globals['_FEEDBACKBATCH']._serialized_end=193
   _globals['_FEEDBACKACK']._serialized_start=195

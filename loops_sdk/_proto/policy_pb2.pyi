@@ -33,16 +33,25 @@ class FeatureSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FeatureSpec.Kind, str]] = ..., center: _Optional[float] = ..., scale: _Optional[float] = ..., buckets: _Optional[int] = ..., default_value: _Optional[float] = ...) -> None: ...
 
 class Action(_message.Message):
-    __slots__ = ("id", "cost", "tags", "value")
+    __slots__ = ("id", "cost", "tags", "value", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     cost: float
     tags: _containers.RepeatedScalarFieldContainer[str]
     value: float
-    def __init__(self, id: _Optional[str] = ..., cost: _Optional[float] = ..., tags: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ...) -> None: ...
+    attributes: _containers.ScalarMap[str, float]
+    def __init__(self, id: _Optional[str] = ..., cost: _Optional[float] = ..., tags: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., attributes: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class LinearModel(_message.Message):
     __slots__ = ("n_actions", "n_inputs", "weights", "bias")
@@ -55,6 +64,27 @@ class LinearModel(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[float]
     bias: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, n_actions: _Optional[int] = ..., n_inputs: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., bias: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SharedModel(_message.Message):
+    __slots__ = ("attributes", "n_inputs", "weights", "action_bias", "per_action_bias")
+    class ActionBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    N_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_BIAS_FIELD_NUMBER: _ClassVar[int]
+    PER_ACTION_BIAS_FIELD_NUMBER: _ClassVar[int]
+    attributes: _containers.RepeatedScalarFieldContainer[str]
+    n_inputs: int
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    action_bias: _containers.ScalarMap[str, float]
+    per_action_bias: bool
+    def __init__(self, attributes: _Optional[_Iterable[str]] = ..., n_inputs: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., action_bias: _Optional[_Mapping[str, float]] = ..., per_action_bias: _Optional[bool] = ...) -> None: ...
 
 class Exploration(_message.Message):
     __slots__ = ("kind", "epsilon", "temperature", "gamma", "samples", "draw_weights", "draw_bias")
@@ -99,7 +129,7 @@ class Holdout(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., salt: _Optional[str] = ..., default_action: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "version", "features", "actions", "linear", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "mode", "rules", "caps", "checksum")
+    __slots__ = ("name", "version", "features", "actions", "linear", "shared", "exploration", "holdout", "created_at_unix_ms", "learning", "metadata", "mode", "rules", "caps", "checksum")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ONLINE: _ClassVar[Policy.Mode]
@@ -118,6 +148,7 @@ class Policy(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     LINEAR_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     EXPLORATION_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +163,7 @@ class Policy(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[FeatureSpec]
     actions: _containers.RepeatedCompositeFieldContainer[Action]
     linear: LinearModel
+    shared: SharedModel
     exploration: Exploration
     holdout: Holdout
     created_at_unix_ms: int
@@ -141,7 +173,7 @@ class Policy(_message.Message):
     rules: _containers.RepeatedCompositeFieldContainer[EligibilityRule]
     caps: _containers.RepeatedCompositeFieldContainer[Cap]
     checksum: bytes
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Policy.Mode, str]] = ..., rules: _Optional[_Iterable[_Union[EligibilityRule, _Mapping]]] = ..., caps: _Optional[_Iterable[_Union[Cap, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., shared: _Optional[_Union[SharedModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Policy.Mode, str]] = ..., rules: _Optional[_Iterable[_Union[EligibilityRule, _Mapping]]] = ..., caps: _Optional[_Iterable[_Union[Cap, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class LearningSettings(_message.Message):
     __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds", "reward", "promotion", "half_life_seconds", "half_life_rows", "detect_changes", "standardize_inputs", "center_rewards", "gamma_scale", "first_retrain_events")

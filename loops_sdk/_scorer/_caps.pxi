@@ -2,6 +2,62 @@
 # CapTable, the per-player cap state.
 # Fields and cdef signatures are declared in core.pxd; the twin's namesakes are in twin.py.
 
+from posix.unistd cimport getpid
+from .shared_caps import EVICTIONS_OFFSET as SHARED_EVICTIONS_OFFSET
+from .shared_caps import HEADER_BYTES as SHARED_HEADER_BYTES
+from .shared_caps import LOCK_ATOMIC, open_shared
+
+
+cdef CapTable new_cap_table(Py_ssize_t slots, Kernel k, object shared_dir, object point):
+    """The cap table of decision point ``point`` for kernel ``k``: private, or the shared
+    file for these caps in ``shared_dir`` (ClientConfig.shared_caps)."""
+    signature = k.constraints.cap_signature
+    if shared_dir is None:
+        return CapTable(slots, k.n_caps, signature)
+    return CapTable(slots, k.n_caps, signature,
+                    open_shared(shared_dir, point, signature, slots, k.n_caps, CAP_WAYS,
+                                LOCK_ATOMIC))
+
+
+cdef object cap_entries(CapTable table, Kernel k, object users, int64_t t, object win,
+                        object used):
+    """DecisionPoint._cap_entries under the point's lock: read (``win`` None) or load the
+    entries of ``users`` (an external store, loops_sdk.redis_caps, holds the authoritative
+    counts and lends them for one decision)."""
+    cdef Py_ssize_t i, c, s, n = len(users)
+    cdef cnp.ndarray uh_a = np.array([hash_key(u, "users") for u in users], np.uint64)
+    cdef const uint64_t[::1] uh = uh_a
+    cdef int64_t[:, ::1] wv
+    cdef double[:, ::1] uv
+    if table is None:
+        raise ArgumentError(f"policy {k.name!r} has no caps", field="name")
+    table.now(k, t)
+    if win is None:
+        w = np.full((n, table.n_caps), -1, np.int64)
+        v = np.zeros((n, table.n_caps))
+        wv, uv = w, v
+        for i in range(n):
+            s = table.enter(uh[i])
+            if s >= 0:
+                for c in range(table.n_caps):
+                    wv[i, c] = table.win(s)[c]
+                    uv[i, c] = table.used(s)[c]
+            table.leave()
+        return w, v
+    wv = np.ascontiguousarray(win, np.int64).reshape(n, table.n_caps)
+    uv = np.ascontiguousarray(used, np.float64).reshape(n, table.n_caps)
+    for i in range(n):
+        s = table.enter(uh[i])
+        if s < 0:
+            s = table.insert(uh[i] if uh[i] != 0 else 1)
+        for c in range(table.n_caps):
+            table.win(s)[c] = wv[i, c]
+            table.used(s)[c] = uv[i, c]
+        table.last(s)[0] = t
+        table.leave()
+    return None
+
+
 # --------------------------------------------------------------------------- per-player caps
 cdef class CapTable:
     """Per-player cap state of one decision point, in bounded memory.
@@ -20,17 +76,36 @@ cdef class CapTable:
     ``s // CAP_WAYS``. Used under the decision point's mutex; every method is nogil C.
     """
 
-    def __init__(self, Py_ssize_t slots, Py_ssize_t n_caps, signature):
+    def __init__(self, Py_ssize_t slots, Py_ssize_t n_caps, signature, shared=None):
+        cdef cnp.ndarray whole
         self.slots = max(CAP_WAYS, (slots + CAP_WAYS - 1) // CAP_WAYS * CAP_WAYS)
         self.n_caps = n_caps
         self.signature = signature
         # Per bucket: keys[W] u64 (0 = empty; a user hash of 0 is stored as 1), last[W] i64,
         # win[W][n_caps] i64, used[W][n_caps] f64. Each region is only ever read as its type.
         self.bucket_bytes = CAP_WAYS * 8 * (2 + 2 * n_caps)
-        self._data = np.zeros((self.slots // CAP_WAYS) * self.bucket_bytes, np.uint8)
+        if shared is not None:
+            # A table mapped by several processes (shared_caps.py): the same layout plus a
+            # lock word ending each bucket; its header decides the size.
+            self._shared = shared
+            self.shared = True
+            self.slots = shared.slots
+            self.bucket_bytes = shared.bucket_bytes
+            self.me = <uint64_t>getpid()
+            whole = np.frombuffer(shared.mm, np.uint8)
+            self.shared_evictions = <uint64_t*>(<char*>cnp.PyArray_DATA(whole)
+                                                + <Py_ssize_t>SHARED_EVICTIONS_OFFSET)
+            self._data = whole[SHARED_HEADER_BYTES:]
+        else:
+            self._data = np.zeros((self.slots // CAP_WAYS) * self.bucket_bytes, np.uint8)
         self._cur = np.zeros(max(n_caps, 1), np.int64)
         self.data = <char*>cnp.PyArray_DATA(self._data)
         self.cur = <int64_t*>cnp.PyArray_DATA(self._cur)
+
+    @property
+    def path(self):
+        """The shared table's file (None: this process's own table)."""
+        return self._shared.path if self.shared else None
 
     cdef inline char* bucket(self, Py_ssize_t s) noexcept nogil:
         return self.data + (s // CAP_WAYS) * self.bucket_bytes
@@ -49,7 +124,10 @@ cdef class CapTable:
             + (s % CAP_WAYS) * self.n_caps
 
     def copy(self):
-        """An independent copy (a forked child keeps counting where the parent was)."""
+        """An independent copy (a forked child keeps counting where the parent was); a shared
+        table stays shared (the child maps the same file, locking as itself)."""
+        if self.shared:
+            return CapTable(self.slots, self.n_caps, self.signature, self._shared)
         cdef CapTable t = CapTable(self.slots, self.n_caps, self.signature)
         t._data[:] = self._data
         t.evictions = self.evictions
@@ -69,6 +147,21 @@ cdef class CapTable:
 
     cdef inline Py_ssize_t first(self, uint64_t key) noexcept nogil:
         return <Py_ssize_t>(mix64_c(key) % <uint64_t>(self.slots // CAP_WAYS)) * CAP_WAYS
+
+    cdef Py_ssize_t enter(self, uint64_t uh) noexcept nogil:
+        """find(uh); a shared table first locks the player's bucket until leave(): reading
+        the counts, blocking, deciding and charging are then one step for every process."""
+        cdef uint64_t key
+        if self.shared:
+            key = uh if uh != 0 else 1
+            self.held = <uint64_t*>(self.bucket(self.first(key)) + self.bucket_bytes - 8)
+            loops_cap_lock(self.held, self.me)
+        return self.find(uh)
+
+    cdef inline void leave(self) noexcept nogil:
+        if self.held != NULL:
+            loops_cap_unlock(self.held)
+            self.held = NULL
 
     cdef Py_ssize_t find(self, uint64_t uh) noexcept nogil:
         cdef uint64_t key = uh if uh != 0 else 1
@@ -153,6 +246,8 @@ cdef class CapTable:
                     oldest = s
             pick = oldest
             self.evictions += 1
+            if self.shared:
+                loops_atomic_add_u64(self.shared_evictions, 1)
         self.key(pick)[0] = key
         self.last(pick)[0] = 0
         for c in range(self.n_caps):

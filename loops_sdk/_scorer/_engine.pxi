@@ -67,7 +67,8 @@ cdef class Engine:
         self._expected = frozenset(names)
 
     def _engine_init(self, seed, Py_ssize_t capacity=4096, Py_ssize_t max_pending=1_000_000,
-                     bint recording=True, Py_ssize_t cap_slots=65536):
+                     bint recording=True, Py_ssize_t cap_slots=65536, cap_shared=None):
+        self._cap_shared = os.fspath(cap_shared) if cap_shared is not None else None
         self._client_hi = mix64_c(<uint64_t>seed) if seed is not None else \
             int.from_bytes(os.urandom(8), "little")
         self._cap_slots = cap_slots
@@ -85,6 +86,7 @@ cdef class Engine:
         for name, p in self._points.items():
             q = DecisionPoint(name, self._client_hi, self._capacity, self._max_pending,
                               self._recording, self._cap_slots)
+            q.cap_shared = self._cap_shared
             if (<DecisionPoint>p).kernel is not None:
                 q.set_kernel((<DecisionPoint>p).kernel)
             q._inherit_caps(p)
@@ -101,6 +103,7 @@ cdef class Engine:
         if p is None:
             p = DecisionPoint(name, self._client_hi, self._capacity, self._max_pending,
                               self._recording, self._cap_slots)
+            p.cap_shared = self._cap_shared
             p.cap_clock_ns = self._cap_clock_ns
             p.set_kernel(kernel)
             self._points = {**self._points, name: p}   # copy-on-write: readers never lock
@@ -190,3 +193,7 @@ cdef class Engine:
 
     def _engine_stats(self):
         return engine_stats(self._points, self.n_unknown_point, self._outlog)
+
+    def _cap_point(self, name):
+        """The DecisionPoint ``name`` (None if unknown), for an external cap store."""
+        return self._points.get(name)

@@ -102,4 +102,40 @@ static double loops_sum_squares(const double* p, long n) {
     return acc + a0[0] + a0[1] + a0[2] + a0[3];
 }
 
+/* Cap tables shared by processes (loops_sdk/_scorer/shared_caps.py): each bucket ends in a
+ * lock word, 0 when free, else the pid of the process deciding for one of its players. The
+ * holder keeps it for one decision (well under a microsecond), so waiters spin, then yield;
+ * a waiter that finds the holder's process gone (killed mid-decision) takes the lock over.
+ * Acquire/release ordering makes the bucket's plain loads and stores safe between them. */
+#include <stdint.h>
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/types.h>
+
+static inline void loops_cap_lock(uint64_t* w, uint64_t me) {
+    uint64_t seen = 0;
+    unsigned long spins = 0;
+    while (!__atomic_compare_exchange_n(w, &seen, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        spins++;
+        if (spins > 64) {
+            sched_yield();   /* the holder may be descheduled: give it the CPU */
+            if ((spins & 1023) == 0 && seen != 0 && seen != me
+                    && kill((pid_t)seen, 0) != 0 && errno == ESRCH
+                    && __atomic_compare_exchange_n(w, &seen, me, 0, __ATOMIC_ACQUIRE,
+                                                   __ATOMIC_RELAXED))
+                return;
+        }
+        seen = 0;
+    }
+}
+
+static inline void loops_cap_unlock(uint64_t* w) {
+    __atomic_store_n(w, 0, __ATOMIC_RELEASE);
+}
+
+static inline void loops_atomic_add_u64(uint64_t* p, uint64_t v) {
+    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
 #endif

@@ -90,7 +90,7 @@ cdef class DecisionPoint:
         if kernel.n_caps:
             signature = kernel.constraints.cap_signature
             caps = self.caps if self.caps is not None and self.caps.signature == signature \
-                else CapTable(self.cap_slots, kernel.n_caps, signature)
+                else new_cap_table(self.cap_slots, kernel, self.cap_shared, self.name)
         with self.lock:
             if self.rec is not None and (self.rec.layout != kernel.layout
                                          or (kernel.constrained and not self.rec.extended)):
@@ -222,7 +222,7 @@ cdef class DecisionPoint:
         out.mask = mp
         if use_caps:
             self.caps.now(k, t)
-            slot = self.caps.find(uh)
+            slot = self.caps.enter(uh)   # a shared table: locks the player until leave()
         if has_user and k.in_holdout(uh):
             out.action = k.default_index
             out.prob = 1.0
@@ -257,6 +257,8 @@ cdef class DecisionPoint:
                     out.action = k.default_index
                     out.prob = 1.0
                     out.reason = R_OVERFLOW
+                    if use_caps:
+                        self.caps.leave()
                     return
                 if a >= 0:
                     out.reason = R_POLICY
@@ -277,6 +279,7 @@ cdef class DecisionPoint:
                     out.reason = R_APPRENTICE
         if use_caps:
             self.caps.charge(k, uh, slot, out.action, t)
+            self.caps.leave()
         if out.flags & F_RULE:
             self.n_rule_limited += 1
         if out.flags & F_CAPPED:
@@ -686,6 +689,13 @@ cdef class DecisionPoint:
                              rules=bits if k.n_rules or k.n_caps else None,
                              policy_actions=pact if k.apprentice else None,
                              policy_probabilities=pprob if k.apprentice else None)
+
+    def _cap_entries(self, users, win=None, used=None):
+        """The cap windows and amounts of ``users`` ((n, caps) int64 and float64; window -1:
+        not in the table), or with ``win``/``used``: set them (loops_sdk.redis_caps)."""
+        with self.lock:
+            return cap_entries(self.caps, self.kernel, users, now_ns() + self.cap_clock_ns,
+                               win, used)
 
     def _inherit_caps(self, DecisionPoint parent):
         """After fork: carry the parent's cap counts (same players, same windows)."""

@@ -19,6 +19,9 @@ cdef extern from "_kernels.h" nogil:
     bint loops_scores_ok(const double* s, int K)
     double loops_sum_squares(const double* p, long n)
     double LOOPS_SCORE_LIMIT
+    void loops_cap_lock(uint64_t* w, uint64_t me)
+    void loops_cap_unlock(uint64_t* w)
+    void loops_atomic_add_u64(uint64_t* p, uint64_t v)
 
 # Flag and outcome codes as C constants; checked against loops_sdk.batch at import.
 cdef enum:
@@ -234,6 +237,11 @@ cdef class CapTable:
     cdef char* data
     cdef Py_ssize_t bucket_bytes
     cdef int64_t* cur       # (n_caps,) the current window of each cap, set by now()
+    cdef readonly bint shared           # mapped by several processes (shared_caps.py)
+    cdef object _shared
+    cdef uint64_t me                    # this process's pid: the lock word's value
+    cdef uint64_t* held                 # the bucket lock held between enter() and leave()
+    cdef uint64_t* shared_evictions     # the table-wide eviction count, in the file header
     cdef inline char* bucket(self, Py_ssize_t s) noexcept nogil
     cdef inline uint64_t* key(self, Py_ssize_t s) noexcept nogil
     cdef inline int64_t* last(self, Py_ssize_t s) noexcept nogil
@@ -241,6 +249,8 @@ cdef class CapTable:
     cdef inline double* used(self, Py_ssize_t s) noexcept nogil
     cdef void now(self, Kernel k, int64_t t) noexcept nogil
     cdef inline Py_ssize_t first(self, uint64_t key) noexcept nogil
+    cdef Py_ssize_t enter(self, uint64_t uh) noexcept nogil
+    cdef inline void leave(self) noexcept nogil
     cdef Py_ssize_t find(self, uint64_t uh) noexcept nogil
     cdef uint64_t block(self, Kernel k, Py_ssize_t slot, uint8_t* mask,
                         bint* removed) noexcept nogil
@@ -272,6 +282,7 @@ cdef class DecisionPoint:
     cdef uint64_t* ahash
     cdef readonly CapTable caps
     cdef Py_ssize_t cap_slots
+    cdef public object cap_shared       # directory of tables shared by processes, or None
     cdef public int64_t cap_clock_ns    # added to the clock for cap windows (tests only)
     cdef readonly uint64_t n_decisions, n_holdout, n_no_eligible, n_unknown_features
     cdef readonly uint64_t n_dropped, n_recorded
@@ -309,6 +320,7 @@ cdef class Engine:
     cdef dict _points
     cdef uint64_t _client_hi
     cdef Py_ssize_t _capacity, _max_pending, _cap_slots
+    cdef object _cap_shared
     cdef int64_t _cap_clock_ns
     cdef bint _recording
     cdef OutcomeLog _outlog

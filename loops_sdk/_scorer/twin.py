@@ -26,6 +26,8 @@ from ..rules import (CAP_BIT_SHIFT, SCORE_LIMIT, _scalar_attribute, attribute_er
                      batch_attributes, batch_baselines, in_sorted, safe_norm,
                      score_overflow_error)
 from .codes import KIND_CODES
+from .shared_caps import HEADER_BYTES as SHARED_HEADER_BYTES
+from .shared_caps import LOCK_FCNTL, open_shared
 from .shared import drain_records, engine_stats, kinds_in_order, point_stats
 
 IMPLEMENTATION = "python"
@@ -608,6 +610,8 @@ class OutcomeRecorder:
 class CapTable:
     """Per-player cap state in bounded memory (see the Cython CapTable for the design)."""
 
+    shared = None   # a SharedCapFile when several processes map the table (_SharedCapTable)
+
     def __init__(self, slots, n_caps, signature):
         self.slots = max(CAP_WAYS, (int(slots) + CAP_WAYS - 1) // CAP_WAYS * CAP_WAYS)
         self.n_caps = int(n_caps)
@@ -635,6 +639,13 @@ class CapTable:
 
     def _base(self, key):
         return (mix64(key) % (self.slots // CAP_WAYS)) * CAP_WAYS
+
+    def enter(self, uh):
+        """find(uh); a shared table locks the player's bucket first, until leave()."""
+        return self.find(uh)
+
+    def leave(self):
+        pass
 
     def find(self, uh):
         key = uh if uh != 0 else 1
@@ -695,12 +706,82 @@ class CapTable:
                     oldest = w
             pick = oldest
             self.evictions += 1
+            if self.shared is not None:
+                self.shared.add_eviction()
         self.keys[pick] = key
         self.last[pick] = 0
         for c in range(nc):
             self.win[pick * nc + c] = self.cur[c]
             self.used[pick * nc + c] = 0.0
         return pick
+
+
+class _Flat:
+    """Entry ``i`` of a per-slot column of a shared table, stored bucket by bucket as rows of
+    ``width`` entries (the compiled layout), read as a Python int or float."""
+
+    __slots__ = ("a", "width", "conv")
+
+    def __init__(self, a, width, conv):
+        self.a, self.width, self.conv = a, width, conv
+
+    def __getitem__(self, i):
+        return self.conv(self.a[i // self.width, i % self.width])
+
+    def __setitem__(self, i, v):
+        self.a[i // self.width, i % self.width] = v
+
+
+class _SharedCapTable(CapTable):
+    """A CapTable in a file mapped by several processes (see shared_caps.py): the compiled
+    layout, each bucket locked with an fcntl record lock from enter() to leave()."""
+
+    def __init__(self, shared, n_caps, signature):
+        self.shared = shared
+        self.slots, self.n_caps, self.signature = shared.slots, int(n_caps), signature
+        self.evictions = 0
+        W, nc = CAP_WAYS, self.n_caps
+        rows = np.frombuffer(shared.mm, np.uint8, offset=SHARED_HEADER_BYTES).reshape(
+            self.slots // W, shared.bucket_bytes)
+        self._keys = rows[:, :W * 8].view(np.uint64)
+        self.keys = _Flat(self._keys, W, int)
+        self.last = _Flat(rows[:, W * 8:W * 16].view(np.int64), W, int)
+        self.win = _Flat(rows[:, W * 16:W * 8 * (2 + nc)].view(np.int64), W * nc, int)
+        self.used = _Flat(rows[:, W * 8 * (2 + nc):W * 8 * (2 + 2 * nc)].view(np.float64),
+                          W * nc, float)
+        self.cur = [0] * nc
+        self._held = -1
+
+    def copy(self):
+        return _SharedCapTable(self.shared, self.n_caps, self.signature)
+
+    def players(self):
+        return int(np.count_nonzero(self._keys))
+
+    def enter(self, uh):
+        bucket = self._base(uh if uh != 0 else 1) // CAP_WAYS
+        self.shared.lock_bucket(bucket)
+        self._held = bucket
+        return self.find(uh)
+
+    def leave(self):
+        if self._held >= 0:
+            bucket, self._held = self._held, -1
+            self.shared.unlock_bucket(bucket)
+
+    @property
+    def path(self):
+        return self.shared.path
+
+
+def _new_cap_table(slots, kernel, shared_dir, point):
+    """The cap table of decision point ``point``: private, or the shared file for these caps
+    in ``shared_dir`` (ClientConfig.shared_caps)."""
+    signature = kernel.constraints.cap_signature
+    if shared_dir is None:
+        return CapTable(slots, kernel.n_caps, signature)
+    return _SharedCapTable(open_shared(shared_dir, point, signature, slots, kernel.n_caps,
+                                       CAP_WAYS, LOCK_FCNTL), kernel.n_caps, signature)
 
 
 class Row:
@@ -712,6 +793,7 @@ class Row:
 class DecisionPoint:
     def __init__(self, name, client_hi, capacity, max_pending, recording=True, cap_slots=65536):
         self.cap_slots = int(cap_slots)
+        self.cap_shared = None
         self.caps: CapTable | None = None
         self.cap_clock_ns = 0
         self.n_rule_limited = self.n_capped = self.n_apprentice = 0
@@ -736,7 +818,7 @@ class DecisionPoint:
         if kernel.n_caps:
             signature = kernel.constraints.cap_signature
             caps = self.caps if self.caps is not None and self.caps.signature == signature \
-                else CapTable(self.cap_slots, kernel.n_caps, signature)
+                else _new_cap_table(self.cap_slots, kernel, self.cap_shared, self.name)
         with self.lock:
             if self.rec is not None and (self.rec.layout != kernel.layout
                                          or (kernel.constrained and not self.rec.extended)):
@@ -823,7 +905,7 @@ class DecisionPoint:
         use_caps = bool(has_user) and k.n_caps > 0
         if use_caps:
             self.caps.now(k, t)
-            slot = self.caps.find(uh)
+            slot = self.caps.enter(uh)   # a shared table: locks the player until leave()
         if has_user and k.in_holdout(uh):
             out.action, out.prob, out.reason, out.flags = k.default_index, 1.0, R_HOLDOUT, \
                 FLAG_HOLDOUT
@@ -850,6 +932,8 @@ class DecisionPoint:
                 a, prob = self._choose(k, xs, mask, hi, lo)
                 if a == FILL_OVERFLOW:   # the caller raises; nothing charged or counted
                     out.action, out.prob, out.reason = k.default_index, 1.0, R_OVERFLOW
+                    if use_caps:
+                        self.caps.leave()
                     return out
                 if a >= 0:
                     out.reason = R_POLICY
@@ -865,6 +949,7 @@ class DecisionPoint:
                     out.prob, out.reason = 1.0, R_APPRENTICE
         if use_caps:
             self.caps.charge(k, uh, slot, out.action, t)
+            self.caps.leave()
         self.n_rule_limited += bool(out.flags & FLAG_RULE)
         self.n_capped += bool(out.flags & FLAG_CAPPED)
         self.n_apprentice += bool(out.flags & FLAG_APPRENTICE)
@@ -1006,6 +1091,37 @@ class DecisionPoint:
                              policy_actions=pact if k.apprentice else None,
                              policy_probabilities=pprob if k.apprentice else None)
 
+    def _cap_entries(self, users, win=None, used=None):
+        """See the Cython DecisionPoint._cap_entries."""
+        uh = [_hash_key(u, "users") for u in users]
+        with self.lock:
+            table, k = self.caps, self.kernel
+            if table is None:
+                raise ArgumentError(f"policy {k.name!r} has no caps", field="name")
+            t = _now_ns() + self.cap_clock_ns
+            table.now(k, t)
+            nc, n = table.n_caps, len(uh)
+            if win is None:
+                w, v = np.full((n, nc), -1, np.int64), np.zeros((n, nc))
+                for i, h in enumerate(uh):
+                    s = table.enter(h)
+                    if s >= 0:
+                        for c in range(nc):
+                            w[i, c], v[i, c] = table.win[s * nc + c], table.used[s * nc + c]
+                    table.leave()
+                return w, v
+            w = np.asarray(win, np.int64).reshape(n, nc).tolist()
+            v = np.asarray(used, np.float64).reshape(n, nc).tolist()
+            for i, h in enumerate(uh):
+                s = table.enter(h)
+                if s < 0:
+                    s = table.insert(h if h != 0 else 1)
+                for c in range(nc):
+                    table.win[s * nc + c], table.used[s * nc + c] = w[i][c], v[i][c]
+                table.last[s] = t
+                table.leave()
+            return None
+
     def _inherit_caps(self, parent):
         if parent.caps is not None and self.caps is not None \
                 and parent.caps.signature == self.caps.signature:
@@ -1135,9 +1251,10 @@ class Engine:
         pass
 
     def _engine_init(self, seed, capacity=4096, max_pending=1_000_000, recording=True,
-                     cap_slots=65536):
+                     cap_slots=65536, cap_shared=None):
         self._points: dict[str, DecisionPoint] = {}
         self._cap_slots = int(cap_slots)
+        self._cap_shared = os.fspath(cap_shared) if cap_shared is not None else None
         self._cap_clock_ns = 0
         self._client_hi = mix64(seed & _M64) if seed is not None else \
             int.from_bytes(os.urandom(8), "little")
@@ -1156,6 +1273,7 @@ class Engine:
         for name, p in self._points.items():
             q = DecisionPoint(name, self._client_hi, self._capacity, self._max_pending,
                               self._recording, self._cap_slots)
+            q.cap_shared = self._cap_shared
             if p.kernel is not None:
                 q.set_kernel(p.kernel)
             q._inherit_caps(p)
@@ -1172,6 +1290,7 @@ class Engine:
         if p is None:
             p = DecisionPoint(name, self._client_hi, self._capacity, self._max_pending,
                               self._recording, self._cap_slots)
+            p.cap_shared = self._cap_shared
             p.cap_clock_ns = self._cap_clock_ns
             p.set_kernel(kernel)
             self._points = {**self._points, name: p}
@@ -1225,3 +1344,6 @@ class Engine:
 
     def _engine_stats(self):
         return engine_stats(self._points, self.n_unknown_point, self._outlog)
+
+    def _cap_point(self, name):
+        return self._points.get(name)

@@ -58,8 +58,25 @@ def _add_learner(sub: argparse._SubParsersAction) -> None:
                    "past that horizon (default 30; 0 keeps everything)")
     p.add_argument("--retention-interval", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between retention rounds (default 60)")
+    _add_metrics(p)
     _add_server_security(p)
     p.set_defaults(func=_cmd_learner)
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics at http://METRICS_HOST:N/metrics (0 = any "
+                   "free port, printed at start; needs the 'metrics' extra)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="where the metrics endpoint listens (default 127.0.0.1; it has no "
+                   "authentication)")
+
+
+def _metrics_banner(server: Any, args: argparse.Namespace) -> str:
+    if args.metrics_port is None:
+        return ""
+    host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
+    return f"\nloops metrics at http://{host}:{server.metrics_port}/metrics"
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
@@ -73,9 +90,10 @@ def _cmd_learner(args: argparse.Namespace) -> int:
                       max_workers=args.max_workers, durability=args.durability,
                       security=_server_security(args),
                       retain_days=args.retain_days if args.retain_days > 0 else None,
-                      retention_every_seconds=args.retention_interval)
+                      retention_every_seconds=args.retention_interval,
+                      metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return _run_until_signal(learner, lambda: f"loops learner listening on {learner.address} "
-                                              f"(db {args.db})")
+                                              f"(db {args.db})" + _metrics_banner(learner, args))
 
 
 def _run_until_signal(server: Any, banner: Callable[[], str]) -> int:
@@ -484,6 +502,64 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- replay and import
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="recompute a logged decision (probabilities, draw, "
+                                      "rules, scores) and say whether it matches the log")
+    p.add_argument("--db", required=True, help="the learner's SQLite file")
+    p.add_argument("event_id", metavar="EVENT_ID", help="32 hex digits (Decision.event_id)")
+    p.add_argument("--json", action="store_true", help="print the replay as JSON")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Exit 0: the decision replays exactly; 1: it does not (the log was altered, or a
+    scorer changed); 2: no such event or policy version, or a bad argument."""
+    from ..errors import LoopsError
+    from ..learner.replay import replay_event, to_json
+    try:
+        res = replay_event(args.db, args.event_id)
+    except LoopsError as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
+    print(to_json(res) if args.json else res.format())
+    return 0 if res.matches else 1
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="load decision logs of other systems into the store")
+    isub = p.add_subparsers(dest="import_format", required=True)
+    ds = isub.add_parser("dsjson", help="Vowpal Wabbit / Personalizer DSJSON logs "
+                                        "(one JSON event per line); reward = -cost")
+    ds.add_argument("files", nargs="+", metavar="FILE")
+    ds.add_argument("--db", required=True, help="the learner's SQLite file (created if missing)")
+    ds.add_argument("--policy", required=True, metavar="NAME",
+                    help="decision point name the events are stored under")
+    ds.add_argument("--allow-bad", action="store_true",
+                    help="exit 0 even when some lines were bad (they are still reported)")
+    ds.add_argument("--drop-action-features", action="store_true",
+                    help="ignore the per-action (_multi) features; keep shared ones only")
+    ds.add_argument("--no-learn", action="store_true",
+                    help="only store the events (default: then run one learner round: join, "
+                         "train, gate)")
+    ds.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from ..errors import LoopsError
+    from ..learner.dsjson import import_dsjson, learn_once
+    try:
+        res = import_dsjson(args.files, args.db, args.policy,
+                            action_features=not args.drop_action_features)
+        print(res.format())
+        if res.imported and not args.no_learn:
+            print(learn_once(args.db))
+    except (LoopsError, OSError) as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
+    return 1 if res.bad and not args.allow_bad else 0
+
+
 # --------------------------------------------------------------------------- security flags
 def _add_server_security(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security (TLS and tokens; see `loops dev-certs`)")
@@ -555,6 +631,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pin-cpus", action="store_true",
                    help="bind each worker process to one CPU (fewer cross-CPU thread "
                    "hand-offs; best when the machine is dedicated to the service)")
+    _add_metrics(p)
     _add_server_security(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -569,7 +646,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           tls_cert=sec.tls_cert, tls_key=sec.tls_key, insecure=sec.insecure)
     limits = dict(max_workers=args.max_workers, max_batch_rows=args.max_batch_rows,
                   max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                  unary_loop=not args.thread_pool)
+                  unary_loop=not args.thread_pool, metrics_port=args.metrics_port,
+                  metrics_host=args.metrics_host)
     if args.processes < 1:
         raise SystemExit("loops serve: --processes must be >= 1")
     if args.processes == 1 and not args.pin_cpus:
@@ -584,7 +662,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shape = f"{args.processes} processes{', pinned' if args.pin_cpus else ''}; "
     return _run_until_signal(server, lambda: (
         f"loops decision service listening on {server.address} "
-        f"({shape}decision points {', '.join(args.policy_name)}; learner {args.learner})"))
+        f"({shape}decision points {', '.join(args.policy_name)}; learner {args.learner})"
+        + _metrics_banner(server, args)))
 
 
 # --------------------------------------------------------------------------- dev-certs
@@ -622,6 +701,66 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cluster
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="run a sharded learner on Ray: N shards and a "
+                                       "coordinator (until SIGINT/SIGTERM)")
+    p.add_argument("--shards", type=int, required=True, metavar="N",
+                   help="learner shards, each with its own partition and gRPC endpoint")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="partitions (shard-<i>.sqlite), coordinator.sqlite and the shards' "
+                   "announced addresses (shard-<i>.json); shared by every node running shards")
+    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--host", default="127.0.0.1", help="interface the shards listen on")
+    p.add_argument("--ports", default="", metavar="P1,P2,...",
+                   help="one port per shard (default: the one each partition remembers, "
+                   "ephemeral the first time)")
+    p.add_argument("--policy", action="append", default=[], metavar="FILE",
+                   help="publish this policy file to every shard at start (repeatable)")
+    p.add_argument("--tick", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between coordinator rounds (default 1)")
+    p.add_argument("--retain-days", type=float, default=30.0, metavar="N",
+                   help="as for `loops learner` (default 30; 0 keeps everything)")
+    p.add_argument("--min-nodes", type=int, default=1, metavar="N",
+                   help="wait until the Ray cluster has N nodes before placing the shards")
+    p.set_defaults(func=_cmd_cluster)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from ..cluster import LearnerCluster, ray_available
+    from ..policy import Policy
+    if not ray_available():
+        print("loops: `loops cluster` needs Ray: pip install 'loops-sdk[ray]'", file=sys.stderr)
+        return 1
+    try:
+        ports = tuple(int(p) for p in args.ports.split(",") if p.strip())
+        policies = [Policy.load(f) for f in args.policy]
+        cluster = LearnerCluster(
+            args.shards, args.data, address=args.address, host=args.host, ports=ports,
+            tick_seconds=args.tick, min_nodes=args.min_nodes,
+            shard_options={"retain_days": args.retain_days if args.retain_days > 0 else None})
+    except (ValueError, OSError) as exc:
+        print(f"loops: {exc}", file=sys.stderr)
+        return 2
+
+    class _Run:
+        def start(self) -> None:
+            from ..errors import LoopsError
+            try:
+                cluster.start()
+                for policy in policies:
+                    cluster.publish(policy, "published at cluster start")
+            except LoopsError as exc:     # too few nodes, a version conflict: one line
+                raise RuntimeError(str(exc)) from None
+
+        def stop(self, grace: float) -> None:  # noqa: ARG002 - shards stop gracefully
+            cluster.stop()
+
+    return _run_until_signal(_Run(), lambda: f"loops cluster: {args.shards} shards, learner="
+                                             f"{','.join(cluster.addresses)} (data {args.data})")
+
+
 # --------------------------------------------------------------------------- registry
 # One function per subcommand; `demo` is added by listing its `_add_demo` here.
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -631,8 +770,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_learner, _add_status, _add_policy, _add_report, _add_lift, _add_export,
-    _add_serve, _add_dev_certs, _add_spool,
+    _add_serve, _add_dev_certs, _add_spool, _add_cluster,
 ]
+_COMMANDS += [_add_replay, _add_import]   # audit and migration
 
 
 def build_parser() -> argparse.ArgumentParser:

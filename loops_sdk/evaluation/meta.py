@@ -132,10 +132,18 @@ class OffPolicyEvaluation:
                                   "use this evaluation's round_inputs(target)")
         return target
 
-    def estimate_many(self, targets: Mapping[str, Target]
+    def estimate_many(self, targets: Mapping[str, Target], *, trusted: bool = False
                       ) -> dict[str, dict[str, Estimate]]:
-        """``{target name: {estimator name: Estimate}}`` for several targets."""
-        return {name: self.estimate(target) for name, target in targets.items()}
+        """``{target name: {estimator name: Estimate}}`` for several targets.
+
+        ``trusted``: the targets are ``(n, K)`` probability matrices built valid for these
+        rows (e.g. :func:`baseline_targets` of this data), used without re-checking them.
+        """
+        if not trusted:
+            return {name: self.estimate(target) for name, target in targets.items()}
+        q = self.reward_model if self.uses_reward_model else None
+        return {name: self.estimate(RoundInputs(self.data, np.asarray(pi, np.float64), q))
+                for name, pi in targets.items()}
 
     def difference(self, target: Target | RoundInputs, baseline: Target | RoundInputs
                    ) -> dict[str, Estimate]:

@@ -18,25 +18,40 @@ difference of the two policies' influence terms on the same rows with one interv
 :class:`~loops_sdk.policy.PromotionRule`):
 
 * ``promoted``: by default (``superiority``) when the lower bound of the difference is above
-  the margin; ``non_inferiority`` when it is above ``-margin``;
+  the margin; a routine refresh (:func:`is_refresh`: retrained from the promoted version it
+  would replace, on more rows) when it is above ``-REFRESH_MARGIN_SD`` standard deviations of
+  the judged rewards (non-inferiority); ``non_inferiority`` when it is above ``-margin``;
 * ``rejected``: otherwise, or when the difference is undefined; the candidate is stored with
   its numbers but never sent to clients;
 * ``held``: fewer joined rows than ``min_samples`` in the window, or the data cannot judge it
   (e.g. its actions were never logged).
 
 Why paired: under near-greedy logging two separate intervals are each wide (few rows carry
-weight), while the difference only varies where the two policies disagree. Estimator choice:
-DR (the default) is unbiased with correct propensities and needs no clipping; for switch-DR
+weight), while the difference only varies where the two policies disagree. Why
+non-inferiority for refreshes: measured on heavy-tailed worlds (most players deposit
+nothing, a few a lot), one refresh's gain over the last is far inside its interval, so
+superiority froze the policy after one or two promotions while the loop kept improving;
+a refresh is the same model with more data, and the gate's job there is to stop a clearly
+worse one (a bad fit, poisoned rows), which the 30-seed test checks. Estimator choice: DR
+(the default) is unbiased with correct propensities and needs no clipping; for switch-DR
 the gap its switching opens to DR is bounded and subtracted from the lower bound (the
 ``bias_bound`` of the stored difference).
 
-Rows the candidate was not trained on (:meth:`Gate.evaluate` with the trainer's statistics):
-the newest half of the window's rows that the deployed version served is held out (the
-deployed version was trained before it served them, so they are out of sample for both). The
-candidate's *twin* is fitted exactly as the trainer fits, on the statistics with that slice's
-rows taken out (sufficient statistics subtract), so it still has more data than the deployed
-version, and is judged with the deployed policy on the slice. The candidate itself, trained on every row, is what is served. Without statistics
-(:func:`evaluate_candidate` called directly) the candidate is judged on all the rows given.
+Rows the candidate was not trained on (:meth:`Gate.evaluate` with the trainer's statistics,
+:func:`held_out_twins`): every row of the window that the deployed version served (it was
+trained before it served them, so they are out of sample for both) is dealt into two
+interleaved folds; the candidate's *twin* for a fold is fitted exactly as the trainer fits,
+on the statistics with that fold's rows taken out (sufficient statistics subtract), and
+scores that fold, so every such row is judged and each twin still has more data than the
+deployed version. The twins' predicted rewards are the DR reward model (out of sample for
+every row, fitted on the whole decayed history: no per-window fit). The candidate itself,
+trained on every row, is what is served. Without statistics (:func:`evaluate_candidate`
+called directly) the candidate is judged on all the rows given with a reward model
+cross-fitted on them.
+
+Cost: the window's decoded blocks are cached between rounds (only new or newly joined
+blocks are read), baselines are built valid and not re-checked, and no reward model is
+fitted per candidate.
 
 Every estimate is stored (``EventStore.add_evaluation``) with the decision and a reason that
 states the numbers, so ``loops policy history`` can show why each version is or is not served;
@@ -50,28 +65,32 @@ import logging
 import math
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import EvaluationError
 from ..evaluation import (ESTIMATORS, Estimate, LoggedData, OffPolicyEvaluation,
-                          baseline_targets)
+                          baseline_targets, target_probabilities)
 from ..policy import PAIRED_KINDS, Policy, PromotionRule
 from .store import EventStore
-from .window import load_window
+from .window import WindowCache, load_window
 
-__all__ = ["Gate", "GateResult", "PromotionRule", "evaluate_candidate", "held_out_twin",
-           "load_window", "PROMOTED", "REJECTED", "HELD", "DIFFERENCE"]
+__all__ = ["Gate", "GateResult", "HeldOut", "PromotionRule", "evaluate_candidate",
+           "held_out_twins", "is_refresh", "knows_nothing", "load_window", "PROMOTED", "REJECTED", "HELD",
+           "DIFFERENCE", "HELD_OUT_FOLDS", "REFRESH_MARGIN_SD"]
 
 logger = logging.getLogger(__name__)
 
 PROMOTED, REJECTED, HELD = "promoted", "rejected", "held"
 #: The target name of the paired difference in :attr:`GateResult.estimates` and the store.
 DIFFERENCE = "candidate-deployed"
-# Share of the window held out (newest rows) when the trainer's statistics are known.
-_HELD_OUT_SHARE = 0.5
+#: Folds of the cross-fitted twins (:func:`held_out_twins`).
+HELD_OUT_FOLDS = 2
+#: The non-inferiority margin of a routine refresh under ``superiority``, in standard
+#: deviations of the judged rows' rewards (see :func:`is_refresh`).
+REFRESH_MARGIN_SD = 0.05
 _NOT_BASELINES = ("candidate", "deployed", DIFFERENCE)
 
 
@@ -129,8 +148,9 @@ class GateResult:
 def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
                        rule: PromotionRule | None = None, *,
                        estimators: Sequence[str] = ESTIMATORS, seed: int = 0,
-                       judged: Policy | None = None, held_out: bool = False,
-                       window_n: int | None = None) -> GateResult:
+                       judged: Any = None, held_out: bool = False,
+                       window_n: int | None = None, reward_model: Any = None,
+                       refresh: bool | None = None) -> GateResult:
     """Estimate candidate, deployed policy, their paired difference and baselines on
     ``data`` and apply ``rule``.
 
@@ -142,11 +162,17 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         estimators: estimators computed and stored for every target (the rule's estimator is
             always included).
         seed: for the reward model's cross-fitting folds (and bootstrap intervals).
-        judged: the policy whose probabilities stand for the candidate (its twin fitted
-            without ``data``'s rows); defaults to ``candidate``.
+        judged: the policy (or ``(n, K)`` probabilities) standing for the candidate (its
+            twins fitted without ``data``'s rows, :func:`held_out_twins`); defaults to
+            ``candidate``.
         held_out: say in the result that ``data`` was held out of ``judged``'s training.
         window_n: the rows of the window ``data`` was held out of (``min_samples`` counts
             these).
+        reward_model: ``(n, K)`` predicted rewards shared by every target (the twins'); by
+            default a ridge model cross-fitted on ``data``.
+        refresh: ``candidate`` is a routine refresh of ``deployed`` (see
+            :func:`is_refresh`; :meth:`Gate.evaluate` tells from the store), judged
+            non-inferior under ``superiority``.
     Returns:
         The :class:`GateResult`; never raises for data that cannot judge the candidate (that
         is a ``held`` result naming the problem), and an undefined estimate only rejects.
@@ -169,20 +195,63 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         # One reward model (fitted on first use) for every target: comparable DM parts, and
         # the paired difference's model terms cancel where the two policies agree.
         ope = OffPolicyEvaluation(data, names, ridge_lambda=deployed.learning.ridge_lambda,
-                                  level=rule.level, interval=rule.interval, seed=seed)
+                                  level=rule.level, interval=rule.interval, seed=seed,
+                                  reward_model=reward_model)
         cand_rows = ope.round_inputs(candidate if judged is None else judged)
         dep_rows = ope.round_inputs(deployed)
         estimates: dict[str, dict[str, Estimate]] = {
             "candidate": ope.estimate(cand_rows), "deployed": ope.estimate(dep_rows)}
-        estimates.update(ope.estimate_many(baseline_targets(data, deployed.default_action)))
+        # Built valid from the data's own eligible sets: not checked again.
+        estimates.update(ope.estimate_many(baseline_targets(data, deployed.default_action),
+                                           trusted=True))
         estimates[DIFFERENCE] = ope.difference(cand_rows, dep_rows)
     except EvaluationError as exc:
         return held(f"the logged data cannot judge v{cv}: {exc}")
-    return _decide(rule, n, cv, dv, estimates, held_out)
+    refresh = False if refresh is None else bool(refresh)
+    reward_sd = float(data.rewards.std()) if refresh else 0.0
+    return _decide(rule, n, cv, dv, estimates, held_out, refresh_margin=(
+        REFRESH_MARGIN_SD * reward_sd if refresh else None))
+
+
+def is_refresh(candidate: Policy, deployed: Policy, deployed_decision: str = PROMOTED
+               ) -> bool:
+    """Whether ``candidate`` is a routine refresh of ``deployed``: both retrained by the
+    learner from the same statistics (metadata ``trained_on``), the candidate from the
+    deployed version (``trained_from_version``) on at least as many rows, and the deployed
+    version itself came through the gate (``deployed_decision`` ``"promoted"``, not a hand
+    publish or a rollback: those were not fitted to these statistics). A deployed policy
+    that knows nothing (:func:`knows_nothing`, e.g. the initial ``Policy.linear``) was fitted
+    to no data, so any candidate trained from it is a refresh too.
+
+    Under the default ``superiority`` rule a refresh is judged *non-inferior* instead: its
+    paired lower bound must clear ``-REFRESH_MARGIN_SD`` standard deviations of the judged
+    rows' rewards. A refresh is the deployed model with more data, so it is expected to be
+    at least as good; demanding proof of a gain froze the policy once each refresh differed
+    little from the last (under heavy-tailed rewards one refresh's gain is far inside its
+    interval), while a clearly worse candidate (a bad fit, poisoned rows) still fails.
+    """
+    cm, dm = candidate.metadata, deployed.metadata
+    same = (cm.get("trained_from_version") == str(deployed.version)
+            and candidate.action_ids == deployed.action_ids
+            and candidate.input_names == deployed.input_names and "trained_on" in cm)
+    if same and knows_nothing(deployed):
+        return True             # fitted to no data: every candidate has a superset of it
+    try:
+        more = int(cm["trained_on"]) >= int(dm["trained_on"])
+    except (KeyError, ValueError):
+        return False
+    return same and more and deployed_decision == PROMOTED
+
+
+def knows_nothing(policy: Policy) -> bool:
+    """Whether ``policy``'s model is all zeros (``Policy.linear``'s default: it was fitted to
+    no data and encodes no one's judgement, unlike a hand-set model)."""
+    return not (np.any(policy.weights) or np.any(policy.bias))
 
 
 def _decide(rule: PromotionRule, n: int, cv: int, dv: int,
-            estimates: dict[str, dict[str, Estimate]], held_out: bool = False) -> GateResult:
+            estimates: dict[str, dict[str, Estimate]], held_out: bool = False,
+            refresh_margin: float | None = None) -> GateResult:
     cand, dep = estimates["candidate"][rule.estimator], estimates["deployed"][rule.estimator]
     diff = estimates[DIFFERENCE][rule.estimator]
     est_name = rule.estimator.upper() if rule.estimator != "switch_dr" else "switch-DR"
@@ -190,8 +259,8 @@ def _decide(rule: PromotionRule, n: int, cv: int, dv: int,
     rows = (f"{n:,} held-out logged decisions" if held_out else f"{n:,} logged decisions")
     bias = f", switch bias bound {diff.bias_bound:.4g}" if diff.bias_bound else ""
     facts = (f"candidate v{cv} {est_name} {_fmt(cand)}, deployed v{dv} {_fmt(dep)}, "
-             f"paired difference {_fmt(diff)}{bias} ({pct} intervals, {rows}, candidate ESS "
-             f"{cand.ess:,.0f})")
+             f"paired difference {_fmt(diff)} (se {diff.stderr:.3g}){bias} ({pct} intervals, "
+             f"{rows}, candidate ESS {cand.ess:,.0f}, deployed ESS {dep.ess:,.0f})")
     result = GateResult(REJECTED, "", rule, n, cv, dv, estimates, held_out)
     best = result.best_baseline()
     if best is not None:
@@ -207,6 +276,10 @@ def _decide(rule: PromotionRule, n: int, cv: int, dv: int,
         bar = rule.margin if rule.kind == "superiority" else -rule.margin
         bar_name = (f"margin {rule.margin:g}" if rule.kind == "superiority"
                     else f"-margin {-rule.margin:g} (non-inferiority)")
+        if rule.kind == "superiority" and refresh_margin is not None:
+            bar = -refresh_margin
+            bar_name = (f"-{refresh_margin:.4g} (refresh: non-inferiority, margin "
+                        f"{REFRESH_MARGIN_SD:g} reward sd)")
         if not math.isfinite(diff.lower):
             return _with(result, REJECTED, f"rejected: the paired difference is undefined "
                                            f"(no overlap between the candidate and the "
@@ -251,19 +324,25 @@ class Gate:
     def __init__(self, store: EventStore, *, estimators: Sequence[str] = ESTIMATORS) -> None:
         self.store = store
         self.estimators = tuple(estimators)
+        self.cache = WindowCache()
 
     def evaluate(self, candidate: Policy, deployed: Policy, *,
                  now_ns: int | None = None, stats: Any = None,
-                 fit: Callable[[Any], Policy] | None = None) -> GateResult:
-        """Load the deployed policy's rule window and judge ``candidate`` against it.
+                 fit: Callable[[Any], Policy] | None = None,
+                 data: LoggedData | None = None) -> GateResult:
+        """Load the deployed policy's rule window and judge ``candidate`` against it
+        (``data``: that window already read, e.g. drawn from every shard of a cluster).
 
         With ``stats`` (the :class:`~loops_sdk.learner.train.RidgeStats` the candidate was
-        fitted from, rows of the window included), the newest half of the window's rows the
-        deployed version served is held out: the candidate's twin is refitted from ``stats``
-        minus those rows and judged on them (see the module docstring). With fewer than 3
-        such rows, or when the rows cannot be taken out exactly (the statistics restarted
-        after the window began, another layout), the candidate is judged in sample on the
-        whole window (the reason then counts "logged", not "held-out", decisions).
+        fitted from, rows of the window included), every row of the window the deployed
+        version served is judged by a twin fitted without it (:func:`held_out_twins`), with
+        the twins' predictions as the reward model. With fewer than 4 such rows, or when the
+        rows cannot be taken out (the statistics restarted after the window began, another
+        layout), the candidate is judged in sample on the whole window (the reason then
+        counts "logged", not "held-out", decisions).
+
+        The window's decoded rows are cached between calls (:class:`WindowCache`): a round
+        decodes only the blocks that changed since the last one.
 
         In apprentice mode players get the baseline whatever the policy says, so a candidate
         risks nothing: it is promoted (the policy keeps learning in the shadow) with whatever
@@ -272,26 +351,32 @@ class Gate:
         """
         rule = deployed.learning.promotion
         try:
-            data = load_window(self.store, deployed.name, rule, now_ns)
+            if data is None:
+                data = load_window(self.store, deployed.name, rule, now_ns, cache=self.cache)
         except EvaluationError as exc:
             result = GateResult(HELD, f"held: cannot read logged data: {exc}", rule, 0,
                                 candidate.version, deployed.version)
         else:
             try:
-                judged, held_out, window_n = None, False, data.n
+                judged, held_out, window_n, q = None, False, data.n, None
                 if stats is not None and rule.kind != "always":
-                    split = held_out_twin(candidate, deployed, stats, data, fit)
+                    split = held_out_twins(candidate, deployed, stats, data, fit)
                     if split is not None:
-                        data, judged, held_out = split[0], split[1], True
+                        data, judged, held_out = split.data, split.judged, True
+                        q = split.reward_model
                     else:
                         logger.debug("policy %r v%d: no held-out slice (too few rows served "
                                      "by v%d, or the statistics do not hold them); judged in "
                                      "sample", candidate.name, candidate.version,
                                      deployed.version)
+                stored = self.store.get_policy(deployed.name, deployed.version)
+                refresh = is_refresh(candidate, deployed,
+                                     stored.decision if stored is not None else "")
                 result = evaluate_candidate(data, candidate, deployed, rule,
                                             estimators=self.estimators, seed=candidate.version,
                                             judged=judged, held_out=held_out,
-                                            window_n=window_n)
+                                            window_n=window_n, reward_model=q,
+                                            refresh=refresh)
             except Exception as exc:  # a failed evaluation must hold, never serve, the candidate
                 logger.exception("policy %r v%d: evaluation failed", candidate.name,
                                  candidate.version)
@@ -336,52 +421,125 @@ def _storable(est: Estimate) -> Estimate:
                     est.interval, est.bias_bound)
 
 
-def held_out_twin(candidate: Policy, deployed: Policy, stats: Any, data: LoggedData,
-                  fit: Callable[[Any], Policy] | None = None
-                  ) -> tuple[LoggedData, Policy] | None:
-    """``(slice, twin)``: the newest half of the rows of ``data`` that ``deployed`` served
-    (all rows when ``data`` has no versions), and ``candidate`` refitted the way the trainer
-    fits it, from ``stats`` with that slice's rows subtracted. None when the rows
-    cannot be subtracted exactly (layouts differ, or an action would be left with fewer than
-    0 rows: the statistics do not hold the slice).
+@dataclass(frozen=True)
+class HeldOut:
+    """Rows the candidate is judged on without having been trained on them
+    (:func:`held_out_twins`).
 
-    ``stats`` is a :class:`~loops_sdk.learner.train.RidgeStats` (decayed or not): the slice
-    leaves it through ``stats.without`` (by decision time), and ``fit`` turns what is left
-    into the twin the way the trainer fits a candidate (the learner passes its
-    ``Trainer.fit``); without ``fit``, a plain ridge solve with the deployed policy's lambda.
+    Attributes:
+        data: the rows: every row of the window the deployed version served.
+        judged: ``(n, K)`` the candidate's probabilities on them, each row scored by the twin
+            fitted without that row's fold.
+        reward_model: ``(n, K)`` the same twins' predicted rewards (out of sample for every
+            row): the doubly robust estimators' reward model, shared by every target.
+        twins: the twins, one per fold.
+    """
+
+    data: LoggedData
+    judged: np.ndarray
+    reward_model: np.ndarray
+    twins: tuple[Policy, ...]
+
+
+def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: LoggedData,
+                   fit: Callable[[Any], Policy] | None = None, *,
+                   folds: int = HELD_OUT_FOLDS) -> HeldOut | None:
+    """Cross-fitted twins of ``candidate`` on the rows of ``data`` that ``deployed`` served
+    (all rows when ``data`` has no versions).
+
+    Those rows are dealt into ``folds`` interleaved folds (by decision time); twin ``f`` is
+    ``candidate`` refitted the way the trainer fits it from ``stats`` with fold ``f``'s rows
+    subtracted (``fit``, the learner's ``Trainer.fit``; without it a plain ridge solve with
+    the deployed policy's lambda), and scores fold ``f``. Every row the deployed version
+    served is judged (not one held-out half), and each twin still holds every row the
+    deployed version was trained on, and more.
+
+    The twins' predicted rewards are the reward model of the doubly robust estimators: out
+    of sample for every row like a cross-fitted one, fitted on the whole (decayed) history
+    rather than the window, and no extra fit per candidate.
+
+    A candidate exploring more after a detected change (metadata ``exploring_after_change``)
+    is judged with the deployed policy's exploration: the gate judges what the candidate
+    learned; the extra exploration is the documented, bounded price of relearning after a
+    change (judged as is it would always lose to the policy it replaces, in the short run).
+
+    ``stats`` is a :class:`~loops_sdk.learner.train.RidgeStats` (decayed or not). With decay
+    by decision time the rows leave it exactly; with decay by rows their clocks are their
+    positions, taken as the newest of the statistics in decision-time order (exact when
+    ``data`` ends with the newest rows trained on, as the gate's window does; otherwise a
+    small error in the weights subtracted).
+
+    Returns None when the rows cannot be subtracted (layouts differ, fewer than 2 rows per
+    fold, or an action would be left with fewer than 0 rows: the statistics do not hold
+    them).
     """
     n = data.n
-    # Only rows the deployed version served: it was trained before it served them, so the
-    # slice is out of sample for both sides, and the twin (fitted on every other row) still
-    # has more data than the deployed version, as the candidate has. Holding out older rows
-    # instead would pit a twin staler than the deployed version against it.
+    # Only rows the deployed version served: it was trained before it served them, so they
+    # are out of sample for both sides.
     own = (np.ones(n, bool) if data.versions is None
            else data.versions == deployed.version)
     rows = np.flatnonzero(own)
-    h = int(math.ceil(rows.size * _HELD_OUT_SHARE))
-    if h < 2 or tuple(stats.input_names) != tuple(candidate.input_names):
+    folds = max(int(folds), 1)
+    if rows.size < 2 * folds or tuple(stats.input_names) != tuple(candidate.input_names):
         return None
     if tuple(stats.action_ids) != tuple(candidate.action_ids):
         return None
     index = {a: i for i, a in enumerate(stats.action_ids)}
     if any(a not in index for a in data.action_ids):
         return None
-    part = data.subset(rows[rows.size - h:])
     remap = np.array([index[a] for a in data.action_ids], dtype=np.int64)
-    actions = remap[part.actions]
-    # Rows the statistics do not hold (they restarted after the window began) cannot be
-    # taken out.
-    if (np.bincount(actions, minlength=len(stats.action_ids)) > stats.count).any():
-        return None
-    ts = part.ts_ns if part.ts_ns is not None else np.arange(h, dtype=np.int64)
-    rest = stats.without(part.x, actions, part.rewards, ts)
-    if fit is not None:
-        twin = fit(rest)
-        return part, twin.with_model(twin.weights, twin.bias, version=candidate.version,
-                                     metadata=dict(candidate.metadata))
-    weights, bias = rest.solve(deployed.learning.ridge_lambda)
-    unseen = rest.count == 0           # as the trainer does: unseen actions keep their params
-    weights[unseen] = deployed.weights[unseen]
-    bias[unseen] = deployed.bias[unseen]
-    return part, candidate.with_model(weights, bias, version=candidate.version,
-                                      metadata=dict(candidate.metadata))
+    if (np.bincount(remap[data.actions[rows]], minlength=len(stats.action_ids))
+            > stats.count).any():
+        return None        # rows the statistics do not hold (they restarted in the window)
+    part = data.subset(rows)
+    ts = part.ts_ns if part.ts_ns is not None else np.arange(part.n, dtype=np.int64)
+    # A RidgeStats is copied and the fold's rows removed at their clocks; another view of the
+    # statistics (a shared policy's SharedGateView) takes rows out by decision time itself.
+    subtracts = hasattr(stats, "remove") and hasattr(stats, "copy")
+    by_rows = subtracts and stats.half_life > 0 and stats.clock == "rows"
+    if by_rows:
+        # Positions: the window's rows are the newest trained on, in decision-time order.
+        pos = np.empty(n)
+        order = np.argsort(data.ts_ns if data.ts_ns is not None else np.arange(n),
+                           kind="stable")
+        pos[order] = stats.rows_clock - n + np.arange(n)
+        clocks = pos[rows]
+    else:
+        clocks = ts.astype(np.float64) / 1e9
+    fold = np.arange(part.n) % folds
+    judged = np.empty((part.n, part.n_actions))
+    q = np.empty((part.n, part.n_actions))
+    cols = remap                        # data's column c is the policy's action cols[c]
+    boosted = bool(candidate.metadata.get("exploring_after_change"))
+    twins = []
+    for f in range(folds):
+        sel = np.flatnonzero(fold == f)
+        fx, fa, fr = part.x[sel], remap[part.actions[sel]], part.rewards[sel]
+        if subtracts:
+            rest = stats.copy()
+            rest.remove(fx, fa, fr, clocks[sel])
+            rest.count = np.maximum(rest.count, 0)
+        else:
+            rest = stats.without(fx, fa, fr, ts[sel])
+        if fit is not None:
+            twin = fit(rest)
+            twin = twin.with_model(twin.weights, twin.bias, version=candidate.version,
+                                   metadata=dict(candidate.metadata))
+        else:
+            weights, bias = rest.solve(deployed.learning.ridge_lambda)
+            unseen = rest.count == 0    # as the trainer does: unseen actions keep their params
+            weights[unseen] = deployed.weights[unseen]
+            bias[unseen] = deployed.bias[unseen]
+            twin = candidate.with_model(weights, bias, version=candidate.version,
+                                        metadata=dict(candidate.metadata))
+        if boosted and twin.exploration != deployed.exploration:
+            twin = replace(twin, exploration=deployed.exploration)
+        twins.append(twin)
+        fx = part.x[sel]
+        if twin.action_ids == part.action_ids:   # checked once, with the whole matrix
+            judged[sel] = twin.probabilities(
+                fx, None if part.eligible is None else part.eligible[sel])
+        else:
+            judged[sel] = target_probabilities(twin, part.subset(sel))
+        q[sel] = np.asarray(twin.scores(fx), dtype=np.float64)[:, cols]
+    return HeldOut(part, judged, q, tuple(twins))

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -42,11 +42,11 @@ from ..records import MAX_INT64
 from ..errors import BatchError, LoopsError, PolicyError
 from ..policy import Policy
 from ..net.auth import LEARNER_METHOD_ROLES, ServerSecurity, join_host_port
-from ..net.server import add_health_and_reflection, bind, new_server
+from ..net.server import abort_invalid, add_health_and_reflection, bind, new_server
 from .join import Joiner, JoinResult, PolicyBook
 from .promotion import Gate, GateResult
 from .retention import Retention
-from .store import EventStore, StoredPolicy
+from .store import EventStore, StoredPolicy, batch_key
 from .train import Trainer
 
 __all__ = ["Learner", "LearnerServicer", "PolicyHub", "VersionConflict", "RollbackRefused",
@@ -166,29 +166,46 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def ReportFeedback(self, request: feedback_pb2.FeedbackBatch,
                        context: grpc.ServicerContext) -> feedback_pb2.FeedbackAck:
         lr = self._learner
+        lr.count_ingest("batches_received", 1)
+        lr.count_ingest("records_received", request.record_count)
+        try:
+            ack = self._report(lr, request, context)
+        except BaseException:
+            if context.code() == grpc.StatusCode.INVALID_ARGUMENT:   # refused, not failed
+                lr.count_ingest("batches_rejected", 1)
+                lr.count_ingest("records_rejected", request.record_count)
+            raise
+        if ack.duplicate:
+            lr.count_ingest("batches_duplicate", 1)
+            lr.count_ingest("records_duplicate", request.record_count)
+        return ack
+
+    @staticmethod
+    def _report(lr: "Learner", request: feedback_pb2.FeedbackBatch,
+                context: grpc.ServicerContext) -> feedback_pb2.FeedbackAck:
         # sequence goes into SQLite (signed 64-bit); past that it would fail as UNKNOWN, which
         # clients retry for ever.
         if not request.client_id or not 1 <= request.sequence <= MAX_INT64:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort_invalid(context, "sequence" if request.client_id else "client_id",
                           f"batch needs a client_id and a sequence in [1, {MAX_INT64}]")
         if request.payload_format not in (0, PAYLOAD_FORMAT):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort_invalid(context, "payload_format",
                           f"unknown payload_format {request.payload_format}")
         if len(request.payload) > lr.max_batch_bytes:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort_invalid(context, "payload",
                           f"batch payload is {len(request.payload)} bytes, over the limit of "
                           f"{lr.max_batch_bytes}")
         try:
             records = decode_records(request.payload, max_records=lr.max_batch_records)
         except BatchError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable batch: {exc}")
+            abort_invalid(context, "payload", f"undecodable batch: {exc}")
         if len(records) != request.record_count:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort_invalid(context, "record_count",
                           f"record_count says {request.record_count}, payload holds "
                           f"{len(records)} records")
         # The dedup key includes the sender's per-start epoch: a restarted client reusing its
         # client_id starts its sequence at 1 again (older clients send epoch 0: key unchanged).
-        key = f"{request.client_id}@{request.epoch:x}" if request.epoch else request.client_id
+        key = batch_key(request.client_id, request.epoch)
         try:
             stored, duplicate = lr.store.ingest(key, request.sequence, records)
         except _BAD_RECORD_ERRORS as exc:
@@ -200,7 +217,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "learner is shutting down")
             logger.warning("batch %r/%d refused: records cannot be stored (%s: %s)",
                            request.client_id, request.sequence, type(exc).__name__, exc)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            abort_invalid(context, "payload",
                           f"batch records cannot be stored: {type(exc).__name__}: {exc}")
         if lr.crash_after_commit and not duplicate:
             lr.crash_after_commit_hook()
@@ -234,12 +251,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         try:
             policy = Policy.from_bytes(request.policy)
         except PolicyError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort_invalid(context, "policy", str(exc))
         # The store keeps versions as SQLite (signed 64-bit) integers, and decisions logged
         # under a larger one would be refused at ingest: refuse it here, by name.
         if policy.version > MAX_INT64:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"policy.version: {policy.version} is past the learner's largest "
+            abort_invalid(context, "policy.version",
+                          f"{policy.version} is past the learner's largest "
                           f"version {MAX_INT64} (2**63 - 1)")
         try:
             version = self._learner.publish(policy, request.reason or "published by hand",
@@ -269,7 +286,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def SetMode(self, request: learner_pb2.SetModeRequest,
                 context: grpc.ServicerContext) -> learner_pb2.PublishResponse:
         if request.mode not in policy_pb2.Policy.Mode.values():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {request.mode}")
+            abort_invalid(context, "mode", f"unknown mode {request.mode}")
         mode = policy_pb2.Policy.Mode.Name(request.mode).lower()
         try:
             version = self._learner.set_mode(request.name, mode, request.reason)
@@ -308,6 +325,10 @@ class Learner:
             days, in small transactions after join rounds (see
             :mod:`~loops_sdk.learner.retention`); None keeps everything.
         retention_every_seconds: at most one retention round this often.
+        metrics_port: serve Prometheus metrics at ``http://metrics_host:PORT/metrics``
+            (0 = any free port, read :attr:`metrics_port` after start; None = no endpoint;
+            needs the ``metrics`` extra). See :mod:`loops_sdk.metrics`.
+        metrics_host: where the metrics endpoint listens (loopback by default).
     """
 
     def __init__(self, db: str | Path, host: str = "127.0.0.1", port: int = 0, *,
@@ -316,7 +337,8 @@ class Learner:
                  max_workers: int = 64, durability: str = "normal",
                  security: ServerSecurity | None = None,
                  retain_days: float | None = None,
-                 retention_every_seconds: float = 60.0) -> None:
+                 retention_every_seconds: float = 60.0,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         self.security = security if security is not None else ServerSecurity()
         self.security.check_bind(host)   # refuse an insecure public bind before opening the db
         self.store = EventStore(db, durability=durability)
@@ -332,6 +354,15 @@ class Learner:
         # Retraining rounds that raised, by policy (logged; the other policies go on).
         self.train_failures: dict[str, int] = {}
         self.hub = PolicyHub()
+        # Feedback batches and records since start (received, duplicate, rejected), for
+        # metrics; the store counts what it keeps.
+        self.ingest_counts: dict[str, int] = {}
+        self._ingest_lock = threading.Lock()
+        # Called as on_duration("train" | "gate", policy, seconds) when metrics are on.
+        self.on_duration: Callable[[str, str, float], None] | None = None
+        self._metrics_request = (metrics_host, metrics_port)
+        self._metrics: Any = None
+        self.metrics_port = 0
         self.host = host
         self.max_batch_records = max_batch_records
         self.max_batch_bytes = max_batch_bytes
@@ -371,15 +402,26 @@ class Learner:
         limit = self.max_batch_bytes + 4 * _MiB
         # No SO_REUSEPORT: a second learner on the port would split clients and publishes
         # over two stores.
+        registry, interceptors = self._metrics_registry()
         server = new_server(self.security, LEARNER_METHOD_ROLES, max_workers=self._max_workers,
                             thread_name_prefix="loops-learner-rpc", max_receive_bytes=limit,
-                            max_send_bytes=64 * _MiB)
+                            max_send_bytes=64 * _MiB, interceptors=interceptors)
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self), server)
         self._health = add_health_and_reflection(server, SERVICE_NAME)
         self.port = bind(server, self.security, self.host, self._requested_port,
                          busy_hint="is another learner on that port? Learners never share "
                                    "one: clients and publishes would be split between two "
                                    "stores")
+        if registry is not None:
+            from ..metrics import MetricsEndpoint
+            try:
+                self._metrics = MetricsEndpoint(registry, self._metrics_request[0],
+                                                self._metrics_request[1])
+            except OSError as exc:   # the gRPC port is bound but not serving: release it
+                server.stop(None)
+                raise OSError(f"metrics endpoint {self._metrics_request[0]}:"
+                              f"{self._metrics_request[1]}: {exc}") from None
+            self.metrics_port = self._metrics.port
         server.start()
         self._server = server
         self._started_ms = int(time.time() * 1000)
@@ -392,6 +434,18 @@ class Learner:
         logger.info("learner listening on %s (db %s; %s)", self.address, self.store.path,
                     self.security.describe())
         return self
+
+    def _metrics_registry(self) -> tuple[Any, list[grpc.ServerInterceptor]]:
+        if self._metrics_request[1] is None:
+            return None, []
+        from ..metrics import Durations, LearnerCollector, RpcMetrics, new_registry
+        registry = new_registry([LearnerCollector(self)])
+        self.on_duration = Durations(registry)
+        return registry, [RpcMetrics(registry).interceptor()]
+
+    def count_ingest(self, key: str, n: int) -> None:
+        with self._ingest_lock:
+            self.ingest_counts[key] = self.ingest_counts.get(key, 0) + n
 
     def stop(self, grace: float | None = 2.0) -> None:
         """Stop serving (in-flight RPCs get ``grace`` seconds), end watch streams, stop the
@@ -407,6 +461,8 @@ class Learner:
             self._server.stop(grace).wait()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._metrics is not None:
+            self._metrics.close()
         self.store.close()
         logger.info("learner stopped")
 
@@ -612,12 +668,17 @@ class Learner:
             served = self.store.get_policy(row.name)
         if served is None or served.version != row.version:
             return                   # a publish raced us; next round trains on it
+        started = time.perf_counter()
         candidate = self.trainer.train(policy, version=latest + 1,
                                        now_ms=now_ns // 1_000_000)
+        trained = time.perf_counter()
         # The statistics let the gate judge the candidate's twin on rows it was not fitted on.
         verdict = self.gate.evaluate(
-            candidate, policy, now_ns=now_ns, stats=self.trainer.stats(policy),
+            candidate, policy, now_ns=now_ns, stats=self.trainer.gate_stats(policy),
             fit=lambda rest: self.trainer.fit(policy, rest, candidate.version))
+        if self.on_duration is not None:
+            self.on_duration("train", row.name, trained - started)
+            self.on_duration("gate", row.name, time.perf_counter() - trained)
         reason = f"retrained on {candidate.metadata['trained_on']} joined events"
         if candidate.metadata.get("exploring_after_change"):
             info = self.trainer.info(row.name).get("last_change") or ["", "?", "?"]

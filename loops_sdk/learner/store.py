@@ -65,7 +65,7 @@ from ..records import (DECISION_COLUMNS, FLAG_DEFERRED, OPTIONAL_DECISION_COLUMN
                        OUTCOME_ACTIVATE, OUTCOME_COLUMNS, FeedbackRecords)
 
 __all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
-           "STATUS_JOINED", "POLICY_STATES", "DECISIONS"]
+           "STATUS_JOINED", "POLICY_STATES", "DECISIONS", "batch_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +294,16 @@ class StoredEvaluation:
     created_ms: int
     level: float = 0.95
     interval: str = "normal"
+
+
+def batch_key(client_id: str, epoch: int) -> str:
+    """The dedup key (``batches.client_id``) of a sender's batches: its client id and per-start
+    epoch (0: a sender without epochs). ``%`` and ``@`` in the id are escaped, so the one
+    ``@`` left always separates the epoch: ``("a@1", 0)`` and ``("a", 1)`` no longer share the
+    key ``"a@1"``. Ids without either character keep the keys stored before (``id``,
+    ``id@<epoch hex>``), so a batch stored by an older learner is still recognised."""
+    escaped = client_id.replace("%", "%25").replace("@", "%40")
+    return f"{escaped}@{int(epoch):x}" if epoch else escaped
 
 
 def _now_ms() -> int:

@@ -8,15 +8,21 @@ For each action ``k`` with inputs ``z = [x, 1]`` (an intercept column appended):
 every other coefficient). The statistics ``sum z z^T``, ``sum r z`` and counts are exact,
 grow incrementally, add up across shards (:meth:`RidgeStats.merge`), and serialise to bytes
 that the joiner writes in the same SQLite transaction as the rows they came from.
+
+A shared policy (:meth:`Policy.shared`) is one ridge regression over every row: its inputs are
+the row's context crossed with the chosen action's attributes (:func:`shared_inputs`), held in
+the same statistics with a single pseudo-action (:data:`SHARED_ROW`); the solution maps back to
+the policy's shared weights (:func:`shared_from_solution`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
 import zlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import msgpack
@@ -26,7 +32,8 @@ from ..errors import PolicyError
 from ..policy import MAX_PARAMETER, Exploration, Policy
 from .store import EventStore
 
-__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more"]
+__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
+           "shared_from_solution", "SharedGateView", "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +85,10 @@ class RidgeStats:
     @classmethod
     def for_policy(cls, policy: Policy) -> "RidgeStats":
         half_life, clock = decay_of(policy)
-        return cls(policy.action_ids, policy.input_names, half_life, clock)
+        return cls(*layout_of(policy), half_life, clock)
 
     def matches(self, policy: Policy) -> bool:
-        return self.action_ids == policy.action_ids and self.input_names == policy.input_names
+        return (self.action_ids, self.input_names) == layout_of(policy)
 
     @property
     def n(self) -> int:
@@ -403,6 +410,120 @@ class RidgeStats:
         return s
 
 
+# The one pseudo-action of a shared policy's statistics (every row regresses on one model).
+SHARED_ROW = "(shared)"
+_BIAS_PREFIX = "action="
+
+
+def layout_of(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(action_ids, input_names)`` of a policy's statistics. Linear: the policy's own.
+    Shared: one pseudo-action over the inputs :func:`shared_inputs` builds, named
+    ``x`` (context main effects), ``@attr`` (attribute main effects), ``x*attr``
+    (interactions) and, with a per-action bias, ``action=<id>``."""
+    sm = policy.shared_model
+    if sm is None:
+        return policy.action_ids, policy.input_names
+    names = [*policy.input_names, *(f"@{a}" for a in sm.attributes),
+             *(f"{i}*{a}" for i in policy.input_names for a in sm.attributes)]
+    if sm.per_action_bias:
+        names.extend(_BIAS_PREFIX + a for a in policy.action_ids)
+    return (SHARED_ROW,), tuple(names)
+
+
+def shared_inputs(policy: Policy, x: np.ndarray, actions: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A shared policy's regression rows: ``(inputs (n, P), zeros (n,))`` from contexts ``x``
+    ``(n, D)`` and chosen action indexes, in the order of :func:`layout_of` (the intercept,
+    ``1 x 1``, is the statistics' own column)."""
+    sm = policy.shared_model
+    x = np.asarray(x, dtype=np.float64)
+    actions = np.asarray(actions, dtype=np.int64)
+    dim, k = policy.n_inputs, policy.n_actions
+    if x.ndim != 2 or x.shape[1] != dim or actions.shape != (x.shape[0],):
+        raise PolicyError(f"policy {policy.name!r}: got x {x.shape}, actions {actions.shape} "
+                          f"for {dim} inputs")
+    n = x.shape[0]
+    if n and (actions.min() < 0 or actions.max() >= k):
+        raise PolicyError(f"policy {policy.name!r}: action index out of range")
+    attrs = sm.attribute_matrix(policy.name, policy.actions)[actions, 1:]   # (n, A)
+    parts = [x, attrs, (x[:, :, None] * attrs[:, None, :]).reshape(n, -1)]
+    if sm.per_action_bias:
+        parts.append(np.eye(k)[actions])
+    return np.concatenate(parts, axis=1), np.zeros(n, np.int64)
+
+
+def shared_from_solution(policy: Policy, weights: np.ndarray, bias: np.ndarray
+                         ) -> tuple[np.ndarray, dict[str, float]]:
+    """``(W (D + 1, A + 1), action_bias)`` of a shared policy from the statistics' solution
+    ``(weights (1, P), bias (1,))`` (the inverse of :func:`shared_inputs`' layout)."""
+    sm = policy.shared_model
+    dim, na = policy.n_inputs, len(sm.attributes)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    out = np.empty((dim + 1, na + 1))
+    out[:dim, 0] = w[:dim]
+    out[dim, 1:] = w[dim:dim + na]
+    out[:dim, 1:] = w[dim + na:dim + na + dim * na].reshape(dim, na)
+    out[dim, 0] = float(np.asarray(bias).reshape(-1)[0])
+    action_bias: dict[str, float] = {}
+    if sm.per_action_bias:
+        tail = w[dim + na + dim * na:]
+        action_bias = {a: float(v) for a, v in zip(policy.action_ids, tail) if v != 0.0}
+    return out, action_bias
+
+
+class SharedGateView:
+    """A shared policy's statistics as the gate's held-out split sees them: in the policy's
+    own layout (its actions and inputs, each action's raw row count), with ``without`` taking
+    rows out in the statistics' layout (:func:`shared_inputs`). What ``without`` returns is
+    the statistics minus those rows, which :meth:`Trainer.fit` fits."""
+
+    def __init__(self, policy: Policy, stats: RidgeStats) -> None:
+        self.policy, self.stats = policy, stats
+        self.action_ids, self.input_names = policy.action_ids, policy.input_names
+        counts = stats.extra.get("action_counts") or {}
+        self.count = np.array([int(counts.get(a, 0)) for a in policy.action_ids], np.int64)
+
+    def without(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                ts_ns: np.ndarray) -> RidgeStats:
+        phi, zeros = shared_inputs(self.policy, x, actions)
+        return self.stats.without(phi, zeros, rewards, ts_ns)
+
+
+def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
+    """``s`` in the policy's layout when that only adds columns every past row had 0 in (a
+    linear policy's new actions; a shared policy's new per-action bias columns): exact, the
+    statistics of the same rows. None when the layout changed otherwise."""
+    actions, inputs = layout_of(policy)
+    if policy.shared_model is None:
+        ok = inputs == s.input_names and set(s.action_ids) <= set(actions)
+    else:
+        def core(names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(n for n in names if not n.startswith(_BIAS_PREFIX))
+        ok = (actions == s.action_ids and core(inputs) == core(s.input_names)
+              and set(s.input_names) <= set(inputs))
+    if not ok or (actions, inputs) == (s.action_ids, s.input_names):
+        return None
+    g = RidgeStats(actions, inputs, s.half_life, s.clock)
+    ai = np.array([actions.index(a) for a in s.action_ids], dtype=np.int64)
+    ii = np.array([inputs.index(n) for n in s.input_names] + [len(inputs)], dtype=np.int64)
+    g.zz[np.ix_(ai, ii, ii)] = s.zz
+    g.zr[np.ix_(ai, ii)] = s.zr
+    g.count[ai] = s.count
+    g.reward_sum[ai] = s.reward_sum
+    g.reward_sq[ai] = s.reward_sq
+    g.ref, g.newest, g.rows_clock = s.ref, s.newest, s.rows_clock
+    g.since_train, g.last_train_ms = s.since_train, s.last_train_ms
+    g.extra = dict(s.extra)
+    for key, empty in (("cusum", [0.0, 0.0]), ("baseline", None)):   # per-action detector
+        if key in g.extra:
+            old = g.extra[key]
+            new = [list(empty) if isinstance(empty, list) else empty for _ in actions]
+            for i, j in enumerate(ai):
+                new[j] = old[i]
+            g.extra[key] = new
+    return g
+
+
 def decay_of(policy: Policy) -> tuple[float, str]:
     """``(half_life, clock)`` of a policy's forgetting settings."""
     ls = policy.learning
@@ -414,19 +535,23 @@ def decay_of(policy: Policy) -> tuple[float, str]:
 
 
 # Change detection: a two-sided CUSUM (Page 1954) per action on the standardised, clipped
-# prequential residuals (each row against the fit before it), measured from a slow running
-# baseline of those residuals (as Page-Hinkley measures from the running mean): under adaptive
-# play the residuals of the rows an action is chosen on are biased (it is chosen where it was
-# over-estimated) and a misspecified model leaves context-dependent bias, so the test looks
-# for a *change* of the residuals' level, not for a non-zero level. Drift allowance k and
-# threshold h: with k = 0.25, h = 20 the in-control run length of a unit-variance residual is
-# ~3 * 10^5 rows per side (Siegmund's approximation) while a 0.5 sd shift is found in ~85 of
-# that action's rows. Clipping at 4 sd keeps one heavy-tailed reward from firing it.
-CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.25, 20.0, 4.0
-# The baseline forgets with this many rows' time constant (slow against the detection delay).
-BASELINE_ROWS = 250
-# An action is watched once its fit rests on this many effective rows (and 5 per input).
-CUSUM_MIN_ROWS = 100
+# prequential residuals (each row against the fit before it). Tuned on the learning bench's
+# streams (bench/learning.py, replayed without the gate): the casino world's change moves
+# the largest segment's best bonus by 7 per player against a residual sd of about 45 (most
+# players deposit nothing, some a lot), a 0.15 sd shift. The old allowance (k = 0.25 sd,
+# measured from a 250-row running baseline) could not see it (k above the shift, and the
+# baseline absorbed a small shift before the sum grew). Now k = 0.08 sd (about half the shift
+# to find) and h = 70: the in-control run length of a unit-variance residual is ~7 * 10^6
+# rows per side (Siegmund's approximation), a 0.15 sd shift is found in roughly 1,000-2,000
+# of that action's rows, a 1 sd shift in ~80. With no baseline the residual level itself is
+# tested, so an action is watched only once its fit has settled: 100 effective rows per
+# model parameter (while it is still learning, its residuals drift and fired false alarms
+# on the bake-off streams). Clipping at 4 sd keeps one heavy-tailed reward from firing it.
+CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.08, 70.0, 4.0
+# An action is watched once its fit rests on this many effective rows (and 100 per
+# parameter: inputs plus intercept).
+CUSUM_MIN_ROWS = 300
+ROWS_PER_PARAMETER = 100
 # On a change: the action's past is multiplied by this (three half-lives at once), and the
 # exported policies explore more until this many more rows were trained on.
 CHANGE_DISCOUNT = 0.125
@@ -436,6 +561,8 @@ BOOST_ROWS = 2_000
 # change the posterior's spread is multiplied by BOOST_INFLATE.
 PRIOR_ROWS = 10.0
 BOOST_INFLATE = 2.0
+# Metadata of a boosted version: the exploration it had before the boost (JSON).
+_BEFORE_CHANGE = "exploration_before_change"
 
 
 def explore_more(e: Exploration) -> Exploration:
@@ -475,6 +602,12 @@ class Trainer:
                 except (PolicyError, ValueError, KeyError) as exc:
                     logger.error("policy %r: stored statistics unreadable (%s); starting over",
                                  policy.name, exc)
+        if s is not None and not s.matches(policy):
+            grown = _grown(s, policy)
+            if grown is not None:
+                logger.info("policy %r: actions added; statistics kept", policy.name)
+                s = grown
+                self._dirty.add(policy.name)
         if s is None or not s.matches(policy):
             if s is not None:
                 logger.warning("policy %r: actions or inputs changed; statistics start over",
@@ -495,6 +628,14 @@ class Trainer:
         """Add joined rows (``ts_ns``: their decision times, for forgetting by time and the
         decision-to-row lag), after testing them for a change against the current fit."""
         s = self.stats(policy)
+        if policy.shared_model is not None:
+            raw = np.asarray(actions, dtype=np.int64)
+            x, actions = shared_inputs(policy, x, actions)
+            # Raw rows per action (the shared statistics pool them), for the gate's split.
+            counts = s.extra.setdefault("action_counts", {})
+            for k, c in zip(*np.unique(raw, return_counts=True)):
+                aid = policy.action_ids[int(k)]
+                counts[aid] = int(counts.get(aid, 0)) + int(c)
         x, actions, rewards = s._check(x, actions, rewards)
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if policy.learning.detect_changes and x.shape[0]:
@@ -520,18 +661,12 @@ class Trainer:
         xa, aa, ra = x[order], actions[order], rewards[order]
         resid = ra - s.predict(xa, aa, weights, bias)
         cusum = s.extra.setdefault("cusum", [[0.0, 0.0] for _ in s.action_ids])
-        baseline = s.extra.setdefault("baseline", [None for _ in s.action_ids])
-        min_rows = max(CUSUM_MIN_ROWS, 5 * (len(s.input_names) + 1))
+        s.extra.pop("baseline", None)       # kept by older versions of the detector
+        min_rows = max(CUSUM_MIN_ROWS, ROWS_PER_PARAMETER * (len(s.input_names) + 1))
         for k in np.unique(aa):     # per action present; the recursion itself is vectorised
             if eff[k] < min_rows or not sd[k] > 0:
                 continue
             u = np.clip(resid[aa == k] / sd[k], -CUSUM_CLIP, CUSUM_CLIP)
-            base = baseline[k]
-            if base is None:            # a prequential residual's level starts at 0
-                base = 0.0
-            # The batch is tested against the level before it, then the level follows it.
-            baseline[k] = base + (1 - (1 - 1 / BASELINE_ROWS) ** u.size) * (u.mean() - base)
-            u = u - base
             hit = None
             for side, sign in ((0, 1.0), (1, -1.0)):
                 # g_t = max(0, g_{t-1} + y_t) == S_t - min(-g_0, min_{s<=t} S_s)
@@ -545,7 +680,7 @@ class Trainer:
             if hit is not None:
                 at, side, stat = hit
                 direction = "up" if side == 0 else "down"
-                cusum[k], baseline[k] = [0.0, 0.0], None
+                cusum[k] = [0.0, 0.0]
                 s.forget(int(k), CHANGE_DISCOUNT)
                 s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
                 s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
@@ -575,6 +710,12 @@ class Trainer:
             return ls.retrain_every_events
         return int(min(ls.retrain_every_events, max(ls.first_retrain_events, trained_rows)))
 
+    def gate_stats(self, policy: Policy) -> RidgeStats | SharedGateView:
+        """The statistics the gate's held-out split takes rows out of (a shared policy's
+        through :class:`SharedGateView`)."""
+        s = self.stats(policy)
+        return s if policy.shared_model is None else SharedGateView(policy, s)
+
     def due(self, policy: Policy, now_ms: int | None = None) -> bool:
         """True when :meth:`threshold` new rows arrived, or ``retrain_every_seconds`` passed
         since the last training and at least one new row arrived."""
@@ -595,9 +736,23 @@ class Trainer:
         weights, bias = s.solve(ls.ridge_lambda, standardize=ls.standardize_inputs,
                                 center=ls.center_rewards)
         unseen = s.count <= 0
-        weights[unseen] = policy.weights[unseen]
-        bias[unseen] = policy.bias[unseen]
+        shared = None
+        if policy.shared_model is not None:
+            shared = ((policy.shared_model.weights, None) if unseen.all()
+                      else shared_from_solution(policy, weights, bias))
+        else:
+            weights[unseen] = policy.weights[unseen]
+            bias[unseen] = policy.bias[unseen]
         exploration = policy.exploration
+        before = policy.metadata.get(_BEFORE_CHANGE)
+        if before:
+            # The deployed version explores more after a change: boost (or restore) from what
+            # it explored before, never from the boosted value (boosts would compound).
+            try:
+                exploration = Exploration(**json.loads(before))
+            except (TypeError, ValueError):
+                logger.warning("policy %r: unreadable %s metadata; kept the exploration",
+                               policy.name, _BEFORE_CHANGE)
         n_eff = float(s.weight.sum())
         if exploration.kind == "squarecb" and ls.gamma_scale > 0 and n_eff > 0:
             # SquareCB / FALCON (Foster & Rakhlin 2020; Simchi-Levi & Xu 2020): the learning
@@ -609,14 +764,24 @@ class Trainer:
             exploration = replace(exploration, gamma=float(min(max(gamma, 1.0), 1e6)))
         metadata = dict(policy.metadata)
         boosted = s.n < int(s.extra.get("boost_until", 0))
+        unboosted = exploration
         if boosted:
             exploration = explore_more(exploration)
         metadata.update({"trained_on": str(s.n), "trained_from_version": str(policy.version),
                          "effective_rows": f"{n_eff:.1f}"})
         if boosted:
             metadata["exploring_after_change"] = "1"
+            # Without a Thompson policy's draws (arrays; each version draws new ones).
+            before = {k: v for k, v in asdict(replace(unboosted, draws=None)).items()
+                      if k != "draws"}
+            metadata[_BEFORE_CHANGE] = json.dumps(before, sort_keys=True)
         else:
             metadata.pop("exploring_after_change", None)
+            metadata.pop(_BEFORE_CHANGE, None)
+        base = policy if exploration == policy.exploration else replace(
+            policy, exploration=exploration)
+        if shared is not None:
+            return base.with_shared(shared[0], shared[1], version=version, metadata=metadata)
         draws = None
         if exploration.kind == "thompson":
             # New posterior draws with every version, seeded by (name, version): a fit repeats.
@@ -624,8 +789,6 @@ class Trainer:
             draws = s.posterior_draws(ls.ridge_lambda, weights, bias, exploration.samples, rng,
                                       standardize=ls.standardize_inputs,
                                       inflate=BOOST_INFLATE if boosted else 1.0)
-        base = policy if exploration == policy.exploration else replace(
-            policy, exploration=exploration)
         return base.with_model(weights, bias, version=version, metadata=metadata, draws=draws)
 
     def candidate(self, policy: Policy, version: int, *, exclude: tuple | None = None
@@ -641,6 +804,9 @@ class Trainer:
         """
         s = self.stats(policy)
         if exclude is not None:
+            if policy.shared_model is not None:
+                x, actions = shared_inputs(policy, exclude[0], exclude[1])
+                exclude = (x, actions, *exclude[2:])
             s = s.without(*exclude)
         return self.fit(policy, s, version)
 

@@ -22,28 +22,80 @@ from ..evaluation import LoggedData
 from ..policy import Policy, PromotionRule
 from .store import STATUS_JOINED, Block, BlockSpan, EventStore
 
-__all__ = ["read_logged_data", "load_window"]
+__all__ = ["read_logged_data", "load_window", "WindowCache"]
 
 logger = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
 
 
+class WindowCache:
+    """Decoded decision blocks kept between reads of one store, so that a reader that comes
+    back each round (the promotion gate) decodes only the blocks that changed.
+
+    A block is reused while its count of pending rows is unchanged: rows only move from
+    pending to final, and a final row's reward never changes, so an unchanged count means
+    unchanged contents. Blocks that the latest read did not visit (retention removed them,
+    or the window moved past them) are dropped, which bounds the cache by one window.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, tuple[tuple, Block]] = {}
+        self._inputs: dict[int, tuple[tuple, tuple[np.ndarray, np.ndarray]]] = {}
+        self._used: set[int] = set()
+        self.hits = self.misses = 0          # blocks reused / decoded (for the bench)
+
+    def block(self, store: EventStore, span: BlockSpan) -> Block:
+        self._used.add(span.id)
+        got = self._blocks.get(span.id)
+        if got is not None and got[0] == _version(span):
+            self.hits += 1
+            return got[1]
+        self.misses += 1
+        blk = store.load_block(span.id)
+        self._blocks[span.id] = (_version(span), blk)
+        return blk
+
+    def inputs(self, store: EventStore, span: BlockSpan) -> tuple[np.ndarray, np.ndarray]:
+        got = self._inputs.get(span.id)
+        if got is not None and got[0] == _version(span):
+            return got[1]
+        x = store.block_inputs(span.id)
+        self._inputs[span.id] = (_version(span), x)
+        return x
+
+    def begin(self) -> None:
+        self._used = set()
+
+    def end(self) -> None:
+        for cached in (self._blocks, self._inputs):
+            for block_id in [b for b in cached if b not in self._used]:
+                del cached[block_id]
+
+
+def _version(span: BlockSpan) -> tuple:
+    # What identifies a block's contents: an id reused after a deletion has other spans.
+    return (span.pending, span.n, span.min_ts_ns, span.max_ts_ns)
+
+
 def load_window(store: EventStore, name: str, rule: PromotionRule,
-                now_ns: int | None = None) -> LoggedData:
+                now_ns: int | None = None, *, cache: WindowCache | None = None) -> LoggedData:
     """The joined rows ``rule`` evaluates on: the newest ``window_rows`` (0 = all), only those
-    decided in the last ``window_seconds`` when that is set."""
+    decided in the last ``window_seconds`` when that is set. ``cache``: decoded blocks kept
+    from an earlier read of the same store (see :class:`WindowCache`)."""
     since = None
     if rule.window_seconds > 0:
         now_ns = time.time_ns() if now_ns is None else now_ns
         since = int(now_ns - rule.window_seconds * _NS)
-    return read_logged_data(store, name, since_ns=since, limit=rule.window_rows or None)
+    return read_logged_data(store, name, since_ns=since, limit=rule.window_rows or None,
+                            cache=cache)
 
 
 def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
                      since_ns: int | None = None, limit: int | None = None,
                      include_holdout: bool = False, include_capped: bool = False,
-                     include_apprentice: bool = False) -> LoggedData:
+                     include_apprentice: bool = False,
+                     cache: WindowCache | None = None) -> LoggedData:
     """Read a decision point's joined decisions from the learner's event store.
 
     Only rows whose reward is final (``STATUS_JOINED``) are used. Holdout, frequency-capped
@@ -73,6 +125,7 @@ def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
         since_ns: only decisions at or after this time (ns since the epoch).
         limit: only the newest ``limit`` rows (after every other filter).
         include_holdout / include_capped / include_apprentice: keep those rows.
+        cache: reuse blocks decoded by an earlier read of ``store`` (:class:`WindowCache`).
     Returns:
         The rows, possibly none (then ``action_ids`` come from the stored policy).
     Raises:
@@ -94,9 +147,13 @@ def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
     excluded = ((0 if include_holdout else FLAG_HOLDOUT)
                 | (0 if include_capped else FLAG_CAPPED)
                 | (0 if include_apprentice else FLAG_APPRENTICE))
+    if cache is not None:
+        cache.begin()
     found = _read_newest_rows(store, policy, excluded,
                               None if since_ns is None else int(since_ns),
-                              None if limit is None else int(limit))
+                              None if limit is None else int(limit), cache)
+    if cache is not None:
+        cache.end()
     if found is None:
         stored = store.get_policy(policy)
         if stored is None:
@@ -120,7 +177,7 @@ def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
 
 
 def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int | None,
-                      limit: int | None
+                      limit: int | None, cache: WindowCache | None = None
                       ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]] | None:
     """The rows :func:`read_logged_data` returns, as ``(action_ids, input_names, columns)``
     in decision time order (ties in arrival order), or None when no row is usable.
@@ -133,12 +190,14 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
     the window and the blocks overlapping it in time, not the history.
     """
     loaded: dict[int, tuple[Block, np.ndarray]] = {}
+    spans: dict[int, BlockSpan] = {}
 
     def usable(span: BlockSpan) -> tuple[Block, np.ndarray]:
         """The block (without x) and its usable rows, loaded once."""
         got = loaded.get(span.id)
         if got is None:
-            blk = store.load_block(span.id)
+            spans[span.id] = span
+            blk = store.load_block(span.id) if cache is None else cache.block(store, span)
             keep = (blk.status == STATUS_JOINED) & ((blk.flags & excluded) == 0)
             if since is not None:
                 keep &= blk.ts_ns >= since
@@ -187,7 +246,8 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
     k = len(action_ids)
     parts: list[dict[str, np.ndarray]] = []
     for block_id, (blk, rows) in sorted(held.items()):
-        x, eligible = store.block_inputs(block_id)
+        x, eligible = (store.block_inputs(block_id) if cache is None
+                       else cache.inputs(store, spans[block_id]))
         actions = blk.action[rows].astype(np.int64)
         elig = eligible[rows] != 0
         if tuple(blk.actions) != action_ids:      # an older subset layout: remap columns

@@ -9,11 +9,15 @@ spreads when there are several connections (several backends, or a channel pool)
 
 What differs from one process:
 
-- frequency and budget caps are counted per worker, so a player's calls must reach the same
-  worker (one connection per player shard) for a cap to hold exactly;
+- frequency and budget caps are counted in one table shared by the workers (a file per
+  decision point in a directory on tmpfs, see ``loops_sdk/_scorer/shared_caps.py``), so they
+  hold exactly whichever worker a player's calls reach; ``share_caps=False`` counts them per
+  worker instead (then a player's calls must reach one worker for a cap to hold);
 - each worker has its own client id and spool directory (``<spool_dir>/worker-K``), so the
   learner deduplicates each worker's batches separately and a restarted worker replays what
-  its predecessor spooled;
+  its predecessor spooled; a pool started with fewer processes than before first moves the
+  spools of the workers it no longer has into the remaining workers' directories, whose
+  clients replay them (:func:`fold_removed_workers`);
 - with a seed, worker K uses a seed derived from it, so event ids stay unique.
 
 The pool supervises: a worker that dies is started again (with backoff, counted in
@@ -25,20 +29,25 @@ hand-offs between gRPC's threads cost much less when they never cross CPUs.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from ..client import ClientConfig
 from ..net.auth import ServerSecurity, join_host_port
 
-__all__ = ["DecisionServerPool", "worker_config"]
+__all__ = ["DecisionServerPool", "worker_config", "fold_removed_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,61 @@ def worker_config(config: ClientConfig, index: int) -> ClientConfig:
     if config.seed is not None:
         changes["seed"] = (int(config.seed) + index * _GOLDEN) % (1 << 64)
     return dataclasses.replace(config, **changes)
+
+
+def _free_name(parent: Path, name: str) -> Path:
+    path, n = parent / name, 1
+    while path.exists():
+        path, n = parent / f"{name}-{n}", n + 1
+    return path
+
+
+def _move_unlocked(src: Path, dst: Path) -> bool:
+    """Rename the spool directory ``src`` to ``dst`` unless a live process holds its lock."""
+    with open(src / "LOCK", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("loops: spool %s is in use; left where it is", src)
+            return False
+        try:
+            os.rename(src, dst)   # the lock stays on the file, which moves with it
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return True
+
+
+def fold_removed_workers(spool_dir: str | os.PathLike | None, processes: int) -> list[Path]:
+    """Move the spools of workers ``K >= processes`` (left by a pool that had more) to where
+    the pool's workers replay them: ``worker-K`` and its lanes become lanes
+    ``lane-wK...`` of ``worker-(K mod processes)``, whose client adopts every unlocked
+    ``lane-*`` holding frames; their forked workers' outbox files join that worker's outbox.
+    Returns the new paths. Without this, shrinking ``--processes`` stranded those records."""
+    if not spool_dir:
+        return []
+    base, moved = Path(spool_dir), []
+    for d in sorted(base.glob("worker-*")):
+        m = re.fullmatch(r"worker-(\d+)", d.name)
+        if not m or not d.is_dir() or int(m.group(1)) < processes:
+            continue
+        k = int(m.group(1))
+        target = base / f"worker-{k % processes}"
+        target.mkdir(parents=True, exist_ok=True)
+        for lane in sorted(p for p in d.glob("lane-*") if p.is_dir()):
+            dst = _free_name(target, f"lane-w{k}-{lane.name[len('lane-'):]}")
+            if _move_unlocked(lane, dst):
+                moved.append(dst)
+        outbox = d / "outbox"
+        if outbox.is_dir():
+            (target / "outbox").mkdir(exist_ok=True)
+            for f in outbox.glob("*.batch"):   # names hold the sender's epoch: no clash
+                os.replace(f, target / "outbox" / f.name)
+        dst = _free_name(target, f"lane-w{k}")
+        if _move_unlocked(d, dst):
+            moved.append(dst)
+            logger.info("loops: the pool has %d workers; worker %d's spool moved to %s",
+                        processes, k, dst)
+    return moved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +155,7 @@ def _worker_main(spec: _WorkerSpec, index: int, cpu: int | None, conn: Connectio
     except BaseException as exc:  # report why, so the pool can say it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", server.port))
+    conn.send(("ready", (server.port, server.metrics_port)))
 
     grace = [2.0]
 
@@ -126,15 +190,24 @@ class DecisionServerPool:
         max_workers, max_batch_rows, max_message_bytes, unary_loop: per worker, as for
             :class:`~loops_sdk.serve.service.DecisionServer`.
         restart: start a worker again when it dies unexpectedly.
+        share_caps: count caps in one table shared by the workers (the default): the
+            directory ``config.shared_caps`` if set, else a private one on tmpfs made at
+            start and removed at stop (a restarted worker keeps the counts).
         start_timeout: seconds :meth:`start` waits for every worker to listen.
+        metrics_port, metrics_host: one Prometheus endpoint for the pool (0 = any free port,
+            read :attr:`metrics_port`; None = none). Each worker serves its own metrics on an
+            ephemeral loopback port; a scrape of the pool's endpoint reads every running
+            worker's and returns their series with a ``worker`` label (see
+            :class:`~loops_sdk.metrics.WorkerScraper`).
     """
 
     def __init__(self, config: ClientConfig, host: str = "127.0.0.1", port: int = 0, *,
                  processes: int = 2, pin_cpus: bool = False,
                  security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 << 20,
-                 unary_loop: bool = True, restart: bool = True,
-                 start_timeout: float = _START_TIMEOUT) -> None:
+                 unary_loop: bool = True, restart: bool = True, share_caps: bool = True,
+                 start_timeout: float = _START_TIMEOUT, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1") -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
         self.security = security if security is not None else ServerSecurity()
@@ -145,6 +218,8 @@ class DecisionServerPool:
         self.processes = int(processes)
         self.restart = restart
         self.restarts = 0
+        self.share_caps = bool(share_caps)
+        self._caps_dir: str | None = None   # made by this pool (removed at stop)
         self._requested_port = int(port)
         self._options = {"max_workers": max_workers, "max_batch_rows": max_batch_rows,
                          "max_message_bytes": max_message_bytes, "unary_loop": unary_loop}
@@ -157,6 +232,12 @@ class DecisionServerPool:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._metrics_request = (metrics_host, metrics_port)
+        if metrics_port is not None:   # every worker on its own loopback port
+            self._options.update(metrics_port=0, metrics_host="127.0.0.1")
+        self._metrics_ports: dict[int, int] = {}
+        self._metrics: Any = None
+        self.metrics_port = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -183,15 +264,30 @@ class DecisionServerPool:
         """
         self._reservation = self._reserve_port()
         self.port = self._reservation.getsockname()[1]
-        self._spec = _WorkerSpec(self.config, self.host, self.port, self.security,
+        fold_removed_workers(self.config.spool_dir, self.processes)
+        config = self.config
+        if self.share_caps and config.shared_caps is None:
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            self._caps_dir = tempfile.mkdtemp(prefix="loops-caps-", dir=shm)
+            config = dataclasses.replace(config, shared_caps=self._caps_dir)
+        elif not self.share_caps and config.shared_caps is not None:
+            config = dataclasses.replace(config, shared_caps=None)
+        self._spec = _WorkerSpec(config, self.host, self.port, self.security,
                                  self._options, logging.getLogger().getEffectiveLevel())
         try:
             pending = [self._spawn(k) for k in range(self.processes)]
             for k, conn in pending:
                 self._await_ready(k, conn)
+            if self._metrics_request[1] is not None:
+                from ..metrics import MetricsEndpoint, WorkerScraper, new_registry
+                scraper = WorkerScraper(lambda: dict(self._metrics_ports))
+                self._metrics = MetricsEndpoint(new_registry([scraper]),
+                                                *self._metrics_request)
+                self.metrics_port = self._metrics.port
         except BaseException:
             self._stop_workers(grace=1.0)
             self._release_port()
+            self._remove_caps_dir()
             raise
         self._supervisor = threading.Thread(target=self._supervise, name="loops-pool",
                                             daemon=True)
@@ -221,6 +317,16 @@ class DecisionServerPool:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
         return sock
+
+    @property
+    def shared_caps(self) -> str | None:
+        """The directory of the workers' shared cap tables (None: caps per worker)."""
+        return self._spec.config.shared_caps if self._spec is not None else None
+
+    def _remove_caps_dir(self) -> None:
+        if self._caps_dir is not None:
+            shutil.rmtree(self._caps_dir, ignore_errors=True)
+            self._caps_dir = None
 
     def _release_port(self) -> None:
         if self._reservation is not None:
@@ -253,6 +359,8 @@ class DecisionServerPool:
             kind, detail = "error", f"exited with code {proc.join(5) or proc.exitcode}"
         if kind != "ready":
             raise RuntimeError(f"decision service worker {index} failed to start: {detail}")
+        if detail[1]:
+            self._metrics_ports[index] = int(detail[1])
 
     def _supervise(self) -> None:
         """Start again every worker that dies while the pool runs (backoff per worker)."""
@@ -273,6 +381,7 @@ class DecisionServerPool:
                 with self._lock:
                     self._workers[k][1].close()
                     self._workers[k] = None
+                self._metrics_ports.pop(k, None)
                 if not self.restart:
                     continue
                 if self._stopping.wait(backoff[k]):
@@ -298,7 +407,10 @@ class DecisionServerPool:
         if self._supervisor is not None:
             self._supervisor.join(5)
         self._stop_workers(grace if grace is not None else 2.0)
+        if self._metrics is not None:
+            self._metrics.close()
         self._release_port()
+        self._remove_caps_dir()
         logger.info("decision service pool stopped (%d restarts)", self.restarts)
 
     close = stop

@@ -22,6 +22,7 @@ server reflection lets ``grpcurl`` list and call the service. Security (TLS, tok
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -43,7 +44,7 @@ from ..rules import batch_attributes, compile_constraints
 from ..scorer import stable_hash
 from . import unary_loop
 from ..net.auth import DECISION_METHOD_ROLES, ServerSecurity, join_host_port
-from ..net.server import add_health_and_reflection, bind, new_server
+from ..net.server import abort_invalid, add_health_and_reflection, bind, new_server
 
 __all__ = ["DecisionServer", "DecisionServicer", "SERVICE_NAME"]
 
@@ -59,11 +60,11 @@ class _Invalid(Exception):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
+        self.field, self.description = field, message
 
 
 def _abort_invalid(context: grpc.ServicerContext, exc: _Invalid) -> NoReturn:
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    raise AssertionError("unreachable")  # context.abort raises
+    abort_invalid(context, exc.field, exc.description)   # with a google.rpc.BadRequest
 
 
 # --------------------------------------------------------------------------- unparsable requests
@@ -477,7 +478,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             out.actions.append(d.action or "")
             out.probabilities.append(d.probability)
             out.event_ids.append(d.event_id or "")
-            out.holdout.append(d.holdout)
+            out.holdouts.append(d.holdout)
             out.reasons.append(d.reason)
             out.policy_version = d.policy_version or out.policy_version
             if apprentice:
@@ -557,7 +558,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             actions=[ids[a] for a in b.actions.tolist()],
             probabilities=b.probabilities.tolist(),
             event_ids=[hexed[i:i + 32] for i in range(0, 32 * n, 32)],
-            holdout=b.holdout.tolist(), reasons=reasons, policy_name=name,
+            holdouts=b.holdout.tolist(), reasons=reasons, policy_name=name,
             policy_version=b.policy_version)
         if b.policy_actions is not None:
             out.policy_actions.extend([ids[a] if a >= 0 else "" for a in
@@ -574,7 +575,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                                 default=request.default_action or None)
         return decision_pb2.DecideBatchResponse(
             actions=[d.action or ""] * n, probabilities=[1.0] * n, event_ids=[""] * n,
-            holdout=[False] * n, reasons=[d.reason] * n, policy_name=request.decision_point,
+            holdouts=[False] * n, reasons=[d.reason] * n, policy_name=request.decision_point,
             policy_version=0)
 
     # ------------------------------------------------------------------ outcomes
@@ -619,6 +620,20 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         return event_id
 
 
+def _counted_refusals(authorize: Any, rpc: Any) -> Any:
+    """``authorize`` that also counts the calls it refuses (by method and code)."""
+    if authorize is None:
+        return None
+
+    def check(method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        refused = authorize(method, metadata)
+        if refused is not None:
+            rpc.observe(rpc.method_label(method), refused[0], 0.0)
+        return refused
+
+    return check
+
+
 class DecisionServer:
     """Runs the gRPC decision service around a :class:`DecisionClient`.
 
@@ -649,12 +664,17 @@ class DecisionServer:
             queue (:mod:`loops_sdk.serve.unary_loop`: about 60% of the CPU per call, so lower
             latency under load); health and reflection keep the thread pool. False serves
             everything from the pool, as does a gRPC build without what the loop needs.
+        metrics_port: serve Prometheus metrics at ``http://metrics_host:PORT/metrics``
+            (0 = any free port, read :attr:`metrics_port` after start; None = none; needs
+            the ``metrics`` extra): the client's counters and RPCs by method and code.
+        metrics_host: where the metrics endpoint listens (loopback by default).
     """
 
     def __init__(self, client: DecisionClient | ClientConfig, host: str = "127.0.0.1",
                  port: int = 0, *, security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 * _MiB,
-                 reuse_port: bool = False, unary_loop: bool = True) -> None:
+                 reuse_port: bool = False, unary_loop: bool = True,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         if max_workers < 1 or max_batch_rows < 1 or max_message_bytes < 1024:
             raise ValueError("max_workers and max_batch_rows must be >= 1, max_message_bytes "
                              ">= 1024")
@@ -674,6 +694,9 @@ class DecisionServer:
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
         self._stop = threading.Event()
+        self._metrics_request = (metrics_host, metrics_port)
+        self._metrics: Any = None
+        self.metrics_port = 0
 
     @property
     def address(self) -> str:
@@ -682,12 +705,18 @@ class DecisionServer:
     def start(self) -> "DecisionServer":
         """Bind and serve; returns self."""
         limit = self._max_message_bytes
+        rpc = registry = None
+        if self._metrics_request[1] is not None:
+            from ..metrics import ClientCollector, RpcMetrics, new_registry
+            registry = new_registry([ClientCollector(self.client)])
+            rpc = RpcMetrics(registry)
         server = new_server(self.security, DECISION_METHOD_ROLES, max_workers=self._max_workers,
                             thread_name_prefix="loops-decide-rpc", max_receive_bytes=limit,
-                            max_send_bytes=limit, reuse_port=self._reuse_port)
+                            max_send_bytes=limit, reuse_port=self._reuse_port,
+                            interceptors=[rpc.interceptor()] if rpc is not None else [])
         methods = _service_methods(DecisionServicer(self.client,
                                                     max_batch_rows=self._max_batch_rows))
-        self._loop = self._unary_loop(server, methods)
+        self._loop = self._unary_loop(server, methods, rpc)
         if self._loop is not None:
             self._loop.attach()
         else:
@@ -704,6 +733,16 @@ class DecisionServer:
         except BaseException:
             self._close_client()
             raise
+        if registry is not None:
+            from ..metrics import MetricsEndpoint
+            try:
+                self._metrics = MetricsEndpoint(registry, *self._metrics_request)
+            except OSError as exc:   # the gRPC port is bound but not serving: release it
+                server.stop(None)
+                self._close_client()
+                raise OSError(f"metrics endpoint {self._metrics_request[0]}:"
+                              f"{self._metrics_request[1]}: {exc}") from None
+            self.metrics_port = self._metrics.port
         server.start()
         self._server = server
         if self._loop is not None:
@@ -717,16 +756,20 @@ class DecisionServer:
                     list(self.client.config.watched_names) or list(self.client.policies))
         return self
 
-    def _unary_loop(self, server: grpc.Server, methods: dict[str, unary_loop.UnaryMethod]
-                    ) -> unary_loop.UnaryLoop | None:
+    def _unary_loop(self, server: grpc.Server, methods: dict[str, unary_loop.UnaryMethod],
+                    rpc: Any = None) -> unary_loop.UnaryLoop | None:
         if not self._want_loop:
             return None
         if not unary_loop.supported(server):
             logger.warning("this gRPC build lacks what the decision service's single-thread "
                            "loop needs: serving from gRPC's thread pool (more CPU per call)")
             return None
-        return unary_loop.UnaryLoop(server, methods,
-                                    authorize=self.security.authorizer(DECISION_METHOD_ROLES))
+        authorize = self.security.authorizer(DECISION_METHOD_ROLES)
+        if rpc is not None:   # the loop is outside gRPC's interceptors: count its calls here
+            methods = {name: dataclasses.replace(m, behavior=rpc.wrap(name, m.behavior))
+                       for name, m in methods.items()}
+            authorize = _counted_refusals(authorize, rpc)
+        return unary_loop.UnaryLoop(server, methods, authorize=authorize)
 
     @property
     def serving_loop(self) -> bool:
@@ -753,6 +796,8 @@ class DecisionServer:
             self._server.stop(grace).wait()
         if self._loop is not None:
             self._loop.stop()
+        if self._metrics is not None:
+            self._metrics.close()
         self._close_client()
         logger.info("decision service stopped")
 

@@ -14,8 +14,9 @@ When the spool would exceed its byte bound, whole oldest segments are deleted an
 records counted as dropped: the only place LOOPS drops feedback.
 
 A client's spool *base* directory holds one spool per live process (:func:`open_lane`): the
-base itself, then ``lane-1``, ``lane-2``, ... for further processes on the same base (a second
-process, a worker forked after the client was created). Lanes are reused, and every client
+base itself, then ``lane-1``, ``lane-2``, ... for further processes on the same base (a worker
+forked after the client was created writes to ``<base>/outbox`` instead, see
+:mod:`.forked`). Lanes are reused, and every client
 adopts unlocked sibling lanes that still hold frames (:func:`orphan_dirs`), so no spool is ever
 left behind by a process that died. ``<lane>/dead-letter`` is a spool of the same format for
 batches the learner refused (``loops spool list|resend``).
@@ -106,6 +107,12 @@ class Spool:
     def records(self) -> int:
         with self._lock:
             return sum(f[3] for f in self._frames)
+
+    @property
+    def bytes(self) -> int:
+        """Undelivered bytes (frames with their headers)."""
+        with self._lock:
+            return sum(f[2] for f in self._frames) + len(self._frames) * _HEAD.size
 
     def append(self, payload: bytes, records: int) -> None:
         """Add a frame at the tail (fsync'd: a spooled batch survives a host crash)."""

@@ -11,7 +11,8 @@ Two daemon threads share one gRPC channel:
   only a full spool drops records, oldest first. A batch the
   learner refuses (INVALID_ARGUMENT, ...) goes to the dead-letter spool beside the spool
   (``loops spool list|resend``), never away. Spools left by dead processes on the same base
-  directory are adopted and replayed.
+  directory are adopted and replayed, and so are the batch files forked children leave in
+  ``<base>/outbox`` (a forked child never uses gRPC: :mod:`.forked`).
 - the **watcher** keeps a ``WatchPolicy`` stream open, applies each version atomically
   (older ones are ignored by ``DecisionClient.set_policy``) and reconnects with backoff.
 
@@ -37,7 +38,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-import grpc
+# gRPC's core runs fork handlers of its own unless told not to (read once, when grpc is first
+# imported): they reset its state and restart its threads in a forked child, and a child so
+# restarted crashed inside gRPC now and then (SIGSEGV) even though it never used gRPC. A
+# client's forked children never use gRPC (see .forked), so they need none of it: off, unless
+# the host chose otherwise (or imported grpc before us; then set it yourself).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import grpc  # noqa: E402
 
 from .._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
 from ..records import PAYLOAD_FORMAT, FeedbackRecords, encode_records, split_records
@@ -45,13 +53,14 @@ from ..errors import PolicyError
 from ..policy import Policy
 from ..net.channel import open_channel
 from .spool import DEAD_LETTER, Spool, SpoolLocked, append_frame, open_lane, orphan_dirs
+from .forked import new_epoch, outbox_files, write_policy_file
 
 
 class TransportConfig(Protocol):
     """The settings the transport reads (``ClientConfig`` provides them; the transport does not
     import the client, which sits above it)."""
 
-    learner: str | None
+    learner: str | tuple[str, ...] | None
     client_id: str
     metadata: Sequence[tuple[str, str]]
     watched_names: tuple[str, ...]
@@ -83,11 +92,34 @@ _AUTH_FAILURES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DE
 # How often the shipper looks for spools left by dead processes on its base directory (also
 # once at start): a crashed sibling's frames are replayed even if it never comes back.
 ADOPT_INTERVAL = 5.0
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def default_spool_dir(learner: str, names: tuple[str, ...]) -> str:
     key = hashlib.sha256(f"{learner}|{','.join(sorted(names))}".encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "loops-spool", key)
+
+
+def route_learner(learner: str | Sequence[str], client_id: str) -> tuple[str, int, int]:
+    """``(address, index, shards)``: the one learner of an address list (a sharded learner,
+    ``loops cluster``) this client's batches all go to, by a stable hash of ``client_id``.
+
+    Every batch of a client id goes to the same shard, so its de-duplication (keyed on client
+    id, epoch and sequence) is that shard's alone, and a batch retried after an outage goes
+    back to the shard that may have committed it. Jump consistent hashing (Lamping & Veach
+    2014): growing the list from N to N+1 moves only 1/(N+1) of the client ids.
+    """
+    addresses = (learner,) if isinstance(learner, str) else tuple(learner)
+    n = len(addresses)
+    if n == 1:
+        return addresses[0], 0, 1
+    key = int.from_bytes(hashlib.blake2b(client_id.encode(), digest_size=8).digest(), "little")
+    b, j = -1, 0
+    while j < n:
+        b = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return addresses[b], b, n
 
 
 def reconnect_options(backoff_initial: float, backoff_max: float) -> list[tuple[str, int]]:
@@ -102,11 +134,6 @@ def reconnect_options(backoff_initial: float, backoff_max: float) -> list[tuple[
     # whose handshake takes longer than that.
     return [("grpc.initial_reconnect_backoff_ms", lo),
             ("grpc.max_reconnect_backoff_ms", hi)]
-
-
-def new_epoch() -> int:
-    """A random, non-zero 63-bit number drawn per start (and after fork)."""
-    return (int.from_bytes(os.urandom(8), "little") >> 1) or 1
 
 
 class LearnerTransport:
@@ -134,15 +161,25 @@ class LearnerTransport:
         # deduplicated against themselves and never collides with this run's.
         self.epoch = new_epoch()
         self._seq = 0
-        self._channel = open_channel(cfg.learner, cfg.channel_security(), options=[
+        self.learner, shard, shards = route_learner(cfg.learner or "", self.client_id)
+        self._channel = open_channel(self.learner, cfg.channel_security(), options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.enable_retries", 0),       # we retry ourselves, with our own bookkeeping
             *reconnect_options(cfg.backoff_initial, cfg.backoff_max),
         ], metadata=cfg.metadata)
         self._stub = learner_pb2_grpc.LearnerServiceStub(self._channel)
-        self.spool_base = Path(cfg.spool_dir or default_spool_dir(cfg.learner or "",
+        if os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "").strip().lower() in _TRUE:
+            logger.warning("loops: GRPC_ENABLE_FORK_SUPPORT is set: gRPC's own after-fork "
+                           "handler can hang a forked child (it takes a lock a parent thread "
+                           "may hold at the fork). The client is fork safe without it (a "
+                           "child never uses gRPC): unset it.")
+        self.spool_base = Path(cfg.spool_dir or default_spool_dir(self.learner,
                                                                   cfg.watched_names))
+        if cfg.spool_dir and shards > 1:
+            # A lane adopted from a dead process is replayed to this client's shard: only
+            # spools of clients routed to the same shard may share a base.
+            self.spool_base = self.spool_base / f"shard-{shard}-of-{shards}"
         self._spool = open_lane(self.spool_base, cfg.spool_max_bytes)
         if self._spool.dir != self.spool_base:
             logger.info("loops: spool %s in use; spooling to %s", self.spool_base,
@@ -159,6 +196,7 @@ class LearnerTransport:
         self._next_send = 0.0             # monotonic time before which no send is tried
         self._sending_moved = False
         self._watch_call: Any = None
+        self._relay_policies = False      # set once this process has forked (relay_policies)
         self._counters = collections.Counter()
         self.connected = False
         self._auth_failed = False
@@ -321,6 +359,10 @@ class LearnerTransport:
                 return False
             spool.pop()
             self._maybe_encode()
+        if not self._send_outbox():
+            self.connected = False
+            self._spill_queue()
+            return False
         while True:
             item = self._spool.peek()
             from_spool = item is not None
@@ -339,6 +381,29 @@ class LearnerTransport:
                 self._queue.popleft()
             # A long replay must not hold new records in memory: they join the spool/queue.
             self._maybe_encode()
+
+    def _send_outbox(self) -> bool:
+        """Send the batches forked children left in the outbox (see :mod:`.forked`), deleting
+        each once acknowledged or dead-lettered. Another client on this base may send the same
+        file at the same time: the learner stores it once. False on a retryable failure."""
+        for path in outbox_files(self.spool_base):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:   # sent by another client meanwhile
+                continue
+            try:
+                count = feedback_pb2.FeedbackBatch.FromString(data).record_count
+            except Exception:
+                count = 0   # _send sets it aside in the dead-letter spool
+            if not self._deliver((data, count), self._spool.dir):
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            self._counters["records_relayed"] += count
+            self._maybe_encode()
+        return True
 
     def _await(self, call: Any) -> Any:
         """The result of an RPC in flight. Meanwhile records keep being encoded, and once the
@@ -487,7 +552,7 @@ class LearnerTransport:
                          update.version, exc)
             return
         try:
-            self._set_policy(policy)
+            installed = self._set_policy(policy)
         except PolicyError as exc:
             self._counters["policy_updates_invalid"] += 1
             logger.error("loops: ignoring invalid policy update %s v%d: %s", update.name,
@@ -500,8 +565,27 @@ class LearnerTransport:
             logger.exception("loops: could not apply policy update %s v%d; keeping the "
                              "version in use", update.name, update.version)
             return
+        if installed and self._relay_policies:
+            self._write_policy(update.name, update.policy)
         self.last_sync = time.time()
         self.connected = True
+
+    def relay_policies(self, policies: Sequence[Policy]) -> None:
+        """In the parent, after ``fork()``: from now on every policy version installed is also
+        written to ``<spool base>/policies/`` for the forked children (who never use gRPC),
+        starting with ``policies``, the ones in use now."""
+        if self._relay_policies:
+            return
+        self._relay_policies = True
+        for policy in policies:
+            self._write_policy(policy.name, policy.to_bytes())
+
+    def _write_policy(self, name: str, data: bytes) -> None:
+        try:
+            write_policy_file(self.spool_base, name, data)
+        except OSError:
+            self._counters["policy_relay_errors"] += 1
+            logger.exception("loops: could not leave policy %s for forked workers", name)
 
     # ------------------------------------------------------------------ lifecycle
     def stats(self) -> dict[str, Any]:
@@ -513,10 +597,12 @@ class LearnerTransport:
             "records_spooled": c["records_spooled"],
             "records_dropped_spool": self._spool.records_dropped,
             "spool_records": self._spool.records + sum(s.records for s in list(self._adopted)),
+            "spool_bytes": self._spool.bytes + sum(s.bytes for s in list(self._adopted)),
             "records_dead_lettered": c["records_dead_lettered"],
             "records_dropped_dead_letter": c["records_dropped_dead_letter"],
             "records_unencodable": c["records_unencodable"],
             "spools_adopted": c["spools_adopted"],
+            "records_relayed": c["records_relayed"],
             "spool_dir": str(self._spool.dir),
             "shipper_errors": c["shipper_errors"],
             "watcher_errors": c["watcher_errors"],
@@ -530,6 +616,7 @@ class LearnerTransport:
             "last_sync": self.last_sync,
             "client_id": self.client_id,
             "epoch": self.epoch,
+            "learner": self.learner,
         }
 
     def close(self) -> None:
@@ -550,10 +637,10 @@ class LearnerTransport:
 
     def abandon(self) -> None:
         """After fork, in the child: the threads are gone and the channel belongs to the
-        parent; drop references without touching either. The spool files are closed without
-        unlocking: the parent's lanes stay the parent's, and once it exits they are free for
-        adoption (our inherited descriptors would otherwise keep them locked)."""
-        self._stop.set()
+        parent; drop references without touching either (nor any lock or event a parent
+        thread may have held at the fork). The spool files are closed without unlocking: the
+        parent's lanes stay the parent's, and once it exits they are free for adoption (our
+        inherited descriptors would otherwise keep them locked)."""
         for spool in (self._spool, *self._adopted):
             try:
                 spool.abandon()

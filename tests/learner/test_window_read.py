@@ -286,3 +286,36 @@ def test_schema_2_store_gets_its_spans(tmp_path):
         assert_same(read_logged_data(store, "bonus", limit=100), want)
         Joiner(store, grace_seconds=0).run(100 * NS)       # the trigger is back
         assert all(s.pending == 0 for s in store.block_spans("bonus"))
+
+
+def test_window_cache_decodes_only_changed_blocks_and_reads_the_same(tmp_path, monkeypatch):
+    """The gate reads its window every round: with a WindowCache a read decodes only blocks
+    whose join state changed (or are new), and returns exactly what a fresh read does."""
+    from loops_sdk.learner.window import WindowCache
+    store = filled(tmp_path)
+    cache = WindowCache()
+    decoded = []
+    load_block, block_inputs = store.load_block, store.block_inputs
+    monkeypatch.setattr(store, "load_block",
+                        lambda i, **kw: decoded.append(i) or load_block(i, **kw))
+    monkeypatch.setattr(store, "block_inputs", lambda i: block_inputs(i))
+    first = read_logged_data(store, "bonus", limit=1500, cache=cache)
+    assert decoded and cache.misses == len(set(decoded))
+    decoded.clear()
+    assert_same(read_logged_data(store, "bonus", limit=1500, cache=cache), first)
+    assert decoded == []                            # nothing changed: nothing decoded
+    # The pending rows join and a new block arrives: only those blocks are decoded again.
+    spans_before = {s.id: s.pending for s in store.block_spans("bonus")}
+    rng = np.random.default_rng(9)
+    ts = (130 * NS + rng.integers(0, NS, 40)).astype(np.int64)
+    store.ingest("c", 500, records([block(40, 10_000, ts, seed=77)]))
+    Joiner(store, grace_seconds=0).run(200 * NS)
+    changed = {s.id for s in store.block_spans("bonus")
+               if spans_before.get(s.id) != s.pending}
+    got = read_logged_data(store, "bonus", limit=1500, cache=cache)
+    monkeypatch.undo()
+    assert_same(got, read_logged_data(store, "bonus", limit=1500))
+    assert decoded and set(decoded) <= changed
+    # Blocks the window moved past are dropped: the cache holds one window.
+    assert set(cache._blocks) <= {s.id for s in store.block_spans("bonus")}
+    store.close()
