@@ -15,7 +15,8 @@ Every stream (:mod:`bench.worlds`) is played, with fixed seeds, by:
   ``Policy.linear`` / ``LearningSettings`` / ``PromotionRule``; a window of 1,000 decisions)
   and ``tuned`` (the best public settings found: squarecb, a window of 200 decisions, a retrain
   every 200 joined rows, the gate on the newest 5,000 rows), and ``tuned`` with the gate's rule
-  set to ``always`` (every candidate served), which shows what the gate costs.
+  set to ``always`` (every candidate served), which shows what the gate costs; and Thompson
+  sampling (16 posterior draws per version) on the tuned cadence with the gate off.
 * **Vowpal Wabbit** ``--cb_explore_adf`` (squarecb, softmax, epsilon), learning after every
   row (progressive validation, no delay at all);
 * **uniform** random;
@@ -179,11 +180,16 @@ def loops_configs(kind: str) -> list[LoopsConfig]:
     # squarecb's gamma is per unit of reward: rewards here are 0/1 or currency.
     gamma = TUNED_GAMMA[kind]
     common = dict(lag=200, exploration=Exploration.squarecb(gamma),
-                  learning={"retrain_every_events": 200})
+                  learning={"retrain_every_events": 200, "gamma_scale": 0.0})
+    # Thompson sampling (16 posterior draws per version) on the same cadence, gate off.
+    thompson = dict(lag=200, exploration=Exploration.thompson(16),
+                    learning={"retrain_every_events": 200})
     return [LoopsConfig("LOOPS defaults"),
             LoopsConfig("LOOPS tuned", promotion={"window_rows": 5000}, **common),
             LoopsConfig("LOOPS tuned, gate off", promotion={"window_rows": 5000,
-                                                            "kind": "always"}, **common)]
+                                                            "kind": "always"}, **common),
+            LoopsConfig("LOOPS thompson, gate off", promotion={"window_rows": 5000,
+                                                               "kind": "always"}, **thompson)]
 
 
 def _initial_policy(stream: Stream, cfg: LoopsConfig):

@@ -64,26 +64,36 @@ def kernel_args(policy: Policy) -> tuple[Any, ...]:
         else:
             features.append((f.name, True, offset, f.buckets, 0.0))
         offset += f.width
-    if np.any(center != 0) or np.any(scale != 1):
-        with np.errstate(over="ignore", invalid="ignore"):   # checked just below
-            weights = policy.weights / scale
-            bias = policy.bias - weights @ center
-    else:
-        weights, bias = policy.weights, policy.bias
-    # Policy bounds keep these finite; checked anyway, since a non-finite folded parameter
-    # would make every score NaN (and every decision a silent default).
-    if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(bias))):
-        bad = ~np.isfinite(np.column_stack([weights, bias]))
-        r, c = np.argwhere(bad)[0]
-        what = "bias" if c == policy.n_inputs else f"weight of input {policy.input_names[c]!r}"
-        raise PolicyError(f"policy {policy.name!r} v{policy.version}: the {what} of action "
-                          f"{policy.action_ids[r]!r} is not finite once centring and scaling "
-                          "are folded in")
     e = policy.exploration
+    # Thompson draws (samples, K, D + 1) are folded like the mean, each draw on its own.
+    draws = e.draws if e.kind == "thompson" and e.draws is not None and len(e.draws) else None
+    models = [(policy.weights, policy.bias, "")]
+    if draws is not None:
+        models += [(d[:, :-1], d[:, -1], f"posterior draw {j}: ") for j, d in enumerate(draws)]
+    folded = []
+    for weights, bias, which in models:
+        if np.any(center != 0) or np.any(scale != 1):
+            with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+                weights = weights / scale
+                bias = bias - weights @ center
+        # Policy bounds keep these finite; checked anyway, since a non-finite folded parameter
+        # would make every score NaN (and every decision a silent default).
+        if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(bias))):
+            bad = ~np.isfinite(np.column_stack([weights, bias]))
+            r, c = np.argwhere(bad)[0]
+            what = "bias" if c == policy.n_inputs else \
+                f"weight of input {policy.input_names[c]!r}"
+            raise PolicyError(f"policy {policy.name!r} v{policy.version}: {which}the {what} of "
+                              f"action {policy.action_ids[r]!r} is not finite once centring "
+                              "and scaling are folded in")
+        folded.append((weights, bias))
+    weights, bias = folded[0]
+    if draws is not None:
+        draws = np.stack([np.column_stack([w, b]) for w, b in folded[1:]])
     return (policy.name, policy.version, weights, bias, KIND_CODES[e.kind], e.epsilon,
             e.temperature, e.gamma, policy.default_index, policy.holdout.fraction,
             _impl.stable_hash(policy.holdout.salt), policy.action_ids, policy.input_names,
-            features, compile_constraints(policy, _impl.stable_hash), policy.apprentice)
+            features, compile_constraints(policy, _impl.stable_hash), policy.apprentice, draws)
 
 
 def compile_policy(policy: Policy) -> Kernel:

@@ -153,30 +153,40 @@ def test_probabilities_are_a_distribution_over_eligible(c, use_mask):
             assert np.all(p[mask] >= c["epsilon"] / m), "epsilon floor violated"
         if c["kind"] == "squarecb":
             assert np.all(p[mask] > 0) and p[mask].max() >= 1.0 / m - 1e-15
-        if c["kind"] == "greedy":
-            assert sorted(p[mask].tolist())[-1] == 1.0 and np.count_nonzero(p) == 1
+        if c["kind"] == "greedy":   # the best eligible actions (ties) share probability 1
+            s = pol.weights @ x + pol.bias
+            top = mask & (s == s[mask].max())
+            assert np.all(p[top] == 1.0 / top.sum()) and np.all(p[~top] == 0.0)
     if len(results) == 2:
         assert np.array_equal(results[0], results[1]), "compiled and pure disagree"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_ties_go_to_lowest_index(impl, kind):
+@pytest.mark.parametrize("kind", KINDS + ("thompson",))
+def test_tied_best_actions_share_the_best_probability(impl, kind):
+    """Equal scores are a tie: the tied actions get equal probabilities (zero weights explore
+    uniformly), so no action is favoured by its index (it was: action 0 took the greedy mass)."""
     pol = Policy.linear("t", 2, ["a", "b", "c", "d"], np.zeros((4, 2)), np.zeros(4),
-                        exploration=Exploration(kind, epsilon=0.2, gamma=5.0))
+                        exploration=Exploration(kind, epsilon=0.2, gamma=5.0,
+                                                samples=8 if kind == "thompson" else 0))
     k = make_kernel(impl, pol)
     x = np.ones((1, 2))
-    p = k.probabilities(x)[0]
+    assert k.probabilities(x)[0].tolist() == [0.25] * 4
     mask = np.array([0, 1, 1, 1], bool)
     pm = k.probabilities(x, mask)[0]
-    if kind in ("greedy", "epsilon_greedy"):
-        assert p.argmax() == 0 and p[0] > p[1]
-        assert pm.argmax() == 1 and pm[0] == 0.0 and pm[1] > pm[2]
-    else:  # all scores equal: uniform, and the best (index 0) takes exactly the remainder
-        assert np.allclose(p, 0.25) and np.allclose(pm[1:], 1 / 3)
+    assert pm[0] == 0.0 and pm[1] == pm[2] == pm[3] and pm.sum() == pytest.approx(1.0)
     # a tie between two top actions among worse ones
     pol2 = Policy.linear("t", 1, ["a", "b", "c"], np.zeros((3, 1)), [0.0, 1.0, 1.0],
-                         exploration=Exploration("greedy"))
-    assert make_kernel(impl, pol2).probabilities(np.ones((1, 1)))[0].tolist() == [0, 1, 0]
+                         exploration=Exploration(kind, epsilon=0.3, gamma=5.0,
+                                                 samples=8 if kind == "thompson" else 0))
+    p2 = make_kernel(impl, pol2).probabilities(np.ones((1, 1)))[0]
+    assert p2[1] == p2[2] and p2[1] > p2[0]
+    if kind in ("greedy", "thompson"):
+        assert p2.tolist() == [0.0, 0.5, 0.5]
+    elif kind == "epsilon_greedy":
+        q, g = 0.3 / 3, (1.0 - 0.3) / 2
+        assert p2.tolist() == [q, q + g, q + g]
+    elif kind == "squarecb":
+        assert p2[0] == 1.0 / (3 + 5.0) and p2[1] == (1.0 - p2[0]) / 2
 
 
 def test_no_eligible_action_gives_policy_default(impl):

@@ -87,7 +87,7 @@ class SharedModel(_message.Message):
     def __init__(self, attributes: _Optional[_Iterable[str]] = ..., n_inputs: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., action_bias: _Optional[_Mapping[str, float]] = ..., per_action_bias: _Optional[bool] = ...) -> None: ...
 
 class Exploration(_message.Message):
-    __slots__ = ("kind", "epsilon", "temperature", "gamma")
+    __slots__ = ("kind", "epsilon", "temperature", "gamma", "samples", "draw_weights", "draw_bias")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Exploration.Kind]
@@ -95,20 +95,28 @@ class Exploration(_message.Message):
         EPSILON_GREEDY: _ClassVar[Exploration.Kind]
         SOFTMAX: _ClassVar[Exploration.Kind]
         SQUARECB: _ClassVar[Exploration.Kind]
+        THOMPSON: _ClassVar[Exploration.Kind]
     KIND_UNSPECIFIED: Exploration.Kind
     GREEDY: Exploration.Kind
     EPSILON_GREEDY: Exploration.Kind
     SOFTMAX: Exploration.Kind
     SQUARECB: Exploration.Kind
+    THOMPSON: Exploration.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DRAW_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DRAW_BIAS_FIELD_NUMBER: _ClassVar[int]
     kind: Exploration.Kind
     epsilon: float
     temperature: float
     gamma: float
-    def __init__(self, kind: _Optional[_Union[Exploration.Kind, str]] = ..., epsilon: _Optional[float] = ..., temperature: _Optional[float] = ..., gamma: _Optional[float] = ...) -> None: ...
+    samples: int
+    draw_weights: _containers.RepeatedScalarFieldContainer[float]
+    draw_bias: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, kind: _Optional[_Union[Exploration.Kind, str]] = ..., epsilon: _Optional[float] = ..., temperature: _Optional[float] = ..., gamma: _Optional[float] = ..., samples: _Optional[int] = ..., draw_weights: _Optional[_Iterable[float]] = ..., draw_bias: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Holdout(_message.Message):
     __slots__ = ("fraction", "salt", "default_action")

@@ -18,7 +18,7 @@ cdef class Kernel:
     def __init__(self, name, version, weights, bias, int kind, double epsilon,
                  double temperature, double gamma, int default_index, double holdout_fraction,
                  uint64_t salt_hash, action_ids, input_names, features, constraints=None,
-                 bint apprentice=False):
+                 bint apprentice=False, draws=None):
         W = np.asarray(weights, dtype=np.float64)
         self.k_padded = (W.shape[0] + 7) // 8 * 8
         self._WT = np.zeros((W.shape[1], self.k_padded))
@@ -32,6 +32,24 @@ cdef class Kernel:
         self.x_safe = safe_norm(W, self._b[:W.shape[0]])
         self.WTp = <const double*>cnp.PyArray_DATA(self._WT)
         self.bp = <const double*>cnp.PyArray_DATA(self._b)
+        # Thompson: the posterior draws (samples, K, D + 1), folded like the weights, laid out
+        # as one transposed matrix of samples blocks of k_padded columns, so one pass of the
+        # score kernel scores every draw.
+        self.n_draws = 0
+        self.n_scores = self.n_actions
+        cdef int j, KP = self.k_padded
+        if kind == KIND_THOMPSON and draws is not None and len(draws):
+            d = np.ascontiguousarray(draws, dtype=np.float64)
+            self.n_draws = d.shape[0]
+            self._DT = np.zeros((W.shape[1], self.n_draws * KP))
+            self._db = np.zeros(self.n_draws * KP)
+            for j in range(self.n_draws):
+                self._DT[:, j * KP:j * KP + W.shape[0]] = d[j, :, :-1].T
+                self._db[j * KP:j * KP + W.shape[0]] = d[j, :, -1]
+                self.x_safe = min(self.x_safe, safe_norm(d[j, :, :-1], d[j, :, -1]))
+            self.DTp = <const double*>cnp.PyArray_DATA(self._DT)
+            self.dbp = <const double*>cnp.PyArray_DATA(self._db)
+            self.n_scores = KP + self.n_draws * KP   # fill()'s scratch: the mean, then draws
         self.kind = kind
         self.epsilon = epsilon
         self.temperature = temperature
@@ -166,9 +184,12 @@ cdef class Kernel:
         """Scores and exploration probabilities over eligible actions; returns the greedy
         action or -1 when none is eligible. Ineligible actions get probability 0."""
         cdef int K = self.n_actions, D = self.n_inputs, KP = self.k_padded
-        cdef int a, best = -1, m = 0
-        cdef double acc, smax = 0.0, z, q
-        # No score check here: every caller's input passed check_vector / check_rows first.
+        cdef int a, best = -1, m = 0, nt = 0, j, jb, jn, S
+        # -inf: every finite score beats it, so the scan needs no "first eligible" test. No
+        # score check here: every caller's row passed check_vector / check_rows first, which
+        # cover the posterior draws too (x_safe is the smallest over the mean and the draws).
+        cdef double acc, smax = -INFINITY, z, q, g, jmax
+        cdef double* t
         loops_scores(self.WTp, self.bp, x, D, KP, K, s)   # see _kernels.h
         for a in range(K):
             acc = s[a]
@@ -177,9 +198,12 @@ cdef class Kernel:
                 s[a] = 0.0
                 continue
             m += 1
-            if best < 0 or acc > smax:   # strict: ties go to the lowest index
+            if acc > smax:
                 best = a
                 smax = acc
+                nt = 1
+            elif acc == smax:   # exactly equal: a tie, shared below
+                nt += 1
         if m == 0:
             return -1
         if self.kind == KIND_EPSILON:
@@ -187,7 +211,13 @@ cdef class Kernel:
             for a in range(K):
                 if mask == NULL or mask[a] != 0:
                     p[a] = q
-            p[best] = q + (1.0 - self.epsilon)
+            if nt == 1:
+                p[best] = q + (1.0 - self.epsilon)
+            else:   # the tied best actions share the greedy mass
+                g = (1.0 - self.epsilon) / nt
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and s[a] == smax:
+                        p[a] = q + g
         elif self.kind == KIND_SOFTMAX:
             z = 0.0
             for a in range(K):
@@ -199,16 +229,57 @@ cdef class Kernel:
                     p[a] = p[a] / z
         elif self.kind == KIND_SQUARECB:
             z = 0.0
-            for a in range(K):
-                if (mask == NULL or mask[a] != 0) and a != best:
-                    p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
-                    z = z + p[a]
-            p[best] = 1.0 - z
-        else:  # greedy
+            if nt == 1:     # the common case; the same numbers as the loop below would give
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and a != best:
+                        p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
+                        z = z + p[a]
+                p[best] = 1.0 - z
+            else:   # the tied best actions share the rest
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and s[a] != smax:
+                        p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
+                        z = z + p[a]
+                g = (1.0 - z) / nt
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and s[a] == smax:
+                        p[a] = g
+        elif self.kind == KIND_THOMPSON and self.n_draws:
+            # p_a = (draws whose best eligible action is a, ties split) / samples: exact.
+            S = self.n_draws
+            t = s + KP
+            loops_scores(self.DTp, self.dbp, x, D, S * KP, S * KP, t)
             for a in range(K):
                 if mask == NULL or mask[a] != 0:
                     p[a] = 0.0
-            p[best] = 1.0
+            for j in range(S):
+                jb = -1
+                jn = 0
+                jmax = 0.0
+                for a in range(K):
+                    if mask == NULL or mask[a] != 0:
+                        if jb < 0 or t[a] > jmax:
+                            jb = a
+                            jmax = t[a]
+                            jn = 1
+                        elif t[a] == jmax:
+                            jn += 1
+                g = 1.0 / (S * jn)
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and t[a] == jmax:
+                        p[a] = p[a] + g
+                t = t + KP
+        else:  # greedy (and thompson without draws: the mean's best)
+            for a in range(K):
+                if mask == NULL or mask[a] != 0:
+                    p[a] = 0.0
+            if nt == 1:
+                p[best] = 1.0
+            else:
+                g = 1.0 / nt
+                for a in range(K):
+                    if (mask == NULL or mask[a] != 0) and s[a] == smax:
+                        p[a] = g
         return best
 
     def overflow_error(self, x, row=None):
@@ -217,10 +288,20 @@ cdef class Kernel:
         s = np.zeros(self.k_padded)
         cdef double[::1] sv = s
         cdef double[::1] xv = xa
+        cdef int j, K = self.n_actions, KP = self.k_padded
         loops_scores(self.WTp, self.bp, &xv[0] if self.n_inputs else NULL, self.n_inputs,
-                     self.k_padded, self.n_actions, &sv[0])
+                     KP, K, &sv[0])
+        scores, W = s[:K], self._WT[:, :K].T
+        if self.n_draws and loops_scores_ok(&sv[0], K):   # then a posterior draw overflowed
+            d = np.zeros(self.n_draws * KP)
+            loops_scores(self.DTp, self.dbp, &xv[0] if self.n_inputs else NULL, self.n_inputs,
+                         self.n_draws * KP, self.n_draws * KP, <double*>cnp.PyArray_DATA(d))
+            for j in range(self.n_draws):
+                if not loops_scores_ok(<double*>cnp.PyArray_DATA(d) + j * KP, K):
+                    scores, W = d[j * KP:j * KP + K], self._DT[:, j * KP:j * KP + K].T
+                    break
         return score_overflow_error(self.name, self.version, self.action_ids, self.input_names,
-                                    s[:self.n_actions], self._WT[:, :self.n_actions].T, xa, row)
+                                    scores, W, xa, row)
 
     def check_row(self, x):
         """Check one feature row exactly as decide() checks it and return it as a new float64
@@ -290,6 +371,13 @@ cdef class Kernel:
         loops_scores(self.WTp, self.bp, xp, D, self.k_padded, self.n_actions, sp)
         if not loops_scores_ok(sp, self.n_actions):
             raise self.overflow_error(_row_copy(xp, D))
+        cdef int SKP = self.n_draws * self.k_padded
+        if SKP:     # Thompson: every posterior draw's scores too (fill no longer checks them)
+            d = np.zeros(SKP)
+            sp = <double*>cnp.PyArray_DATA(d)
+            loops_scores(self.DTp, self.dbp, xp, D, SKP, SKP, sp)
+            if not loops_scores_ok(sp, SKP):
+                raise self.overflow_error(_row_copy(xp, D))
         return 0
 
     cdef int check_rows(self, const double[:, ::1] x, bint numbered=True) except -1:
@@ -304,12 +392,17 @@ cdef class Kernel:
             n = 1           # every row scores the biases alone
         elif sqrt(loops_sum_squares(&x[0, 0], n * D)) < self.x_safe:
             return 0
-        s = np.zeros(self.k_padded)
+        s = np.zeros(self.k_padded * (1 + self.n_draws))
         cdef double[::1] sv = s
+        cdef int SKP = self.n_draws * self.k_padded
         for i in range(n):
             loops_scores(self.WTp, self.bp, &x[i, 0] if D else NULL, D, self.k_padded,
                          self.n_actions, &sv[0])
-            if not loops_scores_ok(&sv[0], self.n_actions):
+            if SKP:
+                loops_scores(self.DTp, self.dbp, &x[i, 0] if D else NULL, D, SKP, SKP,
+                             &sv[self.k_padded])
+            if not (loops_scores_ok(&sv[0], self.n_actions)
+                    and loops_scores_ok(&sv[self.k_padded], SKP)):
                 raise self.overflow_error(x[i], i if numbered else None)
         return 0
 
@@ -371,11 +464,14 @@ cdef class Kernel:
         cdef Py_ssize_t n = x.shape[0], i
         out = np.zeros((n, self.n_actions))
         probs = np.zeros(self.n_actions)
+        sc = np.zeros(self.n_scores)     # fill()'s scratch (Thompson: the draws' too)
         cdef double[:, ::1] o = out
         cdef double[::1] p = probs
+        cdef double[::1] scv = sc
         with nogil:     # _as_matrix refused any row whose scores leave the range
             for i in range(n):
-                self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &o[i, 0], &p[0])
+                self.fill(&x[i, 0] if self.n_inputs else NULL, NULL, &scv[0], &p[0])
+                memcpy(&o[i, 0], &scv[0], self.n_actions * sizeof(double))
         return out
 
     def probabilities(self, X, eligible=None):
@@ -386,7 +482,7 @@ cdef class Kernel:
         cdef const uint8_t[:, ::1] m
         m, stride = _as_masks(self, eligible, n)
         out = np.zeros((n, self.n_actions))
-        scores = np.zeros(self.n_actions)
+        scores = np.zeros(self.n_scores)
         cdef double[:, ::1] o = out
         cdef double[::1] s = scores
         cdef const uint8_t* mp

@@ -79,7 +79,9 @@ cdef class DecisionPoint:
         k = kernel.n_actions
         d = kernel.n_inputs
         s = max(kernel.n_slots, 1)
-        scratch = (np.zeros(max(d, 1)), np.zeros(max(k, 1)), np.zeros(max(k, 1)),
+        # scratch[1]: the scores fill() writes (a Thompson kernel's draws need more room)
+        scratch = (np.zeros(max(d, 1)), np.zeros(max(kernel.n_scores, 1)),
+                   np.zeros(max(k, 1)),
                    np.zeros(max(k, 1), np.uint8), np.zeros(max(k, 1), np.uint8),
                    np.zeros(s, np.uint8), np.zeros(s), np.zeros(s, np.uint64))
         new_rec = Recorder(kernel.layout, self.capacity, False, kernel.constrained) \

@@ -10,4 +10,4 @@ from typing import Final
 
 # Exploration kinds as the kernels number them (core.pxd's KIND_* enum, the twin's KIND_*).
 KIND_CODES: Final[dict[str, int]] = {"greedy": 0, "epsilon_greedy": 1, "softmax": 2,
-                                     "squarecb": 3}
+                                     "squarecb": 3, "thompson": 4}

@@ -40,6 +40,7 @@ cdef enum:
     KIND_EPSILON = 1
     KIND_SOFTMAX = 2
     KIND_SQUARECB = 3
+    KIND_THOMPSON = 4
 
 cdef enum:
     R_POLICY = 0
@@ -121,6 +122,12 @@ cdef class Kernel:
     cdef object _WT, _b         # numpy arrays that own the memory below
     cdef const double* WTp      # weights transposed, (D, K): see fill()
     cdef const double* bp
+    # Thompson's posterior draws: n_draws blocks of k_padded columns (see Kernel.__init__);
+    # fill() needs a scratch of n_scores doubles (n_actions for every other policy).
+    cdef readonly int n_draws, n_scores
+    cdef object _DT, _db
+    cdef const double* DTp
+    cdef const double* dbp
     cdef tuple enc_names, enc_kinds, enc_offsets, enc_buckets, enc_defaults
     # Rules, caps, apprentice mode (all empty/False for a plain policy).
     cdef readonly object constraints      # loops_sdk.rules.CompiledConstraints or None

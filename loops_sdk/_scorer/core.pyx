@@ -23,7 +23,7 @@
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport exp, fabs, isfinite, sqrt
+from libc.math cimport INFINITY, exp, fabs, isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT
@@ -66,8 +66,8 @@ assert (F_HOLDOUT, F_DEFAULT, F_DEFERRED, F_CAPPED, F_RULE, F_APPRENTICE) == \
     (FLAG_HOLDOUT, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_CAPPED, FLAG_RULE, FLAG_APPRENTICE)
 assert (O_REWARD, O_OBSERVE, O_ACTIVATE) == (OUTCOME_REWARD, OUTCOME_OBSERVE, OUTCOME_ACTIVATE)
 assert LOOPS_SCORE_LIMIT == SCORE_LIMIT
-assert (KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB) == \
-    tuple(KIND_CODES[k] for k in ("greedy", "epsilon_greedy", "softmax", "squarecb"))
+assert (KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB, KIND_THOMPSON) == \
+    tuple(KIND_CODES[k] for k in ("greedy", "epsilon_greedy", "softmax", "squarecb", "thompson"))
 assert [REASONS[c] for c in (R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_CAPPED, R_RULE,
                              R_APPRENTICE)] == ["POLICY", "HOLDOUT", "NO_ELIGIBLE_ACTION",
                                                 "CAPPED", "RULE", "APPRENTICE"]

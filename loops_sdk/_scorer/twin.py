@@ -33,8 +33,8 @@ from .shared import drain_records, engine_stats, kinds_in_order, point_stats
 IMPLEMENTATION = "python"
 
 _M64 = (1 << 64) - 1
-KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB = (
-    KIND_CODES[k] for k in ("greedy", "epsilon_greedy", "softmax", "squarecb"))
+KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB, KIND_THOMPSON = (
+    KIND_CODES[k] for k in ("greedy", "epsilon_greedy", "softmax", "squarecb", "thompson"))
 R_POLICY, R_HOLDOUT, R_NO_ELIGIBLE, R_UNKNOWN_POINT, R_NOT_INITIALIZED = 0, 1, 2, 3, 4
 R_CAPPED, R_RULE, R_APPRENTICE = 5, 7, 8
 OP_IN, OP_NOT_IN, OP_IS_TRUE, OP_IS_FALSE, OP_EQ, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE = range(1, 11)
@@ -102,7 +102,7 @@ class Kernel:
 
     def __init__(self, name, version, weights, bias, kind, epsilon, temperature, gamma,
                  default_index, holdout_fraction, salt_hash, action_ids, input_names, features,
-                 constraints=None, apprentice=False):
+                 constraints=None, apprentice=False, draws=None):
         W = np.ascontiguousarray(weights, dtype=np.float64)
         self.name = name
         self.version = int(version)
@@ -110,6 +110,15 @@ class Kernel:
         self._W = [list(map(float, row)) for row in W]
         self._b = [float(v) for v in np.ascontiguousarray(bias, dtype=np.float64)]
         self.x_safe = safe_norm(W, np.asarray(bias, dtype=np.float64))
+        # Thompson: the posterior draws (samples, K, D + 1), folded like the weights.
+        self._DW, self._Db = [], []
+        if int(kind) == KIND_THOMPSON and draws is not None and len(draws):
+            d = np.ascontiguousarray(draws, dtype=np.float64)
+            for j in range(d.shape[0]):
+                self._DW.append([list(map(float, row)) for row in d[j, :, :-1]])
+                self._Db.append([float(v) for v in d[j, :, -1]])
+                self.x_safe = min(self.x_safe, safe_norm(d[j, :, :-1], d[j, :, -1]))
+        self.n_draws = len(self._DW)
         self.kind = int(kind)
         self.epsilon = float(epsilon)
         self.temperature = float(temperature)
@@ -208,9 +217,23 @@ class Kernel:
             ok = ok and -SCORE_LIMIT <= acc <= SCORE_LIMIT
         return ok
 
+    def _draw_scores_into(self, j, x, t) -> bool:
+        """Posterior draw j's scores into t, summed as _scores_into sums (the C kernel
+        scores every draw in one pass, lane by lane in the same order)."""
+        ok = True
+        W, b = self._DW[j], self._Db[j]
+        for a in range(self.n_actions):
+            w = W[a]
+            acc = b[a]
+            for i in range(self.n_inputs):
+                acc = acc + w[i] * x[i]
+            t[a] = acc
+            ok = ok and -SCORE_LIMIT <= acc <= SCORE_LIMIT
+        return ok
+
     def fill(self, x, mask, s, p) -> int:
         K = self.n_actions
-        best, m, smax = -1, 0, 0.0
+        best, m, smax, nt = -1, 0, -math.inf, 0
         self._scores_into(x, s)   # no score check: x passed check_vector / check_rows
         for a in range(K):
             if mask is not None and not mask[a]:
@@ -219,8 +242,10 @@ class Kernel:
                 continue
             acc = s[a]
             m += 1
-            if best < 0 or acc > smax:
-                best, smax = a, acc
+            if acc > smax:
+                best, smax, nt = a, acc, 1
+            elif acc == smax:       # exactly equal: a tie, shared below
+                nt += 1
         if m == 0:
             return -1
         elig = [a for a in range(K) if mask is None or mask[a]]
@@ -228,7 +253,10 @@ class Kernel:
             q = self.epsilon / m
             for a in elig:
                 p[a] = q
-            p[best] = q + (1.0 - self.epsilon)
+            g = (1.0 - self.epsilon) / nt
+            for a in elig:
+                if s[a] == smax:
+                    p[a] = q + g
         elif self.kind == KIND_SOFTMAX:
             z = 0.0
             for a in elig:
@@ -239,23 +267,53 @@ class Kernel:
         elif self.kind == KIND_SQUARECB:
             z = 0.0
             for a in elig:
-                if a != best:
+                if s[a] != smax:
                     p[a] = 1.0 / (m + self.gamma * (smax - s[a]))
                     z = z + p[a]
-            p[best] = 1.0 - z
-        else:
+            g = (1.0 - z) / nt      # the tied best actions share the rest
+            for a in elig:
+                if s[a] == smax:
+                    p[a] = g
+        elif self.kind == KIND_THOMPSON and self.n_draws:
+            # p_a = (draws whose best eligible action is a, ties split) / samples: exact.
+            S = self.n_draws
+            t = [0.0] * K
             for a in elig:
                 p[a] = 0.0
-            p[best] = 1.0
+            for j in range(S):
+                self._draw_scores_into(j, x, t)   # checked by check_vector / check_rows
+                jb, jmax, jn = -1, 0.0, 0
+                for a in elig:
+                    if jb < 0 or t[a] > jmax:
+                        jb, jmax, jn = a, t[a], 1
+                    elif t[a] == jmax:
+                        jn += 1
+                g = 1.0 / (S * jn)
+                for a in elig:
+                    if t[a] == jmax:
+                        p[a] = p[a] + g
+        else:   # greedy (and thompson without draws: the mean's best)
+            for a in elig:
+                p[a] = 0.0
+            g = 1.0 / nt
+            for a in elig:
+                if s[a] == smax:
+                    p[a] = g
         return best
 
     def overflow_error(self, x, row=None):
-        """The FeatureError for a feature row ``x`` whose scores overflow (error path only)."""
+        """The FeatureError for a feature row ``x`` whose scores overflow (error path only):
+        the mean's scores, else the first posterior draw's that overflow."""
         xs = np.asarray(x, dtype=np.float64).reshape(self.n_inputs).tolist()
         s = [0.0] * self.n_actions
-        self._scores_into(xs, s)
+        W = self._W
+        if self._scores_into(xs, s):
+            for j in range(self.n_draws):
+                if not self._draw_scores_into(j, xs, s):
+                    W = self._DW[j]
+                    break
         return score_overflow_error(self.name, self.version, self.action_ids, self.input_names,
-                                    np.array(s), np.array(self._W).reshape(self.n_actions, -1),
+                                    np.array(s), np.array(W).reshape(self.n_actions, -1),
                                     np.array(xs), row)
 
     def check_row(self, x) -> np.ndarray:
@@ -295,7 +353,9 @@ class Kernel:
             if not math.isfinite(xs[j]):
                 raise FeatureError(f"feature {self.input_names[j]!r} is {xs[j]} (must be "
                                    "finite)")
-        if not self._scores_into(xs, [0.0] * self.n_actions):
+        s = [0.0] * self.n_actions
+        if not (self._scores_into(xs, s) and all(self._draw_scores_into(j, xs, s)
+                                                 for j in range(self.n_draws))):
             raise self.overflow_error(xs)
 
     def check_rows(self, x, numbered=True) -> None:
@@ -311,7 +371,9 @@ class Kernel:
                     return
         s = [0.0] * self.n_actions
         for i in range(n):
-            if not self._scores_into(x[i].tolist(), s):
+            xs = x[i].tolist()
+            if not (self._scores_into(xs, s) and all(self._draw_scores_into(j, xs, s)
+                                                     for j in range(self.n_draws))):
                 raise self.overflow_error(x[i], i if numbered else None)
 
     def sample(self, mask, p, u: float) -> int:

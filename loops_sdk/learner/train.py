@@ -21,6 +21,7 @@ import json
 import logging
 import sqlite3
 import time
+import zlib
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -28,7 +29,7 @@ import msgpack
 import numpy as np
 
 from ..errors import PolicyError
-from ..policy import Exploration, Policy
+from ..policy import MAX_PARAMETER, Exploration, Policy
 from .store import EventStore
 
 __all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
@@ -315,6 +316,48 @@ class RidgeStats:
         raw[unseen] = 0.0
         return raw[:, :-1].copy(), raw[:, -1].copy()
 
+    def posterior_draws(self, ridge_lambda: float, weights: np.ndarray, bias: np.ndarray,
+                        samples: int, rng: np.random.Generator, *, standardize: bool = False,
+                        inflate: float = 1.0) -> np.ndarray:
+        """``samples`` draws ``(samples, K, D + 1)`` (bias last) of each action's parameters
+        from the Bayesian posterior of the same ridge fit, centred on ``(weights, bias)``.
+
+        With the ridge penalty as a Gaussian prior, the posterior of an action's coefficients
+        on the fitted (standardised) scale is ``N(theta, sigma_k^2 A_k^-1)``, ``A_k = T (sum w
+        z z^T) T^T + lambda I`` from the effective (decayed) statistics, so forgetting widens
+        it. ``sigma_k^2`` is the action's weighted mean squared residual of the fit, shrunk
+        towards the pooled reward variance with the weight of ``PRIOR_ROWS`` rows (an action
+        with few rows, or none, gets about the pooled variance). Draws are mapped back to raw
+        input units like the fit; ``inflate`` multiplies the spread (more exploration after a
+        detected change)."""
+        zz, _ = self._effective()
+        k, d1 = zz.shape[0], zz.shape[1]
+        dim = d1 - 1
+        total = zz[:, dim, dim].sum()
+        t = np.eye(d1)
+        if standardize and total > 0:   # the transform solve() fits on
+            mu = zz[:, :dim, dim].sum(axis=0) / total
+            var = np.diagonal(zz[:, :dim, :dim].sum(axis=0)) / total - mu * mu
+            sd = np.where(var > 1e-12 * np.maximum(1.0, mu * mu), np.sqrt(np.abs(var)), 1.0)
+            t[:dim, :dim] = np.diag(1.0 / sd)
+            t[:dim, dim] = -mu / sd
+        a = t @ zz @ t.T + ridge_lambda * np.eye(d1)
+        w = self.weight
+        f = self.effective_factor()
+        mean_r = self.reward_sum.sum() * f / total if total > 0 else 0.0
+        pooled = max(self.reward_sq.sum() * f / total - mean_r ** 2, 0.0) if total > 0 else 0.0
+        resid = self.residual_sd(weights, bias) ** 2
+        sigma2 = (w * resid + PRIOR_ROWS * pooled) / (w + PRIOR_ROWS)
+        theta = np.concatenate([weights, bias[:, None]], axis=1)
+        out = np.empty((samples, k, d1))
+        for j in range(k):
+            # cov = sigma^2 A^-1 = sigma^2 L^-T L^-1 with A = L L^T: noise = sigma L^-T e.
+            chol = np.linalg.cholesky(a[j])
+            e = rng.standard_normal((d1, samples))
+            noise = np.linalg.solve(chol.T, e).T * (inflate * np.sqrt(sigma2[j]))
+            out[:, j, :] = theta[j] + noise @ t
+        return np.clip(out, -MAX_PARAMETER, MAX_PARAMETER)
+
     def predict(self, x: np.ndarray, actions: np.ndarray, weights: np.ndarray,
                 bias: np.ndarray) -> np.ndarray:
         return np.einsum("nd,nd->n", x, weights[actions]) + bias[actions]
@@ -513,6 +556,11 @@ ROWS_PER_PARAMETER = 100
 # exported policies explore more until this many more rows were trained on.
 CHANGE_DISCOUNT = 0.125
 BOOST_ROWS = 2_000
+# Thompson sampling: an action's residual variance is shrunk towards the pooled reward
+# variance with this many rows' weight (see RidgeStats.posterior_draws); after a detected
+# change the posterior's spread is multiplied by BOOST_INFLATE.
+PRIOR_ROWS = 10.0
+BOOST_INFLATE = 2.0
 # Metadata of a boosted version: the exploration it had before the boost (JSON).
 _BEFORE_CHANGE = "exploration_before_change"
 
@@ -723,7 +771,10 @@ class Trainer:
                          "effective_rows": f"{n_eff:.1f}"})
         if boosted:
             metadata["exploring_after_change"] = "1"
-            metadata[_BEFORE_CHANGE] = json.dumps(asdict(unboosted), sort_keys=True)
+            # Without a Thompson policy's draws (arrays; each version draws new ones).
+            before = {k: v for k, v in asdict(replace(unboosted, draws=None)).items()
+                      if k != "draws"}
+            metadata[_BEFORE_CHANGE] = json.dumps(before, sort_keys=True)
         else:
             metadata.pop("exploring_after_change", None)
             metadata.pop(_BEFORE_CHANGE, None)
@@ -731,7 +782,14 @@ class Trainer:
             policy, exploration=exploration)
         if shared is not None:
             return base.with_shared(shared[0], shared[1], version=version, metadata=metadata)
-        return base.with_model(weights, bias, version=version, metadata=metadata)
+        draws = None
+        if exploration.kind == "thompson":
+            # New posterior draws with every version, seeded by (name, version): a fit repeats.
+            rng = np.random.default_rng((zlib.crc32(policy.name.encode()), version))
+            draws = s.posterior_draws(ls.ridge_lambda, weights, bias, exploration.samples, rng,
+                                      standardize=ls.standardize_inputs,
+                                      inflate=BOOST_INFLATE if boosted else 1.0)
+        return base.with_model(weights, bias, version=version, metadata=metadata, draws=draws)
 
     def candidate(self, policy: Policy, version: int, *, exclude: tuple | None = None
                   ) -> Policy:
