@@ -171,18 +171,26 @@ class LearnerCluster:
             if time.monotonic() > deadline:
                 raise LoopsError(f"the Ray cluster has fewer than {self.min_nodes} nodes")
             time.sleep(0.2)
-        opts = dict(num_cpus=0, max_restarts=self.max_restarts, max_task_retries=0,
-                    namespace=NAMESPACE, scheduling_strategy="SPREAD")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        # Round robin over the alive nodes (shard i on node i mod n, the coordinator after the
+        # last shard): Ray's "SPREAD" is best effort and put every actor on one node now and
+        # then. Soft affinity: an actor restarted after its node is gone goes elsewhere.
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+        def opts(k: int) -> dict:
+            return dict(num_cpus=0, max_restarts=self.max_restarts, max_task_retries=0,
+                        namespace=NAMESPACE, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                            nodes[k % len(nodes)], soft=True))
         shard_cls = ray.remote(_ShardActor)
         self._shards = [
-            shard_cls.options(name=f"loops-shard-{i}", **opts).remote(
+            shard_cls.options(name=f"loops-shard-{i}", **opts(i)).remote(
                 i, str(self.data_dir), self.host, self.ports[i], self.shard_options)
             for i in range(self.shards)]
         infos = ray.get([s.call.remote("info") for s in self._shards],
                         timeout=max(1.0, deadline - time.monotonic()))
         self.addresses = [i["address"] for i in infos]
         coord_cls = ray.remote(_CoordinatorActor)
-        self._coordinator = coord_cls.options(name="loops-coordinator", **opts).remote(
+        self._coordinator = coord_cls.options(name="loops-coordinator", **opts(self.shards)).remote(
             str(self.data_dir), self.shards, self.tick_seconds)
         ray.get(self._coordinator.status.remote(),
                 timeout=max(1.0, deadline - time.monotonic()))
