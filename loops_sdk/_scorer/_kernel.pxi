@@ -198,14 +198,19 @@ cdef class Kernel:
                 s[a] = 0.0
                 continue
             m += 1
-            if acc > smax:
+            if acc > smax:      # two plain assignments: the compiler makes them branch-free
                 best = a
                 smax = acc
-                nt = 1
-            elif acc == smax:   # exactly equal: a tie, shared below
-                nt += 1
         if m == 0:
             return -1
+        # Ties (exactly equal best scores) are counted in a second, branch-free pass: counting
+        # them in the scan above made its comparison a mispredicted branch on every row.
+        if mask == NULL:
+            for a in range(K):
+                nt += s[a] == smax
+        else:
+            for a in range(K):
+                nt += (s[a] == smax) & (mask[a] != 0)
         if self.kind == KIND_EPSILON:
             q = self.epsilon / m
             for a in range(K):
