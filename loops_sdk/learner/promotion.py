@@ -202,8 +202,7 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         estimates: dict[str, dict[str, Estimate]] = {
             "candidate": ope.estimate(cand_rows), "deployed": ope.estimate(dep_rows)}
         # Built valid from the data's own eligible sets: not checked again.
-        estimates.update(ope.estimate_many(baseline_targets(data, deployed.default_action),
-                                           trusted=True))
+        estimates.update(ope.estimate_baselines(deployed.default_action))
         estimates[DIFFERENCE] = ope.difference(cand_rows, dep_rows)
     except EvaluationError as exc:
         return held(f"the logged data cannot judge v{cv}: {exc}")
