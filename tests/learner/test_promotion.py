@@ -833,3 +833,41 @@ def test_refreshes_keep_promoting_on_heavy_tailed_rewards(learner):
     assert sum("(refresh: non-inferiority" in why for why in promoted) >= 4, decided
     final = Policy.from_bytes(learner.store.get_policy("bonus").data)
     assert final.weights[1, 0] == pytest.approx(4.0, abs=1.2)
+
+
+def test_the_gate_runs_blas_on_one_thread(tmp_path):
+    """While the gate judges, numpy's BLAS runs on one thread (threadpoolctl): its matrices
+    are small, and threads made a judgement 3-10x slower on a loaded 2-core machine. The
+    limit is lifted afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from loops_sdk.learner.promotion import Gate
+    from loops_sdk.learner.train import RidgeStats
+    seen = []
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    data = _timed(logged(600, seed=9))
+    deployed = base_policy()
+    stats = RidgeStats(deployed.action_ids, deployed.input_names)
+    stats.add(data.x, data.actions, data.rewards)
+    cand = deployed.with_model(*stats.solve(1.0), version=2)
+
+    def fit(rest):
+        seen.append(blas_threads())
+        return cand.with_model(*rest.solve(1.0), version=2)
+
+    store = EventStore(tmp_path / "g.sqlite")
+    try:
+        with threadpoolctl.threadpool_limits(2, "blas"):
+            before = blas_threads()
+            res = Gate(store).evaluate(cand, deployed, stats=stats, fit=fit, data=data)
+            after = blas_threads()
+    finally:
+        store.close()
+    assert res.held_out and len(seen) == 2                  # both twins fitted inside
+    if not before:
+        pytest.skip("numpy has no BLAS threadpoolctl can see")
+    assert all(t == [1] * len(before) for t in seen), seen
+    assert after == before == [2] * len(before)
