@@ -79,7 +79,8 @@ from .store import EventStore
 from .window import WindowCache, load_window
 
 __all__ = ["Gate", "GateResult", "HeldOut", "PromotionRule", "evaluate_candidate",
-           "held_out_twins", "is_refresh", "knows_nothing", "load_window", "PROMOTED", "REJECTED", "HELD",
+           "fitted_basis", "held_out_twins", "is_refresh", "knows_nothing", "load_window",
+           "one_blas_thread", "PROMOTED", "REJECTED", "HELD",
            "DIFFERENCE", "HELD_OUT_FOLDS", "REFRESH_MARGIN_SD"]
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ DIFFERENCE = "candidate-deployed"
 HELD_OUT_FOLDS = 2
 #: The non-inferiority margin of a routine refresh under ``superiority``, in standard
 #: deviations of the judged rows' rewards (see :func:`is_refresh`).
-REFRESH_MARGIN_SD = 0.05
+REFRESH_MARGIN_SD = 0.1
 _NOT_BASELINES = ("candidate", "deployed", DIFFERENCE)
 
 
@@ -241,6 +242,57 @@ def is_refresh(candidate: Policy, deployed: Policy, deployed_decision: str = PRO
     except (KeyError, ValueError):
         return False
     return same and more and deployed_decision == PROMOTED
+
+
+def fitted_basis(store: EventStore, deployed: Policy) -> str:
+    """The decision :func:`is_refresh` takes ``deployed`` as: its stored decision, except that
+    a hand publish (``manual``) that kept the model of the promoted version it replaced (e.g.
+    ``Policy.with_actions``: a new bonus added, every other action's parameters, or a shared
+    model's weights, unchanged) counts as ``promoted``: what it knows was fitted to these
+    statistics and came through the gate.
+
+    Measured on the learning bench's new-bonus world (shared policy, gate on): after the
+    bonus was added by such a publish, every later candidate was judged by superiority, not
+    as a refresh, and 115 of 149 were rejected (net 20.9 per decision against 23.5 with the
+    gate off)."""
+    stored = store.get_policy(deployed.name, deployed.version)
+    decision = stored.decision if stored is not None else ""
+    if decision != "manual":
+        return decision
+    for version in range(deployed.version - 1, 0, -1):
+        before = store.get_policy(deployed.name, version)
+        if before is None or before.decision in (REJECTED, HELD):
+            continue                      # never served: not what the publish replaced
+        if before.decision != PROMOTED:
+            return decision
+        try:
+            old = Policy.from_bytes(before.data)
+        except Exception:  # noqa: BLE001 - unreadable: not a basis
+            return decision
+        return PROMOTED if _same_model(old, deployed) else decision
+    return decision
+
+
+def _same_model(old: Policy, new: Policy) -> bool:
+    """Whether ``new`` scores every action ``old`` has as ``old`` does (same inputs; a shared
+    model's weights and the common actions' biases, or a linear policy's rows)."""
+    if old.input_names != new.input_names and (old.shared_model is None
+                                               or new.shared_model is None):
+        return False
+    if (old.shared_model is None) != (new.shared_model is None):
+        return False
+    if old.shared_model is not None:
+        a, b = old.shared_model, new.shared_model
+        return (a.attributes == b.attributes and np.array_equal(a.weights, b.weights)
+                and all(b.action_bias.get(k, 0.0) == v for k, v in a.action_bias.items()
+                        if k in set(new.action_ids)))
+    index = {aid: i for i, aid in enumerate(new.action_ids)}
+    common = [(i, index[aid]) for i, aid in enumerate(old.action_ids) if aid in index]
+    if not common:
+        return False
+    oi, ni = (np.array(c) for c in zip(*common))
+    return bool(np.array_equal(old.weights[oi], new.weights[ni])
+                and np.array_equal(old.bias[oi], new.bias[ni]))
 
 
 def knows_nothing(policy: Policy) -> bool:
@@ -393,6 +445,7 @@ class Gate:
         else:
             try:
                 judged, held_out, window_n, q = None, False, data.n, None
+                refresh = is_refresh(candidate, deployed, fitted_basis(self.store, deployed))
                 if stats is not None and rule.kind != "always":
                     split = held_out_twins(candidate, deployed, stats, data, fit)
                     if split is not None:
@@ -403,9 +456,6 @@ class Gate:
                                      "by v%d, or the statistics do not hold them); judged in "
                                      "sample", candidate.name, candidate.version,
                                      deployed.version)
-                stored = self.store.get_policy(deployed.name, deployed.version)
-                refresh = is_refresh(candidate, deployed,
-                                     stored.decision if stored is not None else "")
                 result = evaluate_candidate(data, candidate, deployed, rule,
                                             estimators=self.estimators, seed=candidate.version,
                                             judged=judged, held_out=held_out,

@@ -871,3 +871,45 @@ def test_the_gate_runs_blas_on_one_thread(tmp_path):
         pytest.skip("numpy has no BLAS threadpoolctl can see")
     assert all(t == [1] * len(before) for t in seen), seen
     assert after == before == [2] * len(before)
+
+
+def test_a_candidate_after_adding_a_bonus_by_hand_is_still_a_refresh(tmp_path):
+    """A hand publish that only added a bonus (``with_actions``: every other action's
+    parameters kept) over a promoted version is a basis for refreshes: the next candidate
+    trained from it on more rows is judged non-inferior, as before the publish (the learning
+    bench's new-bonus world rejected 115 of 149 candidates by superiority after such a
+    publish). A publish that changed the model, or a rollback, is not."""
+    from loops_sdk import Action
+    from loops_sdk.learner.promotion import Gate, fitted_basis, is_refresh
+    store = EventStore(tmp_path / "g.sqlite")
+    zero = base_policy()
+    fitted = zero.with_model(GOOD_W, GOOD_B, version=2,
+                             metadata={"trained_on": "1500", "trained_from_version": "1"})
+    store.add_policy("bonus", 1, zero.to_bytes(), "initial", decision="initial")
+    store.add_policy("bonus", 2, fitted.to_bytes(), "retrained", decision="promoted")
+    store.add_policy("bonus", 3, fitted.with_version(3).to_bytes(), "retrained",
+                     state="candidate", decision="rejected")
+    added = fitted.with_actions([*fitted.actions, Action("cashback")], version=4)
+    store.add_policy("bonus", 4, added.to_bytes(), "new bonus", decision="manual")
+    w = np.vstack([GOOD_W, np.zeros((1, 2))])
+    cand = added.with_model(w * 1.01, np.append(GOOD_B, 0.0), version=5, metadata={
+        "trained_on": "1700", "trained_from_version": "4"})
+    assert fitted_basis(store, added) == "promoted"
+    assert is_refresh(cand, added, fitted_basis(store, added))
+    data = logged(1500, seed=3)
+    data = LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
+                      rewards=data.rewards, action_ids=(*data.action_ids, "cashback"))
+    res = Gate(store).evaluate(cand, added, data=data)
+    assert "refresh: non-inferiority" in res.reason, res.reason
+    # A hand-set model over the promoted version is no basis; nor is a rollback.
+    changed = added.with_model(w * 2, np.append(GOOD_B, 0.0), version=6,
+                               metadata=dict(added.metadata))
+    store.add_policy("bonus", 6, changed.to_bytes(), "by hand", decision="manual")
+    assert fitted_basis(store, changed) == "manual"
+    assert not is_refresh(cand.with_version(7, metadata={"trained_on": "1700",
+                                                         "trained_from_version": "6"}),
+                          changed, fitted_basis(store, changed))
+    back = fitted.with_version(8)
+    store.add_policy("bonus", 8, back.to_bytes(), "rollback to v2", decision="rollback")
+    assert fitted_basis(store, back) == "rollback"
+    store.close()
