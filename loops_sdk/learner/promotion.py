@@ -575,7 +575,7 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     if (np.bincount(remap[data.actions[rows]], minlength=len(stats.action_ids))
             > stats.count).any():
         return None        # rows the statistics do not hold (they restarted in the window)
-    part = data.subset(rows)
+    part = data if rows.size == n else data.subset(rows)
     ts = part.ts_ns if part.ts_ns is not None else np.arange(part.n, dtype=np.int64)
     # A RidgeStats is copied and the fold's rows removed at their clocks; another view of the
     # statistics (a shared policy's SharedGateView) takes rows out by decision time itself.
@@ -619,7 +619,6 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
         if boosted and twin.exploration != deployed.exploration:
             twin = replace(twin, exploration=deployed.exploration)
         twins.append(twin)
-        fx = part.x[sel]
         if twin.action_ids == part.action_ids:   # checked once, with the whole matrix
             judged[sel] = twin.probabilities(
                 fx, None if part.eligible is None else part.eligible[sel])
