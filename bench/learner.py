@@ -131,46 +131,81 @@ def publish_applied(rounds: int) -> dict:
             "max_s": float(a.max()), "rounds": rounds}
 
 
+def _block(policy, rng, truth, b: int, ts_of):
+    """Block ``b`` of the bench policy's decisions at times ``ts_of()`` (served by ``policy``,
+    30 % rewarded by event id): the decision block and its outcomes."""
+    from loops_sdk.records import OUTCOME_REWARD, DecisionBlock, OutcomeBlock
+    D, K = policy.n_inputs, policy.n_actions
+    x = rng.normal(size=(BATCH, D))
+    probs = policy.probabilities(x)
+    action = (probs.cumsum(axis=1) < rng.random((BATCH, 1))).sum(axis=1).clip(0, K - 1)
+    lo = np.arange(b * BATCH, (b + 1) * BATCH, dtype=np.uint64)
+    ts = ts_of()
+    blk = DecisionBlock(
+        POLICY, list(policy.action_ids), list(policy.input_names),
+        event_hi=np.ones(BATCH, np.uint64), event_lo=lo, ts_ns=ts,
+        version=np.full(BATCH, policy.version, np.uint64),
+        user_hash=rng.integers(0, 2**63, BATCH).astype(np.uint64), x=x,
+        eligible=np.ones((BATCH, K), np.uint8), action=action.astype(np.int32),
+        prob=probs[np.arange(BATCH), action], flags=np.zeros(BATCH, np.uint8))
+    won = np.flatnonzero(rng.random(BATCH) < 0.3)
+    value = (x[won] * truth[action[won]]).sum(axis=1) + 1.0 + rng.normal(size=won.size)
+    outs = OutcomeBlock(
+        type=np.full(won.size, OUTCOME_REWARD, np.uint8),
+        event_hi=np.ones(won.size, np.uint64), event_lo=lo[won],
+        user_hash=blk.user_hash[won], ts_ns=ts[won] + 1_000_000_000, value=value,
+        kind=np.zeros(won.size, np.uint16), kinds=["deposit"])
+    return blk, outs
+
+
 def _fill_store(path: Path, decisions: int, now_ns: int):
     """A store of ``decisions`` decisions of the bench policy over the last three hours, in
     blocks of 1,000 as clients send them, 30 % rewarded by event id; joined up to ``now_ns``
     (the policy's 10-minute reward window keeps the newest pending)."""
-    from loops_sdk.records import OUTCOME_REWARD, DecisionBlock, FeedbackRecords, OutcomeBlock
+    from loops_sdk.records import FeedbackRecords
     from loops_sdk.learner.join import Joiner
     from loops_sdk.learner.store import EventStore
 
     policy = make_policy().with_version(1)
-    D, K = policy.n_inputs, policy.n_actions
     rng = np.random.default_rng(3)
-    truth = rng.normal(size=(K, D)) * 0.2
+    truth = rng.normal(size=(policy.n_actions, policy.n_inputs)) * 0.2
     blocks = decisions // BATCH
     start = now_ns - 3 * 3600 * 1_000_000_000
     step = (now_ns - start) // blocks
     store = EventStore(path)
     store.add_policy(POLICY, 1, policy.to_bytes(), "bench", decision="initial")
     for b in range(blocks):
-        x = rng.normal(size=(BATCH, D))
-        probs = policy.probabilities(x)
-        action = (probs.cumsum(axis=1) < rng.random((BATCH, 1))).sum(axis=1).clip(0, K - 1)
-        lo = np.arange(b * BATCH, (b + 1) * BATCH, dtype=np.uint64)
-        ts = start + b * step + rng.integers(0, step, BATCH)
-        blk = DecisionBlock(
-            POLICY, list(policy.action_ids), list(policy.input_names),
-            event_hi=np.ones(BATCH, np.uint64), event_lo=lo, ts_ns=ts,
-            version=np.ones(BATCH, np.uint64),
-            user_hash=rng.integers(0, 2**63, BATCH).astype(np.uint64), x=x,
-            eligible=np.ones((BATCH, K), np.uint8), action=action.astype(np.int32),
-            prob=probs[np.arange(BATCH), action], flags=np.zeros(BATCH, np.uint8))
-        won = np.flatnonzero(rng.random(BATCH) < 0.3)
-        value = (x[won] * truth[action[won]]).sum(axis=1) + 1.0 + rng.normal(size=won.size)
-        outs = OutcomeBlock(
-            type=np.full(won.size, OUTCOME_REWARD, np.uint8),
-            event_hi=np.ones(won.size, np.uint64), event_lo=lo[won],
-            user_hash=blk.user_hash[won], ts_ns=ts[won] + 1_000_000_000, value=value,
-            kind=np.zeros(won.size, np.uint16), kinds=["deposit"])
+        blk, outs = _block(policy, rng, truth, b,
+                           lambda: start + b * step + rng.integers(0, step, BATCH))
         store.ingest("bench", b + 1, FeedbackRecords([blk], outs))
     Joiner(store, grace_seconds=0).run(now_ns, max_blocks=blocks + 1)
-    return store, policy
+    return store, policy, (rng, truth, blocks, step)
+
+
+def _rounds(store, deployed, trainer, more, now_ns: int, rounds: int) -> list[float]:
+    """Seconds of ``Gate.evaluate`` in each of ``rounds`` learner rounds: per round one new
+    block of 1,000 decisions arrives (time moves on by the fill's block step), the joiner
+    joins what is due into the trainer, and a retrained candidate is judged."""
+    from loops_sdk.records import FeedbackRecords
+    from loops_sdk.learner.join import Joiner
+    from loops_sdk.learner.promotion import Gate
+    rng, truth, blocks, step = more
+    gate = Gate(store)
+    joiner = Joiner(store, grace_seconds=0)
+    out = []
+    for r in range(rounds + 1):
+        now = now_ns + (r + 1) * step
+        blk, outs = _block(deployed, rng, truth, blocks + r,
+                           lambda: now - step + rng.integers(0, step, BATCH))
+        store.ingest("bench", blocks + r + 1, FeedbackRecords([blk], outs))
+        joiner.run(now, trainer)
+        candidate = trainer.train(deployed, version=2)
+        t0 = time.perf_counter()
+        gate.evaluate(candidate, deployed, now_ns=now, stats=trainer.gate_stats(deployed),
+                      fit=lambda rest: trainer.fit(deployed, rest, 2))
+        if r:                    # the first call decodes the whole window
+            out.append(time.perf_counter() - t0)
+    return out
 
 
 def gate_evaluation(decisions: int, repeats: int) -> dict:
@@ -190,7 +225,7 @@ def gate_evaluation(decisions: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gate.sqlite"
         t0 = time.perf_counter()
-        store, deployed = _fill_store(path, decisions, now_ns)
+        store, deployed, more = _fill_store(path, decisions, now_ns)
         fill_s = time.perf_counter() - t0
         try:
             rule = deployed.learning.promotion
@@ -217,6 +252,10 @@ def gate_evaluation(decisions: int, repeats: int) -> dict:
                 t0 = time.perf_counter()
                 load_window(store, POLICY, rule, now_ns, cache=gate.cache)
                 load_best = min(load_best, time.perf_counter() - t0)
+            # Rounds as a running learner has them: a new block of decisions arrives, the
+            # pending ones whose window passed join (the trainer observes them), a candidate
+            # is retrained and judged: the window and the statistics changed since the last.
+            per_round = _rounds(store, deployed, trainer, more, now_ns, 3 if repeats < 3 else 8)
             # The older figure: evaluate_candidate alone, in sample on the whole window.
             t0 = time.perf_counter()
             evaluate_candidate(window, candidate, deployed, rule)
@@ -229,6 +268,8 @@ def gate_evaluation(decisions: int, repeats: int) -> dict:
             store.close()                       # checkpoints the WAL into the file
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
     return {"seconds": warm, "cold_s": cold, "load_window_cached_s": load_best,
+            "round_s": float(np.median(per_round)), "round_max_s": float(max(per_round)),
+            "rounds": len(per_round),
             "in_sample_evaluate_s": in_sample_s, "rows": window.n, "judged": result.n,
             "decision": result.decision, "decisions": decisions, "pending": pending,
             "joined": everything.n, "store_bytes": size, "full_read_s": full_s,
@@ -247,7 +288,7 @@ def retention_export(decisions: int) -> dict:
         return {"skipped": f"not available ({exc})"}
     now_ns = time.time_ns()
     with tempfile.TemporaryDirectory() as tmp:
-        store, _ = _fill_store(Path(tmp) / "r.sqlite", decisions, now_ns)
+        store, _, _ = _fill_store(Path(tmp) / "r.sqlite", decisions, now_ns)
         try:
             t0 = time.perf_counter()
             res = export_parquet(store, Path(tmp) / "export")
@@ -301,6 +342,8 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                        f"({gate['pending']:,} pending), {gate['judged']:,} judged by "
                        f"cross-fitted twins; first call {gate['cold_s'] * 1e3:.0f} ms; "
                        f"cached window read {gate['load_window_cached_s'] * 1e3:.0f} ms; "
+                       f"a round with 1,000 new decisions {gate['round_s'] * 1e3:.0f} ms "
+                       f"(median of {gate['rounds']}, max {gate['round_max_s'] * 1e3:.0f}); "
                        f"store {gate['store_bytes'] / 2**20:,.0f} MiB", gate))
         out.append(Row("learner", "full-history read (every joined row)",
                        gate["full_read_s"] * 1e3, "ms", "", None,

@@ -308,16 +308,60 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
             changes = int(st.changes_detected)
             # Where in the stream each alarm came (rows trained on when it fired).
             alarm_rows = [int(c[4]) for c in learner.store.changes(policy.name)]
+            not_promoted = _gate_diagnostics(learner.store, policy.name)
         finally:
             learner.stop(1.0)
     return Played(cfg.label, acts, rew, time.perf_counter() - t0,
                   {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
                    "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
-                   "final_version": final, "stalls": stalls,
+                   "final_version": final, "stalls": stalls, "not_promoted": not_promoted,
                    "changes_detected": changes, "change_alarm_rows": alarm_rows,
                    "exploration": str(policy.exploration),
                    "retrain_every_events": cadence,
                    "gate_window_rows": policy.learning.promotion.window_rows})
+
+
+def _gate_diagnostics(store, name: str) -> list[dict]:
+    """Every candidate the gate did not promote: its version, decision, rows judged, the
+    paired difference by the rule's estimator (DR by default) with its standard error, the
+    candidate's effective sample size, and whether it was judged as a refresh or while
+    exploring after a change."""
+    out = []
+    for v in store.policy_versions(name):
+        row = store.get_policy(name, v)
+        if row is None or row.decision not in ("rejected", "held"):
+            continue
+        est = {(e.target, e.estimator): e for e in store.evaluations(name, v)}
+        rule = _rule_estimator(row.data)
+        diff, cand = est.get(("candidate-deployed", rule)), est.get(("candidate", rule))
+        out.append({"version": v, "decision": row.decision,
+                    "n": None if diff is None else diff.n,
+                    "difference": None if diff is None else diff.value,
+                    "stderr": None if diff is None else diff.stderr,
+                    "lower": None if diff is None else diff.lower,
+                    "candidate_ess": None if cand is None else cand.ess,
+                    "refresh": "(refresh: non-inferiority" in row.decision_reason,
+                    "exploring_after_change": "exploring more after a change" in row.reason})
+    return out
+
+
+def _rule_estimator(data: bytes) -> str:
+    from loops_sdk import Policy
+    return Policy.from_bytes(data).learning.promotion.estimator
+
+
+def _gate_note(p: Played) -> str:
+    """A short summary of :func:`_gate_diagnostics` for the table's note."""
+    rej = [r for r in p.extra.get("not_promoted", []) if r["stderr"] is not None]
+    if not rej:
+        return ""
+    se = np.median([r["stderr"] for r in rej])
+    diff = np.median([r["difference"] for r in rej])
+    n = np.median([r["n"] for r in rej])
+    ess = np.median([r["candidate_ess"] for r in rej])
+    refresh = sum(r["refresh"] for r in rej)
+    return (f"; not promoted (median): paired difference {diff:.3g}, se {se:.3g}, on {n:,.0f} "
+            f"rows, candidate ESS {ess:,.0f}; {refresh} of {len(rej)} judged as refreshes")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -410,7 +454,7 @@ def run_new_bonus(quick: bool = False, have_vw: bool = True, log=None) -> tuple[
                 + ("-" if f["new_share_first_2000"] is None
                    else f"{f['new_share_first_2000']:.0%}") + " of the time in the first 2,000"
                 + (f"; promoted {p.extra['promoted']}, rejected {p.extra['rejected']}, "
-                   f"changes detected {p.extra['changes_detected']}"
+                   f"changes detected {p.extra['changes_detected']}" + _gate_note(p)
                    if label.startswith("LOOPS") else ""))
         out.append(Row(NAME, f"{base} {label}: net/decision after", f["net_after"], "net/dec",
                        note=note))
@@ -481,7 +525,7 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                     met = pr >= float(vw_best.rewards.mean())
                 note = (f"round {p.extra['lag']}, promoted {p.extra['promoted']}, rejected "
                         f"{p.extra['rejected']}, held {p.extra['held']}; changes detected "
-                        f"{p.extra['changes_detected']} (stationary stream)")
+                        f"{p.extra['changes_detected']} (stationary stream)" + _gate_note(p))
             elif p.method == "A/B test":
                 note = (f"stopped at {_fmt_n(p.extra['sample_size'], stream.n)}, winner "
                         f"{p.extra['winner']}")
@@ -504,7 +548,7 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                                 + (f"; promoted {p.extra['promoted']}, rejected "
                                    f"{p.extra['rejected']}, held {p.extra['held']}; changes "
                                    f"detected {p.extra['changes_detected']} at rows "
-                                   f"{p.extra['change_alarm_rows']}"
+                                   f"{p.extra['change_alarm_rows']}" + _gate_note(p)
                                    if p.method.startswith("LOOPS") else "")
                                 + (f"; stopped at {_fmt_n(ab_n, stream.n)}, winner "
                                    f"{p.extra['winner']}" if p.method == "A/B test" else "")))

@@ -971,3 +971,44 @@ def test_bootstrap_difference_is_seeded():
             .difference(uniform, first) for _ in range(2)]
     assert runs[0] == runs[1] and runs[0]["dr"].interval == "bootstrap"
     assert runs[0]["dr"].lower < runs[0]["dr"].value < runs[0]["dr"].upper
+
+
+def test_estimate_baselines_equals_estimating_each_baseline_matrix():
+    """``OffPolicyEvaluation.estimate_baselines`` (the gate's baselines computed together)
+    gives the very estimates of ``estimate_many(baseline_targets(...))``: all eligible, with
+    an action never logged (SNIPS undefined), with masks, without a reward model, and with
+    bootstrap intervals (the last three take the per-target path)."""
+    from loops_sdk.evaluation import OffPolicyEvaluation, baseline_targets
+    rng = np.random.default_rng(4)
+    n, k = 900, 4
+    x = rng.normal(size=(n, 3))
+    p = rng.dirichlet(np.ones(k - 1), n)
+    actions = np.array([rng.choice(k - 1, p=row) for row in p])   # action "a3" never logged
+    probs = np.zeros((n, k))
+    probs[:, :k - 1] = p
+    rewards = rng.lognormal(size=n) * (rng.random(n) < 0.3) + x[:, 0] * (actions == 1)
+    ids = tuple(f"a{i}" for i in range(k))
+    data = LoggedData(x=x, actions=actions, propensities=probs[np.arange(n), actions],
+                      rewards=rewards, action_ids=ids)
+    elig = np.ones((n, k), bool)
+    elig[rng.random((n, k)) < 0.2] = False
+    elig[np.arange(n), actions] = True
+    masked = LoggedData(x=x, actions=actions, propensities=probs[np.arange(n), actions],
+                        rewards=rewards, action_ids=ids, eligible=elig)
+    cases = [(data, {}), (masked, {}), (data, {"estimators": ("ips", "snips")}),
+             (data, {"interval": "bootstrap", "n_bootstrap": 50})]
+    for d, kw in cases:
+        ope = OffPolicyEvaluation(d, seed=3, **kw)
+        want = ope.estimate_many(baseline_targets(d, "a1"), trusted=True)
+        got = ope.estimate_baselines("a1")
+        assert list(got) == list(want)
+        for target in want:
+            for name, est in want[target].items():
+                g = got[target][name]
+                if np.isnan(est.value):
+                    assert np.isnan(g.value) and np.isnan(g.stderr), (target, name)
+                    assert (g.ess, g.n) == (est.ess, est.n)
+                else:
+                    assert g == est, (kw, target, name)
+    with pytest.raises(EvaluationError, match="default action"):
+        OffPolicyEvaluation(data).estimate_baselines("nope")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
@@ -187,13 +187,15 @@ class LoggedData:
                 raise EvaluationError("subset takes a boolean mask, an integer index array or "
                                       f"a slice, not {sel.dtype}")
 
-        def pick(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[sel]
-
-        return replace(self, x=self.x[sel], actions=self.actions[sel],
-                       propensities=self.propensities[sel], rewards=self.rewards[sel],
-                       eligible=pick(self.eligible), ts_ns=pick(self.ts_ns),
-                       versions=pick(self.versions))
+        # Rows of valid data are valid: built without validating them again (the gate takes
+        # subsets of its window every round). Every field but the two name tuples is per row.
+        out = object.__new__(LoggedData)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("action_ids", "input_names") and value is not None:
+                value = value[sel]
+            object.__setattr__(out, f.name, value)
+        return out
 
 
     @classmethod

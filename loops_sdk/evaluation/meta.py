@@ -16,10 +16,11 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from ..errors import EvaluationError
-from .data import LoggedData, Target, _real, target_probabilities
-from .estimators import (DEFAULT_SWITCH_TAU, ESTIMATORS, Estimate, Estimator, RoundInputs,
-                         SwitchDoublyRobust, _bootstrap_sums, _require_data, _require_rows,
-                         check_interval_settings, estimate_all, make_estimator)
+from .data import LoggedData, Target, _real, baseline_targets, target_probabilities
+from .estimators import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, Estimate, Estimator,
+                         RoundInputs, SwitchDoublyRobust, _bootstrap_sums, _require_data,
+                         _require_rows, check_interval_settings, estimate_all, logger,
+                         make_estimator)
 from .reward_model import check_reward_model, fit_reward_model
 
 __all__ = ["OffPolicyEvaluation", "evaluate", "ips", "snips", "direct_method", "doubly_robust",
@@ -145,6 +146,46 @@ class OffPolicyEvaluation:
         return {name: self.estimate(RoundInputs(self.data, np.asarray(pi, np.float64), q))
                 for name, pi in targets.items()}
 
+    def estimate_baselines(self, default_action: str) -> dict[str, dict[str, Estimate]]:
+        """``estimate_many(baseline_targets(self.data, default_action), trusted=True)``, the
+        same numbers (up to rounding), computed together: with every action eligible in every
+        row (or no masks) and built-in estimators with normal intervals, a fixed action's
+        weights and model term are columns of one ``(n, K)`` matrix (no probability matrix is
+        built per baseline) and every target's sums and spreads are taken in one pass.
+        Otherwise it is exactly that call.
+
+        Raises:
+            EvaluationError: ``default_action`` is not one of the logged actions.
+        """
+        data = self.data
+        if default_action not in data.action_ids:
+            raise EvaluationError(f"default action {default_action!r} is not one of the "
+                                  f"logged actions {list(data.action_ids)}")
+        builtin = all(type(e) is ESTIMATOR_CLASSES.get(e.name) for e in self.estimators)
+        if (self.interval != "normal" or not builtin
+                or (data.eligible is not None and not data.eligible.all())):
+            return self.estimate_many(baseline_targets(data, default_action), trusted=True)
+        n, k = data.n, data.n_actions
+        q = self.reward_model if self.uses_reward_model else None
+        rows = np.arange(n)
+        uniform = RoundInputs(data, np.full((n, k), 1.0 / k), q)
+        # Row t: target t's per-row importance weight and model term (uniform, then each
+        # fixed action in column order; always action a: w = [a_i == a] / mu_i, q[:, a]).
+        w = np.zeros((k + 1, n))
+        w[0] = uniform.w
+        w[1 + data.actions, rows] = 1.0 / data.propensities
+        model = resid = None
+        if q is not None:
+            model = np.empty((k + 1, n))
+            model[0] = uniform.model_term
+            model[1:] = q.T
+            resid = data.rewards - q[rows, data.actions]
+        names = ["uniform", *(f"fixed:{a}" for a in data.action_ids)]
+        out = _stacked_estimates(self.estimators, names, w, data.rewards, model, resid,
+                                 self.level)
+        out["holdout_default"] = dict(out[f"fixed:{default_action}"])
+        return out
+
     def difference(self, target: Target | RoundInputs, baseline: Target | RoundInputs
                    ) -> dict[str, Estimate]:
         """``{estimator name: Estimate}`` of ``target`` minus ``baseline``, *paired*: one
@@ -189,6 +230,55 @@ class OffPolicyEvaluation:
             out[e.name] = Estimate(e.name, value, lo - bias, hi + bias, se, a.ess, n,
                                    self.level, self.interval, bias)
         return out
+
+
+def _stacked_estimates(estimators: Sequence[Estimator], names: Sequence[str], w: np.ndarray,
+                       rewards: np.ndarray, model: np.ndarray | None,
+                       resid: np.ndarray | None, level: float
+                       ) -> dict[str, dict[str, Estimate]]:
+    """Normal-interval estimates of the built-in ``estimators`` for ``T`` targets at once:
+    ``w`` ``(T, n)`` importance weights, ``model`` ``(T, n)`` model terms and ``resid`` ``(n,)``
+    the logged action's residual ``r - q[i, a_i]`` (None without a reward model). The same
+    formulas as each class's ``terms`` / ``point`` / ``stderr`` (rows are contiguous, so the
+    sums run as they do for one target)."""
+    t, n = w.shape
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    root_n = math.sqrt(n)
+    w_sum = w.sum(axis=1)
+    w_sq = np.array([float(row @ row) for row in w])
+    ess = np.where(w_sq > 0, w_sum * w_sum / np.where(w_sq > 0, w_sq, 1.0), 0.0)
+    for _ in range(int((w_sq <= 0).sum())):    # as estimate_all warns, once per target
+        logger.warning("target policy never chooses a logged action: no overlap with the "
+                       "log, importance-weighted estimates are 0 or undefined")
+    wr = w * rewards
+    correction = None if resid is None else w * resid
+    by: dict[str, tuple[np.ndarray, np.ndarray]] = {}     # estimator -> (values, stderrs)
+    for e in estimators:
+        if e.name == "snips":
+            wr_sum = wr.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v = np.where(w_sum > 0, wr_sum / np.where(w_sum > 0, w_sum, 1.0), math.nan)
+                psi = (wr - v[:, None] * w) / (w_sum / n)[:, None]
+                se = np.array([math.sqrt(float(p @ p) / (n - 1)) for p in psi]) / root_n
+            by[e.name] = (v, np.where(np.isnan(v), math.nan, se))
+            continue
+        if e.name == "ips":
+            terms = wr
+        elif e.name == "dm":
+            terms = model
+        elif isinstance(e, SwitchDoublyRobust):
+            terms = model + np.where(w > e.tau, 0.0, correction)
+        else:                                   # dr
+            terms = model + correction
+        by[e.name] = (terms.sum(axis=1) / n, terms.std(axis=1, ddof=1) / root_n)
+    out: dict[str, dict[str, Estimate]] = {}
+    for i, name in enumerate(names):
+        out[name] = {}
+        for e in estimators:
+            v, se = float(by[e.name][0][i]), float(by[e.name][1][i])
+            out[name][e.name] = Estimate(e.name, v, v - z * se, v + z * se, se, float(ess[i]),
+                                         n, float(level), "normal")
+    return out
 
 
 def _estimator_specs(estimators: Any) -> tuple[EstimatorSpec, ...]:

@@ -9,6 +9,7 @@ the only place that knows how the store lays the rows out.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -37,6 +38,10 @@ class WindowCache:
     pending to final, and a final row's reward never changes, so an unchanged count means
     unchanged contents. Blocks that the latest read did not visit (retention removed them,
     or the window moved past them) are dropped, which bounds the cache by one window.
+
+    The assembled rows of the latest read are kept too: a read with the same arguments that
+    visits the same blocks in the same state (nothing joined, arrived or removed in between)
+    returns that :class:`LoggedData` itself, without concatenating or sorting again.
     """
 
     def __init__(self) -> None:
@@ -44,6 +49,9 @@ class WindowCache:
         self._inputs: dict[int, tuple[tuple, tuple[np.ndarray, np.ndarray]]] = {}
         self._used: set[int] = set()
         self.hits = self.misses = 0          # blocks reused / decoded (for the bench)
+        # (arguments, layout, visited spans, walk ended by a break, result) of the last read.
+        self._memo: tuple | None = None
+        self.reused = 0                      # whole reads answered from the memo
 
     def block(self, store: EventStore, span: BlockSpan) -> Block:
         self._used.add(span.id)
@@ -149,11 +157,13 @@ def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
                 | (0 if include_apprentice else FLAG_APPRENTICE))
     if cache is not None:
         cache.begin()
-    found = _read_newest_rows(store, policy, excluded,
-                              None if since_ns is None else int(since_ns),
-                              None if limit is None else int(limit), cache)
+    args = (policy, excluded, None if since_ns is None else int(since_ns),
+            None if limit is None else int(limit))
+    found = _read_newest_rows(store, *args, cache)
     if cache is not None:
         cache.end()
+    if isinstance(found, LoggedData):
+        return found                      # the cache's last read, unchanged
     if found is None:
         stored = store.get_policy(policy)
         if stored is None:
@@ -173,12 +183,16 @@ def read_logged_data(store: EventStore | str | os.PathLike[str], policy: str, *,
     if not served.all():
         elig[np.flatnonzero(~served), columns["actions"][~served]] = True
     logger.debug("policy %r: %d logged rows for evaluation", policy, n)
-    return LoggedData(action_ids=action_ids, input_names=input_names, **columns)
+    data = LoggedData(action_ids=action_ids, input_names=input_names, **columns)
+    if cache is not None and cache._memo is not None and cache._memo[0] == args:
+        cache._memo = (*cache._memo[:4], data)
+    return data
 
 
 def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int | None,
                       limit: int | None, cache: WindowCache | None = None
-                      ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]] | None:
+                      ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, np.ndarray]] | \
+        LoggedData | None:
     """The rows :func:`read_logged_data` returns, as ``(action_ids, input_names, columns)``
     in decision time order (ties in arrival order), or None when no row is usable.
 
@@ -188,6 +202,10 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
     stops once ``limit`` rows are held that every remaining block is older than. Blocks with no
     joined row are never loaded, and the feature columns only of blocks that give rows. Cost:
     the window and the blocks overlapping it in time, not the history.
+
+    With ``cache``: when the walk would visit the same spans in the same state as the cache's
+    last read with these arguments (the same layout), that read's :class:`LoggedData` is
+    returned as is (the walk's outcome depends on nothing else).
     """
     loaded: dict[int, tuple[Block, np.ndarray]] = {}
     spans: dict[int, BlockSpan] = {}
@@ -214,6 +232,17 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
         return None
     action_ids, input_names = layout
     known = set(action_ids)
+    args = (policy, excluded, since, limit)
+    spans_iter = store.block_spans(policy, order="time", since_ns=since, joined_only=True)
+    visited: list[tuple] = []           # (id, state) of every span the walk pulls, in order
+    memo = None if cache is None else cache._memo
+    if memo is not None and memo[0] == args and memo[1] == layout and memo[4] is not None:
+        pulled = list(itertools.islice(spans_iter, len(memo[2]) + (0 if memo[3] else 1)))
+        if [(s.id, _version(s)) for s in pulled] == memo[2]:
+            cache.reused += 1
+            cache._used.update(s.id for s in pulled)
+            return memo[4]
+        spans_iter = itertools.chain(pulled, spans_iter)
 
     # Rows, newest decision time first. `held` maps block id -> (block, rows); past `limit`
     # rows only the newest `limit` are kept and `bound` is the key (ts, block, row) of the
@@ -221,8 +250,11 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
     held: dict[int, tuple[Block, np.ndarray]] = {}
     count, skipped = 0, 0
     bound: tuple[int, int, int] | None = None
-    for span in store.block_spans(policy, order="time", since_ns=since, joined_only=True):
+    broke = False
+    for span in spans_iter:
+        visited.append((span.id, _version(span)))
         if bound is not None and (span.max_ts_ns, span.id) < bound[:2]:
+            broke = True
             break
         blk, rows = usable(span)
         if rows.size == 0:
@@ -242,6 +274,8 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
 
     if not held:        # cannot happen (the layout's block has usable rows); be safe
         return None
+    if cache is not None:   # completed with the LoggedData by read_logged_data
+        cache._memo = (args, layout, visited, broke, None)
     index = {a: i for i, a in enumerate(action_ids)}
     k = len(action_ids)
     parts: list[dict[str, np.ndarray]] = []

@@ -833,3 +833,83 @@ def test_refreshes_keep_promoting_on_heavy_tailed_rewards(learner):
     assert sum("(refresh: non-inferiority" in why for why in promoted) >= 4, decided
     final = Policy.from_bytes(learner.store.get_policy("bonus").data)
     assert final.weights[1, 0] == pytest.approx(4.0, abs=1.2)
+
+
+def test_the_gate_runs_blas_on_one_thread(tmp_path):
+    """While the gate judges, numpy's BLAS runs on one thread (threadpoolctl): its matrices
+    are small, and threads made a judgement 3-10x slower on a loaded 2-core machine. The
+    limit is lifted afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from loops_sdk.learner.promotion import Gate
+    from loops_sdk.learner.train import RidgeStats
+    seen = []
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    data = _timed(logged(600, seed=9))
+    deployed = base_policy()
+    stats = RidgeStats(deployed.action_ids, deployed.input_names)
+    stats.add(data.x, data.actions, data.rewards)
+    cand = deployed.with_model(*stats.solve(1.0), version=2)
+
+    def fit(rest):
+        seen.append(blas_threads())
+        return cand.with_model(*rest.solve(1.0), version=2)
+
+    store = EventStore(tmp_path / "g.sqlite")
+    try:
+        with threadpoolctl.threadpool_limits(2, "blas"):
+            before = blas_threads()
+            res = Gate(store).evaluate(cand, deployed, stats=stats, fit=fit, data=data)
+            after = blas_threads()
+    finally:
+        store.close()
+    assert res.held_out and len(seen) == 2                  # both twins fitted inside
+    if not before:
+        pytest.skip("numpy has no BLAS threadpoolctl can see")
+    assert all(t == [1] * len(before) for t in seen), seen
+    assert after == before == [2] * len(before)
+
+
+def test_a_candidate_after_adding_a_bonus_by_hand_is_still_a_refresh(tmp_path):
+    """A hand publish that only added a bonus (``with_actions``: every other action's
+    parameters kept) over a promoted version is a basis for refreshes: the next candidate
+    trained from it on more rows is judged non-inferior, as before the publish (the learning
+    bench's new-bonus world rejected 115 of 149 candidates by superiority after such a
+    publish). A publish that changed the model, or a rollback, is not."""
+    from loops_sdk import Action
+    from loops_sdk.learner.promotion import Gate, fitted_basis, is_refresh
+    store = EventStore(tmp_path / "g.sqlite")
+    zero = base_policy()
+    fitted = zero.with_model(GOOD_W, GOOD_B, version=2,
+                             metadata={"trained_on": "1500", "trained_from_version": "1"})
+    store.add_policy("bonus", 1, zero.to_bytes(), "initial", decision="initial")
+    store.add_policy("bonus", 2, fitted.to_bytes(), "retrained", decision="promoted")
+    store.add_policy("bonus", 3, fitted.with_version(3).to_bytes(), "retrained",
+                     state="candidate", decision="rejected")
+    added = fitted.with_actions([*fitted.actions, Action("cashback")], version=4)
+    store.add_policy("bonus", 4, added.to_bytes(), "new bonus", decision="manual")
+    w = np.vstack([GOOD_W, np.zeros((1, 2))])
+    cand = added.with_model(w * 1.01, np.append(GOOD_B, 0.0), version=5, metadata={
+        "trained_on": "1700", "trained_from_version": "4"})
+    assert fitted_basis(store, added) == "promoted"
+    assert is_refresh(cand, added, fitted_basis(store, added))
+    data = logged(1500, seed=3)
+    data = LoggedData(x=data.x, actions=data.actions, propensities=data.propensities,
+                      rewards=data.rewards, action_ids=(*data.action_ids, "cashback"))
+    res = Gate(store).evaluate(cand, added, data=data)
+    assert "refresh: non-inferiority" in res.reason, res.reason
+    # A hand-set model over the promoted version is no basis; nor is a rollback.
+    changed = added.with_model(w * 2, np.append(GOOD_B, 0.0), version=6,
+                               metadata=dict(added.metadata))
+    store.add_policy("bonus", 6, changed.to_bytes(), "by hand", decision="manual")
+    assert fitted_basis(store, changed) == "manual"
+    assert not is_refresh(cand.with_version(7, metadata={"trained_on": "1700",
+                                                         "trained_from_version": "6"}),
+                          changed, fitted_basis(store, changed))
+    back = fitted.with_version(8)
+    store.add_policy("bonus", 8, back.to_bytes(), "rollback to v2", decision="rollback")
+    assert fitted_basis(store, back) == "rollback"
+    store.close()

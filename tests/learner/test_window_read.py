@@ -319,3 +319,35 @@ def test_window_cache_decodes_only_changed_blocks_and_reads_the_same(tmp_path, m
     # Blocks the window moved past are dropped: the cache holds one window.
     assert set(cache._blocks) <= {s.id for s in store.block_spans("bonus")}
     store.close()
+
+
+@pytest.mark.parametrize("since", [None, 100 * NS])
+def test_window_cache_returns_the_last_read_while_nothing_changed(tmp_path, since):
+    """A read with the same arguments over unchanged blocks returns the cached LoggedData
+    itself (nothing concatenated or sorted again); any change (a new block, rows joining,
+    other arguments) reads anew and equals a read without the cache."""
+    from loops_sdk.learner.window import WindowCache
+    store = filled(tmp_path)
+    cache = WindowCache()
+    first = read_logged_data(store, "bonus", limit=1500, since_ns=since, cache=cache)
+    assert read_logged_data(store, "bonus", limit=1500, since_ns=since, cache=cache) is first
+    assert cache.reused == 1
+    other = read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache)
+    assert other is not first
+    assert_same(other, read_logged_data(store, "bonus", limit=700, since_ns=since))
+    assert read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache) is other
+    rng = np.random.default_rng(9)
+    ts = (130 * NS + rng.integers(0, NS, 40)).astype(np.int64)
+    store.ingest("c", 500, records([block(40, 10_000, ts, seed=77)]))
+    Joiner(store, grace_seconds=0).run(200 * NS)    # the new block and the pending rows join
+    got = read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache)
+    assert got is not other and got.n == 700
+    assert_same(got, read_logged_data(store, "bonus", limit=700, since_ns=since))
+    # A late block older than the whole window changes nothing the walk visits... but it is
+    # the newest arrival, so it is looked at for the layout; the rows stay the same.
+    late = block(40, 20_000, np.full(40, 1 * NS, np.int64), seed=78)
+    store.ingest("c", 501, records([late]))
+    Joiner(store, grace_seconds=0).run(200 * NS)
+    again = read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache)
+    assert_same(again, read_logged_data(store, "bonus", limit=700, since_ns=since))
+    store.close()
