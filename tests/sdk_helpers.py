@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -125,6 +126,22 @@ def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return predicate()
+
+
+def wait_child(pid: int, timeout: float) -> int | None:
+    """The exit code (as ``os.waitstatus_to_exitcode``) of the forked child ``pid``, polled
+    for until it ends or ``timeout`` passes; a child still running then is killed (SIGKILL)
+    and reaped, and the answer is None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
 
 
 def run_concurrently(work, threads: int, timeout: float = 60.0) -> list[BaseException]:
