@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 
 from . import caps, cluster, decide, learner, learning, memory, peers, service, shipping
+from .common import print_table
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
             "learner": learner.run, "shipping": shipping.run, "service": service.run,
@@ -21,36 +22,6 @@ SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
 # Minutes, not seconds, and it needs vowpalwabbit and scikit-learn: only with --only learning.
 # The cluster section starts Ray several times and needs the `ray` extra: --only cluster.
 OPT_IN = {"learning", "cluster"}
-
-
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    if unit in ("dec/s", "rows/s", "rec/s"):
-        return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.0f} k"
-    if unit in ("reward/dec", "net/dec"):
-        return f"{value:.3f}"
-    if unit == "decisions":
-        return f"{value:,.0f}"
-    if unit == "ns" and value >= 10_000:
-        return f"{value / 1e3:.1f} µs"
-    return f"{value:,.0f} {unit}" if unit == "ns" else f"{value:,.1f} {unit}"
-
-
-def print_table(rows) -> None:
-    head = ("figure", "value", "unit", "target", "met", "note")
-    cells = [(r.name, _fmt(r.value, r.unit), r.unit if r.unit not in ("ns",) else "",
-              r.target, {True: "yes", False: "NO", None: ""}[r.met], r.note) for r in rows]
-    widths = [max(len(str(c[i])) for c in cells + [head]) for i in range(5)]
-    line = lambda c: "  ".join(str(c[i]).ljust(widths[i]) for i in range(5)) + "  " + c[5]
-    print(line(head))
-    print("-" * (sum(widths) + 12))
-    section = None
-    for r, c in zip(rows, cells):
-        if r.section != section and section is not None:
-            print()
-        section = r.section
-        print(line(c))
 
 
 def main(argv: list[str] | None = None) -> int:

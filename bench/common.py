@@ -95,3 +95,33 @@ def best_rate(fn, items: int, repeats: int) -> float:
         fn()
         best = max(best, items / (time.perf_counter() - t0))
     return best
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("dec/s", "rows/s", "rec/s"):
+        return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.0f} k"
+    if unit in ("reward/dec", "net/dec"):
+        return f"{value:.3f}"
+    if unit == "decisions":
+        return f"{value:,.0f}"
+    if unit == "ns" and value >= 10_000:
+        return f"{value / 1e3:.1f} µs"
+    return f"{value:,.0f} {unit}" if unit == "ns" else f"{value:,.1f} {unit}"
+
+
+def print_table(rows) -> None:
+    head = ("figure", "value", "unit", "target", "met", "note")
+    cells = [(r.name, _fmt(r.value, r.unit), r.unit if r.unit not in ("ns",) else "",
+              r.target, {True: "yes", False: "NO", None: ""}[r.met], r.note) for r in rows]
+    widths = [max(len(str(c[i])) for c in cells + [head]) for i in range(5)]
+    line = lambda c: "  ".join(str(c[i]).ljust(widths[i]) for i in range(5)) + "  " + c[5]
+    print(line(head))
+    print("-" * (sum(widths) + 12))
+    section = None
+    for r, c in zip(rows, cells):
+        if r.section != section and section is not None:
+            print()
+        section = r.section
+        print(line(c))

@@ -581,7 +581,7 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
 
 if __name__ == "__main__":   # python -m bench.learning: the new-bonus world alone
     import sys as _sys
-    from .__main__ import print_table
+    from .common import print_table
     _rows, _ = run_new_bonus("--quick" in _sys.argv,
                              log=lambda s: print(f"[bench]   {s}", file=_sys.stderr, flush=True))
     print_table(_rows)

@@ -6,11 +6,14 @@ conftest.py and helpers.py).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import pytest
 from loops_sdk._scorer import twin as _scorer_py
 from loops_sdk.scorer import IMPLEMENTATION
 from loops_sdk.policy import Action, Exploration, Holdout, Policy
+from loops_sdk.rules import BudgetCap, FrequencyCap
 from loops_sdk.scorer import kernel_args
 
 try:
@@ -124,6 +128,22 @@ def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
     return predicate()
 
 
+def wait_child(pid: int, timeout: float) -> int | None:
+    """The exit code (as ``os.waitstatus_to_exitcode``) of the forked child ``pid``, polled
+    for until it ends or ``timeout`` passes; a child still running then is killed (SIGKILL)
+    and reaped, and the answer is None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
+
+
 def run_concurrently(work, threads: int, timeout: float = 60.0) -> list[BaseException]:
     """Run ``work(k)`` for k in range(threads), each on its own thread, all at once; return
     what they raised (a thread still running after ``timeout`` counts as a failure)."""
@@ -145,3 +165,113 @@ def run_concurrently(work, threads: int, timeout: float = 60.0) -> list[BaseExce
     if stuck:
         errors.append(TimeoutError(f"threads still running after {timeout} s: {stuck}"))
     return errors
+
+
+# --------------------------------------------------------------------------- capped decisions
+# The caps tests (tests/test_shared_caps.py, tests/test_redis_caps.py): a greedy policy with a
+# fixed preference (dep > spins > none) and two caps, at most 5 actions and a budget of 50 (dep
+# is worth 20, spins 5). Caps that hold exactly give each player exactly dep, dep, spins, spins
+# (20 + 20 + 5 + 5 = 50) and the default ever after, however the deciders interleave.
+
+# The longest window a cap may have (3660 days), aligned to the epoch: the current one runs
+# from 2020-02-07 to 2030-02-15, so no test run crosses its end.
+CAP_WINDOW = 316_224_000.0
+CAP_GRANTS = {"dep": 2, "spins": 2}     # per player, over every decider together
+CAP_X = np.array([0.5, -0.5])
+
+
+def capped_policy(name: str = "bonus", *, exploration=None, window: float = CAP_WINDOW) -> Policy:
+    return Policy.linear(
+        name, 2, [Action("none"), Action("spins", 1.0, ("spins",), value=5.0),
+                  Action("dep", 4.0, ("deposit",), value=20.0)],
+        np.zeros((3, 2)), np.array([0.0, 2.0, 3.0]),
+        exploration=exploration or Exploration.greedy(),
+        caps=[FrequencyCap("5-actions", 5, window), BudgetCap("50-value", 50.0, window)])
+
+
+def decide_capped_rounds(decider, players: list[str], rounds: int, *, copies: int = 1,
+                         phase: int = 0) -> dict[str, list[str]]:
+    """What ``decider`` (anything with ``decide`` and ``decide_batch``: an engine, a client,
+    RedisCaps) serves each player at the capped point in ``rounds`` rounds: one ``decide`` a
+    player and one ``decide_batch`` of every player ``copies`` times, in turn (the batch
+    first, or with ``phase`` 1 the single decisions)."""
+    got: dict[str, list[str]] = {p: [] for p in players}
+    for r in range(rounds):
+        if (r + phase) % 2:
+            for p in players:
+                got[p].append(decider.decide("bonus", CAP_X, user=p).action)
+        else:
+            users = players * copies
+            b = decider.decide_batch("bonus", np.tile(CAP_X, (len(users), 1)), users=users)
+            for p, a in zip(users, b.actions):
+                got[p].append(b.action_ids[a])
+    return got
+
+
+def count_grants(grants: dict[str, Counter], users, actions) -> None:
+    """Add what each player was granted (any action but the default "none") to ``grants``."""
+    for user, action in zip(users, actions):
+        if action != "none":
+            grants.setdefault(user, Counter())[action] += 1
+
+
+def grants_of(*served: dict[str, list[str]]) -> dict[str, Counter]:
+    """Each player's grants over what several deciders served (:func:`decide_capped_rounds`)."""
+    grants: dict[str, Counter] = {}
+    for got in served:
+        for p, actions in got.items():
+            count_grants(grants, [p] * len(actions), actions)
+    return grants
+
+
+def assert_caps_exact(grants: dict[str, Counter], players) -> None:
+    for p in players:
+        assert dict(grants.get(p, {})) == CAP_GRANTS, (p, dict(grants.get(p, {})))
+
+
+def decide_capped_from_threads(deciders, players: list[str], rounds: int, *, threads: int = 4,
+                               timeout: float = 60.0) -> dict[str, Counter]:
+    """:func:`decide_capped_rounds` on ``threads`` threads at once, thread k on
+    ``deciders[k % len(deciders)]`` and in phase k: the grants per player."""
+    served: list[dict[str, list[str]]] = []
+
+    def work(k):
+        served.append(decide_capped_rounds(deciders[k % len(deciders)], players, rounds,
+                                           phase=k))
+
+    assert run_concurrently(work, threads, timeout=timeout) == []
+    return grants_of(*served)
+
+
+def run_capped_processes(script: str, args: list[str], tmp_path: Path, *, processes: int = 2,
+                         timeout: float = 120.0) -> tuple[dict[str, Counter], list[dict]]:
+    """Run ``processes`` children ``python -c script POLICY_FILE *args`` (POLICY_FILE: the
+    :func:`capped_policy`; the script may import this module), released together once each
+    has printed "ready"; each prints one JSON object whose "got" is what it served each
+    player (:func:`decide_capped_rounds`). Returns the grants per player over all the
+    children, and each child's object."""
+    policy_file = tmp_path / "bonus.policy"
+    capped_policy().save(policy_file)
+    env = child_env()
+    # These helpers may be imported (as in run_python), never the source tree.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE), str(HERE / "faults")] + [p for p in env.get("PYTHONPATH", "")
+                                             .split(os.pathsep) if p])
+    children = [subprocess.Popen([sys.executable, "-c", script, str(policy_file), *args],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=neutral_cwd())
+                for _ in range(processes)]
+    try:
+        for c in children:
+            assert c.stdout.readline().strip() == "ready", c.stderr.read()
+        for c in children:             # every child starts deciding at once
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        outs = [c.communicate(timeout=timeout) for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+    assert all(c.returncode == 0 for c in children), [e for _, e in outs]
+    results = [json.loads(out) for out, _ in outs]
+    return grants_of(*(r["got"] for r in results)), results

@@ -323,3 +323,26 @@ def test_every_package_is_listed_for_a_regular_install():
     found = {_module_name(p.parent / "__init__.py") for p in PACKAGE_DIR.rglob("__init__.py")
              if "__pycache__" not in p.parts}
     assert found == listed
+
+
+def test_the_bench_has_no_import_cycles():
+    """`python -m bench`'s modules (``__main__`` too: it is what runs) import each other
+    without a cycle; shared helpers such as the table printer live in bench/common.py."""
+    bench = PACKAGE_DIR.parent / "bench"
+    if not (bench / "__main__.py").exists():
+        pytest.skip("not a source checkout")
+    names = {p.stem for p in bench.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in bench.glob("*.py"):
+        found = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= ({node.module} if node.module else {a.name for a in node.names})
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                parts = node.module.split(".")
+                if parts[0] == "bench":
+                    found |= ({parts[1]} if len(parts) > 1 else {a.name for a in node.names})
+        found &= names - {path.stem}
+    assert graph.get("__main__"), "the parser found none of __main__'s imports"
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle in bench/: " + " -> ".join(cycle)

@@ -15,7 +15,7 @@ from loops_sdk import (ClientConfig, DecisionClient, FeatureError, FileSink, Pol
                        Reason, read_feedback_file)
 from loops_sdk.policy import Exploration, Holdout
 from loops_sdk.scorer import draw
-from sdk_helpers import _scorer_c, make_policy, replay_sample, run_python
+from sdk_helpers import _scorer_c, make_policy, replay_sample, run_python, wait_child
 
 
 def test_quick_start_shape(tmp_path):
@@ -385,21 +385,13 @@ def test_client_works_in_forked_child():
         finally:
             os._exit(code)
     os.close(w)
-    deadline = time.monotonic() + 30
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.01)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
+    code = wait_child(pid, 30)
+    if code is None:
         pytest.fail("forked child did not finish within 30 s")
     ready, _, _ = select.select([r], [], [], 1.0)
     out = os.read(r, 4096).decode() if ready else ""
     os.close(r)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, out
+    assert code == 0, out
     event_id, action, prob, n_batch, n_recorded = out.split()
     assert event_id[:16] != parent.event_id[:16], "child reused the parent's event-id prefix"
     assert action in pol.action_ids and 0 < float(prob) <= 1
@@ -492,21 +484,11 @@ def test_fork_while_other_threads_decide():
                 finally:
                     os._exit(code)
             pids.append(pid)
-        deadline = time.monotonic() + 30
-        for pid in pids:
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-                    break
-                if time.monotonic() > deadline:
-                    for p in pids:
-                        try:
-                            os.kill(p, 9)
-                        except ProcessLookupError:
-                            pass
-                    pytest.fail("a forked child hung (lock inherited from the parent?)")
-                time.sleep(0.01)
+        deadline = time.monotonic() + 30      # for them all: a hung one is killed
+        codes = [wait_child(pid, max(0.0, deadline - time.monotonic())) for pid in pids]
+        if None in codes:
+            pytest.fail("a forked child hung (lock inherited from the parent?)")
+        assert codes == [0] * len(pids)
     finally:
         stop.set()
         t.join(10)

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -426,35 +427,55 @@ def test_oversized_message_is_refused(learner, tmp_path):
 @pytest.mark.parametrize("unary_loop", [True, False], ids=["loop", "pool"])
 def test_expired_call_is_not_decided(learner, tmp_path, unary_loop):
     """While the only serving thread is held inside a slow decision, a Decide waits past its
-    deadline; when the thread frees up, nothing is decided or logged for it."""
+    deadline; when the thread frees up, nothing is decided or logged for it.
+
+    The deadline that counts is the server's, and it ends later than the client's: gRPC sends
+    the timeout, not the instant, so the server counts it from when it read the call. Freed
+    the moment the client gave up, the thread could find the call still within the server's
+    deadline (it was, on a loaded machine) and decide it. So the thread is freed only once the
+    server's deadline has passed: a call the server answers without a serving thread (an
+    unknown method: UNIMPLEMENTED), sent after the expired one on the same connection, is
+    read after it, so the expired call's deadline ends at most ``timeout`` after that answer.
+    """
+    timeout = 0.3
     server = serve(learner, tmp_path, max_workers=1, unary_loop=unary_loop)
     assert server.serving_loop is unary_loop
     inside, release = threading.Event(), threading.Event()
+    decided = []
     decide = server.client.decide
 
     def slow_decide(name, x, user=None, *args, **kw):
+        decided.append(user)      # past the service's deadline check
         if user == "slow":        # holds the serving thread, as a long batch would
             inside.set()
-            release.wait(10)
+            release.wait(60)
         return decide(name, x, user, *args, **kw)
 
     server.client.decide = slow_decide
     try:
         with grpc.insecure_channel(server.address) as ch:
             stub = decision_pb2_grpc.DecisionServiceStub(ch)
-            slow = stub.Decide.future(_decide(user="slow"), timeout=10)
-            assert inside.wait(5)
+            slow = stub.Decide.future(_decide(user="slow"), timeout=60)
+            assert inside.wait(30)
             with pytest.raises(grpc.RpcError) as info:
-                stub.Decide(_decide(user="b"), timeout=0.3)
+                stub.Decide(_decide(user="b"), timeout=timeout)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(grpc.RpcError) as info:
+                ch.unary_unary("/loops.test.NoSuchService/Probe")(b"", timeout=30)
+            answered = time.time()
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # + 50 ms: the timeout is sent rounded up to the millisecond.
+            time.sleep(max(0.0, answered + timeout + 0.05 - time.time()))
             release.set()
             assert slow.result().event_id
-            assert stub.Decide(_decide(user="c"), timeout=5).event_id
-        # Only the two calls that were answered were decided (and logged).
-        assert server.client.stats()["decisions"] == 2
+            assert stub.Decide(_decide(user="c"), timeout=30).event_id
     finally:
         release.set()
         server.stop()
+    # Only the two calls that were answered were decided (and logged); looked at after the
+    # stop, so that a late decision of "b" could not slip past.
+    assert decided == ["slow", "c"]
+    assert server.client.stats()["decisions"] == 2
 
 
 def test_concurrent_callers_get_unique_event_ids(stub, server):

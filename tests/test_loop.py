@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from loops_sdk import ClientConfig, DecisionClient, Exploration, LearningSetting
 from loops_sdk.learner.service import Learner
 from loops_sdk.sync.spool import Spool
 import procs
-from sdk_helpers import wait_until
+from sdk_helpers import wait_child, wait_until
 
 ACTIONS = ["none", "spins", "match"]
 
@@ -172,14 +171,7 @@ def test_fork_child_has_its_own_connection_and_ids(learner, tmp_path):
             finally:
                 os._exit(0)
         os.close(w)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, 9)
+        if wait_child(pid, 60) is None:
             pytest.fail("forked child hung")
         child_id, flushed = os.read(r, 200).decode().split()
         os.close(r)

@@ -2,22 +2,18 @@
 ``redis-server`` started here on 127.0.0.1 (an ephemeral port), killed with a real signal for
 the failure mode. Skipped when the binary is absent, unless LOOPS_REQUIRE_REDIS=1 (CI).
 
-Same policy as tests/test_shared_caps.py: caps that hold exactly give each player exactly
-dep, dep, spins, spins, however the processes ("hosts", each with its own private table)
-interleave.
+Same policy as tests/test_shared_caps.py (``capped_policy`` in tests/sdk_helpers.py): caps
+that hold exactly give each player exactly dep, dep, spins, spins, however the processes
+("hosts", each with its own private table) interleave.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -29,9 +25,9 @@ from redis.retry import Retry         # noqa: E402
 from loops_sdk import ArgumentError, ClientConfig, DecisionClient   # noqa: E402
 from loops_sdk.redis_caps import RedisCaps                           # noqa: E402
 
-import procs                                                         # noqa: E402
-from sdk_helpers import run_concurrently, wait_until                 # noqa: E402
-from test_shared_caps import EXPECTED, X, _check_exact, capped_policy  # noqa: E402
+from sdk_helpers import CAP_X as X                                   # noqa: E402
+from sdk_helpers import (assert_caps_exact, capped_policy,           # noqa: E402
+                         decide_capped_from_threads, run_capped_processes, wait_until)
 
 SERVER = shutil.which("redis-server")
 if SERVER is None:
@@ -117,78 +113,30 @@ def test_caps_counted_in_redis_hold_for_two_clients(db):
 def test_threads_on_two_clients_hold_the_caps_exactly(db):
     guards = [RedisCaps(_client(s), db) for s in (1, 2)]
     players = [f"p{i}" for i in range(10)]
-    grants = {p: Counter() for p in players}
-    lock = threading.Lock()
-
-    def work(k):
-        g = guards[k % 2]
-        for r in range(5):
-            if (r + k) % 2:
-                got = [g.decide("bonus", X, user=p).action for p in players]
-            else:
-                b = g.decide_batch("bonus", np.tile(X, (len(players), 1)), users=players)
-                got = [b.action_ids[i] for i in b.actions]
-            with lock:
-                for p, a in zip(players, got):
-                    if a != "none":
-                        grants[p][a] += 1
-
-    assert run_concurrently(work, 4, timeout=120) == []
-    _check_exact(grants, players)
+    assert_caps_exact(decide_capped_from_threads(guards, players, 5, timeout=120), players)
 
 
 _HOST = r"""
-import json, sys, numpy as np, redis
+import json, sys, redis
 from loops_sdk import ClientConfig, DecisionClient, Policy
 from loops_sdk.redis_caps import RedisCaps
-port, policy_file = sys.argv[1:3]
-players = [f"p{i}" for i in range(12)]
+from sdk_helpers import decide_capped_rounds
+policy_file, port = sys.argv[1:3]
 client = DecisionClient(ClientConfig(fallback_policy=Policy.load(policy_file), record=False))
 caps = RedisCaps(client, redis.Redis(host="127.0.0.1", port=int(port)), lock_wait=30.0)
 print("ready", flush=True)
 sys.stdin.readline()
-X = np.array([0.5, -0.5])
-got = {p: [] for p in players}
-for r in range(8):
-    if r % 2:
-        for p in players:
-            got[p].append(caps.decide("bonus", X, user=p).action)
-    else:
-        b = caps.decide_batch("bonus", np.tile(X, (2 * len(players), 1)), users=players * 2)
-        for p, a in zip(players * 2, b.actions):
-            got[p].append(b.action_ids[a])
+got = decide_capped_rounds(caps, [f"p{i}" for i in range(12)], 8, copies=2)
 print(json.dumps({"got": got, "stats": caps.stats()}), flush=True)
 """
 
 
 def test_caps_hold_exactly_across_two_processes_as_two_hosts(db, server, tmp_path):
-    policy_file = tmp_path / "bonus.policy"
-    capped_policy().save(policy_file)
-    children = [subprocess.Popen([sys.executable, "-c", _HOST, str(server.port),
-                                  str(policy_file)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=procs.child_env(), cwd=procs.neutral_cwd())
-                for _ in range(2)]
-    try:
-        for c in children:
-            assert c.stdout.readline().strip() == "ready", c.stderr.read()
-        for c in children:
-            c.stdin.write("go\n")
-            c.stdin.flush()
-        outs = [c.communicate(timeout=120) for c in children]
-    finally:
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-    assert all(c.returncode == 0 for c in children), [e for _, e in outs]
-    grants: dict[str, Counter] = {}
-    for out, _ in outs:
-        result = json.loads(out)
+    grants, results = run_capped_processes(_HOST, [str(server.port)], tmp_path)
+    for result in results:
         assert result["stats"]["redis_errors"] == 0 and result["stats"]["denied"] == 0
-        for p, actions in result["got"].items():
-            grants.setdefault(p, Counter()).update(a for a in actions if a != "none")
     assert len(grants) == 12
-    _check_exact(grants, grants)
+    assert_caps_exact(grants, grants)
 
 
 def test_a_player_locked_elsewhere_waits_then_fails_closed(db):

@@ -3,16 +3,15 @@ a file mapped by every process of a host (``ClientConfig.shared_caps``), so a pl
 more than a cap allows whichever process decides for them. Real processes, a real pool of
 ``loops serve`` workers on 127.0.0.1, real files; both scorers.
 
-The policy is greedy with a fixed preference (dep > spins > none) and two caps, at most 5
-actions and a budget of 50 (dep is worth 20, spins 5). Caps that hold exactly give each
-player exactly dep, dep, spins, spins (20 + 20 + 5 + 5 = 50) and the default ever after, in
-whatever order the processes interleave; counted per process, every process that sees a
-player enough times gives them all four again.
+The policy (``capped_policy`` in tests/sdk_helpers.py) is greedy with a fixed preference
+(dep > spins > none) and two caps, at most 5 actions and a budget of 50 (dep is worth 20,
+spins 5). Caps that hold exactly give each player exactly dep, dep, spins, spins (20 + 20 +
+5 + 5 = 50) and the default ever after, in whatever order the processes interleave; counted
+per process, every process that sees a player enough times gives them all four again.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,34 +23,17 @@ import grpc
 import numpy as np
 import pytest
 
-from loops_sdk import (Action, ArgumentError, BudgetCap, ClientConfig, DecisionClient,
-                       Exploration, FrequencyCap, Policy)
+from loops_sdk import ArgumentError, ClientConfig, Exploration
 from loops_sdk._proto import decision_pb2 as pb
 from loops_sdk._proto import decision_pb2_grpc
 from loops_sdk._scorer import shared_caps
 from loops_sdk._scorer import twin as _scorer_py
 from loops_sdk.serve.pool import DecisionServerPool
 
-import procs
-from sdk_helpers import _scorer_c, make_kernel, run_concurrently, wait_until
-
-# The longest window a cap may have (3660 days), aligned to the epoch: the current one runs
-# from 2020-02-07 to 2030-02-15, so no test run crosses its end.
-WINDOW = 316_224_000.0
-EXPECTED = {"dep": 2, "spins": 2}     # per player, over every process together
-GRANTS_PER_PLAYER = sum(EXPECTED.values())
-
-
-def capped_policy(name: str = "bonus", *, exploration=None, window: float = WINDOW) -> Policy:
-    return Policy.linear(
-        name, 2, [Action("none"), Action("spins", 1.0, ("spins",), value=5.0),
-                  Action("dep", 4.0, ("deposit",), value=20.0)],
-        np.zeros((3, 2)), np.array([0.0, 2.0, 3.0]),
-        exploration=exploration or Exploration.greedy(),
-        caps=[FrequencyCap("5-actions", 5, window), BudgetCap("50-value", 50.0, window)])
-
-
-X = np.array([0.5, -0.5])
+from sdk_helpers import CAP_X as X
+from sdk_helpers import (_scorer_c, assert_caps_exact, capped_policy, count_grants,
+                         decide_capped_from_threads, make_kernel, run_capped_processes,
+                         run_concurrently, wait_until)
 
 
 def engine(impl, directory, policy=None, seed=1, cap_slots=1024):
@@ -59,11 +41,6 @@ def engine(impl, directory, policy=None, seed=1, cap_slots=1024):
     eng._engine_init(seed, 4096, 1_000_000, True, cap_slots, directory)
     eng._install("bonus", make_kernel(impl, policy or capped_policy()))
     return eng
-
-
-def _check_exact(grants: dict[str, Counter], players) -> None:
-    for p in players:
-        assert dict(grants[p]) == EXPECTED, (p, dict(grants[p]))
 
 
 # --------------------------------------------------------------------------- in one process
@@ -146,24 +123,8 @@ def test_config_checks_shared_caps():
 
 def test_threads_of_one_process_on_two_clients_hold_the_caps(impl, tmp_path):
     engines = [engine(impl, tmp_path, seed=s) for s in (1, 2)]
-    grants: dict[str, Counter] = {f"p{i}": Counter() for i in range(8)}
-    lock = threading.Lock()
-
-    def work(k):
-        eng = engines[k % 2]
-        for r in range(6):
-            if (r + k) % 2:
-                got = [eng.decide("bonus", X, user=p).action for p in grants]
-            else:
-                b = eng.decide_batch("bonus", np.tile(X, (len(grants), 1)), users=list(grants))
-                got = [b.action_ids[i] for i in b.actions]
-            with lock:
-                for p, a in zip(grants, got):
-                    if a != "none":
-                        grants[p][a] += 1
-
-    assert run_concurrently(work, 4) == []
-    _check_exact(grants, grants)
+    players = [f"p{i}" for i in range(8)]
+    assert_caps_exact(decide_capped_from_threads(engines, players, 6), players)
 
 
 def test_a_holder_killed_mid_decision_does_not_block_the_table(tmp_path):
@@ -190,57 +151,23 @@ def test_a_holder_killed_mid_decision_does_not_block_the_table(tmp_path):
 
 # --------------------------------------------------------------------------- real processes
 _EMBEDDED = r"""
-import json, sys, numpy as np
+import json, sys
 from loops_sdk import ClientConfig, DecisionClient, Policy
-directory, policy_file, go, rounds = sys.argv[1:5]
-players = [f"p{i}" for i in range(12)]
+from sdk_helpers import decide_capped_rounds
+policy_file, directory, rounds = sys.argv[1:4]
 pol = Policy.load(policy_file)
 client = DecisionClient(ClientConfig(fallback_policy=pol, shared_caps=directory, record=False))
 print("ready", flush=True)
 sys.stdin.readline()                      # both processes start deciding together
-got = {p: [] for p in players}
-X = np.array([0.5, -0.5])
-for r in range(int(rounds)):
-    if r % 2:
-        for p in players:
-            got[p].append(client.decide("bonus", X, user=p).action)
-    else:
-        b = client.decide_batch("bonus", np.tile(X, (3 * len(players), 1)), users=players * 3)
-        for p, a in zip(players * 3, b.actions):
-            got[p].append(b.action_ids[a])
+got = decide_capped_rounds(client, [f"p{i}" for i in range(12)], int(rounds), copies=3)
 client.close()
-print(json.dumps(got), flush=True)
+print(json.dumps({"got": got}), flush=True)
 """
 
 
 def test_caps_hold_across_two_embedded_clients_in_two_processes(tmp_path):
-    policy_file = tmp_path / "bonus.policy"
-    capped_policy().save(policy_file)
-    env = procs.child_env()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p)
-    children = [subprocess.Popen([sys.executable, "-c", _EMBEDDED, str(tmp_path / "caps"),
-                                  str(policy_file), "go", "8"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=env, cwd=procs.neutral_cwd())
-                for _ in range(2)]
-    try:
-        for c in children:
-            assert c.stdout.readline().strip() == "ready", c.stderr.read()
-        for c in children:
-            c.stdin.write("go\n")
-            c.stdin.flush()
-        outs = [c.communicate(timeout=120) for c in children]
-    finally:
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-    assert all(c.returncode == 0 for c in children), [e for _, e in outs]
-    grants: dict[str, Counter] = {}
-    for out, _ in outs:
-        for p, actions in json.loads(out).items():
-            grants.setdefault(p, Counter()).update(a for a in actions if a != "none")
-    _check_exact(grants, grants)
+    grants, _ = run_capped_processes(_EMBEDDED, [str(tmp_path / "caps"), "8"], tmp_path)
+    assert_caps_exact(grants, grants)
     assert len(grants) == 12
 
 
@@ -281,10 +208,9 @@ def test_caps_hold_exactly_across_the_workers_of_loops_serve(pool):
 
     def record(prefix, users, actions):
         with lock:
-            for p, a in zip(users, actions):
+            for p in users:
                 served_by[p].add(prefix)
-                if a != "none":
-                    grants[p][a] += 1
+            count_grants(grants, users, actions)
             if all(len(s) == 2 for s in served_by.values()):
                 both.set()
 
@@ -310,7 +236,7 @@ def test_caps_hold_exactly_across_the_workers_of_loops_serve(pool):
 
     assert run_concurrently(work, 4, timeout=240) == []
     assert both.is_set(), served_by
-    _check_exact(grants, players)
+    assert_caps_exact(grants, players)
 
 
 def test_a_restarted_worker_keeps_counting_where_the_table_is(pool):
@@ -327,11 +253,9 @@ def test_a_restarted_worker_keeps_counting_where_the_table_is(pool):
             return b.event_ids[0][:16], list(b.actions)
 
     _, first = decide_all(0)
-    grants = {p: Counter() for p in players}
-    for p, a in zip(players * 6, first):
-        if a != "none":
-            grants[p][a] += 1
-    _check_exact(grants, players)
+    grants: dict[str, Counter] = {}
+    count_grants(grants, players * 6, first)
+    assert_caps_exact(grants, players)
     victim = pool.pids[0]
     restarts = pool.restarts
     os.kill(victim, signal.SIGKILL)

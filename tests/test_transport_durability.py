@@ -33,7 +33,7 @@ from loops_sdk.learner.service import Learner
 from loops_sdk.sync.spool import Spool, append_frame, read_frames, spool_dirs
 
 import procs
-from sdk_helpers import wait_until
+from sdk_helpers import wait_child, wait_until
 
 ACTIONS = ["none", "spins", "match"]
 
@@ -263,15 +263,8 @@ def _fork(child) -> int:
             code = child()
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return -999   # hung
+    code = wait_child(pid, 60)
+    return -999 if code is None else code   # -999: hung
 
 
 def test_forked_worker_ships_through_the_parent_and_follows_new_policies(learner, tmp_path):
@@ -398,12 +391,17 @@ def test_kill_9_during_outage_loses_nothing_older_than_flush_interval(tmp_path):
     """The learner is down and the client is in a long backoff (600 s): records decided
     during that wait still reach the disk within flush_interval."""
     spool = tmp_path / "spool"
-    proc = start_client(f"127.0.0.1:{free_port()}", spool, 1000, flush_interval=0.1,
-                        backoff=600.0)
+    _killed_after_spooling(spool, start_client(f"127.0.0.1:{free_port()}", spool, 1000,
+                                               flush_interval=0.1, backoff=600.0))
+
+
+def _killed_after_spooling(spool, proc) -> None:
+    """``proc`` (a start_client of 1000 + 1000 records, flush_interval 0.1 s) has every
+    record on disk soon after it has decided them, and they are there after kill -9."""
     try:
         assert proc.stdout.readline().split() == ["spooled", "1000"]
         assert proc.stdout.readline().strip() == "decided"
-        # bounded by flush_interval (0.1 s) plus generous slack, far below the backoff
+        # bounded by flush_interval (0.1 s) plus generous slack, far below any backoff
         assert wait_until(lambda: on_disk(spool) == 2000, 10), on_disk(spool)
     finally:
         kill(proc)
@@ -417,17 +415,9 @@ def test_kill_9_with_a_hanging_learner_loses_nothing_older_than_flush_interval(t
     rpc_timeout (60 s), yet the records reach the disk within flush_interval."""
     spool = tmp_path / "spool"
     with socket.create_server(("127.0.0.1", 0), backlog=16) as hole:   # never accepts
-        proc = start_client(f"127.0.0.1:{hole.getsockname()[1]}", spool, 1000,
-                            flush_interval=0.1, backoff=0.05, rpc_timeout=60.0)
-        try:
-            assert proc.stdout.readline().split() == ["spooled", "1000"]
-            assert proc.stdout.readline().strip() == "decided"
-            assert wait_until(lambda: on_disk(spool) == 2000, 10), on_disk(spool)
-        finally:
-            kill(proc)
-    reopened = Spool(spool, 1 << 30)
-    assert reopened.records == 2000
-    reopened.close()
+        _killed_after_spooling(spool, start_client(
+            f"127.0.0.1:{hole.getsockname()[1]}", spool, 1000, flush_interval=0.1,
+            backoff=0.05, rpc_timeout=60.0))
 
 
 def test_close_with_a_hanging_learner_spools_the_batch_in_flight(tmp_path):

@@ -36,9 +36,14 @@ def _stub(channel):
     return learner_pb2_grpc.LearnerServiceStub(channel)
 
 
-def _fail(err) -> int:
-    print(f"loops: {err.code().name}: {err.details()}", file=sys.stderr)
-    return 1
+def _fail(error: BaseException | str, exit_code: int = 1) -> int:
+    """Say on stderr what stopped a command (``loops: ...``; a gRPC error as its status name
+    and details) and return the command's exit code."""
+    grpc = sys.modules.get("grpc")   # loaded only by commands that call a server
+    if grpc is not None and isinstance(error, grpc.RpcError):
+        error = f"{error.code().name}: {error.details()}"
+    print(f"loops: {error}", file=sys.stderr)
+    return exit_code
 
 
 # --------------------------------------------------------------------------- learner
@@ -84,8 +89,7 @@ def _cmd_learner(args: argparse.Namespace) -> int:
     for flag, value in (("--retain-days", args.retain_days),
                         ("--retention-interval", args.retention_interval)):
         if not value >= 0:
-            print(f"loops: {flag} must be >= 0, not {value}", file=sys.stderr)
-            return 2
+            return _fail(f"{flag} must be >= 0, not {value}", 2)
     learner = Learner(args.db, args.host, args.port, grace_seconds=args.grace,
                       max_workers=args.max_workers, durability=args.durability,
                       security=_server_security(args),
@@ -110,8 +114,7 @@ def _run_until_signal(server: Any, banner: Callable[[], str]) -> int:
     try:
         server.start()
     except (OSError, RuntimeError) as exc:   # port in use, a worker that could not start
-        print(f"loops: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     print(banner(), flush=True)
     try:
         while not stop.wait(0.5):
@@ -184,8 +187,7 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     from ..sync.spool import spool_dirs
     root = Path(args.dir)
     if not root.is_dir():
-        print(f"loops: --dir {args.dir}: no such directory", file=sys.stderr)
-        return 2
+        return _fail(f"--dir {args.dir}: no such directory", 2)
     dirs = spool_dirs(root)
     if args.spool_command == "list":
         return _spool_list(dirs)
@@ -307,8 +309,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
             try:
                 hist = policy_history(store, args.name)
             except KeyError as exc:
-                print(f"loops: {exc.args[0]}", file=sys.stderr)
-                return 1
+                return _fail(exc.args[0])
         _print_history(hist, args.all_estimates)
         return 0
     with _channel(args.learner) as ch:
@@ -318,8 +319,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
                 try:
                     policy = Policy.load(args.file)
                 except PolicyError as exc:
-                    print(f"loops: {exc}", file=sys.stderr)
-                    return 1
+                    return _fail(exc)
                 if args.next:
                     policy = policy.with_version(0)
                 resp = stub.PublishPolicy(learner_pb2.PublishRequest(
@@ -420,11 +420,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
                            bucket_seconds=args.bucket_seconds, level=args.level,
                            **_window_kwargs(args))
     except (InsightsError, ArgumentError) as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     except OSError as exc:
-        print(f"loops: cannot write the report: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot write the report: {exc}")
     print(f"report written to {out}")
     return 0
 
@@ -448,8 +446,7 @@ def _cmd_lift(args: argparse.Namespace) -> int:
                                    **_window_kwargs(args))
                    for n in names]
     except (InsightsError, ArgumentError) as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     ci = f"{args.level * 100:g}% CI"
     print(f"{'policy / period (UTC)':<26} {'players T/H':>15} {'net/player T':>12} "
           f"{'H':>8} {'lift/player':>11} {ci:>19} {'spend/player T':>14} {'H':>7}")
@@ -494,8 +491,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         since = parse_time(args.since) if args.since else None
         res = export_parquet(args.db, args.out, policy=args.policy, since_ns=since)
     except (LoopsError, ImportError, OSError) as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     rate = res.rows / res.seconds if res.seconds > 0 else 0.0
     print(f"exported {res.rows:,} decisions in {len(res.files)} files to {args.out} "
           f"({rate:,.0f} rows/s)")
@@ -520,8 +516,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     try:
         res = replay_event(args.db, args.event_id)
     except LoopsError as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
     print(to_json(res) if args.json else res.format())
     return 0 if res.matches else 1
 
@@ -555,8 +550,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if res.imported and not args.no_learn:
             print(learn_once(args.db))
     except (LoopsError, OSError) as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
     return 1 if res.bad and not args.allow_bad else 0
 
 
@@ -685,8 +679,7 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
         certs = make_dev_certs(args.dir, hosts=tuple(args.hosts or DEV_HOSTS), days=args.days,
                                force=args.force)
     except ImportError as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     print(f"wrote a development CA, server and client certificates and {certs.tokens.name} "
           f"(one admin, one client token) to {certs.directory}; for local use only.\n")
     print("servers (TLS + tokens):")
@@ -731,8 +724,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from ..cluster import LearnerCluster, ray_available
     from ..policy import Policy
     if not ray_available():
-        print("loops: `loops cluster` needs Ray: pip install 'loops-sdk[ray]'", file=sys.stderr)
-        return 1
+        return _fail("`loops cluster` needs Ray: pip install 'loops-sdk[ray]'")
     try:
         ports = tuple(int(p) for p in args.ports.split(",") if p.strip())
         policies = [Policy.load(f) for f in args.policy]
@@ -741,8 +733,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
             tick_seconds=args.tick, min_nodes=args.min_nodes,
             shard_options={"retain_days": args.retain_days if args.retain_days > 0 else None})
     except (ValueError, OSError) as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
 
     class _Run:
         def start(self) -> None:
@@ -815,8 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _CLIENT_SECURITY = _client_security(args)
         return int(args.func(args) or 0)
     except SecurityError as exc:
-        print(f"loops: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,19 @@ def _abort_invalid(context: grpc.ServicerContext, exc: _Invalid) -> NoReturn:
     abort_invalid(context, exc.field, exc.description)   # with a google.rpc.BadRequest
 
 
+def _invalid_aborts(handler: Callable[[Any, Any, grpc.ServicerContext], Any]
+                    ) -> Callable[[Any, Any, grpc.ServicerContext], Any]:
+    """A servicer method whose :class:`_Invalid` becomes INVALID_ARGUMENT naming its field."""
+    @functools.wraps(handler)
+    def handle(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except _Invalid as exc:
+            _abort_invalid(context, exc)
+
+    return handle
+
+
 # --------------------------------------------------------------------------- unparsable requests
 # A request gRPC cannot parse (most often a proto3 string field holding bytes that are not
 # UTF-8, which the protobuf runtime refuses) would be answered INTERNAL "Exception
@@ -568,32 +581,25 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             policy_version=0)
 
     # ------------------------------------------------------------------ outcomes
+    @_invalid_aborts
     def Reward(self, request: decision_pb2.RewardRequest,
                context: grpc.ServicerContext) -> decision_pb2.RewardResponse:
-        try:
-            event_id = self._event_id(request.event_id)
-            self._client.reward(event_id, _finite(request.value), _kind(request.kind, "reward"))
-        except _Invalid as exc:
-            _abort_invalid(context, exc)
+        event_id = self._event_id(request.event_id)
+        self._client.reward(event_id, _finite(request.value), _kind(request.kind, "reward"))
         return decision_pb2.RewardResponse()
 
+    @_invalid_aborts
     def Observe(self, request: decision_pb2.ObserveRequest,
                 context: grpc.ServicerContext) -> decision_pb2.ObserveResponse:
-        try:
-            if not request.HasField("user"):
-                raise _Invalid("user", "is required")
-            self._client.observe(request.user, _finite(request.value),
-                                 _kind(request.kind, "observe"))
-        except _Invalid as exc:
-            _abort_invalid(context, exc)
+        if not request.HasField("user"):
+            raise _Invalid("user", "is required")
+        self._client.observe(request.user, _finite(request.value), _kind(request.kind, "observe"))
         return decision_pb2.ObserveResponse()
 
+    @_invalid_aborts
     def Activate(self, request: decision_pb2.ActivateRequest,
                  context: grpc.ServicerContext) -> decision_pb2.ActivateResponse:
-        try:
-            self._client.activate(self._event_id(request.event_id))
-        except _Invalid as exc:
-            _abort_invalid(context, exc)
+        self._client.activate(self._event_id(request.event_id))
         return decision_pb2.ActivateResponse()
 
     @staticmethod

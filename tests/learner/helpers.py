@@ -54,3 +54,8 @@ def outcomes(rows) -> OutcomeBlock:
 
 def records(blocks=(), outs=()) -> FeedbackRecords:
     return FeedbackRecords(list(blocks), outcomes(outs))
+
+
+def publish(store, policy) -> None:
+    """Store ``policy`` as a version, as the learner does before it serves it."""
+    store.add_policy(policy.name, policy.version, policy.to_bytes(), "test")

@@ -19,14 +19,10 @@ from loops_sdk.learner.join import Joiner  # noqa: E402
 from loops_sdk.learner.store import STATUS_JOINED, EventStore  # noqa: E402
 from loops_sdk.learner.window import read_logged_data  # noqa: E402
 
-from helpers import NS, decisions, make_policy, records  # noqa: E402
+from helpers import NS, decisions, make_policy, publish, records  # noqa: E402
 
 DAY1 = 1_764_547_200 * NS          # 2025-12-01 00:00 UTC
 DAY2 = DAY1 + 86_400 * NS
-
-
-def publish(store, policy):
-    store.add_policy(policy.name, policy.version, policy.to_bytes(), "test")
 
 
 def feed(store, seq, policy, n, ts, start_lo, flags=None):

@@ -7,17 +7,13 @@ from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.store import EventStore
 from loops_sdk.learner.train import Trainer
 
-from helpers import NS, decisions, make_policy, records
+from helpers import NS, decisions, make_policy, publish, records
 
 
 @pytest.fixture
 def store(tmp_path):
     with EventStore(tmp_path / "j.sqlite") as s:
         yield s
-
-
-def publish(store, policy):
-    store.add_policy(policy.name, policy.version, policy.to_bytes(), "test")
 
 
 def joined(store):

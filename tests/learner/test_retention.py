@@ -14,14 +14,10 @@ from loops_sdk.learner.join import Joiner
 from loops_sdk.learner.retention import Retention
 from loops_sdk.learner.store import EventStore
 
-from helpers import NS, decisions, make_policy, records
+from helpers import NS, decisions, make_policy, publish, records
 
 HOUR = 3600 * NS
 DAY = 24 * HOUR
-
-
-def publish(store, policy):
-    store.add_policy(policy.name, policy.version, policy.to_bytes(), "test")
 
 
 def stream_round(store, r, t, *, blocks=3, n=400):

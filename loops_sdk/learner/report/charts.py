@@ -213,6 +213,17 @@ def _axis_labels(fr: _Frame, x_label: str, y_label: str) -> list[str]:
     return out
 
 
+def _y_grid(fr: _Frame, ticks: Sequence[float], sy: Callable[[float], float],
+            fmt: Callable[[float], str]) -> list[str]:
+    """A grid line across the frame and a label left of it at each y tick."""
+    out = []
+    for t in ticks:
+        out.append(f'<line x1="{_f(fr.x0)}" y1="{_f(sy(t))}" x2="{_f(fr.x1)}" '
+                   f'y2="{_f(sy(t))}" stroke="{_GRID}"/>')
+        out.append(_text(fr.x0 - 6, sy(t) + 4, fmt(t), anchor="end"))
+    return out
+
+
 def _legend(fr: _Frame, items: Sequence[tuple[str, str, str]]) -> str:
     """Horizontal legend above the plot, wrapping; items are (label, color, kind)."""
     parts = ['<g class="legend">']
@@ -306,10 +317,7 @@ def xy_chart(chart_id: str, title: str, series: Sequence[Series], *, x_label: st
         def sy(y: float) -> float:
             return fr.y0 - (y - ylo) / (yhi - ylo) * (fr.y0 - fr.y1)
 
-        for t in yticks:
-            axes.append(f'<line x1="{_f(fr.x0)}" y1="{_f(sy(t))}" x2="{_f(fr.x1)}" '
-                        f'y2="{_f(sy(t))}" stroke="{_GRID}"/>')
-            axes.append(_text(fr.x0 - 6, sy(t) + 4, yfmt(t), anchor="end"))
+        axes += _y_grid(fr, yticks, sy, yfmt)
         if x_time:
             xticks, xfmt = _time_ticks(xlo, xhi)
         elif x_integer:
@@ -498,10 +506,7 @@ def bar_chart(chart_id: str, title: str, categories: Sequence[str],
         def sy(y: float) -> float:
             return fr.y0 - (y - lo) / (hi - lo) * (fr.y0 - fr.y1)
 
-        for t in ticks:
-            axes.append(f'<line x1="{_f(fr.x0)}" y1="{_f(sy(t))}" x2="{_f(fr.x1)}" '
-                        f'y2="{_f(sy(t))}" stroke="{_GRID}"/>')
-            axes.append(_text(fr.x0 - 6, sy(t) + 4, yfmt(t), anchor="end"))
+        axes += _y_grid(fr, ticks, sy, yfmt)
         group_w = (fr.x1 - fr.x0) / len(categories)
         bar_w = min(56.0, group_w * 0.8 / max(len(series), 1))
         for c, cat in enumerate(categories):
