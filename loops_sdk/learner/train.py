@@ -559,6 +559,7 @@ ROWS_PER_PARAMETER = 100
 # On a change: the action's past is multiplied by this (three half-lives at once), and the
 # exported policies explore more until this many more rows were trained on.
 CHANGE_DISCOUNT = 0.125
+OTHERS_DISCOUNT = 1.0
 BOOST_ROWS = 2_000
 # The size test (heavy tails): rows with an outcome (a reward above the action's floor, the
 # reward of a row with none: ``default_reward - cost_weight * cost``) feed a second per-action
@@ -574,6 +575,7 @@ BOOST_ROWS = 2_000
 SIZE_K, SIZE_H = 0.25, 25.0
 SIZE_MIN_ROWS = 200
 SIZE_ROWS_PER_PARAMETER = 50
+ATOM_SHARE = 0.05
 # Thompson sampling: an action's residual variance is shrunk towards the pooled reward
 # variance with this many rows' weight (see RidgeStats.posterior_draws); after a detected
 # change the posterior's spread is multiplied by BOOST_INFLATE.
@@ -644,30 +646,35 @@ class _OutcomeTests:
             self.cusum[part] = s.extra.setdefault(f"{part}_cusum",
                                                   [[0.0, 0.0] for _ in s.action_ids])
 
-    def _targets(self, aa: np.ndarray, ra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _targets(self, aa: np.ndarray, ra: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(had an outcome: the reward is off the floor, has a positive excess, its log)."""
         excess = ra - self.floor[aa]
-        ev = excess > 1e-12 * np.maximum(1.0, np.abs(self.floor[aa]))
-        return ev, np.log(np.where(ev, excess, 1.0))
+        tol = 1e-12 * np.maximum(1.0, np.abs(self.floor[aa]))
+        pos = excess > tol
+        return np.abs(excess) > tol, pos, np.log(np.where(pos, excess, 1.0))
 
-    def sizes_vary(self) -> np.ndarray:
-        """Per action: whether its rows with an outcome differ in size (else, e.g. 0/1
-        rewards, the residual test is the rate test and these two stay off)."""
+    def applies(self) -> np.ndarray:
+        """Per action: whether its rewards are zero-inflated with sizes that vary: at least
+        ATOM_SHARE of its rows on the floor and rows with an outcome of different sizes.
+        Otherwise (0/1 rewards, or no atom, e.g. Gaussian noise) the residual test runs."""
         if not self.on:
             return np.zeros(len(self.s.action_ids), dtype=bool)
-        m = self.models["size"]
-        w = m.zz[:, -1, -1]
-        mean = m.reward_sum / np.maximum(w, 1e-300)
-        var = m.reward_sq / np.maximum(w, 1e-300) - mean * mean
-        return (m.count >= 2) & (var > 1e-9)
+        m, r = self.models["size"], self.models["rate"]
+        w = np.maximum(m.zz[:, -1, -1], 1e-300)
+        mean = m.reward_sum / w
+        var = m.reward_sq / w - mean * mean
+        atom = 1.0 - r.reward_sum / np.maximum(r.zz[:, -1, -1], 1e-300)
+        return (m.count >= 2) & (var > 1e-9) & (atom >= ATOM_SHARE)
 
     def scores(self, xa: np.ndarray, aa: np.ndarray, ra: np.ndarray) -> dict:
         """``{(part, action): (positions among the action's rows, standardised clipped
         residuals against the fit before these rows)}`` for the parts watched."""
         if not self.on:
             return {}
-        ev, y = self._targets(aa, ra)
+        off, ev, y = self._targets(aa, ra)
         out = {}
-        for part, rows, target in (("rate", np.ones_like(ev), ev.astype(np.float64)),
+        for part, rows, target in (("rate", np.ones_like(ev), off.astype(np.float64)),
                                    ("size", ev, y)):
             m = self.models[part]
             weights, bias = m.solve(self.lam, standardize=self.std)
@@ -690,8 +697,8 @@ class _OutcomeTests:
         :meth:`scores`."""
         if not self.on:
             return
-        ev, y = self._targets(aa, ra)
-        self.models["rate"].add(xa, aa, ev.astype(np.float64), ts)
+        off, ev, y = self._targets(aa, ra)
+        self.models["rate"].add(xa, aa, off.astype(np.float64), ts)
         if ev.any():
             # Decay by rows counts rows with an outcome (the clock of this fit).
             self.models["size"].add(xa[ev], aa[ev], y[ev], None if ts is None else ts[ev])
@@ -795,7 +802,7 @@ class Trainer:
         s.extra.pop("baseline", None)       # kept by older versions of the detector
         min_rows = max(CUSUM_MIN_ROWS, ROWS_PER_PARAMETER * (len(s.input_names) + 1))
         tests = _OutcomeTests(policy, s)
-        vary = tests.sizes_vary()
+        vary = tests.applies()
         scores = tests.scores(xa, aa, ra)    # before their fits learn this batch
         for k in np.unique(aa):     # per action present; the recursion itself is vectorised
             hit = None
@@ -819,6 +826,13 @@ class Trainer:
                 cusum[k] = [0.0, 0.0]
                 tests.reset(int(k))
                 s.forget(int(k), CHANGE_DISCOUNT)
+                if OTHERS_DISCOUNT != 1.0:
+                    # A change in one action is a hint the world moved: what the others
+                    # learned in the same contexts may be stale too (the sportsbook's new
+                    # best bonus was only ever seen in exploration rows).
+                    for j in range(len(s.action_ids)):
+                        if j != k:
+                            s.forget(j, OTHERS_DISCOUNT)
                 s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
                 s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
                 s.extra["last_change"] = [now_ms, s.action_ids[k], direction]
