@@ -538,44 +538,45 @@ def decay_of(policy: Policy) -> tuple[float, str]:
     return 0.0, "seconds"
 
 
-# Change detection: a two-sided CUSUM (Page 1954) per action on the standardised, clipped
-# prequential residuals (each row against the fit before it). Tuned on the learning bench's
-# streams (bench/learning.py, replayed without the gate): the casino world's change moves
-# the largest segment's best bonus by 7 per player against a residual sd of about 45 (most
-# players deposit nothing, some a lot), a 0.15 sd shift. The old allowance (k = 0.25 sd,
-# measured from a 250-row running baseline) could not see it (k above the shift, and the
-# baseline absorbed a small shift before the sum grew). Now k = 0.08 sd (about half the shift
-# to find) and h = 70: the in-control run length of a unit-variance residual is ~7 * 10^6
-# rows per side (Siegmund's approximation), a 0.15 sd shift is found in roughly 1,000-2,000
-# of that action's rows, a 1 sd shift in ~80. With no baseline the residual level itself is
-# tested, so an action is watched only once its fit has settled: 100 effective rows per
-# model parameter (while it is still learning, its residuals drift and fired false alarms
-# on the bake-off streams). Clipping at 4 sd keeps one heavy-tailed reward from firing it.
+# Change detection: two-sided CUSUMs (Page 1954) per action on standardised prequential
+# residuals (each row against the fit before it), clipped at 4 sd, on the scale that suits
+# the action's rewards (bench/detection.py replays the learning bench's streams to measure
+# false alarms against detection delay).
+#
+# Zero-inflated rewards whose sizes vary (at least ATOM_SHARE of the action's rows on its
+# floor, the reward of a row without an outcome: ``default_reward - cost_weight * cost``):
+# a rate test (a per-action ridge fit of "the row had an outcome") and a size test (one of
+# the log of the reward above the floor, on rows with an outcome) replace the raw residual.
+# Under such a heavy tail the raw residual is a poor statistic: the sportsbook world's change
+# (the newcomers' free-bet deposits halve, zero-inflated log-sd 1.3 amounts) is 0.1 sd of the
+# raw residuals but 0.5 sd of the log size, and rows without an outcome add no noise to the
+# size test. The raw test also fired on stationary CRM worlds: where a policy moves an action
+# on the strength of a few large deposits, its residuals there are biased low (the winner's
+# curse). SIZE_K, SIZE_H = 0.25, 25: in-control run length ~4 * 10^6 rows per side
+# (Siegmund's approximation for unit-variance scores), a 0.5 sd shift found within ~100 of
+# the action's rows with an outcome. Each fit is watched once it rests on
+# SIZE_ROWS_PER_PARAMETER effective rows per parameter (at least SIZE_MIN_ROWS).
+#
+# Other rewards (0/1, or noise without an atom): the raw residual, k = 0.3 sd, h = 25: ~3 *
+# 10^7 rows per side between false alarms, a 1 sd shift found within ~40 of the action's
+# rows. The earlier k = 0.08, h = 70 (tuned to see the casino's 0.15 sd raw shift, which the
+# size test now sees at 0.6 sd) fired on stationary bake-off streams when a gate served
+# large, rare policy changes: a misspecified model's residual level moves with the contexts
+# the policy sends to the action. An action is watched once its fit has settled: 100
+# effective rows per model parameter (a fit still learning drifts).
 CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.3, 25.0, 4.0
 # An action is watched once its fit rests on this many effective rows (and 100 per
 # parameter: inputs plus intercept).
 CUSUM_MIN_ROWS = 300
 ROWS_PER_PARAMETER = 100
-# On a change: the action's past is multiplied by this (three half-lives at once), and the
-# exported policies explore more until this many more rows were trained on.
-CHANGE_DISCOUNT = 0.125
-OTHERS_DISCOUNT = 1.0
-BOOST_ROWS = 2_000
-# The size test (heavy tails): rows with an outcome (a reward above the action's floor, the
-# reward of a row with none: ``default_reward - cost_weight * cost``) feed a second per-action
-# ridge fit on the log of the excess, and a second two-sided CUSUM runs on its standardised,
-# clipped prequential residuals. A log-normal deposit's size is normal on that scale, and
-# rows without an outcome (most, in a CRM world) add no noise: the sportsbook world's change
-# (the newcomers' free bet deposits halve, a 0.1 sd shift of the raw residuals under its
-# zero-inflated log-sd 1.3 deposits) is 0.5 sd of the log size. k = 0.25 sd, h = 25: the
-# in-control run length is ~2 * 10^6 rows with an outcome per side (Siegmund), a 0.5 sd
-# shift is found within ~100 of them. Off when an action's sizes do not vary (0/1 rewards:
-# the residual test already is a test of the outcome rate) and for shared policies. It is
-# watched once its fit rests on SIZE_ROWS_PER_PARAMETER rows with an outcome per parameter.
 SIZE_K, SIZE_H = 0.25, 25.0
 SIZE_MIN_ROWS = 200
 SIZE_ROWS_PER_PARAMETER = 50
 ATOM_SHARE = 0.05
+# On a change: the action's past is multiplied by this (three half-lives at once), and the
+# exported policies explore more until this many more rows were trained on.
+CHANGE_DISCOUNT = 0.125
+BOOST_ROWS = 2_000
 # Thompson sampling: an action's residual variance is shrunk towards the pooled reward
 # variance with this many rows' weight (see RidgeStats.posterior_draws); after a detected
 # change the posterior's spread is multiplied by BOOST_INFLATE.
@@ -826,13 +827,6 @@ class Trainer:
                 cusum[k] = [0.0, 0.0]
                 tests.reset(int(k))
                 s.forget(int(k), CHANGE_DISCOUNT)
-                if OTHERS_DISCOUNT != 1.0:
-                    # A change in one action is a hint the world moved: what the others
-                    # learned in the same contexts may be stale too (the sportsbook's new
-                    # best bonus was only ever seen in exploration rows).
-                    for j in range(len(s.action_ids)):
-                        if j != k:
-                            s.forget(j, OTHERS_DISCOUNT)
                 s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
                 s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
                 s.extra["last_change"] = [now_ms, s.action_ids[k], direction]
