@@ -90,3 +90,65 @@ def test_stationary_crm_worlds_replayed_by_the_bench_fire_no_alarm():
         cfg = loops_configs("crm")[config]
         alarms = replay(stream, cfg, seed=seed, serve_every=every)["alarms"]
         assert alarms == [], (world.name, cfg.label, seed, alarms)
+
+
+def play_restarting(tmp_path, seed, restart_at=None, n=12_000, at=6_000, batch=200):
+    """The sportsbook-like world of :func:`play_sportsbook`, saving after every batch as the
+    joiner does; at ``restart_at`` the trainer is rebuilt from the store (a learner restart)."""
+    rng = np.random.default_rng(seed)
+    store = EventStore(tmp_path / f"r{seed}-{restart_at}.sqlite")
+    trainer = Trainer(store)
+    policy = make_policy(d=2, half_life_rows=0, costs=(0, 0, 0))
+    alarms = []
+    for t in range(0, n, batch):
+        if t == restart_at:
+            trainer = Trainer(store)
+        x = rng.normal(size=(batch, 2))
+        a = rng.integers(0, 3, batch)
+        idx = np.arange(t, t + batch)
+        mean = np.where((a == 0) & (idx >= at), 7.0, np.array([14.0, 10.0, 8.0])[a])
+        before = len(trainer._changes)
+        trainer.observe(policy, x, a, deposits(rng, mean, 0.2, 1.3), idx * (NS // 100),
+                        now_ms=t)
+        alarms += [(t, c[2], c[3], c[6]) for c in trainer._changes[before:]]
+        with store.transaction() as con:
+            trainer.save(con)
+    store.close()
+    return alarms
+
+
+def test_the_outcome_tests_state_survives_a_restart(tmp_path):
+    """The rate and size fits and their sums are saved with the statistics: a trainer rebuilt
+    from the store mid-run (after the change, before the alarm) fires exactly as one that ran
+    through."""
+    through = play_restarting(tmp_path, 3)
+    assert through and through[0][3].startswith("size")
+    assert play_restarting(tmp_path, 3, restart_at=through[0][0] - 400) == through
+
+
+def test_added_actions_keep_the_outcome_tests_sums_in_the_new_layout(tmp_path):
+    """A policy that gains an action keeps its statistics (``_grown``): the per-action sums
+    of the outcome tests follow their actions, their fits start over, and detection goes on."""
+    from loops_sdk.policy import Action
+    store = EventStore(tmp_path / "g.sqlite")
+    trainer = Trainer(store)
+    policy = make_policy(d=2, half_life_rows=0, costs=(0, 0, 0))
+    rng = np.random.default_rng(0)
+    for t in range(0, 4000, 200):
+        a = rng.integers(0, 3, 200)
+        trainer.observe(policy, rng.normal(size=(200, 2)), a,
+                        deposits(rng, np.array([14.0, 10.0, 8.0])[a], 0.2, 1.3),
+                        np.arange(t, t + 200) * (NS // 100), now_ms=t)
+    s = trainer.stats(policy)
+    s.extra["size_cusum"][2] = [3.0, 1.0]
+    grown = policy.with_actions([Action("vip", 0.0), *policy.actions], version=2)
+    g = trainer.stats(grown)
+    assert g.action_ids == ("vip", "none", "spins", "match")
+    assert g.extra["size_cusum"][3] == [3.0, 1.0] and g.extra["size_cusum"][0] == [0.0, 0.0]
+    assert "size_stats" not in g.extra and "rate_stats" not in g.extra
+    a = rng.integers(0, 4, 200)
+    trainer.observe(grown, rng.normal(size=(200, 2)), a, deposits(rng, np.full(200, 9.0), 0.2,
+                                                                  1.3),
+                    np.arange(4000, 4200) * (NS // 100), now_ms=4000)
+    assert len(trainer.stats(grown).extra["size_cusum"]) == 4
+    store.close()
