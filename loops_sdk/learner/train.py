@@ -555,7 +555,12 @@ def decay_of(policy: Policy) -> tuple[float, str]:
 # curse). SIZE_K, SIZE_H = 0.25, 25: in-control run length ~4 * 10^6 rows per side
 # (Siegmund's approximation for unit-variance scores), a 0.5 sd shift found within ~100 of
 # the action's rows with an outcome. Each fit is watched once it rests on
-# SIZE_ROWS_PER_PARAMETER effective rows per parameter (at least SIZE_MIN_ROWS).
+# SIZE_ROWS_PER_PARAMETER effective rows per parameter (at least SIZE_MIN_ROWS). The rate
+# test's 0/1 score is skewed (a rare outcome scores +2 sd, the rest -0.5) and its fit
+# extrapolates to contexts a new policy sends to the action: it fired twice on a stationary
+# sportsbook (defaults, one of three seeds) with h = 25 and a fit of 50 rows per parameter,
+# so it waits for 100 rows per parameter (like the residual test; all rows feed it) and
+# RATE_H = 35.
 #
 # Other rewards (0/1, or noise without an atom): the raw residual, k = 0.3 sd, h = 25: ~3 *
 # 10^7 rows per side between false alarms, a 1 sd shift found within ~40 of the action's
@@ -570,6 +575,7 @@ CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.3, 25.0, 4.0
 CUSUM_MIN_ROWS = 300
 ROWS_PER_PARAMETER = 100
 SIZE_K, SIZE_H = 0.25, 25.0
+RATE_H = 35.0
 SIZE_MIN_ROWS = 200
 SIZE_ROWS_PER_PARAMETER = 50
 ATOM_SHARE = 0.05
@@ -681,7 +687,8 @@ class _OutcomeTests:
             weights, bias = m.solve(self.lam, standardize=self.std)
             sd = m.residual_sd(weights, bias)
             eff = m.weight
-            min_rows = max(SIZE_MIN_ROWS, SIZE_ROWS_PER_PARAMETER * (len(m.input_names) + 1))
+            per = SIZE_ROWS_PER_PARAMETER if part == "size" else ROWS_PER_PARAMETER
+            min_rows = max(SIZE_MIN_ROWS, per * (len(m.input_names) + 1))
             for k in np.unique(aa[rows]):
                 if eff[k] < min_rows or not sd[k] > 1e-9:
                     continue
@@ -813,7 +820,8 @@ class Trainer:
                 for part in ("rate", "size"):
                     if (part, k) in scores:
                         pos, uk = scores[part, k]
-                        h = _cusum(uk, SIZE_K, SIZE_H, tests.cusum[part][k], part)
+                        h = _cusum(uk, SIZE_K, SIZE_H if part == "size" else RATE_H,
+                                   tests.cusum[part][k], part)
                         if h is not None:
                             h = (int(pos[h[0]]), *h[1:])   # position among the action's rows
                             if hit is None or h[0] < hit[0]:
