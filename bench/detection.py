@@ -60,14 +60,16 @@ def replay(stream: Stream, cfg, seed: int = 0, serve_every: int = 1) -> dict:
                 a = np.asarray(batch.actions, dtype=np.int64)
                 r = stream.draw(rows, a, rng)
                 acts[rows], rew[rows] = a, r
-                before = len(trainer._changes)
                 # One simulated second per decision: the decision-time clock of the rows.
                 ts = (rows + 1).astype(np.int64) * _NS
                 now_ms = int(t + m) * 1000
                 trainer.observe(policy, stream.X[rows], a, r, ts, now_ms=now_ms)
-                alarms += [(t + m, c[2], c[3], c[6].split(" cusum")[0]) for c in trainer._changes[before:]]
                 with store.transaction() as con:
                     trainer.save(con)
+                # Stored changes: (time: the round's end in simulated ms, action, direction,
+                # statistic, rows, detail naming the test that fired).
+                alarms += [(int(c[0]) // 1000, c[1], c[2], c[5].split(" cusum")[0])
+                           for c in store.changes(policy.name, 10**6)[len(alarms):]]
                 t += m
                 # The time trigger (retrain_every_seconds) is left out: it reads the clock.
                 s = trainer.stats(policy)

@@ -55,9 +55,9 @@ def play_sportsbook(tmp_path, seed, *, change=True, n=16_000, at=6_000, batch=20
 
 
 def test_a_heavy_tailed_change_of_size_is_found(tmp_path):
-    """The sportsbook world's change went unseen (the raw residual CUSUM never fired on it):
-    now it is found within 4,000 rows (about 250 of the action's deposits), by the size test, with no
-    alarm before it nor on the same world left unchanged."""
+    """The sportsbook world's change went unseen or nearly (the raw residual CUSUM fired 7,200
+    rows after it with seed 0): now it is found within 4,000 rows (about 250 of the action's
+    deposits), by the size test, with no alarm before it nor on the same world unchanged."""
     for seed in range(4):
         alarms = play_sportsbook(tmp_path, seed)
         assert alarms and all(t >= 6_000 for t, *_ in alarms), (seed, alarms)
