@@ -13,8 +13,9 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import (caps, cluster, decide, detection, learner, learning, memory, peers, service,
-               shipping)
+from . import detection
+
+from . import caps, cluster, decide, learner, learning, memory, peers, service, shipping
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
             "learner": learner.run, "shipping": shipping.run, "service": service.run,
