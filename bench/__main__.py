@@ -13,15 +13,19 @@ import sys
 import time
 from dataclasses import asdict
 
+from . import detection
+
 from . import caps, cluster, decide, learner, learning, memory, peers, service, shipping
 from .common import print_table
 
 SECTIONS = {"decide": decide.run, "memory": memory.run, "peers": peers.run,
             "learner": learner.run, "shipping": shipping.run, "service": service.run,
-            "learning": learning.run, "cluster": cluster.run, "caps": caps.run}
+            "learning": learning.run, "cluster": cluster.run, "caps": caps.run,
+            "detection": detection.run}
 # Minutes, not seconds, and it needs vowpalwabbit and scikit-learn: only with --only learning.
 # The cluster section starts Ray several times and needs the `ray` extra: --only cluster.
-OPT_IN = {"learning", "cluster"}
+# Detection replays the learning bench's streams (scikit-learn, a minute or two).
+OPT_IN = {"learning", "cluster", "detection"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,15 @@ def test_closing_line_is_the_learners_history(drift_run):
         assert "not promoted" not in line
 
 
+def test_closing_lines_list_the_learners_detected_changes(drift_run):
+    text, history, _ = drift_run
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("changes detected by the learner"))
+    assert line.startswith(f"changes detected by the learner: {len(history.changes)}")
+    for c in history.changes:
+        assert f"{c.action!r} {c.direction} at {c.rows:,} rows trained on" in line
+
+
 @pytest.mark.skipif(not HAVE_MPL, reason="--plot needs the plot extra (matplotlib)")
 def test_plot_is_written(drift_run):
     png = drift_run[2]

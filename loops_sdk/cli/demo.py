@@ -254,6 +254,8 @@ class DemoResult:
     oracle_curve: list[float] = field(default_factory=list)   # oracle's mean per curve window
     ab_curve: list[float] = field(default_factory=list)       # the A/B test's, same windows
     summary: GateSummary = field(default_factory=GateSummary)
+    # The learner's detected changes: (action, direction, rows trained on when it fired).
+    changes: list[tuple[str, str, int]] = field(default_factory=list)
 
     def table(self) -> str:
         if self.strategies:
@@ -356,7 +358,9 @@ def run_demo(decisions: int = 60_000, seed: int = 7, rate: float = 2500.0,
         # The history as stored once the learner stopped: every candidate it judged.
         store = EventStore(db_path)
         try:
-            result.summary = GateSummary.from_history(policy_history(store, "bonus"))
+            history = policy_history(store, "bonus")
+            result.summary = GateSummary.from_history(history)
+            result.changes = [(c.action, c.direction, int(c.rows)) for c in history.changes]
         finally:
             store.close()
         result.gate = dict(result.summary.by_decision)
@@ -602,6 +606,9 @@ def _cmd_demo(args) -> int:
     print()
     lift = result.loops_net_last - result.best_fixed_net
     print(result.summary.line())
+    if result.changes or result.change_at is not None:
+        print(f"changes detected by the learner: {len(result.changes)}"
+              + "".join(f"; {a!r} {d} at {n:,} rows trained on" for a, d, n in result.changes))
     print(f"After learning LOOPS earns "
           f"{lift:+.2f} per player vs the best fixed bonus in hindsight, "
           f"{result.loops_net_last - result.uniform_net:+.2f} vs uniform random.")

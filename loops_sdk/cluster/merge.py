@@ -46,7 +46,9 @@ def tree_merge(parts: Sequence[RidgeStats]) -> RidgeStats | None:
         items = [items[i].merge(items[i + 1]) if i + 1 < len(items) else items[i]
                  for i in range(0, len(items), 2)]
     out = items[0]
-    out.extra = {k: v for k, v in out.extra.items() if k not in ("cusum", "baseline")}
+    # Each shard's detector state stays with the shard (one shard's would be half the story).
+    out.extra = {k: v for k, v in out.extra.items() if k not in (
+        "cusum", "baseline", "rate_stats", "size_stats", "rate_cusum", "size_cusum")}
     out.extra["changes"] = changes
     if boost > 0:
         out.extra["boost_until"] = out.n + boost

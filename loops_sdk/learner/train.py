@@ -514,7 +514,11 @@ def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
     g.ref, g.newest, g.rows_clock = s.ref, s.newest, s.rows_clock
     g.since_train, g.last_train_ms = s.since_train, s.last_train_ms
     g.extra = dict(s.extra)
-    for key, empty in (("cusum", [0.0, 0.0]), ("baseline", None)):   # per-action detector
+    for key in ("rate_stats", "size_stats"):   # the outcome tests' fits start over
+        g.extra.pop(key, None)
+    for key, empty in (("cusum", [0.0, 0.0]), ("rate_cusum", [0.0, 0.0]),
+                       ("size_cusum", [0.0, 0.0]),
+                       ("baseline", None)):   # per-action detector
         if key in g.extra:
             old = g.extra[key]
             new = [list(empty) if isinstance(empty, list) else empty for _ in actions]
@@ -534,24 +538,47 @@ def decay_of(policy: Policy) -> tuple[float, str]:
     return 0.0, "seconds"
 
 
-# Change detection: a two-sided CUSUM (Page 1954) per action on the standardised, clipped
-# prequential residuals (each row against the fit before it). Tuned on the learning bench's
-# streams (bench/learning.py, replayed without the gate): the casino world's change moves
-# the largest segment's best bonus by 7 per player against a residual sd of about 45 (most
-# players deposit nothing, some a lot), a 0.15 sd shift. The old allowance (k = 0.25 sd,
-# measured from a 250-row running baseline) could not see it (k above the shift, and the
-# baseline absorbed a small shift before the sum grew). Now k = 0.08 sd (about half the shift
-# to find) and h = 70: the in-control run length of a unit-variance residual is ~7 * 10^6
-# rows per side (Siegmund's approximation), a 0.15 sd shift is found in roughly 1,000-2,000
-# of that action's rows, a 1 sd shift in ~80. With no baseline the residual level itself is
-# tested, so an action is watched only once its fit has settled: 100 effective rows per
-# model parameter (while it is still learning, its residuals drift and fired false alarms
-# on the bake-off streams). Clipping at 4 sd keeps one heavy-tailed reward from firing it.
-CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.08, 70.0, 4.0
+# Change detection: two-sided CUSUMs (Page 1954) per action on standardised prequential
+# residuals (each row against the fit before it), clipped at 4 sd, on the scale that suits
+# the action's rewards (bench/detection.py replays the learning bench's streams to measure
+# false alarms against detection delay).
+#
+# Zero-inflated rewards whose sizes vary (at least ATOM_SHARE of the action's rows on its
+# floor, the reward of a row without an outcome: ``default_reward - cost_weight * cost``):
+# a rate test (a per-action ridge fit of "the row had an outcome") and a size test (one of
+# the log of the reward above the floor, on rows with an outcome) replace the raw residual.
+# Under such a heavy tail the raw residual is a poor statistic: the sportsbook world's change
+# (the newcomers' free-bet deposits halve, zero-inflated log-sd 1.3 amounts) is 0.1 sd of the
+# raw residuals but 0.5 sd of the log size, and rows without an outcome add no noise to the
+# size test. The raw test also fired on stationary CRM worlds: where a policy moves an action
+# on the strength of a few large deposits, its residuals there are biased low (the winner's
+# curse). SIZE_K, SIZE_H = 0.25, 25: in-control run length ~4 * 10^6 rows per side
+# (Siegmund's approximation for unit-variance scores), a 0.5 sd shift found within ~100 of
+# the action's rows with an outcome. Each fit is watched once it rests on
+# SIZE_ROWS_PER_PARAMETER effective rows per parameter (at least SIZE_MIN_ROWS). The rate
+# test's 0/1 score is skewed (a rare outcome scores +2 sd, the rest -0.5) and its fit
+# extrapolates to contexts a new policy sends to the action: it fired twice on a stationary
+# sportsbook (defaults, one of three seeds) with h = 25 and a fit of 50 rows per parameter,
+# so it waits for 100 rows per parameter (like the residual test; all rows feed it) and
+# RATE_H = 35.
+#
+# Other rewards (0/1, or noise without an atom): the raw residual, k = 0.3 sd, h = 25: ~3 *
+# 10^7 rows per side between false alarms, a 1 sd shift found within ~40 of the action's
+# rows. The earlier k = 0.08, h = 70 (tuned to see the casino's 0.15 sd raw shift, which the
+# size test now sees at 0.6 sd) fired on stationary bake-off streams when a gate served
+# large, rare policy changes: a misspecified model's residual level moves with the contexts
+# the policy sends to the action. An action is watched once its fit has settled: 100
+# effective rows per model parameter (a fit still learning drifts).
+CUSUM_K, CUSUM_H, CUSUM_CLIP = 0.3, 25.0, 4.0
 # An action is watched once its fit rests on this many effective rows (and 100 per
 # parameter: inputs plus intercept).
 CUSUM_MIN_ROWS = 300
 ROWS_PER_PARAMETER = 100
+SIZE_K, SIZE_H = 0.25, 25.0
+RATE_H = 35.0
+SIZE_MIN_ROWS = 200
+SIZE_ROWS_PER_PARAMETER = 50
+ATOM_SHARE = 0.05
 # On a change: the action's past is multiplied by this (three half-lives at once), and the
 # exported policies explore more until this many more rows were trained on.
 CHANGE_DISCOUNT = 0.125
@@ -574,6 +601,125 @@ def explore_more(e: Exploration) -> Exploration:
     if e.kind == "softmax":
         return replace(e, temperature=2 * e.temperature)
     return e
+
+
+def _cusum(u: np.ndarray, k: float, h: float, state: list, what: str) -> tuple | None:
+    """Run a two-sided CUSUM with allowance ``k`` and threshold ``h`` over ``u`` from
+    ``state`` (``[up, down]``, updated in place); the first crossing as ``(index, side,
+    statistic, what, h)``, or None."""
+    hit = None
+    for side, sign in ((0, 1.0), (1, -1.0)):
+        # g_t = max(0, g_{t-1} + y_t) == S_t - min(-g_0, min_{s<=t} S_s)
+        cs = np.cumsum(sign * u - k)
+        g = cs - np.minimum(np.minimum.accumulate(cs), -state[side])
+        g = np.maximum(g, 0.0)
+        over = np.flatnonzero(g > h)
+        if over.size and (hit is None or over[0] < hit[0]):
+            hit = (int(over[0]), side, float(g[over[0]]), what, h)
+        state[side] = float(g[-1])
+    return hit
+
+
+class _OutcomeTests:
+    """The outcome half of change detection (see :data:`SIZE_K`): per action, a ridge fit of
+    whether a row had an outcome (``rate``, every row) and one of the log of its excess
+    reward (``size``, rows with an outcome), each with a two-sided CUSUM on its prequential
+    residuals, kept in the statistics' ``extra``."""
+
+    def __init__(self, policy: Policy, s: RidgeStats) -> None:
+        self.s = s
+        self.on = policy.shared_model is None
+        if not self.on:
+            return
+        ls = policy.learning
+        self.floor = np.array([ls.default_reward - ls.reward.cost_weight * a.cost
+                               for a in policy.actions])
+        self.lam, self.std = ls.ridge_lambda, ls.standardize_inputs
+        self.models: dict[str, RidgeStats] = {}
+        self.cusum: dict[str, list] = {}
+        for part in ("rate", "size"):
+            data = s.extra.get(f"{part}_stats")
+            model = None
+            if data is not None:
+                try:
+                    model = RidgeStats.from_bytes(data)
+                except (PolicyError, ValueError, KeyError):
+                    model = None
+            if model is None or (model.action_ids, model.input_names) != (s.action_ids,
+                                                                           s.input_names):
+                model = RidgeStats(s.action_ids, s.input_names, *decay_of(policy))
+                s.extra.pop(f"{part}_cusum", None)
+            self.models[part] = model
+            self.cusum[part] = s.extra.setdefault(f"{part}_cusum",
+                                                  [[0.0, 0.0] for _ in s.action_ids])
+
+    def _targets(self, aa: np.ndarray, ra: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(had an outcome: the reward is off the floor, has a positive excess, its log)."""
+        excess = ra - self.floor[aa]
+        tol = 1e-12 * np.maximum(1.0, np.abs(self.floor[aa]))
+        pos = excess > tol
+        return np.abs(excess) > tol, pos, np.log(np.where(pos, excess, 1.0))
+
+    def applies(self) -> np.ndarray:
+        """Per action: whether its rewards are zero-inflated with sizes that vary: at least
+        ATOM_SHARE of its rows on the floor and rows with an outcome of different sizes.
+        Otherwise (0/1 rewards, or no atom, e.g. Gaussian noise) the residual test runs."""
+        if not self.on:
+            return np.zeros(len(self.s.action_ids), dtype=bool)
+        m, r = self.models["size"], self.models["rate"]
+        w = np.maximum(m.zz[:, -1, -1], 1e-300)
+        mean = m.reward_sum / w
+        var = m.reward_sq / w - mean * mean
+        atom = 1.0 - r.reward_sum / np.maximum(r.zz[:, -1, -1], 1e-300)
+        return (m.count >= 2) & (var > 1e-9) & (atom >= ATOM_SHARE)
+
+    def scores(self, xa: np.ndarray, aa: np.ndarray, ra: np.ndarray) -> dict:
+        """``{(part, action): (positions among the action's rows, standardised clipped
+        residuals against the fit before these rows)}`` for the parts watched."""
+        if not self.on:
+            return {}
+        off, ev, y = self._targets(aa, ra)
+        out = {}
+        for part, rows, target in (("rate", np.ones_like(ev), off.astype(np.float64)),
+                                   ("size", ev, y)):
+            m = self.models[part]
+            weights, bias = m.solve(self.lam, standardize=self.std)
+            sd = m.residual_sd(weights, bias)
+            eff = m.weight
+            per = SIZE_ROWS_PER_PARAMETER if part == "size" else ROWS_PER_PARAMETER
+            min_rows = max(SIZE_MIN_ROWS, per * (len(m.input_names) + 1))
+            for k in np.unique(aa[rows]):
+                if eff[k] < min_rows or not sd[k] > 1e-9:
+                    continue
+                mine = aa == k
+                sel = mine & rows
+                r = target[sel] - m.predict(xa[sel], aa[sel], weights, bias)
+                out[part, int(k)] = (np.flatnonzero(rows[mine]),
+                                     np.clip(r / sd[k], -CUSUM_CLIP, CUSUM_CLIP))
+        return out
+
+    def learn(self, xa: np.ndarray, aa: np.ndarray, ra: np.ndarray,
+              ts: np.ndarray | None) -> None:
+        """Add the rows (in decision-time order, ``ts`` their times) to both fits, after
+        :meth:`scores`."""
+        if not self.on:
+            return
+        off, ev, y = self._targets(aa, ra)
+        self.models["rate"].add(xa, aa, off.astype(np.float64), ts)
+        if ev.any():
+            # Decay by rows counts rows with an outcome (the clock of this fit).
+            self.models["size"].add(xa[ev], aa[ev], y[ev], None if ts is None else ts[ev])
+        for part, m in self.models.items():
+            self.s.extra[f"{part}_stats"] = m.to_bytes()
+
+    def reset(self, k: int) -> None:
+        """After a change of action ``k``: its fits start over (watched again once they rest
+        on enough new rows)."""
+        if self.on:
+            for part, m in self.models.items():
+                m.forget(k, 0.0)
+                self.cusum[part][k] = [0.0, 0.0]
 
 
 class Trainer:
@@ -663,34 +809,42 @@ class Trainer:
         cusum = s.extra.setdefault("cusum", [[0.0, 0.0] for _ in s.action_ids])
         s.extra.pop("baseline", None)       # kept by older versions of the detector
         min_rows = max(CUSUM_MIN_ROWS, ROWS_PER_PARAMETER * (len(s.input_names) + 1))
+        tests = _OutcomeTests(policy, s)
+        vary = tests.applies()
+        scores = tests.scores(xa, aa, ra)    # before their fits learn this batch
         for k in np.unique(aa):     # per action present; the recursion itself is vectorised
-            if eff[k] < min_rows or not sd[k] > 0:
-                continue
-            u = np.clip(resid[aa == k] / sd[k], -CUSUM_CLIP, CUSUM_CLIP)
             hit = None
-            for side, sign in ((0, 1.0), (1, -1.0)):
-                # g_t = max(0, g_{t-1} + y_t) == S_t - min(-g_0, min_{s<=t} S_s)
-                cs = np.cumsum(sign * u - CUSUM_K)
-                g = cs - np.minimum(np.minimum.accumulate(cs), -cusum[k][side])
-                g = np.maximum(g, 0.0)
-                over = np.flatnonzero(g > CUSUM_H)
-                if over.size and (hit is None or over[0] < hit[0]):
-                    hit = (int(over[0]), side, float(g[over[0]]))
-                cusum[k][side] = float(g[-1])
+            if vary[k]:
+                # Rewards of many sizes (heavy tails): the rate and size tests, not the raw
+                # residual (see SIZE_K).
+                for part in ("rate", "size"):
+                    if (part, k) in scores:
+                        pos, uk = scores[part, k]
+                        h = _cusum(uk, SIZE_K, SIZE_H if part == "size" else RATE_H,
+                                   tests.cusum[part][k], part)
+                        if h is not None:
+                            h = (int(pos[h[0]]), *h[1:])   # position among the action's rows
+                            if hit is None or h[0] < hit[0]:
+                                hit = h
+            elif eff[k] >= min_rows and sd[k] > 0:
+                u = np.clip(resid[aa == k] / sd[k], -CUSUM_CLIP, CUSUM_CLIP)
+                hit = _cusum(u, CUSUM_K, CUSUM_H, cusum[k], "residual")
             if hit is not None:
-                at, side, stat = hit
+                at, side, stat, what, h = hit
                 direction = "up" if side == 0 else "down"
                 cusum[k] = [0.0, 0.0]
+                tests.reset(int(k))
                 s.forget(int(k), CHANGE_DISCOUNT)
                 s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
                 s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
                 s.extra["last_change"] = [now_ms, s.action_ids[k], direction]
-                detail = (f"cusum {stat:.1f} > {CUSUM_H:g} after {at + 1} rows of the batch; "
-                          f"residual sd {sd[k]:.4g}")
+                detail = (f"{what} cusum {stat:.1f} > {h:g} after {at + 1} of the action's "
+                          f"rows in the batch; residual sd {sd[k]:.4g}")
                 self._changes.append((policy.name, now_ms, s.action_ids[k], direction, stat,
                                       s.n, detail))
                 logger.info("policy %r: rewards of action %r shifted %s (%s)", policy.name,
                             s.action_ids[k], direction, detail)
+        tests.learn(xa, aa, ra, None if ts_ns is None else np.asarray(ts_ns)[order])
 
     def save(self, con: sqlite3.Connection) -> None:
         for name in sorted(self._dirty):
