@@ -61,7 +61,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..records import (DECISION_COLUMNS, FLAG_DEFERRED, OPTIONAL_DECISION_COLUMNS,
+from ..records import (DECISION_COLUMNS, FLAG_DEFERRED, Column, OPTIONAL_DECISION_COLUMNS,
                        OUTCOME_ACTIVATE, OUTCOME_COLUMNS, FeedbackRecords)
 
 __all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
@@ -91,7 +91,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     status BLOB, value BLOB, n_outcomes BLOB, reward BLOB,
     pending INTEGER NOT NULL,
     next_check_ns INTEGER,           -- NULL: only unactivated deferred rows are pending
-    rules BLOB, policy_action BLOB, policy_prob BLOB);   -- NULL: all rows default
+    rules BLOB, policy_action BLOB, policy_prob BLOB,    -- NULL: all rows default
+    requested BLOB, attr_num BLOB, attr_hash BLOB, cap_used BLOB);
 CREATE INDEX IF NOT EXISTS blocks_open ON blocks (next_check_ns) WHERE pending > 0;
 CREATE TABLE IF NOT EXISTS block_spans (
     block INTEGER PRIMARY KEY, layout INTEGER NOT NULL, n INTEGER NOT NULL,
@@ -222,6 +223,12 @@ class Block:
     policy_prob: np.ndarray      # float64: its probability, else 0.0
     x: np.ndarray | None = None         # (n, D), loaded on request
     eligible: np.ndarray | None = None  # (n, K), loaded on request
+    # Replay inputs (rows with FLAG_INPUTS; see loops_sdk.records), loaded with x: the
+    # caller's eligible set (n, K), attribute slots (n, S) and cap amounts read (n, C).
+    requested: np.ndarray | None = None
+    attr_num: np.ndarray | None = None
+    attr_hash: np.ndarray | None = None
+    cap_used: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.event_lo.shape[0])
@@ -452,7 +459,7 @@ class EventStore:
                 active_ts = ts[~deferred]
                 next_check = int(active_ts.min()) if active_ts.size else None
                 cur = con.execute(_INSERT_BLOCK, (
-                    lid, n, *(_extra(getattr(b, c.name, None), c.dtype, c.default)
+                    lid, n, *(_extra(getattr(b, c.name, None), c)
                               if c.optional else _raw(getattr(b, c.name), c.dtype)
                               for c in DECISION_COLUMNS),
                     *(bytes(dt.itemsize * n) for _, dt in _JOIN_STATE), n, next_check))
@@ -535,10 +542,11 @@ class EventStore:
         values: dict[str, Any] = {}
         for c, raw in zip(record_cols, row[2:]):
             if raw is None:             # an optional column no row of this block needed
-                values[c.name] = c.full(n)
+                values[c.name] = c.full(n, d, k)
             else:
                 a = np.frombuffer(raw, c.dtype)
-                values[c.name] = a if c.width == "1" else a.reshape(n, c.row_width(d, k))
+                values[c.name] = a if c.width == "1" else \
+                    a.reshape(n, -1 if c.variable else c.row_width(d, k))
         # The joiner rewrites its state: writable copies.
         state = row[2 + len(record_cols):]
         values.update({name: np.frombuffer(raw, dt).copy()
@@ -924,11 +932,12 @@ def _raw(a: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(a, dtype=dtype).tobytes()
 
 
-def _extra(col: np.ndarray | None, dtype: np.dtype, default: float | None) -> bytes | None:
-    """An optional decision column's blob; None (SQL NULL) when every row has the default."""
-    if col is None or not np.any(np.asarray(col) != default):
+def _extra(col: np.ndarray | None, c: Column) -> bytes | None:
+    """An optional decision column's blob; None (SQL NULL) when every row has the default
+    (see ``Column.omitted``)."""
+    if col is None or c.omitted(np.asarray(col)):
         return None
-    return _raw(col, dtype)
+    return _raw(col, c.dtype)
 
 
 def _add_decision_columns(con: sqlite3.Connection) -> None:
