@@ -436,24 +436,17 @@ def _contributions(policy: Policy, k: int, x: np.ndarray) -> tuple[dict[str, flo
 # --------------------------------------------------------------------------- the store
 def find_decision(store: EventStore | str | Path, event_id: str | tuple[int, int]
                   ) -> LoggedDecision:
-    """The stored row of ``event_id`` (32 hex digits or ``(hi, lo)``).
-
-    The store has no index by event id (decisions are kept as column blocks), so this scans
-    the blocks' event-id columns newest first and decodes the wide columns of the one block
-    that holds it: an audit tool's cost, not a hot path.
+    """The stored row of ``event_id`` (32 hex digits or ``(hi, lo)``): one look-up in the
+    store's index by event id (``EventStore.find_event``), then the one block that holds it.
 
     Raises :class:`ReplayError` when no stored decision has that id."""
     hi, lo = parse_event_id(event_id)
     st, own = _open(store)
     try:
-        with st._lock:    # block ids only: one small index walk
-            ids = [r[0] for r in st._con.execute("SELECT id FROM blocks ORDER BY id DESC")]
-        for block_id in ids:
-            b = st.load_block(block_id)
-            hit = np.flatnonzero((b.event_lo == np.uint64(lo)) & (b.event_hi == np.uint64(hi)))
-            if hit.size:
-                x, eligible = st.block_inputs(block_id)
-                return LoggedDecision.from_block(b, int(hit[0]), x, eligible)
+        found = st.find_event(hi, lo)
+        if found is not None:
+            b = st.load_block(found[0], with_x=True)
+            return LoggedDecision.from_block(b, found[1])
     finally:
         if own:
             st.close()

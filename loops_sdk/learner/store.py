@@ -19,6 +19,10 @@ What is stored, and why in this shape:
   load just the blocks they need: a block row holds its blobs, so even reading one integer
   column of it costs a walk through its overflow pages. A trigger keeps ``pending`` equal to
   the block's own (the joiner updates that one).
+* ``event_ranges``: the index by event id (``loops replay``): per block and event-id prefix
+  (``event_hi``), the range of ``event_lo`` it holds. A client's decision point numbers its
+  decisions consecutively under one prefix, so a block is one row here: finding an event is
+  one index probe and one block load, at the cost of one small insert per block at ingest.
 * ``outcomes``: one row per outcome (indexed by event id and by user), because the joiner
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
@@ -69,7 +73,7 @@ __all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUS_PENDING = 0   # window open, or deferred and not activated yet
 STATUS_JOINED = 1    # reward final (joined value or default, minus cost)
 
@@ -99,6 +103,10 @@ CREATE TABLE IF NOT EXISTS block_spans (
     pending INTEGER NOT NULL, min_ts_ns INTEGER NOT NULL, max_ts_ns INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS block_spans_arrival ON block_spans (layout);
 CREATE INDEX IF NOT EXISTS block_spans_time ON block_spans (layout, max_ts_ns);
+CREATE TABLE IF NOT EXISTS event_ranges (
+    event_hi INTEGER NOT NULL, lo_min INTEGER NOT NULL, lo_max INTEGER NOT NULL,
+    block INTEGER NOT NULL, PRIMARY KEY (event_hi, lo_min, block)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_ranges_block ON event_ranges (block);
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY, type INTEGER NOT NULL, event_hi INTEGER NOT NULL,
     event_lo INTEGER NOT NULL, user_hash INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
@@ -139,11 +147,14 @@ _TRIGGERS = [
     "BEGIN UPDATE block_spans SET pending = new.pending WHERE block = new.id; END",
     "CREATE TRIGGER IF NOT EXISTS block_spans_delete AFTER DELETE ON blocks "
     "BEGIN DELETE FROM block_spans WHERE block = old.id; END",
+    "CREATE TRIGGER IF NOT EXISTS event_ranges_delete AFTER DELETE ON blocks "
+    "BEGIN DELETE FROM event_ranges WHERE block = old.id; END",
 ]
 
 # Schema migrations: MIGRATIONS[v] takes a version-v database to v + 1, inside the opening
-# transaction. Tables added later are created by _SCHEMA (IF NOT EXISTS) before they run.
-# The SQL functions they call are registered by _migrate.
+# transaction: SQL statements, or functions of the connection. Tables added later are created
+# by _SCHEMA (IF NOT EXISTS) before they run. The SQL functions they call are registered by
+# _migrate.
 _MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE policies ADD COLUMN decision TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE policies ADD COLUMN decision_reason TEXT NOT NULL DEFAULT ''"],
@@ -152,6 +163,7 @@ _MIGRATIONS: dict[int, list[str]] = {
     2: ["INSERT OR REPLACE INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns) "
         "SELECT id, layout, n, pending, loops_min_i8(ts_ns), loops_max_i8(ts_ns) FROM blocks "
         "WHERE n > 0"],
+    3: [lambda con: _index_stored_blocks(con)],     # event_ranges for the blocks stored before
 }
 _POLICY_COLUMNS = "name, version, bytes, created_ms, reason, state, decision, decision_reason"
 _EVAL_COLUMNS = ("name, version, target, estimator, value, lower, upper, stderr, ess, n, "
@@ -177,6 +189,7 @@ _INSERT_BLOCK = (f"INSERT INTO blocks ({', '.join(_BLOCK_FIELDS)}) "
 # What load_block reads without x/eligible (most of a block's bytes, loaded on request).
 _WIDE = tuple(c for c in DECISION_COLUMNS if c.width != "1")
 _NARROW = tuple(c for c in DECISION_COLUMNS if c.width == "1")
+_INSERT_RANGE = "INSERT INTO event_ranges (event_hi, lo_min, lo_max, block) VALUES (?,?,?,?)"
 _INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
                 " VALUES (?,?,?,?,?,?)")
 _SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
@@ -379,7 +392,10 @@ class EventStore:
         con.create_function("loops_max_i8", 1, _blob_max_i8, deterministic=True)
         while version < SCHEMA_VERSION:
             for statement in _MIGRATIONS[version]:
-                con.execute(statement)
+                if callable(statement):
+                    statement(con)
+                else:
+                    con.execute(statement)
             version += 1
         con.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
         logger.info("%s: schema migrated from version %d to %d", self.path, start, version)
@@ -465,6 +481,7 @@ class EventStore:
                     *(bytes(dt.itemsize * n) for _, dt in _JOIN_STATE), n, next_check))
                 block_id = cur.lastrowid
                 con.execute(_INSERT_SPAN, (block_id, lid, n, n, int(ts.min()), int(ts.max())))
+                con.executemany(_INSERT_RANGE, _event_ranges(b.event_hi, b.event_lo, block_id))
                 if deferred.any():
                     rows = np.flatnonzero(deferred)
                     con.executemany(_INSERT_DEFERRED, zip(
@@ -552,6 +569,27 @@ class EventStore:
         values.update({name: np.frombuffer(raw, dt).copy()
                        for (name, dt), raw in zip(_JOIN_STATE, state)})
         return Block(id=block_id, policy=policy, actions=actions, inputs=inputs, **values)
+
+    def find_event(self, event_hi: int, event_lo: int) -> tuple[int, int] | None:
+        """``(block id, row)`` of the stored decision with that event id, or None: one probe
+        of the ``event_ranges`` index (newest candidate block first), then the id columns of
+        the blocks whose range holds it (one, unless ranges of a prefix overlap)."""
+        hi = int(np.uint64(event_hi).view(np.int64))
+        lo = int(np.uint64(event_lo).view(np.int64))
+        with self._lock:
+            blocks = [r[0] for r in self._con.execute(
+                "SELECT block FROM event_ranges WHERE event_hi = ?1 AND lo_min <= ?2 AND "
+                "lo_max >= ?2 ORDER BY lo_min DESC, block DESC", (hi, lo))]
+            for block_id in blocks:
+                row = self._con.execute("SELECT event_hi, event_lo FROM blocks WHERE id=?",
+                                        (block_id,)).fetchone()
+                if row is None:
+                    continue
+                hit = np.flatnonzero((np.frombuffer(row[1], _U8) == np.uint64(event_lo))
+                                     & (np.frombuffer(row[0], _U8) == np.uint64(event_hi)))
+                if hit.size:
+                    return block_id, int(hit[0])
+        return None
 
     def activations(self, block_id: int, con: sqlite3.Connection | None = None
                     ) -> dict[int, int]:
@@ -912,6 +950,32 @@ class _Transaction:
             self._store._con.execute("COMMIT" if exc_type is None else "ROLLBACK")
         finally:
             self._store._lock.release()
+
+
+def _event_ranges(event_hi: np.ndarray, event_lo: np.ndarray, block_id: int) -> list[tuple]:
+    """``event_ranges`` rows of one block: per distinct prefix, the min and max ``event_lo``
+    (as the int64 with the same bits, compared as SQLite compares them)."""
+    hi = np.asarray(event_hi, _U8).view(np.int64)
+    lo = np.asarray(event_lo, _U8).view(np.int64)
+    if hi.size == 0:
+        return []
+    if hi[0] == hi.min() == hi.max():          # the usual block: one decision point's ids
+        return [(int(hi[0]), int(lo.min()), int(lo.max()), block_id)]
+    order = np.lexsort((lo, hi))
+    h, v = hi[order], lo[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    ends = np.r_[starts[1:], h.size] - 1
+    return [(int(h[a]), int(v[a]), int(v[z]), block_id) for a, z in zip(starts, ends)]
+
+
+def _index_stored_blocks(con: sqlite3.Connection) -> None:
+    """Migration 3 -> 4: index the blocks stored before ``event_ranges`` existed (reads their
+    two id columns only)."""
+    for block_id, hi, lo in con.cursor().execute(
+            "SELECT id, event_hi, event_lo FROM blocks WHERE n > 0"):   # one block at a time
+        con.executemany(_INSERT_RANGE.replace("INSERT", "INSERT OR IGNORE"),
+                        _event_ranges(np.frombuffer(hi, _U8), np.frombuffer(lo, _U8),
+                                      block_id))
 
 
 def _blob_min_i8(blob: bytes | None) -> int | None:
