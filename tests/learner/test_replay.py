@@ -121,7 +121,15 @@ def test_every_stored_decision_replays_exactly(logged, case):
         res = [replay_event(srv.store, d.event_id) for d in made[case][:40]]
         feature_rules = [r for x in res for r in x.rules if r.recomputed is not None]
         assert feature_rules and any(r.logged for r in feature_rules)
-        assert any(r.recomputed is None for x in res for r in x.rules)   # attribute rule
+        # The attribute rule is recomputed from the logged attributes too (issue 16): DE
+        # rows (odd i) match it, NL rows do not.
+        de = [r for x in res for r in x.rules if r.id == "no-match-DE"]
+        assert all(r.recomputed is not None for x in res for r in x.rules)
+        assert {r.recomputed for r in de} == {True, False}
+    if case == "caps":
+        res = [replay_event(srv.store, d.event_id) for d in made[case]]
+        caps = [r for x in res for r in x.rules if r.kind == "cap"]
+        assert all(r.recomputed is not None for r in caps) and any(r.recomputed for r in caps)
 
 
 def test_loops_replay_command_prints_match_and_json(logged, capsys):
