@@ -23,6 +23,8 @@ What is stored, and why in this shape:
   (``event_hi``), the range of ``event_lo`` it holds. A client's decision point numbers its
   decisions consecutively under one prefix, so a block is one row here: finding an event is
   one index probe and one block load, at the cost of one small insert per block at ingest.
+  One B-tree only (no index by block, no trigger: each commit writes whole 64 kiB pages of
+  every B-tree it touches): ``delete_blocks`` removes a block's rows by their key.
 * ``outcomes``: one row per outcome (indexed by event id and by user), because the joiner
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
@@ -106,7 +108,6 @@ CREATE INDEX IF NOT EXISTS block_spans_time ON block_spans (layout, max_ts_ns);
 CREATE TABLE IF NOT EXISTS event_ranges (
     event_hi INTEGER NOT NULL, lo_min INTEGER NOT NULL, lo_max INTEGER NOT NULL,
     block INTEGER NOT NULL, PRIMARY KEY (event_hi, lo_min, block)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS event_ranges_block ON event_ranges (block);
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY, type INTEGER NOT NULL, event_hi INTEGER NOT NULL,
     event_lo INTEGER NOT NULL, user_hash INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
@@ -147,8 +148,6 @@ _TRIGGERS = [
     "BEGIN UPDATE block_spans SET pending = new.pending WHERE block = new.id; END",
     "CREATE TRIGGER IF NOT EXISTS block_spans_delete AFTER DELETE ON blocks "
     "BEGIN DELETE FROM block_spans WHERE block = old.id; END",
-    "CREATE TRIGGER IF NOT EXISTS event_ranges_delete AFTER DELETE ON blocks "
-    "BEGIN DELETE FROM event_ranges WHERE block = old.id; END",
 ]
 
 # Schema migrations: MIGRATIONS[v] takes a version-v database to v + 1, inside the opening
@@ -190,6 +189,7 @@ _INSERT_BLOCK = (f"INSERT INTO blocks ({', '.join(_BLOCK_FIELDS)}) "
 _WIDE = tuple(c for c in DECISION_COLUMNS if c.width != "1")
 _NARROW = tuple(c for c in DECISION_COLUMNS if c.width == "1")
 _INSERT_RANGE = "INSERT INTO event_ranges (event_hi, lo_min, lo_max, block) VALUES (?,?,?,?)"
+_DELETE_RANGE = "DELETE FROM event_ranges WHERE event_hi=? AND lo_min=? AND block=?"
 _INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
                 " VALUES (?,?,?,?,?,?)")
 _SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
@@ -849,11 +849,13 @@ class EventStore:
         with self.transaction() as con:
             for block in blocks:
                 row = con.execute(
-                    "SELECT b.n FROM blocks b JOIN block_spans s ON s.block = b.id WHERE "
-                    "b.id=? AND s.max_ts_ns < ? AND (s.pending = 0 OR b.next_check_ns IS NULL)",
-                    (int(block), int(before_ns))).fetchone()
+                    "SELECT b.n, b.event_hi, b.event_lo FROM blocks b JOIN block_spans s ON "
+                    "s.block = b.id WHERE b.id=? AND s.max_ts_ns < ? AND (s.pending = 0 OR "
+                    "b.next_check_ns IS NULL)", (int(block), int(before_ns))).fetchone()
                 if row is None:
                     continue
+                con.executemany(_DELETE_RANGE, [r[:2] + (r[3],) for r in _event_ranges(
+                    np.frombuffer(row[1], _U8), np.frombuffer(row[2], _U8), int(block))])
                 con.execute("DELETE FROM deferred WHERE block=?", (int(block),))
                 con.execute("DELETE FROM blocks WHERE id=?", (int(block),))  # trigger: span
                 done += 1

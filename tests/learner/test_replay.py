@@ -263,7 +263,6 @@ def test_a_store_from_before_the_index_and_the_inputs_opens_and_replays(logged, 
     copy = _copy_db(db, tmp_path)
     con = sqlite3.connect(str(copy))
     with con:
-        con.execute("DROP TRIGGER event_ranges_delete")
         con.execute("DROP TABLE event_ranges")
         for name in ("requested", "attr_num", "attr_hash", "cap_used"):
             con.execute(f"ALTER TABLE blocks DROP COLUMN {name}")
