@@ -63,7 +63,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -154,7 +154,7 @@ _TRIGGERS = [
 # transaction: SQL statements, or functions of the connection. Tables added later are created
 # by _SCHEMA (IF NOT EXISTS) before they run. The SQL functions they call are registered by
 # _migrate.
-_MIGRATIONS: dict[int, list[str]] = {
+_MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     1: ["ALTER TABLE policies ADD COLUMN decision TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE policies ADD COLUMN decision_reason TEXT NOT NULL DEFAULT ''"],
     # A side table, not columns on blocks: adding a column there would rewrite every block's
