@@ -22,9 +22,11 @@ What is stored, and why in this shape:
 * ``event_ranges``: the index by event id (``loops replay``): per block and event-id prefix
   (``event_hi``), the range of ``event_lo`` it holds. A client's decision point numbers its
   decisions consecutively under one prefix, so a block is one row here: finding an event is
-  one index probe and one block load, at the cost of one small insert per block at ingest.
-  One B-tree only (no index by block, no trigger: each commit writes whole 64 kiB pages of
-  every B-tree it touches): ``delete_blocks`` removes a block's rows by their key.
+  one index probe and one block load. Ingest does not write it (each commit writes whole
+  64 kiB pages of every B-tree it touches, a cost per batch): :meth:`EventStore.index_events`
+  adds the blocks stored since its last run (meta ``events_indexed``: the highest block id
+  indexed), from the learner's round and before every look-up, many blocks per commit.
+  ``delete_blocks`` removes a block's rows by their key.
 * ``outcomes``: one row per outcome (indexed by event id and by user), because the joiner
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
@@ -162,7 +164,7 @@ _MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     2: ["INSERT OR REPLACE INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns) "
         "SELECT id, layout, n, pending, loops_min_i8(ts_ns), loops_max_i8(ts_ns) FROM blocks "
         "WHERE n > 0"],
-    3: [lambda con: _index_stored_blocks(con)],     # event_ranges for the blocks stored before
+    3: [],      # event_ranges: created by _SCHEMA, filled by index_events (stored blocks too)
 }
 _POLICY_COLUMNS = "name, version, bytes, created_ms, reason, state, decision, decision_reason"
 _EVAL_COLUMNS = ("name, version, target, estimator, value, lower, upper, stderr, ess, n, "
@@ -189,6 +191,7 @@ _INSERT_BLOCK = (f"INSERT INTO blocks ({', '.join(_BLOCK_FIELDS)}) "
 _WIDE = tuple(c for c in DECISION_COLUMNS if c.width != "1")
 _NARROW = tuple(c for c in DECISION_COLUMNS if c.width == "1")
 _INSERT_RANGE = "INSERT INTO event_ranges (event_hi, lo_min, lo_max, block) VALUES (?,?,?,?)"
+_INSERT_RANGE_NEW = _INSERT_RANGE.replace("INSERT", "INSERT OR IGNORE")
 _DELETE_RANGE = "DELETE FROM event_ranges WHERE event_hi=? AND lo_min=? AND block=?"
 _INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
                 " VALUES (?,?,?,?,?,?)")
@@ -481,7 +484,6 @@ class EventStore:
                     *(bytes(dt.itemsize * n) for _, dt in _JOIN_STATE), n, next_check))
                 block_id = cur.lastrowid
                 con.execute(_INSERT_SPAN, (block_id, lid, n, n, int(ts.min()), int(ts.max())))
-                con.executemany(_INSERT_RANGE, _event_ranges(b.event_hi, b.event_lo, block_id))
                 if deferred.any():
                     rows = np.flatnonzero(deferred)
                     con.executemany(_INSERT_DEFERRED, zip(
@@ -570,10 +572,34 @@ class EventStore:
                        for (name, dt), raw in zip(_JOIN_STATE, state)})
         return Block(id=block_id, policy=policy, actions=actions, inputs=inputs, **values)
 
+    def index_events(self, limit: int = 256) -> int:
+        """Add the blocks stored since the last run to the index by event id, ``limit`` blocks
+        per transaction (reading their two id columns only), until none is left. Returns the
+        blocks indexed."""
+        done = 0
+        while True:
+            with self.transaction() as con:
+                row = con.execute("SELECT value FROM meta WHERE key='events_indexed'"
+                                  ).fetchone()
+                last = int(row[0]) if row else 0
+                rows = con.execute("SELECT id, event_hi, event_lo FROM blocks WHERE id > ? "
+                                   "ORDER BY id LIMIT ?", (last, int(limit))).fetchall()
+                if not rows:
+                    return done
+                con.executemany(_INSERT_RANGE_NEW, [r for block_id, hi, lo in rows
+                                                for r in _event_ranges(
+                                                    np.frombuffer(hi, _U8),
+                                                    np.frombuffer(lo, _U8), block_id)])
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('events_indexed', ?)",
+                            (str(rows[-1][0]),))
+                done += len(rows)
+
     def find_event(self, event_hi: int, event_lo: int) -> tuple[int, int] | None:
-        """``(block id, row)`` of the stored decision with that event id, or None: one probe
-        of the ``event_ranges`` index (newest candidate block first), then the id columns of
-        the blocks whose range holds it (one, unless ranges of a prefix overlap)."""
+        """``(block id, row)`` of the stored decision with that event id, or None: the blocks
+        stored since the last :meth:`index_events` are indexed first, then one probe of the
+        ``event_ranges`` index (newest candidate block first) and the id columns of the blocks
+        whose range holds it (one, unless ranges of a prefix overlap)."""
+        self.index_events()
         hi = int(np.uint64(event_hi).view(np.int64))
         lo = int(np.uint64(event_lo).view(np.int64))
         with self._lock:
@@ -860,6 +886,11 @@ class EventStore:
                 con.execute("DELETE FROM blocks WHERE id=?", (int(block),))  # trigger: span
                 done += 1
                 rows += int(row[0])
+            # Block ids are rowids: with the newest block deleted, its id is given again, so
+            # the indexed mark must not stay above the newest block left.
+            con.execute("UPDATE meta SET value = (SELECT COALESCE(MAX(id), 0) FROM blocks) "
+                        "WHERE key = 'events_indexed' AND CAST(value AS INTEGER) > "
+                        "(SELECT COALESCE(MAX(id), 0) FROM blocks)")
             self.bump(con, {"retention:blocks": done, "retention:decisions": rows})
         return done, rows
 
@@ -968,16 +999,6 @@ def _event_ranges(event_hi: np.ndarray, event_lo: np.ndarray, block_id: int) -> 
     starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
     ends = np.r_[starts[1:], h.size] - 1
     return [(int(h[a]), int(v[a]), int(v[z]), block_id) for a, z in zip(starts, ends)]
-
-
-def _index_stored_blocks(con: sqlite3.Connection) -> None:
-    """Migration 3 -> 4: index the blocks stored before ``event_ranges`` existed (reads their
-    two id columns only)."""
-    for block_id, hi, lo in con.cursor().execute(
-            "SELECT id, event_hi, event_lo FROM blocks WHERE n > 0"):   # one block at a time
-        con.executemany(_INSERT_RANGE.replace("INSERT", "INSERT OR IGNORE"),
-                        _event_ranges(np.frombuffer(hi, _U8), np.frombuffer(lo, _U8),
-                                      block_id))
 
 
 def _blob_min_i8(blob: bytes | None) -> int | None:

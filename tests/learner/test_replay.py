@@ -264,6 +264,7 @@ def test_a_store_from_before_the_index_and_the_inputs_opens_and_replays(logged, 
     con = sqlite3.connect(str(copy))
     with con:
         con.execute("DROP TABLE event_ranges")
+        con.execute("DELETE FROM meta WHERE key='events_indexed'")
         for name in ("requested", "attr_num", "attr_hash", "cap_used"):
             con.execute(f"ALTER TABLE blocks DROP COLUMN {name}")
         for block_id, flags in con.execute("SELECT id, flags FROM blocks").fetchall():
@@ -274,7 +275,9 @@ def test_a_store_from_before_the_index_and_the_inputs_opens_and_replays(logged, 
     con.close()
     with EventStore(copy) as st:
         assert st.get_meta("schema") == "4"
+        assert st.index_events() == n_blocks          # the stored blocks, indexed once
         assert st._con.execute("SELECT COUNT(*) FROM event_ranges").fetchone()[0] == n_blocks
+        assert st.index_events() == 0
         for case in CASES:
             for d in made[case][:30]:
                 res = replay_event(st, d.event_id)

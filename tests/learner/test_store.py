@@ -63,7 +63,9 @@ def test_find_event_uses_the_index_for_every_id_shape(tmp_path):
         # all deferred, never activated, at time 0: retention may delete the first block
         store.ingest("c", 1, records([decisions(50, hi=7, start_lo=1, flags=[4] * 50)]))
         store.ingest("c", 2, records([decisions(50, hi=7, start_lo=51), mixed]))
-        store.ingest("d", 1, records([decisions(50, hi=8, start_lo=1)]))
+        store.ingest("d", 1, records([decisions(50, hi=8, start_lo=1, flags=[4] * 50)]))
+        count = "SELECT COUNT(*) FROM event_ranges"
+        assert store._con.execute(count).fetchone()[0] == 0       # not on the ingest path
         for b in store.iter_blocks():
             for r in range(len(b)):
                 assert store.find_event(int(b.event_hi[r]), int(b.event_lo[r])) == (b.id, r)
@@ -76,3 +78,9 @@ def test_find_event_uses_the_index_for_every_id_shape(tmp_path):
         assert store.find_event(7, 1) is None and store.find_event(7, 51) is not None
         assert store._con.execute("SELECT COUNT(*) FROM event_ranges WHERE block=?",
                                   (first,)).fetchone()[0] == 0
+        # The newest block deleted: SQLite gives its id to the next block, which is indexed.
+        newest = max(b.id for b in store.iter_blocks())
+        assert store.delete_blocks([newest], before_ns=1) == (1, 50)
+        store.ingest("d", 2, records([decisions(5, hi=8, start_lo=1000)]))
+        assert max(b.id for b in store.iter_blocks()) == newest
+        assert store.find_event(8, 1002) == (newest, 2) and store.find_event(8, 1) is None
