@@ -19,7 +19,11 @@ Payload layout (``FeedbackBatch.payload``, format 1, a msgpack map)::
                      "x": <f8 bytes, n*D>, "eligible": <u1 bytes, n*K>,
                      # optional; absent = every row has the default shown in brackets:
                      "rules": <u8 bytes> [0], "policy_action": <i4 bytes> [-1],
-                     "policy_prob": <f8 bytes> [0.0]}, ... ],  # one block per (policy, layout)
+                     "policy_prob": <f8 bytes> [0.0],
+                     # optional, rows with FLAG_INPUTS only (policies with rules or caps):
+                     "requested": <u1 bytes, n*K> [1], "attr_num": <f8 bytes, n*S> [NaN],
+                     "attr_hash": <u8 bytes, n*S> [0], "cap_used": <f8 bytes, n*C> [0.0]},
+                    ... ],  # one block per (policy, layout)
      "outcomes": {"n": int, "kinds": [str, ...], "type": <u1>, "event_hi": <u8>,
                   "event_lo": <u8>, "user_hash": <u8>, "ts_ns": <i8>, "value": <f8>,
                   "kind": <u2>}}
@@ -34,8 +38,19 @@ removed. ``rules`` says why: bit ``i`` (0..47) = the policy's rule ``i`` matched
 ``48 + j`` = its cap ``j`` was exhausted (``Policy.explain_rules`` names them). Apprentice rows
 (``FLAG_APPRENTICE``) log the served baseline in ``action`` with ``prob`` 1.0 and the policy's own
 choice and its probability in ``policy_action`` / ``policy_prob``; other rows hold -1 / 0.0.
-The optional columns are left out of a block when every row has the default, so payloads of
-policies without rules keep their size, and older readers ignore them.
+The optional columns are left out of a block when every row has the default (``S``/``C``
+ones when they have no values), so payloads of policies without rules keep their size, and
+older readers ignore them.
+
+What replay needs to recompute rules and caps (rows with ``FLAG_INPUTS``, written for policies
+with rules or caps): ``requested`` is the caller's eligible set *before* rules and caps;
+``attr_num`` / ``attr_hash`` the attribute slots the rules read (``S`` = the policy version's
+``CompiledConstraints.attributes``, in that order): the number passed (NaN = not passed, 0.0
+for a string) and the stable hash of ``str(value)`` for slots compared as strings (else 0);
+``cap_used`` per cap (``C`` = the version's caps) the amount the player had used in the
+current window, as read at the decision (before it was charged). ``S`` and ``C`` are not in
+the header: a block's row width is its column's byte length over ``n`` rows (one policy
+version's layout per block: a recorder is closed when they change).
 
 :func:`decode_records` is the learner's boundary: it refuses (:class:`BatchError`, naming the
 block and field) anything the store or the joiner could not take, so one bad batch is refused
@@ -57,7 +72,7 @@ __all__ = [
     "DecisionBlock", "OutcomeBlock", "FeedbackRecords", "encode_records", "decode_records",
     "slice_block", "slice_outcomes", "split_records", "decision_buffers", "outcome_buffers",
     "FLAG_HOLDOUT", "FLAG_DEFAULT", "FLAG_DEFERRED", "FLAG_CAPPED", "FLAG_RULE",
-    "FLAG_APPRENTICE",
+    "FLAG_APPRENTICE", "FLAG_INPUTS",
     "OUTCOME_REWARD", "OUTCOME_OBSERVE", "OUTCOME_ACTIVATE", "PAYLOAD_FORMAT",
     "MAX_TS_NS", "MAX_INT64",
 ]
@@ -71,6 +86,8 @@ FLAG_CAPPED = 8     # a per-player cap removed at least one otherwise eligible a
 FLAG_RULE = 16      # an eligibility rule removed at least one otherwise eligible action
 FLAG_APPRENTICE = 32  # apprentice mode: the baseline was served (prob 1); the policy's own
                       # choice is in policy_action / policy_prob
+FLAG_INPUTS = 64    # the row logs the caller's eligible set, attributes and cap counters
+                    # (requested, attr_num, attr_hash, cap_used): replay recomputes rules/caps
 
 OUTCOME_REWARD = 0    # value for one decision, by event id
 OUTCOME_OBSERVE = 1   # value for a user, joined to their decisions within the reward window
@@ -91,7 +108,8 @@ class Column:
     Attributes:
         name: field name on the block and key in the payload.
         dtype: little-endian numpy dtype on the wire, in the store and in the recorders.
-        width: values per row: ``"1"``, ``"D"`` (one per input) or ``"K"`` (one per action).
+        width: values per row: ``"1"``, ``"D"`` (one per input), ``"K"`` (one per action),
+            ``"S"`` (one per attribute slot) or ``"C"`` (one per cap) of the policy version.
         block: ``"decision"`` or ``"outcome"``.
         default: for an optional column, the value of a row that does not carry it (the
             column is left out of payloads and the store when every row has it); ``None`` for
@@ -100,7 +118,7 @@ class Column:
 
     name: str
     dtype: np.dtype
-    width: Literal["1", "D", "K"] = "1"
+    width: Literal["1", "D", "K", "S", "C"] = "1"
     block: Literal["decision", "outcome"] = "decision"
     default: int | float | None = None
 
@@ -108,21 +126,37 @@ class Column:
     def optional(self) -> bool:
         return self.default is not None
 
-    def row_width(self, d: int, k: int) -> int:
-        """Values per row for a layout of ``d`` inputs and ``k`` actions."""
-        return {"1": 1, "D": d, "K": k}[self.width]
+    @property
+    def variable(self) -> bool:
+        """Per-version width (``S``, ``C``): read from the column's byte length."""
+        return self.width in ("S", "C")
 
-    def empty(self, capacity: int, d: int = 0, k: int = 0) -> np.ndarray:
+    def omitted(self, col: np.ndarray | None) -> bool:
+        """An optional column left out of a payload / stored as NULL: absent, or every row
+        has the default (an ``S``/``C`` column only when it has no values: its width is
+        known only from its bytes)."""
+        if col is None:
+            return True
+        return col.size == 0 if self.variable else not np.any(col != self.default)
+
+    def row_width(self, d: int, k: int, s: int = 0, c: int = 0) -> int:
+        """Values per row for a layout of ``d`` inputs, ``k`` actions, ``s`` attribute slots
+        and ``c`` caps."""
+        return {"1": 1, "D": d, "K": k, "S": s, "C": c}[self.width]
+
+    def empty(self, capacity: int, d: int = 0, k: int = 0, s: int = 0,
+              c: int = 0) -> np.ndarray:
         """An uninitialised column of ``capacity`` rows (a recorder's buffer)."""
-        shape = capacity if self.width == "1" else (capacity, self.row_width(d, k))
+        shape = capacity if self.width == "1" else (capacity, self.row_width(d, k, s, c))
         return np.empty(shape, self.dtype)
 
-    def full(self, n: int) -> np.ndarray:
-        """``n`` rows of an optional column's default."""
-        return np.full(n, self.default, self.dtype)
+    def full(self, n: int, d: int = 0, k: int = 0) -> np.ndarray:
+        """``n`` rows of an optional column's default (an absent ``S``/``C`` column: width 0)."""
+        shape = n if self.width == "1" else (n, self.row_width(d, k))
+        return np.full(shape, self.default, self.dtype)
 
 
-def _d(name: str, dtype: str, width: Literal["1", "D", "K"] = "1",
+def _d(name: str, dtype: str, width: Literal["1", "D", "K", "S", "C"] = "1",
        default: int | float | None = None) -> Column:
     return Column(name, np.dtype(dtype), width, "decision", default)
 
@@ -138,6 +172,8 @@ DECISION_COLUMNS: tuple[Column, ...] = (
     _d("action", "<i4"), _d("prob", "<f8"), _d("flags", "u1"),
     _d("rules", "<u8", default=0), _d("policy_action", "<i4", default=-1),
     _d("policy_prob", "<f8", default=0.0),
+    _d("requested", "u1", "K", default=1), _d("attr_num", "<f8", "S", default=float("nan")),
+    _d("attr_hash", "<u8", "S", default=0), _d("cap_used", "<f8", "C", default=0.0),
 )
 OUTCOME_COLUMNS: tuple[Column, ...] = (
     _o("type", "u1"), _o("event_hi", "<u8"), _o("event_lo", "<u8"), _o("user_hash", "<u8"),
@@ -172,16 +208,21 @@ class DecisionBlock:
     rules: np.ndarray | None = None          # uint64 rule/cap bits; None = all 0
     policy_action: np.ndarray | None = None  # int32 apprentice rows' policy choice; None = -1
     policy_prob: np.ndarray | None = None    # float64 its probability; None = 0.0
+    requested: np.ndarray | None = None      # (n, K) uint8 caller's eligible set; None = 1
+    attr_num: np.ndarray | None = None       # (n, S) float64 attribute numbers; None = NaN
+    attr_hash: np.ndarray | None = None      # (n, S) uint64 attribute string hashes; None = 0
+    cap_used: np.ndarray | None = None       # (n, C) float64 cap amounts used; None = 0.0
 
     def __len__(self) -> int:
         return int(self.event_lo.shape[0])
 
     def column(self, name: str) -> np.ndarray:
-        """A column as an array; an optional one (``rules``, ``policy_action``,
-        ``policy_prob``) filled with its default when the block does not carry it."""
+        """A column as an array; an optional one (``rules``, ``policy_action``, ...) filled with
+        its default when the block does not carry it (``S``/``C`` columns: width 0)."""
         col = DECISION_COLUMN[name]
         value = getattr(self, name)
-        return col.full(len(self)) if value is None else value
+        return col.full(len(self), len(self.inputs), len(self.actions)) if value is None \
+            else value
 
 
 @dataclass
@@ -254,11 +295,13 @@ class FeedbackRecords:
 
 
 # --------------------------------------------------------------------------- recorders
-def decision_buffers(capacity: int, d: int, k: int, extended: bool) -> dict[str, np.ndarray]:
+def decision_buffers(capacity: int, d: int, k: int, extended: bool, s: int = 0,
+                     c: int = 0) -> dict[str, np.ndarray]:
     """A decision recorder's empty columns, by name (both scorers): every required column, and
-    the optional ones when ``extended`` (policies with rules, caps or apprentice mode)."""
-    return {c.name: c.empty(capacity, d, k) for c in DECISION_COLUMNS
-            if extended or not c.optional}
+    the optional ones when ``extended`` (policies with rules, caps or apprentice mode), with
+    ``s`` attribute slots and ``c`` caps."""
+    return {col.name: col.empty(capacity, d, k, s, c) for col in DECISION_COLUMNS
+            if extended or not col.optional}
 
 
 def outcome_buffers(capacity: int) -> dict[str, np.ndarray]:
@@ -322,7 +365,7 @@ def encode_records(records: FeedbackRecords) -> bytes:
                              "inputs": list(b.inputs), "n": len(b)}
         for c in _DECISION_WIRE:
             col = getattr(b, c.name)
-            if c.optional and (col is None or not np.any(col != c.default)):
+            if c.optional and c.omitted(col):
                 continue
             d[c.name] = np.ascontiguousarray(col, dtype=c.dtype).tobytes()
         blocks.append(d)
@@ -344,12 +387,22 @@ def _column(d: dict, c: Column, n: int, d_in: int, k: int, where: str) -> np.nda
     if not isinstance(raw, bytes):
         raise BatchError(f"{where}: column {c.name!r} is missing or not bytes")
     width = c.row_width(d_in, k)
+    if c.variable:    # per-version width: whole rows of at most MAX_VARIABLE_WIDTH values
+        row_bytes = n * c.dtype.itemsize
+        width = len(raw) // row_bytes if row_bytes else 0
+        if width > MAX_VARIABLE_WIDTH:
+            raise BatchError(f"{where}: column {c.name!r} has {width} values per row (at most "
+                             f"{MAX_VARIABLE_WIDTH})")
     want = n * width * c.dtype.itemsize
     if len(raw) != want:
         raise BatchError(f"{where}: column {c.name!r} has {len(raw)} bytes, expected {want} "
                          f"({n} rows)")
     arr = np.frombuffer(raw, dtype=c.dtype)
     return arr if c.width == "1" else arr.reshape(n, width)
+
+
+# Attribute slots / caps per row a decoder takes (the policy allows 48 rules and 16 caps).
+MAX_VARIABLE_WIDTH = 1024
 
 
 def _refuse_if(bad: np.ndarray, where: str, name: str, what: str, values: np.ndarray) -> None:
@@ -399,6 +452,12 @@ def _check_decisions(cols: dict[str, np.ndarray], k: int, where: str) -> None:
     pp = cols.get("policy_prob")
     if pp is not None:
         _check_prob(pp, where, "policy_prob")
+    req = cols.get("requested")
+    if req is not None:
+        _check_range(req, 0, 1, where, "requested", "must be 0 or 1")
+    used = cols.get("cap_used")
+    if used is not None and used.size:
+        _check_finite(used, where, "cap_used")
 
 
 def _check_outcomes(cols: dict[str, np.ndarray], kinds: list, where: str) -> None:

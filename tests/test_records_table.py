@@ -21,7 +21,9 @@ from loops_sdk.records import (DECISION_COLUMNS, MAX_TS_NS, OUTCOME_COLUMNS, Dec
 PINNED_SHA256 = "ec74e1d069cb57cfb5a49a093abe4c18c12ae44db476ce3bf5650b981fb9fe16"
 
 
-def fixed_records(optional: bool = True) -> FeedbackRecords:
+def fixed_records(optional: bool = True, inputs: bool = False) -> FeedbackRecords:
+    """``inputs``: also the replay inputs (requested, attr_*, cap_used; 2 slots, 1 cap): not
+    in the pinned payload, which predates them."""
     n, d, k = 5, 2, 3
     r = np.arange(n)
     blk = DecisionBlock(
@@ -33,9 +35,17 @@ def fixed_records(optional: bool = True) -> FeedbackRecords:
         action=(r % k).astype(np.int32), prob=np.full(n, 0.25), flags=(r % 2).astype(np.uint8),
         rules=(r << 3).astype(np.uint64) if optional else None,
         policy_action=np.where(r % 2, 1, -1).astype(np.int32) if optional else None,
-        policy_prob=np.where(r % 2, 0.5, 0.0) if optional else None)
+        policy_prob=np.where(r % 2, 0.5, 0.0) if optional else None,
+        requested=(np.arange(n * k).reshape(n, k) % 4 != 0).astype(np.uint8) if inputs else None,
+        attr_num=np.where(r[:, None] % 2, np.nan, r[:, None] + np.zeros((n, 2))) if inputs
+        else None,
+        attr_hash=(r[:, None] * 11 + np.arange(2)).astype(np.uint64) if inputs else None,
+        cap_used=(r[:, None] * 0.5) if inputs else None)
+    if inputs:
+        blk.flags = blk.flags | records.FLAG_INPUTS
     plain = DecisionBlock(**{**blk.__dict__, "policy": "other", "rules": None,
-                             "policy_action": None, "policy_prob": None})
+                             "policy_action": None, "policy_prob": None, "requested": None,
+                             "attr_num": None, "attr_hash": None, "cap_used": None})
     out = OutcomeBlock(type=np.array([0, 1, 2], np.uint8), event_hi=np.full(3, 7, np.uint64),
                        event_lo=np.array([1, 0, 2], np.uint64),
                        user_hash=np.array([0, 5, 0], np.uint64),
@@ -66,14 +76,14 @@ def test_block_dataclasses_carry_exactly_the_table_columns():
 # --------------------------------------------------------------------------- slicing
 @pytest.mark.parametrize("a,b", [(0, 2), (1, 4), (4, 5), (2, 2)])
 def test_slice_block_keeps_every_table_column(a, b):
-    blk = fixed_records().decisions[0]
+    blk = fixed_records(inputs=True).decisions[0]
     part = slice_block(blk, a, b)
     assert len(part) == b - a
     for c in DECISION_COLUMNS:      # iterates the table: a new column cannot be forgotten
         assert getattr(blk, c.name) is not None, c.name
         np.testing.assert_array_equal(getattr(part, c.name), getattr(blk, c.name)[a:b],
                                       err_msg=c.name)
-    plain = slice_block(fixed_records().decisions[1], a, b)   # absent optional columns stay absent
+    plain = slice_block(fixed_records(inputs=True).decisions[1], a, b)   # absent optional columns stay absent
     assert all(getattr(plain, c.name) is None for c in DECISION_COLUMNS if c.optional)
 
 
@@ -87,7 +97,7 @@ def test_slice_outcomes_keeps_every_table_column():
 
 @pytest.mark.parametrize("limit", [1, 2, 3, 4, 7, 100])
 def test_split_parts_encode_decode_and_add_up(limit):
-    recs = fixed_records()
+    recs = fixed_records(inputs=True)
     parts = split_records(recs, limit)
     assert all(0 < len(p) <= limit for p in parts)
     back = [decode_records(encode_records(p)) for p in parts]   # every part is a valid batch
@@ -203,8 +213,8 @@ def test_decode_accepts_edges():
     recs = decode_records(_payload_with(block=edges, outcomes={"kinds": [], "kind":
                                                                _col([0, 0, 0], "<u2")}))
     assert int(recs.decisions[0].version[0]) == (1 << 63) - 1
-    empty = FeedbackRecords([DecisionBlock(**{**fixed_records().decisions[0].__dict__, **{
-        c.name: getattr(fixed_records().decisions[0], c.name)[:0] for c in DECISION_COLUMNS}})])
+    empty = FeedbackRecords([DecisionBlock(**{**fixed_records(inputs=True).decisions[0].__dict__, **{
+        c.name: getattr(fixed_records(inputs=True).decisions[0], c.name)[:0] for c in DECISION_COLUMNS}})])
     assert len(decode_records(encode_records(empty))) == 0
 
 
@@ -315,9 +325,9 @@ def test_recorders_write_every_table_column_of_every_row(impl, monkeypatch, mode
 
     calls = []
 
-    def poisoned(capacity, d, k, extended):
+    def poisoned(capacity, d, k, extended, s=0, c=0):
         calls.append(extended)
-        bufs = records.decision_buffers(capacity, d, k, extended)
+        bufs = records.decision_buffers(capacity, d, k, extended, s, c)
         for a in bufs.values():
             a.view(np.uint8)[...] = 0xAB
         return bufs

@@ -20,7 +20,7 @@ from loops_sdk import (Action, BudgetCap, Condition, DecisionClient, Eligibility
 from loops_sdk._scorer import twin as _scorer_py
 from loops_sdk._proto import policy_pb2
 from loops_sdk.records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_HOLDOUT,
-                             FLAG_RULE, DecisionBlock, FeedbackRecords)
+                             FLAG_INPUTS, FLAG_RULE, DecisionBlock, FeedbackRecords)
 from loops_sdk.learner.store import EventStore
 from loops_sdk.rules import CAP_BIT_SHIFT, MAX_CAPS, MAX_RULES
 
@@ -78,6 +78,11 @@ def _aligned(eng, window: float = HOUR):
 
 
 X = np.array([3.0, 4.0, 1.0, 0.0, 0.0])        # sessions 4: the cashback rule does not fire
+
+
+def why_flags(blk):
+    """The row flags without FLAG_INPUTS (every row of a policy with rules or caps has it)."""
+    return [f & ~FLAG_INPUTS for f in blk.flags.tolist()]
 
 
 def one_block(eng):
@@ -208,7 +213,7 @@ def test_jurisdiction_rule_blocks_tagged_actions(impl):
     assert (de.action, de.reason, de.rules) == ("spins", "POLICY", 1 << 0)
     assert (mt.action, mt.reason, mt.rules) == ("dep", "POLICY", 0)
     blk = one_block(eng)
-    assert blk.flags.tolist() == [FLAG_RULE, 0]
+    assert why_flags(blk) == [FLAG_RULE, 0]
     assert blk.eligible.tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]   # the true eligible set
     assert blk.rules.tolist() == [1, 0]
     assert blk.policy_action.tolist() == [-1, -1] and blk.policy_prob.tolist() == [0.0, 0.0]
@@ -218,7 +223,7 @@ def test_rule_on_an_action_the_caller_excluded_logs_the_match_but_no_flag(impl):
     eng = engine(impl, greedy())
     d = eng.decide("bonus", X, attributes={"jurisdiction": "NL"}, eligible=["none", "spins"])
     assert (d.action, d.rules) == ("spins", 1)
-    assert one_block(eng).flags.tolist() == [0]      # nothing *removed* by the rule
+    assert why_flags(one_block(eng)) == [0]      # nothing *removed* by the rule
 
 
 def test_self_excluded_gets_only_the_default_action(impl):
@@ -232,7 +237,7 @@ def test_self_excluded_gets_only_the_default_action(impl):
                    eligible=["spins", "dep"])           # the default is the fallback anyway
     assert (d.action, d.reason) == ("none", "RULE")
     blk = one_block(eng)
-    assert blk.flags.tolist() == [FLAG_RULE] * 4 + [FLAG_RULE | FLAG_DEFAULT]
+    assert why_flags(blk) == [FLAG_RULE] * 4 + [FLAG_RULE | FLAG_DEFAULT]
     assert blk.eligible[:4].tolist() == [[1, 0, 0, 0]] * 4
     assert blk.eligible[4].tolist() == [0, 0, 0, 0]
     assert blk.prob.tolist() == [1.0] * 5
@@ -344,7 +349,7 @@ def test_frequency_cap_within_and_after_the_window(impl):
     assert [eng.decide("bonus", X, user="alice").action for _ in range(4)] == \
         ["dep"] * 3 + ["none"]
     blk = one_block(eng)
-    assert blk.flags.tolist() == [0, 0, 0, FLAG_CAPPED, FLAG_CAPPED, 0, 0, FLAG_CAPPED,
+    assert why_flags(blk) == [0, 0, 0, FLAG_CAPPED, FLAG_CAPPED, 0, 0, FLAG_CAPPED,
                                   0, 0, 0, FLAG_CAPPED]
     assert blk.eligible[3].tolist() == [1, 0, 0, 0]
     stats = eng._engine_stats()["points"]["bonus"]
@@ -358,7 +363,7 @@ def test_tagged_frequency_cap_leaves_other_actions(impl):
     assert [(d.action, d.reason) for d in got] == [("dep", "POLICY"), ("spins", "POLICY"),
                                                    ("spins", "POLICY")]
     assert [d.rules for d in got] == [0, 1 << 48, 1 << 48]
-    assert one_block(eng).flags.tolist() == [0, FLAG_CAPPED, FLAG_CAPPED]
+    assert why_flags(one_block(eng)) == [0, FLAG_CAPPED, FLAG_CAPPED]
 
 
 def test_budget_cap_sums_action_values(impl):
@@ -370,7 +375,7 @@ def test_budget_cap_sums_action_values(impl):
     eng._shift_cap_clock(HOUR)
     assert eng.decide("bonus", X, user="alice").action == "dep"
     blk = one_block(eng)
-    assert blk.flags.tolist()[:6] == [0, 0, FLAG_CAPPED] + [FLAG_CAPPED] * 3
+    assert why_flags(blk)[:6] == [0, 0, FLAG_CAPPED] + [FLAG_CAPPED] * 3
     assert (blk.eligible[2].tolist(), blk.eligible[3].tolist()) == ([1, 1, 0, 1], [1, 0, 0, 0])
 
 
@@ -503,7 +508,7 @@ def test_apprentice_holdout_rows_are_plain_holdout(impl):
     assert b.policy_actions.tolist()[:2] == [-1, -1] and b.apprentice.tolist() == [False] * 2 + [
         True]
     blk = one_block(eng)
-    assert blk.flags.tolist() == [FLAG_HOLDOUT] * 3 + [FLAG_APPRENTICE]
+    assert why_flags(blk) == [FLAG_HOLDOUT] * 3 + [FLAG_APPRENTICE]
     assert blk.action.tolist()[3] == 1 and blk.policy_action.tolist() == [-1, -1, -1,
                                                                           b.policy_actions[2]]
 

@@ -328,12 +328,19 @@ def test_forked_worker_records_are_sent_by_a_later_client(tmp_path, monkeypatch)
     client.decide_batch("bonus", np.zeros((100, 3)))
     client.close()
     assert on_disk(tmp_path) == 100 and len(list((spool / "outbox").glob("*.batch"))) == 1
+    # loops spool list shows the worker's outbox file beside the parent's spool (issue 16).
+    code, out = run_cli("spool", "list", "--dir", str(spool))
+    batch = next((spool / "outbox").glob("*.batch")).name
+    assert code == 0 and f"{spool / 'outbox'}  outbox  1 batches  200 records" in out
+    assert batch in out and "outbox: 1 batches, 200 records" in out
+    assert "pending: 1 batches, 100 records" in out
     with Learner(tmp_path / "l.sqlite", "127.0.0.1", port, train=False) as srv:
         with DecisionClient(config(address, spool), policies=[make_policy()]) as later:
             assert wait_until(lambda: srv.status().decisions == 300, 10)
             assert later.flush(10)
             assert later.stats()["records_relayed"] == 200
     assert not list((spool / "outbox").glob("*.batch")) and on_disk(tmp_path) == 0
+    assert "outbox: 0 batches, 0 records" in run_cli("spool", "list", "--dir", str(spool))[1]
 
 
 def test_forked_workers_outbox_is_bounded_oldest_first(tmp_path):

@@ -83,9 +83,10 @@ cdef class DecisionPoint:
         scratch = (np.zeros(max(d, 1)), np.zeros(max(kernel.n_scores, 1)),
                    np.zeros(max(k, 1)),
                    np.zeros(max(k, 1), np.uint8), np.zeros(max(k, 1), np.uint8),
-                   np.zeros(s, np.uint8), np.zeros(s), np.zeros(s, np.uint64))
-        new_rec = Recorder(kernel.layout, self.capacity, False, kernel.constrained) \
-            if self.recording else None
+                   np.zeros(s, np.uint8), np.zeros(s), np.zeros(s, np.uint64),
+                   np.zeros(max(kernel.n_caps, 1)))
+        new_rec = Recorder(kernel.layout, self.capacity, False, kernel.constrained,
+                           kernel.n_slots, kernel.n_caps) if self.recording else None
         caps = None
         if kernel.n_caps:
             signature = kernel.constraints.cap_signature
@@ -93,7 +94,10 @@ cdef class DecisionPoint:
                 else new_cap_table(self.cap_slots, kernel, self.cap_shared, self.name)
         with self.lock:
             if self.rec is not None and (self.rec.layout != kernel.layout
-                                         or (kernel.constrained and not self.rec.extended)):
+                                         or (kernel.constrained and not self.rec.extended)
+                                         or (kernel.constrained and (
+                                             self.rec.S != kernel.n_slots
+                                             or self.rec.C != kernel.n_caps))):
                 self._close_recorder()
                 self.rec = new_rec
             elif self.rec is None:
@@ -107,6 +111,7 @@ cdef class DecisionPoint:
             self.apres = <uint8_t*>cnp.PyArray_DATA(scratch[5])
             self.anum = <double*>cnp.PyArray_DATA(scratch[6])
             self.ahash = <uint64_t*>cnp.PyArray_DATA(scratch[7])
+            self.cbuf = <double*>cnp.PyArray_DATA(scratch[8])
             self.caps = caps    # same caps (ids, windows): the counts carry over
             self.kernel = kernel
 
@@ -129,11 +134,12 @@ cdef class DecisionPoint:
         cdef Py_ssize_t i
         for i in range(len(self.spare)):
             r = <Recorder>self.spare[i]
-            if r.layout == k.layout and r.extended == k.constrained and r.reusable():
+            if r.layout == k.layout and r.extended == k.constrained and r.S == k.n_slots \
+                    and r.C == k.n_caps and r.reusable():
                 del self.spare[i]
                 r.count = 0
                 return r
-        return Recorder(k.layout, self.capacity, True, k.constrained)
+        return Recorder(k.layout, self.capacity, True, k.constrained, k.n_slots, k.n_caps)
 
     cdef int _attributes(self, Kernel k, object attributes) except -1:
         """Fill the attribute slots of a single decision (loops_sdk.rules._scalar_attribute
@@ -197,7 +203,7 @@ cdef class DecisionPoint:
     cdef void _decide_row(self, Kernel k, const double* xp, const uint8_t* mp, bint has_user,
                           uint64_t uh, const uint8_t* apres, const double* anum,
                           const uint64_t* ahash, int baseline, uint64_t hi, uint64_t lo,
-                          int64_t t, uint8_t* ebuf, Row* out) noexcept nogil:
+                          int64_t t, uint8_t* ebuf, double* cused, Row* out) noexcept nogil:
         """One row's decision: the routine behind decide and _batch_locked (cap clock ``t``,
         ns); decide_batch of a plain policy runs its two steps inline. A plain policy (no
         rules, caps or apprentice mode) takes only the holdout test and _choose below;
@@ -208,9 +214,10 @@ cdef class DecisionPoint:
         action, the default is served with probability 1 (reason RULE or CAPPED); else the
         policy decides over what is left. In apprentice mode the baseline is then served in
         the policy's place (when eligible, else the default) with probability 1. Whatever is
-        served is charged to the player's caps.
+        served is charged to the player's caps. ``cused`` (n_caps doubles) gets the amounts the
+        player had used in the current windows, read before the decision (replay's input).
         """
-        cdef int a, K = k.n_actions
+        cdef int a, K = k.n_actions, c
         cdef double prob
         cdef bint removed_rule = False, removed_cap = False
         cdef Py_ssize_t slot = -1
@@ -220,9 +227,15 @@ cdef class DecisionPoint:
         out.policy_action = -1
         out.policy_prob = 0.0
         out.mask = mp
+        for c in range(k.n_caps):
+            cused[c] = 0.0
         if use_caps:
             self.caps.now(k, t)
             slot = self.caps.enter(uh)   # a shared table: locks the player until leave()
+            if slot >= 0:
+                for c in range(k.n_caps):
+                    if self.caps.win(slot)[c] == self.caps.cur[c]:
+                        cused[c] = self.caps.used(slot)[c]
         if has_user and k.in_holdout(uh):
             out.action = k.default_index
             out.prob = 1.0
@@ -358,7 +371,8 @@ cdef class DecisionPoint:
             # One per-row routine for every path (see _decide_row); a plain policy skips the
             # narrowing there, so this costs it a call, not a second copy of the logic.
             self._decide_row(k, xp, mp, user is not None, uh, self.apres, self.anum, self.ahash,
-                             b, self.id_hi, lo, t + self.cap_clock_ns, self.ebuf, &row)
+                             b, self.id_hi, lo, t + self.cap_clock_ns, self.ebuf, self.cbuf,
+                             &row)
             a = row.action
             prob = row.prob
             reason = row.reason
@@ -374,6 +388,8 @@ cdef class DecisionPoint:
                 self.rec.write(self.id_hi, lo, t, k.version, uh, xp, row.mask, a, prob, flags)
                 if self.rec.extended:
                     self.rec.write_why(row.bits, row.policy_action, row.policy_prob)
+                    if k.n_rules or k.n_caps:
+                        self.rec.write_inputs(mp, self.apres, self.anum, self.ahash, self.cbuf)
                 self.n_recorded += 1
             hi = self.id_hi
         cdef Decision d = Decision.__new__(Decision)
@@ -570,6 +586,10 @@ cdef class DecisionPoint:
             if k.apprentice else np.zeros(1, np.int32)
         cdef const int32_t[::1] base = base_a
         cdef Py_ssize_t brow = 1 if k.apprentice else 0
+        cdef Py_ssize_t crow = 1 if k.n_caps else 0
+        used_a = np.zeros((n if k.n_caps else 1, max(k.n_caps, 1)))
+        cdef double[:, ::1] cu = used_a
+        cdef bint inputs = k.n_rules > 0 or k.n_caps > 0
         actions = np.empty(n, np.int32)
         probs = np.empty(n, np.float64)
         ev_lo = np.empty(n, np.uint64)
@@ -608,7 +628,7 @@ cdef class DecisionPoint:
                 xp = &x[i, 0] if D else self.xbuf
                 self._decide_row(k, xp, mp, has_user[i], uh[i], &pres[i * arow, 0],
                                  &num[i * arow, 0], &hsh[i * arow, 0], base[i * brow], hi,
-                                 lo0 + i, tc, &em[i, 0], &row)
+                                 lo0 + i, tc, &em[i, 0], &cu[i * crow, 0], &row)
                 act_v[i] = row.action
                 prob_v[i] = row.prob
                 reason_v[i] = <uint8_t>row.reason
@@ -641,6 +661,10 @@ cdef class DecisionPoint:
                         rec.write(hi, lo0 + i, t, k.version, uh[i], &x[i, 0] if D else self.xbuf,
                                   &em[i, 0], act_v[i], prob_v[i], flags_v[i])
                         rec.write_why(bits_v[i], pact_v[i], pprob_v[i])
+                        if inputs:
+                            rec.write_inputs(&m[i * stride, 0] if stride >= 0 else NULL,
+                                             &pres[i * arow, 0], &num[i * arow, 0],
+                                             &hsh[i * arow, 0], &cu[i * crow, 0])
                 done += take
             self.n_recorded += n
         return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,

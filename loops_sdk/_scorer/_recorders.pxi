@@ -6,7 +6,8 @@
 cdef class Recorder:
     """Preallocated columnar rows for one policy layout; written under the point's mutex."""
 
-    def __init__(self, layout, Py_ssize_t capacity, bint prefault=False, bint extended=False):
+    def __init__(self, layout, Py_ssize_t capacity, bint prefault=False, bint extended=False,
+                 int slots=0, int caps=0):
         self.layout = layout
         self.capacity = capacity
         self.count = 0
@@ -14,12 +15,18 @@ cdef class Recorder:
         self.D = len(layout[2])
         # The columns come from the record table (by name); the typed pointers below are the
         # kernel's view of them.
-        c = self.cols = decision_buffers(capacity, self.D, self.K, extended)
+        self.S = slots if extended else 0
+        self.C = caps if extended else 0
+        c = self.cols = decision_buffers(capacity, self.D, self.K, extended, self.S, self.C)
         self.extended = extended
         if extended:
             self.rules = <uint64_t*>cnp.PyArray_DATA(c["rules"])
             self.pact = <int32_t*>cnp.PyArray_DATA(c["policy_action"])
             self.pprob = <double*>cnp.PyArray_DATA(c["policy_prob"])
+            self.req = <uint8_t*>cnp.PyArray_DATA(c["requested"])
+            self.anum = <double*>cnp.PyArray_DATA(c["attr_num"])
+            self.ahash = <uint64_t*>cnp.PyArray_DATA(c["attr_hash"])
+            self.cused = <double*>cnp.PyArray_DATA(c["cap_used"])
         self.event_hi = <uint64_t*>cnp.PyArray_DATA(c["event_hi"])
         self.event_lo = <uint64_t*>cnp.PyArray_DATA(c["event_lo"])
         self.ts = <int64_t*>cnp.PyArray_DATA(c["ts_ns"])
@@ -71,6 +78,7 @@ cdef class Recorder:
             self.rules[r] = 0
             self.pact[r] = -1
             self.pprob[r] = 0.0
+            self._input_defaults(r)
         self.count = r + 1
 
     cdef inline void write_why(self, uint64_t bits, int policy_action,
@@ -81,8 +89,34 @@ cdef class Recorder:
         self.pact[r] = policy_action
         self.pprob[r] = policy_prob
 
+    cdef inline void write_inputs(self, const uint8_t* requested, const uint8_t* present,
+                                  const double* num, const uint64_t* hsh,
+                                  const double* used) noexcept nogil:
+        """What replay needs to recompute the rules and caps of the row just written (policies
+        with rules or caps): the caller's eligible set (NULL: every action), the attribute
+        slots (present / number / hash) and the cap amounts read at the decision."""
+        cdef Py_ssize_t r = self.count - 1, j
+        if requested != NULL:
+            memcpy(self.req + r * self.K, requested, self.K)
+        for j in range(self.S):
+            if present[j]:
+                self.anum[r * self.S + j] = num[j]
+                self.ahash[r * self.S + j] = hsh[j]
+        if self.C:
+            memcpy(self.cused + r * self.C, used, self.C * sizeof(double))
+        self.flags[r] |= F_INPUTS
+
+    cdef inline void _input_defaults(self, Py_ssize_t r) noexcept nogil:
+        cdef Py_ssize_t j
+        memset(self.req + r * self.K, 1, self.K)
+        for j in range(self.S):
+            self.anum[r * self.S + j] = NAN      # not passed
+            self.ahash[r * self.S + j] = 0
+        for j in range(self.C):
+            self.cused[r * self.C + j] = 0.0
+
     cdef void fill_why(self, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
-        """Rows [r0, r1) hold no rule bits and no apprentice choice."""
+        """Rows [r0, r1) hold no rule bits, no apprentice choice and no replay inputs."""
         cdef Py_ssize_t r
         if not self.extended:
             return
@@ -90,6 +124,7 @@ cdef class Recorder:
             self.rules[r] = 0
             self.pact[r] = -1
             self.pprob[r] = 0.0
+            self._input_defaults(r)
 
     def block(self):
         """The filled rows as a DecisionBlock (views; the recorder is not reused)."""

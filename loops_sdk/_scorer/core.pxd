@@ -31,6 +31,7 @@ cdef enum:
     F_CAPPED = 8
     F_RULE = 16
     F_APPRENTICE = 32
+    F_INPUTS = 64
     O_REWARD = 0
     O_OBSERVE = 1
     O_ACTIVATE = 2
@@ -205,6 +206,11 @@ cdef class Recorder:
     cdef uint64_t* rules
     cdef int32_t* pact
     cdef double* pprob
+    cdef readonly int S, C          # attribute slots and caps of the replay inputs
+    cdef uint8_t* req
+    cdef double* anum
+    cdef uint64_t* ahash
+    cdef double* cused
     cdef tuple _refcounts(self)
     cdef bint reusable(self)
     cdef inline void write(self, uint64_t hi, uint64_t lo, int64_t ts, uint64_t version,
@@ -212,6 +218,10 @@ cdef class Recorder:
                            double prob, uint8_t flags) noexcept nogil
     cdef inline void write_why(self, uint64_t bits, int policy_action,
                                double policy_prob) noexcept nogil
+    cdef inline void write_inputs(self, const uint8_t* requested, const uint8_t* present,
+                                  const double* num, const uint64_t* hsh,
+                                  const double* used) noexcept nogil
+    cdef inline void _input_defaults(self, Py_ssize_t r) noexcept nogil
     cdef void fill_why(self, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil
 
 cdef class OutcomeRecorder:
@@ -279,6 +289,7 @@ cdef class DecisionPoint:
     cdef uint8_t* apres         # attribute slots of a single decide: present, number, hash
     cdef double* anum
     cdef uint64_t* ahash
+    cdef double* cbuf           # the cap amounts read by a single decide (replay input)
     cdef readonly CapTable caps
     cdef Py_ssize_t cap_slots
     cdef public object cap_shared       # directory of tables shared by processes, or None
@@ -295,7 +306,7 @@ cdef class DecisionPoint:
     cdef void _decide_row(self, Kernel k, const double* xp, const uint8_t* mp, bint has_user,
                           uint64_t uh, const uint8_t* apres, const double* anum,
                           const uint64_t* ahash, int baseline, uint64_t hi, uint64_t lo,
-                          int64_t t, uint8_t* ebuf, Row* out) noexcept nogil
+                          int64_t t, uint8_t* ebuf, double* cused, Row* out) noexcept nogil
     cdef const double* _features(self, Kernel k, object x) except NULL
     cdef const uint8_t* _mask(self, Kernel k, object eligible) except? NULL
     cdef Decision decide(self, object x, object user, object eligible, bint deferred,

@@ -23,7 +23,7 @@
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport INFINITY, exp, fabs, isfinite, sqrt
+from libc.math cimport INFINITY, NAN, exp, fabs, isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.ref cimport Py_REFCNT
@@ -35,7 +35,7 @@ import numpy as np
 
 from ..records import DecisionBlock, FeedbackRecords, OutcomeBlock
 from ..records import FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT
-from ..records import FLAG_RULE
+from ..records import FLAG_INPUTS, FLAG_RULE
 from ..records import OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD
 from ..records import DECISION_COLUMNS, OUTCOME_COLUMNS, decision_buffers, outcome_buffers
 from ..decision import REASONS, DecisionBatch, format_event_id, parse_event_id
@@ -51,6 +51,7 @@ from .shared import drain_records, engine_stats, kinds_in_order, point_stats
 _C_DTYPES = {"event_hi": "<u8", "event_lo": "<u8", "ts_ns": "<i8", "version": "<u8",
              "user_hash": "<u8", "x": "<f8", "eligible": "u1", "action": "<i4", "prob": "<f8",
              "flags": "u1", "rules": "<u8", "policy_action": "<i4", "policy_prob": "<f8",
+             "requested": "u1", "attr_num": "<f8", "attr_hash": "<u8", "cap_used": "<f8",
              "type": "u1", "value": "<f8", "kind": "<u2"}
 for _c in DECISION_COLUMNS + OUTCOME_COLUMNS:
     if _c.name not in _C_DTYPES or _c.dtype != np.dtype(_C_DTYPES[_c.name]):
@@ -62,8 +63,9 @@ cnp.import_array()
 IMPLEMENTATION = "cython"
 
 # The C constants of core.pxd against the Python ones they mirror, once at import.
-assert (F_HOLDOUT, F_DEFAULT, F_DEFERRED, F_CAPPED, F_RULE, F_APPRENTICE) == \
-    (FLAG_HOLDOUT, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_CAPPED, FLAG_RULE, FLAG_APPRENTICE)
+assert (F_HOLDOUT, F_DEFAULT, F_DEFERRED, F_CAPPED, F_RULE, F_APPRENTICE, F_INPUTS) == \
+    (FLAG_HOLDOUT, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_CAPPED, FLAG_RULE, FLAG_APPRENTICE,
+     FLAG_INPUTS)
 assert (O_REWARD, O_OBSERVE, O_ACTIVATE) == (OUTCOME_REWARD, OUTCOME_OBSERVE, OUTCOME_ACTIVATE)
 assert LOOPS_SCORE_LIMIT == SCORE_LIMIT
 assert (KIND_GREEDY, KIND_EPSILON, KIND_SOFTMAX, KIND_SQUARECB, KIND_THOMPSON) == \

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
-                       FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
+                       FLAG_INPUTS, FLAG_RULE, OUTCOME_ACTIVATE, OUTCOME_OBSERVE, OUTCOME_REWARD,
                        DecisionBlock, FeedbackRecords, OutcomeBlock, decision_buffers,
                        outcome_buffers)
 from ..decision import REASONS, DecisionBatch, format_event_id, parse_event_id
@@ -591,13 +591,16 @@ def default_decision(name, default, reason):
 
 # --------------------------------------------------------------------------- recorder
 class Recorder:
-    def __init__(self, layout, capacity: int, extended: bool = False):
+    def __init__(self, layout, capacity: int, extended: bool = False, slots: int = 0,
+                 caps: int = 0):
         self.layout = layout
         self.extended = bool(extended)
         self.capacity = capacity
         self.count = 0
+        self.S = int(slots) if self.extended else 0
+        self.C = int(caps) if self.extended else 0
         k, d = len(layout[1]), len(layout[2])
-        self.cols = decision_buffers(capacity, d, k, self.extended)
+        self.cols = decision_buffers(capacity, d, k, self.extended, self.S, self.C)
 
     def write(self, hi, lo, ts, version, uh, x, mask, action, prob, flags, bits=0,
               policy_action=-1, policy_prob=0.0):
@@ -610,7 +613,21 @@ class Recorder:
         if self.extended:
             c["rules"][r], c["policy_action"][r], c["policy_prob"][r] = \
                 bits, policy_action, policy_prob
+            c["requested"][r], c["attr_num"][r], c["attr_hash"][r] = 1, math.nan, 0
+            c["cap_used"][r] = 0.0
         self.count = r + 1
+
+    def write_inputs(self, requested, present, num, hsh, used):
+        """See the Cython Recorder.write_inputs (the row just written)."""
+        r, c = self.count - 1, self.cols
+        if requested is not None:
+            c["requested"][r] = requested
+        for j in range(self.S):
+            if present[j]:
+                c["attr_num"][r, j], c["attr_hash"][r, j] = num[j], hsh[j]
+        if self.C:
+            c["cap_used"][r] = used
+        c["flags"][r] |= FLAG_INPUTS
 
     def block(self):
         n = self.count
@@ -816,7 +833,7 @@ def _new_cap_table(slots, kernel, shared_dir, point):
 
 class Row:
     __slots__ = ("action", "prob", "reason", "flags", "bits", "policy_action", "policy_prob",
-                 "mask")
+                 "mask", "used")
 
 
 # --------------------------------------------------------------------------- decision point
@@ -842,8 +859,8 @@ class DecisionPoint:
         self.n_unknown_features = self.n_dropped = self.n_recorded = 0
 
     def set_kernel(self, kernel: Kernel):
-        new_rec = Recorder(kernel.layout, self.capacity, kernel.constrained) \
-            if self.recording else None
+        new_rec = Recorder(kernel.layout, self.capacity, kernel.constrained, kernel.n_slots,
+                           kernel.n_caps) if self.recording else None
         caps = None
         if kernel.n_caps:
             signature = kernel.constraints.cap_signature
@@ -851,7 +868,10 @@ class DecisionPoint:
                 else _new_cap_table(self.cap_slots, kernel, self.cap_shared, self.name)
         with self.lock:
             if self.rec is not None and (self.rec.layout != kernel.layout
-                                         or (kernel.constrained and not self.rec.extended)):
+                                         or (kernel.constrained and not self.rec.extended)
+                                         or (kernel.constrained and (
+                                             self.rec.S != kernel.n_slots
+                                             or self.rec.C != kernel.n_caps))):
                 self._close_recorder()
                 self.rec = new_rec
             elif self.rec is None:
@@ -875,16 +895,19 @@ class DecisionPoint:
             return
         if self.rec is None or self.rec.count >= self.rec.capacity:
             self._close_recorder()
-            self.rec = Recorder(k.layout, self.capacity, k.constrained)
+            self.rec = Recorder(k.layout, self.capacity, k.constrained, k.n_slots, k.n_caps)
         self.rec.write(self.id_hi, lo, _now_ns(), k.version, uh, x, mask, action, prob, flags)
         self.n_recorded += 1
 
-    def _record_row(self, k, hi, lo, ts, uh, x, row, flags):
+    def _record_row(self, k, hi, lo, ts, uh, x, row, flags, requested=None, present=(),
+                    num=(), hsh=()):
         if self.rec is None or self.rec.count >= self.rec.capacity:
             self._close_recorder()
-            self.rec = Recorder(k.layout, self.capacity, k.constrained)
+            self.rec = Recorder(k.layout, self.capacity, k.constrained, k.n_slots, k.n_caps)
         self.rec.write(hi, lo, ts, k.version, uh, x, row.mask, row.action, row.prob, flags,
                        row.bits, row.policy_action, row.policy_prob)
+        if self.rec.extended and (k.n_rules or k.n_caps):
+            self.rec.write_inputs(requested, present, num, hsh, row.used)
         self.n_recorded += 1
 
     def _attributes(self, k, attributes):
@@ -929,12 +952,18 @@ class DecisionPoint:
         out = Row()
         out.flags, out.bits, out.policy_action, out.policy_prob = 0, 0, -1, 0.0
         out.mask = mask
+        out.used = [0.0] * k.n_caps
         removed_rule = removed_cap = False
         slot = -1
         use_caps = bool(has_user) and k.n_caps > 0
         if use_caps:
             self.caps.now(k, t)
             slot = self.caps.enter(uh)   # a shared table: locks the player until leave()
+            if slot >= 0:
+                nc = self.caps.n_caps
+                for c in range(nc):
+                    if self.caps.win[slot * nc + c] == self.caps.cur[c]:
+                        out.used[c] = self.caps.used[slot * nc + c]
         if has_user and k.in_holdout(uh):
             out.action, out.prob, out.reason, out.flags = k.default_index, 1.0, R_HOLDOUT, \
                 FLAG_HOLDOUT
@@ -1037,7 +1066,7 @@ class DecisionPoint:
             self.n_decisions += 1
             hi = self.id_hi
             if self.recording:
-                self._record_row(k, hi, lo, t, uh, xs, row, flags)
+                self._record_row(k, hi, lo, t, uh, xs, row, flags, mask, present, num, hsh)
         return _make(k.action_ids[row.action], row.action, row.prob, self.name, k.version, held,
                      row.reason, hi, lo, True, row.bits, bool(flags & FLAG_APPRENTICE),
                      row.policy_action, row.policy_prob, k.action_ids)
@@ -1081,7 +1110,8 @@ class DecisionPoint:
             self.n_holdout += int(held[i])
             self.n_no_eligible += int(row.reason == R_NO_ELIGIBLE)
             if self.recording:
-                self._record_row(k, hi, lo0 + i, t, u, x[i], row, base_flags | row.flags)
+                self._record_row(k, hi, lo0 + i, t, u, x[i], row, base_flags | row.flags, mask,
+                                 p_i, n_i, h_i)
         return DecisionBatch(action_ids=k.action_ids, actions=actions, probabilities=probs,
                              event_hi=np.broadcast_to(np.uint64(hi), (n,)),
                              event_lo=np.arange(lo0, lo0 + n, dtype=np.uint64), holdout=held,

@@ -169,8 +169,8 @@ def _add_spool(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spool", help="inspect a client's spool and re-send the batches the "
                        "learner refused (dead letters)")
     ssub = p.add_subparsers(dest="spool_command", required=True)
-    ls = ssub.add_parser("list", help="the spools and dead-letter spools under a directory, "
-                         "one line per batch")
+    ls = ssub.add_parser("list", help="the spools, dead-letter spools and forked workers' "
+                         "outboxes under a directory, one line per batch")
     ls.add_argument("--dir", required=True, help="the client's spool_dir (or any directory "
                     "above it)")
     rs = ssub.add_parser("resend", help="send every dead-lettered batch again, with its "
@@ -190,14 +190,15 @@ def _cmd_spool(args: argparse.Namespace) -> int:
         return _fail(f"--dir {args.dir}: no such directory", 2)
     dirs = spool_dirs(root)
     if args.spool_command == "list":
-        return _spool_list(dirs)
+        return _spool_list(dirs, root)
     return _spool_resend([d for d in dirs if d.name == "dead-letter"], args)
 
 
-def _spool_list(dirs) -> int:
+def _spool_list(dirs, root) -> int:
     from .._proto import feedback_pb2
+    from ..sync.forked import OUTBOX, SUFFIX
     from ..sync.spool import read_frames
-    total = {"pending": [0, 0], "dead-letter": [0, 0]}
+    total = {"pending": [0, 0], "dead-letter": [0, 0], "outbox": [0, 0]}
     for d in dirs:
         kind = "dead-letter" if d.name == "dead-letter" else "pending"
         frames = list(read_frames(d))
@@ -213,6 +214,27 @@ def _spool_list(dirs) -> int:
             sent = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b.sent_at_unix_ms / 1000))
             print(f"    client {b.client_id}  epoch {b.epoch:x}  sequence {b.sequence}  "
                   f"{n:,} records  {len(data):,} bytes  encoded {sent} UTC")
+    # Forked workers' outboxes (<spool>/outbox, sync/forked.py): one FeedbackBatch per file,
+    # listed read-only (a live sender recovers files a dead writer did not rename).
+    for d in ([root] if root.name == OUTBOX else []) + sorted(root.rglob(OUTBOX)):
+        files = sorted(p for p in d.iterdir() if p.name.endswith(SUFFIX)) if d.is_dir() else []
+        lines, records = [], 0
+        for path in files:
+            data = path.read_bytes()
+            try:
+                b = feedback_pb2.FeedbackBatch.FromString(data)
+            except Exception as exc:   # a file that is not a batch: say so, go on
+                lines.append(f"    {path.name}  unreadable ({len(data)} bytes): {exc}")
+                continue
+            records += b.record_count
+            sent = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b.sent_at_unix_ms / 1000))
+            lines.append(f"    {path.name}  client {b.client_id}  epoch {b.epoch:x}  sequence "
+                         f"{b.sequence}  {b.record_count:,} records  {len(data):,} bytes  "
+                         f"encoded {sent} UTC")
+        if d.is_dir():
+            total["outbox"][0] += len(files)
+            total["outbox"][1] += records
+            print(f"{d}  outbox  {len(files)} batches  {records:,} records", *lines, sep="\n")
     for kind, (batches, records) in total.items():
         print(f"{kind}: {batches} batches, {records:,} records")
     return 0

@@ -2,18 +2,20 @@
 matches the log (``loops replay --db PATH EVENT_ID``).
 
 A decision is a pure function of what the learner's store keeps per row (``records.py``'s
-column table) and the policy version it names, except for three inputs that are not logged
-and are therefore taken *as logged* (never guessed):
+column table) and the policy version it names. Rows of policies with rules or caps
+(``FLAG_INPUTS``) also log the caller's eligible set before rules and caps (``requested``),
+the attribute slots the rules read (``attr_num`` / ``attr_hash``) and each cap's amount the
+player had used in its window, read at the decision (``cap_used``): from these replay
+recomputes every rule (attribute conditions included), every cap block, the flags and the
+eligible set the policy chose from. What stays *as logged* (never guessed):
 
-* the caller's **attributes**: a rule whose conditions read only numeric features is
-  re-evaluated from the logged inputs; a rule with an attribute condition is reported with
-  its logged bit (``recomputed`` is ``None``);
-* the caller's **eligible set before rules and caps**: the log keeps the set the policy chose
-  from (after rules and caps) and which rules matched / caps were exhausted; replay checks
-  that no action a matched rule blocks is in it;
-* the **cap counters** (per player, per window, in the client's memory): only which caps were
-  exhausted is logged; the apprentice **baseline** likewise (the served action must be
-  eligible or the default).
+* the cap amounts themselves: the client's counters are not in the store, so replay checks
+  the blocks they imply, not the counting;
+* the apprentice **baseline** (the served action must be eligible or the default);
+* for rows stored before these columns existed (no ``FLAG_INPUTS``): the attributes (a rule
+  with an attribute condition is reported with its logged bit, ``recomputed`` ``None``), the
+  caller's eligible set (replay checks that no action a matched rule blocks is in the logged
+  set) and the cap state (only which caps were exhausted).
 
 Everything else is recomputed with the serving scorer's own code (``Policy.scores`` /
 ``Policy.probabilities``, compiled or the pure-Python twin: bit-identical): holdout membership
@@ -41,10 +43,11 @@ import numpy as np
 from ..decision import format_event_id, parse_event_id
 from ..errors import ArgumentError, LoopsError
 from ..policy import Policy
+from .._scorer import twin
 from ..records import (FLAG_APPRENTICE, FLAG_CAPPED, FLAG_DEFAULT, FLAG_DEFERRED, FLAG_HOLDOUT,
-                       FLAG_RULE)
+                       FLAG_INPUTS, FLAG_RULE)
 from ..rules import CAP_BIT_SHIFT
-from ..scorer import IMPLEMENTATION, draw, mix64, stable_hash
+from ..scorer import IMPLEMENTATION, draw, kernel_args, mix64, stable_hash
 from .dsjson import IMPORTED_REASON
 from .store import EventStore
 
@@ -66,7 +69,10 @@ class LoggedDecision:
 
     ``x`` are the model inputs as scored, ``eligible`` the set the policy chose from (the
     caller's, minus what rules and caps removed), ``rules`` the matched-rule / exhausted-cap
-    bits, ``policy_action`` / ``policy_prob`` the apprentice rows' own choice (-1 / 0.0)."""
+    bits, ``policy_action`` / ``policy_prob`` the apprentice rows' own choice (-1 / 0.0).
+    Rows with ``FLAG_INPUTS`` also carry the replay inputs: ``requested`` (the caller's
+    eligible set), ``attr_num`` / ``attr_hash`` (the attribute slots) and ``cap_used``
+    (None: not logged)."""
 
     policy: str
     actions: tuple[str, ...]
@@ -84,6 +90,10 @@ class LoggedDecision:
     rules: int = 0
     policy_action: int = -1
     policy_prob: float = 0.0
+    requested: np.ndarray | None = None
+    attr_num: np.ndarray | None = None
+    attr_hash: np.ndarray | None = None
+    cap_used: np.ndarray | None = None
 
     @property
     def event_id(self) -> str:
@@ -104,6 +114,10 @@ class LoggedDecision:
             c = getattr(block, name, None)
             return default if c is None else c[row].item()
 
+        def wide(name: str) -> np.ndarray | None:
+            c = getattr(block, name, None)
+            return None if c is None else np.array(c[row])
+
         return cls(policy=block.policy, actions=tuple(block.actions),
                    inputs=tuple(block.inputs), event_hi=int(block.event_hi[row]),
                    event_lo=int(block.event_lo[row]), ts_ns=int(block.ts_ns[row]),
@@ -112,7 +126,9 @@ class LoggedDecision:
                    action=int(block.action[row]), prob=float(block.prob[row]),
                    flags=int(block.flags[row]), rules=int(col("rules", 0)),
                    policy_action=int(col("policy_action", -1)),
-                   policy_prob=float(col("policy_prob", 0.0)))
+                   policy_prob=float(col("policy_prob", 0.0)), requested=wide("requested"),
+                   attr_num=wide("attr_num"), attr_hash=wide("attr_hash"),
+                   cap_used=wide("cap_used"))
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,7 @@ class RuleCheck:
     id: str
     kind: str                      # "rule" or "cap"
     logged: bool
-    recomputed: bool | None        # None: depends on attributes / cap counters (not logged)
+    recomputed: bool | None        # None: not recomputable (a row without FLAG_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -321,35 +337,10 @@ def explain(policy: Policy, row: LoggedDecision) -> Replay:
         notes.append("no user key (user hash 0): never held out, no caps")
 
     # Rules and caps.
-    checks: list[RuleCheck] = []
-    for i, r in enumerate(policy.rules):
-        logged = bool(row.rules >> i & 1)
-        recomputed = None
-        if r.when and all(c.feature for c in r.when):
-            recomputed = all(_feature_condition(c, policy, x) for c in r.when)
-        elif not r.when:
-            recomputed = True
-        checks.append(RuleCheck(r.id, "rule", logged, recomputed))
-        if flags & FLAG_HOLDOUT:
-            continue          # holdout rows consult no rule
-        if recomputed is not None and recomputed != logged:
-            mism.append(f"rule {r.id!r}: recomputed from the features as "
-                        f"{'matched' if recomputed else 'not matched'}, logged "
-                        f"{'matched' if logged else 'not matched'}")
-        if logged:
-            leaked = [ids[a] for a in np.flatnonzero(_rule_blocks(policy, r) & mask)]
-            if leaked:
-                mism.append(f"rule {r.id!r} matched but the eligible set holds {leaked}, "
-                            "which it blocks")
-    for j, c in enumerate(policy.caps):
-        checks.append(RuleCheck(c.id, "cap", bool(row.rules >> (CAP_BIT_SHIFT + j) & 1), None))
-    if any(r.recomputed is None and r.kind == "rule" for r in checks):
-        as_logged.append("rules with attribute conditions (attributes are not logged)")
-    if policy.caps:
-        as_logged.append("cap counters (only which caps were exhausted is logged)")
-    if policy.rules or policy.caps:
-        as_logged.append("the caller's eligible set before rules and caps (the log keeps "
-                         "the set after them)")
+    if flags & FLAG_INPUTS:
+        checks = _recompute_constraints(policy, row, x, has_user, mask, mism, as_logged)
+    else:
+        checks = _check_logged_constraints(policy, row, x, mask, mism, as_logged)
 
     # The decision itself, in the scorer's order.
     u: float | None = None
@@ -414,6 +405,120 @@ def explain(policy: Policy, row: LoggedDecision) -> Replay:
                   **base)
 
 
+def _check_logged_constraints(policy: Policy, row: LoggedDecision, x: np.ndarray,
+                              mask: np.ndarray, mism: list[str], as_logged: list[str]
+                              ) -> list[RuleCheck]:
+    """A row without the replay inputs (stored before they were logged): feature-only rules
+    are recomputed, the rest is checked against the logged bits."""
+    ids = policy.action_ids
+    checks: list[RuleCheck] = []
+    for i, r in enumerate(policy.rules):
+        logged = bool(row.rules >> i & 1)
+        recomputed = None
+        if r.when and all(c.feature for c in r.when):
+            recomputed = all(_feature_condition(c, policy, x) for c in r.when)
+        elif not r.when:
+            recomputed = True
+        checks.append(RuleCheck(r.id, "rule", logged, recomputed))
+        if row.flags & FLAG_HOLDOUT:
+            continue          # holdout rows consult no rule
+        if recomputed is not None and recomputed != logged:
+            mism.append(f"rule {r.id!r}: recomputed from the features as "
+                        f"{'matched' if recomputed else 'not matched'}, logged "
+                        f"{'matched' if logged else 'not matched'}")
+        if logged:
+            leaked = [ids[a] for a in np.flatnonzero(_rule_blocks(policy, r) & mask)]
+            if leaked:
+                mism.append(f"rule {r.id!r} matched but the eligible set holds {leaked}, "
+                            "which it blocks")
+    for j, c in enumerate(policy.caps):
+        checks.append(RuleCheck(c.id, "cap", bool(row.rules >> (CAP_BIT_SHIFT + j) & 1), None))
+    if any(r.recomputed is None and r.kind == "rule" for r in checks):
+        as_logged.append("rules with attribute conditions (a row stored before attributes "
+                         "were logged)")
+    if policy.caps:
+        as_logged.append("cap counters (a row stored before they were logged: only which "
+                         "caps were exhausted is known)")
+    if policy.rules or policy.caps:
+        as_logged.append("the caller's eligible set before rules and caps (a row stored "
+                         "before it was logged)")
+    return checks
+
+
+def _recompute_constraints(policy: Policy, row: LoggedDecision, x: np.ndarray, has_user: bool,
+                           mask: np.ndarray, mism: list[str], as_logged: list[str]
+                           ) -> list[RuleCheck]:
+    """A row with the replay inputs: every rule and cap block recomputed in the scorer's
+    order (the pure-Python scorer's own rule code), from the caller's eligible set, the
+    attribute slots and the cap amounts read at the decision; the rule/cap bits, the
+    FLAG_RULE / FLAG_CAPPED flags and the eligible set the policy chose from are compared."""
+    ids, K = policy.action_ids, policy.n_actions
+    k = twin.Kernel(*kernel_args(policy))
+    S, C = k.n_slots, k.n_caps
+    held = bool(row.flags & FLAG_HOLDOUT)
+    num = np.zeros(0) if row.attr_num is None else np.asarray(row.attr_num, np.float64)
+    hsh = np.zeros(0, np.uint64) if row.attr_hash is None else np.asarray(row.attr_hash)
+    used = np.zeros(0) if row.cap_used is None else np.asarray(row.cap_used, np.float64)
+    req = np.ones(K, np.uint8) if row.requested is None else np.asarray(row.requested)
+    if num.shape != (S,) or hsh.shape != (S,) or used.shape != (C,) or req.shape != (K,):
+        mism.append(f"replay inputs: {num.size} attribute slots, {used.size} cap amounts and "
+                    f"{req.size} requested actions logged; v{policy.version} has {S}, {C} and "
+                    f"{K}")
+        return [RuleCheck(r.id, "rule", bool(row.rules >> i & 1), None)
+                for i, r in enumerate(policy.rules)] + \
+            [RuleCheck(c.id, "cap", bool(row.rules >> (CAP_BIT_SHIFT + j) & 1), None)
+             for j, c in enumerate(policy.caps)]
+    present = [0 if math.isnan(v) else 1 for v in num.tolist()]
+    numbers = [0.0 if math.isnan(v) else v for v in num.tolist()]
+    hashes = [int(h) for h in hsh.tolist()]
+    ebuf = [int(v != 0) for v in req.tolist()]
+    bits, removed_rule, removed_cap = 0, False, False
+    if not held:                        # holdout rows consult no rule and no cap
+        if k.n_rules:
+            bits = k.match_rules(x.tolist(), present, numbers, hashes)
+            removed_rule = k.apply_rules(bits, ebuf)
+        if has_user and C:
+            for c in range(C):
+                for a in range(K):
+                    amount = k._cap_amount[c][a]
+                    if amount > 0.0 and float(used[c]) + amount > k._cap_limit[c]:
+                        bits |= 1 << (CAP_BIT_SHIFT + c)
+                        if ebuf[a]:
+                            ebuf[a] = 0
+                            removed_cap = True
+    checks: list[RuleCheck] = []
+    for i, r in enumerate(policy.rules):
+        logged, got = bool(row.rules >> i & 1), bool(bits >> i & 1)
+        checks.append(RuleCheck(r.id, "rule", logged, got))
+        if logged != got:
+            mism.append(f"rule {r.id!r}: recomputed from the logged attributes and features "
+                        f"as {'matched' if got else 'not matched'}, logged "
+                        f"{'matched' if logged else 'not matched'}")
+    for j, c in enumerate(policy.caps):
+        logged = bool(row.rules >> (CAP_BIT_SHIFT + j) & 1)
+        got = bool(bits >> (CAP_BIT_SHIFT + j) & 1)
+        checks.append(RuleCheck(c.id, "cap", logged, got))
+        if logged != got:
+            mism.append(f"cap {c.id!r}: recomputed from the logged amount used "
+                        f"({float(used[j])!r}) as {'exhausted' if got else 'not exhausted'}, "
+                        f"logged {'exhausted' if logged else 'not exhausted'}")
+    for flag, name, want in ((FLAG_RULE, "FLAG_RULE", removed_rule),
+                             (FLAG_CAPPED, "FLAG_CAPPED", removed_cap)):
+        if bool(row.flags & flag) != want:
+            mism.append(f"flags: {name} is {'set' if row.flags & flag else 'clear'}, the "
+                        f"recomputed rules and caps {'did' if want else 'did not'} remove an "
+                        "action")
+    want_mask = np.array(ebuf, bool)
+    if not np.array_equal(want_mask, mask):
+        mism.append(f"eligible: recomputed {[ids[a] for a in np.flatnonzero(want_mask)]} from "
+                    f"the caller's set and the rules and caps, logged "
+                    f"{[ids[a] for a in np.flatnonzero(mask)]}")
+    if C:
+        as_logged.append("cap amounts used before the decision (read from the client's "
+                         "counters at the decision; the counters are not in the store)")
+    return checks
+
+
 def _name(ids: tuple[str, ...], index: int) -> str:
     return ids[index] if 0 <= index < len(ids) else f"<index {index}>"
 
@@ -436,24 +541,17 @@ def _contributions(policy: Policy, k: int, x: np.ndarray) -> tuple[dict[str, flo
 # --------------------------------------------------------------------------- the store
 def find_decision(store: EventStore | str | Path, event_id: str | tuple[int, int]
                   ) -> LoggedDecision:
-    """The stored row of ``event_id`` (32 hex digits or ``(hi, lo)``).
-
-    The store has no index by event id (decisions are kept as column blocks), so this scans
-    the blocks' event-id columns newest first and decodes the wide columns of the one block
-    that holds it: an audit tool's cost, not a hot path.
+    """The stored row of ``event_id`` (32 hex digits or ``(hi, lo)``): one look-up in the
+    store's index by event id (``EventStore.find_event``), then the one block that holds it.
 
     Raises :class:`ReplayError` when no stored decision has that id."""
     hi, lo = parse_event_id(event_id)
     st, own = _open(store)
     try:
-        with st._lock:    # block ids only: one small index walk
-            ids = [r[0] for r in st._con.execute("SELECT id FROM blocks ORDER BY id DESC")]
-        for block_id in ids:
-            b = st.load_block(block_id)
-            hit = np.flatnonzero((b.event_lo == np.uint64(lo)) & (b.event_hi == np.uint64(hi)))
-            if hit.size:
-                x, eligible = st.block_inputs(block_id)
-                return LoggedDecision.from_block(b, int(hit[0]), x, eligible)
+        found = st.find_event(hi, lo)
+        if found is not None:
+            b = st.load_block(found[0], with_x=True)
+            return LoggedDecision.from_block(b, found[1])
     finally:
         if own:
             st.close()

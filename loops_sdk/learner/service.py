@@ -640,6 +640,10 @@ class Learner:
         except Exception:  # noqa: BLE001 - training on what was joined before still runs
             logger.exception("join round failed")
             joined = JoinResult()
+        try:
+            self.store.index_events()   # the index by event id (loops replay), off ingest
+        except Exception:  # noqa: BLE001 - an audit index must not stop the round
+            logger.exception("indexing events failed")
         if self.retention is not None:
             try:
                 self.retention.maybe_run(now_ns)

@@ -19,6 +19,14 @@ What is stored, and why in this shape:
   load just the blocks they need: a block row holds its blobs, so even reading one integer
   column of it costs a walk through its overflow pages. A trigger keeps ``pending`` equal to
   the block's own (the joiner updates that one).
+* ``event_ranges``: the index by event id (``loops replay``): per block and event-id prefix
+  (``event_hi``), the range of ``event_lo`` it holds. A client's decision point numbers its
+  decisions consecutively under one prefix, so a block is one row here: finding an event is
+  one index probe and one block load. Ingest does not write it (each commit writes whole
+  64 kiB pages of every B-tree it touches, a cost per batch): :meth:`EventStore.index_events`
+  adds the blocks stored since its last run (meta ``events_indexed``: the highest block id
+  indexed), from the learner's round and before every look-up, many blocks per commit.
+  ``delete_blocks`` removes a block's rows by their key.
 * ``outcomes``: one row per outcome (indexed by event id and by user), because the joiner
   looks them up from the decision side: by event id, or by user within a time window.
 * ``deferred``: one row per deferred decision, keyed by event id, so an activation can find
@@ -57,11 +65,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..records import (DECISION_COLUMNS, FLAG_DEFERRED, OPTIONAL_DECISION_COLUMNS,
+from ..records import (DECISION_COLUMNS, FLAG_DEFERRED, Column, OPTIONAL_DECISION_COLUMNS,
                        OUTCOME_ACTIVATE, OUTCOME_COLUMNS, FeedbackRecords)
 
 __all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation", "STATUS_PENDING",
@@ -69,7 +77,7 @@ __all__ = ["EventStore", "Block", "BlockSpan", "StoredPolicy", "StoredEvaluation
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUS_PENDING = 0   # window open, or deferred and not activated yet
 STATUS_JOINED = 1    # reward final (joined value or default, minus cost)
 
@@ -91,13 +99,17 @@ CREATE TABLE IF NOT EXISTS blocks (
     status BLOB, value BLOB, n_outcomes BLOB, reward BLOB,
     pending INTEGER NOT NULL,
     next_check_ns INTEGER,           -- NULL: only unactivated deferred rows are pending
-    rules BLOB, policy_action BLOB, policy_prob BLOB);   -- NULL: all rows default
+    rules BLOB, policy_action BLOB, policy_prob BLOB,    -- NULL: all rows default
+    requested BLOB, attr_num BLOB, attr_hash BLOB, cap_used BLOB);
 CREATE INDEX IF NOT EXISTS blocks_open ON blocks (next_check_ns) WHERE pending > 0;
 CREATE TABLE IF NOT EXISTS block_spans (
     block INTEGER PRIMARY KEY, layout INTEGER NOT NULL, n INTEGER NOT NULL,
     pending INTEGER NOT NULL, min_ts_ns INTEGER NOT NULL, max_ts_ns INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS block_spans_arrival ON block_spans (layout);
 CREATE INDEX IF NOT EXISTS block_spans_time ON block_spans (layout, max_ts_ns);
+CREATE TABLE IF NOT EXISTS event_ranges (
+    event_hi INTEGER NOT NULL, lo_min INTEGER NOT NULL, lo_max INTEGER NOT NULL,
+    block INTEGER NOT NULL, PRIMARY KEY (event_hi, lo_min, block)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outcomes (
     id INTEGER PRIMARY KEY, type INTEGER NOT NULL, event_hi INTEGER NOT NULL,
     event_lo INTEGER NOT NULL, user_hash INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
@@ -141,9 +153,10 @@ _TRIGGERS = [
 ]
 
 # Schema migrations: MIGRATIONS[v] takes a version-v database to v + 1, inside the opening
-# transaction. Tables added later are created by _SCHEMA (IF NOT EXISTS) before they run.
-# The SQL functions they call are registered by _migrate.
-_MIGRATIONS: dict[int, list[str]] = {
+# transaction: SQL statements, or functions of the connection. Tables added later are created
+# by _SCHEMA (IF NOT EXISTS) before they run. The SQL functions they call are registered by
+# _migrate.
+_MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     1: ["ALTER TABLE policies ADD COLUMN decision TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE policies ADD COLUMN decision_reason TEXT NOT NULL DEFAULT ''"],
     # A side table, not columns on blocks: adding a column there would rewrite every block's
@@ -151,6 +164,7 @@ _MIGRATIONS: dict[int, list[str]] = {
     2: ["INSERT OR REPLACE INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns) "
         "SELECT id, layout, n, pending, loops_min_i8(ts_ns), loops_max_i8(ts_ns) FROM blocks "
         "WHERE n > 0"],
+    3: [],      # event_ranges: created by _SCHEMA, filled by index_events (stored blocks too)
 }
 _POLICY_COLUMNS = "name, version, bytes, created_ms, reason, state, decision, decision_reason"
 _EVAL_COLUMNS = ("name, version, target, estimator, value, lower, upper, stderr, ess, n, "
@@ -176,6 +190,9 @@ _INSERT_BLOCK = (f"INSERT INTO blocks ({', '.join(_BLOCK_FIELDS)}) "
 # What load_block reads without x/eligible (most of a block's bytes, loaded on request).
 _WIDE = tuple(c for c in DECISION_COLUMNS if c.width != "1")
 _NARROW = tuple(c for c in DECISION_COLUMNS if c.width == "1")
+_INSERT_RANGE = "INSERT INTO event_ranges (event_hi, lo_min, lo_max, block) VALUES (?,?,?,?)"
+_INSERT_RANGE_NEW = _INSERT_RANGE.replace("INSERT", "INSERT OR IGNORE")
+_DELETE_RANGE = "DELETE FROM event_ranges WHERE event_hi=? AND lo_min=? AND block=?"
 _INSERT_SPAN = ("INSERT INTO block_spans (block, layout, n, pending, min_ts_ns, max_ts_ns)"
                 " VALUES (?,?,?,?,?,?)")
 _SPAN_COLUMNS = "block, layout, n, pending, min_ts_ns, max_ts_ns"
@@ -222,6 +239,12 @@ class Block:
     policy_prob: np.ndarray      # float64: its probability, else 0.0
     x: np.ndarray | None = None         # (n, D), loaded on request
     eligible: np.ndarray | None = None  # (n, K), loaded on request
+    # Replay inputs (rows with FLAG_INPUTS; see loops_sdk.records), loaded with x: the
+    # caller's eligible set (n, K), attribute slots (n, S) and cap amounts read (n, C).
+    requested: np.ndarray | None = None
+    attr_num: np.ndarray | None = None
+    attr_hash: np.ndarray | None = None
+    cap_used: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.event_lo.shape[0])
@@ -372,7 +395,10 @@ class EventStore:
         con.create_function("loops_max_i8", 1, _blob_max_i8, deterministic=True)
         while version < SCHEMA_VERSION:
             for statement in _MIGRATIONS[version]:
-                con.execute(statement)
+                if callable(statement):
+                    statement(con)
+                else:
+                    con.execute(statement)
             version += 1
         con.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
         logger.info("%s: schema migrated from version %d to %d", self.path, start, version)
@@ -452,7 +478,7 @@ class EventStore:
                 active_ts = ts[~deferred]
                 next_check = int(active_ts.min()) if active_ts.size else None
                 cur = con.execute(_INSERT_BLOCK, (
-                    lid, n, *(_extra(getattr(b, c.name, None), c.dtype, c.default)
+                    lid, n, *(_extra(getattr(b, c.name, None), c)
                               if c.optional else _raw(getattr(b, c.name), c.dtype)
                               for c in DECISION_COLUMNS),
                     *(bytes(dt.itemsize * n) for _, dt in _JOIN_STATE), n, next_check))
@@ -535,15 +561,61 @@ class EventStore:
         values: dict[str, Any] = {}
         for c, raw in zip(record_cols, row[2:]):
             if raw is None:             # an optional column no row of this block needed
-                values[c.name] = c.full(n)
+                values[c.name] = c.full(n, d, k)
             else:
                 a = np.frombuffer(raw, c.dtype)
-                values[c.name] = a if c.width == "1" else a.reshape(n, c.row_width(d, k))
+                values[c.name] = a if c.width == "1" else \
+                    a.reshape(n, -1 if c.variable else c.row_width(d, k))
         # The joiner rewrites its state: writable copies.
         state = row[2 + len(record_cols):]
         values.update({name: np.frombuffer(raw, dt).copy()
                        for (name, dt), raw in zip(_JOIN_STATE, state)})
         return Block(id=block_id, policy=policy, actions=actions, inputs=inputs, **values)
+
+    def index_events(self, limit: int = 256) -> int:
+        """Add the blocks stored since the last run to the index by event id, ``limit`` blocks
+        per transaction (reading their two id columns only), until none is left. Returns the
+        blocks indexed."""
+        done = 0
+        while True:
+            with self.transaction() as con:
+                row = con.execute("SELECT value FROM meta WHERE key='events_indexed'"
+                                  ).fetchone()
+                last = int(row[0]) if row else 0
+                rows = con.execute("SELECT id, event_hi, event_lo FROM blocks WHERE id > ? "
+                                   "ORDER BY id LIMIT ?", (last, int(limit))).fetchall()
+                if not rows:
+                    return done
+                con.executemany(_INSERT_RANGE_NEW, [r for block_id, hi, lo in rows
+                                                for r in _event_ranges(
+                                                    np.frombuffer(hi, _U8),
+                                                    np.frombuffer(lo, _U8), block_id)])
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('events_indexed', ?)",
+                            (str(rows[-1][0]),))
+                done += len(rows)
+
+    def find_event(self, event_hi: int, event_lo: int) -> tuple[int, int] | None:
+        """``(block id, row)`` of the stored decision with that event id, or None: the blocks
+        stored since the last :meth:`index_events` are indexed first, then one probe of the
+        ``event_ranges`` index (newest candidate block first) and the id columns of the blocks
+        whose range holds it (one, unless ranges of a prefix overlap)."""
+        self.index_events()
+        hi = int(np.uint64(event_hi).view(np.int64))
+        lo = int(np.uint64(event_lo).view(np.int64))
+        with self._lock:
+            blocks = [r[0] for r in self._con.execute(
+                "SELECT block FROM event_ranges WHERE event_hi = ?1 AND lo_min <= ?2 AND "
+                "lo_max >= ?2 ORDER BY lo_min DESC, block DESC", (hi, lo))]
+            for block_id in blocks:
+                row = self._con.execute("SELECT event_hi, event_lo FROM blocks WHERE id=?",
+                                        (block_id,)).fetchone()
+                if row is None:
+                    continue
+                hit = np.flatnonzero((np.frombuffer(row[1], _U8) == np.uint64(event_lo))
+                                     & (np.frombuffer(row[0], _U8) == np.uint64(event_hi)))
+                if hit.size:
+                    return block_id, int(hit[0])
+        return None
 
     def activations(self, block_id: int, con: sqlite3.Connection | None = None
                     ) -> dict[int, int]:
@@ -803,15 +875,22 @@ class EventStore:
         with self.transaction() as con:
             for block in blocks:
                 row = con.execute(
-                    "SELECT b.n FROM blocks b JOIN block_spans s ON s.block = b.id WHERE "
-                    "b.id=? AND s.max_ts_ns < ? AND (s.pending = 0 OR b.next_check_ns IS NULL)",
-                    (int(block), int(before_ns))).fetchone()
+                    "SELECT b.n, b.event_hi, b.event_lo FROM blocks b JOIN block_spans s ON "
+                    "s.block = b.id WHERE b.id=? AND s.max_ts_ns < ? AND (s.pending = 0 OR "
+                    "b.next_check_ns IS NULL)", (int(block), int(before_ns))).fetchone()
                 if row is None:
                     continue
+                con.executemany(_DELETE_RANGE, [r[:2] + (r[3],) for r in _event_ranges(
+                    np.frombuffer(row[1], _U8), np.frombuffer(row[2], _U8), int(block))])
                 con.execute("DELETE FROM deferred WHERE block=?", (int(block),))
                 con.execute("DELETE FROM blocks WHERE id=?", (int(block),))  # trigger: span
                 done += 1
                 rows += int(row[0])
+            # Block ids are rowids: with the newest block deleted, its id is given again, so
+            # the indexed mark must not stay above the newest block left.
+            con.execute("UPDATE meta SET value = (SELECT COALESCE(MAX(id), 0) FROM blocks) "
+                        "WHERE key = 'events_indexed' AND CAST(value AS INTEGER) > "
+                        "(SELECT COALESCE(MAX(id), 0) FROM blocks)")
             self.bump(con, {"retention:blocks": done, "retention:decisions": rows})
         return done, rows
 
@@ -906,6 +985,22 @@ class _Transaction:
             self._store._lock.release()
 
 
+def _event_ranges(event_hi: np.ndarray, event_lo: np.ndarray, block_id: int) -> list[tuple]:
+    """``event_ranges`` rows of one block: per distinct prefix, the min and max ``event_lo``
+    (as the int64 with the same bits, compared as SQLite compares them)."""
+    hi = np.asarray(event_hi, _U8).view(np.int64)
+    lo = np.asarray(event_lo, _U8).view(np.int64)
+    if hi.size == 0:
+        return []
+    if hi[0] == hi.min() == hi.max():          # the usual block: one decision point's ids
+        return [(int(hi[0]), int(lo.min()), int(lo.max()), block_id)]
+    order = np.lexsort((lo, hi))
+    h, v = hi[order], lo[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    ends = np.r_[starts[1:], h.size] - 1
+    return [(int(h[a]), int(v[a]), int(v[z]), block_id) for a, z in zip(starts, ends)]
+
+
 def _blob_min_i8(blob: bytes | None) -> int | None:
     return int(np.frombuffer(blob, _I8).min()) if blob else None
 
@@ -924,11 +1019,12 @@ def _raw(a: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(a, dtype=dtype).tobytes()
 
 
-def _extra(col: np.ndarray | None, dtype: np.dtype, default: float | None) -> bytes | None:
-    """An optional decision column's blob; None (SQL NULL) when every row has the default."""
-    if col is None or not np.any(np.asarray(col) != default):
+def _extra(col: np.ndarray | None, c: Column) -> bytes | None:
+    """An optional decision column's blob; None (SQL NULL) when every row has the default
+    (see ``Column.omitted``)."""
+    if col is None or c.omitted(np.asarray(col)):
         return None
-    return _raw(col, dtype)
+    return _raw(col, c.dtype)
 
 
 def _add_decision_columns(con: sqlite3.Connection) -> None:

@@ -21,7 +21,8 @@ from loops_sdk.learner.replay import (LoggedDecision, ReplayError, draw_for, exp
                                       find_decision, policy_seed, replay_event)
 from loops_sdk.learner.service import Learner
 from loops_sdk.learner.store import EventStore
-from loops_sdk.scorer import IMPLEMENTATION
+from loops_sdk.records import FLAG_INPUTS
+from loops_sdk.scorer import IMPLEMENTATION, stable_hash
 
 from procs import child_env, neutral_cwd
 from sdk_helpers import IMPL_MODULES, make_kernel, wait_until
@@ -121,7 +122,15 @@ def test_every_stored_decision_replays_exactly(logged, case):
         res = [replay_event(srv.store, d.event_id) for d in made[case][:40]]
         feature_rules = [r for x in res for r in x.rules if r.recomputed is not None]
         assert feature_rules and any(r.logged for r in feature_rules)
-        assert any(r.recomputed is None for x in res for r in x.rules)   # attribute rule
+        # The attribute rule is recomputed from the logged attributes too (issue 16): DE
+        # rows (odd i) match it, NL rows do not.
+        de = [r for x in res for r in x.rules if r.id == "no-match-DE"]
+        assert all(r.recomputed is not None for x in res for r in x.rules)
+        assert {r.recomputed for r in de} == {True, False}
+    if case == "caps":
+        res = [replay_event(srv.store, d.event_id) for d in made[case]]
+        caps = [r for x in res for r in x.rules if r.kind == "cap"]
+        assert all(r.recomputed is not None for r in caps) and any(r.recomputed for r in caps)
 
 
 def test_loops_replay_command_prints_match_and_json(logged, capsys):
@@ -159,7 +168,7 @@ def _tamper(db_copy, event_id: str, column: str, value) -> None:
     hi, lo = int(event_id[:16], 16), int(event_id[16:], 16)
     with EventStore(db_copy) as st:
         row = find_decision(st, event_id)
-        for b in st.iter_blocks():
+        for b in st.iter_blocks(with_x=True):
             hit = np.flatnonzero((b.event_hi == np.uint64(hi)) & (b.event_lo == np.uint64(lo)))
             if hit.size:
                 arr = np.array(getattr(b, column))
@@ -201,6 +210,81 @@ def test_a_tampered_row_is_a_mismatch(logged, tmp_path, capsys):
     res = replay_event(copy, d4.event_id)
     assert not res.matches and any("high-level-no-spins" in m for m in res.mismatches)
     assert replay_event(srv.store, d.event_id).matches       # the original is untouched
+
+
+def _copy_db(db, tmp_path):
+    copy = tmp_path / "copy.sqlite"
+    src, dst = sqlite3.connect(str(db)), sqlite3.connect(str(copy))
+    src.backup(dst)
+    src.close()
+    dst.close()
+    return copy
+
+
+def test_tampered_attributes_and_cap_amounts_are_mismatches(logged, tmp_path, capsys):
+    """Issue 16: attribute rules and cap blocks are recomputed from the logged replay inputs,
+    so editing a logged attribute or a cap amount is caught (they were taken as logged)."""
+    srv, db, made = logged
+    copy = _copy_db(db, tmp_path)
+    # A DE player's decision: the attribute rule matched. Its logged jurisdiction becomes NL.
+    d = next(d for d in made["rules"] if d.rules & 0b1 and not d.holdout)
+    assert main(["replay", "--db", str(copy), d.event_id]) == 0
+    out = capsys.readouterr().out
+    assert "rule no-match-DE: matched (recomputed matched)" in out and "MATCH" in out
+    _tamper(copy, d.event_id, "attr_hash", [stable_hash("NL")])
+    assert main(["replay", "--db", str(copy), d.event_id]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "rule 'no-match-DE'" in out and "not matched" in out
+    # A capped decision: the player had used up a cap. Its logged amounts become 0.
+    c = next(d for d in made["caps"] if d.rules >> 48 and not d.holdout)
+    row = find_decision(srv.store, c.event_id)
+    assert row.cap_used is not None and row.cap_used.shape == (2,) and row.cap_used.any()
+    assert main(["replay", "--db", str(copy), c.event_id]) == 0
+    capsys.readouterr()
+    _tamper(copy, c.event_id, "cap_used", [0.0, 0.0])
+    assert main(["replay", "--db", str(copy), c.event_id, "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert not doc["matches"]
+    assert any(m.startswith("cap '") and "not exhausted" in m for m in doc["mismatches"])
+    # The caller's eligible set widened after the fact: the recomputed set differs.
+    e = next(d for d in made["caps"][::3] if not d.holdout and
+             not find_decision(srv.store, d.event_id).requested.all())
+    _tamper(copy, e.event_id, "requested", [1, 1, 1, 1])
+    res = replay_event(copy, e.event_id)
+    assert not res.matches and any(m.startswith("eligible") for m in res.mismatches)
+    assert replay_event(srv.store, d.event_id).matches       # the original is untouched
+
+
+def test_a_store_from_before_the_index_and_the_inputs_opens_and_replays(logged, tmp_path):
+    """A schema-3 file (no event_ranges, no replay-input columns, rows without FLAG_INPUTS)
+    is migrated on open: its blocks are indexed, and its rows replay with the as-logged
+    checks."""
+    srv, db, made = logged
+    copy = _copy_db(db, tmp_path)
+    con = sqlite3.connect(str(copy))
+    with con:
+        con.execute("DROP TABLE event_ranges")
+        con.execute("DELETE FROM meta WHERE key='events_indexed'")
+        for name in ("requested", "attr_num", "attr_hash", "cap_used"):
+            con.execute(f"ALTER TABLE blocks DROP COLUMN {name}")
+        for block_id, flags in con.execute("SELECT id, flags FROM blocks").fetchall():
+            old = np.frombuffer(flags, np.uint8) & np.uint8(~FLAG_INPUTS & 0xFF)
+            con.execute("UPDATE blocks SET flags=? WHERE id=?", (old.tobytes(), block_id))
+        con.execute("UPDATE meta SET value='3' WHERE key='schema'")
+        n_blocks = con.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
+    con.close()
+    with EventStore(copy) as st:
+        assert st.get_meta("schema") == "4"
+        assert st.index_events() == n_blocks          # the stored blocks, indexed once
+        assert st._con.execute("SELECT COUNT(*) FROM event_ranges").fetchone()[0] == n_blocks
+        assert st.index_events() == 0
+        for case in CASES:
+            for d in made[case][:30]:
+                res = replay_event(st, d.event_id)
+                assert res.matches, res.format()
+        res = replay_event(st, next(d for d in made["rules"] if not d.holdout).event_id)
+        assert any(r.recomputed is None for r in res.rules if r.id == "no-match-DE")
+        assert any("stored before" in t for t in res.taken_as_logged)
 
 
 def test_explain_refuses_another_policy_version(logged):

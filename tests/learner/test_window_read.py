@@ -281,7 +281,7 @@ def test_schema_2_store_gets_its_spans(tmp_path):
         con.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
     con.close()
     with EventStore(tmp_path / "many.sqlite") as store:
-        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "3"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "4"
         assert list(store.block_spans("bonus", order="time")) == spans
         assert_same(read_logged_data(store, "bonus", limit=100), want)
         Joiner(store, grace_seconds=0).run(100 * NS)       # the trigger is back
