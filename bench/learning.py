@@ -150,7 +150,9 @@ class LoopsConfig:
 
     Attributes:
         label: name in the table.
-        lag: decisions per round; a reward window spans one round.
+        lag: decisions per round (a reward window spans one round); ``None`` (the default):
+            as many as the learner's current retrain threshold (:meth:`Trainer.threshold`),
+            small early and growing, i.e. one retrain per loop turnaround.
         exploration: ``None`` = the ``Policy.linear`` default.
         learning: LearningSettings overrides (keyword -> value) on top of the defaults.
         promotion: PromotionRule overrides.
@@ -159,7 +161,7 @@ class LoopsConfig:
     """
 
     label: str
-    lag: int = 1000
+    lag: int | None = None
     exploration: object = None
     learning: dict = field(default_factory=dict)
     promotion: dict = field(default_factory=dict)
@@ -241,34 +243,56 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
     """Play ``stream`` through a real learner and client (see the module docstring)."""
     from loops_sdk import ClientConfig, DecisionClient
     from loops_sdk.learner import Learner
+    from loops_sdk.learner.train import RidgeStats, Trainer
     rng = np.random.default_rng(seed)
     n = stream.n
     acts = np.empty(n, np.int64)
     rew = np.empty(n)
     policy = _initial_policy(stream, cfg)
-    cadence = policy.learning.retrain_every_events
     stalls = 0
+    # Wall time of each round trip (the last reward flushed -> the verdict and, when promoted,
+    # the new version at the client) and the learner's own train / gate seconds.
+    turnaround: list[float] = []
+    durations: dict[str, list[float]] = {"train": [], "gate": []}
+    rounds: list[int] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="loops-learnbench-") as tmp:
         learner = Learner(Path(tmp) / "learn.sqlite", tick_seconds=_TICK_S,
-                          grace_seconds=_GRACE_S).start()
+                          grace_seconds=_GRACE_S)
+        learner.on_duration = lambda kind, _name, sec: durations[kind].append(sec)
+        learner.start()
         try:
             learner.publish(policy, "learning bench: initial policy (knows nothing)")
             config = ClientConfig(learner=learner.address, policy_name=policy.name,
                                   seed=seed + 1, flush_interval=0.02,
-                                  flush_records=max(cfg.lag, 100),
+                                  flush_records=max(cfg.lag or policy.learning.retrain_every_events, 100),
                                   spool_dir=str(Path(tmp) / "spool"))
             with DecisionClient(config) as client:
                 if not client.wait_for_initialization(10):
                     raise RuntimeError("bench client never received the initial policy")
-                since_train = 0
 
                 def status():
                     return learner.status().policies[0]
 
+                def stats():
+                    # The learner's cadence counters as it stored them (with the rows they
+                    # count, in the joiner's transaction): rows since the last retrain, rows.
+                    data = learner.store.load_stats(policy.name)
+                    return RidgeStats.for_policy(policy) if data is None \
+                        else RidgeStats.from_bytes(data)
+
                 t = 0
                 while t < n:
-                    m = min(cfg.lag, n - t)
+                    s = stats()
+                    pending, trained, last_train = s.since_train, s.n - s.since_train, \
+                        s.last_train_ms
+                    # The learner retrains after Trainer.threshold new rows: with cfg.lag None
+                    # a round is that many decisions (small early, growing), i.e. a deployment
+                    # whose traffic fills one retrain per loop turnaround; else a fixed lag.
+                    m = (max(Trainer.threshold(policy, trained) - pending, 1)
+                         if cfg.lag is None else cfg.lag)
+                    m = min(m, n - t)
+                    rounds.append(m)
                     if stream.eligible is not None and _introduce(stream, learner, policy, t):
                         served = status().current_version
                         if not _wait(lambda: client.policy(policy.name).version >= served, 10):
@@ -286,21 +310,23 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
                     acts[rows], rew[rows] = a, r
                     t += m
                     versions = len(status().versions)
+                    began = time.perf_counter()
                     client.flush(10)
                     # Every reward sent is joined once its (short) window and grace passed.
                     if not _wait(lambda: status().joined >= t, 30):
                         stalls += 1
-                    since_train += m
-                    if since_train >= cadence:
-                        # The joiner's round trains right after joining: wait for the verdict
-                        # (a new stored version) and, when promoted, for the push.
+                    s = stats()
+                    if (s.last_train_ms != last_train
+                            or s.since_train >= Trainer.threshold(policy, s.n - s.since_train)):
+                        # Trained, or due: the joiner's round trains right after joining. Wait
+                        # for the verdict (a new stored version) and, when promoted, the push.
                         if not _wait(lambda: len(status().versions) > versions, 30):
                             stalls += 1
-                    if len(status().versions) > versions:
-                        since_train = 0
                     served = status().current_version
                     if not _wait(lambda: client.policy(policy.name).version >= served, 10):
                         stalls += 1
+                    if len(status().versions) > versions:
+                        turnaround.append(time.perf_counter() - began)
                 client.flush(10)
             gate = dict(learner.gate_counts)
             st = learner.status().policies[0]
@@ -310,14 +336,35 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
             alarm_rows = [int(c[4]) for c in learner.store.changes(policy.name)]
         finally:
             learner.stop(1.0)
+    med = lambda v: float(np.median(v)) if v else None   # noqa: E731
     return Played(cfg.label, acts, rew, time.perf_counter() - t0,
                   {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
                    "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
                    "final_version": final, "stalls": stalls,
                    "changes_detected": changes, "change_alarm_rows": alarm_rows,
                    "exploration": str(policy.exploration),
-                   "retrain_every_events": cadence,
+                   "retrain_every_events": policy.learning.retrain_every_events,
+                   "first_retrain_events": policy.learning.first_retrain_events,
+                   "rounds": len(rounds), "round_sizes": _round_summary(rounds),
+                   "turnaround_s_median": med(turnaround),
+                   "train_ms_median": None if not durations["train"]
+                   else 1000 * med(durations["train"]),
+                   "gate_ms_median": None if not durations["gate"]
+                   else 1000 * med(durations["gate"]),
                    "gate_window_rows": policy.learning.promotion.window_rows})
+
+
+def _round_summary(sizes: list[int]) -> str:
+    """``"10 x2, 20, 40, ... 200 x17"``: round sizes in order, runs collapsed."""
+    out: list[str] = []
+    i = 0
+    while i < len(sizes):
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        out.append(f"{sizes[i]}" + (f" x{j - i}" if j - i > 1 else ""))
+        i = j
+    return ", ".join(out)
 
 
 # ----------------------------------------------------------------------------- figures
