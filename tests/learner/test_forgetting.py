@@ -199,6 +199,21 @@ def test_cadence_starts_small_and_doubles_up_to_retrain_every_events():
     assert Trainer.threshold(make_policy(every_events=1000, first_retrain_events=0), 0) == 1000
 
 
+def test_default_cadence_retrains_after_ten_rows_and_every_200_at_most():
+    # Defaults chosen on the learning bench's simulator and real loop (README "How the
+    # learner trains"): 10, 10, 20, ... then every 200 rows; SquareCB with the sqrt(n) gamma
+    # schedule is Policy.linear's default exploration.
+    policy = Policy.linear("d", 2, ["a", "b"])
+    seq, trained = [], 0
+    for _ in range(8):
+        step = Trainer.threshold(policy, trained)
+        seq.append(step)
+        trained += step
+    assert seq == [10, 10, 20, 40, 80, 160, 200, 200]
+    assert policy.exploration.kind == "squarecb" and policy.learning.gamma_scale == 8.0
+    assert Policy.from_bytes(policy.to_bytes()).exploration.kind == "squarecb"
+
+
 def test_squarecb_gamma_grows_with_the_data(tmp_path):
     policy = Policy.linear("g", 1, ["a", "b"], exploration=Exploration.squarecb(7.0),
                            learning=LearningSettings(gamma_scale=2.0, detect_changes=False,
