@@ -512,8 +512,9 @@ class Policy:
             bias: ``(K,)``; zeros when omitted.
             exploration: defaults to ``Exploration.squarecb()`` (its gamma serves until the
                 first retrain; then the trainer's ``gamma_scale`` schedule sets it). Before,
-                epsilon-greedy 0.1: on the learning bench SquareCB earned 0.06-0.10 more per
-                decision on every bake-off stream.
+                epsilon-greedy 0.1: at the default cadence SquareCB earned 0.04-0.06 more
+                reward per decision on each of the learning bench's five bake-off streams
+                (``python -m bench.learning_sim``).
             rules: :class:`~loops_sdk.EligibilityRule` s evaluated for every decision.
             caps: :class:`~loops_sdk.FrequencyCap` / :class:`~loops_sdk.BudgetCap` s per player.
             mode: ``"online"`` (the policy serves) or ``"apprentice"`` (the baseline serves,
