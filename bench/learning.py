@@ -218,9 +218,8 @@ def loops_configs(kind: str) -> list[LoopsConfig]:
 def _initial_policy(stream: Stream, cfg: LoopsConfig):
     from loops_sdk import Action, LearningSettings, Policy, PromotionRule
     promotion = replace(PromotionRule(), **cfg.promotion)
-    learning = replace(LearningSettings(), reward_window_seconds=_WINDOW_S,
-                       retrain_every_seconds=LearningSettings().retrain_every_seconds,
-                       promotion=promotion, **cfg.learning)
+    learning = replace(LearningSettings(), **{"reward_window_seconds": _WINDOW_S,
+                                              "promotion": promotion, **cfg.learning})
     table = stream.meta.get("attributes", {})
     actions = [Action(a, float(c), attributes=table.get(a, {}))
                for a, c in zip(stream.action_ids, stream.costs)]

@@ -166,7 +166,10 @@ def test_real_loop_rounds_follow_the_learners_threshold():
     from bench.learning import LoopsConfig, play_loops
     s = _easy_stream()
     cfg = LoopsConfig("follow", exploration=Exploration.squarecb(),
-                      learning={"first_retrain_events": 10, "retrain_every_events": 200},
+                      learning={"first_retrain_events": 10, "retrain_every_events": 200,
+                                # only the row count triggers a retrain (a slow machine's
+                                # stalled round must not add one)
+                                "retrain_every_seconds": 3600.0},
                       promotion={"kind": "always", "min_samples": 2})
     p = play_loops(s, cfg)
     e = p.extra
