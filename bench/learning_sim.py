@@ -6,7 +6,8 @@ same :class:`~loops_sdk.learner.train.Trainer` (decayed ridge statistics, change
 the SquareCB schedule, Thompson draws), the same compiled scorer's probabilities, rounds of
 decisions whose rewards reach the statistics only after the round (the loop's lag), and a
 retrain when :meth:`Trainer.threshold` says one is due. There is no gate (every candidate is
-served, as with the rule ``always``), and actions are drawn with numpy rather than the
+served, as with the rule ``always``; ``min_samples`` models the gate's hold of a small
+window), no time trigger, and actions are drawn with numpy rather than the
 event's hash, so figures match the real loop's in distribution, not row for row. Confirm any
 finding with ``python -m bench --only learning``.
 """
