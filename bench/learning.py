@@ -4,19 +4,24 @@ Every stream (:mod:`bench.worlds`) is played, with fixed seeds, by:
 
 * **LOOPS through its real loop**: a :class:`~loops_sdk.learner.Learner` on 127.0.0.1 (ephemeral
   port, SQLite in a temp dir) and a :class:`~loops_sdk.DecisionClient` connected to it. The
-  client decides in rounds of ``lag`` decisions, reports every outcome with
-  ``client.reward()``, and the policy changes only when the learner pushes one. Between rounds
-  the bench waits (bounded) until the learner has joined every reward sent and, when its
-  cadence says a retrain is due, until the candidate was judged and any promoted version
-  reached the client. Simulated time therefore runs only as fast as the configuration lets
-  it: ``lag`` is how many decisions a reward window spans (the window itself is shortened to
-  a fraction of a second, a real ``LearningSettings`` value), and a retrain happens every
-  ``retrain_every_events`` joined rows. Two configurations: ``defaults`` (every default of
-  ``Policy.linear`` / ``LearningSettings`` / ``PromotionRule``; a window of 1,000 decisions)
-  and ``tuned`` (the best public settings found: squarecb, a window of 200 decisions, a retrain
-  every 200 joined rows, the gate on the newest 5,000 rows), and ``tuned`` with the gate's rule
-  set to ``always`` (every candidate served), which shows what the gate costs; and Thompson
-  sampling (16 posterior draws per version) on the tuned cadence with the gate off.
+  client decides in rounds, reports every outcome with ``client.reward()``, and the policy
+  changes only when the learner pushes one. Between rounds the bench waits (bounded) until
+  the learner has joined every reward sent and, when it trained (or its cadence says a
+  retrain is due), until the candidate was judged and any promoted version reached the
+  client. A round is as many decisions as the learner's current retrain threshold
+  (:meth:`~loops_sdk.learner.train.Trainer.threshold`: ``first_retrain_events``, doubling
+  with the data up to ``retrain_every_events``), so every round ends in one retrain. That
+  models a deployment whose traffic during one loop turnaround (reward window + join +
+  train + gate + push) fills one retrain: its lag is decisions/s x turnaround, here small
+  early and growing. The reward window itself is shortened to a fraction of a second (a
+  real ``LearningSettings`` value), so the results hardly depend on the machine's speed; the
+  bench measures each round's turnaround on loopback (the flush of its last reward to the
+  new version at the client) and the learner's train and gate times, and prints their
+  medians. Four configurations (:func:`loops_configs`): ``defaults`` (nothing set),
+  ``tuned`` (the best public settings found with the gate on), ``tuned, gate off`` (rule
+  ``always``: what the gate costs) and Thompson sampling with the gate off.
+  :mod:`bench.learning_sim` replays the same loop offline in seconds (no gate, no store), to
+  try settings before confirming them here.
 * **Vowpal Wabbit** ``--cb_explore_adf`` (squarecb, softmax, epsilon), learning after every
   row (progressive validation, no delay at all);
 * **uniform** random;
@@ -150,7 +155,9 @@ class LoopsConfig:
 
     Attributes:
         label: name in the table.
-        lag: decisions per round; a reward window spans one round.
+        lag: decisions per round (a reward window spans one round); ``None`` (the default):
+            as many as the learner's current retrain threshold (:meth:`Trainer.threshold`),
+            small early and growing, i.e. one retrain per loop turnaround.
         exploration: ``None`` = the ``Policy.linear`` default.
         learning: LearningSettings overrides (keyword -> value) on top of the defaults.
         promotion: PromotionRule overrides.
@@ -159,7 +166,7 @@ class LoopsConfig:
     """
 
     label: str
-    lag: int = 1000
+    lag: int | None = None
     exploration: object = None
     learning: dict = field(default_factory=dict)
     promotion: dict = field(default_factory=dict)
@@ -169,35 +176,50 @@ class LoopsConfig:
 # Seconds of the (shortened) reward window, the learner's grace and tick: each round waits
 # for them once, so they set the bench's wall time, not its results.
 _WINDOW_S, _GRACE_S, _TICK_S = 0.05, 0.05, 0.02
-# The best squarecb gamma found per stream kind (a few values tried on shorter streams).
+# The best squarecb gamma found per stream kind (a few values tried on shorter streams), for
+# the CRM worlds' tuned configuration (heavy-tailed rewards make sd(reward) a poor unit for
+# the default gamma schedule there).
 TUNED_GAMMA = {"classification": 200.0, "crm": 20.0}
+# Non-inferiority margin of the tuned gate on 0/1 rewards (about 0.1-0.15 reward sd): it
+# kept promoting on the bake-off streams where superiority (with its refresh margin of 0.05
+# sd) rejected 14 of 18 candidates on breast_cancer (bench/learning_sim.py, then this bench).
+TUNED_MARGIN = 0.05
 
 
 def loops_configs(kind: str) -> list[LoopsConfig]:
-    """``defaults``, ``tuned`` and ``tuned`` with the gate set to ``always`` (what the gate
-    costs) for a stream kind (``classification`` or ``crm``)."""
+    """The configurations of the table for a stream kind (``classification`` or ``crm``).
+
+    Every one plays rounds that follow the learner's retrain threshold (``lag`` None).
+    ``defaults``: nothing set (``Policy.linear`` / ``LearningSettings`` / ``PromotionRule``
+    defaults). ``tuned``: the best public settings found with the gate on: on the bake-off
+    streams the defaults' exploration and cadence with the gate's rule ``non_inferiority``
+    (margin :data:`TUNED_MARGIN`) on the newest 5,000 rows from the first rows on
+    (``min_samples`` 2: the default 250 holds every candidate of a small stream's first 250
+    rows); in the CRM worlds a fixed SquareCB gamma (:data:`TUNED_GAMMA`) with the default
+    rule. ``tuned, gate off``: the same with the rule ``always`` (what the gate costs).
+    ``thompson, gate off``: Thompson sampling (16 posterior draws per version)."""
     from loops_sdk import Exploration
-    # squarecb's gamma is per unit of reward: rewards here are 0/1 or currency.
-    gamma = TUNED_GAMMA[kind]
-    common = dict(lag=200, exploration=Exploration.squarecb(gamma),
-                  learning={"retrain_every_events": 200, "gamma_scale": 0.0})
-    # Thompson sampling (16 posterior draws per version) on the same cadence, gate off.
-    thompson = dict(lag=200, exploration=Exploration.thompson(16),
-                    learning={"retrain_every_events": 200})
+    early = {"window_rows": 5000, "min_samples": 2}
+    if kind == "crm":
+        common = dict(exploration=Exploration.squarecb(TUNED_GAMMA[kind]),
+                      learning={"gamma_scale": 0.0})
+        gate = early
+    else:
+        common = {}
+        gate = dict(early, kind="non_inferiority", margin=TUNED_MARGIN)
+    off = dict(early, kind="always")
     return [LoopsConfig("LOOPS defaults"),
-            LoopsConfig("LOOPS tuned", promotion={"window_rows": 5000}, **common),
-            LoopsConfig("LOOPS tuned, gate off", promotion={"window_rows": 5000,
-                                                            "kind": "always"}, **common),
-            LoopsConfig("LOOPS thompson, gate off", promotion={"window_rows": 5000,
-                                                               "kind": "always"}, **thompson)]
+            LoopsConfig("LOOPS tuned", promotion=gate, **common),
+            LoopsConfig("LOOPS tuned, gate off", promotion=off, **common),
+            LoopsConfig("LOOPS thompson, gate off", exploration=Exploration.thompson(16),
+                        promotion=off)]
 
 
 def _initial_policy(stream: Stream, cfg: LoopsConfig):
     from loops_sdk import Action, LearningSettings, Policy, PromotionRule
     promotion = replace(PromotionRule(), **cfg.promotion)
-    learning = replace(LearningSettings(), reward_window_seconds=_WINDOW_S,
-                       retrain_every_seconds=LearningSettings().retrain_every_seconds,
-                       promotion=promotion, **cfg.learning)
+    learning = replace(LearningSettings(), **{"reward_window_seconds": _WINDOW_S,
+                                              "promotion": promotion, **cfg.learning})
     table = stream.meta.get("attributes", {})
     actions = [Action(a, float(c), attributes=table.get(a, {}))
                for a, c in zip(stream.action_ids, stream.costs)]
@@ -241,34 +263,56 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
     """Play ``stream`` through a real learner and client (see the module docstring)."""
     from loops_sdk import ClientConfig, DecisionClient
     from loops_sdk.learner import Learner
+    from loops_sdk.learner.train import RidgeStats, Trainer
     rng = np.random.default_rng(seed)
     n = stream.n
     acts = np.empty(n, np.int64)
     rew = np.empty(n)
     policy = _initial_policy(stream, cfg)
-    cadence = policy.learning.retrain_every_events
     stalls = 0
+    # Wall time of each round trip (the last reward flushed -> the verdict and, when promoted,
+    # the new version at the client) and the learner's own train / gate seconds.
+    turnaround: list[float] = []
+    durations: dict[str, list[float]] = {"train": [], "gate": []}
+    rounds: list[int] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="loops-learnbench-") as tmp:
         learner = Learner(Path(tmp) / "learn.sqlite", tick_seconds=_TICK_S,
-                          grace_seconds=_GRACE_S).start()
+                          grace_seconds=_GRACE_S)
+        learner.on_duration = lambda kind, _name, sec: durations[kind].append(sec)
+        learner.start()
         try:
             learner.publish(policy, "learning bench: initial policy (knows nothing)")
             config = ClientConfig(learner=learner.address, policy_name=policy.name,
                                   seed=seed + 1, flush_interval=0.02,
-                                  flush_records=max(cfg.lag, 100),
+                                  flush_records=max(cfg.lag or policy.learning.retrain_every_events, 100),
                                   spool_dir=str(Path(tmp) / "spool"))
             with DecisionClient(config) as client:
                 if not client.wait_for_initialization(10):
                     raise RuntimeError("bench client never received the initial policy")
-                since_train = 0
 
                 def status():
                     return learner.status().policies[0]
 
+                def stats():
+                    # The learner's cadence counters as it stored them (with the rows they
+                    # count, in the joiner's transaction): rows since the last retrain, rows.
+                    data = learner.store.load_stats(policy.name)
+                    return RidgeStats.for_policy(policy) if data is None \
+                        else RidgeStats.from_bytes(data)
+
                 t = 0
                 while t < n:
-                    m = min(cfg.lag, n - t)
+                    s = stats()
+                    pending, trained, last_train = s.since_train, s.n - s.since_train, \
+                        s.last_train_ms
+                    # The learner retrains after Trainer.threshold new rows: with cfg.lag None
+                    # a round is that many decisions (small early, growing), i.e. a deployment
+                    # whose traffic fills one retrain per loop turnaround; else a fixed lag.
+                    m = (max(Trainer.threshold(policy, trained) - pending, 1)
+                         if cfg.lag is None else cfg.lag)
+                    m = min(m, n - t)
+                    rounds.append(m)
                     if stream.eligible is not None and _introduce(stream, learner, policy, t):
                         served = status().current_version
                         if not _wait(lambda: client.policy(policy.name).version >= served, 10):
@@ -286,21 +330,23 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
                     acts[rows], rew[rows] = a, r
                     t += m
                     versions = len(status().versions)
+                    began = time.perf_counter()
                     client.flush(10)
                     # Every reward sent is joined once its (short) window and grace passed.
                     if not _wait(lambda: status().joined >= t, 30):
                         stalls += 1
-                    since_train += m
-                    if since_train >= cadence:
-                        # The joiner's round trains right after joining: wait for the verdict
-                        # (a new stored version) and, when promoted, for the push.
+                    s = stats()
+                    if (s.last_train_ms != last_train
+                            or s.since_train >= Trainer.threshold(policy, s.n - s.since_train)):
+                        # Trained, or due: the joiner's round trains right after joining. Wait
+                        # for the verdict (a new stored version) and, when promoted, the push.
                         if not _wait(lambda: len(status().versions) > versions, 30):
                             stalls += 1
-                    if len(status().versions) > versions:
-                        since_train = 0
                     served = status().current_version
                     if not _wait(lambda: client.policy(policy.name).version >= served, 10):
                         stalls += 1
+                    if len(status().versions) > versions:
+                        turnaround.append(time.perf_counter() - began)
                 client.flush(10)
             gate = dict(learner.gate_counts)
             st = learner.status().policies[0]
@@ -311,13 +357,21 @@ def play_loops(stream: Stream, cfg: LoopsConfig, seed: int = 0) -> Played:
             not_promoted = _gate_diagnostics(learner.store, policy.name)
         finally:
             learner.stop(1.0)
+    med = lambda v: float(np.median(v)) if v else None   # noqa: E731
     return Played(cfg.label, acts, rew, time.perf_counter() - t0,
                   {"lag": cfg.lag, "promoted": gate.get("promoted", 0),
                    "rejected": gate.get("rejected", 0), "held": gate.get("held", 0),
                    "final_version": final, "stalls": stalls, "not_promoted": not_promoted,
                    "changes_detected": changes, "change_alarm_rows": alarm_rows,
                    "exploration": str(policy.exploration),
-                   "retrain_every_events": cadence,
+                   "retrain_every_events": policy.learning.retrain_every_events,
+                   "first_retrain_events": policy.learning.first_retrain_events,
+                   "rounds": len(rounds), "round_sizes": _round_summary(rounds),
+                   "turnaround_s_median": med(turnaround),
+                   "train_ms_median": None if not durations["train"]
+                   else 1000 * med(durations["train"]),
+                   "gate_ms_median": None if not durations["gate"]
+                   else 1000 * med(durations["gate"]),
                    "gate_window_rows": policy.learning.promotion.window_rows})
 
 
@@ -362,6 +416,19 @@ def _gate_note(p: Played) -> str:
     refresh = sum(r["refresh"] for r in rej)
     return (f"; not promoted (median): paired difference {diff:.3g}, se {se:.3g}, on {n:,.0f} "
             f"rows, candidate ESS {ess:,.0f}; {refresh} of {len(rej)} judged as refreshes")
+
+
+def _round_summary(sizes: list[int]) -> str:
+    """``"10 x2, 20, 40, ... 200 x17"``: round sizes in order, runs collapsed."""
+    out: list[str] = []
+    i = 0
+    while i < len(sizes):
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        out.append(f"{sizes[i]}" + (f" x{j - i}" if j - i > 1 else ""))
+        i = j
+    return ", ".join(out)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -470,6 +537,16 @@ def run_new_bonus(quick: bool = False, have_vw: bool = True, log=None) -> tuple[
                                "methods": raw}}
 
 
+def _loop_note(p: Played) -> str:
+    """Round sizes and the measured turnaround of a LOOPS run (medians over its rounds)."""
+    e = p.extra
+    if e.get("turnaround_s_median") is None:
+        return f"rounds {e.get('round_sizes', '')}"
+    return (f"rounds {e['round_sizes']}; turnaround {1000 * e['turnaround_s_median']:.0f} ms "
+            f"(window + grace {1000 * (_WINDOW_S + _GRACE_S):.0f} ms; train "
+            f"{e['train_ms_median']:.1f} ms, gate {e['gate_ms_median']:.1f} ms)")
+
+
 def _fmt_n(v: int | None, total: int) -> str:
     return f"{v:,}" if v is not None else f"> {total:,}"
 
@@ -523,9 +600,9 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                 if vw_best is not None:
                     target = f">= VW best ({vw_best.method[3:]}, {vw_best.rewards.mean():.3f})"
                     met = pr >= float(vw_best.rewards.mean())
-                note = (f"round {p.extra['lag']}, promoted {p.extra['promoted']}, rejected "
-                        f"{p.extra['rejected']}, held {p.extra['held']}; changes detected "
-                        f"{p.extra['changes_detected']} (stationary stream)" + _gate_note(p))
+                note = (f"promoted {p.extra['promoted']}, rejected {p.extra['rejected']}, held "
+                        f"{p.extra['held']}; changes detected {p.extra['changes_detected']} "
+                        f"(stationary stream); {_loop_note(p)}" + _gate_note(p))
             elif p.method == "A/B test":
                 note = (f"stopped at {_fmt_n(p.extra['sample_size'], stream.n)}, winner "
                         f"{p.extra['winner']}")
@@ -548,7 +625,7 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
                                 + (f"; promoted {p.extra['promoted']}, rejected "
                                    f"{p.extra['rejected']}, held {p.extra['held']}; changes "
                                    f"detected {p.extra['changes_detected']} at rows "
-                                   f"{p.extra['change_alarm_rows']}" + _gate_note(p)
+                                   f"{p.extra['change_alarm_rows']}; {_loop_note(p)}" + _gate_note(p)
                                    if p.method.startswith("LOOPS") else "")
                                 + (f"; stopped at {_fmt_n(ab_n, stream.n)}, winner "
                                    f"{p.extra['winner']}" if p.method == "A/B test" else "")))

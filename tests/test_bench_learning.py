@@ -134,3 +134,48 @@ def test_decisions_to_share_and_rolling():
     # From a start point, counted from there; windows never reach back before it.
     assert decisions_to_share(expected, oracle, start=50, window=10) == 10
     assert decisions_to_share(np.zeros(100), oracle, window=10) is None
+
+
+def _easy_stream(n=400, seed=3):
+    """Two well separated classes: a linear policy learns them from a few dozen rows."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = np.column_stack([np.where(y == 1, 2.0, -2.0) + rng.normal(size=n), rng.normal(size=n)])
+    return classification_stream("easy", X, y, seed=seed)
+
+
+def test_simulator_retrains_at_the_learners_threshold_and_learns():
+    from bench.learning_sim import simulate
+    s = _easy_stream()
+    out = simulate(s, lag="follow", first_retrain_events=10, retrain_every_events=200)
+    # Rounds 10, 10, 20, 40, 80, 160 each end in a retrain; the last 80 rows are not due.
+    assert out["versions"] == 7
+    assert out["reward"] > 0.8                      # uniform gets 0.5
+    assert simulate(s, lag="follow", first_retrain_events=10,
+                    retrain_every_events=200) == out       # a seed fixes the run
+    held = simulate(s, lag="follow", first_retrain_events=10, retrain_every_events=200,
+                    min_samples=10_000)                    # never served: stays uniform
+    assert held["reward"] < out["reward"]
+
+
+def test_real_loop_rounds_follow_the_learners_threshold():
+    """Through the real learner and client: each round is as long as the learner's current
+    retrain threshold, ends in a retrain that is pushed (gate ``always``), and is timed."""
+    pytest.importorskip("grpc")
+    from loops_sdk import Exploration
+    from bench.learning import LoopsConfig, play_loops
+    s = _easy_stream()
+    cfg = LoopsConfig("follow", exploration=Exploration.squarecb(),
+                      learning={"first_retrain_events": 10, "retrain_every_events": 200,
+                                # only the row count triggers a retrain (a slow machine's
+                                # stalled round must not add one)
+                                "retrain_every_seconds": 3600.0},
+                      promotion={"kind": "always", "min_samples": 2})
+    p = play_loops(s, cfg)
+    e = p.extra
+    assert e["round_sizes"] == "10 x2, 20, 40, 80, 160, 80"
+    assert e["stalls"] == 0
+    # Six rounds were due, each promoted (v1 is the initial policy); the last was not due.
+    assert (e["promoted"], e["rejected"], e["held"], e["final_version"]) == (6, 0, 0, 7)
+    assert e["turnaround_s_median"] > 0 and e["train_ms_median"] > 0
+    assert p.rewards.mean() > 0.8

@@ -793,6 +793,9 @@ class Trainer:
                 lag = now_ms - float(np.median(np.asarray(ts_ns, np.int64) // 1_000_000))
                 e["row_lag_ms"] = max(0.0, lag)
             e.setdefault("unserved_since_ms", now_ms)
+            if not s.last_train_ms:
+                # The time trigger of a policy never trained counts from its first row.
+                e.setdefault("first_row_ms", now_ms)
         self._dirty.add(policy.name)
 
     # ----------------------------------------------------------------- change detection
@@ -872,7 +875,8 @@ class Trainer:
 
     def due(self, policy: Policy, now_ms: int | None = None) -> bool:
         """True when :meth:`threshold` new rows arrived, or ``retrain_every_seconds`` passed
-        since the last training and at least one new row arrived."""
+        since the last training (before the first: since the first row) and at least one new
+        row arrived."""
         s = self.stats(policy)
         if s.since_train <= 0:
             return False
@@ -881,7 +885,10 @@ class Trainer:
         every = self.threshold(policy, s.n - s.since_train)
         if every and s.since_train >= every:
             return True
-        return now_ms - s.last_train_ms >= ls.retrain_every_seconds * 1000
+        # Never trained: not since 1970 (that retrained on the first joined row, whatever
+        # first_retrain_events said).
+        since = s.last_train_ms or int(s.extra.get("first_row_ms", now_ms))
+        return now_ms - since >= ls.retrain_every_seconds * 1000
 
     # ----------------------------------------------------------------- candidates
     def fit(self, policy: Policy, s: RidgeStats, version: int) -> Policy:

@@ -199,6 +199,38 @@ def test_cadence_starts_small_and_doubles_up_to_retrain_every_events():
     assert Trainer.threshold(make_policy(every_events=1000, first_retrain_events=0), 0) == 1000
 
 
+def test_default_cadence_retrains_after_ten_rows_and_every_200_at_most():
+    # Defaults chosen on the learning bench's simulator and real loop (README "How the
+    # learner trains"): 10, 10, 20, ... then every 200 rows; SquareCB with the sqrt(n) gamma
+    # schedule is Policy.linear's default exploration.
+    policy = Policy.linear("d", 2, ["a", "b"])
+    seq, trained = [], 0
+    for _ in range(8):
+        step = Trainer.threshold(policy, trained)
+        seq.append(step)
+        trained += step
+    assert seq == [10, 10, 20, 40, 80, 160, 200, 200]
+    assert policy.exploration.kind == "squarecb" and policy.learning.gamma_scale == 8.0
+    assert Policy.from_bytes(policy.to_bytes()).exploration.kind == "squarecb"
+
+
+def test_first_retrain_waits_for_first_retrain_events_not_for_a_clock_since_1970(tmp_path):
+    # Before, a policy never trained was "5 s past its last training" (at 0 ms), so its very
+    # first joined row retrained it, whatever first_retrain_events said.
+    policy = make_policy(every_events=200, every_seconds=5.0, first_retrain_events=10)
+    trainer = Trainer(EventStore(tmp_path / "f.sqlite"))
+    x = np.random.default_rng(1).normal(size=(3, 3))
+    trainer.observe(policy, x, np.zeros(3, int), np.ones(3), now_ms=1_000_000)
+    assert not trainer.due(policy, now_ms=1_000_001)
+    assert trainer.due(policy, now_ms=1_005_000)            # 5 s after the first row
+    trainer.observe(policy, np.zeros((7, 3)), np.zeros(7, int), np.ones(7), now_ms=1_000_002)
+    assert trainer.due(policy, now_ms=1_000_002)            # 10 rows
+    trainer.train(policy, version=2, now_ms=1_000_003)
+    trainer.observe(policy, x, np.zeros(3, int), np.ones(3), now_ms=1_000_004)
+    assert not trainer.due(policy, now_ms=1_004_000)        # from the training on
+    assert trainer.due(policy, now_ms=1_005_003)
+
+
 def test_squarecb_gamma_grows_with_the_data(tmp_path):
     policy = Policy.linear("g", 1, ["a", "b"], exploration=Exploration.squarecb(7.0),
                            learning=LearningSettings(gamma_scale=2.0, detect_changes=False,

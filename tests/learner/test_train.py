@@ -52,7 +52,7 @@ def test_trainer_cadence_persistence_and_new_version(tmp_path):
     trainer = Trainer(store)
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 2))
-    trainer.observe(policy, x, np.zeros(50, int), 2 * x[:, 0] + 1)
+    trainer.observe(policy, x, np.zeros(50, int), 2 * x[:, 0] + 1, now_ms=0)
     with store.transaction() as con:
         trainer.save(con)
     assert not trainer.due(policy, now_ms=1)               # 50 < 100 events, 1 ms < 5 s
