@@ -54,7 +54,12 @@ def replay(stream: Stream, cfg, seed: int = 0, serve_every: int = 1) -> dict:
         try:
             t = 0
             while t < n:
-                m = min(cfg.lag, n - t)
+                # Rounds as the learning bench plays them: a fixed lag, or (lag None) what
+                # the trainer's threshold still needs before the next retrain.
+                st = trainer.stats(policy)
+                m = cfg.lag or max(trainer.threshold(policy, st.n - st.since_train)
+                                   - st.since_train, 1)
+                m = min(m, n - t)
                 rows = np.arange(t, t + m)
                 batch = client.decide_batch(policy.name, stream.X[rows])
                 a = np.asarray(batch.actions, dtype=np.int64)
