@@ -179,6 +179,6 @@ def run(quick: bool = False) -> tuple[list[Row], dict]:
 
 if __name__ == "__main__":   # python -m bench.detection [--quick]
     import sys as _sys
-    from .__main__ import print_table
+    from .common import print_table
     _rows, _ = run("--quick" in _sys.argv)
     print_table(_rows)
