@@ -595,16 +595,19 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     q = np.empty((part.n, part.n_actions))
     cols = remap                        # data's column c is the policy's action cols[c]
     boosted = bool(candidate.metadata.get("exploring_after_change"))
+    actions = remap[part.actions]
+    # Every fold's sums in one pass (rows sorted once by fold and action), each twin's
+    # statistics the copy minus its fold's sums: what removing the fold's rows gives.
+    sums = (stats.group_sums(part.x, actions, part.rewards, clocks, fold, folds)
+            if subtracts else None)
     twins = []
     for f in range(folds):
-        sel = np.flatnonzero(fold == f)
-        fx, fa, fr = part.x[sel], remap[part.actions[sel]], part.rewards[sel]
+        sel = slice(f, None, folds)     # fold f: every folds-th row (a view, not a copy)
+        fx = np.ascontiguousarray(part.x[sel])
         if subtracts:
-            rest = stats.copy()
-            rest.remove(fx, fa, fr, clocks[sel])
-            rest.count = np.maximum(rest.count, 0)
+            rest = stats.minus(sums[f])
         else:
-            rest = stats.without(fx, fa, fr, ts[sel])
+            rest = stats.without(fx, actions[sel], part.rewards[sel], ts[sel])
         if fit is not None:
             twin = fit(rest)
             twin = twin.with_model(twin.weights, twin.bias, version=candidate.version,
@@ -621,8 +624,12 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
         twins.append(twin)
         if twin.action_ids == part.action_ids:   # checked once, with the whole matrix
             judged[sel] = twin.probabilities(
-                fx, None if part.eligible is None else part.eligible[sel])
+                fx, None if part.eligible is None else np.ascontiguousarray(
+                    part.eligible[sel]))
         else:
             judged[sel] = target_probabilities(twin, part.subset(sel))
-        q[sel] = np.asarray(twin.scores(fx), dtype=np.float64)[:, cols]
+        # The twin's mean scores (before exploration), one matmul: a shared policy's
+        # per-action weights are derived from its shared model, so this holds for every
+        # kind (the scorer's own dot products differ from it by rounding only).
+        q[sel] = (fx @ twin.weights.T + twin.bias)[:, cols]
     return HeldOut(part, judged, q, tuple(twins))
