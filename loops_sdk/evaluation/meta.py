@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from ..errors import EvaluationError
+from ..policy import Policy
 from .data import LoggedData, Target, _real, baseline_targets, target_probabilities
 from .estimators import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, Estimate, Estimator,
                          RoundInputs, SwitchDoublyRobust, _bootstrap_sums, _require_data,
@@ -97,9 +98,20 @@ class OffPolicyEvaluation:
         return self._q
 
     # ----------------------------------------------------------------- per target
-    def round_inputs(self, target: Target) -> RoundInputs:
+    def round_inputs(self, target: Target, *, trusted: bool = False) -> RoundInputs:
         """The validated inputs of ``target`` (a :class:`~loops_sdk.Policy` or an ``(n, K)``
-        probability matrix), with the shared reward model when an estimator needs it."""
+        probability matrix), with the shared reward model when an estimator needs it.
+
+        ``trusted``: ``target`` is an ``(n, K)`` matrix built valid for these rows (e.g. by
+        the scorer, as the gate's held-out twins are), used without re-checking it."""
+        if trusted and not isinstance(target, Policy):
+            pi = np.asarray(target, dtype=np.float64)
+            if pi.shape != (self.data.n, self.data.n_actions):
+                raise EvaluationError(f"target probabilities have shape {pi.shape}, "
+                                      f"expected ({self.data.n}, {self.data.n_actions}) = "
+                                      "(logged rows, actions)")
+            return RoundInputs(self.data, pi,
+                               self.reward_model if self.uses_reward_model else None)
         pi = target_probabilities(target, self.data)
         return RoundInputs(self.data, pi, self.reward_model if self.uses_reward_model else None)
 
@@ -263,11 +275,17 @@ def _fixed_action_estimates(estimators: Sequence[Estimator], data: LoggedData,
             ss = base_ss + per_action(lone * (2.0 * base_at + lone))
         return m, np.sqrt(np.maximum(ss, 0.0) / (n - 1)) / root_n
 
-    q_sum = None if q is None else q.sum(axis=0)
+    q_sum = q_ss = q_at = None
+    if q is not None:      # the model columns' spread, once: around m it is that around
+        q_sum = q.sum(axis=0)                    # their mean plus n (mean - m)^2
+        q_mean = q_sum / n
+        centred = q - q_mean
+        q_ss = np.einsum("ij,ij->j", centred, centred)
+        q_at = centred[np.arange(n), a]
 
     def q_dev(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        centred = q - m
-        return np.einsum("ij,ij->j", centred, centred), centred[np.arange(n), a]
+        shift = q_mean - m
+        return q_ss + n * shift * shift, q_at + shift[a]
 
     by: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for e in estimators:

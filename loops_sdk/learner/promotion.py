@@ -199,7 +199,10 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         ope = OffPolicyEvaluation(data, names, ridge_lambda=deployed.learning.ridge_lambda,
                                   level=rule.level, interval=rule.interval, seed=seed,
                                   reward_model=reward_model)
-        cand_rows = ope.round_inputs(candidate if judged is None else judged)
+        # The twins' probabilities come from the scorer's own code, valid by construction:
+        # not checked again (a candidate Policy is, by round_inputs).
+        cand_rows = (ope.round_inputs(candidate) if judged is None
+                     else ope.round_inputs(judged, trusted=held_out))
         dep_rows = ope.round_inputs(deployed)
         estimates: dict[str, dict[str, Estimate]] = {
             "candidate": ope.estimate(cand_rows), "deployed": ope.estimate(dep_rows)}
@@ -610,8 +613,8 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
             rest = stats.without(fx, actions[sel], part.rewards[sel], ts[sel])
         if fit is not None:
             twin = fit(rest)
-            twin = twin.with_model(twin.weights, twin.bias, version=candidate.version,
-                                   metadata=dict(candidate.metadata))
+            # Validated by fit; only its name tags change (no second validation).
+            twin = replace(twin, version=candidate.version, metadata=dict(candidate.metadata))
         else:
             weights, bias = rest.solve(deployed.learning.ridge_lambda)
             unseen = rest.count == 0    # as the trainer does: unseen actions keep their params

@@ -244,7 +244,7 @@ class RidgeStats:
         order = np.argsort(key, kind="stable")
         bounds = np.searchsorted(key[order], np.arange(n_groups * k + 1))
         z = np.empty((n, dim + 1))
-        z[:, :dim] = x[order]
+        np.take(x, order, axis=0, out=z[:, :dim])
         z[:, dim] = 1.0
         r = rewards[order]
         w = self._weights(np.asarray(clocks, dtype=np.float64)[order])
