@@ -234,18 +234,21 @@ class RidgeStats:
                    clocks: np.ndarray, groups: np.ndarray, n_groups: int) -> list[tuple]:
         """What each group of rows (``groups`` ``(n,)`` in ``[0, n_groups)``, e.g. the gate's
         folds) adds to these statistics at ``clocks``: per group ``(zz, zr, count,
-        reward_sum, reward_sq)``, the very sums :meth:`remove` of the group's rows would
-        subtract (same rows, same order per action), taken in one pass: the rows are sorted
-        once by (group, action) and every block is a contiguous slice (no mask per group)."""
+        reward_sum, reward_sq)``, the sums :meth:`remove` of the group's rows would subtract
+        (up to rounding), taken in one pass: the rows are sorted once by (group, action) and
+        every block is a contiguous slice (no mask per group)."""
         x, actions, rewards = self._check(x, actions, rewards)
         n, dim = x.shape
         k = len(self.action_ids)
         key = np.asarray(groups, dtype=np.int64) * k + actions
+        if n_groups * k <= np.iinfo(np.int16).max:
+            key = key.astype(np.int16)           # a stable sort of 16-bit keys is a radix sort
         order = np.argsort(key, kind="stable")
         bounds = np.searchsorted(key[order], np.arange(n_groups * k + 1))
         z = np.empty((n, dim + 1))
-        np.take(x, order, axis=0, out=z[:, :dim])
+        z[:, :dim] = x
         z[:, dim] = 1.0
+        z = z.take(order, axis=0)                # whole rows of the padded copy: one gather
         r = rewards[order]
         w = self._weights(np.asarray(clocks, dtype=np.float64)[order])
         out = []
@@ -259,9 +262,10 @@ class RidgeStats:
                     continue
                 zk, rk = z[lo:hi], r[lo:hi]
                 wk = np.ones(hi - lo) if w is None else w[lo:hi]
-                zw = zk * wk[:, None]
-                zz[a] = zw.T @ zk
-                zr[a] = zw.T @ rk
+                # s.T @ s of one array is a symmetric rank-k update (half a product's work).
+                zs = zk if w is None else zk * np.sqrt(wk)[:, None]
+                zz[a] = zs.T @ zs
+                zr[a] = (wk * rk) @ zk
                 count[a] = hi - lo
                 rsum[a] = wk @ rk
                 rsq[a] = wk @ (rk * rk)
