@@ -50,8 +50,10 @@ called directly) the candidate is judged on all the rows given with a reward mod
 cross-fitted on them.
 
 Cost: the window's decoded blocks are cached between rounds (only new or newly joined
-blocks are read), baselines are built valid and not re-checked, and no reward model is
-fitted per candidate.
+blocks are read), every fold's sums come from one pass over the held-out rows
+(``RidgeStats.group_sums``), the twins' reward model is one matmul per fold, their
+probabilities (the scorer's) are not checked again, the fixed-action baselines are
+per-action sums over the logged rows, and no reward model is fitted per candidate.
 
 Every estimate is stored (``EventStore.add_evaluation``) with the decision and a reason that
 states the numbers, so ``loops policy history`` can show why each version is or is not served;
