@@ -169,7 +169,9 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         judged: the policy (or ``(n, K)`` probabilities) standing for the candidate (its
             twins fitted without ``data``'s rows, :func:`held_out_twins`); defaults to
             ``candidate``.
-        held_out: say in the result that ``data`` was held out of ``judged``'s training.
+        held_out: say in the result that ``data`` was held out of ``judged``'s training;
+            a ``judged`` matrix is then taken as the twins' (the scorer's own, valid by
+            construction) and only its shape is checked.
         window_n: the rows of the window ``data`` was held out of (``min_samples`` counts
             these).
         reward_model: ``(n, K)`` predicted rewards shared by every target (the twins'); by
