@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from ..errors import EvaluationError
+from ..policy import Policy
 from .data import LoggedData, Target, _real, baseline_targets, target_probabilities
 from .estimators import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, Estimate, Estimator,
                          RoundInputs, SwitchDoublyRobust, _bootstrap_sums, _require_data,
@@ -97,9 +98,20 @@ class OffPolicyEvaluation:
         return self._q
 
     # ----------------------------------------------------------------- per target
-    def round_inputs(self, target: Target) -> RoundInputs:
+    def round_inputs(self, target: Target, *, trusted: bool = False) -> RoundInputs:
         """The validated inputs of ``target`` (a :class:`~loops_sdk.Policy` or an ``(n, K)``
-        probability matrix), with the shared reward model when an estimator needs it."""
+        probability matrix), with the shared reward model when an estimator needs it.
+
+        ``trusted``: ``target`` is an ``(n, K)`` matrix built valid for these rows (e.g. by
+        the scorer, as the gate's held-out twins are), used without re-checking it."""
+        if trusted and not isinstance(target, Policy):
+            pi = np.asarray(target, dtype=np.float64)
+            if pi.shape != (self.data.n, self.data.n_actions):
+                raise EvaluationError(f"target probabilities have shape {pi.shape}, "
+                                      f"expected ({self.data.n}, {self.data.n_actions}) = "
+                                      "(logged rows, actions)")
+            return RoundInputs(self.data, pi,
+                               self.reward_model if self.uses_reward_model else None)
         pi = target_probabilities(target, self.data)
         return RoundInputs(self.data, pi, self.reward_model if self.uses_reward_model else None)
 
@@ -167,22 +179,12 @@ class OffPolicyEvaluation:
             return self.estimate_many(baseline_targets(data, default_action), trusted=True)
         n, k = data.n, data.n_actions
         q = self.reward_model if self.uses_reward_model else None
-        rows = np.arange(n)
         uniform = RoundInputs(data, np.full((n, k), 1.0 / k), q)
-        # Row t: target t's per-row importance weight and model term (uniform, then each
-        # fixed action in column order; always action a: w = [a_i == a] / mu_i, q[:, a]).
-        w = np.zeros((k + 1, n))
-        w[0] = uniform.w
-        w[1 + data.actions, rows] = 1.0 / data.propensities
-        model = resid = None
-        if q is not None:
-            model = np.empty((k + 1, n))
-            model[0] = uniform.model_term
-            model[1:] = q.T
-            resid = data.rewards - q[rows, data.actions]
-        names = ["uniform", *(f"fixed:{a}" for a in data.action_ids)]
-        out = _stacked_estimates(self.estimators, names, w, data.rewards, model, resid,
-                                 self.level)
+        resid = None if q is None else data.rewards - q[np.arange(n), data.actions]
+        out = _stacked_estimates(self.estimators, ["uniform"], uniform.w[None, :],
+                                 data.rewards, None if q is None else
+                                 uniform.model_term[None, :], resid, self.level)
+        out.update(_fixed_action_estimates(self.estimators, data, q, resid, self.level))
         out["holdout_default"] = dict(out[f"fixed:{default_action}"])
         return out
 
@@ -230,6 +232,87 @@ class OffPolicyEvaluation:
             out[e.name] = Estimate(e.name, value, lo - bias, hi + bias, se, a.ess, n,
                                    self.level, self.interval, bias)
         return out
+
+
+def _fixed_action_estimates(estimators: Sequence[Estimator], data: LoggedData,
+                            q: np.ndarray | None, resid: np.ndarray | None, level: float
+                            ) -> dict[str, dict[str, Estimate]]:
+    """Normal-interval estimates of the built-in ``estimators`` for every fixed action at
+    once, every action eligible in every row. Always action ``a`` weighs row ``i`` by
+    ``w = [a_i == a] / mu_i``: nonzero only on the rows that logged ``a``, so each sum over
+    rows is a per-action sum over the logged rows (one ``bincount``) plus, for the model
+    terms, a column sum of ``q``; spreads are taken around the mean (two-pass, as
+    ``std`` does), so the numbers are those of the per-target formulas up to rounding, in
+    ``O(n K)`` for all of them (per target, each was ``O(n K)``)."""
+    n, k = data.n, data.n_actions
+    a, inv, r = data.actions, 1.0 / data.propensities, data.rewards
+    root_n = math.sqrt(n)
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+
+    def per_action(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(a, weights=weights, minlength=k)
+
+    logged = np.bincount(a, minlength=k)
+    w_sum, w_sq = per_action(inv), per_action(inv * inv)
+    ess = np.where(w_sq > 0, w_sum * w_sum / np.where(w_sq > 0, w_sq, 1.0), 0.0)
+    for _ in range(int((w_sq <= 0).sum())):    # as estimate_all warns, once per target
+        logger.warning("target policy never chooses a logged action: no overlap with the "
+                       "log, importance-weighted estimates are 0 or undefined")
+    wr = r * inv
+
+    def mean_sd(lone: np.ndarray, col_sum: np.ndarray | None = None,
+                col_dev: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard error of terms ``t_i = base[i, a] + [a_i == a] lone_i`` (base:
+        the model column, or 0), with ``col_sum`` base's column sums and ``col_dev(m)`` the
+        column sums of ``(base - m)^2`` and ``base[i, a_i] - m[a_i]``."""
+        m = per_action(lone) if col_sum is None else col_sum + per_action(lone)
+        m = m / n
+        if col_dev is None:                      # terms 0 off the logged rows
+            dev = lone - m[a]
+            ss = per_action(dev * dev) + (n - logged) * m * m
+        else:
+            base_ss, base_at = col_dev(m)
+            ss = base_ss + per_action(lone * (2.0 * base_at + lone))
+        return m, np.sqrt(np.maximum(ss, 0.0) / (n - 1)) / root_n
+
+    q_sum = q_ss = q_at = None
+    if q is not None:      # the model columns' spread, once: around m it is that around
+        q_sum = q.sum(axis=0)                    # their mean plus n (mean - m)^2
+        q_mean = q_sum / n
+        centred = q - q_mean
+        q_ss = np.einsum("ij,ij->j", centred, centred)
+        q_at = centred[np.arange(n), a]
+
+    def q_dev(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shift = q_mean - m
+        return q_ss + n * shift * shift, q_at + shift[a]
+
+    by: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for e in estimators:
+        if e.name == "snips":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v = np.where(w_sum > 0, per_action(wr) / np.where(w_sum > 0, w_sum, 1.0),
+                             math.nan)
+                psi = (r - v[a]) * inv
+                den = w_sum / n
+                se = np.sqrt(per_action(psi * psi) / (den * den) / (n - 1)) / root_n
+            by[e.name] = (v, np.where(np.isnan(v), math.nan, se))
+        elif e.name == "ips":
+            by[e.name] = mean_sd(wr)
+        elif e.name == "dm":
+            by[e.name] = mean_sd(np.zeros(n), q_sum, q_dev)
+        elif isinstance(e, SwitchDoublyRobust):
+            by[e.name] = mean_sd(np.where(inv > e.tau, 0.0, resid * inv), q_sum, q_dev)
+        else:                                   # dr
+            by[e.name] = mean_sd(resid * inv, q_sum, q_dev)
+    out: dict[str, dict[str, Estimate]] = {}
+    for i, aid in enumerate(data.action_ids):
+        out[f"fixed:{aid}"] = by_target = {}
+        for e in estimators:
+            v, se = float(by[e.name][0][i]), float(by[e.name][1][i])
+            by_target[e.name] = Estimate(e.name, v, v - z * se, v + z * se, se,
+                                         float(ess[i]), n, float(level), "normal")
+    return out
 
 
 def _stacked_estimates(estimators: Sequence[Estimator], names: Sequence[str], w: np.ndarray,

@@ -50,8 +50,10 @@ called directly) the candidate is judged on all the rows given with a reward mod
 cross-fitted on them.
 
 Cost: the window's decoded blocks are cached between rounds (only new or newly joined
-blocks are read), baselines are built valid and not re-checked, and no reward model is
-fitted per candidate.
+blocks are read), every fold's sums come from one pass over the held-out rows
+(``RidgeStats.group_sums``), the twins' reward model is one matmul per fold, their
+probabilities (the scorer's) are not checked again, the fixed-action baselines are
+per-action sums over the logged rows, and no reward model is fitted per candidate.
 
 Every estimate is stored (``EventStore.add_evaluation``) with the decision and a reason that
 states the numbers, so ``loops policy history`` can show why each version is or is not served;
@@ -167,7 +169,9 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         judged: the policy (or ``(n, K)`` probabilities) standing for the candidate (its
             twins fitted without ``data``'s rows, :func:`held_out_twins`); defaults to
             ``candidate``.
-        held_out: say in the result that ``data`` was held out of ``judged``'s training.
+        held_out: say in the result that ``data`` was held out of ``judged``'s training;
+            a ``judged`` matrix is then taken as the twins' (the scorer's own, valid by
+            construction) and only its shape is checked.
         window_n: the rows of the window ``data`` was held out of (``min_samples`` counts
             these).
         reward_model: ``(n, K)`` predicted rewards shared by every target (the twins'); by
@@ -199,7 +203,10 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         ope = OffPolicyEvaluation(data, names, ridge_lambda=deployed.learning.ridge_lambda,
                                   level=rule.level, interval=rule.interval, seed=seed,
                                   reward_model=reward_model)
-        cand_rows = ope.round_inputs(candidate if judged is None else judged)
+        # The twins' probabilities come from the scorer's own code, valid by construction:
+        # not checked again (a candidate Policy is, by round_inputs).
+        cand_rows = (ope.round_inputs(candidate) if judged is None
+                     else ope.round_inputs(judged, trusted=held_out))
         dep_rows = ope.round_inputs(deployed)
         estimates: dict[str, dict[str, Estimate]] = {
             "candidate": ope.estimate(cand_rows), "deployed": ope.estimate(dep_rows)}
@@ -595,20 +602,23 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     q = np.empty((part.n, part.n_actions))
     cols = remap                        # data's column c is the policy's action cols[c]
     boosted = bool(candidate.metadata.get("exploring_after_change"))
+    actions = remap[part.actions]
+    # Every fold's sums in one pass (rows sorted once by fold and action), each twin's
+    # statistics the copy minus its fold's sums: what removing the fold's rows gives.
+    sums = (stats.group_sums(part.x, actions, part.rewards, clocks, fold, folds)
+            if subtracts else None)
     twins = []
     for f in range(folds):
-        sel = np.flatnonzero(fold == f)
-        fx, fa, fr = part.x[sel], remap[part.actions[sel]], part.rewards[sel]
+        sel = slice(f, None, folds)     # fold f: every folds-th row (a view, not a copy)
+        fx = np.ascontiguousarray(part.x[sel])
         if subtracts:
-            rest = stats.copy()
-            rest.remove(fx, fa, fr, clocks[sel])
-            rest.count = np.maximum(rest.count, 0)
+            rest = stats.minus(sums[f])
         else:
-            rest = stats.without(fx, fa, fr, ts[sel])
+            rest = stats.without(fx, actions[sel], part.rewards[sel], ts[sel])
         if fit is not None:
             twin = fit(rest)
-            twin = twin.with_model(twin.weights, twin.bias, version=candidate.version,
-                                   metadata=dict(candidate.metadata))
+            # Validated by fit; only its name tags change (no second validation).
+            twin = replace(twin, version=candidate.version, metadata=dict(candidate.metadata))
         else:
             weights, bias = rest.solve(deployed.learning.ridge_lambda)
             unseen = rest.count == 0    # as the trainer does: unseen actions keep their params
@@ -621,8 +631,12 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
         twins.append(twin)
         if twin.action_ids == part.action_ids:   # checked once, with the whole matrix
             judged[sel] = twin.probabilities(
-                fx, None if part.eligible is None else part.eligible[sel])
+                fx, None if part.eligible is None else np.ascontiguousarray(
+                    part.eligible[sel]))
         else:
             judged[sel] = target_probabilities(twin, part.subset(sel))
-        q[sel] = np.asarray(twin.scores(fx), dtype=np.float64)[:, cols]
+        # The twin's mean scores (before exploration), one matmul: a shared policy's
+        # per-action weights are derived from its shared model, so this holds for every
+        # kind (the scorer's own dot products differ from it by rounding only).
+        q[sel] = (fx @ twin.weights.T + twin.bias)[:, cols]
     return HeldOut(part, judged, q, tuple(twins))

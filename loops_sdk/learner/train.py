@@ -230,6 +230,59 @@ class RidgeStats:
             self._accumulate(x, actions, rewards,
                              self._weights(np.asarray(clocks, dtype=np.float64)), -1.0)
 
+    def group_sums(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                   clocks: np.ndarray, groups: np.ndarray, n_groups: int) -> list[tuple]:
+        """What each group of rows (``groups`` ``(n,)`` in ``[0, n_groups)``, e.g. the gate's
+        folds) adds to these statistics at ``clocks``: per group ``(zz, zr, count,
+        reward_sum, reward_sq)``, the sums :meth:`remove` of the group's rows would subtract
+        (up to rounding), taken in one pass: the rows are sorted once by (group, action) and
+        every block is a contiguous slice (no mask per group)."""
+        x, actions, rewards = self._check(x, actions, rewards)
+        n, dim = x.shape
+        k = len(self.action_ids)
+        key = np.asarray(groups, dtype=np.int64) * k + actions
+        if n_groups * k <= np.iinfo(np.int16).max:
+            key = key.astype(np.int16)           # a stable sort of 16-bit keys is a radix sort
+        order = np.argsort(key, kind="stable")
+        bounds = np.searchsorted(key[order], np.arange(n_groups * k + 1))
+        z = np.empty((n, dim + 1))
+        z[:, :dim] = x
+        z[:, dim] = 1.0
+        z = z.take(order, axis=0)                # whole rows of the padded copy: one gather
+        r = rewards[order]
+        w = self._weights(np.asarray(clocks, dtype=np.float64)[order])
+        out = []
+        for g in range(n_groups):
+            zz, zr = np.zeros_like(self.zz), np.zeros_like(self.zr)
+            count = np.zeros_like(self.count)
+            rsum, rsq = np.zeros_like(self.reward_sum), np.zeros_like(self.reward_sq)
+            for a in range(k):
+                lo, hi = bounds[g * k + a], bounds[g * k + a + 1]
+                if hi == lo:
+                    continue
+                zk, rk = z[lo:hi], r[lo:hi]
+                wk = np.ones(hi - lo) if w is None else w[lo:hi]
+                # s.T @ s of one array is a symmetric rank-k update (half a product's work).
+                zs = zk if w is None else zk * np.sqrt(wk)[:, None]
+                zz[a] = zs.T @ zs
+                zr[a] = (wk * rk) @ zk
+                count[a] = hi - lo
+                rsum[a] = wk @ rk
+                rsq[a] = wk @ (rk * rk)
+            out.append((zz, zr, count, rsum, rsq))
+        return out
+
+    def minus(self, sums: tuple) -> "RidgeStats":
+        """A copy without rows whose :meth:`group_sums` are ``sums`` (counts floored at 0)."""
+        s = self.copy()
+        zz, zr, count, rsum, rsq = sums
+        s.zz -= zz
+        s.zr -= zr
+        s.count = np.maximum(s.count - count, 0)
+        s.reward_sum -= rsum
+        s.reward_sq -= rsq
+        return s
+
     def without(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
                 ts_ns: np.ndarray) -> "RidgeStats":
         """A copy without rows added earlier, given by decision time (``ts_ns``). With decay
