@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..evaluation import LoggedData
-from ..learner.train import RidgeStats
+from ..learner.train import MAX_FORGETS, RidgeStats
 
 __all__ = ["tree_merge", "concat_windows"]
 
@@ -42,6 +42,9 @@ def tree_merge(parts: Sequence[RidgeStats]) -> RidgeStats | None:
     last = max((p.extra["last_change"] for p in items if p.extra.get("last_change")),
                key=lambda c: c[0], default=None)
     lags = [float(p.extra["row_lag_ms"]) for p in items if "row_lag_ms" in p.extra]
+    # Every shard's discounts: one applied to another shard's rows when they are taken out
+    # leaves part of them in the sums, never takes out more than they added.
+    forgets = [f for p in items for f in p.extra.get("forgets", [])]
     while len(items) > 1:
         items = [items[i].merge(items[i + 1]) if i + 1 < len(items) else items[i]
                  for i in range(0, len(items), 2)]
@@ -50,6 +53,8 @@ def tree_merge(parts: Sequence[RidgeStats]) -> RidgeStats | None:
     out.extra = {k: v for k, v in out.extra.items() if k not in (
         "cusum", "baseline", "rate_stats", "size_stats", "rate_cusum", "size_cusum")}
     out.extra["changes"] = changes
+    if forgets:
+        out.extra["forgets"] = forgets[-MAX_FORGETS:]
     if boost > 0:
         out.extra["boost_until"] = out.n + boost
     else:

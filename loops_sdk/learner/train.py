@@ -41,6 +41,8 @@ _FORMAT = 2
 _NS = 1_000_000_000
 # Rebase the reference once a new row's weight exceeds 2**_REBASE (far from overflow).
 _REBASE = 64.0
+# Discounts (RidgeStats.forget) remembered so rows taken out later weigh what they still add.
+MAX_FORGETS = 256
 
 
 class RidgeStats:
@@ -136,8 +138,29 @@ class RidgeStats:
 
     def forget(self, action: int, factor: float) -> None:
         """Multiply one action's past by ``factor`` (a one-off extra discount, e.g. after a
-        detected change); the raw row count is kept."""
+        detected change); the raw row count is kept. The discount is remembered
+        (``extra["forgets"]``: action, newest clock, factor), so rows taken out later
+        (:meth:`remove`, :meth:`group_sums`) are taken out at the weight they still have."""
         self._scale(factor, action)
+        if np.isfinite(self.newest):
+            forgets = self.extra.setdefault("forgets", [])
+            forgets.append([int(action), float(self.newest), float(factor)])
+            # Bounded: alarms are rare; dropping the oldest entry only leaves an older row's
+            # share a little too large when it is taken out.
+            del forgets[:-MAX_FORGETS]
+
+    def _forgotten(self, clocks: np.ndarray, actions: np.ndarray) -> np.ndarray | None:
+        """Each row's remaining share after the discounts of :meth:`forget`: a row of the
+        forgotten action whose clock is at most the newest clock at that moment was in the
+        sums then. A row joined later with an older clock is taken as discounted too, which
+        leaves part of it in the sums (never takes out more than it added)."""
+        forgets = self.extra.get("forgets")
+        if not forgets:
+            return None
+        share = np.ones(len(clocks))
+        for action, newest, factor in forgets:
+            share[(actions == action) & (clocks <= newest)] *= factor
+        return share
 
     def clocks(self, ts_ns: np.ndarray | None, n: int) -> np.ndarray:
         """Each new row's clock: decision time in seconds, or the next positions in
@@ -227,8 +250,18 @@ class RidgeStats:
         :meth:`Trainer.candidate`) or to slide a window."""
         x, actions, rewards = self._check(x, actions, rewards)
         if x.shape[0]:
+            clocks = np.asarray(clocks, dtype=np.float64)
             self._accumulate(x, actions, rewards,
-                             self._weights(np.asarray(clocks, dtype=np.float64)), -1.0)
+                             self._row_weights(clocks, actions), -1.0)
+
+    def _row_weights(self, clocks: np.ndarray, actions: np.ndarray) -> np.ndarray | None:
+        """What each row (added at ``clocks``) weighs in the sums now: its decay and any
+        later :meth:`forget`; ``None`` = every row 1."""
+        w = self._weights(clocks)
+        share = self._forgotten(clocks, actions)
+        if share is None:
+            return w
+        return share if w is None else w * share
 
     def group_sums(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
                    clocks: np.ndarray, groups: np.ndarray, n_groups: int) -> list[tuple]:
@@ -250,7 +283,7 @@ class RidgeStats:
         z[:, dim] = 1.0
         z = z.take(order, axis=0)                # whole rows of the padded copy: one gather
         r = rewards[order]
-        w = self._weights(np.asarray(clocks, dtype=np.float64)[order])
+        w = self._row_weights(np.asarray(clocks, dtype=np.float64)[order], actions[order])
         out = []
         for g in range(n_groups):
             zz, zr = np.zeros_like(self.zz), np.zeros_like(self.zr)

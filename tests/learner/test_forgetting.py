@@ -269,3 +269,43 @@ def test_new_learning_fields_round_trip_and_old_bytes_keep_their_checksum():
         p.with_version(3, learning=LearningSettings(half_life_rows=-1))
     with pytest.raises(PolicyError, match="half_life_seconds"):
         p.with_version(3, learning=LearningSettings(half_life_seconds=float("nan")))
+
+
+@pytest.mark.parametrize("half_life,clock", [(100.0, "seconds"), (0.0, "seconds"),
+                                             (300.0, "rows")])
+def test_rows_taken_out_after_a_forget_weigh_what_they_still_add(half_life, clock):
+    # After a detected change an action's past is discounted (forget); the gate then takes
+    # its window rows out of the statistics. Taken out at full weight they removed 8x what
+    # they still added, leaving a negative-definite "fit" for that action.
+    x, a, r = world(600, seed=9)
+    ts = np.arange(600, dtype=np.int64) * NS
+    s = RidgeStats(["a0", "a1", "a2"], ["x0", "x1", "x2"], half_life, clock)
+    clocks = np.concatenate([s.add(x[:500], a[:500], r[:500], ts[:500])])
+    s.forget(1, 0.125)
+    clocks = np.concatenate([clocks, s.add(x[500:], a[500:], r[500:], ts[500:])])
+    # Everything taken out, in one pass (the gate's folds) or row by row: nothing is left.
+    for left in (s.minus(sum_groups(s.group_sums(x, a, r, clocks, np.arange(600) % 2, 2))),
+                 _removed(s, x, a, r, clocks)):
+        np.testing.assert_allclose(left.zz, 0.0, atol=1e-8)
+        np.testing.assert_allclose(left.zr, 0.0, atol=1e-8)
+        np.testing.assert_allclose(left.reward_sum, 0.0, atol=1e-8)
+    # The older rows alone taken out leave exactly the newer ones.
+    newer = RidgeStats(["a0", "a1", "a2"], ["x0", "x1", "x2"], half_life, clock)
+    if clock == "rows":
+        newer.rows_clock = 500.0
+    newer.add(x[500:], a[500:], r[500:], ts[500:])
+    old_only = _removed(s, x[:500], a[:500], r[:500], clocks[:500])
+    np.testing.assert_allclose(old_only.zz * old_only.effective_factor(),
+                               newer.zz * newer.effective_factor(), rtol=1e-9, atol=1e-8)
+    # The discount travels with the statistics.
+    assert RidgeStats.from_bytes(s.to_bytes()).extra["forgets"] == s.extra["forgets"]
+
+
+def sum_groups(groups):
+    return tuple(sum(g[i] for g in groups) for i in range(5))
+
+
+def _removed(s, x, a, r, clocks):
+    c = s.copy()
+    c.remove(x, a, r, clocks)
+    return c
