@@ -204,8 +204,9 @@ class Exploration:
     - ``thompson``: Thompson sampling over ``samples`` posterior draws of the linear model
       (``draws``, shape ``(samples, n_actions, n_inputs + 1)``, the bias last; the learner
       publishes new ones with each version): ``p_a`` is the share of draws whose best eligible
-      action is ``a``, the exact propensity of the mixture that is played. Without draws
-      (e.g. a new policy) it plays the best action of the mean weights.
+      action is ``a``, the exact propensity of the mixture that is played (a shared policy's
+      draws are its shared weights' draws expanded over the actions, like its mean). Without
+      draws (e.g. a new policy) it plays the best action of the mean weights.
 
     Tied best actions (equal scores) share the best action's probability equally, so a policy
     of zero weights explores uniformly; the event's draw picks among them (replayable).

@@ -12,7 +12,8 @@ that the joiner writes in the same SQLite transaction as the rows they came from
 A shared policy (:meth:`Policy.shared`) is one ridge regression over every row: its inputs are
 the row's context crossed with the chosen action's attributes (:func:`shared_inputs`), held in
 the same statistics with a single pseudo-action (:data:`SHARED_ROW`); the solution maps back to
-the policy's shared weights (:func:`shared_from_solution`).
+the policy's shared weights (:func:`shared_from_solution`); a Thompson policy's posterior
+draws of that regression map the same way (:func:`shared_draws`).
 """
 
 from __future__ import annotations
