@@ -484,7 +484,9 @@ def new_bonus_methods(have_vw: bool) -> list:
         LoopsConfig("LOOPS shared, tuned", kind="shared", **common),
         LoopsConfig("LOOPS linear, tuned", **common),
         LoopsConfig("LOOPS shared, tuned, gate off", kind="shared", **off),
-        LoopsConfig("LOOPS linear, tuned, gate off", **off))]
+        LoopsConfig("LOOPS linear, tuned, gate off", **off),
+        LoopsConfig("LOOPS shared, thompson, gate off", kind="shared",
+                    **dict(off, exploration=Exploration.thompson(16))))]
     if have_vw:
         out += [("VW squarecb, attributes", lambda s: play_vw(
                     s, "VW squarecb, attributes", VW_CONFIGS["VW squarecb"], attributes=True)),

@@ -204,8 +204,9 @@ class Exploration:
     - ``thompson``: Thompson sampling over ``samples`` posterior draws of the linear model
       (``draws``, shape ``(samples, n_actions, n_inputs + 1)``, the bias last; the learner
       publishes new ones with each version): ``p_a`` is the share of draws whose best eligible
-      action is ``a``, the exact propensity of the mixture that is played. Without draws
-      (e.g. a new policy) it plays the best action of the mean weights.
+      action is ``a``, the exact propensity of the mixture that is played (a shared policy's
+      draws are its shared weights' draws expanded over the actions, like its mean). Without
+      draws (e.g. a new policy) it plays the best action of the mean weights.
 
     Tied best actions (equal scores) share the best action's probability equally, so a policy
     of zero weights explores uniformly; the event's draw picks among them (replayable).
@@ -671,17 +672,26 @@ class Policy:
         return policy
 
     def with_shared(self, weights: Any, action_bias: Mapping[str, float] | None = None, *,
-                    version: int, metadata: Mapping[str, str] | None = None) -> "Policy":
+                    version: int, metadata: Mapping[str, str] | None = None,
+                    draws: Any = None) -> "Policy":
         """A shared policy with new shared weights ``(D + 1, A + 1)`` and per-action biases
-        (None keeps the current ones) and a new version (validated)."""
+        (None keeps the current ones) and a new version (validated). ``draws``: a Thompson
+        policy's posterior draws in the per-action form the scorer plays, ``(samples, K,
+        D + 1)`` (the trainer expands each draw of the shared weights over the actions'
+        attributes, as for the mean); the old draws never carry over (without new ones it
+        plays the mean)."""
         if self.shared_model is None:
             raise PolicyError(f"policy {self.name!r} is not a shared policy (with_model sets "
                               "a linear policy's weights)")
         model = replace(self.shared_model, weights=_params(self.name, "shared weights", weights),
                         action_bias=self.shared_model.action_bias if action_bias is None
                         else action_bias)
+        exploration = self.exploration
+        if draws is not None or exploration.draws is not None:
+            exploration = replace(exploration, draws=None if draws is None
+                                  else _params(self.name, "draws", draws))
         policy = replace(self, shared_model=model, version=int(version),
-                         created_at_ms=int(time.time() * 1000),
+                         created_at_ms=int(time.time() * 1000), exploration=exploration,
                          metadata=dict(self.metadata if metadata is None else metadata))
         policy.validate()
         return policy
@@ -693,13 +703,26 @@ class Policy:
         Parameters follow the actions by id. A shared policy keeps its shared weights, so a
         new action with attributes is scored from them at once (its per-action bias is 0);
         a linear policy gives a new action zero weights. The version is kept unless given
-        (0 = let the learner assign the next one)."""
+        (0 = let the learner assign the next one).
+
+        A Thompson policy's posterior draws follow the actions by id while every action was
+        there before (a removal or a new order: still draws of the same posterior); with a new
+        action they are dropped, so the policy plays its mean (a shared policy's scores the
+        new action from its attributes) until the learner's next version draws over the new
+        set, the new action's from its attributes."""
         acts = tuple(a if isinstance(a, Action) else Action(str(a))
                      for a in _sequence("actions", actions))
         for a in acts:
             _utf8("actions", a.id)
         changes: dict[str, Any] = {"actions": acts, "created_at_ms": int(time.time() * 1000)}
         ids = {a.id for a in acts}
+        draws = self.exploration.draws
+        if draws is not None:
+            old_at = {a: i for i, a in enumerate(self.action_ids)}
+            same = ids <= old_at.keys() and (self.shared_model is None or all(
+                a.attributes == self.actions[old_at[a.id]].attributes for a in acts))
+            kept = draws[:, [old_at[a.id] for a in acts]] if same else None
+            changes["exploration"] = replace(self.exploration, draws=kept)
         if self.shared_model is not None:
             changes["shared_model"] = replace(self.shared_model, action_bias={
                 k: v for k, v in self.shared_model.action_bias.items() if k in ids})

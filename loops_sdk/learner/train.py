@@ -12,7 +12,8 @@ that the joiner writes in the same SQLite transaction as the rows they came from
 A shared policy (:meth:`Policy.shared`) is one ridge regression over every row: its inputs are
 the row's context crossed with the chosen action's attributes (:func:`shared_inputs`), held in
 the same statistics with a single pseudo-action (:data:`SHARED_ROW`); the solution maps back to
-the policy's shared weights (:func:`shared_from_solution`).
+the policy's shared weights (:func:`shared_from_solution`); a Thompson policy's posterior
+draws of that regression map the same way (:func:`shared_draws`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..policy import MAX_PARAMETER, Exploration, Policy
 from .store import EventStore
 
 __all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
-           "shared_from_solution", "SharedGateView", "SHARED_ROW"]
+           "shared_from_solution", "shared_draws", "SharedGateView", "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -557,6 +558,23 @@ def shared_from_solution(policy: Policy, weights: np.ndarray, bias: np.ndarray
     return out, action_bias
 
 
+def shared_draws(policy: Policy, solutions: np.ndarray) -> np.ndarray:
+    """A shared policy's Thompson draws in the scorer's per-action form ``(S, K, D + 1)``
+    (bias last) from ``S`` posterior draws of its regression, ``(S, 1, P + 1)`` as
+    :meth:`RidgeStats.posterior_draws` returns them: each draw goes through the mapping the
+    mean goes through (:func:`shared_from_solution`, then :meth:`SharedModel.expand` over the
+    policy's actions), so every action, one without rows included, is drawn from its
+    attributes. Clipped to the parameter bound like the draws themselves."""
+    sm = policy.shared_model
+    solutions = np.asarray(solutions, dtype=np.float64)
+    out = np.empty((solutions.shape[0], policy.n_actions, policy.n_inputs + 1))
+    for j, sol in enumerate(solutions):
+        w, ab = shared_from_solution(policy, sol[:, :-1], sol[:, -1])
+        out[j, :, :-1], out[j, :, -1] = replace(sm, weights=w, action_bias=ab).expand(
+            policy.name, policy.actions, policy.n_inputs)
+    return np.clip(out, -MAX_PARAMETER, MAX_PARAMETER)
+
+
 class SharedGateView:
     """A shared policy's statistics as the gate's held-out split sees them: in the policy's
     own layout (its actions and inputs, each action's raw row count), with ``without`` taking
@@ -1027,15 +1045,19 @@ class Trainer:
             metadata.pop(_BEFORE_CHANGE, None)
         base = policy if exploration == policy.exploration else replace(
             policy, exploration=exploration)
-        if shared is not None:
-            return base.with_shared(shared[0], shared[1], version=version, metadata=metadata)
         draws = None
-        if exploration.kind == "thompson":
+        if exploration.kind == "thompson" and (shared is None or not unseen.all()):
             # New posterior draws with every version, seeded by (name, version): a fit repeats.
+            # A shared policy's are draws of its one regression (one pseudo-action).
             rng = np.random.default_rng((zlib.crc32(policy.name.encode()), version))
             draws = s.posterior_draws(ls.ridge_lambda, weights, bias, exploration.samples, rng,
                                       standardize=ls.standardize_inputs,
                                       inflate=BOOST_INFLATE if boosted else 1.0)
+        if shared is not None:
+            if draws is not None:
+                draws = shared_draws(policy, draws)
+            return base.with_shared(shared[0], shared[1], version=version, metadata=metadata,
+                                    draws=draws)
         return base.with_model(weights, bias, version=version, metadata=metadata, draws=draws)
 
     def candidate(self, policy: Policy, version: int, *, exclude: tuple | None = None
