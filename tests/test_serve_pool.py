@@ -180,3 +180,23 @@ def test_cli_serve_processes(learner, tmp_path):
         assert proc.wait(60) == 0
     # every decision the policy made reaches the learner (a caller's default is not logged)
     assert wait_until(lambda: learner.store.counters().get("decisions", 0) == 3, 10)
+
+
+def test_start_returns_with_workers_that_decide(learner, tmp_path):
+    # Ready means able to decide: every worker has its policy when start() returns (workers
+    # that had only listened answered their first calls NOT_INITIALIZED: 1 run in ~20 under
+    # load, in three tests here).
+    with DecisionServerPool(_config(learner, tmp_path), processes=2) as pool:
+        responses = _decide_on_fresh_connections(pool.address, 12)
+        assert [r.reason for r in responses] == ["POLICY"] * 12
+        assert len({r.event_id[:16] for r in responses}) == 2
+
+
+def test_a_learner_that_is_down_delays_start_only_by_init_timeout(tmp_path):
+    with socket.socket() as s:      # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    cfg = ClientConfig(learner=down, policy_name="bonus", spool_dir=str(tmp_path / "spool"))
+    with DecisionServerPool(cfg, processes=1, init_timeout=0.5) as pool:
+        (r,) = _decide_on_fresh_connections(pool.address, 1)
+        assert r.reason == "NOT_INITIALIZED"

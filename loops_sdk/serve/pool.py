@@ -134,6 +134,7 @@ class _WorkerSpec:
     security: ServerSecurity
     server_options: dict
     log_level: int
+    init_timeout: float = 0.0
 
 
 def _worker_main(spec: _WorkerSpec, index: int, cpu: int | None, conn: Connection) -> None:
@@ -155,6 +156,13 @@ def _worker_main(spec: _WorkerSpec, index: int, cpu: int | None, conn: Connectio
     except BaseException as exc:  # report why, so the pool can say it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    # Ready means able to decide: a worker that listened but has no policy yet would answer
+    # its first calls with the caller's default (NOT_INITIALIZED). Bounded: a learner that is
+    # down must not keep the pool from serving defaults (and a policy arrives later).
+    if spec.init_timeout > 0 and not server.client.wait_for_initialization(spec.init_timeout):
+        logging.getLogger(__name__).warning(
+            "loops: worker %d has no policy after %.3g s; serving defaults until one arrives",
+            index, spec.init_timeout)
     conn.send(("ready", (server.port, server.metrics_port)))
 
     grace = [2.0]
@@ -194,6 +202,9 @@ class DecisionServerPool:
             directory ``config.shared_caps`` if set, else a private one on tmpfs made at
             start and removed at stop (a restarted worker keeps the counts).
         start_timeout: seconds :meth:`start` waits for every worker to listen.
+        init_timeout: seconds each worker waits for its policies (from the learner) before it
+            counts as started, so :meth:`start` returns with workers that decide; after it a
+            worker serves defaults with reason ``NOT_INITIALIZED`` until a policy arrives.
         metrics_port, metrics_host: one Prometheus endpoint for the pool (0 = any free port,
             read :attr:`metrics_port`; None = none). Each worker serves its own metrics on an
             ephemeral loopback port; a scrape of the pool's endpoint reads every running
@@ -206,7 +217,8 @@ class DecisionServerPool:
                  security: ServerSecurity | None = None, max_workers: int = 4,
                  max_batch_rows: int = 10_000, max_message_bytes: int = 4 << 20,
                  unary_loop: bool = True, restart: bool = True, share_caps: bool = True,
-                 start_timeout: float = _START_TIMEOUT, metrics_port: int | None = None,
+                 start_timeout: float = _START_TIMEOUT, init_timeout: float = 10.0,
+                 metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1") -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
@@ -225,6 +237,7 @@ class DecisionServerPool:
                          "max_message_bytes": max_message_bytes, "unary_loop": unary_loop}
         self._cpus = sorted(os.sched_getaffinity(0)) if pin_cpus else None
         self._start_timeout = start_timeout
+        self._init_timeout = min(float(init_timeout), start_timeout / 2)
         self._ctx = mp.get_context("spawn")   # never fork a process that holds gRPC state
         self._spec: _WorkerSpec | None = None
         self._workers: list[tuple[Any, Connection] | None] = [None] * self.processes
@@ -272,8 +285,10 @@ class DecisionServerPool:
             config = dataclasses.replace(config, shared_caps=self._caps_dir)
         elif not self.share_caps and config.shared_caps is not None:
             config = dataclasses.replace(config, shared_caps=None)
+        # Only a learner delivers policies later; offline, a worker has what it will have.
         self._spec = _WorkerSpec(config, self.host, self.port, self.security,
-                                 self._options, logging.getLogger().getEffectiveLevel())
+                                 self._options, logging.getLogger().getEffectiveLevel(),
+                                 self._init_timeout if config.learner is not None else 0.0)
         try:
             pending = [self._spawn(k) for k in range(self.processes)]
             for k, conn in pending:
