@@ -59,3 +59,44 @@ def records(blocks=(), outs=()) -> FeedbackRecords:
 def publish(store, policy) -> None:
     """Store ``policy`` as a version, as the learner does before it serves it."""
     store.add_policy(policy.name, policy.version, policy.to_bytes(), "test")
+
+
+def deposits(rng, mean, p, sigma):
+    """Zero-inflated log-normal deposits with mean ``mean``: a deposit with probability p."""
+    mu = np.log(mean / p) - sigma ** 2 / 2
+    return (rng.random(len(mean)) < p) * rng.lognormal(mu, sigma)
+
+
+def play_deposit_world(path, seed, *, means, changed_mean, p, sigma, change=True, n=12_000,
+                       at=6_000, batch=200, restart_at=None, save=False):
+    """A CRM-like world through a real Trainer and SQLite store at ``path``: uniform logging
+    over ``len(means)`` actions, zero-inflated log-normal deposits (:func:`deposits`), and
+    from row ``at`` (when ``change``) action 0's mean deposit becomes ``changed_mean``. With
+    ``save`` the statistics are saved after every batch, as the joiner does; at
+    ``restart_at`` the trainer is rebuilt from the store (a learner restart). Returns the
+    alarms: (row of the batch, action id, direction, detail)."""
+    from loops_sdk.learner.store import EventStore
+    from loops_sdk.learner.train import Trainer
+    rng = np.random.default_rng(seed)
+    store = EventStore(path)
+    trainer = Trainer(store)
+    policy = make_policy(d=2, half_life_rows=0, costs=(0,) * len(means))
+    alarms = []
+    for t in range(0, n, batch):
+        if t == restart_at:
+            trainer = Trainer(store)
+        x = rng.normal(size=(batch, 2))
+        a = rng.integers(0, len(means), batch)
+        idx = np.arange(t, t + batch)
+        mean = np.asarray(means, dtype=np.float64)[a]
+        if change:
+            mean = np.where((a == 0) & (idx >= at), changed_mean, mean)
+        before = len(trainer._changes)
+        trainer.observe(policy, x, a, deposits(rng, mean, p, sigma), idx * (1_000_000_000 // 100),
+                        now_ms=t)
+        alarms += [(t, c[2], c[3], c[6]) for c in trainer._changes[before:]]
+        if save:
+            with store.transaction() as con:
+                trainer.save(con)
+    store.close()
+    return alarms

@@ -8,7 +8,7 @@ import pytest
 from loops_sdk.learner.store import EventStore
 from loops_sdk.learner.train import BOOST_ROWS, Trainer
 
-from helpers import make_policy
+from helpers import make_policy, play_deposit_world
 
 NS = 1_000_000_000
 CHANGE, N, BATCH = 3000, 6000, 100
@@ -102,25 +102,11 @@ def test_detection_off_records_nothing(tmp_path):
 def play_heavy(tmp_path, seed, *, change=True, n=14_000, at=6_000, batch=200):
     """Uniform logging over 3 actions; deposits are zero for 70 % of players and log-normal
     (sigma 1) for the rest, as in the bench's casino world. From row ``at`` the mean deposit
-    of "none" (index 0) drops from 16 to 9: a 0.15 sd shift of its residuals."""
-    rng = np.random.default_rng(seed)
-    store = EventStore(tmp_path / f"h{seed}.sqlite")
-    trainer = Trainer(store)
-    policy = make_policy(d=2, half_life_rows=0, costs=(0, 0, 0))
-    alarms = []
-    for t in range(0, n, batch):
-        x = rng.normal(size=(batch, 2))
-        a = rng.integers(0, 3, batch)
-        idx = np.arange(t, t + batch)
-        mean = np.array([16.0, 12.0, 10.0])[a]
-        if change:
-            mean = np.where((a == 0) & (idx >= at), 9.0, mean)
-        r = (rng.random(batch) < 0.3) * rng.lognormal(np.log(mean / 0.3) - 0.5, 1.0)
-        before = len(trainer._changes)
-        trainer.observe(policy, x, a, r, idx * (NS // 100), now_ms=t)
-        alarms += [(t, c[2]) for c in trainer._changes[before:]]
-    store.close()
-    return alarms
+    of "none" (index 0) drops from 16 to 9: a 0.15 sd shift of its residuals. Returns the
+    alarms as (row of the batch, action id)."""
+    return [(t, action) for t, action, *_ in play_deposit_world(
+        tmp_path / f"h{seed}.sqlite", seed, means=(16.0, 12.0, 10.0), changed_mean=9.0, p=0.3,
+        sigma=1.0, change=change, n=n, at=at, batch=batch)]
 
 
 def test_a_small_shift_of_heavy_tailed_rewards_is_found(tmp_path):

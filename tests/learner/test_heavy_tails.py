@@ -11,7 +11,7 @@ import pytest
 from loops_sdk.learner.store import EventStore
 from loops_sdk.learner.train import Trainer
 
-from helpers import make_policy
+from helpers import deposits, make_policy, play_deposit_world
 
 NS = 1_000_000_000
 
@@ -23,35 +23,14 @@ def quiet():
     logging.disable(logging.NOTSET)
 
 
-def deposits(rng, mean, p, sigma):
-    """Zero-inflated log-normal deposits with mean ``mean``: a deposit with probability p."""
-    mu = np.log(mean / p) - sigma ** 2 / 2
-    return (rng.random(len(mean)) < p) * rng.lognormal(mu, sigma)
-
-
 def play_sportsbook(tmp_path, seed, *, change=True, n=16_000, at=6_000, batch=200):
     """Uniform logging over 3 actions; 80 % of players deposit nothing, the rest a log-normal
     amount with log-sd 1.3 (the bench's sportsbook world). From row ``at`` the mean deposit of
     "none" (index 0) halves, 14 to 7: a 0.1 sd shift of its raw residuals, 0.5 sd of the log
     size of the deposits that happen."""
-    rng = np.random.default_rng(seed)
-    store = EventStore(tmp_path / f"s{seed}-{change}.sqlite")
-    trainer = Trainer(store)
-    policy = make_policy(d=2, half_life_rows=0, costs=(0, 0, 0))
-    alarms = []
-    for t in range(0, n, batch):
-        x = rng.normal(size=(batch, 2))
-        a = rng.integers(0, 3, batch)
-        idx = np.arange(t, t + batch)
-        mean = np.array([14.0, 10.0, 8.0])[a]
-        if change:
-            mean = np.where((a == 0) & (idx >= at), 7.0, mean)
-        r = deposits(rng, mean, 0.2, 1.3)
-        before = len(trainer._changes)
-        trainer.observe(policy, x, a, r, idx * (NS // 100), now_ms=t)
-        alarms += [(t, c[2], c[3], c[6]) for c in trainer._changes[before:]]
-    store.close()
-    return alarms
+    return play_deposit_world(tmp_path / f"s{seed}-{change}.sqlite", seed, means=(14.0, 10.0, 8.0),
+                              changed_mean=7.0, p=0.2, sigma=1.3, change=change, n=n, at=at,
+                              batch=batch)
 
 
 def test_a_heavy_tailed_change_of_size_is_found(tmp_path):
@@ -95,26 +74,9 @@ def test_stationary_crm_worlds_replayed_by_the_bench_fire_no_alarm():
 def play_restarting(tmp_path, seed, restart_at=None, n=12_000, at=6_000, batch=200):
     """The sportsbook-like world of :func:`play_sportsbook`, saving after every batch as the
     joiner does; at ``restart_at`` the trainer is rebuilt from the store (a learner restart)."""
-    rng = np.random.default_rng(seed)
-    store = EventStore(tmp_path / f"r{seed}-{restart_at}.sqlite")
-    trainer = Trainer(store)
-    policy = make_policy(d=2, half_life_rows=0, costs=(0, 0, 0))
-    alarms = []
-    for t in range(0, n, batch):
-        if t == restart_at:
-            trainer = Trainer(store)
-        x = rng.normal(size=(batch, 2))
-        a = rng.integers(0, 3, batch)
-        idx = np.arange(t, t + batch)
-        mean = np.where((a == 0) & (idx >= at), 7.0, np.array([14.0, 10.0, 8.0])[a])
-        before = len(trainer._changes)
-        trainer.observe(policy, x, a, deposits(rng, mean, 0.2, 1.3), idx * (NS // 100),
-                        now_ms=t)
-        alarms += [(t, c[2], c[3], c[6]) for c in trainer._changes[before:]]
-        with store.transaction() as con:
-            trainer.save(con)
-    store.close()
-    return alarms
+    return play_deposit_world(tmp_path / f"r{seed}-{restart_at}.sqlite", seed,
+                              means=(14.0, 10.0, 8.0), changed_mean=7.0, p=0.2, sigma=1.3,
+                              n=n, at=at, batch=batch, restart_at=restart_at, save=True)
 
 
 def test_the_outcome_tests_state_survives_a_restart(tmp_path):
