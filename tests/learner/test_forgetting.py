@@ -188,13 +188,18 @@ def test_rarely_played_action_shrinks_towards_the_mean_reward_not_zero():
     assert b_raw[1] < 80 and b_centred[1] == pytest.approx(100.0, abs=1.0)
 
 
+def thresholds(policy, n):
+    """The first ``n`` retrain thresholds, each row count trained on before the next."""
+    seq, trained = [], 0
+    for _ in range(n):
+        seq.append(Trainer.threshold(policy, trained))
+        trained += seq[-1]
+    return seq
+
+
 def test_cadence_starts_small_and_doubles_up_to_retrain_every_events():
     policy = make_policy(every_events=1000, first_retrain_events=50)
-    seq, trained = [], 0
-    for _ in range(8):
-        step = Trainer.threshold(policy, trained)
-        seq.append(step)
-        trained += step
+    seq = thresholds(policy, 8)
     assert seq == [50, 50, 100, 200, 400, 800, 1000, 1000]
     assert Trainer.threshold(make_policy(every_events=1000, first_retrain_events=0), 0) == 1000
 
@@ -204,11 +209,7 @@ def test_default_cadence_retrains_after_ten_rows_and_every_200_at_most():
     # learner trains"): 10, 10, 20, ... then every 200 rows; SquareCB with the sqrt(n) gamma
     # schedule is Policy.linear's default exploration.
     policy = Policy.linear("d", 2, ["a", "b"])
-    seq, trained = [], 0
-    for _ in range(8):
-        step = Trainer.threshold(policy, trained)
-        seq.append(step)
-        trained += step
+    seq = thresholds(policy, 8)
     assert seq == [10, 10, 20, 40, 80, 160, 200, 200]
     assert policy.exploration.kind == "squarecb" and policy.learning.gamma_scale == 8.0
     assert Policy.from_bytes(policy.to_bytes()).exploration.kind == "squarecb"
