@@ -28,12 +28,13 @@ from .worlds import Stream, sklearn_streams, synthetic_streams
 
 
 def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int | str = 200,
-             seed: int = 0, min_samples: int = 0, **learning) -> dict:
+             seed: int = 0, min_samples: int = 0, record: bool = False, **learning) -> dict:
     """Play ``stream``; ``lag`` = decisions per round, or ``"follow"`` (a round is the
     learner's current retrain threshold, as the bench's rounds are) or ``"follow:N"`` (the
     same, at most ``N``). ``min_samples``: a candidate trained before this many rows were
     joined is held, not served (the gate's ``PromotionRule.min_samples``). Returns
-    progressive reward and versions served."""
+    progressive reward and versions served; with ``record`` also ``actions``, the action
+    played at each row (for :func:`crm_figures`)."""
     rng = np.random.default_rng(seed)
     ls = replace(LearningSettings(), **learning)
     policy = Policy.linear("sim", stream.X.shape[1],
@@ -46,6 +47,7 @@ def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int
     kernel = compile_policy(policy)
     n = stream.n
     rew = np.empty(n)
+    acts = np.empty(n, np.int64)
     t, versions = 0, 1
     cap = None
     if isinstance(lag, str) and ":" in lag:
@@ -63,7 +65,7 @@ def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int
         c = p.cumsum(axis=1)
         a = np.minimum((rng.random((m, 1)) > c).sum(axis=1), p.shape[1] - 1)
         r = stream.draw(rows, a, rng)
-        rew[rows] = r
+        rew[rows], acts[rows] = r, a
         ts = (rows.astype(np.int64) + 1) * 1_000_000
         trainer.observe(policy, stream.X[rows], a, r, ts, now_ms=int(t))
         t += m
@@ -75,8 +77,44 @@ def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int
             if s.n >= min_samples:
                 policy = candidate
                 kernel = compile_policy(policy)
-    return {"reward": float(rew.mean()), "versions": versions,
-            "changes": int(s.extra.get("changes", 0))}
+    out = {"reward": float(rew.mean()), "versions": versions,
+           "changes": int(s.extra.get("changes", 0))}
+    if record:
+        out["actions"] = acts
+    return out
+
+
+def crm_figures(stream: Stream, actions: np.ndarray) -> dict:
+    """Decisions to 90 % of the oracle (before the change, from the start) and to recover it
+    after the change, as the learning bench counts them
+    (:func:`~loops_sdk.evaluation.ab_test.decisions_to_share`)."""
+    from loops_sdk.evaluation.ab_test import decisions_to_share
+    expected = stream.mean[np.arange(stream.n), actions]
+    oracle = stream.oracle()
+    c = stream.change_at or stream.n
+    return {"to_90": decisions_to_share(expected, oracle, 0, c),
+            "recover_90": (decisions_to_share(expected, oracle, c)
+                           if stream.change_at else None),
+            "share_last_10k": float(expected[-10_000:].mean() / oracle[-10_000:].mean())}
+
+
+def crm_seeds(rows: int, change_at: int | None, seeds: int, only: str = "") -> None:
+    """The CRM worlds (:func:`~bench.worlds.crm_worlds`) over ``seeds`` seeds (the bench's
+    stream is seed 0), rounds that follow the retrain threshold and the gate's hold of the
+    first 250 rows (``min_samples``): decisions to 90 % of the oracle per seed."""
+    from .worlds import crm_worlds
+    for i, w in enumerate(crm_worlds()):
+        if only not in w.name:
+            continue
+        for seed in range(seeds):
+            st = w.stream(rows, change_at, seed=21 + i + 100 * seed)
+            t0 = time.perf_counter()
+            out = simulate(st, lag="follow", seed=seed, min_samples=250, record=True)
+            f = crm_figures(st, out["actions"])
+            print(f"{w.name:16s} seed {seed}  to 90 % {f['to_90'] or '-'!s:>7}  recover "
+                  f"{f['recover_90'] or '-'!s:>7}  last 10,000: {f['share_last_10k']:.1%} of "
+                  f"the oracle  alarms {out['changes']}  {time.perf_counter() - t0:.1f} s",
+                  flush=True)
 
 
 def streams(quick: bool = False) -> list[Stream]:
@@ -89,7 +127,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="substring of the stream names")
+    ap.add_argument("--crm", type=int, metavar="ROWS", default=0,
+                    help="play the CRM worlds for ROWS rows instead (decisions to 90 %%)")
+    ap.add_argument("--change-at", type=int, default=None,
+                    help="with --crm: the row of the world's change (default: none)")
+    ap.add_argument("--seeds", type=int, default=6, help="with --crm: seeds per world")
     args = ap.parse_args()
+    if args.crm:
+        crm_seeds(args.crm, args.change_at, args.seeds, args.only)
+        return
     grid = {
         "defaults, rounds of 1000": dict(lag=1000),
         "defaults, rounds follow the threshold": dict(lag="follow"),

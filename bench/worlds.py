@@ -209,18 +209,36 @@ class CrmWorld:
             changed[change_at:] = True
         mean = np.where(changed[:, None], after[seg], before[seg])
         gross = mean + self.costs               # expected deposit per row and action
-        p, sigma, costs = self.p_deposit, self.sigma, self.costs
 
         def noise(rows, actions, g, _gross=gross):
-            m = _gross[rows, actions]
-            # Zero-inflated log-normal with mean m: deposit with prob p, amount mean m / p.
-            mu = np.log(np.maximum(m, 1e-9) / p) - sigma ** 2 / 2
-            dep = (g.random(len(rows)) < p) * g.lognormal(mu, sigma)
-            return dep - costs[actions]
+            return self._net(_gross[rows, actions], actions, g)
 
         return Stream(self.name, X, mean, self.action_ids, self.costs, noise, change_at, seg,
                       kind="crm", meta={"segments": S, "changed_segment": self.changed_segment,
-                                        "p_deposit": p, "sigma": sigma})
+                                        "p_deposit": self.p_deposit, "sigma": self.sigma})
+
+    def _net(self, gross: np.ndarray, actions: np.ndarray, rng: np.random.Generator
+             ) -> np.ndarray:
+        """Observed net rewards of players whose expected deposits are ``gross``."""
+        p, sigma = self.p_deposit, self.sigma
+        # Zero-inflated log-normal with mean m: deposit with prob p, amount mean m / p.
+        mu = np.log(np.maximum(gross, 1e-9) / p) - sigma ** 2 / 2
+        dep = (rng.random(len(gross)) < p) * rng.lognormal(mu, sigma)
+        return dep - self.costs[actions]
+
+    def players(self, changed: bool = False):
+        """A draw function for players who keep coming, ``draw(rows, actions, rng)``: each
+        call meets ``len(rows)`` new players (segments drawn from ``share``; the row indexes
+        only count them) in the world before (or after) its change. Unlike :meth:`stream`
+        it holds no features, so a protocol that needs no context (an A/B test) can play
+        millions of players in seconds."""
+        gross = self.expected_net(changed) + self.costs
+
+        def draw(rows, actions, rng):
+            actions = np.asarray(actions, dtype=np.int64)
+            seg = rng.choice(len(self.share), size=len(actions), p=self.share)
+            return self._net(gross[seg, actions], actions, rng)
+        return draw
 
 
 def crm_worlds() -> list[CrmWorld]:

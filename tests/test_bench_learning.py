@@ -125,6 +125,50 @@ def test_play_ab_stops_and_serves_the_winner_to_everyone():
     assert (abs(counts - 1 / 3) < 0.1).all()
 
 
+@pytest.mark.parametrize("world", crm_worlds(), ids=lambda w: w.name)
+def test_crm_players_draw_the_worlds_rewards_without_features(world):
+    draw = world.players()
+    rng = np.random.default_rng(5)
+    rows = np.arange(200_000)
+    for a in range(len(world.action_ids)):
+        r = draw(rows, np.full(len(rows), a), rng)
+        # Mean: the segments' expected net values weighed by their shares (before the change).
+        want = world.share @ world.expected_net(False)[:, a]
+        assert abs(r.mean() - want) < 5 * r.std() / np.sqrt(len(r))
+        assert (r == -world.costs[a]).mean() > 0.5        # zero-inflated, like stream()
+    after = world.players(changed=True)(rows, np.zeros(len(rows), np.int64), rng)
+    want = world.share @ world.expected_net(True)[:, 0]
+    assert abs(after.mean() - want) < 5 * after.std() / np.sqrt(len(after))
+    # The same generator state gives the same players.
+    one = draw(rows[:50], np.ones(50, np.int64), np.random.default_rng(9))
+    np.testing.assert_array_equal(one, draw(rows[:50], np.ones(50, np.int64),
+                                            np.random.default_rng(9)))
+
+
+def test_ab_target_uses_the_bench_stop_before_the_change_else_the_world_without_it():
+    from bench.learning import Played, ab_sample_size, ab_target
+    from loops_sdk.evaluation.ab_test import run_ab_test
+    casino = next(w for w in crm_worlds() if w.name == "crm:casino")
+    s = casino.stream(4000, 2000, seed=3)
+    stopped = Played("A/B test", np.zeros(s.n, np.int64), np.zeros(s.n),
+                     extra={"sample_size": 1500})
+    assert ab_target(s, stopped, casino) == (1500, "A/B stopped at 1,500")
+    # Stopped after the change, or never: the protocol on the world without its change.
+    n = ab_sample_size(casino, seed=0)
+    rng = np.random.default_rng(0)
+    draw = casino.players()
+    replay = run_ab_test(n, len(casino.action_ids), lambda rows, a: draw(rows, a, rng), rng,
+                         500)
+    assert n is not None and n % 500 == 0 and replay.stopped_at == n   # same protocol, seed
+    for late in (2500, None):
+        p = Played("A/B test", stopped.actions, stopped.rewards, extra={"sample_size": late})
+        got, how = ab_target(s, p, casino)
+        assert got == n and how == f"A/B stopped at {n:,} on the world without its change"
+    # Bounded: a test that has not stopped by the limit gives no n (and says so).
+    assert ab_sample_size(casino, seed=0, limit=n - 500) is None
+    assert ab_target(s, p, None) == (None, "A/B never stopped")
+
+
 def test_decisions_to_share_and_rolling():
     np.testing.assert_allclose(rolling(np.arange(5.0), 2), [0.5, 1.5, 2.5, 3.5])
     oracle = np.ones(100)
