@@ -415,10 +415,7 @@ class LearningSettings:
     exported weights stay in raw units. ``gamma_scale``: for SquareCB (``Policy.linear``'s
     default exploration) the trainer sets ``gamma = gamma_scale * sqrt(n_eff) / sd(reward)``
     in each version (default 8: on the learning bench's five bake-off streams it earned more
-    than 4 on four and as much on the fifth); 0 keeps the policy's fixed gamma. While an
-    action's rewards are zero-inflated and heavy-tailed (sizes that vary) and its mean rests
-    on fewer than 20 effective rows, the schedule's gamma is 0 (uniform exploration): an
-    early, skewed underestimate would otherwise starve the best action of a small segment.
+    than 4 on four and as much on the fifth); 0 keeps the policy's fixed gamma.
     Cadence: the first retrain comes after ``first_retrain_events`` rows (default 10) and the
     threshold doubles with the data up to ``retrain_every_events`` (default 200; 0 = always
     the latter), or after ``retrain_every_seconds`` with at least one new row. A learner busy

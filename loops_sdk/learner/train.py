@@ -34,8 +34,7 @@ from ..policy import MAX_PARAMETER, Exploration, Policy
 from .store import EventStore
 
 __all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
-           "shared_from_solution", "shared_draws", "SharedGateView", "SHARED_ROW",
-           "WARMUP_ESS", "effective_rows", "heavy_tailed", "warmed_up"]
+           "shared_from_solution", "shared_draws", "SharedGateView", "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -697,76 +696,6 @@ BOOST_INFLATE = 2.0
 _BEFORE_CHANGE = "exploration_before_change"
 
 
-# Warm-up of heavy-tailed rewards. The sample mean of zero-inflated, heavy-tailed rewards is
-# skewed: from a few dozen rows it is usually below the true mean (most rows carry no outcome,
-# a few carry most of the value). SquareCB explores an action in proportion to 1 / (gap x
-# gamma), so an early underestimate of the best action in a small segment is rarely
-# revisited and the policy stays below it for tens of thousands of decisions (sportsbook
-# world, offline twin: 3 of 12 seeds never reached 90 % of the oracle in 80,000 rows, and 5
-# of 12 casino seeds not before their change at 15,000). Until every such action's mean rests
-# on WARMUP_ESS effective rows (n * mean^2 / E[x^2] of its reward above the floor: the rows of
-# a constant reward its sample mean is worth), the gamma schedule explores uniformly (gamma
-# 0); then the schedule as before. Offline twin, 12 seeds each (python -m bench.learning_sim
-# --crm ...): sportsbook over 40,000 rows 90 % reached on 10 (was 7), within the seed's A/B
-# n / 3 on 10 (was 6); casino 90 % before its change on 11 (was 7), recovery within 10,000
-# rows on 12 (was 8); 10 / 15 / 30 effective rows gave 8 / 8 / 10 sportsbook seeds and
-# 9 / 12 / 11 casino seeds. Rewards whose sizes do not vary (0/1: the bake-off streams'
-# figures are unchanged) or that have no atom never wait. The end is recorded once (the
-# statistics' ``extra``), so an action added later or a forgotten past does not restart it.
-WARMUP_ESS = 20.0
-
-
-def heavy_tailed(policy: Policy, s: RidgeStats) -> np.ndarray:
-    """Per action: whether its rewards are zero-inflated with sizes that vary, as the change
-    detector's outcome tests see them (:data:`ATOM_SHARE`); all False for a shared policy
-    or without change detection (no outcome fits)."""
-    k = len(s.action_ids)
-    if policy.shared_model is not None or not policy.learning.detect_changes:
-        return np.zeros(k, dtype=bool)
-    models = []
-    for part in ("rate", "size"):
-        data = s.extra.get(f"{part}_stats")
-        try:
-            m = None if data is None else RidgeStats.from_bytes(data)
-        except (PolicyError, ValueError, KeyError):
-            m = None
-        if m is None or m.action_ids != s.action_ids:
-            return np.zeros(k, dtype=bool)
-        models.append(m)
-    return _sizes_vary(*models)
-
-
-def effective_rows(policy: Policy, s: RidgeStats) -> np.ndarray:
-    """Per action, the rows its mean reward is worth: ``n * mean^2 / E[x^2]`` of the reward
-    above the floor (``default_reward - cost_weight * cost``, a row without an outcome); equal
-    to ``n`` for a constant reward, far fewer for a heavy tail. Forgetting scales both sums
-    alike, so it does not change the ratio."""
-    ls = policy.learning
-    floor = np.array([ls.default_reward - ls.reward.cost_weight * a.cost
-                      for a in policy.actions])
-    w = s.zz[:, -1, -1]
-    above = s.reward_sum - floor * w
-    square = s.reward_sq - 2 * floor * s.reward_sum + floor * floor * w
-    den = w * square
-    ok = den > 1e-300
-    return np.where(ok, s.count * above * above / np.where(ok, den, 1.0), 0.0)
-
-
-def warmed_up(policy: Policy, s: RidgeStats) -> bool:
-    """False while an action with heavy-tailed rewards (:func:`heavy_tailed`) has fewer than
-    :data:`WARMUP_ESS` :func:`effective_rows`. Once it ended with such actions present,
-    ``s.extra["warmed_up"]`` remembers it."""
-    if s.extra.get("warmed_up") or policy.shared_model is not None:
-        return True
-    heavy = heavy_tailed(policy, s)
-    if not heavy.any():
-        return True
-    if (effective_rows(policy, s)[heavy] < WARMUP_ESS).any():
-        return False
-    s.extra["warmed_up"] = True
-    return True
-
-
 def explore_more(e: Exploration) -> Exploration:
     """More exploration for a while after a detected change."""
     if e.kind == "epsilon_greedy":
@@ -793,15 +722,6 @@ def _cusum(u: np.ndarray, k: float, h: float, state: list, what: str) -> tuple |
             hit = (int(over[0]), side, float(g[over[0]]), what, h)
         state[side] = float(g[-1])
     return hit
-
-
-def _sizes_vary(rate: RidgeStats, size: RidgeStats) -> np.ndarray:
-    """:meth:`_OutcomeTests.applies` from the outcome fits' statistics."""
-    w = np.maximum(size.zz[:, -1, -1], 1e-300)
-    mean = size.reward_sum / w
-    var = size.reward_sq / w - mean * mean
-    atom = 1.0 - rate.reward_sum / np.maximum(rate.zz[:, -1, -1], 1e-300)
-    return (size.count >= 2) & (var > 1e-9) & (atom >= ATOM_SHARE)
 
 
 class _OutcomeTests:
@@ -851,7 +771,12 @@ class _OutcomeTests:
         Otherwise (0/1 rewards, or no atom, e.g. Gaussian noise) the residual test runs."""
         if not self.on:
             return np.zeros(len(self.s.action_ids), dtype=bool)
-        return _sizes_vary(self.models["rate"], self.models["size"])
+        m, r = self.models["size"], self.models["rate"]
+        w = np.maximum(m.zz[:, -1, -1], 1e-300)
+        mean = m.reward_sum / w
+        var = m.reward_sq / w - mean * mean
+        atom = 1.0 - r.reward_sum / np.maximum(r.zz[:, -1, -1], 1e-300)
+        return (m.count >= 2) & (var > 1e-9) & (atom >= ATOM_SHARE)
 
     def scores(self, xa: np.ndarray, aa: np.ndarray, ra: np.ndarray) -> dict:
         """``{(part, action): (positions among the action's rows, standardised clipped
@@ -1071,11 +996,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- candidates
     def fit(self, policy: Policy, s: RidgeStats, version: int) -> Policy:
-        """A new version of ``policy`` fitted to ``s`` (see :meth:`train`).
-
-        With the SquareCB gamma schedule, a version fitted before the warm-up of
-        heavy-tailed rewards ended (:func:`warmed_up`) explores uniformly (gamma 0, metadata
-        ``warming_up``); the end of the warm-up is recorded in ``s.extra``."""
+        """A new version of ``policy`` fitted to ``s`` (see :meth:`train`)."""
         ls = policy.learning
         weights, bias = s.solve(ls.ridge_lambda, standardize=ls.standardize_inputs,
                                 center=ls.center_rewards)
@@ -1104,18 +1025,9 @@ class Trainer:
             mean = s.reward_sum.sum() * s.effective_factor() / n_eff
             var = s.reward_sq.sum() * s.effective_factor() / n_eff - mean * mean
             sd = float(np.sqrt(var)) if var > 1e-18 else 1.0
-            gamma = float(min(max(ls.gamma_scale * np.sqrt(n_eff) / sd, 1.0), 1e6))
-            warming = not warmed_up(policy, s)
-            if warming:
-                gamma = 0.0     # uniform until heavy-tailed means can be trusted (WARMUP_ESS)
-            exploration = replace(exploration, gamma=gamma)
-        else:
-            warming = False
+            gamma = ls.gamma_scale * np.sqrt(n_eff) / sd
+            exploration = replace(exploration, gamma=float(min(max(gamma, 1.0), 1e6)))
         metadata = dict(policy.metadata)
-        if warming:
-            metadata["warming_up"] = "1"
-        else:
-            metadata.pop("warming_up", None)
         boosted = s.n < int(s.extra.get("boost_until", 0))
         unboosted = exploration
         if boosted:
