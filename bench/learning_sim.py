@@ -9,7 +9,10 @@ retrain when :meth:`Trainer.threshold` says one is due. There is no gate (every 
 served, as with the rule ``always``; ``min_samples`` models the gate's hold of a small
 window), no time trigger, and actions are drawn with numpy rather than the
 event's hash, so figures match the real loop's in distribution, not row for row. Confirm any
-finding with ``python -m bench --only learning``.
+finding with ``python -m bench --only learning``. ``--crm ROWS`` plays the CRM worlds instead
+(``--change-at``, ``--seeds``): decisions to 90 % of the oracle per seed against that seed's
+A/B n / 3, as the bench counts them. Without the gate it serves every candidate, like the
+bench's "gate off": in the CRM worlds it locks in on more seeds than the gated real loop.
 """
 
 from __future__ import annotations
@@ -101,20 +104,33 @@ def crm_figures(stream: Stream, actions: np.ndarray) -> dict:
 def crm_seeds(rows: int, change_at: int | None, seeds: int, only: str = "") -> None:
     """The CRM worlds (:func:`~bench.worlds.crm_worlds`) over ``seeds`` seeds (the bench's
     stream is seed 0), rounds that follow the retrain threshold and the gate's hold of the
-    first 250 rows (``min_samples``): decisions to 90 % of the oracle per seed."""
+    first 250 rows (``min_samples``): per seed, decisions to 90 % of the oracle against the
+    seed's A/B n / 3 (:func:`bench.learning.ab_target`, the A/B test played with the same
+    seed), decisions to recover after the change, and the tally."""
+    from .learning import AB_FRACTION, RECOVERY_TARGET, ab_target, play_ab
     from .worlds import crm_worlds
     for i, w in enumerate(crm_worlds()):
         if only not in w.name:
             continue
+        met = reached = recovered = 0
         for seed in range(seeds):
             st = w.stream(rows, change_at, seed=21 + i + 100 * seed)
             t0 = time.perf_counter()
             out = simulate(st, lag="follow", seed=seed, min_samples=250, record=True)
             f = crm_figures(st, out["actions"])
-            print(f"{w.name:16s} seed {seed}  to 90 % {f['to_90'] or '-'!s:>7}  recover "
-                  f"{f['recover_90'] or '-'!s:>7}  last 10,000: {f['share_last_10k']:.1%} of "
-                  f"the oracle  alarms {out['changes']}  {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            n_ab, how = ab_target(st, play_ab(st, seed), w, seed)
+            ok = f["to_90"] is not None and n_ab is not None and f["to_90"] <= n_ab * AB_FRACTION
+            met += ok
+            reached += f["to_90"] is not None
+            recovered += f["recover_90"] is not None and f["recover_90"] <= RECOVERY_TARGET
+            print(f"{w.name:16s} seed {seed:<2d} to 90 % {f['to_90'] or '-'!s:>7} (n / 3 "
+                  f"{'-' if n_ab is None else f'{n_ab * AB_FRACTION:,.0f}'}: "
+                  f"{'met' if ok else 'not met'})  recover {f['recover_90'] or '-'!s:>7}  "
+                  f"last 10,000: {f['share_last_10k']:.1%} of the oracle  alarms "
+                  f"{out['changes']}  {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{w.name:16s} {seeds} seeds: 90 % reached {reached}, within the A/B n / 3 {met}"
+              + (f", recovered within {RECOVERY_TARGET:,} {recovered}" if change_at else ""),
+              flush=True)
 
 
 def streams(quick: bool = False) -> list[Stream]:

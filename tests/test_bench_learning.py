@@ -202,6 +202,21 @@ def test_simulator_retrains_at_the_learners_threshold_and_learns():
     assert held["reward"] < out["reward"]
 
 
+def test_simulator_records_actions_for_the_crm_figures():
+    from bench.learning_sim import crm_figures, simulate
+    casino = next(w for w in crm_worlds() if w.name == "crm:casino")
+    s = casino.stream(3000, 2000, seed=2)
+    out = simulate(s, lag="follow", min_samples=250, record=True)
+    a = out["actions"]
+    assert a.shape == (s.n,) and a.min() >= 0 and a.max() < s.n_actions
+    assert "actions" not in simulate(s, lag="follow", min_samples=250)      # off by default
+    expected = s.mean[np.arange(s.n), a]
+    f = crm_figures(s, a)
+    assert f["to_90"] == decisions_to_share(expected, s.oracle(), 0, 2000)
+    assert f["recover_90"] == decisions_to_share(expected, s.oracle(), 2000)
+    assert f["share_last_10k"] == pytest.approx(expected.mean() / s.oracle().mean())
+
+
 def test_real_loop_rounds_follow_the_learners_threshold():
     """Through the real learner and client: each round is as long as the learner's current
     retrain threshold, ends in a retrain that is pushed (gate ``always``), and is timed."""
