@@ -1,7 +1,8 @@
-"""The default promotion rule's ``min_samples``: on a young policy's few rows, logged
-near-greedily, the paired interval is not reliable, so the default holds those candidates
-(see ``PromotionRule``). Lowering it to the first retrain's 10 rows promoted clearly worse
-candidates in up to 11 % of these judgments."""
+"""The promotion rule's hold on a young policy's few rows (``PromotionRule``): the default
+``min_samples`` 250 holds them (a count of 10 rows promoted clearly worse candidates in up to
+11 % of these judgments, logged near-greedily); with ``min_effective_samples`` a candidate is
+judged earlier once the rows can say how it would do (an effective sample of its importance
+weights), which rows logged uniformly do after a few dozen and near-greedy ones do not."""
 
 import numpy as np
 
@@ -9,7 +10,7 @@ from loops_sdk.cli.demo import ACTIONS as DEMO_ACTIONS
 from loops_sdk.cli.demo import FEATURES as DEMO_FEATURES
 from loops_sdk.cli.demo import Simulator
 from loops_sdk.evaluation import LoggedData
-from loops_sdk.learner.promotion import evaluate_candidate
+from loops_sdk.learner.promotion import effective_sample, evaluate_candidate
 from loops_sdk.policy import Exploration, Policy, PromotionRule
 
 from sdk_helpers import load_size
@@ -34,8 +35,10 @@ def logged(sim, policy, n, seed):
 
 def test_default_rule_never_promotes_a_clearly_worse_candidate_on_a_young_policys_rows():
     """The demo world, rows logged by the deployed "free spins for all" (epsilon 0.2): on
-    10 to 250 rows, candidates truly worse by 1.6-3 per player are never promoted by the
-    default rule, as new models or as refreshes; below ``min_samples`` they are held."""
+    10 to 250 rows, candidates truly worse by 1.6-3 per player are never promoted, as new
+    models or as refreshes: by the default rule (held below ``min_samples`` rows, rejected
+    on 250), nor when judged early by their effective sample (``min_effective_samples``
+    30: mostly held for it, since they play what the log rarely played, the rest rejected)."""
     k, d = len(DEMO_ACTIONS), len(DEMO_FEATURES)
     oracle = np.zeros((k, d))
     oracle[:, :4] = Simulator(0).net.T
@@ -52,9 +55,10 @@ def test_default_rule_never_promotes_a_clearly_worse_candidate_on_a_young_policy
     worse = {"anti-oracle": demo_policy(-oracle, np.zeros(k), Exploration.epsilon_greedy(0.1)),
              "deposit match for all": segment_policy((2, 2, 2, 2)),
              "no bonus for anyone": segment_policy((0, 0, 0, 0))}
-    need = PromotionRule().min_samples
+    rule = PromotionRule(min_effective_samples=30)
+    need = rule.min_samples
     seeds = range(load_size(30, twin=4))
-    held = judged = 0
+    decisions = {"rows": 0, "effective": 0, "rejected": 0}
     for seed in seeds:
         sim = Simulator(seed)
         for n in (10, 40, 80, 250):
@@ -64,10 +68,76 @@ def test_default_rule_never_promotes_a_clearly_worse_candidate_on_a_young_policy
                     res = evaluate_candidate(data, cand.with_version(2), deployed, seed=seed,
                                              refresh=refresh)
                     assert not res.promoted, (seed, n, name, refresh, res.reason)
-                    if n < need:
+                    if n < need:        # the default rule: held for the row count
                         assert res.decision == "held" and f"needs {need}" in res.reason
-                        held += 1
+                        decisions["rows"] += 1
                     else:
                         assert res.decision == "rejected", (seed, n, name, res.reason)
-                        judged += 1
-    assert judged == len(seeds) * len(worse) * 2 and held == 3 * judged
+                    early = evaluate_candidate(data, cand.with_version(2), deployed, rule,
+                                               seed=seed, refresh=refresh)
+                    assert not early.promoted, (seed, n, name, refresh, early.reason)
+                    if n < need and early.decision == "held":
+                        assert "effective sample" in early.reason, early.reason
+                        decisions["effective"] += 1
+                    else:
+                        assert early.decision == "rejected", (seed, n, name, early.reason)
+                        decisions["rejected"] += 1
+    per_n = len(seeds) * len(worse) * 2
+    assert decisions["rows"] == 3 * per_n
+    assert decisions["effective"] > 2 * per_n and decisions["rejected"] >= per_n, decisions
+
+
+def test_default_rule_judges_uniformly_logged_rows_after_a_few_dozen():
+    """Rows logged uniformly (the first rows of a policy that knows nothing) weigh every
+    candidate alike: a clearly better candidate is promoted on 60 of them in every seed, a
+    clearly worse one never (as a new model or a refresh), and a near-greedy candidate's
+    effective sample there is about a third of the rows (3 actions)."""
+    k, d = 3, 2
+    ids = ("none", "spins", "match")
+    means = lambda x: np.column_stack([np.full(len(x), 0.5), 1.0 + 2.0 * x[:, 0],  # noqa: E731
+                                       np.full(len(x), -1.0)])
+    true_w = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    true_b = np.array([0.5, 1.0, -1.0])
+    knows_nothing = Policy.linear("bonus", 2, list(ids), version=1)
+    better = knows_nothing.with_model(true_w, true_b, version=2)
+    worse = knows_nothing.with_model(-true_w, -true_b, version=2)
+    early = PromotionRule(min_effective_samples=30)
+    promoted = 0
+    seeds = range(load_size(30, twin=4))
+    for seed in seeds:
+        rng = np.random.default_rng(100 + seed)
+        n = 60
+        x = rng.normal(size=(n, d))
+        a = rng.integers(0, k, n)
+        r = means(x)[np.arange(n), a] + rng.normal(0, 0.5, n)
+        data = LoggedData(x=x, actions=a, propensities=np.full(n, 1 / k), rewards=r,
+                          action_ids=ids)
+        res = evaluate_candidate(data, better, knows_nothing, early, seed=seed)
+        promoted += res.promoted
+        for refresh in (False, True):
+            assert not evaluate_candidate(data, worse, knows_nothing, early, seed=seed,
+                                          refresh=refresh).promoted, seed
+        assert evaluate_candidate(data, better, knows_nothing, seed=seed).decision == "held"
+    assert promoted >= 0.9 * len(seeds)
+
+
+def test_effective_sample_counts_the_rows_a_rare_action_would_need():
+    """The expected effective sample counts a row type the log missed: a candidate playing
+    an action logged with probability 0.05 has about n / 18 whatever was logged."""
+    n, ids = 400, ("a", "b")
+    x = np.zeros((n, 1))
+    logger = Policy.linear("p", 1, list(ids), bias=[1.0, 0.0],
+                           exploration=Exploration.epsilon_greedy(0.1), version=1)
+    other = Policy.linear("p", 1, list(ids), bias=[0.0, 1.0],
+                          exploration=Exploration.epsilon_greedy(0.1), version=2)
+    # Every row happened to log the common action: observed weights are all equal.
+    data = LoggedData(x=x, actions=np.zeros(n, np.int64), propensities=np.full(n, 0.95),
+                      rewards=np.ones(n), action_ids=ids)
+    from loops_sdk.evaluation import OffPolicyEvaluation
+    ope = OffPolicyEvaluation(data, ("dr",))
+    cand, dep = ope.round_inputs(other), ope.round_inputs(logger)
+    assert cand.ess == np.float64(n) or abs(cand.ess - n) < 1e-6   # observed: looks like n
+    ess = effective_sample(cand, dep)
+    # E[w] = 1, E[w^2] = 0.05^2 / 0.95 + 0.95^2 / 0.05 = 18.05: n / 18.05
+    assert abs(ess - n / (0.05 ** 2 / 0.95 + 0.95 ** 2 / 0.05)) < 1e-6
+    assert effective_sample(dep, dep) == n
