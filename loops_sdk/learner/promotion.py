@@ -93,7 +93,8 @@ from .window import WindowCache, load_window
 
 __all__ = ["Gate", "GateResult", "HeldOut", "PromotionRule", "distance_bound",
            "effective_sample", "evaluate_candidate", "fitted_basis", "held_out_twins",
-           "is_refresh", "knows_nothing", "load_window", "one_blas_thread", "PROMOTED", "REJECTED", "HELD",
+           "is_refresh", "knows_nothing", "load_window", "one_blas_thread",
+           "PROMOTED", "REJECTED", "HELD",
            "DIFFERENCE", "EFFECTIVE_FLOOR", "EFFECTIVE_SHARE", "HELD_OUT_FOLDS",
            "REFRESH_MARGIN_SD"]
 
