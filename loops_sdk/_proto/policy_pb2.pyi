@@ -237,7 +237,7 @@ class RewardDefinition(_message.Message):
     def __init__(self, outcome_weights: _Optional[_Mapping[str, float]] = ..., other_weight: _Optional[float] = ..., cost_weight: _Optional[float] = ...) -> None: ...
 
 class PromotionRule(_message.Message):
-    __slots__ = ("kind", "estimator", "level", "min_samples", "margin", "window_rows", "window_seconds", "interval")
+    __slots__ = ("kind", "estimator", "level", "min_samples", "margin", "window_rows", "window_seconds", "interval", "min_effective_samples")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[PromotionRule.Kind]
@@ -260,6 +260,7 @@ class PromotionRule(_message.Message):
     WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MIN_EFFECTIVE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     kind: PromotionRule.Kind
     estimator: str
     level: float
@@ -268,7 +269,8 @@ class PromotionRule(_message.Message):
     window_rows: int
     window_seconds: float
     interval: str
-    def __init__(self, kind: _Optional[_Union[PromotionRule.Kind, str]] = ..., estimator: _Optional[str] = ..., level: _Optional[float] = ..., min_samples: _Optional[int] = ..., margin: _Optional[float] = ..., window_rows: _Optional[int] = ..., window_seconds: _Optional[float] = ..., interval: _Optional[str] = ...) -> None: ...
+    min_effective_samples: int
+    def __init__(self, kind: _Optional[_Union[PromotionRule.Kind, str]] = ..., estimator: _Optional[str] = ..., level: _Optional[float] = ..., min_samples: _Optional[int] = ..., margin: _Optional[float] = ..., window_rows: _Optional[int] = ..., window_seconds: _Optional[float] = ..., interval: _Optional[str] = ..., min_effective_samples: _Optional[int] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("attribute", "feature", "op", "values", "number", "when_missing")

@@ -96,7 +96,15 @@ def test_gate_promotes_better_rejects_worse_holds_small_sample():
     # A candidate no different from the deployed policy is not promoted either.
     assert evaluate_candidate(data, good.with_version(4), good).decision == "rejected"
 
-    few = evaluate_candidate(data.subset(np.arange(100)), good, zero)
+    few = evaluate_candidate(data.subset(np.arange(20)), good, zero)
+    assert few.decision == "held"
+    assert "20 joined decisions" in few.reason and "needs 250" in few.reason
+    assert "20 judged rows" in few.reason              # too few for an early judgement
+    # Rows logged uniformly judge it early (see test_promotion_defaults.py).
+    early = evaluate_candidate(data.subset(np.arange(100)), good, zero)
+    assert early.promoted and "judged early on an effective sample" in early.reason
+    count_only = replace(zero.learning.promotion, min_effective_samples=0)
+    few = evaluate_candidate(data.subset(np.arange(100)), good, zero, count_only)
     assert few.decision == "held" and few.estimates == {}
     assert "100 joined decisions" in few.reason and "needs 250" in few.reason
 
@@ -289,7 +297,9 @@ def test_step_gates_candidates_and_history_lists_them(learner, client, capsys):
 
 
 def test_too_few_samples_holds_the_candidate(learner, client):
-    learner.publish(base_policy(min_samples=5000).with_version(0), "needs more data", manual=True)
+    # The row count alone (no early judgement: these uniformly logged rows could judge it).
+    learner.publish(base_policy(min_samples=5000, min_effective_samples=0).with_version(0),
+                    "needs more data", manual=True)
     wait_version(client, 2)
     learner.store.ingest("c", 1, feedback(600, seed=5))
     _, published = learner.step(T0 + NS)
