@@ -208,11 +208,13 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         cand_rows = (ope.round_inputs(candidate) if judged is None
                      else ope.round_inputs(judged, trusted=held_out))
         dep_rows = ope.round_inputs(deployed)
-        estimates: dict[str, dict[str, Estimate]] = {
-            "candidate": ope.estimate(cand_rows), "deployed": ope.estimate(dep_rows)}
+        # Both policies' estimates and their paired difference, in one pass over their terms.
+        cand_est, dep_est, diff_est = ope.paired(cand_rows, dep_rows)
+        estimates: dict[str, dict[str, Estimate]] = {"candidate": cand_est,
+                                                     "deployed": dep_est}
         # Built valid from the data's own eligible sets: not checked again.
         estimates.update(ope.estimate_baselines(deployed.default_action))
-        estimates[DIFFERENCE] = ope.difference(cand_rows, dep_rows)
+        estimates[DIFFERENCE] = diff_est
     except EvaluationError as exc:
         return held(f"the logged data cannot judge v{cv}: {exc}")
     refresh = False if refresh is None else bool(refresh)
@@ -616,9 +618,11 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
         else:
             rest = stats.without(fx, actions[sel], part.rewards[sel], ts[sel])
         if fit is not None:
-            twin = fit(rest)
-            # Validated by fit; only its name tags change (no second validation).
-            twin = replace(twin, version=candidate.version, metadata=dict(candidate.metadata))
+            fitted = fit(rest)
+            # Validated by fit; only its name tags change (no second validation). The fitted
+            # policy scores (its kernel, compiled by that validation, is kept): the tags do
+            # not change a probability, and a replaced policy would compile again.
+            twin = replace(fitted, version=candidate.version, metadata=dict(candidate.metadata))
         else:
             weights, bias = rest.solve(deployed.learning.ridge_lambda)
             unseen = rest.count == 0    # as the trainer does: unseen actions keep their params
@@ -626,11 +630,12 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
             bias[unseen] = deployed.bias[unseen]
             twin = candidate.with_model(weights, bias, version=candidate.version,
                                         metadata=dict(candidate.metadata))
+            fitted = twin
         if boosted and twin.exploration != deployed.exploration:
-            twin = replace(twin, exploration=deployed.exploration)
+            twin = fitted = replace(twin, exploration=deployed.exploration)
         twins.append(twin)
         if twin.action_ids == part.action_ids:   # checked once, with the whole matrix
-            judged[sel] = twin.probabilities(
+            judged[sel] = fitted.probabilities(
                 fx, None if part.eligible is None else np.ascontiguousarray(
                     part.eligible[sel]))
         else:

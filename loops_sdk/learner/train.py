@@ -290,12 +290,14 @@ class RidgeStats:
         bounds = np.searchsorted(key[order], np.arange(n_groups * k + 1))
         w = self._row_weights(np.asarray(clocks, dtype=np.float64)[order], actions[order])
         r = rewards[order]
-        # Whole rows gathered (contiguous); the intercept column z = (x, 1) is never padded
-        # in (a strided copy costs more than the products): each block's weighted Gram
-        # matrix is assembled from x's Gram (xs.T @ xs, xs = x sqrt(w): a symmetric update),
-        # sum w x and sum w.
-        xo = x.take(order, axis=0)
-        xs = xo if w is None else xo * np.sqrt(w)[:, None]
+        # Whole rows gathered (contiguous) and scaled by sqrt(w) in place; the intercept
+        # column z = (x, 1) is never padded in (a strided copy costs more than the products):
+        # each block's weighted Gram matrix is assembled from xs.T @ xs (a symmetric update)
+        # and (sqrt(w), sqrt(w) r) @ xs = (sum w x, sum w r x), one product per block.
+        xs = x.take(order, axis=0)
+        root = np.ones(n) if w is None else np.sqrt(w)
+        if w is not None:
+            xs *= root[:, None]
         wr = r if w is None else w * r
         counts = np.diff(bounds)
         filled = np.flatnonzero(counts)
@@ -303,18 +305,18 @@ class RidgeStats:
         # Per-block sums of the per-row scalars w, w r, w r^2 in one reduceat.
         scalars = np.zeros((n_groups * k, 3))
         if filled.size:
-            per_row = np.stack([np.ones(n) if w is None else w, wr, wr * r], axis=1)
+            per_row = np.stack([root if w is None else w, wr, wr * r], axis=1)
             scalars[filled] = np.add.reduceat(per_row, starts, axis=0)
+        vectors = np.stack([root, root * r])         # (2, n): rows of the products below
         zz = np.zeros((n_groups * k, dim + 1, dim + 1))
         zr = np.zeros((n_groups * k, dim + 1))
         for b in filled.tolist():
             lo, hi = bounds[b], bounds[b + 1]
             block = xs[lo:hi]
             zz[b, :dim, :dim] = block.T @ block
-            wx = xo[lo:hi].sum(axis=0) if w is None else w[lo:hi] @ xo[lo:hi]
+            wx, zr[b, :dim] = vectors[:, lo:hi] @ block
             zz[b, :dim, dim] = wx
             zz[b, dim, :dim] = wx
-            zr[b, :dim] = wr[lo:hi] @ xo[lo:hi]
         zz[:, dim, dim] = scalars[:, 0]
         zr[:, dim] = scalars[:, 1]
         zz = zz.reshape(n_groups, k, dim + 1, dim + 1)
@@ -325,14 +327,20 @@ class RidgeStats:
                 for g in range(n_groups)]
 
     def minus(self, sums: tuple) -> "RidgeStats":
-        """A copy without rows whose :meth:`group_sums` are ``sums`` (counts floored at 0)."""
-        s = self.copy()
+        """A copy without rows whose :meth:`group_sums` are ``sums`` (counts floored at 0).
+
+        Its arrays are its own; ``extra`` (the detector's state, which a fit only reads) is a
+        shallow copy of this one's: the gate makes one such copy per fold and candidate, and
+        deep-copying the detector's lists cost more than the fit."""
+        s = RidgeStats.__new__(RidgeStats)
+        s.__dict__.update(self.__dict__)
+        s.extra = dict(self.extra)
         zz, zr, count, rsum, rsq = sums
-        s.zz -= zz
-        s.zr -= zr
-        s.count = np.maximum(s.count - count, 0)
-        s.reward_sum -= rsum
-        s.reward_sq -= rsq
+        s.zz = self.zz - zz
+        s.zr = self.zr - zr
+        s.count = np.maximum(self.count - count, 0)
+        s.reward_sum = self.reward_sum - rsum
+        s.reward_sq = self.reward_sq - rsq
         return s
 
     def without(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
