@@ -67,7 +67,9 @@ import contextlib
 import logging
 import math
 import sqlite3
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -96,6 +98,43 @@ HELD_OUT_FOLDS = 2
 #: deviations of the judged rows' rewards (see :func:`is_refresh`).
 REFRESH_MARGIN_SD = 0.1
 _NOT_BASELINES = ("candidate", "deployed", DIFFERENCE)
+
+# What the gate derives from a window's rows alone (the deployed version's rows and their
+# folds, the folds' sums at given weights, the deployed version's probabilities), kept while
+# that LoggedData lives: the window cache hands back the same object from one judgement to the
+# next while no block it holds changed, so those are computed once per window, not once per
+# candidate. Keyed by the object (LoggedData is read-only once built); a few entries each.
+_MEMO: "weakref.WeakKeyDictionary[LoggedData, dict]" = weakref.WeakKeyDictionary()
+_MEMO_LOCK = threading.Lock()
+_MEMO_ENTRIES = 8
+
+
+def _memoised(data: LoggedData, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per ``(data, key)`` while ``data`` lives (see ``_MEMO``)."""
+    with _MEMO_LOCK:
+        entry = _MEMO.get(data)
+        if entry is not None and key in entry:
+            return entry[key]
+    value = compute()
+    with _MEMO_LOCK:
+        entry = _MEMO.setdefault(data, {})
+        if len(entry) >= _MEMO_ENTRIES:
+            entry.clear()
+        entry[key] = value
+    return value
+
+
+def _deployed_probabilities(data: LoggedData, deployed: Policy) -> np.ndarray:
+    """``target_probabilities(deployed, data)`` (validated), computed once per window and
+    deployed version (the same Policy object: the learner's PolicyBook keeps it)."""
+    def compute() -> tuple[Any, np.ndarray]:
+        probs = target_probabilities(deployed, data)
+        probs.setflags(write=False)
+        return weakref.ref(deployed), probs
+    ref, probs = _memoised(data, ("deployed", id(deployed)), compute)
+    if ref() is not deployed:          # another policy at a reused id: compute afresh
+        probs = target_probabilities(deployed, data)
+    return probs
 
 
 @dataclass(frozen=True)
@@ -207,7 +246,7 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         # not checked again (a candidate Policy is, by round_inputs).
         cand_rows = (ope.round_inputs(candidate) if judged is None
                      else ope.round_inputs(judged, trusted=held_out))
-        dep_rows = ope.round_inputs(deployed)
+        dep_rows = ope.round_inputs(_deployed_probabilities(data, deployed), trusted=True)
         # Both policies' estimates and their paired difference, in one pass over their terms.
         cand_est, dep_est, diff_est = ope.paired(cand_rows, dep_rows)
         estimates: dict[str, dict[str, Estimate]] = {"candidate": cand_est,
@@ -584,7 +623,8 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     if (np.bincount(remap[data.actions[rows]], minlength=len(stats.action_ids))
             > stats.count).any():
         return None        # rows the statistics do not hold (they restarted in the window)
-    part = data if rows.size == n else data.subset(rows)
+    part = data if rows.size == n else _memoised(data, ("own", deployed.version),
+                                                 lambda: data.subset(rows))
     ts = part.ts_ns if part.ts_ns is not None else np.arange(part.n, dtype=np.int64)
     # A RidgeStats is copied and the fold's rows removed at their clocks; another view of the
     # statistics (a shared policy's SharedGateView) takes rows out by decision time itself.
@@ -607,12 +647,23 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     actions = remap[part.actions]
     # Every fold's sums in one pass (rows sorted once by fold and action), each twin's
     # statistics the copy minus its fold's sums: what removing the fold's rows gives.
-    sums = (stats.group_sums(part.x, actions, part.rewards, clocks, fold, folds)
-            if subtracts else None)
+    # They depend on the rows and the weights only (the decay's reference, half-life,
+    # clock and discounts; with decay by rows the positions' origin), once per window.
+    sums = None
+    if subtracts:
+        weighting = ("fold sums", folds, tuple(stats.action_ids), stats.half_life,
+                     stats.clock, stats.ref, stats.rows_clock if by_rows else None,
+                     repr(stats.extra.get("forgets")))
+        sums = _memoised(part, weighting, lambda: stats.group_sums(
+            part.x, actions, part.rewards, clocks, fold, folds))
+    slices = _memoised(part, ("fold rows", folds), lambda: [
+        (np.ascontiguousarray(part.x[f::folds]),
+         None if part.eligible is None else np.ascontiguousarray(part.eligible[f::folds]))
+        for f in range(folds)])
     twins = []
     for f in range(folds):
-        sel = slice(f, None, folds)     # fold f: every folds-th row (a view, not a copy)
-        fx = np.ascontiguousarray(part.x[sel])
+        sel = slice(f, None, folds)     # fold f: every folds-th row
+        fx, fe = slices[f]
         if subtracts:
             rest = stats.minus(sums[f])
         else:
@@ -635,9 +686,7 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
             twin = fitted = replace(twin, exploration=deployed.exploration)
         twins.append(twin)
         if twin.action_ids == part.action_ids:   # checked once, with the whole matrix
-            judged[sel] = fitted.probabilities(
-                fx, None if part.eligible is None else np.ascontiguousarray(
-                    part.eligible[sel]))
+            judged[sel] = fitted.probabilities(fx, fe)
         else:
             judged[sel] = target_probabilities(twin, part.subset(sel))
         # The twin's mean scores (before exploration), one matmul: a shared policy's

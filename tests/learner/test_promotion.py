@@ -988,3 +988,42 @@ def test_trusted_round_inputs_skip_the_check_but_not_the_shape():
         ope.round_inputs(pi))
     with pytest.raises(EvaluationError, match=r"shape \(399, 3\), expected \(400, 3\)"):
         ope.round_inputs(pi[1:], trusted=True)
+
+
+def test_what_the_gate_reuses_from_a_window_follows_the_policy_and_the_statistics():
+    """The gate derives the deployed version's rows, their folds' sums and the deployed
+    version's probabilities once per window object (the window cache hands back the same
+    LoggedData while nothing changed). Judging the same object again with another deployed
+    policy, or after the statistics moved (more rows, a discount), gives what a fresh copy
+    of the rows gives: nothing stale is reused."""
+    from loops_sdk.learner.promotion import held_out_twins
+    from loops_sdk.learner.train import RidgeStats
+    base = _timed(logged(1200, seed=24))
+    data = _timed(base, versions=np.where(np.arange(1200) % 5 == 0, 0, 1))
+    deployed = base_policy()
+    stats = RidgeStats.for_policy(deployed)
+    stats.add(data.x, data.actions, data.rewards, data.ts_ns)
+    cand = deployed.with_model(*stats.solve(1.0), version=2)
+    other = deployed.with_model(GOOD_W, GOOD_B, version=1)
+
+    def fresh() -> LoggedData:
+        return data.subset(np.arange(data.n))       # the same rows, another object
+
+    def same(a, b) -> None:
+        for target in ("candidate", "deployed", "candidate-deployed", "uniform"):
+            assert a.estimates[target] == b.estimates[target], target
+        assert (a.decision, a.reason) == (b.decision, b.reason)
+
+    for dep in (deployed, other, deployed):
+        same(evaluate_candidate(data, cand, dep, seed=1), evaluate_candidate(fresh(), cand,
+                                                                            dep, seed=1))
+    for change in (None, "rows", "forget"):
+        if change == "rows":
+            stats.add(data.x[:100], data.actions[:100], data.rewards[:100],
+                      data.ts_ns[:100] + 10**12)
+        elif change == "forget":
+            stats.forget(1, 0.5)
+        got, want = (held_out_twins(cand, deployed, stats, d) for d in (data, fresh()))
+        assert got.data.n == want.data.n == 960           # the rows v1 served
+        np.testing.assert_array_equal(got.judged, want.judged)
+        np.testing.assert_array_equal(got.reward_model, want.reward_model)
