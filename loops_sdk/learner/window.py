@@ -283,7 +283,8 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
         x, eligible = (store.block_inputs(block_id) if cache is None
                        else cache.inputs(store, spans[block_id]))
         actions = blk.action[rows].astype(np.int64)
-        elig = eligible[rows] != 0
+        # take(): a gather of whole rows, several times faster than fancy indexing for 2-D.
+        elig = eligible.take(rows, axis=0) != 0
         if tuple(blk.actions) != action_ids:      # an older subset layout: remap columns
             remap = np.array([index[a] for a in blk.actions], dtype=np.int64)
             actions = remap[actions]
@@ -291,14 +292,14 @@ def _read_newest_rows(store: EventStore, policy: str, excluded: int, since: int 
             wide[:, remap] = elig
             elig = wide
         parts.append({
-            "x": x[rows], "eligible": elig, "actions": actions, "propensities": blk.prob[rows],
-            "rewards": blk.reward[rows], "ts_ns": blk.ts_ns[rows],
+            "x": x.take(rows, axis=0), "eligible": elig, "actions": actions,
+            "propensities": blk.prob[rows], "rewards": blk.reward[rows], "ts_ns": blk.ts_ns[rows],
             "versions": blk.version[rows].astype(np.int64),
             "_block": np.full(rows.size, block_id, np.int64), "_row": rows})
     columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     order = np.lexsort((columns.pop("_row"), columns.pop("_block"), columns["ts_ns"]))
     if not np.array_equal(order, np.arange(order.size)):
-        columns = {name: col[order] for name, col in columns.items()}
+        columns = {name: col.take(order, axis=0) for name, col in columns.items()}
     return action_ids, input_names, columns
 
 
