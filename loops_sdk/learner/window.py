@@ -69,11 +69,13 @@ class WindowCache:
         return blk
 
     def inputs(self, store: EventStore, span: BlockSpan) -> tuple[np.ndarray, np.ndarray]:
+        # A block's inputs and eligible sets never change (joining only sets statuses and
+        # rewards): kept while the block is the same block, whatever its pending count.
         got = self._inputs.get(span.id)
-        if got is not None and got[0] == _version(span):
+        if got is not None and got[0] == _identity(span):
             return got[1]
         x = store.block_inputs(span.id)
-        self._inputs[span.id] = (_version(span), x)
+        self._inputs[span.id] = (_identity(span), x)
         return x
 
     def begin(self) -> None:
@@ -87,7 +89,12 @@ class WindowCache:
 
 def _version(span: BlockSpan) -> tuple:
     # What identifies a block's contents: an id reused after a deletion has other spans.
-    return (span.pending, span.n, span.min_ts_ns, span.max_ts_ns)
+    return (span.pending, *_identity(span))
+
+
+def _identity(span: BlockSpan) -> tuple:
+    # What identifies the block itself (its immutable rows: inputs, eligible sets, times).
+    return (span.n, span.min_ts_ns, span.max_ts_ns)
 
 
 def load_window(store: EventStore, name: str, rule: PromotionRule,
