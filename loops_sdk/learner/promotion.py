@@ -124,17 +124,145 @@ def _memoised(data: LoggedData, key: Any, compute: Callable[[], Any]) -> Any:
     return value
 
 
+# From one round's window to the next, the window usually moves on: rows leave at its old
+# end and new ones arrive at its new end, the rest unchanged and in the same order. What was
+# derived per row from the last window (the deployed version's probabilities; the folds'
+# sums, whose folds are positions: a shift by d rows moves every kept row d folds on) is
+# carried over for the kept rows and computed only for the rows that arrived (and left).
+# Kept per statistics object (the folds' sums; weakly: the trainer's, gone with it) and per
+# policy name (the deployed version's probabilities, for that very Policy object: the book
+# keeps every version, so one entry per name bounds what is kept), the last window each;
+# anything else (rows joining in the middle, other settings, a discount with shifted
+# clocks) is computed afresh, and every _CARRY_LIMIT carries too (the sums' additions and
+# subtractions accumulate rounding).
+_CARRY: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CARRY_BY_NAME: dict[str, dict] = {}
+_CARRY_LIMIT = 32
+
+
+def _moved_on(old: LoggedData, new: LoggedData, columns: Sequence[str]) -> int | None:
+    """``d`` such that ``new``'s first ``old.n - d`` rows are ``old``'s rows from ``d`` on
+    (equal in every column named), or None. Both are in decision-time order."""
+    if old.ts_ns is None or new.ts_ns is None or not old.n or not new.n:
+        return None
+    d = int(np.searchsorted(old.ts_ns, new.ts_ns[0], side="left"))
+    kept = old.n - d
+    if kept <= 0 or kept > new.n:
+        return None
+    for name in columns:
+        a, b = getattr(old, name), getattr(new, name)
+        if (a is None) != (b is None) or (a is not None
+                                          and not np.array_equal(a[d:], b[:kept])):
+            return None
+    return d
+
+
+def _carried(kept: Any, key: Any, data: LoggedData, columns: Sequence[str], same: Any
+             ) -> tuple[dict, int] | None:
+    """The carry ``kept[key]`` with its row shift to ``data``, when it was derived under
+    ``same`` settings from rows ``data`` continues (see ``_CARRY``), else None."""
+    with _MEMO_LOCK:
+        carry = kept.get(key)
+    if carry is None or carry["same"] != same or carry["age"] >= _CARRY_LIMIT:
+        return None
+    d = _moved_on(carry["data"], data, columns)
+    return None if d is None else (carry, d)
+
+
+def _keep(kept: Any, key: Any, data: LoggedData, same: Any, age: int, **values: Any
+          ) -> None:
+    with _MEMO_LOCK:
+        kept[key] = {"data": data, "same": same, "age": age, **values}
+
+
 def _deployed_probabilities(data: LoggedData, deployed: Policy) -> np.ndarray:
     """``target_probabilities(deployed, data)`` (validated), computed once per window and
-    deployed version (the same Policy object: the learner's PolicyBook keeps it)."""
+    deployed version (the same Policy object: the learner's PolicyBook keeps it), and for
+    the next window only on the rows that arrived (``_CARRY``)."""
     def compute() -> tuple[Any, np.ndarray]:
-        probs = target_probabilities(deployed, data)
+        got = _carried(_CARRY_BY_NAME, deployed.name, data, ("ts_ns", "x", "eligible"),
+                       data.action_ids)
+        if got is not None and got[0]["policy"]() is not deployed:
+            got = None                    # another policy (version) under that name
+        if got is None:
+            probs, age = target_probabilities(deployed, data), 0
+        else:
+            carry, d = got
+            kept = carry["data"].n - d
+            probs = np.concatenate([carry["probs"][d:], target_probabilities(
+                deployed, data.subset(slice(kept, None)))])
+            age = carry["age"] + 1
         probs.setflags(write=False)
-        return weakref.ref(deployed), probs
+        ref = weakref.ref(deployed)
+        _keep(_CARRY_BY_NAME, deployed.name, data, data.action_ids, age, probs=probs,
+              policy=ref)
+        return ref, probs
     ref, probs = _memoised(data, ("deployed", id(deployed)), compute)
     if ref() is not deployed:          # another policy at a reused id: compute afresh
         probs = target_probabilities(deployed, data)
     return probs
+
+
+def _fold_sums(stats: Any, part: LoggedData, actions: np.ndarray, clocks: np.ndarray,
+               folds: int) -> list[tuple]:
+    """``stats.group_sums`` of ``part``'s folds (fold = position % folds), carried from the
+    last window's when the window moved on (``_CARRY``): the kept rows' sums are the last
+    ones less the rows that left, reweighted (a shift of the decay's reference or of the
+    rows' clocks scales every kept row's weight alike) and moved ``d`` folds on; the rows
+    that arrived are summed alone."""
+    forgets = repr(stats.extra.get("forgets"))
+    same = (folds, tuple(stats.action_ids), stats.half_life, stats.clock, forgets,
+            part.action_ids)
+    got = _carried(_CARRY, stats, part, ("ts_ns", "actions", "rewards", "x"), same)
+    sums, age = None, 0
+    if got is not None:
+        carry, d = got
+        kept = carry["data"].n - d
+        shift = clocks[:kept] - carry["clocks"][d:]
+        if shift.size and np.all(shift == shift[0]) and (shift[0] == 0 or forgets == "None"):
+            sums, age = _moved_sums(stats, carry, d, part, actions, clocks, folds,
+                                    float(shift[0])), carry["age"] + 1
+    if sums is None:
+        sums = stats.group_sums(part.x, actions, part.rewards, clocks,
+                                np.arange(part.n) % folds, folds)
+    _keep(_CARRY, stats, part, same, age, clocks=clocks, actions=actions, sums=sums,
+          ref=stats.ref)
+    return sums
+
+
+def _moved_sums(stats: Any, carry: dict, d: int, part: LoggedData, actions: np.ndarray,
+                clocks: np.ndarray, folds: int, shift: float) -> list[tuple]:
+    old = carry["data"]
+    kept = old.n - d
+    # Everything in the current weighting: the old sums re-based to the current reference,
+    # the rows that left weighed at their old clocks, the kept ones moved by ``shift``.
+    rebase = move = 1.0
+    if stats.half_life > 0:
+        rebase = 2.0 ** ((carry["ref"] - stats.ref) / stats.half_life)
+        move = 2.0 ** (shift / stats.half_life)
+    left = (stats.group_sums(old.x[:d], carry["actions"][:d], old.rewards[:d],
+                             carry["clocks"][:d], np.arange(d) % folds, folds)
+            if d else None)
+    arrived = (stats.group_sums(part.x[kept:], actions[kept:], part.rewards[kept:],
+                                clocks[kept:], (kept + np.arange(part.n - kept)) % folds,
+                                folds) if part.n > kept else None)
+    out = []
+    for g in range(folds):
+        f = (g + d) % folds            # the kept rows of new fold g were in old fold f
+        zz, zr, count, rsum, rsq = carry["sums"][f]
+        zz, zr, rsum, rsq = zz * rebase, zr * rebase, rsum * rebase, rsq * rebase
+        count = count.copy()
+        if left is not None:
+            lzz, lzr, lcount, lrsum, lrsq = left[f]
+            zz, zr, rsum, rsq = zz - lzz, zr - lzr, rsum - lrsum, rsq - lrsq
+            count -= lcount
+        zz, zr, rsum, rsq = zz * move, zr * move, rsum * move, rsq * move
+        if arrived is not None:
+            azz, azr, acount, arsum, arsq = arrived[g]
+            zz, zr, rsum, rsq = zz + azz, zr + azr, rsum + arsum, rsq + arsq
+            count += acount
+        out.append((zz, zr, count, rsum, rsq))
+    return out
 
 
 @dataclass(frozen=True)
@@ -654,8 +782,8 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
         weighting = ("fold sums", folds, tuple(stats.action_ids), stats.half_life,
                      stats.clock, stats.ref, stats.rows_clock if by_rows else None,
                      repr(stats.extra.get("forgets")))
-        sums = _memoised(part, weighting, lambda: stats.group_sums(
-            part.x, actions, part.rewards, clocks, fold, folds))
+        sums = _memoised(part, weighting, lambda: _fold_sums(stats, part, actions, clocks,
+                                                             folds))
     slices = _memoised(part, ("fold rows", folds), lambda: [
         (np.ascontiguousarray(part.x[f::folds]),
          None if part.eligible is None else np.ascontiguousarray(part.eligible[f::folds]))
