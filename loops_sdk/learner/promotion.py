@@ -209,12 +209,17 @@ def _fold_sums(stats: Any, part: LoggedData, actions: np.ndarray, clocks: np.nda
     last window's when the window moved on (``_CARRY``): the kept rows' sums are the last
     ones less the rows that left, reweighted (a shift of the decay's reference or of the
     rows' clocks scales every kept row's weight alike) and moved ``d`` folds on; the rows
-    that arrived are summed alone."""
+    that left and arrived are summed in one pass. Only when fewer than a third of the rows
+    moved: each pass has a fixed cost per fold and action, so beyond that summing every
+    row costs less (measured: 5,000 rows of which 1,000 left and 1,000 arrived took as long
+    carried as summed afresh)."""
     forgets = repr(stats.extra.get("forgets"))
     same = (folds, tuple(stats.action_ids), stats.half_life, stats.clock, forgets,
             part.action_ids)
     got = _carried(_CARRY, stats, part, ("ts_ns", "actions", "rewards", "x"), same)
     sums, age = None, 0
+    if got is not None and 3 * (got[1] + part.n - (got[0]["data"].n - got[1])) > part.n:
+        got = None      # a third of the rows or more moved: summing them all costs less
     if got is not None:
         carry, d = got
         kept = carry["data"].n - d
@@ -240,28 +245,25 @@ def _moved_sums(stats: Any, carry: dict, d: int, part: LoggedData, actions: np.n
     if stats.half_life > 0:
         rebase = 2.0 ** ((carry["ref"] - stats.ref) / stats.half_life)
         move = 2.0 ** (shift / stats.half_life)
-    left = (stats.group_sums(old.x[:d], carry["actions"][:d], old.rewards[:d],
-                             carry["clocks"][:d], np.arange(d) % folds, folds)
-            if d else None)
-    arrived = (stats.group_sums(part.x[kept:], actions[kept:], part.rewards[kept:],
-                                clocks[kept:], (kept + np.arange(part.n - kept)) % folds,
-                                folds) if part.n > kept else None)
+    # One pass over both: the rows that left in groups 0.. (their old folds, at their old
+    # clocks), the rows that arrived in groups folds.. (their new folds).
+    arrived = part.n - kept
+    moved = stats.group_sums(
+        np.concatenate([old.x[:d], part.x[kept:]]),
+        np.concatenate([carry["actions"][:d], actions[kept:]]),
+        np.concatenate([old.rewards[:d], part.rewards[kept:]]),
+        np.concatenate([carry["clocks"][:d], clocks[kept:]]),
+        np.concatenate([np.arange(d) % folds, folds + (kept + np.arange(arrived)) % folds]),
+        2 * folds)
     out = []
     for g in range(folds):
         f = (g + d) % folds            # the kept rows of new fold g were in old fold f
         zz, zr, count, rsum, rsq = carry["sums"][f]
-        zz, zr, rsum, rsq = zz * rebase, zr * rebase, rsum * rebase, rsq * rebase
-        count = count.copy()
-        if left is not None:
-            lzz, lzr, lcount, lrsum, lrsq = left[f]
-            zz, zr, rsum, rsq = zz - lzz, zr - lzr, rsum - lrsum, rsq - lrsq
-            count -= lcount
-        zz, zr, rsum, rsq = zz * move, zr * move, rsum * move, rsq * move
-        if arrived is not None:
-            azz, azr, acount, arsum, arsq = arrived[g]
-            zz, zr, rsum, rsq = zz + azz, zr + azr, rsum + arsum, rsq + arsq
-            count += acount
-        out.append((zz, zr, count, rsum, rsq))
+        lzz, lzr, lcount, lrsum, lrsq = moved[f]
+        azz, azr, acount, arsum, arsq = moved[folds + g]
+        out.append(((zz * rebase - lzz) * move + azz, (zr * rebase - lzr) * move + azr,
+                    count - lcount + acount, (rsum * rebase - lrsum) * move + arsum,
+                    (rsq * rebase - lrsq) * move + arsq))
     return out
 
 
