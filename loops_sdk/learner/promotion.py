@@ -52,8 +52,13 @@ cross-fitted on them.
 Cost: the window's decoded blocks are cached between rounds (only new or newly joined
 blocks are read), every fold's sums come from one pass over the held-out rows
 (``RidgeStats.group_sums``), the twins' reward model is one matmul per fold, their
-probabilities (the scorer's) are not checked again, the fixed-action baselines are
-per-action sums over the logged rows, and no reward model is fitted per candidate.
+probabilities (the scorer's) are not checked again, the candidate's and the deployed
+version's estimates and their difference are one pass over their stacked terms
+(``OffPolicyEvaluation.paired``), the fixed-action baselines are per-action sums over the
+logged rows, and no reward model is fitted per candidate. What depends on the window's rows
+alone (the deployed version's rows, folds, fold sums and probabilities) is derived once per
+window object and, when the next round's window moved on, carried over for the rows it kept
+(``_memoised``, ``_CARRY``).
 
 Every estimate is stored (``EventStore.add_evaluation``) with the decision and a reason that
 states the numbers, so ``loops policy history`` can show why each version is or is not served;
@@ -140,14 +145,16 @@ _CARRY_BY_NAME: dict[str, dict] = {}
 _CARRY_LIMIT = 32
 
 
-def _moved_on(old: LoggedData, new: LoggedData, columns: Sequence[str]) -> int | None:
+def _moved_on(old: LoggedData, new: LoggedData, columns: Sequence[str],
+              worth: Callable[[int, int], bool] | None = None) -> int | None:
     """``d`` such that ``new``'s first ``old.n - d`` rows are ``old``'s rows from ``d`` on
-    (equal in every column named), or None. Both are in decision-time order."""
+    (equal in every column named), or None; None too when ``worth(d, kept)`` says carrying
+    is not worth comparing the rows. Both are in decision-time order."""
     if old.ts_ns is None or new.ts_ns is None or not old.n or not new.n:
         return None
     d = int(np.searchsorted(old.ts_ns, new.ts_ns[0], side="left"))
     kept = old.n - d
-    if kept <= 0 or kept > new.n:
+    if kept <= 0 or kept > new.n or (worth is not None and not worth(d, kept)):
         return None
     for name in columns:
         a, b = getattr(old, name), getattr(new, name)
@@ -157,15 +164,15 @@ def _moved_on(old: LoggedData, new: LoggedData, columns: Sequence[str]) -> int |
     return d
 
 
-def _carried(kept: Any, key: Any, data: LoggedData, columns: Sequence[str], same: Any
-             ) -> tuple[dict, int] | None:
+def _carried(kept: Any, key: Any, data: LoggedData, columns: Sequence[str], same: Any,
+             worth: Callable[[int, int], bool] | None = None) -> tuple[dict, int] | None:
     """The carry ``kept[key]`` with its row shift to ``data``, when it was derived under
     ``same`` settings from rows ``data`` continues (see ``_CARRY``), else None."""
     with _MEMO_LOCK:
         carry = kept.get(key)
     if carry is None or carry["same"] != same or carry["age"] >= _CARRY_LIMIT:
         return None
-    d = _moved_on(carry["data"], data, columns)
+    d = _moved_on(carry["data"], data, columns, worth)
     return None if d is None else (carry, d)
 
 
@@ -216,10 +223,10 @@ def _fold_sums(stats: Any, part: LoggedData, actions: np.ndarray, clocks: np.nda
     forgets = repr(stats.extra.get("forgets"))
     same = (folds, tuple(stats.action_ids), stats.half_life, stats.clock, forgets,
             part.action_ids)
-    got = _carried(_CARRY, stats, part, ("ts_ns", "actions", "rewards", "x"), same)
+    # A third of the rows or more moved (left plus arrived): summing them all costs less.
+    got = _carried(_CARRY, stats, part, ("ts_ns", "actions", "rewards", "x"), same,
+                   lambda d, kept: 3 * (d + part.n - kept) < part.n)
     sums, age = None, 0
-    if got is not None and 3 * (got[1] + part.n - (got[0]["data"].n - got[1])) > part.n:
-        got = None      # a third of the rows or more moved: summing them all costs less
     if got is not None:
         carry, d = got
         kept = carry["data"].n - d
