@@ -408,6 +408,15 @@ class EventStore:
         """``with store.transaction() as con:`` — BEGIN IMMEDIATE ... COMMIT, under the lock."""
         return _Transaction(self)
 
+    def change_token(self) -> tuple[int, int]:
+        """A value that differs after any write to the database: this connection's count of
+        changed rows (``total_changes``, triggers included) and SQLite's ``data_version``
+        (moves when another connection commits). Readers that cache what they read (the
+        gate's window) compare it to skip a read when nothing was written in between."""
+        with self._lock:
+            version = self._con.execute("PRAGMA data_version").fetchone()[0]
+            return int(self._con.total_changes), int(version)
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:

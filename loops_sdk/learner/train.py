@@ -18,6 +18,8 @@ draws of that regression map the same way (:func:`shared_draws`).
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import sqlite3
@@ -98,7 +100,14 @@ class RidgeStats:
         return int(self.count.sum())
 
     def copy(self) -> "RidgeStats":
-        return RidgeStats.from_bytes(self.to_bytes())
+        """An independent copy (arrays and ``extra`` copied; what a serialisation round trip
+        gives, without encoding: the gate copies the statistics once per held-out fold)."""
+        s = RidgeStats.__new__(RidgeStats)
+        s.__dict__.update(self.__dict__)
+        for name in ("zz", "zr", "count", "reward_sum", "reward_sq"):
+            setattr(s, name, getattr(self, name).copy())
+        s.extra = copy.deepcopy(self.extra)
+        return s
 
     # ----------------------------------------------------------------- decay
     def _scale(self, factor: float | np.ndarray, actions: Any = slice(None)) -> None:
@@ -269,7 +278,7 @@ class RidgeStats:
         """What each group of rows (``groups`` ``(n,)`` in ``[0, n_groups)``, e.g. the gate's
         folds) adds to these statistics at ``clocks``: per group ``(zz, zr, count,
         reward_sum, reward_sq)``, the sums :meth:`remove` of the group's rows would subtract
-        (up to rounding), taken in one pass: the rows are sorted once by (group, action) and
+        (up to rounding), taken in one pass: the rows are sorted once by (group, action),
         every block is a contiguous slice (no mask per group)."""
         x, actions, rewards = self._check(x, actions, rewards)
         n, dim = x.shape
@@ -279,42 +288,59 @@ class RidgeStats:
             key = key.astype(np.int16)           # a stable sort of 16-bit keys is a radix sort
         order = np.argsort(key, kind="stable")
         bounds = np.searchsorted(key[order], np.arange(n_groups * k + 1))
-        z = np.empty((n, dim + 1))
-        z[:, :dim] = x
-        z[:, dim] = 1.0
-        z = z.take(order, axis=0)                # whole rows of the padded copy: one gather
-        r = rewards[order]
         w = self._row_weights(np.asarray(clocks, dtype=np.float64)[order], actions[order])
-        out = []
-        for g in range(n_groups):
-            zz, zr = np.zeros_like(self.zz), np.zeros_like(self.zr)
-            count = np.zeros_like(self.count)
-            rsum, rsq = np.zeros_like(self.reward_sum), np.zeros_like(self.reward_sq)
-            for a in range(k):
-                lo, hi = bounds[g * k + a], bounds[g * k + a + 1]
-                if hi == lo:
-                    continue
-                zk, rk = z[lo:hi], r[lo:hi]
-                wk = np.ones(hi - lo) if w is None else w[lo:hi]
-                # s.T @ s of one array is a symmetric rank-k update (half a product's work).
-                zs = zk if w is None else zk * np.sqrt(wk)[:, None]
-                zz[a] = zs.T @ zs
-                zr[a] = (wk * rk) @ zk
-                count[a] = hi - lo
-                rsum[a] = wk @ rk
-                rsq[a] = wk @ (rk * rk)
-            out.append((zz, zr, count, rsum, rsq))
-        return out
+        r = rewards[order]
+        # Whole rows gathered (contiguous) and scaled by sqrt(w) in place; the intercept
+        # column z = (x, 1) is never padded in (a strided copy costs more than the products):
+        # each block's weighted Gram matrix is assembled from xs.T @ xs (a symmetric update)
+        # and (sqrt(w), sqrt(w) r) @ xs = (sum w x, sum w r x), one product per block.
+        xs = x.take(order, axis=0)
+        root = np.ones(n) if w is None else np.sqrt(w)
+        if w is not None:
+            xs *= root[:, None]
+        wr = r if w is None else w * r
+        counts = np.diff(bounds)
+        filled = np.flatnonzero(counts)
+        starts = bounds[filled]
+        # Per-block sums of the per-row scalars w, w r, w r^2 in one reduceat.
+        scalars = np.zeros((n_groups * k, 3))
+        if filled.size:
+            per_row = np.stack([root if w is None else w, wr, wr * r], axis=1)
+            scalars[filled] = np.add.reduceat(per_row, starts, axis=0)
+        vectors = np.stack([root, root * r])         # (2, n): rows of the products below
+        zz = np.zeros((n_groups * k, dim + 1, dim + 1))
+        zr = np.zeros((n_groups * k, dim + 1))
+        for b in filled.tolist():
+            lo, hi = bounds[b], bounds[b + 1]
+            block = xs[lo:hi]
+            zz[b, :dim, :dim] = block.T @ block
+            wx, zr[b, :dim] = vectors[:, lo:hi] @ block
+            zz[b, :dim, dim] = wx
+            zz[b, dim, :dim] = wx
+        zz[:, dim, dim] = scalars[:, 0]
+        zr[:, dim] = scalars[:, 1]
+        zz = zz.reshape(n_groups, k, dim + 1, dim + 1)
+        zr = zr.reshape(n_groups, k, dim + 1)
+        scalars = scalars.reshape(n_groups, k, 3)
+        counts = counts.reshape(n_groups, k).astype(self.count.dtype)
+        return [(zz[g], zr[g], counts[g], scalars[g, :, 1].copy(), scalars[g, :, 2].copy())
+                for g in range(n_groups)]
 
     def minus(self, sums: tuple) -> "RidgeStats":
-        """A copy without rows whose :meth:`group_sums` are ``sums`` (counts floored at 0)."""
-        s = self.copy()
+        """A copy without rows whose :meth:`group_sums` are ``sums`` (counts floored at 0).
+
+        Its arrays are its own; ``extra`` (the detector's state, which a fit only reads) is a
+        shallow copy of this one's: the gate makes one such copy per fold and candidate, and
+        deep-copying the detector's lists cost more than the fit."""
+        s = RidgeStats.__new__(RidgeStats)
+        s.__dict__.update(self.__dict__)
+        s.extra = dict(self.extra)
         zz, zr, count, rsum, rsq = sums
-        s.zz -= zz
-        s.zr -= zr
-        s.count = np.maximum(s.count - count, 0)
-        s.reward_sum -= rsum
-        s.reward_sq -= rsq
+        s.zz = self.zz - zz
+        s.zr = self.zr - zr
+        s.count = np.maximum(self.count - count, 0)
+        s.reward_sum = self.reward_sum - rsum
+        s.reward_sq = self.reward_sq - rsq
         return s
 
     def without(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,

@@ -998,3 +998,95 @@ def test_trusted_round_inputs_skip_the_check_but_not_the_shape():
         ope.round_inputs(pi))
     with pytest.raises(EvaluationError, match=r"shape \(399, 3\), expected \(400, 3\)"):
         ope.round_inputs(pi[1:], trusted=True)
+
+
+def test_what_the_gate_reuses_from_a_window_follows_the_policy_and_the_statistics():
+    """The gate derives the deployed version's rows, their folds' sums and the deployed
+    version's probabilities once per window object (the window cache hands back the same
+    LoggedData while nothing changed). Judging the same object again with another deployed
+    policy, or after the statistics moved (more rows, a discount), gives what a fresh copy
+    of the rows gives: nothing stale is reused."""
+    from loops_sdk.learner.promotion import held_out_twins
+    from loops_sdk.learner.train import RidgeStats
+    base = _timed(logged(1200, seed=24))
+    data = _timed(base, versions=np.where(np.arange(1200) % 5 == 0, 0, 1))
+    deployed = base_policy()
+    stats = RidgeStats.for_policy(deployed)
+    stats.add(data.x, data.actions, data.rewards, data.ts_ns)
+    cand = deployed.with_model(*stats.solve(1.0), version=2)
+    other = deployed.with_model(GOOD_W, GOOD_B, version=1)
+
+    def fresh() -> LoggedData:
+        return data.subset(np.arange(data.n))       # the same rows, another object
+
+    def same(a, b) -> None:
+        for target in ("candidate", "deployed", "candidate-deployed", "uniform"):
+            assert a.estimates[target] == b.estimates[target], target
+        assert (a.decision, a.reason) == (b.decision, b.reason)
+
+    for dep in (deployed, other, deployed):
+        same(evaluate_candidate(data, cand, dep, seed=1), evaluate_candidate(fresh(), cand,
+                                                                            dep, seed=1))
+    for change in (None, "rows", "forget"):
+        if change == "rows":
+            stats.add(data.x[:100], data.actions[:100], data.rewards[:100],
+                      data.ts_ns[:100] + 10**12)
+        elif change == "forget":
+            stats.forget(1, 0.5)
+        got, want = (held_out_twins(cand, deployed, stats, d) for d in (data, fresh()))
+        assert got.data.n == want.data.n == 960           # the rows v1 served
+        np.testing.assert_array_equal(got.judged, want.judged)
+        np.testing.assert_array_equal(got.reward_model, want.reward_model)
+
+
+@pytest.mark.parametrize("half_life", [0, 20_000, 300])
+def test_the_next_window_carries_the_last_ones_fold_sums_and_probabilities(half_life):
+    """When the window moves on (rows leave at its old end, new ones arrive at its new end),
+    the folds' sums and the deployed version's probabilities are carried over for the kept
+    rows and computed for the others only: the twins, their reward model and every estimate
+    are what a fresh computation gives (up to rounding), for shifts by an even and an odd
+    number of rows, with the decay's reference moving, with the statistics holding rows the
+    window does not (the kept rows' clocks shift), and after rows change in the middle."""
+    from loops_sdk.learner.promotion import _CARRY, _CARRY_BY_NAME, held_out_twins
+    from loops_sdk.learner.train import RidgeStats
+    every = _timed(logged(4000, seed=25))
+    deployed = replace(base_policy(), learning=replace(base_policy().learning,
+                                                       half_life_rows=half_life)
+                       ).with_model(GOOD_W * 0.5, -GOOD_B, version=1)   # rows differ
+    stats = RidgeStats.for_policy(deployed)
+    stats.add(every.x[:1000], every.actions[:1000], every.rewards[:1000], every.ts_ns[:1000])
+    cand = deployed.with_model(GOOD_W, GOOD_B, version=2)
+    carried, trained, pool = 0, 1000, 3000
+    for start, end, extra, changed in ((0, 1000, 0, False), (150, 1150, 0, False),
+                                       (301, 1301, 0, False), (302, 1400, 40, False),
+                                       (500, 1500, 0, False), (500, 1500, 0, True)):
+        new = slice(trained, end)        # the rows that joined since the last window
+        stats.add(every.x[new], every.actions[new], every.rewards[new], every.ts_ns[new])
+        trained = max(trained, end)
+        if extra:     # rows the statistics gain that the window never sees (e.g. holdout)
+            more = slice(pool, pool + extra)
+            stats.add(every.x[more], every.actions[more], every.rewards[more],
+                      every.ts_ns[more])
+            pool += extra
+        window = every.subset(slice(start, end))
+        if changed:                       # a row in the middle is not what it was
+            rewards = window.rewards.copy()
+            rewards[400] += 1.0
+            window = replace(window, rewards=rewards)
+        got = held_out_twins(cand, deployed, stats, window)
+        want = held_out_twins(cand, deployed, stats.copy(), window.subset(slice(None)))
+        np.testing.assert_allclose(got.judged, want.judged, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got.reward_model, want.reward_model, rtol=1e-9,
+                                   atol=1e-9)
+        a = evaluate_candidate(got.data, cand, deployed, judged=got.judged, held_out=True,
+                               reward_model=got.reward_model)
+        _CARRY_BY_NAME.pop(deployed.name)     # the deployed side afresh too
+        b = evaluate_candidate(want.data, cand, deployed, judged=want.judged,
+                               held_out=True, reward_model=want.reward_model)
+        assert a.decision == b.decision
+        for target in ("candidate", "deployed", "candidate-deployed"):
+            assert a.estimates[target]["dr"].value == pytest.approx(
+                b.estimates[target]["dr"].value, rel=1e-9, abs=1e-12), target
+        carried = max(carried, _CARRY[stats]["age"])
+        assert _CARRY[stats]["age"] == (0 if changed else carried)
+    assert carried == 4               # the moves were carried, not recomputed

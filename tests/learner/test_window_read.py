@@ -350,4 +350,13 @@ def test_window_cache_returns_the_last_read_while_nothing_changed(tmp_path, sinc
     Joiner(store, grace_seconds=0).run(200 * NS)
     again = read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache)
     assert_same(again, read_logged_data(store, "bonus", limit=700, since_ns=since))
+    assert read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache) is again
+    # A write through another connection to the same file is seen too.
+    with EventStore(store.path) as other_writer:
+        ts = (150 * NS + rng.integers(0, NS, 40)).astype(np.int64)
+        other_writer.ingest("d", 1, records([block(40, 30_000, ts, seed=79)]))
+        Joiner(other_writer, grace_seconds=0).run(300 * NS)
+    latest = read_logged_data(store, "bonus", limit=700, since_ns=since, cache=cache)
+    assert latest is not again and latest.ts_ns.max() > again.ts_ns.max()
+    assert_same(latest, read_logged_data(store, "bonus", limit=700, since_ns=since))
     store.close()
