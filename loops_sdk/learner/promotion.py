@@ -296,14 +296,16 @@ def effective_sample(candidate: RoundInputs, deployed: RoundInputs) -> float:
     first = np.where(can, pc, 0.0).sum(axis=1)
     second = np.where(can, pc * pc / np.where(can, pd, 1.0), 0.0).sum(axis=1)
     expected = _kish(float(first.sum()), float(second.sum()))
-    observed = _kish(float(candidate.w.sum()), float(candidate.w @ candidate.w))
-    own = _kish(float(deployed.w.sum()), float(deployed.w @ deployed.w))
-    return min(expected, observed, own)
+    # The observed sizes are the rows' own (cached, the estimates computed them already).
+    return min(_finite_or_zero(x) for x in (expected, candidate.ess, deployed.ess))
 
 
 def _kish(total: float, squares: float) -> float:
-    ess = total * total / squares if squares > 0 else 0.0
-    return ess if math.isfinite(ess) else 0.0
+    return total * total / squares if squares > 0 else 0.0
+
+
+def _finite_or_zero(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
 
 
 def _too_little_evidence(rule: PromotionRule, data: LoggedData, ess: float) -> str:
