@@ -205,5 +205,6 @@ def test_min_effective_samples_on_the_wire():
         rule = PromotionRule(min_effective_samples=value)
         back = Policy.from_bytes(policy(rule).to_bytes()).learning.promotion
         assert back == rule and back.min_effective_samples == value
-    with pytest.raises(PolicyError, match="min_effective_samples"):
-        PromotionRule(min_effective_samples=-1).validate()
+    for bad in (-1, 2**32, 30.5, True, "30", None):
+        with pytest.raises(PolicyError, match="min_effective_samples"):
+            PromotionRule(min_effective_samples=bad).validate()
