@@ -210,17 +210,19 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
     cv, dv = candidate.version, deployed.version
     n = data.n
 
-    def held(why: str) -> GateResult:
-        return GateResult(HELD, f"held: {why}", rule, n, cv, dv, held_out=held_out)
+    def held(why: str, estimates: Mapping[str, Mapping[str, Estimate]] | None = None
+             ) -> GateResult:
+        return GateResult(HELD, f"held: {why}", rule, n, cv, dv, estimates or {}, held_out)
 
     # min_samples counts the window, not the held-out share of it: holding out must not
     # double the data a small stream needs before its first promotion. Below it, the
     # candidate is still judged when its effective sample shows the rows can judge it.
     window = n if window_n is None else window_n
     early = window < rule.min_samples
+    too_few = (f"{window:,} joined decisions in the evaluation window, the rule needs "
+               f"{max(rule.min_samples, 2):,}")
     if n < 2 or (early and rule.min_effective_samples <= 0):
-        return held(f"{window:,} joined decisions in the evaluation window, the rule needs "
-                    f"{max(rule.min_samples, 2):,}")
+        return held(too_few)
     try:
         # One reward model (fitted on first use) for every target: comparable DM parts, and
         # the paired difference's model terms cancel where the two policies agree.
@@ -247,10 +249,8 @@ def evaluate_candidate(data: LoggedData, candidate: Policy, deployed: Policy,
         ess = effective_sample(cand_rows, dep_rows)
         lacking = _too_little_evidence(rule, data, ess)
         if lacking:
-            return GateResult(HELD, f"held: {window:,} joined decisions in the evaluation "
-                                    f"window, the rule needs {rule.min_samples:,} (or, "
-                                    f"{lacking}: too few rows say how the candidate would do)",
-                              rule, n, cv, dv, estimates, held_out)
+            return held(f"{too_few} (or, {lacking}: too few rows say how the candidate would "
+                        f"do)", estimates)
         estimates[DIFFERENCE] = _small_sample(estimates[DIFFERENCE], ess)
         notes.append(f"judged early on an effective sample of {ess:,.1f}, Student's t "
                      f"interval")
