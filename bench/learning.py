@@ -487,12 +487,22 @@ def _round_summary(sizes: list[int]) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def crm_figures(stream: Stream, p: Played) -> dict:
-    expected = stream.mean[np.arange(stream.n), p.actions]
+def oracle_share_counts(stream: Stream, actions: np.ndarray) -> dict:
+    """Decisions to 90 % of the oracle before the change (from the start), and to recover it
+    after the change (None without one), of ``actions`` played on ``stream``; also
+    ``expected`` and ``oracle``, the per-row expected net values they are counted on."""
+    expected = stream.mean[np.arange(stream.n), actions]
     oracle = stream.oracle()
     c = stream.change_at or stream.n
     return {"to_90": decisions_to_share(expected, oracle, 0, c),
             "recover_90": decisions_to_share(expected, oracle, c) if stream.change_at else None,
+            "expected": expected, "oracle": oracle}
+
+
+def crm_figures(stream: Stream, p: Played) -> dict:
+    counts = oracle_share_counts(stream, p.actions)
+    expected, oracle = counts["expected"], counts["oracle"]
+    return {"to_90": counts["to_90"], "recover_90": counts["recover_90"],
             "net_per_decision": float(expected.mean()),
             "oracle_per_decision": float(oracle.mean()),
             "observed_net_per_decision": float(p.rewards.mean()),

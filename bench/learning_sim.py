@@ -90,14 +90,11 @@ def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int
 def crm_figures(stream: Stream, actions: np.ndarray) -> dict:
     """Decisions to 90 % of the oracle (before the change, from the start) and to recover it
     after the change, as the learning bench counts them
-    (:func:`~loops_sdk.evaluation.ab_test.decisions_to_share`)."""
-    from loops_sdk.evaluation.ab_test import decisions_to_share
-    expected = stream.mean[np.arange(stream.n), actions]
-    oracle = stream.oracle()
-    c = stream.change_at or stream.n
-    return {"to_90": decisions_to_share(expected, oracle, 0, c),
-            "recover_90": (decisions_to_share(expected, oracle, c)
-                           if stream.change_at else None),
+    (:func:`bench.learning.oracle_share_counts`)."""
+    from .learning import oracle_share_counts
+    counts = oracle_share_counts(stream, actions)
+    expected, oracle = counts["expected"], counts["oracle"]
+    return {"to_90": counts["to_90"], "recover_90": counts["recover_90"],
             "share_last_10k": float(expected[-10_000:].mean() / oracle[-10_000:].mean())}
 
 

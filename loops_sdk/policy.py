@@ -405,9 +405,12 @@ class PromotionRule:
                               f"rule says which way it applies), got {self.margin}")
         if self.window_rows < 0:
             raise PolicyError(f"promotion window_rows must be >= 0, got {self.window_rows}")
-        if not 0 <= self.min_effective_samples <= 2**32 - 1:
-            raise PolicyError(f"promotion min_effective_samples must be in [0, 2^32 - 1], "
-                              f"got {self.min_effective_samples}")
+        mes = self.min_effective_samples
+        # An integer: a float or bool passed the range check, then failed in to_bytes.
+        if (isinstance(mes, bool) or not isinstance(mes, (int, np.integer))
+                or not 0 <= mes <= 2**32 - 1):
+            raise PolicyError(f"promotion min_effective_samples must be an integer in "
+                              f"[0, 2^32 - 1], got {mes!r}")
         if not 0 <= self.window_seconds <= MAX_SECONDS:
             raise PolicyError(f"promotion window_seconds must be in [0, {MAX_SECONDS:.0f}], "
                               f"got {self.window_seconds}")

@@ -205,5 +205,19 @@ def test_min_effective_samples_on_the_wire():
         rule = PromotionRule(min_effective_samples=value)
         back = Policy.from_bytes(policy(rule).to_bytes()).learning.promotion
         assert back == rule and back.min_effective_samples == value
-    with pytest.raises(PolicyError, match="min_effective_samples"):
-        PromotionRule(min_effective_samples=-1).validate()
+    for bad in (-1, 2**32, 30.5, True, "30", None):
+        with pytest.raises(PolicyError, match="min_effective_samples"):
+            PromotionRule(min_effective_samples=bad).validate()
+
+
+def test_early_interval_takes_students_t_quantile_even_on_few_degrees_of_freedom():
+    """The early judgement's t quantile is Student's, also where few effective rows leave
+    1-3 degrees of freedom (a rule with a small min_effective_samples) and at high levels:
+    a series that is only asymptotic there gives too narrow an interval."""
+    from scipy import stats
+
+    from loops_sdk.learner.promotion import _t_quantile
+    for level in (0.5, 0.9, 0.95, 0.99, 0.999):
+        for df in (1.0, 1.5, 2.0, 3.0, 9.0, 29.0, 249.0):
+            want = stats.t.ppf(0.5 + level / 2.0, df)
+            assert _t_quantile(level, df) == pytest.approx(want, rel=1e-8), (level, df)
