@@ -321,6 +321,15 @@ PROMOTION_KINDS = ("superiority", "non_inferiority", "lower_bound_over_estimate"
 PAIRED_KINDS = ("superiority", "non_inferiority")
 
 
+def _check_count(name: str, value: Any, low: int) -> None:
+    """An integer field of a stored message (uint32): a float or bool would pass a range
+    check and then fail in ``to_bytes`` with protobuf's TypeError, a str or None in the
+    comparison."""
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or not low <= value <= 2**32 - 1):
+        raise PolicyError(f"{name} must be an integer in [{low}, 2^32 - 1], got {value!r}")
+
+
 @dataclass(frozen=True)
 class PromotionRule:
     """When the learner serves a retrained candidate (the safe-promotion gate).
@@ -395,22 +404,15 @@ class PromotionRule:
                               f"{ESTIMATORS}")
         if not 0.0 < self.level < 1.0:
             raise PolicyError(f"promotion level must be in (0, 1), got {self.level}")
-        if self.min_samples < 1:
-            raise PolicyError(f"promotion min_samples must be >= 1, got {self.min_samples}")
+        _check_count("promotion min_samples", self.min_samples, 1)
         if not abs(self.margin) <= MAX_AMOUNT:
             raise PolicyError(f"promotion margin must be finite, |margin| <= {MAX_AMOUNT:g}, "
                               f"got {self.margin}")
         if self.kind in PAIRED_KINDS and self.margin < 0:
             raise PolicyError(f"promotion margin must be >= 0 for the {self.kind} rule (the "
                               f"rule says which way it applies), got {self.margin}")
-        if self.window_rows < 0:
-            raise PolicyError(f"promotion window_rows must be >= 0, got {self.window_rows}")
-        mes = self.min_effective_samples
-        # An integer: a float or bool passed the range check, then failed in to_bytes.
-        if (isinstance(mes, bool) or not isinstance(mes, (int, np.integer))
-                or not 0 <= mes <= 2**32 - 1):
-            raise PolicyError(f"promotion min_effective_samples must be an integer in "
-                              f"[0, 2^32 - 1], got {mes!r}")
+        _check_count("promotion window_rows", self.window_rows, 0)
+        _check_count("promotion min_effective_samples", self.min_effective_samples, 0)
         if not 0 <= self.window_seconds <= MAX_SECONDS:
             raise PolicyError(f"promotion window_seconds must be in [0, {MAX_SECONDS:.0f}], "
                               f"got {self.window_seconds}")

@@ -141,7 +141,7 @@ def test_gate_summary_counts_causes():
     h.versions.add(version=4, decision="rejected", decision_reason=(
         "rejected: paired lower bound -0.2 is not above margin 0; ..."))
     h.versions.add(version=5, decision="rejected", decision_reason=(
-        "rejected: paired lower bound -0.9 is not above -margin -0.5 (non-inferiority); ..."))
+        "rejected: paired lower bound -0.9 is below -margin -0.5 (non-inferiority); ..."))
     s = GateSummary.from_history(h)
     assert (s.candidates, s.promoted, s.serving) == (4, [3], 3)
     assert s.by_decision == {"held": 1, "promoted": 1, "rejected": 2}

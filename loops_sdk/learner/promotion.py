@@ -735,11 +735,17 @@ def _decide(rule: PromotionRule, n: int, cv: int, dv: int,
             return _with(result, REJECTED, f"rejected: the paired difference is undefined "
                                            f"(no overlap between the candidate and the "
                                            f"logged actions?): {facts}")
-        if diff.lower > bar:
-            return _with(result, PROMOTED, f"promoted: paired lower bound {diff.lower:.4g} > "
-                                           f"{bar_name}; {facts}")
+        # Superiority needs the bound strictly above its margin; non-inferiority (a refresh
+        # too) only not below -margin, so a refresh on rows that cannot tell the two apart
+        # (every reward equal: sd 0, bound 0) is not rejected for being no worse.
+        at_least = rule.kind == "non_inferiority" or refresh_margin is not None
+        if diff.lower > bar or (at_least and diff.lower >= bar):
+            sign = ">" if diff.lower > bar else ">="
+            return _with(result, PROMOTED, f"promoted: paired lower bound {diff.lower:.4g} "
+                                           f"{sign} {bar_name}; {facts}")
         return _with(result, REJECTED, f"rejected: paired lower bound {diff.lower:.4g} is "
-                                       f"not above {bar_name}; {facts}")
+                                       f"{'below' if at_least else 'not above'} {bar_name}; "
+                                       f"{facts}")
     margin = f" + margin {rule.margin:g}" if rule.margin else ""
     if rule.kind == "lower_bound_over_upper_bound":
         bar, bar_name = dep.upper, f"deployed upper bound {dep.upper:.4g}"

@@ -689,6 +689,25 @@ def test_non_inferiority_promotes_a_refresh_within_the_margin():
         PromotionRule(kind="superiority", margin=-0.1).validate()
 
 
+def test_a_refresh_that_cannot_be_told_apart_is_no_worse_and_promoted():
+    """Non-inferiority asks that the candidate be at most the margin worse: a lower bound
+    equal to -margin passes. Every reward equal (sd 0, so the refresh margin is 0, and the
+    paired difference is clipped to exactly 0 by the distance bound) used to be rejected as "not above -0";
+    superiority still wants strictly more than its margin."""
+    data = base_value_world(400, seed=3, policy=threshold_policy(0.0, 1))
+    flat = replace(data, rewards=np.full(data.n, 2.5))
+    refresh = evaluate_candidate(flat, threshold_policy(0.5, 2), threshold_policy(0.0, 1),
+                                 refresh=True)
+    diff = refresh.difference()
+    assert diff.lower == 0.0 and diff.upper == 0.0    # clipped: the rewards' range is 0
+    assert refresh.promoted and ">= -0 (refresh" in refresh.reason, refresh.reason
+    ni = evaluate_candidate(flat, threshold_policy(0.5, 2), threshold_policy(0.0, 1),
+                            PromotionRule(kind="non_inferiority", margin=0.0))
+    assert ni.promoted, ni.reason
+    sup = evaluate_candidate(flat, threshold_policy(0.5, 2), threshold_policy(0.0, 1))
+    assert sup.decision == "rejected" and "is not above margin 0" in sup.reason
+
+
 def test_old_rule_kinds_still_load_and_default_rule_bytes_are_unchanged():
     from loops_sdk._proto import policy_pb2
     for kind in ("lower_bound_over_estimate", "lower_bound_over_upper_bound", "always"):

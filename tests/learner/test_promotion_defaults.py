@@ -210,6 +210,18 @@ def test_min_effective_samples_on_the_wire():
             PromotionRule(min_effective_samples=bad).validate()
 
 
+@pytest.mark.parametrize("field,low", [("min_samples", 1), ("window_rows", 0),
+                                       ("min_effective_samples", 0)])
+def test_the_rules_row_counts_are_integers_refused_at_validate(field, low):
+    """Each is a uint32 on the wire: a float or bool used to pass validate and then fail in
+    to_bytes with protobuf's TypeError, a str in the comparison; now validate names it."""
+    Policy.linear("p", 2, ["a", "b"], learning=LearningSettings(
+        promotion=PromotionRule(**{field: np.int64(low + 3)}))).to_bytes()
+    for bad in (low - 1, 2**32, 3.0, 250.5, True, "250", None):
+        with pytest.raises(PolicyError, match=f"promotion {field} must be an integer"):
+            PromotionRule(**{field: bad}).validate()
+
+
 def test_early_interval_takes_students_t_quantile_even_on_few_degrees_of_freedom():
     """The early judgement's t quantile is Student's, also where few effective rows leave
     1-3 degrees of freedom (a rule with a small min_effective_samples) and at high levels:
