@@ -319,9 +319,12 @@ def _fixed_action_estimates(estimators: Sequence[Estimator], data: LoggedData,
     logged = np.bincount(a, minlength=k)
     w_sum, w_sq = per_action(inv), per_action(inv * inv)
     ess = np.where(w_sq > 0, w_sum * w_sum / np.where(w_sq > 0, w_sq, 1.0), 0.0)
-    for _ in range(int((w_sq <= 0).sum())):    # as estimate_all warns, once per target
-        logger.warning("target policy never chooses a logged action: no overlap with the "
-                       "log, importance-weighted estimates are 0 or undefined")
+    # An action never logged in the window is routine for a baseline (the gate judges every
+    # round against every fixed action, and its reason counts the undefined estimates): a
+    # warning each round flooded the learner's log, so this one is a debug line.
+    for j in np.flatnonzero(w_sq <= 0):
+        logger.debug("baseline fixed:%s: the action was never logged, its importance-weighted "
+                     "estimates are 0 or undefined", data.action_ids[j])
     wr = r * inv
 
     def mean_sd(lone: np.ndarray, col_sum: np.ndarray | None = None,
