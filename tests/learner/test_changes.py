@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loops_sdk.learner.store import EventStore
-from loops_sdk.learner.train import BOOST_ROWS, Trainer
+from loops_sdk.learner.train import ALL_ACTIONS, BOOST_ROWS, Trainer
 
 from helpers import make_policy, play_deposit_world
 
@@ -69,14 +69,26 @@ def test_no_alarm_on_a_stationary_world(tmp_path):
         store.close()
 
 
-def test_after_a_change_it_forgets_that_action_and_explores_more(tmp_path):
+def test_after_a_change_it_forgets_the_past_retrains_at_once_and_explores_more(tmp_path):
     store, trainer, policy, alarms = play(tmp_path, 1, n=CHANGE + 1000)
     assert alarms
     s = trainer.stats(policy)
-    # The changed action's past was discounted: its effective rows are well below its count.
-    assert s.weight[0] < 0.5 * s.count[0]
-    assert s.weight[1] == pytest.approx(s.count[1])
+    # Every action's past was discounted once (the world moved: the others' old rows are
+    # suspect too): each action's effective rows are well below its count.
+    assert np.all(s.weight < 0.5 * s.count)
+    batches = {t for t, _ in alarms}          # once per batch, however many actions alarm
+    assert [f[0] for f in s.extra["forgets"]] == [ALL_ACTIONS] * len(batches)
+    # The next round retrains, however few rows arrived since the last training.
+    trainer.train(policy, version=2)
+    assert not trainer.due(policy)
+    s.extra["retrain_now"] = True
+    assert not trainer.due(policy)          # ... once a row arrived
+    rng = np.random.default_rng(1)
+    trainer.observe(policy, rng.normal(size=(1, 2)), np.array([1]), np.array([0.5]),
+                    np.array([10**12], dtype=np.int64))
+    assert trainer.due(policy)
     new = trainer.train(policy, version=2)
+    assert not trainer.due(policy)
     assert new.exploration.epsilon == pytest.approx(2 * policy.exploration.epsilon)
     assert new.metadata["exploring_after_change"] == "1"
     # The fit follows the new world: "spins" is now the best on average.

@@ -7,7 +7,7 @@ import pytest
 from loops_sdk import Exploration, LearningSettings, Policy
 from loops_sdk.errors import PolicyError
 from loops_sdk.learner.store import EventStore
-from loops_sdk.learner.train import RidgeStats, Trainer
+from loops_sdk.learner.train import ALL_ACTIONS, RidgeStats, Trainer
 
 from helpers import make_policy
 
@@ -272,17 +272,20 @@ def test_new_learning_fields_round_trip_and_old_bytes_keep_their_checksum():
         p.with_version(3, learning=LearningSettings(half_life_seconds=float("nan")))
 
 
-@pytest.mark.parametrize("half_life,clock", [(100.0, "seconds"), (0.0, "seconds"),
-                                             (300.0, "rows")])
-def test_rows_taken_out_after_a_forget_weigh_what_they_still_add(half_life, clock):
-    # After a detected change an action's past is discounted (forget); the gate then takes
-    # its window rows out of the statistics. Taken out at full weight they removed 8x what
-    # they still added, leaving a negative-definite "fit" for that action.
+@pytest.mark.parametrize("half_life,clock,action", [(100.0, "seconds", 1),
+                                                    (0.0, "seconds", 1), (300.0, "rows", 1),
+                                                    (100.0, "seconds", None),
+                                                    (300.0, "rows", None)])
+def test_rows_taken_out_after_a_forget_weigh_what_they_still_add(half_life, clock, action):
+    # After a detected change the past is discounted (forget: one action's or, None, every
+    # action's); the gate then takes its window rows out of the statistics. Taken out at
+    # full weight they removed 8x what they still added, leaving a negative-definite "fit".
     x, a, r = world(600, seed=9)
     ts = np.arange(600, dtype=np.int64) * NS
     s = RidgeStats(["a0", "a1", "a2"], ["x0", "x1", "x2"], half_life, clock)
     clocks = np.concatenate([s.add(x[:500], a[:500], r[:500], ts[:500])])
-    s.forget(1, 0.125)
+    s.forget(action, 0.125)
+    assert s.extra["forgets"][-1][0] == (ALL_ACTIONS if action is None else action)
     clocks = np.concatenate([clocks, s.add(x[500:], a[500:], r[500:], ts[500:])])
     # Everything taken out, in one pass (the gate's folds) or row by row: nothing is left.
     for left in (s.minus(sum_groups(s.group_sums(x, a, r, clocks, np.arange(600) % 2, 2))),
