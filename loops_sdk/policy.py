@@ -962,10 +962,7 @@ class Policy:
                 raise PolicyError(f"policy {self.name!r}: {what} must be in [0, {lim:g}], "
                                   f"got {v}")
         for what in ("half_life_rows", "first_retrain_events"):
-            v = getattr(ls, what)
-            if not (isinstance(v, (int, np.integer)) and 0 <= v < 1 << 32):
-                raise PolicyError(f"policy {self.name!r}: {what} must be an integer in "
-                                  f"[0, 2**32), got {v!r}")
+            _check_count(f"policy {self.name!r}: {what}", getattr(ls, what), 0)
         _validate_rules(self)
         rd = ls.reward
         weights = [rd.other_weight, rd.cost_weight, *rd.outcome_weights.values()]

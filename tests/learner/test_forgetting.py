@@ -266,8 +266,11 @@ def test_new_learning_fields_round_trip_and_old_bytes_keep_their_checksum():
     back = Policy.from_bytes(q.to_bytes())
     assert back.learning == q.learning
     assert Policy.from_bytes(p.to_bytes()).learning == LearningSettings()
-    with pytest.raises(PolicyError, match="half_life_rows"):
-        p.with_version(3, learning=LearningSettings(half_life_rows=-1))
+    for bad in (-1, True, 10.0, 2**32):
+        with pytest.raises(PolicyError, match="half_life_rows must be an integer"):
+            p.with_version(3, learning=LearningSettings(half_life_rows=bad))
+        with pytest.raises(PolicyError, match="first_retrain_events must be an integer"):
+            p.with_version(3, learning=LearningSettings(first_retrain_events=bad))
     with pytest.raises(PolicyError, match="half_life_seconds"):
         p.with_version(3, learning=LearningSettings(half_life_seconds=float("nan")))
 
