@@ -436,8 +436,8 @@ class LearningSettings:
     Forgetting: a training row's weight halves every ``half_life_seconds`` of decision time
     (exact and mergeable across shards), or, when that is 0, every ``half_life_rows`` newer
     rows; both 0 = never forget. ``detect_changes`` watches each action's residuals and, on a
-    shift, discounts every action's past at once (x 1/8), retrains in that round and
-    explores more for a while.
+    shift, discounts that action's past at once (x 1/8) and every other action's (x 1/2),
+    retrains in that round and explores more for a while.
     ``standardize_inputs`` / ``center_rewards``: the trainer fits on standardised inputs and
     rewards minus their mean (so rarely played actions shrink towards the mean reward, not 0);
     exported weights stay in raw units. ``gamma_scale``: for SquareCB (``Policy.linear``'s

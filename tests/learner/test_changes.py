@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from loops_sdk.learner.store import EventStore
-from loops_sdk.learner.train import ALL_ACTIONS, BOOST_ROWS, Trainer
+from loops_sdk.learner.train import (ALL_ACTIONS, BOOST_ROWS, CHANGE_DISCOUNT, OTHERS_DISCOUNT,
+                                     Trainer)
 
 from helpers import make_policy, play_deposit_world
 
@@ -73,11 +74,12 @@ def test_after_a_change_it_forgets_the_past_retrains_at_once_and_explores_more(t
     store, trainer, policy, alarms = play(tmp_path, 1, n=CHANGE + 1000)
     assert alarms
     s = trainer.stats(policy)
-    # Every action's past was discounted once (the world moved: the others' old rows are
-    # suspect too): each action's effective rows are well below its count.
-    assert np.all(s.weight < 0.5 * s.count)
-    batches = {t for t, _ in alarms}          # once per batch, however many actions alarm
-    assert [f[0] for f in s.extra["forgets"]] == [ALL_ACTIONS] * len(batches)
+    # The changed action's past was discounted x1/8, every other action's x1/2 (the world
+    # moved: their old rows are suspect too), once per batch with an alarm.
+    assert s.weight[0] < 0.5 * s.count[0]
+    assert np.all(s.weight[1:] < 0.9 * s.count[1:]) and np.all(s.weight[1:] > s.weight[0])
+    forgets = [(f[0], f[2]) for f in s.extra["forgets"]]
+    assert forgets[:2] == [(ALL_ACTIONS, OTHERS_DISCOUNT), (0, CHANGE_DISCOUNT / OTHERS_DISCOUNT)]
     # The next round retrains, however few rows arrived since the last training.
     trainer.train(policy, version=2)
     assert not trainer.due(policy)

@@ -12,7 +12,7 @@ from loops_sdk._proto import feedback_pb2, learner_pb2, learner_pb2_grpc
 from loops_sdk.records import OUTCOME_REWARD, encode_records
 from loops_sdk.cli import main as cli_main
 from loops_sdk.learner import Learner
-from loops_sdk.learner.train import CHANGE_DISCOUNT
+from loops_sdk.learner.train import OTHERS_DISCOUNT
 
 from helpers import NS, decisions, make_policy, records
 
@@ -55,10 +55,11 @@ def test_a_changed_action_is_detected_recorded_and_shown(tmp_path, capsys):
         # Rows joined 2 s after the newest decision of their batch: the lag is seconds.
         assert 2_000 <= st.decision_to_row_ms <= 2_000 + BATCH * 10
         hist = stub.GetHistory(learner_pb2.HistoryRequest(name="bonus"), timeout=5)
-        # No half-life, but at each alarm every action's past was discounted (x 1/8): the
-        # rows since the last alarm count in full, those before it at most 1/8.
+        # No half-life, but at each alarm every action's past was discounted (the changed
+        # action's x1/8, the others' x1/2): the rows since the last alarm count in full,
+        # those before it at most half.
         last = hist.changes[-1].rows
-        assert N - last < st.effective_rows <= N - last + last * CHANGE_DISCOUNT + 1e-6
+        assert N - last < st.effective_rows <= N - last + last * OTHERS_DISCOUNT + 1e-6
         assert hist.changes and hist.changes[0].action == "none"
         assert hist.changes[0].direction == "down" and hist.changes[0].rows >= CHANGE
         assert any("after a change in action 'none'" in v.reason for v in hist.versions)
