@@ -649,6 +649,9 @@ def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
     g.ref, g.newest, g.rows_clock = s.ref, s.newest, s.rows_clock
     g.since_train, g.last_train_ms = s.since_train, s.last_train_ms
     g.extra = dict(s.extra)
+    if "forgets" in g.extra:      # a discount stays with its action's rows, wherever it moved
+        g.extra["forgets"] = [[f[0] if f[0] == ALL_ACTIONS else int(ai[int(f[0])]), f[1], f[2]]
+                              for f in g.extra["forgets"]]
     for key in ("rate_stats", "size_stats"):   # the outcome tests' fits start over
         g.extra.pop(key, None)
     for key, empty in (("cusum", [0.0, 0.0]), ("rate_cusum", [0.0, 0.0]),

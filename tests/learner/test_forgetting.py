@@ -308,6 +308,25 @@ def test_rows_taken_out_after_a_forget_weigh_what_they_still_add(half_life, cloc
     assert RidgeStats.from_bytes(s.to_bytes()).extra["forgets"] == s.extra["forgets"]
 
 
+def test_a_discount_stays_with_its_action_when_a_new_action_is_added_before_it():
+    # Adding an action (Policy.with_actions) re-lays the statistics out; the discounts
+    # remembered by action index moved with their actions, or rows taken out later (the
+    # gate's folds) came out at the wrong weight: here 8x what action a1's rows still add.
+    from loops_sdk import Policy
+    from loops_sdk.learner.train import _grown
+    x, a, r = world(400, k=2, seed=4)
+    ts = np.arange(400, dtype=np.int64) * NS
+    s = RidgeStats(["a0", "a1"], ["x0", "x1", "x2"], 0.0, "seconds")
+    clocks = s.add(x, a, r, ts)
+    s.forget(1, 0.125)
+    s.forget(None, 0.5)
+    g = _grown(s, Policy.linear("p", 3, ["new", "a0", "a1"]))      # inputs x0..x2
+    assert [f[0] for f in g.extra["forgets"]] == [2, ALL_ACTIONS]
+    left = _removed(g, x, a + 1, r, clocks)            # the same rows, in the new layout
+    np.testing.assert_allclose(left.zz, 0.0, atol=1e-8)
+    np.testing.assert_allclose(left.reward_sum, 0.0, atol=1e-8)
+
+
 def sum_groups(groups):
     return tuple(sum(g[i] for g in groups) for i in range(5))
 
