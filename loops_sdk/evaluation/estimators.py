@@ -415,6 +415,12 @@ def _prepare(data: LoggedData, pi: Target, q: Any, estimators: Sequence[Estimato
     return rows
 
 
+def warn_no_overlap() -> None:
+    """The warning of a target that never picks a logged action (once per target estimated)."""
+    logger.warning("target policy never chooses a logged action: no overlap with the log, "
+                   "importance-weighted estimates are 0 or undefined")
+
+
 def _stack_order(est: Estimator) -> int:
     # Built-ins first, in ESTIMATORS order: the bootstrap's column stack (and so its sums) is
     # the same whatever order the estimators were requested in.
@@ -442,8 +448,7 @@ def estimate_all(estimators: Sequence[Estimator], rows: RoundInputs, *, level: f
                 stack.append(col)
     ess = rows.ess
     if not rows.overlap:
-        logger.warning("target policy never chooses a logged action: no overlap with the log, "
-                       "importance-weighted estimates are 0 or undefined")
+        warn_no_overlap()
     values = {e.name: e.point(own[e.name], n) for e in estimators}
     stderrs = {e.name: e.stderr(own[e.name], values[e.name]) for e in estimators}
     bounds: dict[str, tuple[float, float]] = {}

@@ -21,7 +21,7 @@ from .data import LoggedData, Target, _real, baseline_targets, target_probabilit
 from .estimators import (DEFAULT_SWITCH_TAU, ESTIMATOR_CLASSES, ESTIMATORS, SNIPS, Estimate,
                          Estimator, RoundInputs, SwitchDoublyRobust, _bootstrap_sums,
                          _require_data, _require_rows, check_interval_settings, estimate_all,
-                         logger, make_estimator)
+                         logger, make_estimator, warn_no_overlap)
 from .reward_model import check_reward_model, fit_reward_model
 
 __all__ = ["OffPolicyEvaluation", "evaluate", "ips", "snips", "direct_method", "doubly_robust",
@@ -254,16 +254,13 @@ class OffPolicyEvaluation:
         z = NormalDist().inv_cdf(0.5 + self.level / 2.0)
         for rows in (a, b):                 # as estimate_all warns, once per target
             if not rows.overlap:
-                logger.warning("target policy never chooses a logged action: no overlap with "
-                               "the log, importance-weighted estimates are 0 or undefined")
+                warn_no_overlap()
         # Rows 3i, 3i+1, 3i+2 of the stack: estimator i's terms of a, of b, and a - b (SNIPS:
         # its linearised terms, whose differences are the paired ones; its own estimates
         # come from its ratio, as SNIPS.point / stderr give them).
         stack: list[np.ndarray] = []
-        where: dict[str, int] = {}
         for e in self.estimators:
             ta, tb = e.terms(a), e.terms(b)
-            where[e.name] = len(stack)
             stack += [ta, tb, ta - tb]
         m = np.stack(stack)
         means = m.sum(axis=1) / n
@@ -274,7 +271,7 @@ class OffPolicyEvaluation:
         out_b: dict[str, Estimate] = {}
         diff: dict[str, Estimate] = {}
         for i, e in enumerate(self.estimators):
-            j = where[e.name]
+            j = 3 * i
             for rows, out, row in ((a, out_a, j), (b, out_b, j + 1)):
                 if isinstance(e, SNIPS):
                     cols = e.columns(rows)
@@ -398,8 +395,7 @@ def _stacked_estimates(estimators: Sequence[Estimator], names: Sequence[str], w:
     w_sq = np.array([float(row @ row) for row in w])
     ess = np.where(w_sq > 0, w_sum * w_sum / np.where(w_sq > 0, w_sq, 1.0), 0.0)
     for _ in range(int((w_sq <= 0).sum())):    # as estimate_all warns, once per target
-        logger.warning("target policy never chooses a logged action: no overlap with the "
-                       "log, importance-weighted estimates are 0 or undefined")
+        warn_no_overlap()
     wr = w * rewards
     correction = None if resid is None else w * resid
     by: dict[str, tuple[np.ndarray, np.ndarray]] = {}     # estimator -> (values, stderrs)
