@@ -435,7 +435,12 @@ class LearningSettings:
 
     Forgetting: a training row's weight halves every ``half_life_seconds`` of decision time
     (exact and mergeable across shards), or, when that is 0, every ``half_life_rows`` newer
-    rows; both 0 = never forget. ``detect_changes`` watches each action's residuals and, on a
+    rows; both 0 = never forget. A sliding window instead (or as well): ``window_seconds``
+    trains only on the rows decided in about the last that many seconds (exact, mergeable
+    across shards; with it ``half_life_rows`` is not used, the statistics have one clock),
+    ``window_rows`` on about the newest that many rows (not with ``half_life_seconds``). The
+    window moves in steps of an eighth: a row counts for between the window and 9/8 of it.
+    ``detect_changes`` watches each action's residuals and, on a
     shift, discounts that action's past at once (x 1/8) and every other action's (x 1/2),
     retrains in that round and explores more for a while.
     ``standardize_inputs`` / ``center_rewards``: the trainer fits on standardised inputs and
@@ -465,6 +470,8 @@ class LearningSettings:
     center_rewards: bool = True
     gamma_scale: float = 8.0
     first_retrain_events: int = 10
+    window_seconds: float = 0.0
+    window_rows: int = 0
 
 
 _AGG_TO_PB = {"sum": policy_pb2.LearningSettings.SUM,
@@ -474,7 +481,7 @@ _AGG_TO_PB = {"sum": policy_pb2.LearningSettings.SUM,
 # policy that does not use them keeps its bytes); unset reads as the default.
 _LEARNING_OPTIONAL = ("half_life_seconds", "half_life_rows", "detect_changes",
                       "standardize_inputs", "center_rewards", "gamma_scale",
-                      "first_retrain_events")
+                      "first_retrain_events", "window_seconds", "window_rows")
 _PB_TO_AGG = {v: k for k, v in _AGG_TO_PB.items()}
 _PB_TO_AGG[policy_pb2.LearningSettings.AGGREGATION_UNSPECIFIED] = "sum"
 _RULE_TO_PB = {"lower_bound_over_estimate": policy_pb2.PromotionRule.LOWER_BOUND_OVER_ESTIMATE,
@@ -956,13 +963,21 @@ class Policy:
         if not 0 <= ls.retrain_every_events < 1 << 63:
             raise PolicyError(f"policy {self.name!r}: retrain_every_events must be in "
                               f"[0, 2**63), got {ls.retrain_every_events}")
-        for what, lim in (("half_life_seconds", MAX_SECONDS), ("gamma_scale", MAX_PARAMETER)):
+        for what, lim in (("half_life_seconds", MAX_SECONDS), ("gamma_scale", MAX_PARAMETER),
+                          ("window_seconds", MAX_SECONDS)):
             v = getattr(ls, what)
             if not 0 <= v <= lim:
                 raise PolicyError(f"policy {self.name!r}: {what} must be in [0, {lim:g}], "
                                   f"got {v}")
-        for what in ("half_life_rows", "first_retrain_events"):
+        for what in ("half_life_rows", "first_retrain_events", "window_rows"):
             _check_count(f"policy {self.name!r}: {what}", getattr(ls, what), 0)
+        if ls.window_seconds > 0 and ls.window_rows > 0:
+            raise PolicyError(f"policy {self.name!r}: set window_seconds or window_rows, "
+                              f"not both")
+        if ls.window_rows > 0 and ls.half_life_seconds > 0:
+            raise PolicyError(f"policy {self.name!r}: window_rows counts rows and "
+                              f"half_life_seconds decision time; the statistics have one "
+                              f"clock (use half_life_rows, or window_seconds)")
         _validate_rules(self)
         rd = ls.reward
         weights = [rd.other_weight, rd.cost_weight, *rd.outcome_weights.values()]

@@ -176,7 +176,7 @@ class Policy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., linear: _Optional[_Union[LinearModel, _Mapping]] = ..., shared: _Optional[_Union[SharedModel, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., holdout: _Optional[_Union[Holdout, _Mapping]] = ..., created_at_unix_ms: _Optional[int] = ..., learning: _Optional[_Union[LearningSettings, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Policy.Mode, str]] = ..., rules: _Optional[_Iterable[_Union[EligibilityRule, _Mapping]]] = ..., caps: _Optional[_Iterable[_Union[Cap, _Mapping]]] = ..., checksum: _Optional[bytes] = ...) -> None: ...
 
 class LearningSettings(_message.Message):
-    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds", "reward", "promotion", "half_life_seconds", "half_life_rows", "detect_changes", "standardize_inputs", "center_rewards", "gamma_scale", "first_retrain_events")
+    __slots__ = ("reward_window_seconds", "aggregation", "default_reward", "ridge_lambda", "retrain_every_events", "retrain_every_seconds", "reward", "promotion", "half_life_seconds", "half_life_rows", "detect_changes", "standardize_inputs", "center_rewards", "gamma_scale", "first_retrain_events", "window_seconds", "window_rows")
     class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         AGGREGATION_UNSPECIFIED: _ClassVar[LearningSettings.Aggregation]
@@ -202,6 +202,8 @@ class LearningSettings(_message.Message):
     CENTER_REWARDS_FIELD_NUMBER: _ClassVar[int]
     GAMMA_SCALE_FIELD_NUMBER: _ClassVar[int]
     FIRST_RETRAIN_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ROWS_FIELD_NUMBER: _ClassVar[int]
     reward_window_seconds: float
     aggregation: LearningSettings.Aggregation
     default_reward: float
@@ -217,7 +219,9 @@ class LearningSettings(_message.Message):
     center_rewards: bool
     gamma_scale: float
     first_retrain_events: int
-    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ..., reward: _Optional[_Union[RewardDefinition, _Mapping]] = ..., promotion: _Optional[_Union[PromotionRule, _Mapping]] = ..., half_life_seconds: _Optional[float] = ..., half_life_rows: _Optional[int] = ..., detect_changes: _Optional[bool] = ..., standardize_inputs: _Optional[bool] = ..., center_rewards: _Optional[bool] = ..., gamma_scale: _Optional[float] = ..., first_retrain_events: _Optional[int] = ...) -> None: ...
+    window_seconds: float
+    window_rows: int
+    def __init__(self, reward_window_seconds: _Optional[float] = ..., aggregation: _Optional[_Union[LearningSettings.Aggregation, str]] = ..., default_reward: _Optional[float] = ..., ridge_lambda: _Optional[float] = ..., retrain_every_events: _Optional[int] = ..., retrain_every_seconds: _Optional[float] = ..., reward: _Optional[_Union[RewardDefinition, _Mapping]] = ..., promotion: _Optional[_Union[PromotionRule, _Mapping]] = ..., half_life_seconds: _Optional[float] = ..., half_life_rows: _Optional[int] = ..., detect_changes: _Optional[bool] = ..., standardize_inputs: _Optional[bool] = ..., center_rewards: _Optional[bool] = ..., gamma_scale: _Optional[float] = ..., first_retrain_events: _Optional[int] = ..., window_seconds: _Optional[float] = ..., window_rows: _Optional[int] = ...) -> None: ...
 
 class RewardDefinition(_message.Message):
     __slots__ = ("outcome_weights", "other_weight", "cost_weight")

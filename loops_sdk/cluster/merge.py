@@ -32,12 +32,12 @@ def tree_merge(parts: Sequence[RidgeStats]) -> RidgeStats | None:
     a boost of exploration still running on any shard runs on the merged statistics.
 
     Raises:
-        PolicyError: parts of different layouts or half-lives.
+        PolicyError: parts of different layouts, half-lives or windows.
     """
     items = [p for p in parts if p.n > 0]
     if not items:
         return None
-    boost = max(int(p.extra.get("boost_until", 0)) - p.n for p in items)
+    boost = max(int(p.extra.get("boost_until", 0)) - p.rows_seen for p in items)
     changes = sum(int(p.extra.get("changes", 0)) for p in items)
     last = max((p.extra["last_change"] for p in items if p.extra.get("last_change")),
                key=lambda c: c[0], default=None)
@@ -56,7 +56,7 @@ def tree_merge(parts: Sequence[RidgeStats]) -> RidgeStats | None:
     if forgets:
         out.extra["forgets"] = forgets[-MAX_FORGETS:]
     if boost > 0:
-        out.extra["boost_until"] = out.n + boost
+        out.extra["boost_until"] = out.rows_seen + boost
     else:
         out.extra.pop("boost_until", None)
     if last is not None:

@@ -16,8 +16,9 @@ on the promotion window drawn from every shard, and (3) publishes a promoted ver
 every shard. Its own SQLite file holds versions, candidates, estimates and the merged
 statistics at the last training (the cadence), so a restarted coordinator carries on.
 Training skips a round while any shard is unreachable: a candidate fitted on part of the
-data would look like a loss of rows. Forgetting by decision time (``half_life_seconds``)
-merges exactly; with ``half_life_rows`` each shard counts its own rows.
+data would look like a loss of rows. Forgetting by decision time (``half_life_seconds``,
+``window_seconds``) merges exactly; with ``half_life_rows`` or ``window_rows`` each shard
+counts its own rows.
 """
 
 from __future__ import annotations
@@ -374,8 +375,9 @@ class Coordinator:
         # (the merged statistics saved by Trainer.train at that training).
         prev_data = self.store.load_stats(name)
         prev = RidgeStats.from_bytes(prev_data) if prev_data is not None else None
-        trained = prev.n if prev is not None and prev.matches(policy) else 0
-        merged.since_train = max(0, merged.n - trained)
+        # Counted in rows ever added: a sliding window's row count stays flat.
+        trained = prev.rows_seen if prev is not None and prev.matches(policy) else 0
+        merged.since_train = max(0, merged.rows_seen - trained)
         merged.last_train_ms = prev.last_train_ms if prev is not None else 0
         self.trainer.merged[name] = merged
         now_ms = now_ns // 1_000_000

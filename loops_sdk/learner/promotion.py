@@ -242,8 +242,10 @@ def _fold_sums(stats: Any, part: LoggedData, actions: np.ndarray, clocks: np.nda
     row costs less (measured: 5,000 rows of which 1,000 left and 1,000 arrived took as long
     carried as summed afresh)."""
     forgets = repr(stats.extra.get("forgets"))
+    # A sliding window's rows weigh 0 once their bucket left: carried sums are valid only
+    # while the oldest kept bucket is the same.
     same = (folds, tuple(stats.action_ids), stats.half_life, stats.clock, forgets,
-            part.action_ids)
+            part.action_ids, stats.window, stats.kept_from())
     # A third of the rows or more moved (left plus arrived): summing them all costs less.
     got = _carried(_CARRY, stats, part, ("ts_ns", "actions", "rewards", "x"), same,
                    lambda d, kept: 3 * (d + part.n - kept) < part.n)
@@ -977,16 +979,14 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     if any(a not in index for a in data.action_ids):
         return None
     remap = np.array([index[a] for a in data.action_ids], dtype=np.int64)
-    if (np.bincount(remap[data.actions[rows]], minlength=len(stats.action_ids))
-            > stats.count).any():
-        return None        # rows the statistics do not hold (they restarted in the window)
     part = data if rows.size == n else _memoised(data, ("own", deployed.version),
                                                  lambda: data.subset(rows))
     ts = part.ts_ns if part.ts_ns is not None else np.arange(part.n, dtype=np.int64)
     # A RidgeStats is copied and the fold's rows removed at their clocks; another view of the
     # statistics (a shared policy's SharedGateView) takes rows out by decision time itself.
     subtracts = hasattr(stats, "remove") and hasattr(stats, "copy")
-    by_rows = subtracts and stats.half_life > 0 and stats.clock == "rows"
+    by_rows = (subtracts and stats.clock == "rows"
+               and (stats.half_life > 0 or stats.window > 0))
     if by_rows:
         # Positions: the window's rows are the newest trained on, in decision-time order.
         pos = np.empty(n)
@@ -1002,6 +1002,12 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     cols = remap                        # data's column c is the policy's action cols[c]
     boosted = bool(candidate.metadata.get("exploring_after_change"))
     actions = remap[part.actions]
+    # Rows older than a sliding window are not in the statistics (they weigh 0 there); the
+    # rest must be: otherwise the statistics restarted within the gate's window.
+    held = stats.in_window(clocks) if hasattr(stats, "in_window") else None
+    if (np.bincount(actions if held is None else actions[held],
+                    minlength=len(stats.action_ids)) > stats.count).any():
+        return None
     # Every fold's sums in one pass (rows sorted once by fold and action), each twin's
     # statistics the copy minus its fold's sums: what removing the fold's rows gives.
     # They depend on the rows and the weights only (the decay's reference, half-life,
@@ -1010,7 +1016,7 @@ def held_out_twins(candidate: Policy, deployed: Policy, stats: Any, data: Logged
     if subtracts:
         weighting = ("fold sums", folds, tuple(stats.action_ids), stats.half_life,
                      stats.clock, stats.ref, stats.rows_clock if by_rows else None,
-                     repr(stats.extra.get("forgets")))
+                     repr(stats.extra.get("forgets")), stats.window, stats.kept_from())
         sums = _memoised(part, weighting, lambda: _fold_sums(stats, part, actions, clocks,
                                                              folds))
     slices = _memoised(part, ("fold rows", folds), lambda: [

@@ -35,7 +35,7 @@ from ..errors import PolicyError
 from ..policy import MAX_PARAMETER, Exploration, Policy
 from .store import EventStore
 
-__all__ = ["RidgeStats", "Trainer", "decay_of", "explore_more", "layout_of", "shared_inputs",
+__all__ = ["RidgeStats", "Trainer", "decay_of", "window_of", "explore_more", "layout_of", "shared_inputs",
            "shared_from_solution", "shared_draws", "SharedGateView", "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,12 @@ _NS = 1_000_000_000
 _REBASE = 64.0
 # Discounts (RidgeStats.forget) remembered so rows taken out later weigh what they still add.
 MAX_FORGETS = 256
+#: A sliding window holds its rows in this many buckets of ``window / WINDOW_BUCKETS`` clock
+#: units (by decision time, or by position), each bucket's sums kept apart: a bucket leaves
+#: whole once it lies entirely more than ``window`` behind the newest row, so a row weighs in
+#: for between ``window`` and ``window * (1 + 1 / WINDOW_BUCKETS)``. Buckets are keyed by
+#: absolute clock, so shards merge by adding bucket by bucket.
+WINDOW_BUCKETS = 8
 #: The action recorded in ``extra["forgets"]`` for a discount of every action.
 ALL_ACTIONS = -1
 
@@ -61,16 +67,21 @@ class RidgeStats:
     so adding is incremental and order-free, and two shards merge by aligning references and
     summing. ``half_life = 0``: every weight is 1 (the plain sums).
 
+    With a sliding ``window`` the sums are also kept per bucket of clock time (see
+    :data:`WINDOW_BUCKETS`); the totals are always the sum of the kept buckets, a row whose
+    bucket has left weighs 0 (it is neither added on arrival nor taken out again).
+
     Args:
         action_ids: the actions, in the policy's order.
         input_names: the model inputs, in the policy's order.
         half_life: in clock units; 0 = never forget.
         clock: ``"seconds"`` (decision time) or ``"rows"``.
+        window: in clock units; 0 = no window.
     """
 
     def __init__(self, action_ids: tuple[str, ...] | list[str],
                  input_names: tuple[str, ...] | list[str], half_life: float = 0.0,
-                 clock: str = "seconds") -> None:
+                 clock: str = "seconds", window: float = 0.0) -> None:
         self.action_ids = tuple(action_ids)
         self.input_names = tuple(input_names)
         k, d1 = len(self.action_ids), len(self.input_names) + 1
@@ -84,6 +95,14 @@ class RidgeStats:
         self.ref = 0.0                      # reference clock of the stored weights
         self.newest = -np.inf               # newest row's clock
         self.rows_clock = 0.0               # next row position (clock "rows")
+        # Rows ever added (a window's count stays flat; the cadence and the boost after a
+        # change count on this).
+        self.rows_seen = 0
+        self.window = float(window)
+        # Sliding window: bucket index -> [zz, zr, count, reward_sum, reward_sq], in the same
+        # weighting as the totals. Key None: the sums from before the window was set (or its
+        # clock changed), placed at the newest row's bucket once that is known.
+        self.buckets: dict[int | None, list[np.ndarray]] = {}
         # Cadence bookkeeping, persisted with the statistics.
         self.since_train = 0
         self.last_train_ms = 0
@@ -92,7 +111,7 @@ class RidgeStats:
     @classmethod
     def for_policy(cls, policy: Policy) -> "RidgeStats":
         half_life, clock = decay_of(policy)
-        return cls(*layout_of(policy), half_life, clock)
+        return cls(*layout_of(policy), half_life, clock, window_of(policy))
 
     def matches(self, policy: Policy) -> bool:
         return (self.action_ids, self.input_names) == layout_of(policy)
@@ -108,15 +127,79 @@ class RidgeStats:
         s.__dict__.update(self.__dict__)
         for name in ("zz", "zr", "count", "reward_sum", "reward_sq"):
             setattr(s, name, getattr(self, name).copy())
+        s.buckets = {key: [a.copy() for a in sums] for key, sums in self.buckets.items()}
         s.extra = copy.deepcopy(self.extra)
         return s
 
     # ----------------------------------------------------------------- decay
     def _scale(self, factor: float | np.ndarray, actions: Any = slice(None)) -> None:
-        self.zz[actions] *= np.asarray(factor)[..., None, None] if np.ndim(factor) else factor
-        self.zr[actions] *= np.asarray(factor)[..., None] if np.ndim(factor) else factor
-        self.reward_sum[actions] *= factor
-        self.reward_sq[actions] *= factor
+        # The one place sums are rescaled (rebase, forget, a new half-life): buckets alike, so
+        # the totals stay their sum.
+        for zz, zr, _, rsum, rsq in (self._totals(), *self.buckets.values()):
+            zz[actions] *= np.asarray(factor)[..., None, None] if np.ndim(factor) else factor
+            zr[actions] *= np.asarray(factor)[..., None] if np.ndim(factor) else factor
+            rsum[actions] *= factor
+            rsq[actions] *= factor
+
+    def _totals(self) -> list[np.ndarray]:
+        return [self.zz, self.zr, self.count, self.reward_sum, self.reward_sq]
+
+    def _zeros(self) -> list[np.ndarray]:
+        return [np.zeros_like(a) for a in self._totals()]
+
+    # ----------------------------------------------------------------- sliding window
+    def _bucket(self, clocks: np.ndarray) -> np.ndarray:
+        return np.floor(np.asarray(clocks, dtype=np.float64)
+                        / (self.window / WINDOW_BUCKETS)).astype(np.int64)
+
+    def kept_from(self) -> int | None:
+        """The oldest bucket the window keeps (``None``: no window, or no row yet)."""
+        if self.window <= 0 or not np.isfinite(self.newest):
+            return None
+        return int(self._bucket(np.array([self.newest]))[0]) - WINDOW_BUCKETS
+
+    def in_window(self, clocks: np.ndarray) -> np.ndarray | None:
+        """Which rows (at ``clocks``) the window still holds; ``None`` = all of them."""
+        lo = self.kept_from()
+        return None if lo is None else self._bucket(clocks) >= lo
+
+    def _slide(self) -> None:
+        """Place the unplaced past, drop the buckets that left, and set the totals to the sum
+        of the kept buckets (no rounding residue builds up from subtracting)."""
+        lo = self.kept_from()
+        if lo is None:
+            return
+        if None in self.buckets:
+            past = self.buckets.pop(None)
+            key = lo + WINDOW_BUCKETS
+            if key in self.buckets:
+                for a, b in zip(self.buckets[key], past):
+                    a += b
+            else:
+                self.buckets[key] = past
+        gone = [key for key in self.buckets if key < lo]
+        if not gone:
+            return
+        for key in gone:
+            del self.buckets[key]
+        totals = self._totals()
+        for a in totals:
+            a[...] = 0
+        for sums in self.buckets.values():
+            for a, b in zip(totals, sums):
+                a += b
+
+    def set_window(self, window: float) -> None:
+        """Switch the sliding window (clock units, 0 = none). The rows so far are not
+        re-bucketed (their clocks are not kept): they leave together, one window after the
+        newest of them; without a window the totals simply stay."""
+        if window == self.window:
+            return
+        self.window = float(window)
+        self.buckets = {}
+        if window > 0 and self.count.sum() > 0:
+            self.buckets[None] = [a.copy() for a in self._totals()]
+            self._slide()
 
     def _rebase(self, ref: float) -> None:
         if self.half_life > 0 and ref != self.ref:
@@ -136,6 +219,9 @@ class RidgeStats:
         f = self.effective_factor()
         if f != 1.0:
             self._scale(f)
+        if clock != self.clock and self.buckets:
+            # Bucket keys are in the old clock's units: the rows so far leave together.
+            self.buckets = {None: [a.copy() for a in self._totals()]}
         known = self.clock == clock and np.isfinite(self.newest)
         self.half_life, self.clock = float(half_life), clock
         if clock == "rows":
@@ -211,21 +297,23 @@ class RidgeStats:
         return x, actions, rewards
 
     def _accumulate(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                    w: np.ndarray | None, sign: float) -> None:
-        n, dim = x.shape
-        z = np.empty((n, dim + 1))
-        z[:, :dim] = x
-        z[:, dim] = 1.0
-        for k in np.unique(actions):   # loop over actions present, never over rows
-            sel = actions == k
-            zk, rk = z[sel], rewards[sel]
-            wk = np.ones(zk.shape[0]) if w is None else w[sel]
-            zw = zk * wk[:, None]
-            self.zz[k] += sign * (zw.T @ zk)
-            self.zr[k] += sign * (zw.T @ rk)
-            self.count[k] += int(sign) * zk.shape[0]
-            self.reward_sum[k] += sign * (wk @ rk)
-            self.reward_sq[k] += sign * (wk @ (rk * rk))
+                    w: np.ndarray | None, sign: float, clocks: np.ndarray) -> None:
+        """Add (``sign`` 1) or subtract (-1) rows into the totals and, with a window, into
+        their buckets; rows the window no longer holds must be filtered out first."""
+        if self.window <= 0:
+            _add_rows(self._totals(), x, actions, rewards, w, sign)
+            return
+        keys = self._bucket(clocks)
+        for key in np.unique(keys).tolist():     # a few buckets per batch
+            sel = keys == key
+            sums = self.buckets.get(key)
+            if sums is None:
+                if sign < 0:
+                    continue                     # never added (left before it arrived)
+                sums = self.buckets[key] = self._zeros()
+            _add_rows(sums, x[sel], actions[sel], rewards[sel], None if w is None else w[sel],
+                      sign)
+        _add_rows(self._totals(), x, actions, rewards, w, sign)
 
     def _weights(self, c: np.ndarray) -> np.ndarray | None:
         if self.half_life <= 0:
@@ -243,6 +331,9 @@ class RidgeStats:
             if ts_ns.shape != (n,):
                 raise PolicyError(f"ridge statistics: ts_ns {ts_ns.shape} for {n} rows")
         if self.half_life <= 0 and self.clock == "seconds":
+            if ts_ns is None and self.window > 0:
+                raise PolicyError("ridge statistics: a window by decision time needs each "
+                                  "row's time")
             c = (np.zeros(n) if ts_ns is None else ts_ns.astype(np.float64) / _NS)
         else:
             c = self.clocks(ts_ns, n)
@@ -254,8 +345,17 @@ class RidgeStats:
                                        or (top - self.ref) / self.half_life > _REBASE):
                 self._rebase(top)
             self.newest = max(self.newest, top)
-            self._accumulate(x, actions, rewards, self._weights(c), 1.0)
+            held = self.in_window(c)
+            if held is not None and not held.all():
+                # Rows older than the window (late joins) are not trained on.
+                x, actions, rewards, kc = x[held], actions[held], rewards[held], c[held]
+                n = int(held.sum())
+            else:
+                kc = c
+            self._accumulate(x, actions, rewards, self._weights(kc), 1.0, kc)
+            self._slide()
         self.since_train += n
+        self.rows_seen += n
         return c
 
     def remove(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
@@ -264,10 +364,13 @@ class RidgeStats:
         rounding, e.g. to hold out the newest rows from a candidate (see
         :meth:`Trainer.candidate`) or to slide a window."""
         x, actions, rewards = self._check(x, actions, rewards)
+        clocks = np.asarray(clocks, dtype=np.float64)
+        held = self.in_window(clocks)
+        if held is not None:
+            x, actions, rewards, clocks = x[held], actions[held], rewards[held], clocks[held]
         if x.shape[0]:
-            clocks = np.asarray(clocks, dtype=np.float64)
             self._accumulate(x, actions, rewards,
-                             self._row_weights(clocks, actions), -1.0)
+                             self._row_weights(clocks, actions), -1.0, clocks)
 
     def _row_weights(self, clocks: np.ndarray, actions: np.ndarray) -> np.ndarray | None:
         """What each row (added at ``clocks``) weighs in the sums now: its decay and any
@@ -286,14 +389,21 @@ class RidgeStats:
         (up to rounding), taken in one pass: the rows are sorted once by (group, action),
         every block is a contiguous slice (no mask per group)."""
         x, actions, rewards = self._check(x, actions, rewards)
+        clocks = np.asarray(clocks, dtype=np.float64)
+        groups = np.asarray(groups, dtype=np.int64)
+        held = self.in_window(clocks)
+        if held is not None and not held.all():
+            # Rows the window no longer holds add nothing (and are not counted).
+            x, actions, rewards = x[held], actions[held], rewards[held]
+            clocks, groups = clocks[held], groups[held]
         n, dim = x.shape
         k = len(self.action_ids)
-        key = np.asarray(groups, dtype=np.int64) * k + actions
+        key = groups * k + actions
         if n_groups * k <= np.iinfo(np.int16).max:
             key = key.astype(np.int16)           # a stable sort of 16-bit keys is a radix sort
         order = np.argsort(key, kind="stable")
         bounds = np.searchsorted(key[order], np.arange(n_groups * k + 1))
-        w = self._row_weights(np.asarray(clocks, dtype=np.float64)[order], actions[order])
+        w = self._row_weights(clocks[order], actions[order])
         r = rewards[order]
         # Whole rows gathered (contiguous) and scaled by sqrt(w) in place; the intercept
         # column z = (x, 1) is never padded in (a strided copy costs more than the products):
@@ -334,12 +444,15 @@ class RidgeStats:
     def minus(self, sums: tuple) -> "RidgeStats":
         """A copy without rows whose :meth:`group_sums` are ``sums`` (counts floored at 0).
 
-        Its arrays are its own; ``extra`` (the detector's state, which a fit only reads) is a
-        shallow copy of this one's: the gate makes one such copy per fold and candidate, and
-        deep-copying the detector's lists cost more than the fit."""
+        Its totals are its own; ``extra`` (the detector's state, which a fit only reads) is a
+        shallow copy of this one's and a window's buckets are left out: the gate makes one
+        such copy per fold and candidate to fit, and deep-copying cost more than the fit. It
+        is a copy to fit and evaluate, not to add rows to (:meth:`copy` is)."""
         s = RidgeStats.__new__(RidgeStats)
         s.__dict__.update(self.__dict__)
         s.extra = dict(self.extra)
+        s.buckets = {}
+        s.window = 0.0
         zz, zr, count, rsum, rsq = sums
         s.zz = self.zz - zz
         s.zr = self.zr - zr
@@ -355,7 +468,7 @@ class RidgeStats:
         newest positions (exact when they are the newest rows, as a time split's are)."""
         s = self.copy()
         ts_ns = np.asarray(ts_ns, dtype=np.int64)
-        if s.half_life > 0 and s.clock == "rows":
+        if s.clock == "rows" and (s.half_life > 0 or s.window > 0):
             c = np.empty(len(ts_ns))
             c[np.argsort(ts_ns, kind="stable")] = (s.rows_clock - len(ts_ns)
                                                    + np.arange(len(ts_ns)))
@@ -373,6 +486,8 @@ class RidgeStats:
             raise PolicyError("cannot merge ridge statistics of different layouts")
         if (other.half_life, other.clock) != (self.half_life, self.clock):
             raise PolicyError("cannot merge ridge statistics with different half-lives")
+        if other.window != self.window:
+            raise PolicyError("cannot merge ridge statistics with different windows")
         f = 1.0
         if np.isnan(self.ref) or np.isnan(other.ref):
             raise PolicyError("cannot merge ridge statistics before their decision times are "
@@ -381,14 +496,17 @@ class RidgeStats:
             if other.n and other.ref > self.ref:
                 self._rebase(other.ref)
             f = 2.0 ** ((other.ref - self.ref) / self.half_life)
-        self.zz += f * other.zz
-        self.zr += f * other.zr
-        self.count += other.count
-        self.reward_sum += f * other.reward_sum
-        self.reward_sq += f * other.reward_sq
+        for key, sums in other.buckets.items():
+            mine = self.buckets.get(key)
+            if mine is None:
+                mine = self.buckets[key] = self._zeros()
+            _add_sums(mine, sums, f)
+        _add_sums(self._totals(), other._totals(), f)
         self.newest = max(self.newest, other.newest)
         self.rows_clock += other.rows_clock
         self.since_train += other.since_train
+        self.rows_seen += other.rows_seen
+        self._slide()
         return self
 
     # ----------------------------------------------------------------- solving
@@ -500,7 +618,10 @@ class RidgeStats:
             "since_train": self.since_train, "last_train_ms": self.last_train_ms,
             "half_life": self.half_life, "clock": self.clock, "ref": self.ref,
             "newest": float(self.newest) if np.isfinite(self.newest) else None,
-            "rows_clock": self.rows_clock, "extra": self.extra,
+            "rows_clock": self.rows_clock, "extra": self.extra, "window": self.window,
+            "rows_seen": self.rows_seen,
+            "buckets": [[key, *(a.astype("<i8" if a.dtype.kind == "i" else "<f8").tobytes()
+                                for a in sums)] for key, sums in self.buckets.items()],
         }, use_bin_type=True)
 
     @classmethod
@@ -525,7 +646,39 @@ class RidgeStats:
         s.newest = -np.inf if newest is None else float(newest)
         s.rows_clock = float(doc.get("rows_clock", s.n))
         s.extra = dict(doc.get("extra") or {})
+        s.window = float(doc.get("window", 0.0))
+        s.rows_seen = int(doc.get("rows_seen", s.n))
+        for key, *parts in doc.get("buckets") or ():
+            s.buckets[key] = [np.frombuffer(b, "<i8" if a.dtype.kind == "i" else "<f8")
+                              .reshape(a.shape).copy() for a, b in zip(s._totals(), parts)]
         return s
+
+
+def _add_rows(sums: list[np.ndarray], x: np.ndarray, actions: np.ndarray,
+              rewards: np.ndarray, w: np.ndarray | None, sign: float) -> None:
+    """Add (``sign`` 1) or subtract (-1) rows' weighted sums into ``sums`` ([zz, zr, count,
+    reward_sum, reward_sq]), in place."""
+    zz, zr, count, rsum, rsq = sums
+    n, dim = x.shape
+    z = np.empty((n, dim + 1))
+    z[:, :dim] = x
+    z[:, dim] = 1.0
+    for k in np.unique(actions):   # loop over actions present, never over rows
+        sel = actions == k
+        zk, rk = z[sel], rewards[sel]
+        wk = np.ones(zk.shape[0]) if w is None else w[sel]
+        zw = zk * wk[:, None]
+        zz[k] += sign * (zw.T @ zk)
+        zr[k] += sign * (zw.T @ rk)
+        count[k] += int(sign) * zk.shape[0]
+        rsum[k] += sign * (wk @ rk)
+        rsq[k] += sign * (wk @ (rk * rk))
+
+
+def _add_sums(into: list[np.ndarray], sums: list[np.ndarray], factor: float) -> None:
+    """``into += factor * sums`` (counts unscaled), in place."""
+    for i, (a, b) in enumerate(zip(into, sums)):
+        a += b if i == 2 else factor * b
 
 
 # The one pseudo-action of a shared policy's statistics (every row regresses on one model).
@@ -638,14 +791,21 @@ def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
               and set(s.input_names) <= set(inputs))
     if not ok or (actions, inputs) == (s.action_ids, s.input_names):
         return None
-    g = RidgeStats(actions, inputs, s.half_life, s.clock)
+    g = RidgeStats(actions, inputs, s.half_life, s.clock, s.window)
     ai = np.array([actions.index(a) for a in s.action_ids], dtype=np.int64)
     ii = np.array([inputs.index(n) for n in s.input_names] + [len(inputs)], dtype=np.int64)
-    g.zz[np.ix_(ai, ii, ii)] = s.zz
-    g.zr[np.ix_(ai, ii)] = s.zr
-    g.count[ai] = s.count
-    g.reward_sum[ai] = s.reward_sum
-    g.reward_sq[ai] = s.reward_sq
+
+    def relaid(sums: list[np.ndarray]) -> list[np.ndarray]:
+        out = g._zeros()
+        out[0][np.ix_(ai, ii, ii)] = sums[0]
+        out[1][np.ix_(ai, ii)] = sums[1]
+        for a, b in zip(out[2:], sums[2:]):
+            a[ai] = b
+        return out
+
+    g.zz, g.zr, g.count, g.reward_sum, g.reward_sq = relaid(s._totals())
+    g.buckets = {key: relaid(sums) for key, sums in s.buckets.items()}
+    g.rows_seen = s.rows_seen
     g.ref, g.newest, g.rows_clock = s.ref, s.newest, s.rows_clock
     g.since_train, g.last_train_ms = s.since_train, s.last_train_ms
     g.extra = dict(s.extra)
@@ -667,13 +827,24 @@ def _grown(s: RidgeStats, policy: Policy) -> RidgeStats | None:
 
 
 def decay_of(policy: Policy) -> tuple[float, str]:
-    """``(half_life, clock)`` of a policy's forgetting settings."""
+    """``(half_life, clock)`` of a policy's forgetting settings. The statistics have one
+    clock: a window by decision time sets it to seconds (``half_life_rows`` is then not
+    used), a window by rows to rows (``Policy.validate`` rejects it with
+    ``half_life_seconds``)."""
     ls = policy.learning
-    if ls.half_life_seconds > 0:
+    if ls.half_life_seconds > 0 or ls.window_seconds > 0:
         return float(ls.half_life_seconds), "seconds"
     if ls.half_life_rows > 0:
         return float(ls.half_life_rows), "rows"
+    if ls.window_rows > 0:
+        return 0.0, "rows"
     return 0.0, "seconds"
+
+
+def window_of(policy: Policy) -> float:
+    """A policy's sliding window in the clock :func:`decay_of` gives (0 = none)."""
+    ls = policy.learning
+    return float(ls.window_seconds or ls.window_rows)
 
 
 # Change detection: two-sided CUSUMs (Page 1954) per action on standardised prequential
@@ -913,6 +1084,9 @@ class Trainer:
             if (half_life, clock) != (s.half_life, s.clock):
                 s.set_decay(half_life, clock)
                 self._dirty.add(policy.name)
+            if window_of(policy) != s.window:
+                s.set_window(window_of(policy))
+                self._dirty.add(policy.name)
         self._stats[policy.name] = s
         return s
 
@@ -995,7 +1169,7 @@ class Trainer:
                 s.forget(int(k), CHANGE_DISCOUNT / OTHERS_DISCOUNT)
                 # Retrain in this round, not after the next threshold of rows.
                 s.extra["retrain_now"] = True
-                s.extra["boost_until"] = s.n + x.shape[0] + BOOST_ROWS
+                s.extra["boost_until"] = s.rows_seen + x.shape[0] + BOOST_ROWS
                 s.extra["changes"] = int(s.extra.get("changes", 0)) + 1
                 s.extra["last_change"] = [now_ms, s.action_ids[k], direction]
                 detail = (f"{what} cusum {stat:.1f} > {h:g} after {at + 1} of the action's "
@@ -1039,7 +1213,7 @@ class Trainer:
             return False
         ls = policy.learning
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        every = self.threshold(policy, s.n - s.since_train)
+        every = self.threshold(policy, s.rows_seen - s.since_train)
         if (every and s.since_train >= every) or s.extra.get("retrain_now"):
             return True
         # Never trained: not since 1970 (that retrained on the first joined row, whatever
@@ -1081,7 +1255,7 @@ class Trainer:
             gamma = ls.gamma_scale * np.sqrt(n_eff) / sd
             exploration = replace(exploration, gamma=float(min(max(gamma, 1.0), 1e6)))
         metadata = dict(policy.metadata)
-        boosted = s.n < int(s.extra.get("boost_until", 0))
+        boosted = s.rows_seen < int(s.extra.get("boost_until", 0))
         unboosted = exploration
         if boosted:
             exploration = explore_more(exploration)

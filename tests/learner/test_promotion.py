@@ -793,6 +793,36 @@ def test_held_out_twins_of_decayed_statistics_are_the_trainers_fit_without_the_f
     assert by_fit.twins[0].version == 2                # the candidate's version, fit's params
 
 
+@pytest.mark.parametrize("clock", ["seconds", "rows"])
+def test_held_out_twins_with_a_window_shorter_than_the_gate_window(clock):
+    """A sliding window of 500 rows (or seconds) under a gate window of 2,000: each twin is
+    the window's fit without its fold's held rows; the rows older than the window were never
+    in the statistics and take nothing out (the twins are not refused for them either)."""
+    from loops_sdk.learner.promotion import held_out_twins
+    from loops_sdk.learner.train import RidgeStats
+    ts = np.arange(2000, dtype=np.int64) * 1_000_000_000       # one row a second
+    plain = logged(2000, seed=13)
+    data = LoggedData(x=plain.x, actions=plain.actions, propensities=plain.propensities,
+                      rewards=plain.rewards, action_ids=plain.action_ids, ts_ns=ts)
+    deployed = base_policy()
+    stats = RidgeStats(deployed.action_ids, deployed.input_names, 0.0, clock, 500.0)
+    for part in np.array_split(np.arange(2000), 8):
+        stats.add(data.x[part], data.actions[part], data.rewards[part], ts[part])
+    held = stats.in_window(np.arange(2000, dtype=np.float64))
+    assert 500 <= held.sum() < 600 and stats.n == held.sum()
+    cand = deployed.with_model(*stats.solve(1.0), version=2)
+    for attempt in range(2):          # the second reads the memoised fold sums
+        ho = held_out_twins(cand, deployed, stats, data)
+        assert ho is not None and len(ho.twins) == 2
+        for f, twin in enumerate(ho.twins):
+            keep = held & (np.arange(2000) % 2 != f)
+            alone = RidgeStats(deployed.action_ids, deployed.input_names)
+            alone.add(data.x[keep], data.actions[keep], data.rewards[keep])
+            w, b = alone.solve(1.0)
+            np.testing.assert_allclose(twin.weights, w, atol=1e-9)
+            np.testing.assert_allclose(twin.bias, b, atol=1e-9)
+
+
 def test_held_out_rows_are_the_rows_the_deployed_version_served():
     """The deployed version never saw the rows it served: those are judged, so each twin
     keeps every row the deployed version was trained on, and more."""
