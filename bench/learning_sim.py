@@ -18,6 +18,7 @@ bench's "gate off": in the CRM worlds it locks in on more seeds than the gated r
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 
@@ -57,7 +58,7 @@ def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int
         cap = int(lag.split(":")[1])
     while t < n:
         if isinstance(lag, str):
-            m = Trainer.threshold(policy, s.n - s.since_train) or 1000
+            m = Trainer.threshold(policy, s.rows_seen - s.since_train) or 1000
             m = m - s.since_train if s.since_train < m else m
             m = min(m, cap) if cap else m
         else:
@@ -72,12 +73,12 @@ def simulate(stream: Stream, exploration: Exploration | None = None, *, lag: int
         ts = (rows.astype(np.int64) + 1) * 1_000_000
         trainer.observe(policy, stream.X[rows], a, r, ts, now_ms=int(t))
         t += m
-        every = Trainer.threshold(policy, s.n - s.since_train)
+        every = Trainer.threshold(policy, s.rows_seen - s.since_train)
         if s.since_train >= every:
             versions += 1
             candidate = trainer.fit(policy, s, versions)
             s.since_train = 0
-            if s.n >= min_samples:
+            if s.rows_seen >= min_samples:
                 policy = candidate
                 kernel = compile_policy(policy)
     out = {"reward": float(rew.mean()), "versions": versions,
@@ -98,12 +99,14 @@ def crm_figures(stream: Stream, actions: np.ndarray) -> dict:
             "share_last_10k": float(expected[-10_000:].mean() / oracle[-10_000:].mean())}
 
 
-def crm_seeds(rows: int, change_at: int | None, seeds: int, only: str = "") -> None:
+def crm_seeds(rows: int, change_at: int | None, seeds: int, only: str = "",
+              learning: dict | None = None) -> None:
     """The CRM worlds (:func:`~bench.worlds.crm_worlds`) over ``seeds`` seeds (the bench's
     stream is seed 0), rounds that follow the retrain threshold and the gate's hold of the
     first 250 rows (``min_samples``): per seed, decisions to 90 % of the oracle against the
     seed's A/B n / 3 (:func:`bench.learning.ab_target`, the A/B test played with the same
-    seed), decisions to recover after the change, and the tally."""
+    seed), decisions to recover after the change, and the tally. ``learning``: settings
+    of :class:`LearningSettings` to try (decision times are one row per millisecond)."""
     from .learning import AB_FRACTION, RECOVERY_TARGET, ab_target, play_ab
     from .worlds import crm_worlds
     for i, w in enumerate(crm_worlds()):
@@ -113,7 +116,8 @@ def crm_seeds(rows: int, change_at: int | None, seeds: int, only: str = "") -> N
         for seed in range(seeds):
             st = w.stream(rows, change_at, seed=21 + i + 100 * seed)
             t0 = time.perf_counter()
-            out = simulate(st, lag="follow", seed=seed, min_samples=250, record=True)
+            out = simulate(st, lag="follow", seed=seed, min_samples=250, record=True,
+                           **(learning or {}))
             f = crm_figures(st, out["actions"])
             n_ab, how = ab_target(st, play_ab(st, seed), w, seed)
             ok = f["to_90"] is not None and n_ab is not None and f["to_90"] <= n_ab * AB_FRACTION
@@ -145,9 +149,12 @@ def main() -> None:
     ap.add_argument("--change-at", type=int, default=None,
                     help="with --crm: the row of the world's change (default: none)")
     ap.add_argument("--seeds", type=int, default=6, help="with --crm: seeds per world")
+    ap.add_argument("--learning", type=json.loads, default={}, metavar="JSON",
+                    help='with --crm: LearningSettings fields, e.g. \'{"window_seconds": 10}\' '
+                         "(decision times are one row per millisecond)")
     args = ap.parse_args()
     if args.crm:
-        crm_seeds(args.crm, args.change_at, args.seeds, args.only)
+        crm_seeds(args.crm, args.change_at, args.seeds, args.only, args.learning)
         return
     grid = {
         "defaults, rounds of 1000": dict(lag=1000),
