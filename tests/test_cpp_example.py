@@ -217,9 +217,10 @@ def test_distinct_channel_arguments_spread_calls_over_serve_processes(binary, tm
 
             # 16 channels with identical arguments: one shared connection, one worker
             assert len(workers("--identical-channels")) == 1
-            # 16 with distinct arguments: 16 connections, which the kernel spreads over both
-            # (all 16 on one worker: probability 2**-15)
-            assert len(workers()) == 2
+            # 16 with distinct arguments: 16 connections, which the kernel hashes over both
+            # workers; all 16 can land on one (2**-15 a run), so up to 8 runs (bounded; any()
+            # stops at the first that reached both)
+            assert any(len(workers()) == 2 for _ in range(8))
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
