@@ -22,6 +22,7 @@ import copy
 
 import json
 import logging
+import math
 import sqlite3
 import time
 import zlib
@@ -35,8 +36,9 @@ from ..errors import PolicyError
 from ..policy import MAX_PARAMETER, Exploration, Policy
 from .store import EventStore
 
-__all__ = ["RidgeStats", "Trainer", "decay_of", "window_of", "explore_more", "layout_of", "shared_inputs",
-           "shared_from_solution", "shared_draws", "SharedGateView", "SHARED_ROW"]
+__all__ = ["RidgeStats", "Trainer", "decay_of", "window_of", "explore_more", "layout_of",
+           "shared_inputs", "shared_from_solution", "shared_draws", "SharedGateView",
+           "SHARED_ROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ MAX_FORGETS = 256
 #: for between ``window`` and ``window * (1 + 1 / WINDOW_BUCKETS)``. Buckets are keyed by
 #: absolute clock, so shards merge by adding bucket by bucket.
 WINDOW_BUCKETS = 8
+# Wire types of the sums, in RidgeStats._totals() order (zz, zr, count, reward_sum, reward_sq).
+_SUM_DTYPES = ("<f8", "<f8", "<i8", "<f8", "<f8")
 #: The action recorded in ``extra["forgets"]`` for a discount of every action.
 ALL_ACTIONS = -1
 
@@ -156,12 +160,31 @@ class RidgeStats:
         """The oldest bucket the window keeps (``None``: no window, or no row yet)."""
         if self.window <= 0 or not np.isfinite(self.newest):
             return None
-        return int(self._bucket(np.array([self.newest]))[0]) - WINDOW_BUCKETS
+        return math.floor(self.newest / (self.window / WINDOW_BUCKETS)) - WINDOW_BUCKETS
 
     def in_window(self, clocks: np.ndarray) -> np.ndarray | None:
         """Which rows (at ``clocks``) the window still holds; ``None`` = all of them."""
         lo = self.kept_from()
         return None if lo is None else self._bucket(clocks) >= lo
+
+    def _held_rows(self, clocks: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(clocks, *arrays)`` of the rows the window still holds (all without a window)."""
+        held = self.in_window(clocks)
+        if held is None or held.all():
+            return (clocks, *arrays)
+        return tuple(a[held] for a in (clocks, *arrays))
+
+    def _bucket_sums(self, key: int) -> list[np.ndarray]:
+        """A bucket's sums, created empty when it has none yet."""
+        sums = self.buckets.get(key)
+        if sums is None:
+            sums = self.buckets[key] = self._zeros()
+        return sums
+
+    def _unplace(self) -> None:
+        """The rows so far as one unplaced bucket (their own buckets are unknown or in
+        another clock's units): they leave together, one window after the newest of them."""
+        self.buckets = {None: [a.copy() for a in self._totals()]}
 
     def _slide(self) -> None:
         """Place the unplaced past, drop the buckets that left, and set the totals to the sum
@@ -170,13 +193,7 @@ class RidgeStats:
         if lo is None:
             return
         if None in self.buckets:
-            past = self.buckets.pop(None)
-            key = lo + WINDOW_BUCKETS
-            if key in self.buckets:
-                for a, b in zip(self.buckets[key], past):
-                    a += b
-            else:
-                self.buckets[key] = past
+            _add_sums(self._bucket_sums(lo + WINDOW_BUCKETS), self.buckets.pop(None), 1.0)
         gone = [key for key in self.buckets if key < lo]
         if not gone:
             return
@@ -186,8 +203,7 @@ class RidgeStats:
         for a in totals:
             a[...] = 0
         for sums in self.buckets.values():
-            for a, b in zip(totals, sums):
-                a += b
+            _add_sums(totals, sums, 1.0)
 
     def set_window(self, window: float) -> None:
         """Switch the sliding window (clock units, 0 = none). The rows so far are not
@@ -198,7 +214,7 @@ class RidgeStats:
         self.window = float(window)
         self.buckets = {}
         if window > 0 and self.count.sum() > 0:
-            self.buckets[None] = [a.copy() for a in self._totals()]
+            self._unplace()
             self._slide()
 
     def _rebase(self, ref: float) -> None:
@@ -220,8 +236,7 @@ class RidgeStats:
         if f != 1.0:
             self._scale(f)
         if clock != self.clock and self.buckets:
-            # Bucket keys are in the old clock's units: the rows so far leave together.
-            self.buckets = {None: [a.copy() for a in self._totals()]}
+            self._unplace()             # bucket keys are in the old clock's units
         known = self.clock == clock and np.isfinite(self.newest)
         self.half_life, self.clock = float(half_life), clock
         if clock == "rows":
@@ -305,14 +320,11 @@ class RidgeStats:
             return
         keys = self._bucket(clocks)
         for key in np.unique(keys).tolist():     # a few buckets per batch
+            if sign < 0 and key not in self.buckets:
+                continue            # rows of the unplaced past: in the totals only
             sel = keys == key
-            sums = self.buckets.get(key)
-            if sums is None:
-                if sign < 0:
-                    continue                     # never added (left before it arrived)
-                sums = self.buckets[key] = self._zeros()
-            _add_rows(sums, x[sel], actions[sel], rewards[sel], None if w is None else w[sel],
-                      sign)
+            _add_rows(self._bucket_sums(key), x[sel], actions[sel], rewards[sel],
+                      None if w is None else w[sel], sign)
         _add_rows(self._totals(), x, actions, rewards, w, sign)
 
     def _weights(self, c: np.ndarray) -> np.ndarray | None:
@@ -345,13 +357,9 @@ class RidgeStats:
                                        or (top - self.ref) / self.half_life > _REBASE):
                 self._rebase(top)
             self.newest = max(self.newest, top)
-            held = self.in_window(c)
-            if held is not None and not held.all():
-                # Rows older than the window (late joins) are not trained on.
-                x, actions, rewards, kc = x[held], actions[held], rewards[held], c[held]
-                n = int(held.sum())
-            else:
-                kc = c
+            # Rows older than the window (late joins) are not trained on.
+            kc, x, actions, rewards = self._held_rows(c, x, actions, rewards)
+            n = x.shape[0]
             self._accumulate(x, actions, rewards, self._weights(kc), 1.0, kc)
             self._slide()
         self.since_train += n
@@ -362,12 +370,11 @@ class RidgeStats:
                clocks: np.ndarray) -> None:
         """Subtract rows added earlier (with the clocks :meth:`add` returned): exact up to
         rounding, e.g. to hold out the newest rows from a candidate (see
-        :meth:`Trainer.candidate`) or to slide a window."""
+        :meth:`Trainer.candidate`). Rows a window no longer holds are not in the sums and
+        take nothing out."""
         x, actions, rewards = self._check(x, actions, rewards)
-        clocks = np.asarray(clocks, dtype=np.float64)
-        held = self.in_window(clocks)
-        if held is not None:
-            x, actions, rewards, clocks = x[held], actions[held], rewards[held], clocks[held]
+        clocks, x, actions, rewards = self._held_rows(np.asarray(clocks, dtype=np.float64),
+                                                      x, actions, rewards)
         if x.shape[0]:
             self._accumulate(x, actions, rewards,
                              self._row_weights(clocks, actions), -1.0, clocks)
@@ -389,13 +396,10 @@ class RidgeStats:
         (up to rounding), taken in one pass: the rows are sorted once by (group, action),
         every block is a contiguous slice (no mask per group)."""
         x, actions, rewards = self._check(x, actions, rewards)
-        clocks = np.asarray(clocks, dtype=np.float64)
-        groups = np.asarray(groups, dtype=np.int64)
-        held = self.in_window(clocks)
-        if held is not None and not held.all():
-            # Rows the window no longer holds add nothing (and are not counted).
-            x, actions, rewards = x[held], actions[held], rewards[held]
-            clocks, groups = clocks[held], groups[held]
+        # Rows the window no longer holds add nothing (and are not counted).
+        clocks, x, actions, rewards, groups = self._held_rows(
+            np.asarray(clocks, dtype=np.float64), x, actions, rewards,
+            np.asarray(groups, dtype=np.int64))
         n, dim = x.shape
         k = len(self.action_ids)
         key = groups * k + actions
@@ -497,10 +501,7 @@ class RidgeStats:
                 self._rebase(other.ref)
             f = 2.0 ** ((other.ref - self.ref) / self.half_life)
         for key, sums in other.buckets.items():
-            mine = self.buckets.get(key)
-            if mine is None:
-                mine = self.buckets[key] = self._zeros()
-            _add_sums(mine, sums, f)
+            _add_sums(self._bucket_sums(key), sums, f)
         _add_sums(self._totals(), other._totals(), f)
         self.newest = max(self.newest, other.newest)
         self.rows_clock += other.rows_clock
@@ -620,8 +621,8 @@ class RidgeStats:
             "newest": float(self.newest) if np.isfinite(self.newest) else None,
             "rows_clock": self.rows_clock, "extra": self.extra, "window": self.window,
             "rows_seen": self.rows_seen,
-            "buckets": [[key, *(a.astype("<i8" if a.dtype.kind == "i" else "<f8").tobytes()
-                                for a in sums)] for key, sums in self.buckets.items()],
+            "buckets": [[key, *(a.astype(dt).tobytes() for a, dt in zip(sums, _SUM_DTYPES))]
+                        for key, sums in self.buckets.items()],
         }, use_bin_type=True)
 
     @classmethod
@@ -649,8 +650,8 @@ class RidgeStats:
         s.window = float(doc.get("window", 0.0))
         s.rows_seen = int(doc.get("rows_seen", s.n))
         for key, *parts in doc.get("buckets") or ():
-            s.buckets[key] = [np.frombuffer(b, "<i8" if a.dtype.kind == "i" else "<f8")
-                              .reshape(a.shape).copy() for a, b in zip(s._totals(), parts)]
+            s.buckets[key] = [np.frombuffer(b, dt).reshape(a.shape).copy()
+                              for a, b, dt in zip(s._totals(), parts, _SUM_DTYPES)]
         return s
 
 
@@ -676,9 +677,14 @@ def _add_rows(sums: list[np.ndarray], x: np.ndarray, actions: np.ndarray,
 
 
 def _add_sums(into: list[np.ndarray], sums: list[np.ndarray], factor: float) -> None:
-    """``into += factor * sums`` (counts unscaled), in place."""
-    for i, (a, b) in enumerate(zip(into, sums)):
-        a += b if i == 2 else factor * b
+    """``into += factor * sums`` in place, for [zz, zr, count, reward_sum, reward_sq]: the
+    weighted sums scaled, the raw row count not."""
+    zz, zr, count, rsum, rsq = into
+    zz += factor * sums[0]
+    zr += factor * sums[1]
+    count += sums[2]
+    rsum += factor * sums[3]
+    rsq += factor * sums[4]
 
 
 # The one pseudo-action of a shared policy's statistics (every row regresses on one model).

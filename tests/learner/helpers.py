@@ -23,6 +23,16 @@ def make_policy(name="bonus", d=3, *, window=10.0, aggregation="sum", default_re
                                   retrain_every_seconds=every_seconds, **learning))
 
 
+def world(n, d=3, k=3, seed=0):
+    """``n`` rows of a linear world for the ridge statistics: inputs ``(n, d)``, actions in
+    ``[0, k)`` and rewards linear in the inputs plus the action index, with unit noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    a = rng.integers(0, k, n)
+    r = x @ rng.normal(size=d) + a + rng.normal(size=n)
+    return x, a, r
+
+
 def decisions(n, *, policy="bonus", d=3, k=3, start_lo=0, hi=7, ts_ns=None, users=None,
               actions=None, flags=None, version=1, x=None, seed=0) -> DecisionBlock:
     rng = np.random.default_rng(seed)

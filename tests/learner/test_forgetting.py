@@ -9,7 +9,7 @@ from loops_sdk.errors import PolicyError
 from loops_sdk.learner.store import EventStore
 from loops_sdk.learner.train import ALL_ACTIONS, RidgeStats, Trainer
 
-from helpers import make_policy
+from helpers import make_policy, world
 
 NS = 1_000_000_000
 
@@ -19,14 +19,6 @@ def weighted_ridge(x, r, w, lam):
     z = np.hstack([x, np.ones((len(x), 1))])
     a = (z * w[:, None]).T @ z + lam * np.eye(z.shape[1])
     return np.linalg.solve(a, (z * w[:, None]).T @ r)
-
-
-def world(n, d=3, k=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d))
-    a = rng.integers(0, k, n)
-    r = x @ rng.normal(size=d) + a + rng.normal(size=n)
-    return x, a, r
 
 
 def test_decay_by_seconds_equals_direct_weighted_fit_in_any_order():

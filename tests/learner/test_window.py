@@ -8,19 +8,11 @@ from loops_sdk.errors import PolicyError
 from loops_sdk.learner.store import EventStore
 from loops_sdk.learner.train import WINDOW_BUCKETS, RidgeStats, Trainer, decay_of, window_of
 
-from helpers import make_policy
+from helpers import make_policy, world
 
 NS = 1_000_000_000
 ACTIONS = ["a0", "a1", "a2"]
 INPUTS = ["x0", "x1", "x2"]
-
-
-def world(n, d=3, k=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d))
-    a = rng.integers(0, k, n)
-    r = x @ rng.normal(size=d) + a + rng.normal(size=n)
-    return x, a, r
 
 
 def kept(clocks, window):
