@@ -45,19 +45,20 @@ def test_window_by_seconds_holds_exactly_the_recent_rows_in_any_arrival_order():
     ts = np.random.default_rng(1).integers(0, 600 * NS, n)      # decision times, unordered
     s = RidgeStats(ACTIONS, INPUTS, window=window)
     order = np.random.default_rng(2).permutation(n)             # arrival order
-    seen = np.zeros(n, bool)
+    c = ts / NS
+    width = window / WINDOW_BUCKETS
+    trained, newest = 0, -np.inf
     for part in np.array_split(order, 30):
         s.add(x[part], a[part], r[part], ts[part])
-        seen[part] = True
-        # What the window holds: rows that arrived, in the kept buckets, and not already
-        # out of the window when they arrived (a late row is never trained on).
-    c = ts / NS
-    # Rows that arrived after the window had moved past them were dropped on arrival; the
-    # rest are held iff their bucket is still kept.
+        # A row whose bucket already left when it arrived is never trained on.
+        newest = max(newest, c[part].max())
+        trained += int((np.floor(c[part] / width)
+                        >= np.floor(newest / width) - WINDOW_BUCKETS).sum())
+    # Whatever arrived when, the rows held at the end are those of the kept buckets.
     held = kept(c, window)
-    ref = plain(x[held], a[held], r[held])
-    assert_same(s, ref)
-    assert s.rows_seen <= n and len(s.buckets) <= WINDOW_BUCKETS + 1
+    assert_same(s, plain(x[held], a[held], r[held]))
+    assert s.rows_seen == s.since_train == trained < n
+    assert len(s.buckets) <= WINDOW_BUCKETS + 1
     assert s.count.sum() < n / 5          # the window is ~1/7 of the span
 
 
